@@ -1,0 +1,88 @@
+"""Which array library an argument comes from, and where it lives.
+
+No array library other than NumPy is imported here: torch and CuPy arrays are
+recognised by their type's module name, so ``import gpuloss`` stays light and
+never touches a GPU.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Any, Iterable, Optional, Tuple
+
+import numpy as np
+
+KINDS = ("numpy", "torch", "cupy")
+
+
+def kind_of(a: Any) -> Optional[str]:
+    """"numpy", "torch", "cupy", or None for anything that is not an array.
+
+    torch and CuPy are looked up in ``sys.modules``: an object can only be a
+    tensor of a library that is already imported."""
+    if isinstance(a, np.ndarray):
+        return "numpy"
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(a, torch.Tensor):
+        return "torch"
+    cupy = sys.modules.get("cupy")
+    if cupy is not None and isinstance(a, cupy.ndarray):
+        return "cupy"
+    return None
+
+
+def device_of(a: Any, kind: str) -> str:
+    """"cpu" or "cuda:<index>"."""
+    if kind == "numpy":
+        return "cpu"
+    if kind == "torch":
+        d = a.device
+        if d.type == "cpu":
+            return "cpu"
+        if d.type == "meta":
+            return "meta"
+        return f"{d.type}:{d.index if d.index is not None else 0}"
+    if kind == "cupy":
+        return f"cuda:{a.device.id}"
+    raise TypeError(f"not an array: {type(a).__name__}")
+
+
+def classify(named: Iterable[Tuple[str, Any]]) -> Tuple[str, str]:
+    """Kind and device shared by every array argument.
+
+    ``named`` is (argument name, value) pairs; ``None`` values are skipped.
+    Raises ``TypeError`` for mixed kinds and ``ValueError`` for mixed devices,
+    naming the arguments.  The first argument must be an array.
+    """
+    kind = device = None
+    first = None
+    for name, a in named:
+        if a is None:
+            continue
+        k = kind_of(a)
+        if k is None:
+            if first is None:
+                raise TypeError(f"{name} must be a NumPy array, CuPy array or torch.Tensor, got {type(a).__name__}")
+            raise TypeError(f"{name} must be an array of the same kind as {first} ({kind}), got {type(a).__name__}")
+        d = device_of(a, k)
+        if first is None:
+            first, kind, device = name, k, d
+            continue
+        if k != kind:
+            raise TypeError(f"mixed array kinds: {first} is a {kind} array but {name} is a {k} array; "
+                            f"convert them to one kind")
+        if d != device:
+            raise ValueError(f"mixed devices: {first} is on {device} but {name} is on {d}")
+    if first is None:
+        raise TypeError("no array argument given")
+    return kind, device
+
+
+def dtype_name(a: Any, kind: str) -> str:
+    """Short dtype name: float16, bfloat16, float32, float64, int32, int64, bool, ..."""
+    if kind == "torch":
+        return str(a.dtype).replace("torch.", "")
+    return str(a.dtype)
+
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+INT_DTYPES = ("int8", "int16", "int32", "int64", "uint8", "uint16", "uint32", "uint64")

@@ -1,0 +1,1 @@
+"""Device code: Triton (kernels/triton) and CUDA C for CuPy (kernels/cuda). Installed as gpuloss.kernels."""

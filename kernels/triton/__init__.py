@@ -1,0 +1,1 @@
+"""Triton JIT kernels. Importing a module here imports triton."""
