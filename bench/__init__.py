@@ -1,0 +1,1 @@
+"""Benchmark runner, installed as gpuloss.bench (see bench/runner.py)."""
