@@ -7,4 +7,16 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .dispatch import BackendUnavailableError, backend_status, get_backend, use_backend  # noqa: F401
+from .config import set_value_checks, value_checks  # noqa: F401
+from .dispatch import (BackendUnavailableError, backend_status, get_backend, register,  # noqa: F401
+                       use_backend)
+from .functional import (LossGrad, binary_cross_entropy, binary_cross_entropy_with_logits,  # noqa: F401
+                         cross_entropy, kl_div, kl_div_with_logits, log_softmax, log_softmax_backward,
+                         mse_loss, nll_loss, softmax, softmax_backward)
+
+__all__ = [
+    "softmax", "log_softmax", "softmax_backward", "log_softmax_backward", "cross_entropy", "nll_loss",
+    "kl_div", "kl_div_with_logits", "binary_cross_entropy_with_logits", "binary_cross_entropy", "mse_loss",
+    "LossGrad", "use_backend", "backend_status", "get_backend", "register", "BackendUnavailableError",
+    "set_value_checks", "value_checks",
+]
