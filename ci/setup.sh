@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Creates (or reuses) the project's virtual environment and installs gpuloss
+# with everything the demo, the tests and the CPU benchmark need.
+#   GPULOSS_VENV   where the venv lives (default: .venv in the repo root)
+# torch is pinned to the CPU build 2.13.0 (the extras admit 2.11-2.14) and
+# triton to 3.6.0, the version on our GPU machines, so that the interpreter
+# tests here run the same Triton as the GPU suite there.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${GPULOSS_VENV:-$root/.venv}"
+py="${PYTHON:-python3}"
+if [ ! -x "$venv/bin/python" ]; then
+  echo "setup: creating $venv"
+  "$py" -m venv "$venv"
+fi
+pip_q() { "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
+stamp="$venv/.gpuloss-setup-v1"
+if [ ! -f "$stamp" ]; then
+  echo "setup: installing dependencies (first run only)"
+  pip_q --upgrade "pip>=23" "setuptools>=64" wheel
+  pip_q "torch==2.13.0"
+  pip_q "triton==3.6.0" "numpy>=1.26,<3" scipy "pytest>=7" "hypothesis>=6" "scikit-learn>=1.3" \
+        "matplotlib>=3.7" tqdm build
+  # CuPy imports without a GPU: its host code (DLPack paths, compile options) is tested here
+  pip_q "cupy-cuda13x>=14" || echo "setup: cupy-cuda13x not installed; its host-code tests will skip"
+  touch "$stamp"
+fi
+pip_q --no-build-isolation --no-deps -e "$root"
+echo "setup: ready ($("$venv/bin/python" -c 'import gpuloss, numpy; print("gpuloss", gpuloss.__version__, "numpy", numpy.__version__)'))"

@@ -1,0 +1,3 @@
+from gpuloss.cli import main
+
+raise SystemExit(main())
