@@ -1,0 +1,124 @@
+"""Device helpers shared by the Triton kernels: stable scalar math and the
+split-row rendezvous.
+
+Everything here is a ``@triton.jit`` function called from a kernel; nothing
+runs on import.  Arithmetic happens in the accumulation dtype ``ACC`` chosen
+by the launcher (float32, or float64 for float64 storage).
+"""
+import triton
+import triton.language as tl
+
+#: how many polls of the row's arrival counter a split-row program makes
+#: before it gives up and poisons its row with NaN.  A correct launch never
+#: gets near it (the programs of a row start together, see
+#: ``split_row_combine``); the bound turns a scheduling bug into NaN results
+#: a test can see instead of a hung GPU.
+MAX_SPINS = 1 << 22
+
+
+@triton.jit
+def log1p(u):
+    """log(1 + u) to full precision for small |u| (there is no tl.log1p).
+
+    Goldberg's trick: with v = fl(1 + u), log(v) * u / (v - 1) is accurate
+    because the rounding error of v cancels in the ratio."""
+    v = 1.0 + u
+    d = v - 1.0
+    return tl.where(d == 0.0, u, tl.log(v) * (u / tl.where(d == 0.0, 1.0, d)))
+
+
+@triton.jit
+def tanh(u):
+    """tanh(u) = sign(u) (1 - e) / (1 + e), e = exp(-2|u|): never overflows;
+    +-inf maps to +-1."""
+    e = tl.exp(-2.0 * tl.abs(u))
+    t = (1.0 - e) / (1.0 + e)
+    return tl.where(u < 0.0, -t, t)
+
+
+@triton.jit
+def softcap_logits(x, cap, HAS_SOFTCAP: tl.constexpr):
+    """z = cap * tanh(x / cap) when HAS_SOFTCAP, else x."""
+    if HAS_SOFTCAP:
+        return cap * tanh(x / cap)
+    else:
+        return x
+
+
+@triton.jit
+def online_update(m, s, z):
+    """Fold a block ``z`` (masked lanes already -inf) into the running
+    (max m, sum s of exp(z - m)).  A row whose entries are all -inf so far
+    keeps m = -inf, s = 0 (the shift used is 0 then, never -inf - -inf)."""
+    m_new = tl.maximum(m, tl.max(z, 0))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), 0)
+    return m_new, s
+
+
+@triton.jit
+def finish_lse(m, s):
+    """log-sum-exp from (max, sum of exp(z - max)); -inf for an all -inf row
+    (as the reference), never nan."""
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    return shift + tl.log(s)
+
+
+@triton.jit
+def split_row_combine(Scratch_ptr, Arrive_ptr, row, part, m, s, a, b,
+                      SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr, NVAL: tl.constexpr):
+    """Rendezvous of the SPLIT programs that share one row (split-row design).
+
+    Each program publishes its chunk's partials (max m, sum s of exp(z - m)
+    and, when NVAL == 4, two plain sums a, b) to ``Scratch[row, part, 0:4]``,
+    counts itself in ``Arrive[row]`` with release semantics, polls the counter
+    with acquire semantics until all SPLIT programs have arrived, then reads
+    the SPLIT partials back (through atomics, i.e. from L2, never a stale L1
+    line) and combines them: M = max m_k, S = sum s_k exp(m_k - M),
+    A = sum a_k, B = sum b_k.
+
+    Forward progress: programs take row ids from a ticket counter in the order
+    they start (see the kernels), so when a program waits, every program with
+    a smaller ticket has started; at most SPLIT - 1 programs of the last,
+    partly started row can be waiting and all others finish and free their
+    slots, so the missing siblings start.  Deadlock-free for any grid as long
+    as SPLIT programs fit on the device at once.  A poll budget of MAX_SPINS
+    turns a violated assumption into NaN (returned M = nan) instead of a hang.
+
+    Bytes: 4 * SPLIT * 4 of scratch per row, written once and read SPLIT
+    times: under 0.1 % of a row of 8k+ elements.
+    """
+    base = Scratch_ptr + (row * SPLIT + part) * 4
+    tl.atomic_xchg(base + 0, m, sem="relaxed")
+    tl.atomic_xchg(base + 1, s, sem="relaxed")
+    if NVAL > 2:
+        tl.atomic_xchg(base + 2, a, sem="relaxed")
+        tl.atomic_xchg(base + 3, b, sem="relaxed")
+    # every thread's share of the publication happens before the release below
+    tl.debug_barrier()
+    arrived = tl.atomic_add(Arrive_ptr + row, 1, sem="acq_rel") + 1
+    spins = 0
+    while (arrived < SPLIT) & (spins < MAX_SPINS):
+        arrived = tl.atomic_add(Arrive_ptr + row, 0, sem="acquire")
+        spins += 1
+    tl.debug_barrier()
+    k = tl.arange(0, SPLIT_P2)
+    kmask = k < SPLIT
+    rowbase = Scratch_ptr + row * SPLIT * 4 + k * 4
+    ms = tl.atomic_add(rowbase + 0, 0.0, mask=kmask, sem="acquire")
+    ss = tl.atomic_add(rowbase + 1, 0.0, mask=kmask, sem="acquire")
+    ms = tl.where(kmask, ms, float("-inf"))
+    ss = tl.where(kmask, ss, 0.0)
+    M = tl.max(ms, 0)
+    shift = tl.where(M == float("-inf"), 0.0, M)
+    S = tl.sum(ss * tl.exp(ms - shift), 0)
+    if NVAL > 2:
+        as_ = tl.atomic_add(rowbase + 2, 0.0, mask=kmask, sem="acquire")
+        bs = tl.atomic_add(rowbase + 3, 0.0, mask=kmask, sem="acquire")
+        A = tl.sum(tl.where(kmask, as_, 0.0), 0)
+        B = tl.sum(tl.where(kmask, bs, 0.0), 0)
+    else:
+        A = a
+        B = b
+    M = tl.where(arrived < SPLIT, float("nan"), M)
+    return M, S, A, B

@@ -1,0 +1,82 @@
+"""Distillation KL divergence from logits, row-wise, with its gradient.
+
+Per row (reference: ``gpuloss.reference.kl_div_logits``), T the temperature,
+log q = x / T - lse_x with lse_x = logsumexp(x / T), and d the target
+distribution: d = softmax(t / T) (``TARGET_IS_LOGITS``) or the given
+probabilities::
+
+    KL = sum_c d_c (log d_c - log q_c)
+       = sum_c d_c (t_c - x_c) / T - lse_t + lse_x          (target logits)
+       = sum_c xlogy(d_c, d_c) - sum_c d_c x_c / T + D lse_x   (probabilities,
+                                                              D = sum_c d_c)
+    dKL/dx_c = (D q_c - d_c) / T                             (D = 1 for logits)
+
+Pass 1 (read x and t once) gathers everything the loss needs with online
+rescaling for the target-logit sum; pass 2 (read both again, write dx) writes
+the gradient.  Bytes with gradient: read 4 R C, write R C.
+"""
+import triton
+import triton.language as tl
+
+from .common import finish_lse, online_update
+
+
+@triton.jit
+def kl_div_logits_kernel(
+    X_ptr, X_row_stride, T_ptr, T_row_stride, G_ptr, G_row_stride, Loss_ptr,
+    n_cols, inv_temp, grad_scale,
+    BLOCK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    X_row = X_ptr + row * X_row_stride
+    T_row = T_ptr + row * T_row_stride
+    offs = tl.arange(0, BLOCK)
+    mx = tl.full((), float("-inf"), ACC)
+    sx = tl.zeros((), ACC)
+    mt = tl.full((), float("-inf"), ACC)
+    st = tl.zeros((), ACC)
+    u = tl.zeros((), ACC)   # logits: sum exp(t/T - mt) (t - x) / T, rescaled with mt
+    D = tl.zeros((), ACC)   # probabilities: sum d
+    E = tl.zeros((), ACC)   # probabilities: sum xlogy(d, d)
+    F = tl.zeros((), ACC)   # probabilities: sum d x / T
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        mask = cols < n_cols
+        x = tl.load(X_row + cols, mask=mask, other=float("-inf")).to(ACC) * inv_temp
+        mx, sx = online_update(mx, sx, x)
+        if TARGET_IS_LOGITS:
+            t = tl.load(T_row + cols, mask=mask, other=float("-inf")).to(ACC) * inv_temp
+            mt_new = tl.maximum(mt, tl.max(t, 0))
+            shift_new = tl.where(mt_new == float("-inf"), 0.0, mt_new)
+            shift_old = tl.where(mt == float("-inf"), 0.0, mt)
+            e = tl.exp(t - shift_new)
+            u = u * tl.exp(shift_old - shift_new) + tl.sum(tl.where(mask, e * (t - x), 0.0), 0)
+            mt, st = online_update(mt, st, t)
+        else:
+            d = tl.load(T_row + cols, mask=mask, other=0.0).to(ACC)
+            D += tl.sum(d, 0)
+            E += tl.sum(tl.where(d == 0.0, 0.0, d * tl.log(d)), 0)
+            F += tl.sum(tl.where(mask, d * x, 0.0), 0)
+    lse_x = finish_lse(mx, sx)
+    if TARGET_IS_LOGITS:
+        lse_t = finish_lse(mt, st)
+        loss = u / st - lse_t + lse_x
+        D = tl.full((), 1.0, ACC)
+    else:
+        loss = E - F + D * lse_x
+    tl.store(Loss_ptr + row, loss.to(Loss_ptr.dtype.element_ty))
+    if WANT_GRAD:
+        G_row = G_ptr + row * G_row_stride
+        c = grad_scale * inv_temp
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            mask = cols < n_cols
+            x = tl.load(X_row + cols, mask=mask, other=0.0).to(ACC) * inv_temp
+            q = tl.exp(x - lse_x)
+            if TARGET_IS_LOGITS:
+                t = tl.load(T_row + cols, mask=mask, other=0.0).to(ACC) * inv_temp
+                d = tl.exp(t - lse_t)
+            else:
+                d = tl.load(T_row + cols, mask=mask, other=0.0).to(ACC)
+            g = c * (D * q - d)
+            tl.store(G_row + cols, g.to(G_ptr.dtype.element_ty), mask=mask)

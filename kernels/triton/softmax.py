@@ -1,0 +1,136 @@
+"""softmax / log_softmax over the last axis: forward (two designs) and backward.
+
+Rows are ``(R, C)`` with unit column stride and any row stride; offsets are
+int64 from the first line so R * C > 2**31 is fine.
+
+Forward designs (the launcher picks one per shape, see
+``gpuloss.backends.triton_backend.launch_config``):
+
+* ``softmax_fwd_twopass_kernel``: one program per row, an online max/sum pass
+  over the row in BLOCK pieces, then a second pass that re-reads the row and
+  writes y.  Works for any C.  Bytes: read 2 R C, write R C (the second read
+  is served by device memory for rows larger than what L2 keeps per SM).
+* ``softmax_fwd_onchip_kernel``: each element is read once.  A row is cut into
+  SPLIT chunks of CHUNK elements, one program per chunk; the chunk stays in
+  registers while the SPLIT programs of the row exchange their partial
+  (max, sum) through ``split_row_combine``.  Bytes: read R C, write R C, plus
+  32 SPLIT bytes of scratch per row.  SPLIT == 1 is the whole row in one
+  program and needs no rendezvous (the only case the interpreter can run).
+"""
+import triton
+import triton.language as tl
+
+from .common import finish_lse, online_update, split_row_combine
+
+
+@triton.jit
+def softmax_fwd_twopass_kernel(
+    X_ptr, X_row_stride, Y_ptr, Y_row_stride,
+    n_cols,
+    BLOCK: tl.constexpr, LOG: tl.constexpr, ACC: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    x_row = X_ptr + row * X_row_stride
+    y_row = Y_ptr + row * Y_row_stride
+    offs = tl.arange(0, BLOCK)
+    m = tl.full((), float("-inf"), ACC)
+    s = tl.zeros((), ACC)
+    # pass 1: online max / sum of exp, reads C elements
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        x = tl.load(x_row + cols, mask=cols < n_cols, other=float("-inf")).to(ACC)
+        m, s = online_update(m, s, x)
+    lse = finish_lse(m, s)
+    # pass 2: re-read, write y; reads C, writes C elements
+    for start in range(0, n_cols, BLOCK):
+        cols = start + offs
+        mask = cols < n_cols
+        x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
+        if LOG:
+            y = x - lse
+        else:
+            y = tl.exp(x - lse)
+        tl.store(y_row + cols, y.to(Y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def softmax_fwd_onchip_kernel(
+    X_ptr, X_row_stride, Y_ptr, Y_row_stride, Scratch_ptr, Counter_ptr,
+    n_cols,
+    CHUNK: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
+    LOG: tl.constexpr, ACC: tl.constexpr,
+):
+    if SPLIT > 1:
+        # row ids by start order (ticket), so a row's programs start together
+        ticket = tl.atomic_add(Counter_ptr, 1).to(tl.int64)
+        row = ticket // SPLIT
+        part = ticket % SPLIT
+    else:
+        row = tl.program_id(0).to(tl.int64)
+        part = 0
+    cols = part * CHUNK + tl.arange(0, CHUNK)
+    mask = cols < n_cols
+    # the only read of x: CHUNK elements kept in registers until the store
+    x = tl.load(X_ptr + row * X_row_stride + cols, mask=mask, other=float("-inf")).to(ACC)
+    m = tl.max(x, 0)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    s = tl.sum(tl.exp(x - shift), 0)
+    if SPLIT > 1:
+        m, s, _a, _b = split_row_combine(Scratch_ptr, Counter_ptr + 1, row, part, m, s, s, s,
+                                         SPLIT, SPLIT_P2, 2)
+    lse = finish_lse(m, s)
+    if LOG:
+        y = x - lse
+    else:
+        y = tl.exp(x - lse)
+    tl.store(Y_ptr + row * Y_row_stride + cols, y.to(Y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def softmax_bwd_kernel(
+    Y_ptr, Y_row_stride, DY_ptr, DY_row_stride, DX_ptr, DX_row_stride,
+    n_cols,
+    BLOCK: tl.constexpr, SINGLE_BLOCK: tl.constexpr, LOG: tl.constexpr, ACC: tl.constexpr,
+):
+    """softmax:     dx = y * (dy - sum(dy * y))
+    log_softmax: dx = dy - exp(y) * sum(dy)
+
+    SINGLE_BLOCK (BLOCK >= C): y and dy are read once and kept in registers:
+    read 2 R C, write R C (the floor).  Otherwise a reduction pass and a
+    second pass that re-reads both: read 4 R C, write R C."""
+    row = tl.program_id(0).to(tl.int64)
+    y_row = Y_ptr + row * Y_row_stride
+    dy_row = DY_ptr + row * DY_row_stride
+    dx_row = DX_ptr + row * DX_row_stride
+    offs = tl.arange(0, BLOCK)
+    if SINGLE_BLOCK:
+        mask = offs < n_cols
+        y = tl.load(y_row + offs, mask=mask, other=0.0).to(ACC)
+        dy = tl.load(dy_row + offs, mask=mask, other=0.0).to(ACC)
+        if LOG:
+            dx = dy - tl.exp(y) * tl.sum(dy, 0)
+        else:
+            dx = y * (dy - tl.sum(dy * y, 0))
+        tl.store(dx_row + offs, dx.to(DX_ptr.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros((BLOCK,), ACC)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            mask = cols < n_cols
+            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(ACC)
+            if LOG:
+                acc += dy
+            else:
+                y = tl.load(y_row + cols, mask=mask, other=0.0).to(ACC)
+                acc += dy * y
+        total = tl.sum(acc, 0)
+        for start in range(0, n_cols, BLOCK):
+            cols = start + offs
+            mask = cols < n_cols
+            y = tl.load(y_row + cols, mask=mask, other=0.0).to(ACC)
+            dy = tl.load(dy_row + cols, mask=mask, other=0.0).to(ACC)
+            if LOG:
+                dx = dy - tl.exp(y) * total
+            else:
+                dx = y * (dy - total)
+            tl.store(dx_row + cols, dx.to(DX_ptr.dtype.element_ty), mask=mask)
