@@ -301,12 +301,15 @@ class NumpyBackend(Backend):
         y = np.empty((R, C), x.dtype)
         tiles = _Tiles(R, C, _block_elems(cd.itemsize))
 
-        def emit(r0, r1, c0, c1, z, m, s_or_lse, e):
+        def emit(r0, r1, c0, c1, zm, s, e):
+            """y from zm = z - max and e = exp(zm): softmax e / s, log_softmax
+            zm - log s (as (z - m) - log s, not z - lse: lse = m + log s would
+            round log s away next to a large m)."""
             out = y[r0:r1, c0:c1]
-            if log:  # y = z - lse
-                np.subtract(z, s_or_lse[:, None], out=out, casting="unsafe")
-            else:  # y = exp(z - m) / s
-                np.multiply(e, (1.0 / s_or_lse)[:, None], out=out, casting="unsafe")
+            if log:
+                np.subtract(zm, np.log(s)[:, None], out=out, casting="unsafe")
+            else:
+                np.multiply(e, (1.0 / s)[:, None], out=out, casting="unsafe")
 
         if tiles.whole:
             def tile(i):
@@ -315,29 +318,30 @@ class NumpyBackend(Backend):
                 m = z.max(axis=1)
                 e = _scratch("e", z.shape, cd)
                 np.subtract(z, m[:, None], out=e)
+                zm = e
+                if log:  # keep z - m for the output
+                    zm = _scratch("aux", z.shape, cd)
+                    np.copyto(zm, e)
                 np.exp(e, out=e)
-                s = _rowsum(e)
-                emit(r0, r1, c0, c1, z, m, m + np.log(s) if log else s, e)
+                emit(r0, r1, c0, c1, zm, _rowsum(e), e)
 
-            with np.errstate(invalid="ignore", divide="ignore"):
-                _parallel_for(tiles.n, tile, R * C)
+            _parallel_for(tiles.n, tile, R * C)
             return y
 
         M, S, _ = self._online_max_sum(x, tiles, cd)
-        K = M + np.log(S) if log else S
 
         def tile2(i):
             r0, r1, c0, c1 = tiles[i]
             z = _as_cd(x[r0:r1, c0:c1], "z", cd)
-            e = None
-            if not log:
-                e = _scratch("e", z.shape, cd)
-                np.subtract(z, M[r0:r1, None], out=e)
+            e = _scratch("e", z.shape, cd)
+            np.subtract(z, M[r0:r1, None], out=e)
+            if log:
+                emit(r0, r1, c0, c1, e, S[r0:r1], None)
+            else:
                 np.exp(e, out=e)
-            emit(r0, r1, c0, c1, z, M[r0:r1], K[r0:r1], e)
+                emit(r0, r1, c0, c1, None, S[r0:r1], e)
 
-        with np.errstate(invalid="ignore", divide="ignore"):
-            _parallel_for(tiles.n, tile2, R * C)
+        _parallel_for(tiles.n, tile2, R * C)
         return y
 
     def _online_max_sum(self, x, tiles: _Tiles, cd, load=None, extra=None):
