@@ -13,7 +13,7 @@ import triton.language as tl
 #: gets near it (the programs of a row start together, see
 #: ``split_row_combine``); the bound turns a scheduling bug into NaN results
 #: a test can see instead of a hung GPU.
-MAX_SPINS = 1 << 22
+MAX_SPINS = tl.constexpr(1 << 22)
 
 
 @triton.jit

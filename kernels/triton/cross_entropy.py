@@ -211,6 +211,11 @@ def cross_entropy_twopass_kernel(
     row sums A, B.  Pass 2, only WANT_GRAD (read C, write C): the gradient.
     G may alias X (in place): every element is read before it is written by
     the same program, and x_t is read in pass 1."""
+    # Python floats arrive as fp32 scalars; do the arithmetic in ACC
+    eps = tl.zeros((), ACC) + eps
+    z_loss = tl.zeros((), ACC) + z_loss
+    softcap = tl.zeros((), ACC) + softcap
+    grad_scale = tl.zeros((), ACC) + grad_scale
     row = tl.program_id(0).to(tl.int64)
     X_row = X_ptr + row * X_row_stride
     T_row = T_ptr + row * T_row_stride
@@ -275,6 +280,11 @@ def cross_entropy_onchip_kernel(
     per row).  In place is safe: a program writes only its own chunk, and only
     after every program of the row has loaded its chunk and x_t (each reads
     x_t before it publishes)."""
+    # Python floats arrive as fp32 scalars; do the arithmetic in ACC
+    eps = tl.zeros((), ACC) + eps
+    z_loss = tl.zeros((), ACC) + z_loss
+    softcap = tl.zeros((), ACC) + softcap
+    grad_scale = tl.zeros((), ACC) + grad_scale
     if SPLIT > 1:
         ticket = tl.atomic_add(Counter_ptr, 1).to(tl.int64)
         row = ticket // SPLIT

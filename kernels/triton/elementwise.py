@@ -135,8 +135,8 @@ def bce_kernel(
     BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, REDUCE: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     WANT_GRAD: tl.constexpr, WANT_GRAD_TARGET: tl.constexpr, ACC: tl.constexpr,
 ):
-    """PyTorch's BCE: logs clamped at -100; dp = w (p - t) / max(p (1 - p), 1e-12);
-    dt = -w (log p - log(1 - p)) (clamped logs)."""
+    """PyTorch's BCE: logs clamped at -100 in the loss; dp = w (p - t) / max(p (1 - p), 1e-12);
+    dt = w (log(1 - p) - log p), unclamped as in PyTorch (+-inf at p = 0, 1)."""
     pid, rows, cols, mask = _tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
     p = tl.load(P_ptr + rows * P_row_stride + cols, mask=mask, other=0.5).to(ACC)
     t = tl.load(T_ptr + rows * T_row_stride + cols, mask=mask, other=0.0).to(ACC)
@@ -145,7 +145,7 @@ def bce_kernel(
     loss = -(t * lp + (1.0 - t) * l1p)
     # PyTorch clamps with the float32 constant 1e-12 (= 9.99999996e-13)
     gp = (p - t) / tl.maximum(p * (1.0 - p), 9.999999960041972e-13)
-    gt = l1p - lp
+    gt = log1p(-p) - tl.log(p)
     if HAS_WEIGHT:
         w = tl.load(W_ptr + rows * W_row_stride + cols, mask=mask, other=0.0).to(ACC)
         loss = loss * w
