@@ -328,12 +328,13 @@ def run_benchmark(args: argparse.Namespace, device) -> Tuple[Dict[str, Any], Dic
     rows: List[Dict[str, Any]] = []
     progress = _Progress(total)
     t_start = time.monotonic()
+    interrupted = False
     try:
         for se, dtype, op, todo in plan:
             shape = se.shape
             base = {"op": op.name, "shape": shape_str(shape), "dtype": dtype, "tag": se.tag,
                     "floor_bytes": int(op.floor_bytes(shape, dtype))}
-            over = budget is not None and time.monotonic() - t_start > budget
+            over = interrupted or (budget is not None and time.monotonic() - t_start > budget)
             inputs = None
             if not over:
                 try:
@@ -350,18 +351,27 @@ def run_benchmark(args: argparse.Namespace, device) -> Tuple[Dict[str, Any], Dic
             for impl in todo:
                 progress.step(f"{op.name} {base['shape']} {dtype} {impl.name}")
                 row = {**base, "impl": impl.name, "group": impl.group}
-                if inputs is None or (budget is not None and time.monotonic() - t_start > budget):
+                if interrupted:
+                    row.update(status="skipped: interrupted")
+                elif inputs is None or (budget is not None and time.monotonic() - t_start > budget):
                     row.update(status=f"skipped: time budget {budget:g} s spent")
                 else:
                     try:
                         row.update(run_impl(op, impl, inputs, ctx, device, cache))
+                    except KeyboardInterrupt:
+                        # Ctrl-C or CI's time limit (SIGINT): keep what was measured
+                        interrupted = True
+                        row.update(status="skipped: interrupted")
+                        print("interrupted: writing the rows measured so far", file=sys.stderr)
                     except Exception as e:  # a runner bug must not lose the other rows
                         row.update(status=f"fails: runner error {_reason(e)}")
                         traceback.print_exc(file=sys.stderr)
                 rows.append(row)
-                device.free()
             del inputs, cache
             device.free()
+    except KeyboardInterrupt:
+        interrupted = True
+        print("interrupted: writing the rows measured so far", file=sys.stderr)
     finally:
         progress.close()
     add_derived(rows, copy_bw)
@@ -377,6 +387,7 @@ def run_benchmark(args: argparse.Namespace, device) -> Tuple[Dict[str, Any], Dic
                    else "time.perf_counter median of repeated calls after one warm-up"),
         "memory_method": device.mem_method,
         "quick": bool(args.quick),
+        "interrupted": interrupted,
         "budget_s": budget,
         "elapsed_s": round(time.monotonic() - t_start, 1),
         "args": vars(args),

@@ -75,8 +75,10 @@ class Device:
             torch.cuda.synchronize(self.torch_device)
 
     def free(self) -> None:
-        """Give cached memory back between rows (a 16384x128256 bf16 row is
-        4 GiB of logits; torch eager CE takes ~12 GiB more)."""
+        """Give cached memory back between rows of the table (a 16384x128256
+        bf16 row is 4 GiB of logits; torch eager CE takes ~12 GiB more).
+        Called once per (op, shape, dtype), not per implementation: with
+        torch imported a ``gc.collect`` costs a few hundred milliseconds."""
         gc.collect()
         if self.is_gpu:
             import torch
@@ -137,7 +139,6 @@ class Device:
             del out
             return max(0, peak - base)
         if "VmHWM" in self.mem_method:
-            gc.collect()
             _reset_hwm()
             base = _status_kb("VmRSS")
             out = fn()

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# GPU CI: the whole test suite on every available backend, then the quick benchmark.
+#
+#   ci/gpu.sh OUTDIR
+#
+# For a machine with an NVIDIA GPU and no network.  Wheels that the machine
+# lacks (Liger-Kernel, a pure-Python wheel) travel in .whl/ at the repo root,
+# fetched beforehand on a machine with network:
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
+#       --implementation cp --platform manylinux_2_28_x86_64 --platform any -d .whl liger-kernel==0.8.5
+#
+# Writes into OUTDIR: env.log (GPU and versions), install.log, tests.log,
+# bench.log, bench/ (results.csv, results.json, table.md, plots), summary.txt.
+# Exit status: the test suite's if it failed (the benchmark still runs), else
+# the benchmark's.  Time limits (seconds, environment overrides):
+#   CI_TEST_TIMEOUT  whole test suite        (default 150)
+#   CI_BENCH_BUDGET  benchmark rows started  (default 120; the run ends ~1 min later)
+# so that the script stays under 6 minutes.
+set -u -o pipefail
+
+if [ $# -lt 1 ]; then
+    echo "usage: $0 OUTDIR" >&2
+    exit 2
+fi
+OUT=$1
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+cd "$ROOT"
+PY=${PYTHON:-python3}
+TEST_TIMEOUT=${CI_TEST_TIMEOUT:-150}
+BENCH_BUDGET=${CI_BENCH_BUDGET:-120}
+T0=$(date +%s)
+
+# every backend the machine can run: no restriction, no interpreter
+unset GPULOSS_TEST_BACKENDS GPULOSS_BACKEND TRITON_INTERPRET GPULOSS_TRITON_VARIANT GPULOSS_CUPY_VARIANT
+
+{
+    echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname), commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo '?')"
+    if command -v nvidia-smi >/dev/null; then
+        nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.max.sm,clocks.max.mem,power.limit \
+            --format=csv
+        nvidia-smi -L
+    else
+        echo "nvidia-smi: not found"
+    fi
+} 2>&1 | tee "$OUT/env.log"
+
+# --- install: offline wheels first (Liger-Kernel), then gpuloss itself -------
+{
+    if compgen -G ".whl/*.whl" >/dev/null; then
+        echo "== installing .whl/*.whl into /tmp/site"
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+            && echo "ok: $(ls .whl)"
+    fi
+    echo "== pip install -e ."
+    "$PY" -m pip install -q --no-build-isolation --no-deps -e . && echo ok
+} 2>&1 | tee "$OUT/install.log"
+if [ -d /tmp/site ]; then
+    export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
+"$PY" - <<'EOF' 2>&1 | tee -a "$OUT/env.log"
+import importlib, platform
+print("python", platform.python_version())
+for name in ("numpy", "scipy", "torch", "triton", "cupy", "liger_kernel", "pytest", "gpuloss"):
+    try:
+        m = importlib.import_module(name)
+        print(f"{name:13s}", getattr(m, "__version__", "?"), getattr(m, "__file__", ""))
+    except Exception as e:
+        print(f"{name:13s} not importable: {type(e).__name__}: {e}")
+try:
+    import torch
+    print("torch.cuda", torch.version.cuda, "available:", torch.cuda.is_available(),
+          torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")
+    import gpuloss
+    for k, v in gpuloss.backend_status().items():
+        print(f"backend {k:8s}", "available" if v[0] else "UNAVAILABLE", "-", v[1])
+except Exception as e:
+    print("probe failed:", type(e).__name__, e)
+EOF
+
+# --- the test suite ----------------------------------------------------------
+PYTEST_ARGS=(tests -q -rs)
+if "$PY" -c "import pytest_timeout" 2>/dev/null; then
+    PYTEST_ARGS+=(--timeout=120)
+fi
+echo "== pytest ${PYTEST_ARGS[*]} (limit ${TEST_TIMEOUT}s)" | tee "$OUT/tests.log"
+T1=$(date +%s)
+timeout --signal=INT --kill-after=15 "$TEST_TIMEOUT" "$PY" -m pytest "${PYTEST_ARGS[@]}" 2>&1 | tee -a "$OUT/tests.log"
+TESTS_RC=${PIPESTATUS[0]}
+T2=$(date +%s)
+if [ "$TESTS_RC" -eq 124 ] || [ "$TESTS_RC" -eq 137 ]; then
+    echo "== tests stopped at the ${TEST_TIMEOUT}s limit" | tee -a "$OUT/tests.log"
+fi
+
+# --- the quick benchmark (runs whatever the tests said) ----------------------
+echo "== python -m gpuloss.bench --quick --budget-s $BENCH_BUDGET --out $OUT/bench" | tee "$OUT/bench.log"
+timeout --signal=INT --kill-after=15 $((BENCH_BUDGET + 90)) \
+    "$PY" -m gpuloss.bench --quick --budget-s "$BENCH_BUDGET" --out "$OUT/bench" 2>&1 | tee -a "$OUT/bench.log"
+BENCH_RC=${PIPESTATUS[0]}
+T3=$(date +%s)
+
+{
+    echo "tests: rc=$TESTS_RC in $((T2 - T1)) s"
+    echo "bench: rc=$BENCH_RC in $((T3 - T2)) s"
+    echo "total: $((T3 - T0)) s"
+    grep -E "^[0-9]+ (passed|failed)|passed|failed" "$OUT/tests.log" | tail -1
+} | tee "$OUT/summary.txt"
+
+if [ "$TESTS_RC" -ne 0 ]; then
+    exit "$TESTS_RC"
+fi
+exit "$BENCH_RC"

@@ -1,0 +1,404 @@
+"""The benchmark runner's logic, on the CPU: byte counts, floor arithmetic,
+the WRONG / fails / n/a paths, outputs, GPU implementations listed as
+unavailable with a reason, and a small end-to-end run."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from gpuloss.bench import impls as impls_mod  # noqa: E402
+from gpuloss.bench import ops as ops_mod  # noqa: E402
+from gpuloss.bench import report, runner  # noqa: E402
+from gpuloss.bench.impls import Ctx, Impl, NotApplicable  # noqa: E402
+from gpuloss.bench.timing import Device  # noqa: E402
+
+BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "float64": 8}
+
+
+@pytest.fixture
+def cpu():
+    return Device("cpu", quick=True)
+
+
+@pytest.fixture
+def gen(rng):
+    g = torch.Generator()
+    g.manual_seed(int(rng.integers(0, 2**31)))
+    return g
+
+
+def _row_inputs(op_name, shape, gen, dtype="float32"):
+    return ops_mod.OPS[op_name].make_inputs(shape, dtype, torch.device("cpu"), gen)
+
+
+# --------------------------------------------------------------------------
+# byte floors and derived numbers
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float64"])
+def test_floor_bytes_per_op(rng, dtype):
+    n, v = int(rng.integers(1, 5000)), int(rng.integers(1, 300000))
+    s = BYTES[dtype]
+    nv = n * v
+    expected = {
+        "softmax_fwd": 2 * nv * s,                 # read x, write y
+        "log_softmax_fwd": 2 * nv * s,
+        "softmax_bwd": 3 * nv * s,                 # read y, dy; write dx
+        "ce_loss": nv * s + 8 * n + 4,             # read logits + int64 targets, write the scalar
+        "ce_loss_grad": 2 * nv * s + 8 * n + 4,    # + write dlogits
+        "bce_loss_grad": 3 * nv * s + 4,           # read x, t; write dx
+        "mse_loss_grad": 3 * nv * s + 4,
+        "kl_loss_grad": 3 * nv * s + 4,
+    }
+    for name, b in expected.items():
+        assert ops_mod.OPS[name].floor_bytes((n, v), dtype) == b, name
+
+
+def test_fraction_of_floor_and_speedups(rng):
+    copy_bw = float(rng.uniform(1e9, 5e12))
+    fb = int(rng.integers(1 << 20, 1 << 34))
+    tg, tp, tc = (float(x) for x in rng.uniform(0.1, 50.0, size=3))
+    base = {"op": "ce_loss_grad", "shape": "8x8", "dtype": "float32", "floor_bytes": fb}
+    rows = [
+        {**base, "impl": "gpuloss-a", "group": "gpuloss", "status": "ok", "time_ms": tg},
+        {**base, "impl": "torch", "group": "peer", "status": "ok", "time_ms": tp},
+        {**base, "impl": "liger", "group": "peer", "status": "ok", "time_ms": tc},
+        {**base, "impl": "bad", "group": "peer", "status": "WRONG: y", "time_ms": None},
+        {**base, "shape": "16x8", "impl": "other-shape", "group": "peer", "status": "ok", "time_ms": 1.0},
+    ]
+    runner.add_derived(rows, copy_bw)
+    g = rows[0]
+    assert g["gbps"] == pytest.approx(fb / (tg * 1e-3) / 1e9, rel=1e-12)
+    # floor time / measured time, i.e. achieved bandwidth / copy bandwidth
+    assert g["frac_floor"] == pytest.approx((fb / copy_bw) / (tg * 1e-3), rel=1e-12)
+    assert g["frac_floor"] == pytest.approx(g["gbps"] * 1e9 / copy_bw, rel=1e-12)
+    assert g["speedups"] == pytest.approx({"torch": tp / tg, "liger": tc / tg}, rel=1e-12)
+    assert rows[3]["gbps"] is None and rows[3]["frac_floor"] is None
+    assert "speedups" not in rows[1]  # peers are not compared with each other
+
+
+# --------------------------------------------------------------------------
+# the checks: each op's torch implementation passes, a perturbed one fails
+# --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("op_name", list(ops_mod.OPS))
+def test_checks_accept_torch_and_reject_perturbed(op_name, cpu, gen):
+    op = ops_mod.OPS[op_name]
+    shape = (7, 301)
+    inputs = _row_inputs(op_name, shape, gen)
+    impl = impls_mod.build_registry(cpu)["torch"]
+    fn = impl.builders[op_name](inputs, Ctx(cpu, "float32", shape))
+    out = impls_mod.canonical(fn(), op.outputs, cpu)
+    ok, detail = op.check(out, inputs, "float32", {})
+    assert ok, detail
+    # 0.5% off in one place: beyond float32 tolerance, must be caught
+    if op.outputs == "loss,grad":
+        loss, grad = out
+        bad = grad.clone()
+        bad[3, 17] *= 1.005
+        bad[3, 17] += 1e-3 * grad.abs().max()
+        assert not op.check((loss, bad), inputs, "float32", {})[0]
+        assert not op.check((loss * 1.005, grad), inputs, "float32", {})[0]
+    elif op.outputs == "loss":
+        assert not op.check(out * 1.005, inputs, "float32", {})[0]
+    else:
+        bad = out.clone()
+        bad[-1, 5] += 0.01 * out.abs().max()
+        assert not op.check(bad, inputs, "float32", {})[0]
+        bad = out.clone()
+        bad[0, 0] = float("nan")
+        assert not op.check(bad, inputs, "float32", {})[0]
+
+
+def test_scalar_references_match_gpuloss_reference(rng):
+    from gpuloss import reference as R
+    n, v = 5, 257
+    # small chunks so the float64 chunked sums cross chunk boundaries
+    old = ops_mod.CHUNK_ELEMS
+    ops_mod.CHUNK_ELEMS = 2 * v
+    try:
+        x = rng.standard_normal((n, v)) * 2
+        t = rng.standard_normal((n, v)) * 2
+        p = rng.uniform(0.01, 0.99, (n, v))
+        idx = rng.integers(0, v, n)
+        X, T, P, I = (torch.from_numpy(a) for a in (x, t, p, idx))
+        assert ops_mod.scalar_ce(X, I) == pytest.approx(float(R.cross_entropy(x, idx)), rel=1e-12)
+        assert ops_mod.scalar_bce(X, P) == pytest.approx(float(R.binary_cross_entropy_with_logits(x, p)), rel=1e-12)
+        assert ops_mod.scalar_mse(X, T) == pytest.approx(float(R.mse_loss(x, t)), rel=1e-12)
+        assert ops_mod.scalar_kl(X, T, 2.0) == pytest.approx(
+            float(R.kl_div_with_logits(x, t, temperature=2.0)), rel=1e-12)
+    finally:
+        ops_mod.CHUNK_ELEMS = old
+
+
+# --------------------------------------------------------------------------
+# WRONG, fails, n/a, in-place clones, variants' environment
+# --------------------------------------------------------------------------
+
+def test_wrong_result_is_reported_and_not_timed(cpu, gen):
+    calls = []
+
+    def build(inp, ctx):
+        x = inp["x"]
+
+        def run():
+            calls.append(1)
+            y = torch.softmax(x, -1)
+            y[1] *= 1.01  # one row 1% off
+            return y
+        return run
+
+    impl = Impl("wrong", "gpuloss", lambda d: (True, "test"), {"softmax_fwd": build})
+    timed = []
+    cpu.time_ms = lambda fn: timed.append(fn) or 1.0
+    cpu.peak_extra_bytes = lambda fn: timed.append(fn) or 0
+    op = ops_mod.OPS["softmax_fwd"]
+    inputs = _row_inputs("softmax_fwd", (4, 300), gen)
+    res = runner.run_impl(op, impl, inputs, Ctx(cpu, "float32", (4, 300)), cpu, {})
+    assert res["status"].startswith("WRONG: y")
+    assert res["time_ms"] is None and res["mem_extra_bytes"] is None
+    assert calls == [1] and timed == []
+
+
+def test_failing_and_not_applicable_implementations(cpu, gen):
+    def raising_call(inp, ctx):
+        def run():
+            raise RuntimeError("Cannot launch: n exceeds 65536\nsecond line")
+        return run
+
+    def raising_build(inp, ctx):
+        raise ValueError("no such kernel")
+
+    def not_applicable(inp, ctx):
+        raise NotApplicable("NumPy has no bfloat16")
+
+    op = ops_mod.OPS["softmax_fwd"]
+    inputs = _row_inputs("softmax_fwd", (3, 100), gen)
+    ctx = Ctx(cpu, "float32", (3, 100))
+    for builder, expected in [(raising_call, "fails: RuntimeError: Cannot launch: n exceeds 65536"),
+                              (raising_build, "fails: ValueError: no such kernel"),
+                              (not_applicable, "n/a: NumPy has no bfloat16")]:
+        impl = Impl("x", "peer", lambda d: (True, ""), {"softmax_fwd": builder})
+        res = runner.run_impl(op, impl, inputs, ctx, cpu, {})
+        assert res["status"] == expected
+        assert res["time_ms"] is None
+
+
+def test_numpy_backend_bf16_is_not_applicable(cpu, gen):
+    reg = impls_mod.build_registry(cpu)
+    op = ops_mod.OPS["ce_loss_grad"]
+    inputs = _row_inputs("ce_loss_grad", (4, 64), gen, dtype="bfloat16")
+    res = runner.run_impl(op, reg["gpuloss-numpy"], inputs, Ctx(cpu, "bfloat16", (4, 64)), cpu, {})
+    assert res["status"] == "n/a: NumPy has no bfloat16"
+
+
+def test_inplace_implementation_gets_private_copies(cpu, gen):
+    """An implementation that overwrites its logits (Liger, inplace_backward)
+    must not corrupt the inputs the reference check and later rows read."""
+    import torch.nn.functional as F
+
+    def build(inp, ctx):
+        x, t = inp["x"], inp["t"]
+
+        def run():
+            xr = x.detach().clone().requires_grad_(True)
+            loss = F.cross_entropy(xr, t)
+            (g,) = torch.autograd.grad(loss, xr)
+            x.copy_(g)  # gradient written over the logits
+            return loss.detach(), x
+        return run
+
+    impl = Impl("inplace", "peer", lambda d: (True, ""), {"ce_loss_grad": build}, mutates_inputs=True)
+    cpu.time_ms = lambda fn: (fn(), 1.0)[1]
+    op = ops_mod.OPS["ce_loss_grad"]
+    inputs = _row_inputs("ce_loss_grad", (6, 200), gen)
+    before = inputs["x"].clone()
+    res = runner.run_impl(op, impl, inputs, Ctx(cpu, "float32", (6, 200)), cpu, {})
+    assert res["status"] == "ok", res
+    assert torch.equal(inputs["x"], before)
+
+
+def test_variant_environment_is_set_during_the_call_only(cpu, gen, monkeypatch):
+    monkeypatch.delenv("GPULOSS_FAKE_VARIANT", raising=False)
+    seen = []
+
+    def build(inp, ctx):
+        seen.append(("build", os.environ.get("GPULOSS_FAKE_VARIANT")))
+        x = inp["x"]
+
+        def run():
+            seen.append(("run", os.environ.get("GPULOSS_FAKE_VARIANT")))
+            return torch.softmax(x, -1)
+        return run
+
+    impl = Impl("gpuloss-fake[v2]", "gpuloss", lambda d: (True, ""), {"softmax_fwd": build},
+                env={"GPULOSS_FAKE_VARIANT": "v2"})
+    cpu.time_ms = lambda fn: (fn(), 1.0)[1]
+    res = runner.run_impl(ops_mod.OPS["softmax_fwd"], impl, _row_inputs("softmax_fwd", (3, 50), gen),
+                          Ctx(cpu, "float32", (3, 50)), cpu, {})
+    assert res["status"] == "ok"
+    assert seen and all(v == "v2" for _, v in seen)
+    assert "GPULOSS_FAKE_VARIANT" not in os.environ
+
+
+def test_backend_variants_become_implementations(cpu, monkeypatch):
+    from gpuloss import dispatch
+
+    class Fake:
+        @staticmethod
+        def variants():
+            return ["twopass", "onchip"]
+
+    monkeypatch.setattr(dispatch, "registered", lambda: ["fakebk"])
+    monkeypatch.setattr(dispatch, "backend_status", lambda: {"fakebk": (True, "ok")})
+    monkeypatch.setattr(dispatch, "get_backend", lambda name: Fake())
+    made = {i.name: i for i in impls_mod.gpuloss_impls(cpu)}
+    assert set(made) == {"gpuloss-fakebk[twopass]", "gpuloss-fakebk[onchip]", "gpuloss-fakebk-inplace"}
+    assert made["gpuloss-fakebk[onchip]"].env == {"GPULOSS_FAKEBK_VARIANT": "onchip"}
+    assert made["gpuloss-fakebk-inplace"].mutates_inputs
+    assert set(made["gpuloss-fakebk-inplace"].builders) == {"ce_loss_grad"}
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU view of GPU implementations")
+def test_gpu_implementations_listed_unavailable_on_cpu(cpu):
+    reg = impls_mod.build_registry(cpu)
+    avail = impls_mod.availability(reg, cpu)
+    for name in ("gpuloss-triton", "gpuloss-cupy", "liger", "cupyx"):
+        matches = [n for n in reg if n == name or n.startswith(name + "[")]
+        assert matches, f"{name} not registered: {list(reg)}"
+        for n in matches:
+            ok, why = avail[n]
+            assert not ok and why, (n, why)
+    assert "CUDA" in avail["gpuloss-triton" if "gpuloss-triton" in avail else
+                           next(n for n in avail if n.startswith("gpuloss-triton"))][1]
+    assert avail["torch"][0] and avail["gpuloss-numpy"][0] and avail["scipy"][0]
+    chosen = {i.name for i in runner.select_impls(reg, avail, None, cpu)}
+    assert chosen == {"gpuloss-numpy", "gpuloss-numpy-inplace", "torch", "scipy"}
+    # asked for explicitly, an unavailable one is still not run
+    assert {i.name for i in runner.select_impls(reg, avail, ["liger", "torch*"], cpu)} == {"torch", "torch-compile"}
+
+
+def test_registration_hook_adds_rows(cpu, gen, monkeypatch):
+    """A later issue's op (fused linear CE, vocab-parallel CE) registers an
+    Op and a builder on an existing implementation and gets rows."""
+    op = ops_mod.Op("double", "x*2", "y", lambda shape, dtype: 2 * int(np.prod(shape)) * BYTES[dtype],
+                    ops_mod._logits,
+                    lambda out, inp, dtype, cache: ops_mod.compare(ops_mod.host64(out), 2 * ops_mod.host64(inp["x"]),
+                                                                   dtype, "y"),
+                    mutated=())
+    monkeypatch.setitem(ops_mod.OPS, "double", op)
+    impl = Impl("doubler", "peer", lambda d: (True, ""), {})
+    monkeypatch.setitem(impls_mod.IMPLS, "doubler", impl)
+    impls_mod.register_impl_op("doubler", "double", lambda inp, ctx: (lambda: inp["x"] * 2))
+    cpu.time_ms = lambda fn: (fn(), 2.0)[1]
+    args = runner.parse_args(["--device", "cpu", "--ops", "double", "--impls", "doubler", "--shapes", "4x64"])
+    cpu.copy_bandwidth = lambda: (1e10, 1 << 20)
+    meta, info, rows = runner.run_benchmark(args, cpu)
+    assert [(r["impl"], r["status"]) for r in rows] == [("doubler", "ok")]
+    assert rows[0]["gbps"] == pytest.approx(2 * 4 * 64 * 4 / 2e-3 / 1e9)
+
+
+# --------------------------------------------------------------------------
+# outputs and a small end-to-end run
+# --------------------------------------------------------------------------
+
+def test_end_to_end_cpu_run_writes_outputs(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = runner.main(["--device", "cpu", "--quick", "--shapes", "24x1000,sweep", "--sweep-v", "128,512",
+                      "--sweep-elems", "4096", "--ops", "softmax_fwd,ce_loss_grad",
+                      "--impls", "gpuloss-numpy,torch", "--out", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert printed.rstrip().splitlines()[-1].startswith("| ce_loss_grad | 8x512 | float32 | torch |")  # the table is last
+    data = json.loads((out / "results.json").read_text())
+    meta = data["meta"]
+    for key in ("card", "date", "git_commit", "versions", "copy_bandwidth_Bps", "memory_method", "timing"):
+        assert key in meta
+    assert meta["copy_bandwidth_Bps"] > 1e8
+    assert "torch" in meta["versions"] and "numpy" in meta["versions"]
+    rows = data["rows"]
+    shapes = {r["shape"] for r in rows}
+    assert shapes == {"24x1000", "32x128", "8x512"}  # N = 4096 // V
+    assert len(rows) == 3 * 2 * 2
+    for r in rows:
+        assert r["status"] == "ok", r
+        assert r["time_ms"] > 0 and 0 < r["frac_floor"] and r["mem_extra_bytes"] is not None
+        assert r["check"]
+    g = [r for r in rows if r["impl"] == "gpuloss-numpy"]
+    assert all(set(r["speedups"]) == {"torch"} for r in g)
+    with open(out / "results.csv") as f:
+        csv_rows = list(csv.DictReader(f))
+    assert len(csv_rows) == len(rows)
+    assert {c["impl"] for c in csv_rows} == {"gpuloss-numpy", "torch"}
+    assert (out / "table.md").read_text().count("\n| ") == len(rows) + 1
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return  # plots are optional; test_plots_need_sweep_rows covers them where it is installed
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    assert pngs == ["gbps_ce_loss_grad_float32.png", "gbps_softmax_fwd_float32.png"]
+    assert all((out / p).stat().st_size > 1000 for p in pngs)
+
+
+def test_plots_need_sweep_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    rows = [{"op": "softmax_fwd", "shape": f"{1024 // v}x{v}", "dtype": "float32", "impl": i, "tag": "sweep",
+             "status": "ok", "gbps": float(g)} for v in (64, 256, 1024) for i, g in (("a", 3.0), ("b", 5.0))]
+    rows.append({**rows[0], "tag": "perf"})
+    written = report.write_plots(str(tmp_path), rows, 1e10, "test card")
+    assert [os.path.basename(p) for p in written] == ["gbps_softmax_fwd_float32.png"]
+    assert report.write_plots(str(tmp_path / "none"), [r for r in rows if r["tag"] == "perf"], 1e10, "c") == []
+
+
+def test_budget_marks_rows_skipped(cpu, tmp_path):
+    args = runner.parse_args(["--device", "cpu", "--ops", "mse_loss_grad", "--impls", "torch", "--shapes",
+                              "4x64,8x64", "--budget-s", "0"])
+    cpu.copy_bandwidth = lambda: (1e10, 1 << 20)
+    meta, info, rows = runner.run_benchmark(args, cpu)
+    assert [r["status"] for r in rows] == ["skipped: time budget 0 s spent"] * 2
+    assert all(r["gbps"] is None for r in rows)
+
+
+def test_cli_rejects_unknown_names(cpu):
+    cpu.copy_bandwidth = lambda: (1e10, 1 << 20)
+    for argv in (["--ops", "nope"], ["--impls", "nope*"], ["--dtypes", "int7"], ["--shapes", "0x5"]):
+        with pytest.raises((SystemExit, ValueError)):
+            runner.run_benchmark(runner.parse_args(["--device", "cpu"] + argv), cpu)
+
+
+def test_ci_script_is_valid_bash_and_needs_an_outdir():
+    import subprocess
+    script = os.path.join(os.path.dirname(__file__), "..", "ci", "gpu.sh")
+    assert subprocess.run(["bash", "-n", script]).returncode == 0
+    r = subprocess.run(["bash", script], capture_output=True, text=True)
+    assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_interrupt_keeps_measured_rows(cpu, gen, monkeypatch):
+    """CI stops a long benchmark with SIGINT: rows measured so far survive."""
+    calls = []
+
+    def build(inp, ctx):
+        x = inp["x"]
+
+        def run():
+            calls.append(1)
+            if len(calls) > 1 and ctx.shape[0] == 8:
+                raise KeyboardInterrupt
+            return torch.softmax(x, -1)
+        return run
+
+    monkeypatch.setitem(impls_mod.IMPLS, "intr", Impl("intr", "peer", lambda d: (True, ""), {"softmax_fwd": build}))
+    cpu.time_ms = lambda fn: (fn(), 1.0)[1]
+    cpu.copy_bandwidth = lambda: (1e10, 1 << 20)
+    args = runner.parse_args(["--device", "cpu", "--ops", "softmax_fwd", "--impls", "intr", "--shapes",
+                              "4x64,8x64,16x64"])
+    meta, info, rows = runner.run_benchmark(args, cpu)
+    assert [r["status"] for r in rows] == ["ok", "skipped: interrupted", "skipped: interrupted"]
+    assert meta["interrupted"] is True
