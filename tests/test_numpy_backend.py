@@ -1,0 +1,346 @@
+"""Tests specific to the NumPy backend: its tiling, long-row and thread-pool
+paths, its scratch-memory bound, array conversion, and hypothesis properties.
+
+The generic contract (every primitive and option against the reference) is in
+``test_backend_primitives.py``; here the tiling constants are shrunk so that
+the multi-block and multi-tile paths run on small shapes.
+"""
+from __future__ import annotations
+
+import threading
+import tracemalloc
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+
+from gpuloss import reference as ref
+from gpuloss.backends import numpy_backend as nb
+from gpuloss.backends.numpy_backend import NumpyBackend
+
+from conftest import tol
+
+B = NumpyBackend()
+
+
+def _ce(x, t, **kw):
+    opts = dict(weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
+                reduction="mean", want_grad=True)
+    opts.update(kw)
+    return B.cross_entropy(x, t, **opts)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of 64 float32 / 32 float64 elements: rows of C > 64 take the
+    long-row (two-pass, online max/sum) path, and every call has many tiles."""
+    monkeypatch.setattr(nb, "_BLOCK_BYTES", 256)
+    return 256
+
+
+@pytest.fixture
+def threaded(monkeypatch):
+    """Use the pool for every call, with 3 threads on any machine."""
+    monkeypatch.setenv("GPULOSS_NUM_THREADS", "3")
+    monkeypatch.setattr(nb, "_PARALLEL_MIN_ELEMS", 0)
+
+
+# --------------------------------------------------------------------------
+# the long-row path and the multi-tile path against the reference
+# --------------------------------------------------------------------------
+
+CE_CASES = {
+    "plain": dict(),
+    "weight+smoothing": dict(weight=True, label_smoothing=0.2),
+    "zloss+softcap": dict(z_loss=1e-2, softcap=4.0),
+    "all": dict(weight=True, label_smoothing=0.1, z_loss=1e-3, softcap=5.0),
+}
+
+
+@pytest.mark.parametrize("case", list(CE_CASES))
+@pytest.mark.parametrize("dtype", ["float32", "float64", "float16"])
+@pytest.mark.parametrize("prob", [False, True])
+@pytest.mark.parametrize("C", [300, 40])  # long rows (5 blocks) / short rows (several rows per tile)
+def test_cross_entropy_tiled(small_tiles, threaded, rng, case, dtype, prob, C):
+    R = 9
+    kw = dict(CE_CASES[case])
+    x = (rng.standard_normal((R, C)) * 3).astype(dtype)
+    x[2] += 1e3  # a large common offset: partials must be merged relative to the row max
+    w = rng.uniform(0.3, 2, C).astype(np.float32) if kw.pop("weight", False) else None
+    if prob:
+        t = rng.dirichlet(np.ones(C), R).astype(dtype)
+    else:
+        t = rng.integers(0, C, R)
+        t[[1, 5]] = -100
+    for reduction in ("none", "mean", "sum"):
+        res = _ce(x, t, weight=w, reduction=reduction, want_grad_target=prob, **kw)
+        rkw = dict(kw, weight=w, reduction=reduction)
+        xr, tr = x.astype(np.float64), (t.astype(np.float64) if prob else t)
+        k = tol("float32" if dtype == "float16" else dtype)
+        np.testing.assert_allclose(res.loss, ref.cross_entropy(xr, tr, **rkw), **k)
+        gi, gt = ref.cross_entropy_grad(xr, tr, **rkw)
+        np.testing.assert_allclose(res.grad.astype(np.float64), gi, **tol(dtype))
+        assert res.grad.dtype == x.dtype
+        np.testing.assert_allclose(res.lse, ref.logsumexp(
+            kw["softcap"] * np.tanh(xr / kw["softcap"]) if "softcap" in kw else xr), **tol("float32"))
+        if prob:
+            np.testing.assert_allclose(res.grad_target.astype(np.float64), gt, **tol(dtype))
+
+
+@pytest.mark.parametrize("C", [300, 40])
+def test_cross_entropy_tiled_inplace_and_bad_targets(small_tiles, threaded, rng, C):
+    R = 6
+    x = (rng.standard_normal((R, C)) * 3).astype(np.float32)
+    t = rng.integers(0, C, R)
+    t[1], t[4] = C + 3, -100
+    x_ref = x.astype(np.float64)
+    res = _ce(x, t, reduction="none", label_smoothing=0.1, grad_inplace=True)
+    assert res.grad is x
+    assert np.isnan(res.loss[1]) and np.isnan(x[1]).all()
+    tg = t.copy()
+    tg[1] = -100
+    good = [0, 2, 3, 4, 5]
+    np.testing.assert_allclose(res.loss[good], ref.cross_entropy(x_ref, tg, reduction="none",
+                                                                 label_smoothing=0.1)[good], **tol("float32"))
+    np.testing.assert_allclose(x[good], ref.cross_entropy_grad(x_ref, tg, reduction="none",
+                                                               label_smoothing=0.1)[0][good], **tol("float32"))
+
+
+@pytest.mark.parametrize("C", [300, 40])
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_softmax_and_kl_tiled(small_tiles, threaded, rng, C, dtype):
+    R = 5
+    x = (rng.standard_normal((R, C)) * 3).astype(dtype)
+    x[1, : C // 2] = -np.inf  # whole blocks of -inf in a long row
+    x[3] += 500.0
+    xr = x.astype(np.float64)
+    for log in (False, True):
+        y = B.softmax_forward(x, log=log)
+        np.testing.assert_allclose(y, ref.log_softmax(xr) if log else ref.softmax(xr), **tol(dtype))
+        dy = rng.standard_normal((R, C)).astype(dtype)
+        yr = y.astype(np.float64)
+        dx = B.softmax_backward(y, dy, log=log)
+        exp_dx = (ref.log_softmax_backward if log else ref.softmax_backward)(yr, dy.astype(np.float64))
+        np.testing.assert_allclose(dx, exp_dx, rtol=tol(dtype)["rtol"], atol=tol(dtype)["rtol"])
+    xk = (rng.standard_normal((R, C)) * 3).astype(dtype)
+    xk[2] -= 300.0
+    for til in (True, False):
+        tg = (rng.standard_normal((R, C)) * 2 + 100).astype(dtype) if til else \
+            rng.dirichlet(np.ones(C), R).astype(dtype)
+        tgr = tg.astype(np.float64)
+        for red in ("none", "sum", "mean", "batchmean"):
+            res = B.kl_div_logits(xk, tg, temperature=1.3, target_is_logits=til, reduction=red, want_grad=True)
+            np.testing.assert_allclose(res.loss, ref.kl_div_logits(xk.astype(np.float64), tgr, 1.3, red, til),
+                                       rtol=tol(dtype)["rtol"], atol=10 * tol(dtype)["rtol"])
+            np.testing.assert_allclose(res.grad, ref.kl_div_logits_grad(xk.astype(np.float64), tgr, 1.3, red,
+                                                                        til)[0], **tol(dtype))
+            np.testing.assert_allclose(res.lse, ref.logsumexp(xk.astype(np.float64) / 1.3), **tol("float32"))
+
+
+def test_elementwise_tiled(small_tiles, threaded, rng):
+    R, C = 7, 300
+    x = rng.standard_normal((R, C)).astype(np.float32)
+    y = rng.uniform(0.01, 0.99, (R, C)).astype(np.float32)
+    w2 = rng.uniform(0.5, 2, (R, C)).astype(np.float32)
+    pw = rng.uniform(0.5, 2, C).astype(np.float32)
+    xr, yr = x.astype(np.float64), y.astype(np.float64)
+    for red in ("none", "mean", "sum"):
+        r = B.bce_with_logits(x, y, weight=w2, pos_weight=pw, reduction=red, want_grad=True, want_grad_target=True)
+        np.testing.assert_allclose(r.loss, ref.binary_cross_entropy_with_logits(xr, yr, w2, pw, red), **tol("float32"))
+        for a, b in zip((r.grad, r.grad_target), ref.binary_cross_entropy_with_logits_grad(xr, yr, w2, pw, red)):
+            np.testing.assert_allclose(a, b, **tol("float32"))
+        r = B.mse(x, y, reduction=red, want_grad=True, want_grad_target=True)
+        np.testing.assert_allclose(r.loss, ref.mse_loss(xr, yr, red), **tol("float32"))
+        np.testing.assert_allclose(r.grad, ref.mse_loss_grad(xr, yr, red)[0], **tol("float32"))
+
+
+# --------------------------------------------------------------------------
+# threads
+# --------------------------------------------------------------------------
+
+def test_thread_pool_used_and_deterministic(monkeypatch, rng):
+    """A shape with several tiles runs on the pool, and the result does not
+    depend on the thread count (tiles are independent; partial sums are added
+    in tile order)."""
+    R, C = 64, 5000  # 320k elements: above _PARALLEL_MIN_ELEMS, 3 tiles of 26 rows
+    x = rng.standard_normal((R, C)).astype(np.float32)
+    t = rng.integers(0, C, R)
+    t[::7] = -100
+    monkeypatch.setenv("GPULOSS_NUM_THREADS", "1")
+    one = _ce(x, t, label_smoothing=0.1, z_loss=1e-3)
+    seen = set()
+    orig = nb._scratch
+
+    def spy(name, shape, dtype):
+        seen.add(threading.current_thread().name)
+        return orig(name, shape, dtype)
+
+    monkeypatch.setattr(nb, "_scratch", spy)
+    monkeypatch.setenv("GPULOSS_NUM_THREADS", "2")
+    two = _ce(x, t, label_smoothing=0.1, z_loss=1e-3)
+    assert any(n.startswith("gpuloss-numpy") for n in seen), seen
+    np.testing.assert_array_equal(one.grad, two.grad)
+    np.testing.assert_array_equal(one.loss, two.loss)
+    np.testing.assert_array_equal(one.lse, two.lse)
+    xr = x.astype(np.float64)
+    np.testing.assert_allclose(two.loss, ref.cross_entropy(xr, t, label_smoothing=0.1, z_loss=1e-3), **tol("float32"))
+    np.testing.assert_allclose(two.grad, ref.cross_entropy_grad(xr, t, label_smoothing=0.1, z_loss=1e-3)[0],
+                               **tol("float32"))
+
+
+def test_num_threads_env(monkeypatch):
+    monkeypatch.setenv("GPULOSS_NUM_THREADS", "5")
+    assert nb.num_threads() == 5
+    monkeypatch.setenv("GPULOSS_NUM_THREADS", "abc")
+    with pytest.raises(ValueError, match="GPULOSS_NUM_THREADS"):
+        nb.num_threads()
+    monkeypatch.delenv("GPULOSS_NUM_THREADS")
+    assert nb.num_threads() >= 1
+
+
+def test_worker_exception_propagates(monkeypatch, threaded):
+    def boom(i):
+        if i == 3:
+            raise RuntimeError("tile 3")
+
+    with pytest.raises(RuntimeError, match="tile 3"):
+        nb._parallel_for(8, boom, 1 << 30)
+
+
+# --------------------------------------------------------------------------
+# scratch memory
+# --------------------------------------------------------------------------
+
+MiB = 1 << 20
+
+
+def _nbytes(out) -> int:
+    arrays = out if isinstance(out, tuple) else (out,)
+    return sum(a.nbytes for a in arrays if isinstance(a, np.ndarray))
+
+
+def _extra_peak(fn, monkeypatch):
+    """Peak traced memory during ``fn()`` beyond what existed before it and
+    the arrays it returned.
+
+    The backend keeps per-thread scratch buffers across calls; fresh ones (a
+    new thread-local store and a new pool) make every buffer this call uses
+    be allocated, and counted, while tracing."""
+    monkeypatch.setattr(nb, "_tls", threading.local())
+    monkeypatch.setattr(nb, "_pool", None)
+    monkeypatch.setattr(nb, "_pool_size", 0)
+    tracemalloc.start()
+    try:
+        before, _ = tracemalloc.get_traced_memory()
+        out = fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return peak - before - _nbytes(out), out
+
+
+@pytest.mark.parametrize("shape", [(2048, 8192), (2, 10_000_000)], ids=["short-rows", "V=10M"])
+def test_scratch_memory_bounded(rng, monkeypatch, shape):
+    """Loss + grad (and softmax) of a 64-80 MiB input: naive code makes
+    several input-sized temporaries (x - max, exp, p - onehot); the backend's
+    scratch stays under 64 MiB beyond inputs and outputs."""
+    R, C = shape
+    x = rng.standard_normal((R, C), dtype=np.float32)
+    t = rng.integers(0, C, R)
+    assert x.nbytes >= 64 * MiB
+    extra, res = _extra_peak(lambda: _ce(x, t, label_smoothing=0.1, softcap=30.0), monkeypatch)
+    assert extra < 64 * MiB, f"{extra / MiB:.1f} MiB of scratch"
+    assert np.isfinite(res.grad[:, :1000]).all() and np.isfinite(res.loss)
+    # spot-check values on two rows against the reference
+    rows = [0, R - 1]
+    xr = x[rows].astype(np.float64)
+    np.testing.assert_allclose(res.lse[rows], ref.logsumexp(30.0 * np.tanh(xr / 30.0)), **tol("float32"))
+    extra, y = _extra_peak(lambda: B.softmax_forward(x, log=True), monkeypatch)
+    assert extra < 64 * MiB, f"{extra / MiB:.1f} MiB of scratch"
+    np.testing.assert_allclose(y[rows, :1000], ref.log_softmax(xr)[:, :1000], rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------
+# conversion and availability
+# --------------------------------------------------------------------------
+
+def test_probe_and_accepts():
+    ok, why = B.probe()
+    assert ok and why == f"numpy {np.__version__}"
+    assert B.accepts("numpy", "cpu") and B.accepts("torch", "cpu")
+    assert not B.accepts("torch", "cuda:0") and not B.accepts("cupy", "cuda:0")
+
+
+def test_torch_conversion_zero_copy():
+    torch = pytest.importorskip("torch")
+    t = torch.randn(4, 6)
+    a = B.to_native(t, "torch")
+    assert isinstance(a, np.ndarray) and np.shares_memory(a, t.numpy())
+    back = B.from_native(a, "torch")
+    assert isinstance(back, torch.Tensor) and back.data_ptr() == t.data_ptr()
+    g = torch.randn(3, 5, requires_grad=True)
+    np.testing.assert_array_equal(B.to_native(g, "torch"), g.detach().numpy())
+    b = torch.randn(3, 5).to(torch.bfloat16)
+    ab = B.to_native(b, "torch")  # NumPy has no bfloat16: a float32 copy
+    assert ab.dtype == np.float32
+    np.testing.assert_array_equal(ab, b.float().numpy())
+    x = np.ones(3)
+    assert B.to_native(x, "numpy") is x
+
+
+# --------------------------------------------------------------------------
+# properties (hypothesis), float64 so that the bounds are tight
+# --------------------------------------------------------------------------
+
+_logits = hnp.arrays(np.float64, st.tuples(st.integers(1, 6), st.integers(2, 40)),
+                     elements=st.floats(-30, 30, allow_nan=False))
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=_logits, shift=st.floats(-1e3, 1e3), seed=st.integers(0, 2**32 - 1))
+def test_shift_invariance(x, shift, seed):
+    """softmax and cross-entropy do not change when a constant is added to a row."""
+    rng = np.random.default_rng(seed)
+    R, C = x.shape
+    t = rng.integers(0, C, R)
+    a = _ce(x, t, reduction="none", label_smoothing=0.1)
+    b = _ce(x + shift, t, reduction="none", label_smoothing=0.1)
+    np.testing.assert_allclose(a.loss, b.loss, rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(a.grad, b.grad, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(B.softmax_forward(x, log=False), B.softmax_forward(x + shift, log=False),
+                               rtol=1e-9, atol=1e-15)
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=_logits)
+def test_rows_sum_to_one(x):
+    y = B.softmax_forward(x, log=False)
+    np.testing.assert_allclose(y.sum(-1), 1.0, rtol=0, atol=1e-12)
+    assert (y >= 0).all()
+    np.testing.assert_allclose(np.exp(B.softmax_forward(x, log=True)), y, rtol=1e-12, atol=1e-15)
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=_logits, seed=st.integers(0, 2**32 - 1))
+def test_grad_is_softmax_minus_onehot(x, seed):
+    """No smoothing, mean over N rows: dL/dx = (softmax(x) - onehot(t)) / N."""
+    rng = np.random.default_rng(seed)
+    R, C = x.shape
+    t = rng.integers(0, C, R)
+    res = _ce(x, t)
+    onehot = np.zeros_like(x)
+    onehot[np.arange(R), t] = 1.0
+    np.testing.assert_allclose(res.grad, (B.softmax_forward(x, log=False) - onehot) / R, rtol=1e-10, atol=1e-14)
+
+
+@settings(max_examples=40, deadline=None)
+@given(x=_logits, seed=st.integers(0, 2**32 - 1), T=st.floats(0.25, 8.0))
+def test_kl_nonnegative(x, seed, T):
+    rng = np.random.default_rng(seed)
+    tg = x + rng.standard_normal(x.shape) * rng.uniform(0, 5)
+    res = B.kl_div_logits(x, tg, temperature=T, target_is_logits=True, reduction="none", want_grad=False)
+    assert (res.loss >= -1e-12).all()
+    probs = ref.softmax(tg / T)
+    res2 = B.kl_div_logits(x, probs, temperature=T, target_is_logits=False, reduction="none", want_grad=False)
+    np.testing.assert_allclose(res2.loss, res.loss, rtol=1e-9, atol=1e-12)
