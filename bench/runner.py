@@ -48,10 +48,12 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
         # logits: ~18x the H200's 60 MB L2, so every row streams from HBM)
         "full": dict(shapes=[("8192x32000", None), ("16384x128256", None), ("4096x262144", None)],
                      sweep_v=_POW2_V, sweep_elems=1 << 28, dtypes=["float32", "bfloat16"], budget_s=None),
-        # one PERF.md shape, both dtypes, and a three-point sweep at 2**27
-        # (512 MiB fp32): stops starting new rows after budget_s so it ends
-        # within 3 minutes whatever the compile times are
+        # one PERF.md shape, every op, both dtypes; then a three-point bf16
+        # sweep at N*V = 2**27 (256 MiB bf16) of the two plotted anchors.
+        # Stops starting new rows after budget_s so it ends within 3 minutes
+        # whatever the compile times are.
         "quick": dict(shapes=[("8192x32000", None)], sweep_v=[4096, 32768, 131072], sweep_elems=1 << 27,
+                      sweep_ops=("ce_loss_grad", "softmax_fwd"), sweep_dtypes=("bfloat16",),
                       dtypes=["bfloat16", "float32"], budget_s=150.0),
     },
     "cpu": {
@@ -73,19 +75,23 @@ QUICK_COMPILE_OPS = ("ce_loss_grad", "softmax_fwd")
 class ShapeEntry:
     shape: Tuple[int, ...]
     tag: str                                   # "perf" (a named shape) or "sweep"
-    ops: Optional[Tuple[str, ...]] = None      # restrict to these ops
+    ops: Optional[Tuple[str, ...]] = None      # preset only: restrict to these ops
+    dtypes: Optional[Tuple[str, ...]] = None   # preset only: restrict to these dtypes
 
 
-def sweep_shapes(vs: Sequence[int], total: int) -> List[ShapeEntry]:
+def sweep_shapes(vs: Sequence[int], total: int, ops: Optional[Tuple[str, ...]] = None,
+                 dtypes: Optional[Tuple[str, ...]] = None) -> List[ShapeEntry]:
     """Rows of length V at a fixed element count N*V (N = total // V, >= 1)."""
-    return [ShapeEntry((max(1, total // v), v), "sweep") for v in vs]
+    return [ShapeEntry((max(1, total // v), v), "sweep", ops, dtypes) for v in vs]
 
 
 def resolve_shapes(tokens: Optional[List[str]], preset: Dict[str, Any]) -> List[ShapeEntry]:
-    """``--shapes`` tokens (``NxV`` or ``sweep``) or the preset's shapes."""
+    """``--shapes`` tokens (``NxV`` or ``sweep``) or the preset's shapes (with
+    the preset's op/dtype restrictions, which explicit ``--shapes`` drop)."""
     if not tokens:
         fixed = [ShapeEntry(parse_shape(s), "perf", ops) for s, ops in preset["shapes"]]
-        return fixed + sweep_shapes(preset["sweep_v"], preset["sweep_elems"])
+        return fixed + sweep_shapes(preset["sweep_v"], preset["sweep_elems"], preset.get("sweep_ops"),
+                                    preset.get("sweep_dtypes"))
     out: List[ShapeEntry] = []
     for tok in tokens:
         if tok == "sweep":
@@ -294,7 +300,6 @@ def run_benchmark(args: argparse.Namespace, device) -> Tuple[Dict[str, Any], Dic
         if o not in OPS:
             raise SystemExit(f"unknown op {o!r}; known: {', '.join(OPS)}")
     budget = args.budget_s if args.budget_s is not None else preset["budget_s"]
-    user_shapes = args.shapes is not None
 
     reg = build_registry(device)
     patterns = _csv(args.impls)
@@ -315,7 +320,9 @@ def run_benchmark(args: argparse.Namespace, device) -> Tuple[Dict[str, Any], Dic
     for se in shapes:
         for dtype in dtypes:
             for op_name in op_names:
-                if se.ops is not None and op_name not in se.ops and not user_shapes:
+                if se.ops is not None and op_name not in se.ops:
+                    continue
+                if se.dtypes is not None and dtype not in se.dtypes and args.dtypes is None:
                     continue
                 todo = [i for i in impls if op_name in i.builders and not (
                     args.quick and device.is_gpu and i.name == "torch-compile" and op_name not in QUICK_COMPILE_OPS)]

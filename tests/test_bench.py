@@ -402,3 +402,11 @@ def test_interrupt_keeps_measured_rows(cpu, gen, monkeypatch):
     meta, info, rows = runner.run_benchmark(args, cpu)
     assert [r["status"] for r in rows] == ["ok", "skipped: interrupted", "skipped: interrupted"]
     assert meta["interrupted"] is True
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU path")
+def test_cuda_device_refused_without_gpu(cpu):
+    with pytest.raises(RuntimeError, match="no CUDA device"):
+        Device("cuda")
+    cpu.route_cupy_allocations()  # a no-op on the CPU: must not touch CuPy's allocator
+    assert not cpu._cupy_routed
