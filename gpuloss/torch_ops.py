@@ -53,7 +53,8 @@ Mutable custom operators cannot carry a ``register_autograd`` formula, so the
 in-place variant is wrapped in a ``torch.autograd.Function`` (which
 ``torch.compile`` also traces without a graph break).
 """
-from typing import Any, Dict, Optional, Tuple
+import contextlib
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -98,11 +99,29 @@ def _run_primitive(backend: str, op: str, arrays: Dict[str, Optional[Tensor]], o
     in-place write still lands in the caller's tensor."""
     be = get_backend(backend)
     native = {k: (None if v is None else be.to_native(v.detach(), "torch")) for k, v in arrays.items()}
-    res = getattr(be, op)(**native, **opts)
+    with _native_stream(be, next(v for v in arrays.values() if v is not None)):
+        res = getattr(be, op)(**native, **opts)
     conv = lambda a: None if a is None else be.from_native(a, "torch")  # noqa: E731
     if isinstance(res, LossResult):
         return LossResult(conv(res.loss), conv(res.grad), conv(res.grad_target), conv(res.lse))
     return conv(res)
+
+
+@contextlib.contextmanager
+def _native_stream(be, like: Tensor) -> Iterator[None]:
+    """Run a CuPy backend on torch's current device and stream.
+
+    torch orders work on its current stream (a side stream while a CUDA graph
+    is captured); CuPy launches on its own current stream, by default the
+    legacy default stream, which would be outside the capture and unordered
+    with torch's work.  Triton launches on torch's stream by itself."""
+    if be.native != "cupy" or like.device.type != "cuda":
+        yield
+        return
+    import cupy
+    with cupy.cuda.Device(like.device.index), \
+            cupy.cuda.ExternalStream(torch.cuda.current_stream(like.device).cuda_stream):
+        yield
 
 
 def _as(t: Optional[Tensor], like: Tensor, dtype: torch.dtype, shape) -> Tensor:
