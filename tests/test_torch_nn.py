@@ -1,0 +1,241 @@
+"""gpuloss.nn against torch.nn: same constructor, same values and gradients,
+state_dicts that load both ways, and a 20-step training run that ends at the
+same weights."""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import gpuloss.nn as gnn  # noqa: E402
+from gpuloss import reference as R  # noqa: E402
+
+from conftest import tol  # noqa: E402
+
+tnn = torch.nn
+TF = torch.nn.functional
+N, C = 6, 5
+
+
+def _data(rng, kind: str):
+    """(input, target) float64 tensors for a loss kind."""
+    x = torch.from_numpy(rng.standard_normal((N, C)) * 2)
+    if kind == "index":
+        return x, torch.from_numpy(rng.integers(0, C, N))
+    if kind == "logp":
+        return TF.log_softmax(x, -1), torch.from_numpy(rng.integers(0, C, N))
+    if kind == "prob":
+        return x, torch.from_numpy(rng.dirichlet(np.ones(C), N))
+    if kind == "kl":
+        return TF.log_softmax(x, -1), torch.from_numpy(rng.dirichlet(np.ones(C), N))
+    if kind == "binary":
+        return x, torch.from_numpy(rng.uniform(0, 1, (N, C)))
+    if kind == "sigmoid":
+        return torch.sigmoid(x), torch.from_numpy(rng.uniform(0, 1, (N, C)))
+    if kind == "real":
+        return x, torch.from_numpy(rng.standard_normal((N, C)))
+    raise AssertionError(kind)
+
+
+def _w(seed: int, n: int = C):
+    return torch.from_numpy(np.random.default_rng(seed).uniform(0.3, 2.0, n))
+
+
+# name, kind, constructor kwargs (tensors built per test)
+CASES = [
+    ("CrossEntropyLoss", "index", {}),
+    ("CrossEntropyLoss", "index", dict(weight=1, ignore_index=2, label_smoothing=0.1)),
+    ("CrossEntropyLoss", "index", dict(reduction="none")),
+    ("CrossEntropyLoss", "index", dict(size_average=False)),
+    ("CrossEntropyLoss", "prob", dict(weight=1, label_smoothing=0.2)),
+    ("NLLLoss", "logp", dict(weight=1, ignore_index=0)),
+    ("NLLLoss", "logp", dict(reduce=False)),
+    ("KLDivLoss", "kl", dict(reduction="batchmean")),
+    ("KLDivLoss", "kl", dict(reduction="sum", log_target=True)),
+    ("BCEWithLogitsLoss", "binary", dict(weight=1, pos_weight=2)),
+    ("BCEWithLogitsLoss", "binary", dict(reduction="sum")),
+    ("BCELoss", "sigmoid", dict(weight=1)),
+    ("BCELoss", "sigmoid", dict(reduction="none")),
+    ("MSELoss", "real", {}),
+    ("MSELoss", "real", dict(size_average=False, reduce=True)),
+]
+
+
+def _build(name, kw, seed=0):
+    kw = dict(kw)
+    for k in ("weight", "pos_weight"):
+        if k in kw:
+            kw[k] = _w(seed + kw[k])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the deprecated size_average/reduce warn in both
+        return getattr(gnn, name)(**kw), getattr(tnn, name)(**kw)
+
+
+@pytest.mark.parametrize("name,kind,kw", CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(CASES)])
+def test_module_matches_torch(rng, name, kind, kw):
+    ours, theirs = _build(name, kw)
+    assert isinstance(ours, type(theirs)) and repr(ours) == repr(theirs)
+    assert ours.reduction == theirs.reduction
+    x, t = _data(rng, kind)
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    diff_t = t.is_floating_point()
+    t1, t2 = t.clone().requires_grad_(diff_t), t.clone().requires_grad_(diff_t)
+    a, b = ours(x1, t1), theirs(x2, t2)
+    assert a.shape == b.shape and a.dtype == b.dtype
+    torch.testing.assert_close(a, b, **tol("float64"))
+    go = torch.from_numpy(rng.uniform(0.5, 2.0, tuple(a.shape)))
+    a.backward(go)
+    b.backward(go)
+    torch.testing.assert_close(x1.grad, x2.grad, **tol("float64"))
+    if diff_t:
+        torch.testing.assert_close(t1.grad, t2.grad, **tol("float64"))
+
+
+def test_deprecated_arguments_warn_and_map_like_torch():
+    for kw, red in [(dict(size_average=False), "sum"), (dict(reduce=False), "none"),
+                    (dict(size_average=True, reduce=True), "mean")]:
+        with pytest.warns(UserWarning, match="deprecated"):
+            m = gnn.MSELoss(**kw)
+        assert m.reduction == red
+
+
+@pytest.mark.parametrize("cls,dim", [("Softmax", 1), ("LogSoftmax", 0), ("Softmax", -1)])
+def test_softmax_modules(rng, cls, dim):
+    x = torch.from_numpy(rng.standard_normal((3, 4, 5)))
+    x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
+    ours, theirs = getattr(gnn, cls)(dim=dim), getattr(tnn, cls)(dim=dim)
+    assert repr(ours) == repr(theirs)
+    a, b = ours(x1), theirs(x2)
+    torch.testing.assert_close(a, b, **tol("float64"))
+    go = torch.from_numpy(rng.standard_normal(a.shape))
+    a.backward(go)
+    b.backward(go)
+    torch.testing.assert_close(x1.grad, x2.grad, **tol("float64"))
+
+
+def test_softmax_implicit_dim_follows_torch(rng):
+    x = torch.from_numpy(rng.standard_normal((3, 4, 5)))
+    with pytest.warns(UserWarning, match="Implicit dimension"):
+        a = gnn.Softmax()(x)
+    with pytest.warns(UserWarning, match="Implicit dimension"):
+        b = tnn.Softmax()(x)
+    torch.testing.assert_close(a, b, **tol("float64"))
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
+@pytest.mark.parametrize("target_is_logits", [True, False])
+def test_kl_div_with_logits_module(rng, reduction, target_is_logits):
+    T = 2.0
+    x_np, t_np = rng.standard_normal((N, C)) * 2, rng.standard_normal((N, C)) * 2
+    if not target_is_logits:
+        t_np = R.softmax(t_np)
+    x = torch.from_numpy(x_np).requires_grad_()
+    m = gnn.KLDivWithLogitsLoss(temperature=T, reduction=reduction, target_is_logits=target_is_logits)
+    loss = m(x, torch.from_numpy(t_np))
+    kw = dict(temperature=T, reduction=reduction, target_is_logits=target_is_logits)
+    np.testing.assert_allclose(loss.detach().numpy(), R.kl_div_with_logits(x_np, t_np, **kw), **tol("float64"))
+    loss.sum().backward()
+    go = np.ones(np.shape(loss))
+    np.testing.assert_allclose(x.grad.numpy(), R.kl_div_with_logits_grad(x_np, t_np, **kw, grad_output=go)[0],
+                               **tol("float64"))
+    if reduction == "batchmean" and target_is_logits:  # the usual distillation form in plain torch
+        want = TF.kl_div(TF.log_softmax(x.detach() / T, -1), TF.log_softmax(torch.from_numpy(t_np) / T, -1),
+                         reduction="batchmean", log_target=True)
+        torch.testing.assert_close(loss.detach(), want, **tol("float64"))
+
+
+# ------------------------------------------------------------------ state_dict
+
+@pytest.mark.parametrize("name,kw", [("CrossEntropyLoss", dict(weight=1)), ("NLLLoss", dict(weight=1)),
+                                     ("BCEWithLogitsLoss", dict(weight=1, pos_weight=2)),
+                                     ("BCELoss", dict(weight=1))])
+def test_state_dict_round_trip(name, kw):
+    ours, theirs = _build(name, kw, seed=10)
+    fresh_ours, fresh_theirs = _build(name, kw, seed=20)  # different buffers
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    fresh_ours.load_state_dict(theirs.state_dict())
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(fresh_ours.state_dict()[k], v)
+    fresh_theirs.load_state_dict(fresh_ours.state_dict())
+    for k, v in theirs.state_dict().items():
+        assert torch.equal(fresh_theirs.state_dict()[k], v)
+    assert dict(ours.named_buffers()).keys() == dict(theirs.named_buffers()).keys()
+
+
+def test_buffers_follow_the_module():
+    m = gnn.BCEWithLogitsLoss(weight=_w(1), pos_weight=_w(2)).to(torch.float32)
+    assert m.weight.dtype == torch.float32 and m.pos_weight.dtype == torch.float32
+
+
+def test_mixed_devices_raise_through_modules(rng):
+    x, t = _data(rng, "index")
+    with pytest.raises(ValueError, match="mixed devices"):
+        gnn.CrossEntropyLoss(weight=torch.ones(C, device="meta"))(x.requires_grad_(), t)
+    xb, tb = _data(rng, "binary")
+    with pytest.raises(ValueError, match="mixed devices"):
+        gnn.BCEWithLogitsLoss(pos_weight=torch.ones(C, device="meta"))(xb, tb)
+    with pytest.raises(ValueError, match="mixed devices"):
+        gnn.MSELoss()(xb, tb.to("meta"))
+
+
+# ------------------------------------------------------------------ training
+
+def _mlp(seed: int, out: int, dtype=torch.float64):
+    torch.manual_seed(seed)
+    return tnn.Sequential(tnn.Linear(7, 16), tnn.Tanh(), tnn.Linear(16, out)).to(dtype)
+
+
+TRAIN = {
+    "ce": (lambda: gnn.CrossEntropyLoss(weight=_w(3), label_smoothing=0.1),
+           lambda: tnn.CrossEntropyLoss(weight=_w(3), label_smoothing=0.1), "index", None),
+    "ce_inplace": (lambda: gnn.CrossEntropyLoss(inplace_backward=True),
+                   lambda: tnn.CrossEntropyLoss(), "index", None),
+    "nll": (lambda: gnn.NLLLoss(), lambda: tnn.NLLLoss(), "index", "logsoftmax"),
+    "kl": (lambda: gnn.KLDivLoss(reduction="batchmean"), lambda: tnn.KLDivLoss(reduction="batchmean"),
+           "prob", "logsoftmax"),
+    "bce_logits": (lambda: gnn.BCEWithLogitsLoss(weight=_w(4), pos_weight=_w(5)),
+                   lambda: tnn.BCEWithLogitsLoss(weight=_w(4), pos_weight=_w(5)), "binary", None),
+    "bce": (lambda: gnn.BCELoss(), lambda: tnn.BCELoss(), "binary", "sigmoid"),
+    "mse": (lambda: gnn.MSELoss(), lambda: tnn.MSELoss(), "real", "softmax"),
+}
+
+
+@pytest.mark.parametrize("case", list(TRAIN))
+def test_training_run_matches_torch(rng, case):
+    """20 SGD steps of a small MLP with our loss and with torch's: the same
+    weights at the end (float64, so any gradient error would show)."""
+    make_ours, make_theirs, kind, head = TRAIN[case]
+    X = torch.from_numpy(rng.standard_normal((32, 7)))
+    if kind == "index":
+        Y = torch.from_numpy(rng.integers(0, C, 32))
+    elif kind == "prob":
+        Y = torch.from_numpy(rng.dirichlet(np.ones(C), 32))
+    elif kind == "binary":
+        Y = torch.from_numpy(rng.uniform(0, 1, (32, C)))
+    else:
+        Y = torch.from_numpy(rng.dirichlet(np.ones(C), 32))
+    seed = int(rng.integers(1 << 30))
+    finals = []
+    for make, heads in ((make_ours, gnn), (make_theirs, tnn)):
+        model = _mlp(seed, C)
+        loss_fn = make()
+        head_fn = {None: (lambda z: z), "logsoftmax": heads.LogSoftmax(dim=1), "softmax": heads.Softmax(dim=1),
+                   "sigmoid": torch.sigmoid}[head]
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        losses = []
+        for step in range(20):
+            idx = slice((step % 4) * 8, (step % 4) * 8 + 8)
+            opt.zero_grad()
+            loss = loss_fn(head_fn(model(X[idx])), Y[idx])
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        finals.append(([p.detach().clone() for p in model.parameters()], torch.stack(losses)))
+    (p_ours, l_ours), (p_theirs, l_theirs) = finals
+    torch.testing.assert_close(l_ours, l_theirs, rtol=1e-9, atol=1e-11)
+    for a, b in zip(p_ours, p_theirs):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+    assert not torch.equal(p_ours[0], _mlp(seed, C)[0].weight.detach())  # it did train
