@@ -1,0 +1,88 @@
+// Element-wise losses with their gradients in the same pass over (R, C) rows:
+//   OP 0  MSE                 l = (x - t)^2                   dx = 2 (x - t),  dt = -dx
+//   OP 1  KL (prob target)    l = xlogy(t, t) - t x           dx = -t,         dt = log t + 1 - x
+//   OP 2  KL (log target)     l = e^t (t - x)                 dx = -e^t,       dt = e^t (t - x + 1)
+//   OP 3  BCE with logits     l = w ((1-t) x + lw sp(-x)),  lw = 1 + (pw - 1) t,  sp = softplus
+//                             dx = w ((1 - t) - lw sigmoid(-x)),  dt = w (-x + (pw - 1) sp(-x))
+//   OP 4  BCE on probs        l = -w (t max(log p, -100) + (1-t) max(log(1-p), -100))
+//                             dp = w (p - t) / max(p (1 - p), 1e-12),  dt = -w (lp - l1p)
+// Every gradient is multiplied by ``scale`` (1, or 1/divisor for mean-like reductions, which
+// the host knows).  Reduction "none" writes the loss element-wise; otherwise each block writes
+// its partial sum (deterministic; the host sums the partials on the device).
+// weight / pos_weight: mode 0 absent, 1 a (C,) vector, 2 a full (R, C) array with a row stride.
+// Traffic: read x, t (and w) once; write loss or nothing, and the gradients once.
+#include "common.cuh"
+
+#define GL_EW_THREADS 256
+
+template <class A>
+__device__ __forceinline__ A ew_aux(const A* P, int mode, i64 stride, i64 r, i64 c) {
+    return mode == 0 ? (A)1 : mode == 1 ? P[c] : P[r * stride + c];
+}
+
+template <class D, int OP>
+__global__ void __launch_bounds__(GL_EW_THREADS)
+gpuloss_elementwise(const typename D::store* __restrict__ X_ptr, const typename D::store* __restrict__ T_ptr,
+                    const typename D::acc* __restrict__ W_ptr, const typename D::acc* __restrict__ PW_ptr,
+                    typename D::store* GX_ptr, typename D::store* GT_ptr, typename D::acc* L_ptr,
+                    typename D::acc* Part_ptr, i64 X_row_stride, i64 T_row_stride, i64 W_row_stride,
+                    i64 PW_row_stride, i64 R, i64 C, int w_mode, int pw_mode, typename D::acc scale) {
+    typedef typename D::acc A;
+    __shared__ A warp_sums[32];
+    const i64 n = R * C;
+    A part = 0;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += (i64)gridDim.x * blockDim.x) {
+        const i64 r = i / C, c = i - r * C;
+        const A x = IO<D>::ld(X_ptr[r * X_row_stride + c]);
+        const A t = IO<D>::ld(T_ptr[r * T_row_stride + c]);
+        A l, gx, gt;
+        if (OP == 0) {
+            A d = x - t;
+            l = d * d;
+            gx = 2 * d;
+            gt = -gx;
+        } else if (OP == 1) {
+            l = (t == (A)0 ? (A)0 : t * gl_log(t)) - t * x;
+            gx = -t;
+            gt = gl_log(t) + 1 - x;
+        } else if (OP == 2) {
+            A et = gl_exp(t);
+            l = et * (t - x);
+            gx = -et;
+            gt = et * (t - x + 1);
+        } else if (OP == 3) {
+            const A w = ew_aux(W_ptr, w_mode, W_row_stride, r, c);
+            const A pw = ew_aux(PW_ptr, pw_mode, PW_row_stride, r, c);
+            const A lw = 1 + (pw - 1) * t;
+            const A e = gl_exp(-gl_abs(x));                    // in (0, 1]: no overflow
+            const A sp = gl_log1p(e) + gl_max(-x, (A)0);         // softplus(-x)
+            const A sig_neg = x >= (A)0 ? e / (1 + e) : 1 / (1 + e);  // sigmoid(-x)
+            l = w * ((1 - t) * x + lw * sp);
+            gx = w * ((1 - t) - lw * sig_neg);
+            gt = w * (-x + (pw - 1) * sp);
+        } else {
+            const A w = ew_aux(W_ptr, w_mode, W_row_stride, r, c);
+            const A lp = gl_max(gl_log(x), (A)-100);
+            const A l1p = gl_max(gl_log1p(-x), (A)-100);
+            l = -w * (t * lp + (1 - t) * l1p);
+            gx = w * (x - t) / gl_max(x * (1 - x), (A)1e-12f);
+            gt = -w * (lp - l1p);
+        }
+        if (L_ptr) L_ptr[i] = l;
+        part += l;
+        if (GX_ptr) GX_ptr[i] = IO<D>::st(gx * scale);
+        if (GT_ptr) GT_ptr[i] = IO<D>::st(gt * scale);
+    }
+    if (Part_ptr) {
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+        if ((threadIdx.x & 31) == 0) warp_sums[threadIdx.x >> 5] = part;
+        __syncthreads();
+        if (threadIdx.x < 32) {
+            part = threadIdx.x < (blockDim.x + 31) / 32 ? warp_sums[threadIdx.x] : (A)0;
+#pragma unroll
+            for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+            if (threadIdx.x == 0) Part_ptr[blockIdx.x] = part;
+        }
+    }
+}
