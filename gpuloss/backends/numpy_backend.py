@@ -788,7 +788,6 @@ class NumpyBackend(Backend):
         lse_out = np.empty(R, np.float32)
         loss_rows = np.empty(R, ld) if reduction == "none" else None
         grad = np.empty((R, C), x.dtype) if want_grad else None
-        errs = dict(invalid="ignore", divide="ignore", over="ignore")
 
         def load_zx(r0, r1, c0, c1):
             z = _scratch("z", (r1 - r0, c1 - c0), cd)
