@@ -247,6 +247,10 @@ def cross_entropy_twopass_kernel(
     tl.store(Loss_ptr + row, loss.to(Loss_ptr.dtype.element_ty))
     tl.store(Lse_ptr + row, lse.to(Lse_ptr.dtype.element_ty))
     if WANT_GRAD:
+        # p from (z - max) / sum, not z - lse: fp32 lse swallows log(sum)
+        # when |max| >> log(sum)
+        shift = tl.where(m == float("-inf"), 0.0, m)
+        inv_s = 1.0 / ssum
         G_row = G_ptr + row * G_row_stride
         GT_row = GT_ptr + row * GT_row_stride
         for start in range(0, n_cols, BLOCK):
@@ -254,7 +258,7 @@ def cross_entropy_twopass_kernel(
             mask = cols < n_cols
             x = tl.load(X_row + cols, mask=mask, other=0.0).to(ACC)
             z = softcap_logits(x, softcap, HAS_SOFTCAP)
-            p = tl.exp(z - lse)
+            p = tl.exp(z - shift) * inv_s
             if PROB_TARGET:
                 d = tl.load(T_row + cols, mask=mask, other=0.0).to(ACC)
             _block_grads(z, p, cols, mask, d, W_ptr, cp, ct, cw, t, eps, n_cols, softcap, lse, s,
@@ -323,7 +327,8 @@ def cross_entropy_onchip_kernel(
     if part == 0:
         tl.store(Loss_ptr + row, loss.to(Loss_ptr.dtype.element_ty))
         tl.store(Lse_ptr + row, lse.to(Lse_ptr.dtype.element_ty))
-    p = tl.exp(z - lse)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    p = tl.exp(z - shift) / ssum
     _block_grads(z, p, cols, mask, d, W_ptr, cp, ct, cw, t, eps, n_cols, softcap, lse, s,
                  G_ptr + row * G_row_stride, GT_ptr + row * GT_row_stride, WANT_GRAD_TARGET,
                  PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)

@@ -20,7 +20,7 @@ Forward designs (the launcher picks one per shape, see
 import triton
 import triton.language as tl
 
-from .common import finish_lse, online_update, split_row_combine
+from .common import online_update, split_row_combine
 
 
 @triton.jit
@@ -40,16 +40,20 @@ def softmax_fwd_twopass_kernel(
         cols = start + offs
         x = tl.load(x_row + cols, mask=cols < n_cols, other=float("-inf")).to(ACC)
         m, s = online_update(m, s, x)
-    lse = finish_lse(m, s)
+    # y from (x - max) and the sum, never from x - lse: with |max| >> log(sum)
+    # the fp32 lse would swallow log(sum)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log(s)
+    inv_s = 1.0 / s
     # pass 2: re-read, write y; reads C, writes C elements
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         mask = cols < n_cols
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
         if LOG:
-            y = x - lse
+            y = (x - shift) - log_s
         else:
-            y = tl.exp(x - lse)
+            y = tl.exp(x - shift) * inv_s
         tl.store(y_row + cols, y.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
@@ -78,11 +82,11 @@ def softmax_fwd_onchip_kernel(
     if SPLIT > 1:
         m, s, _a, _b = split_row_combine(Scratch_ptr, Counter_ptr + 1, row, part, m, s, s, s,
                                          SPLIT, SPLIT_P2, 2)
-    lse = finish_lse(m, s)
+    shift = tl.where(m == float("-inf"), 0.0, m)
     if LOG:
-        y = x - lse
+        y = (x - shift) - tl.log(s)
     else:
-        y = tl.exp(x - lse)
+        y = tl.exp(x - shift) / s
     tl.store(Y_ptr + row * Y_row_stride + cols, y.to(Y_ptr.dtype.element_ty), mask=mask)
 
 
