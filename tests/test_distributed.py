@@ -1,0 +1,438 @@
+"""Vocabulary-parallel cross-entropy (``gpuloss.distributed``) against the
+float64 reference on the concatenated logits.
+
+Each multi-process test spawns one gloo group on localhost (2 or 3 ranks)
+and runs every check in it: the spawn and ``import torch`` dominate the time,
+so one group does many checks.  Every rank builds the same full logits from
+the seed the parent draws, takes its slice, and compares its loss and its
+gradient slice with ``gpuloss.reference``; failures and the number of checks
+run travel back through one pickle file per rank.  Joins are bounded, the
+process group has a 60 s timeout, and a hung group fails the test instead of
+hanging CI.
+"""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import pickle
+import socket
+import time
+import traceback
+from datetime import timedelta
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+import torch.distributed as dist  # noqa: E402
+
+from conftest import tol  # noqa: E402
+from gpuloss import reference as R  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+JOIN_TIMEOUT_S = 120
+PG_TIMEOUT = timedelta(seconds=60)
+TORCH_DTYPES = {"float64": torch.float64, "float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+# ---------------------------------------------------------------------------
+# what runs inside every rank
+# ---------------------------------------------------------------------------
+
+class Checker:
+    """Collects comparisons instead of stopping at the first failure, so one
+    failure does not desynchronise the ranks' collectives."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.checks = 0
+        self.failures: list[str] = []
+
+    def close(self, name: str, got, want, dtype: str = "float64") -> None:
+        self.checks += 1
+        try:
+            np.testing.assert_allclose(np.asarray(got, dtype=np.float64), np.asarray(want, dtype=np.float64),
+                                       equal_nan=True, **tol(dtype))
+        except AssertionError as e:
+            self.failures.append(f"rank {self.rank}: {name}: {e}")
+
+    def true(self, name: str, cond: bool, detail: str = "") -> None:
+        self.checks += 1
+        if not cond:
+            self.failures.append(f"rank {self.rank}: {name} {detail}")
+
+    def raises(self, name: str, fn, match: str) -> None:
+        """``fn`` must raise ValueError whose message contains ``match``."""
+        self.checks += 1
+        try:
+            fn()
+        except ValueError as e:
+            if match not in str(e) or "raised on every rank" not in str(e):
+                self.failures.append(f"rank {self.rank}: {name}: unexpected message {e}")
+            return
+        self.failures.append(f"rank {self.rank}: {name}: no ValueError")
+
+
+def _np(t):
+    return t.detach().to("cpu", torch.float64).numpy()
+
+
+def _bounds(sizes, order=None):
+    """(start, end) per rank; ``order`` lists the ranks in vocabulary order."""
+    order = list(range(len(sizes))) if order is None else order
+    starts, s = {}, 0
+    for r in order:
+        starts[r] = s
+        s += sizes[r]
+    return [(starts[r], starts[r] + sizes[r]) for r in range(len(sizes))]
+
+
+def _targets(rng, n, V, ignore_frac=0.25, ignore_index=-100, high=None):
+    t = rng.integers(0, V if high is None else high, size=n)
+    t[rng.random(n) < ignore_frac] = ignore_index
+    return t
+
+
+def _ce_case(chk, name, X, T, rank, bounds, device, *, dtype="float64", upstream=None, class_last=True,
+             validate=True, layout_kwargs=None, **opts):
+    """One call of vocab_parallel_cross_entropy + backward, compared with the
+    reference on the full logits ``X`` (class dim last)."""
+    from gpuloss.distributed import vocab_parallel_cross_entropy
+    s, e = bounds[rank]
+    tdt = TORCH_DTYPES[dtype]
+    # bf16: the reference sees the rounded logits (conftest's TOLERANCES rule)
+    Xr = torch.from_numpy(X).to(tdt).to(torch.float64).numpy()
+    x = torch.tensor(Xr[..., s:e], dtype=tdt, device=device, requires_grad=True)
+    t = torch.from_numpy(T).to(device)
+    kw = dict(layout_kwargs or {})
+    loss = vocab_parallel_cross_entropy(x, t, validate=validate, **kw, **opts)
+    go = 1.0 if upstream is None else upstream
+    loss.backward(torch.as_tensor(go, dtype=loss.dtype, device=device).expand_as(loss).clone())
+    # the reference puts the class dim at 1 for ndim >= 3
+    Xref = Xr if Xr.ndim <= 2 else np.moveaxis(Xr, -1, 1)
+    want = R.cross_entropy(Xref, T, **opts)
+    gref, _ = R.cross_entropy_grad(Xref, T, **opts, grad_output=go)
+    if Xr.ndim > 2:
+        gref = np.moveaxis(gref, 1, -1)
+    chk.true(f"{name}: loss shape", tuple(loss.shape) == np.shape(want), f"{tuple(loss.shape)} vs {np.shape(want)}")
+    chk.true(f"{name}: loss dtype", loss.dtype == tdt)
+    chk.close(f"{name}: loss", _np(loss), want, dtype)
+    chk.close(f"{name}: grad", _np(x.grad), gref[..., s:e], dtype)
+    return loss
+
+
+def _linear_case(chk, name, Hd, W, B, T, rank, bounds, device, *, upstream=None, chunk_size=None, **opts):
+    from gpuloss.distributed import vocab_parallel_linear_cross_entropy
+    s, e = bounds[rank]
+    h = torch.tensor(Hd, device=device, requires_grad=True)
+    w = torch.tensor(W[s:e], device=device, requires_grad=True)
+    b = None if B is None else torch.tensor(B[s:e], device=device, requires_grad=True)
+    t = torch.from_numpy(T).to(device)
+    loss = vocab_parallel_linear_cross_entropy(h, w, t, local_bias=b, chunk_size=chunk_size, **opts)
+    go = 1.0 if upstream is None else upstream
+    loss.backward(torch.as_tensor(go, dtype=loss.dtype, device=device).expand_as(loss).clone())
+    H = Hd.shape[-1]
+    h2 = Hd.reshape(-1, H)
+    logits = h2 @ W.T + (0.0 if B is None else B)
+    want = R.cross_entropy(logits, T.reshape(-1), **opts)
+    gl, _ = R.cross_entropy_grad(logits, T.reshape(-1), **opts,
+                                 grad_output=np.reshape(go, -1) if np.ndim(go) else go)
+    chk.close(f"{name}: loss", _np(loss).reshape(-1), np.reshape(want, -1))
+    chk.close(f"{name}: grad_hidden", _np(h.grad), (gl @ W).reshape(Hd.shape))
+    chk.close(f"{name}: grad_weight", _np(w.grad), (gl.T @ h2)[s:e])
+    if b is not None:
+        chk.close(f"{name}: grad_bias", _np(b.grad), gl.sum(0)[s:e])
+
+
+def _all_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: str) -> None:
+    """Every check, run on every rank of one group (also at world size 1)."""
+    import gpuloss.distributed as D
+
+    rng = np.random.default_rng(seed)  # the same stream on every rank
+    V = sum(sizes)
+    bounds = _bounds(sizes)
+    N = 9
+    X = rng.standard_normal((N, V)) * 3.0
+
+    # --- every option, every reduction, float64 ----------------------------
+    for reduction in ("none", "mean", "sum"):
+        for eps in (0.0, 0.1):
+            for z_loss in (0.0, 1e-2):
+                for softcap in (None, 2.5):
+                    T = _targets(rng, N, V)
+                    up = rng.standard_normal(N) if reduction == "none" else float(rng.uniform(0.5, 2.0))
+                    _ce_case(chk, f"{reduction} eps={eps} z={z_loss} cap={softcap}", X, T, rank, bounds, device,
+                             upstream=up, reduction=reduction, label_smoothing=eps, z_loss=z_loss, softcap=softcap)
+
+    # --- ignore_index inside the vocabulary, (B, S, V_local) logits ---------
+    T = _targets(rng, N, V, ignore_index=3)
+    _ce_case(chk, "ignore_index=3", X, T, rank, bounds, device, ignore_index=3, label_smoothing=0.2,
+             upstream=1.7)
+    X3 = rng.standard_normal((2, 3, V)) * 2.0
+    T3 = _targets(rng, 6, V).reshape(2, 3)
+    _ce_case(chk, "3-d none", X3, T3, rank, bounds, device, reduction="none", upstream=rng.standard_normal((2, 3)),
+             z_loss=1e-3)
+    _ce_case(chk, "3-d mean", X3, T3, rank, bounds, device, label_smoothing=0.05, softcap=4.0)
+
+    # --- targets all in the first slice: the other ranks own none ----------
+    T = rng.integers(0, sizes[0], size=N)
+    _ce_case(chk, "targets in slice 0 only", X, T, rank, bounds, device, label_smoothing=0.1, z_loss=1e-2)
+
+    # --- all targets ignored: mean is nan, gradients zero (PyTorch) --------
+    T = np.full(N, -100)
+    loss = _ce_case(chk, "all ignored mean", X, T, rank, bounds, device, label_smoothing=0.1)
+    chk.true("all ignored mean is nan", bool(torch.isnan(loss)))
+    _ce_case(chk, "all ignored sum", X, T, rank, bounds, device, reduction="sum", z_loss=1e-2)
+
+    # --- float32 and bfloat16 storage ----------------------------------------
+    T = _targets(rng, N, V)
+    _ce_case(chk, "float32", X, T, rank, bounds, device, dtype="float32", label_smoothing=0.1, z_loss=1e-3,
+             softcap=5.0, upstream=0.75)
+    _ce_case(chk, "bfloat16", X, T, rank, bounds, device, dtype="bfloat16", reduction="sum", label_smoothing=0.1)
+
+    # --- small chunks: the row loops run several times ----------------------
+    saved = D._CHUNK_ELEMENTS
+    D._CHUNK_ELEMENTS = 2 * max(sizes)  # two rows per chunk on the widest slice
+    try:
+        _ce_case(chk, "row chunks", X, T, rank, bounds, device, reduction="none", upstream=rng.standard_normal(N),
+                 label_smoothing=0.3, z_loss=1e-2, softcap=3.0)
+    finally:
+        D._CHUNK_ELEMENTS = saved
+
+    # --- the stated layout, the hot path, slices in non-rank order ----------
+    T = _targets(rng, N, V)
+    _ce_case(chk, "vocab_sizes + vocab_size", X, T, rank, bounds, device,
+             layout_kwargs=dict(vocab_sizes=list(sizes), vocab_size=V))
+    _ce_case(chk, "validate=False + vocab_sizes", X, T, rank, bounds, device, validate=False,
+             layout_kwargs=dict(vocab_sizes=list(sizes)), label_smoothing=0.1)
+    _ce_case(chk, "validate=False from cache", X, T, rank, bounds, device, validate=False, reduction="sum")
+    order = list(reversed(range(world)))
+    pb = _bounds(sizes, order)
+    _ce_case(chk, "vocab_start, reversed order", X, T, rank, pb, device, label_smoothing=0.1,
+             layout_kwargs=dict(vocab_start=pb[rank][0]))
+    _ce_case(chk, "validate=False, vocab_start + vocab_sizes", X, T, rank, pb, device, validate=False,
+             reduction="sum", layout_kwargs=dict(vocab_start=pb[rank][0], vocab_sizes=list(sizes)))
+
+    # --- no grad: the loss alone --------------------------------------------
+    s, e = bounds[rank]
+    with torch.no_grad():
+        x = torch.tensor(X[:, s:e], device=device, requires_grad=True)
+        loss = D.vocab_parallel_cross_entropy(x, torch.from_numpy(T).to(device), z_loss=1e-2)
+    chk.close("no_grad loss", _np(loss), R.cross_entropy(X, T, z_loss=1e-2))
+    chk.true("no_grad: no graph", loss.grad_fn is None)
+
+    # --- bad layouts and bad targets raise on every rank, and the group ------
+    # --- stays usable afterwards ---------------------------------------------
+    x = torch.tensor(X[:, s:e], device=device)
+    t = torch.from_numpy(_targets(rng, N, V)).to(device)
+    f = D.vocab_parallel_cross_entropy
+    wrong = list(sizes)
+    wrong[-1] += 1
+    chk.raises("vocab_sizes wrong", lambda: f(x, t, vocab_sizes=wrong), "vocab_sizes=")
+    chk.raises("vocab_sizes length", lambda: f(x, t, vocab_sizes=list(sizes) + [1]), "one entry per rank")
+    chk.raises("vocab_size wrong", lambda: f(x, t, vocab_size=V + 1), f"vocab_size={V + 1}")
+    tb = t.clone()
+    tb[2] = V
+    chk.raises("target == V", lambda: f(x, tb, reduction="sum"), f"class index {V}")
+    tb = t.clone()
+    tb[0] = -5
+    chk.raises("target < 0", lambda: f(x, tb), "class index -5")
+    chk.raises("float target", lambda: f(x, t.double()), "integer class indices")
+    if world > 1:
+        tb = t.clone()
+        if rank == 1:
+            tb[1] = (int(t[1]) + 1) % V
+        chk.raises("targets differ between ranks", lambda: f(x, tb), "targets differ")
+        tshape = t if rank != 1 else t[:-1]
+        chk.raises("target shape on one rank", lambda: f(x, tshape), "rank 1: target's shape")
+        chk.raises("vocab_start on one rank", lambda: f(x, t, vocab_start=0 if rank == 0 else None),
+                   "every rank or on none")
+        if min(sizes) > 0:
+            chk.raises("overlapping slices", lambda: f(x, t, vocab_start=0), "do not tile")
+    chk.raises("a gap before the first slice", lambda: f(x, t, vocab_start=1 + sum(sizes[:rank])), "do not tile")
+    # linear: weight of the wrong width on one rank
+    Hd0 = rng.standard_normal((4, 3))
+    w_bad = torch.randn(sizes[rank], 3 if rank != world - 1 else 2, dtype=torch.float64, device=device)
+    chk.raises("linear: weight shape", lambda: D.vocab_parallel_linear_cross_entropy(
+        torch.tensor(Hd0, device=device), w_bad, t[:4]), f"rank {world - 1}: local_weight")
+    T = _targets(rng, N, V)
+    _ce_case(chk, "after the errors", X, T, rank, bounds, device, reduction="sum", label_smoothing=0.1)
+
+    # --- vocab-parallel linear cross-entropy --------------------------------
+    Hdim = 5
+    Hd = rng.standard_normal((N, Hdim))
+    W = rng.standard_normal((V, Hdim))
+    B = rng.standard_normal(V) * 0.5
+    T = _targets(rng, N, V)
+    _linear_case(chk, "linear mean", Hd, W, B, T, rank, bounds, device, chunk_size=4, upstream=1.3,
+                 label_smoothing=0.1, z_loss=1e-2, softcap=3.0)
+    _linear_case(chk, "linear sum, no bias", Hd, W, None, T, rank, bounds, device, chunk_size=2, reduction="sum")
+    _linear_case(chk, "linear none", Hd, W, B, T, rank, bounds, device, chunk_size=4, reduction="none",
+                 upstream=rng.standard_normal(N), label_smoothing=0.2, z_loss=1e-3, softcap=2.0)
+    _linear_case(chk, "linear none, default chunk", Hd, W, B, T, rank, bounds, device, reduction="none",
+                 upstream=rng.standard_normal(N))
+    _linear_case(chk, "linear all ignored sum", Hd, W, B, np.full(N, -100), rank, bounds, device, chunk_size=4,
+                 reduction="sum")
+    Hd3 = rng.standard_normal((2, 3, Hdim))
+    T3 = _targets(rng, 6, V).reshape(2, 3)
+    _linear_case(chk, "linear 3-d hidden", Hd3, W, B, T3, rank, bounds, device, chunk_size=5, label_smoothing=0.1)
+
+
+def _empty_slice_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: str) -> None:
+    """Rank 1 holds no classes (V_local = 0): it still takes part in every
+    collective and gets an empty gradient; the others' results are exact."""
+    rng = np.random.default_rng(seed + 1)
+    sizes = list(sizes)
+    sizes[1] = 0
+    V = sum(sizes)
+    bounds = _bounds(sizes)
+    N = 7
+    X = rng.standard_normal((N, V)) * 3.0
+    for reduction in ("none", "mean"):
+        T = _targets(rng, N, V)
+        up = rng.standard_normal(N) if reduction == "none" else 1.4
+        _ce_case(chk, f"empty slice {reduction}", X, T, rank, bounds, device, reduction=reduction, upstream=up,
+                 label_smoothing=0.1, z_loss=1e-2, softcap=3.0)
+    _ce_case(chk, "empty slice, validate=False", X, T, rank, bounds, device, validate=False,
+             layout_kwargs=dict(vocab_sizes=sizes), reduction="sum")
+    Hd = rng.standard_normal((N, 4))
+    W = rng.standard_normal((V, 4))
+    _linear_case(chk, "empty slice linear", Hd, W, rng.standard_normal(V), T, rank, bounds, device, chunk_size=3,
+                 label_smoothing=0.1)
+
+
+def _worker(rank: int, world: int, port: int, sizes, seed: int, outdir: str) -> None:
+    result = {"checks": 0, "failures": [], "error": None}
+    chk = Checker(rank)
+    try:
+        torch.set_num_threads(1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                                timeout=PG_TIMEOUT)
+        try:
+            _all_checks(rank, world, sizes, seed, chk, "cpu")
+            _empty_slice_checks(rank, world, sizes, seed, chk, "cpu")
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the parent
+        result["error"] = traceback.format_exc()
+    result["checks"], result["failures"] = chk.checks, chk.failures
+    with open(os.path.join(outdir, f"rank{rank}.pkl"), "wb") as fh:
+        pickle.dump(result, fh)
+
+
+# ---------------------------------------------------------------------------
+# the parent side
+# ---------------------------------------------------------------------------
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _mp_context():
+    """A fork server that imports torch once: each rank is then forked from a
+    process with no threads and torch loaded (``spawn`` would import torch
+    again in every rank, which dominates this file's time on a loaded CI
+    machine)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["torch", "torch.distributed", "numpy", "gpuloss.distributed", "gpuloss.reference",
+                                __name__])
+    return ctx
+
+
+def _run_group(sizes, seed: int, outdir) -> list:
+    world = len(sizes)
+    ctx = _mp_context()
+    port = _free_port()
+    procs = [ctx.Process(target=_worker, args=(r, world, port, tuple(sizes), seed, str(outdir)), daemon=True)
+             for r in range(world)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    for p in procs:
+        p.join(max(0.0, deadline - time.monotonic()))
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for r in hung:
+        procs[r].kill()
+        procs[r].join(5)
+    assert not hung, f"ranks {hung} did not finish within {JOIN_TIMEOUT_S} s"
+    results = []
+    for r in range(world):
+        path = os.path.join(outdir, f"rank{r}.pkl")
+        assert os.path.exists(path), f"rank {r} wrote no result (exit code {procs[r].exitcode})"
+        with open(path, "rb") as fh:
+            results.append(pickle.load(fh))
+    return results
+
+
+def _assert_results(results) -> None:
+    for r, res in enumerate(results):
+        assert res["error"] is None, f"rank {r} raised:\n{res['error']}"
+    failures = [f for res in results for f in res["failures"]]
+    assert not failures, "\n".join(failures)
+    counts = [res["checks"] for res in results]
+    assert len(set(counts)) == 1 and counts[0] > 100, f"checks run per rank: {counts}"
+
+
+@pytest.mark.parametrize("sizes", [(6, 4), (7, 3, 5)], ids=["world2", "world3-uneven"])
+def test_vocab_parallel_gloo(sizes, rng, tmp_path):
+    """Loss and gradient slices equal the float64 reference for every option,
+    uneven slices, a rank with an empty slice, ranks without targets,
+    all-ignored batches, errors raised on every rank, and the vocab-parallel
+    linear cross-entropy."""
+    seed = int(rng.integers(2**31))
+    _assert_results(_run_group(sizes, seed, tmp_path))
+
+
+def _in_process(backend: str, device: str, rng) -> None:
+    port = _free_port()
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=PG_TIMEOUT)
+    chk = Checker(0)
+    try:
+        _all_checks(0, 1, (11,), int(rng.integers(2**31)), chk, device)
+    finally:
+        dist.destroy_process_group()
+    assert not chk.failures, "\n".join(chk.failures)
+    assert chk.checks > 100
+
+
+def test_vocab_parallel_world_size_1_gloo(rng):
+    """At world size 1 the function is plain cross-entropy, in this process."""
+    _in_process("gloo", "cpu", rng)
+
+
+@pytest.mark.gpu
+def test_vocab_parallel_world_size_1_nccl(rng):
+    if not torch.cuda.is_available() or not dist.is_nccl_available():
+        pytest.skip("needs a CUDA device and NCCL")
+    torch.cuda.set_device(0)
+    _in_process("nccl", "cuda", rng)
+
+
+def test_not_initialised_is_an_error():
+    from gpuloss.distributed import vocab_parallel_cross_entropy
+    if dist.is_initialized():
+        pytest.skip("a process group is already initialised")
+    x = torch.randn(3, 4, dtype=torch.float64)
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        vocab_parallel_cross_entropy(x, torch.tensor([0, 1, 2]))
+
+
+def test_bad_options_raise_before_any_collective():
+    """Option errors are raised before the process group is even needed."""
+    from gpuloss.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+    x = torch.randn(3, 4, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="reduction"):
+        vocab_parallel_cross_entropy(x, t, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        vocab_parallel_cross_entropy(x, t, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="z_loss"):
+        vocab_parallel_cross_entropy(x, t, z_loss=-1.0)
+    with pytest.raises(ValueError, match="softcap"):
+        vocab_parallel_cross_entropy(x, t, softcap=0.0)
+    with pytest.raises(ValueError, match="chunk_size"):
+        vocab_parallel_linear_cross_entropy(x, torch.randn(5, 4, dtype=torch.float64), t, chunk_size=0)
