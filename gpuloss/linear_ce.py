@@ -63,7 +63,8 @@ Autograd and upstream gradients
 For ``"mean"``/``"sum"`` the forward pass computes the gradients (the loss
 needs the logits anyway, and recomputing them in backward would cost a
 fourth matmul); backward multiplies them by the 0-d upstream gradient on the
-device, in place (so a second backward through the same graph raises).  For
+device, in place (so a second backward through the same graph raises unless
+``allow_retain_graph=True``).  For
 ``"none"`` the per-token upstream gradient ``g`` is only known in backward,
 and ``dL/dW = dZ.T diag(g) h`` cannot be formed from the unscaled sum, so
 the forward pass computes the per-token losses only and backward recomputes
@@ -90,6 +91,9 @@ __all__ = ["LinearLossGrad", "linear_cross_entropy", "default_chunk_size", "Line
 #: bytes of one logits chunk (n x V in the weight's dtype), per device type;
 #: module attributes so tests can shrink them
 _CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
+#: tests set this: every buffer this module allocates with ``empty`` is
+#: filled with NaN first, so an element the loop fails to write shows up
+_POISON = False
 #: GEMM-friendly chunk: multiples of this many rows once a chunk is at least 2x it
 _CHUNK_ALIGN = 128
 
@@ -138,7 +142,10 @@ class _XpOps:
         self.xp = xp
 
     def empty(self, shape, like, dtype=None):
-        return self.xp.empty(shape, dtype=like.dtype if dtype is None else dtype)
+        a = self.xp.empty(shape, dtype=like.dtype if dtype is None else dtype)
+        if _POISON:
+            a.fill(np.nan)
+        return a
 
     def zeros(self, shape, like, dtype=None):
         return self.xp.zeros(shape, dtype=like.dtype if dtype is None else dtype)
@@ -209,7 +216,10 @@ class _TorchOps:
         self.torch = torch
 
     def empty(self, shape, like, dtype=None):
-        return self.torch.empty(shape, dtype=like.dtype if dtype is None else dtype, device=like.device)
+        a = self.torch.empty(shape, dtype=like.dtype if dtype is None else dtype, device=like.device)
+        if _POISON:
+            a.fill_(float("nan"))
+        return a
 
     def zeros(self, shape, like, dtype=None):
         return self.torch.zeros(shape, dtype=like.dtype if dtype is None else dtype, device=like.device)
@@ -320,6 +330,7 @@ class _Opts(NamedTuple):
     softcap: Optional[float]
     chunk: int
     accumulate_fp32: bool
+    allow_retain_graph: bool = False
 
 
 def _fused(kind: str, be, h, W, b, t, cw, o: _Opts, *, need_h: bool, need_w: bool, need_b: bool,
@@ -434,7 +445,7 @@ def _fused(kind: str, be, h, W, b, t, cw, o: _Opts, *, need_h: bool, need_w: boo
 # ---------------------------------------------------------------------------
 
 def _prepare(hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, z_loss,
-             softcap, chunk_size, backend, accumulate_fp32):
+             softcap, chunk_size, backend, accumulate_fp32, allow_retain_graph=False):
     kind, device = classify([("hidden", hidden), ("weight", weight), ("target", target), ("bias", bias),
                              ("class_weight", class_weight)])
     VAL.check_reduction(reduction)
@@ -473,6 +484,7 @@ def _prepare(hidden, weight, target, bias, class_weight, ignore_index, reduction
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     VAL.check_positive_or_none("softcap", softcap)
     VAL.check_bool("accumulate_fp32", accumulate_fp32)
+    VAL.check_bool("allow_retain_graph", allow_retain_graph)
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, (int, np.integer)):
             raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
@@ -490,7 +502,7 @@ def _prepare(hidden, weight, target, bias, class_weight, ignore_index, reduction
     chunk = int(chunk_size) if chunk_size is not None else \
         default_chunk_size(N, V, itemsize, "cpu" if device == "cpu" else "cuda")
     o = _Opts(int(ignore_index), reduction, float(label_smoothing), float(z_loss),
-              None if softcap is None else float(softcap), chunk, bool(accumulate_fp32))
+              None if softcap is None else float(softcap), chunk, bool(accumulate_fp32), bool(allow_retain_graph))
     return kind, be, h2, t1, cw, o
 
 
@@ -557,16 +569,18 @@ def _function():
                                        need_b=need_b, row_grad=grad_out.reshape(-1))
                 return gh, gw, gb, None, None, None, None
             if ctx.consumed:
-                raise RuntimeError("linear_cross_entropy: backward through the same graph a second time is not "
-                                   "supported (the saved gradients are scaled in place by the upstream "
-                                   "gradient); recompute the loss instead of retain_graph=True")
-            ctx.consumed = True
+                raise RuntimeError("linear_cross_entropy: backward through the same graph a second time needs "
+                                   "allow_retain_graph=True (by default the saved gradients are scaled in place "
+                                   "by the upstream gradient, which saves one gradient-sized allocation)")
             gh, gw, gb = ctx.saved_tensors
             # dL/dparam = grad_out * (gradient of the reduced loss), on the
-            # device: one pass over each saved gradient, no host sync
+            # device: one pass over each saved gradient, no host sync.  In
+            # place unless the graph may be walked again.
+            inplace = not o.allow_retain_graph
+            ctx.consumed = inplace
             outs = []
             for g in (gh, gw, gb):
-                outs.append(None if g is None else g.mul_(grad_out))
+                outs.append(None if g is None else (g.mul_(grad_out) if inplace else g * grad_out))
             return outs[0], outs[1], outs[2], None, None, None, None
 
     _Function = LinearCrossEntropyFunction
@@ -580,8 +594,8 @@ def _function():
 def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, class_weight=None, z_loss: float = 0.0,
                          softcap: Optional[float] = None, chunk_size: Optional[int] = None,
-                         accumulate_fp32: bool = True, return_grad: bool = False,
-                         backend: Optional[str] = None):
+                         accumulate_fp32: bool = True, allow_retain_graph: bool = False,
+                         return_grad: bool = False, backend: Optional[str] = None):
     """Cross-entropy of a linear layer's output, ``cross_entropy(hidden @ weight.T + bias, target)``,
     computed in token chunks so that the ``N x V`` logits never exist.
 
@@ -602,6 +616,11 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index: int
     accumulate_fp32 : accumulate grad_weight/grad_bias over chunks in float32
         and cast once (default); False accumulates in weight's dtype (saves
         ``V x H x 4`` bytes; see the module docstring)
+    allow_retain_graph : torch autograd, "mean"/"sum": backward scales the
+        saved gradients by the upstream gradient in place, so it can run once
+        per forward; True multiplies out of place (one gradient-sized
+        allocation more) so that ``retain_graph=True`` / ``gradcheck`` may
+        call it again (``torch.nn.LinearCrossEntropyOptions`` has the same switch)
     return_grad : NumPy/CuPy/torch: return :class:`LinearLossGrad`
         ``(loss, grad_hidden, grad_weight, grad_bias)`` (for "none", the
         gradients of the sum of the per-token losses).  Without it NumPy/CuPy
@@ -620,7 +639,8 @@ def linear_cross_entropy(hidden, weight, target, bias=None, *, ignore_index: int
         grad_hidden = dz W,   grad_weight = dz^T hidden,   grad_bias = sum_rows dz
     """
     kind, be, h2, t1, cw, o = _prepare(hidden, weight, target, bias, class_weight, ignore_index, reduction,
-                                       label_smoothing, z_loss, softcap, chunk_size, backend, accumulate_fp32)
+                                       label_smoothing, z_loss, softcap, chunk_size, backend, accumulate_fp32,
+                                       allow_retain_graph)
     if return_grad not in (False, True):
         raise ValueError(f"return_grad must be False or True, got {return_grad!r}")
     if kind == "torch" and not return_grad:
@@ -666,7 +686,7 @@ def _module_class():
         Parameters
         ----------
         ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size,
-        accumulate_fp32, backend : as :func:`linear_cross_entropy`
+        accumulate_fp32, allow_retain_graph, backend : as :func:`linear_cross_entropy`
         weight : optional (V,) class weights, kept as a buffer (moves with
             ``.to()``), passed as ``class_weight``
         """
@@ -674,7 +694,7 @@ def _module_class():
         def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                      weight=None, z_loss: float = 0.0, softcap: Optional[float] = None,
                      chunk_size: Optional[int] = None, accumulate_fp32: bool = True,
-                     backend: Optional[str] = None):
+                     allow_retain_graph: bool = False, backend: Optional[str] = None):
             super().__init__()
             VAL.check_reduction(reduction)
             self.ignore_index = ignore_index
@@ -684,6 +704,7 @@ def _module_class():
             self.softcap = softcap
             self.chunk_size = chunk_size
             self.accumulate_fp32 = accumulate_fp32
+            self.allow_retain_graph = allow_retain_graph
             self.backend = backend
             self.register_buffer("weight", weight)
 
@@ -692,7 +713,7 @@ def _module_class():
                                         reduction=self.reduction, label_smoothing=self.label_smoothing,
                                         class_weight=self.weight, z_loss=self.z_loss, softcap=self.softcap,
                                         chunk_size=self.chunk_size, accumulate_fp32=self.accumulate_fp32,
-                                        backend=self.backend)
+                                        allow_retain_graph=self.allow_retain_graph, backend=self.backend)
 
         def extra_repr(self) -> str:
             return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
