@@ -122,12 +122,16 @@ def _load_target(X_row, T_row, W_ptr, n_cols, ignore_index, cap,
 
 
 @triton.jit
-def _row_coefs(t, z_t, w_t, lse, A, B, s, n_cols, ignore_index, eps, z_loss,
+def _row_coefs(t, z_t, w_t, m, ssum, A, B, s, n_cols, ignore_index, eps, z_loss,
                PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                HAS_Z_LOSS: tl.constexpr, ACC: tl.constexpr):
     """Row loss and gradient coefficients: dz_c = cp p_c - ct [c == t] - cw w_c
     (class targets) or cp p_c - cw w_c d~_c (probability targets).  Returns
-    (loss, cp, ct, cw)."""
+    (loss, cp, ct, cw).  lse - z_t is formed as (max - z_t) + log(sum): with
+    |max| >> log(sum), fp32 max + log(sum) would lose log(sum)."""
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log(ssum)
+    lse = shift + log_s
     zl_lse = tl.zeros((), ACC)
     if HAS_Z_LOSS:
         zl_lse = z_loss * lse
@@ -145,12 +149,12 @@ def _row_coefs(t, z_t, w_t, lse, A, B, s, n_cols, ignore_index, eps, z_loss,
             else:
                 W = tl.zeros((), ACC) + n_cols
             hard = (1.0 - eps) * w_t
-            loss = hard * (lse - z_t) + eps / n_cols * (lse * W - A) + zl_lse * lse
+            loss = hard * ((shift - z_t) + log_s) + eps / n_cols * (lse * W - A) + zl_lse * lse
             cp = hard + eps / n_cols * W + 2.0 * zl_lse
             cw = tl.zeros((), ACC) + eps / n_cols
         else:
             hard = w_t
-            loss = hard * (lse - z_t) + zl_lse * lse
+            loss = hard * ((shift - z_t) + log_s) + zl_lse * lse
             cp = hard + 2.0 * zl_lse
             cw = tl.zeros((), ACC)
         # select, never multiply, so an ignored row stays 0 when s = inf
@@ -242,7 +246,7 @@ def cross_entropy_twopass_kernel(
     s = _row_scale(Div_ptr, grad_scale, DIV_ON_DEVICE, ACC)
     t, z_t, w_t = _load_target(X_row, T_row, W_ptr, n_cols, ignore_index, softcap,
                                PROB_TARGET, HAS_WEIGHT, HAS_SOFTCAP, ACC)
-    loss, cp, ct, cw = _row_coefs(t, z_t, w_t, lse, A, B, s, n_cols, ignore_index, eps, z_loss,
+    loss, cp, ct, cw = _row_coefs(t, z_t, w_t, m, ssum, A, B, s, n_cols, ignore_index, eps, z_loss,
                                   PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, ACC)
     tl.store(Loss_ptr + row, loss.to(Loss_ptr.dtype.element_ty))
     tl.store(Lse_ptr + row, lse.to(Lse_ptr.dtype.element_ty))
@@ -322,7 +326,7 @@ def cross_entropy_onchip_kernel(
         m, ssum, A, B = split_row_combine(Scratch_ptr, Counter_ptr + 1, row, part, m, ssum, A, B,
                                           SPLIT, SPLIT_P2, 4)
     lse = finish_lse(m, ssum)
-    loss, cp, ct, cw = _row_coefs(t, z_t, w_t, lse, A, B, s, n_cols, ignore_index, eps, z_loss,
+    loss, cp, ct, cw = _row_coefs(t, z_t, w_t, m, ssum, A, B, s, n_cols, ignore_index, eps, z_loss,
                                   PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, ACC)
     if part == 0:
         tl.store(Loss_ptr + row, loss.to(Loss_ptr.dtype.element_ty))
