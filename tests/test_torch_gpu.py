@@ -1,0 +1,144 @@
+"""The PyTorch integration on CUDA tensors (GPU CI only; skipped elsewhere):
+autograd through the triton and cupy backends, a training step captured in a
+CUDA graph and replayed (which fails on any host synchronisation), and the
+memory the in-place cross-entropy gradient saves."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import gpuloss  # noqa: E402
+import gpuloss.nn as gnn  # noqa: E402
+from gpuloss import reference as R  # noqa: E402
+
+from conftest import tol  # noqa: E402
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+GPU_BACKENDS = ["triton", "cupy"]
+
+
+def _need(name: str) -> None:
+    ok, why = gpuloss.backend_status()[name]
+    if not ok:
+        pytest.skip(f"backend {name} unavailable: {why}")
+    if not gpuloss.get_backend(name).accepts("torch", "cuda:0"):
+        pytest.skip(f"backend {name} does not take CUDA torch tensors here")
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_cross_entropy_autograd(rng, name, dtype):
+    _need(name)
+    tdt = getattr(torch, dtype)
+    N, C = 64, 3001
+    x_np = torch.from_numpy(rng.standard_normal((N, C)) * 3).to(tdt).double().numpy()
+    t_np = rng.integers(0, C, N)
+    t_np[::7] = -100
+    go = rng.uniform(0.5, 2.0, N)
+    x = torch.from_numpy(x_np).to("cuda", tdt).requires_grad_()
+    kw = dict(label_smoothing=0.1, z_loss=1e-4, softcap=30.0, reduction="none")
+    loss = gpuloss.cross_entropy(x, torch.from_numpy(t_np).cuda(), backend=name, **kw)
+    loss.backward(torch.from_numpy(go).to("cuda", loss.dtype))
+    np.testing.assert_allclose(loss.detach().double().cpu().numpy(), R.cross_entropy(x_np, t_np, **kw),
+                               **tol(dtype))
+    np.testing.assert_allclose(x.grad.double().cpu().numpy(),
+                               R.cross_entropy_grad(x_np, t_np, **kw, grad_output=go)[0], **tol(dtype))
+
+
+def _steps(loss_fn, model, opt, xs, ys):
+    out = []
+    for x, y in zip(xs, ys):
+        opt.zero_grad(set_to_none=False)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+        out.append(loss.detach().clone())
+    return out
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+@pytest.mark.parametrize("inplace", [False, True])
+def test_cuda_graph_training_step_replays_like_eager(rng, name, inplace):
+    """Forward, backward and the optimizer step captured once in a CUDA graph
+    and replayed on new data: any host synchronisation in gpuloss would fail
+    the capture.  The replayed run ends at the eager run's weights."""
+    _need(name)
+    N, H, C, warm, steps = 32, 64, 1000, 3, 4
+    xs = torch.from_numpy(rng.standard_normal((warm + steps, N, H))).float().cuda()
+    ys = torch.from_numpy(rng.integers(0, C, (warm + steps, N))).cuda()
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    make = lambda: torch.nn.Sequential(torch.nn.Linear(H, 128), torch.nn.GELU(),  # noqa: E731
+                                       torch.nn.Linear(128, C)).cuda()
+    eager_model = make()
+    graph_model = make()
+    graph_model.load_state_dict(eager_model.state_dict())
+    loss_fn = gnn.CrossEntropyLoss(label_smoothing=0.1, z_loss=1e-4, inplace_backward=inplace, backend=name)
+
+    eager_opt = torch.optim.SGD(eager_model.parameters(), lr=0.1)
+    eager_losses = _steps(loss_fn, eager_model, eager_opt, xs, ys)
+
+    opt = torch.optim.SGD(graph_model.parameters(), lr=0.1)
+    static_x, static_y = xs[0].clone(), ys[0].clone()
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):  # warm-up on a side stream, as torch's docs ask
+        warm_losses = _steps(loss_fn, graph_model, opt, xs[:warm], ys[:warm])
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)  # backward in the graph assigns fresh .grad tensors each replay
+    with torch.cuda.graph(g):
+        static_loss = loss_fn(graph_model(static_x), static_y)
+        static_loss.backward()
+        opt.step()
+    graph_losses = []
+    for i in range(warm, warm + steps):
+        static_x.copy_(xs[i])
+        static_y.copy_(ys[i])
+        g.replay()
+        graph_losses.append(static_loss.detach().clone())
+    torch.cuda.synchronize()
+    got = torch.stack(warm_losses + graph_losses)
+    torch.testing.assert_close(got, torch.stack(eager_losses), rtol=1e-4, atol=1e-5)
+    for a, b in zip(graph_model.parameters(), eager_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _extra_bytes(fn) -> int:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
+def test_inplace_gradient_needs_no_logits_sized_buffer(rng):
+    """Triton allocates through torch's allocator, so its peak is visible:
+    the out-of-place loss+grad holds an N x C gradient, the in-place one
+    does not."""
+    _need("triton")
+    N, C = 256, 32000
+    nbytes = N * C * 4
+    t = torch.from_numpy(rng.integers(0, C, N)).cuda()
+    base = torch.randn(N, C, device="cuda").requires_grad_()
+
+    def run(inplace):
+        logits = base * 1.0
+        logits_ptr = logits.data_ptr()
+
+        def body():
+            loss = gpuloss.cross_entropy(logits, t, inplace_backward=inplace, backend="triton")
+            (g,) = torch.autograd.grad(loss, logits)
+            if inplace:
+                assert g.data_ptr() == logits_ptr
+        return _extra_bytes(body)
+
+    out_of_place, in_place = run(False), run(True)
+    assert out_of_place >= 0.9 * nbytes, out_of_place
+    assert in_place < 0.1 * nbytes, (in_place, nbytes)
