@@ -75,10 +75,9 @@ never a pass over ``n x V``.
 """
 from __future__ import annotations
 
-import math
 import sys
 import threading
-from typing import Any, NamedTuple, Optional, Tuple
+from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
