@@ -32,7 +32,8 @@ Every loss primitive returns a :class:`LossResult`:
 * ``grad_target``: the gradient with respect to a floating ``target`` when
   ``want_grad_target`` is true, else ``None``.
 * ``lse``: the per-row log-sum-exp (after softcap) for the softmax-based
-  losses, float32 ``(R,)``; ``None`` elsewhere.
+  losses, float32 ``(R,)`` (float64 inputs may give float64); ``None``
+  elsewhere.
 
 Reduction semantics are PyTorch's and are written out in
 :mod:`gpuloss.reference`, which is the executable specification every backend
