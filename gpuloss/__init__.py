@@ -13,10 +13,11 @@ from .dispatch import (BackendUnavailableError, backend_status, get_backend, reg
 from .functional import (LossGrad, binary_cross_entropy, binary_cross_entropy_with_logits,  # noqa: F401
                          cross_entropy, kl_div, kl_div_with_logits, log_softmax, log_softmax_backward,
                          mse_loss, nll_loss, softmax, softmax_backward)
+from .linear_ce import LinearLossGrad, linear_cross_entropy  # noqa: F401
 
 __all__ = [
     "softmax", "log_softmax", "softmax_backward", "log_softmax_backward", "cross_entropy", "nll_loss",
     "kl_div", "kl_div_with_logits", "binary_cross_entropy_with_logits", "binary_cross_entropy", "mse_loss",
-    "LossGrad", "use_backend", "backend_status", "get_backend", "register", "BackendUnavailableError",
+    "linear_cross_entropy", "LinearLossGrad", "LossGrad", "use_backend", "backend_status", "get_backend", "register", "BackendUnavailableError",
     "set_value_checks", "value_checks",
 ]
