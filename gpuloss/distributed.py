@@ -10,15 +10,18 @@ exact gradient from those shards.
 
 The math, per row (token) i, with z the (soft-capped) logits
 -------------------------------------------------------------------------
-The log-sum-exp splits over the shards once the rows share one shift::
+The log-sum-exp splits over the shards once the rows share one shift.  Each
+rank reduces its slice to its own ``lse_r = log sum_{c in slice r} exp(z_c)``
+(one fused, stable reduction), and the slices combine as::
 
-    m     = max_r m_r,                    m_r = max_{c in slice r} z_c
-    S     = sum_r S_r * exp(m_r - m),     S_r = sum_{c in slice r} exp(z_c - m_r)
-    lse   = m + log S
+    M     = max_r lse_r
+    lse   = M + log sum_r exp(lse_r - M)
 
-so each rank makes ONE read of its logits for ``(m_r, S_r)`` (the local
-shift ``m_r`` keeps ``exp`` in range before the global max is known), and the
-same read gives the other per-row partial sums the loss needs:
+(every term ``<= 1``, the largest exactly 1: no overflow, no all-zero sum).
+This is the usual ``(m_r, S_r)`` split with ``S_r * exp(m_r - M) =
+exp(lse_r - M)``, but the local part is a single ``logsumexp`` read instead of
+a max pass and an exp-sum pass.  The per-row partial sums the loss needs
+come from the same chunk of logits:
 
 * ``z_t``: the target logit if this rank owns the target, else 0;
 * ``sum_c z_c`` over the slice (label smoothing only).
@@ -29,9 +32,11 @@ With eps the label smoothing, PyTorch's formula
     loss_i = lse - (1 - eps) z_t - eps / V * sum_c z_c  +  z_loss * lse**2
 
 (ignored rows: 0).  Collectives per call: one all-reduce (MAX) of the ``(N,)``
-row maxima, then one all-reduce (SUM) of the stacked ``(2 or 3, N)`` tensor
-``[S_r * exp(m_r - m), z_t, sum_c z_c]``.  That is the minimum: the rescale
-needs the global max, and the sums cannot be combined without it.
+slice lse's, then one all-reduce (SUM) of the stacked ``(2 or 3, N)`` tensor
+``[exp(lse_r - M), z_t, sum_c z_c]``.  Two is the minimum with all-reduces:
+the terms of the sum need the common shift.  (One all-gather of every rank's
+``[lse_r, z_t, sum_c z_c]`` would also do, at ``world`` times the bytes; the
+all-reduce pair is what every backend and torch version supports alike.)
 
 The gradient of the rank's own slice needs no further communication::
 
@@ -74,6 +79,7 @@ any collective.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -152,11 +158,11 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) ->
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not (isinstance(label_smoothing, (int, float)) and 0.0 <= label_smoothing <= 1.0):
+    if not (isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0):
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not (isinstance(z_loss, (int, float)) and math.isfinite(z_loss) and z_loss >= 0):
+    if not (isinstance(z_loss, numbers.Real) and math.isfinite(z_loss) and z_loss >= 0):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and math.isfinite(softcap) and softcap > 0):
+    if softcap is not None and not (isinstance(softcap, numbers.Real) and math.isfinite(softcap) and softcap > 0):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
 
 
@@ -329,32 +335,23 @@ class _RowInfo:
         self.n_valid = self.valid.sum()
 
 
-def _local_stats(z: Tensor, info_owned: Tensor, local_t: Tensor, smoothing: bool) -> Tuple[Tensor, Tensor]:
-    """One chunk of capped logits -> (m_r, stack[S_r, z_t, sum z]).
+def _local_stats(z: Tensor, owned: Tensor, local_t: Tensor, smoothing: bool) -> Tuple[Tensor, Tensor]:
+    """One chunk of capped logits -> (lse_r, stack[., z_t, sum z]).
 
-    ``S_r`` is relative to the local max ``m_r`` (rescaled after the MAX
-    all-reduce); a row whose local logits are all -inf gets ``m_r = -inf`` and
-    ``S_r = 0``."""
+    ``lse_r = logsumexp`` of the slice is one fused reduction (a single read
+    of the chunk); it serves as the slice's shift in place of its max, since
+    ``S_r * exp(m_r - m) = exp(lse_r - m)``.  An empty slice, or a row whose
+    slice is all -inf, has ``lse_r = -inf`` and contributes 0.  Row 0 of the
+    stack is filled after the MAX all-reduce."""
     R, v = z.shape
-    k = 3 if smoothing else 2
-    stats = z.new_zeros((k, R))
+    stats = z.new_zeros((3 if smoothing else 2, R))
     if v == 0:
         return z.new_full((R,), -math.inf), stats
-    m = z.amax(dim=1)
-    m_safe = torch.where(torch.isfinite(m), m, 0.0)
-    stats[0] = torch.exp(z - m_safe[:, None]).sum(1)
-    stats[1] = torch.where(info_owned, z.gather(1, local_t[:, None]).squeeze(1), 0.0)
+    lse_r = torch.logsumexp(z, dim=1)
+    stats[1] = torch.where(owned, z.gather(1, local_t[:, None]).squeeze(1), 0.0)
     if smoothing:
         stats[2] = z.sum(1)
-    return m, stats
-
-
-def _rescale_to_global_max(m_local: Tensor, m_global: Tensor, sumexp: Tensor) -> Tensor:
-    """S_r * exp(m_r - m).  m_r <= m, so the factor is <= 1; a slice with no
-    finite logit contributes 0 (and never inf * 0)."""
-    ml = torch.where(torch.isfinite(m_local), m_local, 0.0)
-    mg = torch.where(torch.isfinite(m_global), m_global, 0.0)
-    return torch.where(sumexp > 0, sumexp * torch.exp(ml - mg), 0.0)
+    return lse_r, stats
 
 
 def _loss_rows(lse: Tensor, zt: Tensor, sz: Optional[Tensor], valid: Tensor, eps: float, V: int,
@@ -369,19 +366,23 @@ def _loss_rows(lse: Tensor, zt: Tensor, sz: Optional[Tensor], valid: Tensor, eps
 
 def _grad_chunk(z: Tensor, lse: Tensor, scale: Tensor, valid: Tensor, owned: Tensor, local_t: Tensor,
                 eps: float, V: int, z_loss: float, softcap: Optional[float]) -> Tensor:
-    """dL/dx for one chunk of this rank's slice, in the compute dtype:
-    ``scale * [(1 + 2 z_loss lse) p - (1 - eps) onehot - eps / V]`` times the
-    softcap derivative ``1 - (z / cap)**2``; ignored rows exactly 0."""
+    """dL/dx for one chunk of this rank's slice, in the compute dtype::
+
+        scale * [(1 + 2 z_loss lse) p - (1 - eps) onehot - eps / V] * (1 - (z / cap)**2)
+
+    built in place in one temporary (exp, then per-row scale and shift, the
+    one-hot as a scatter); ignored rows exactly 0 even when their logits are
+    not finite (as PyTorch)."""
     d = torch.exp(z - lse[:, None])
-    if z_loss:
-        d.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
+    coef = scale * (1.0 + 2.0 * z_loss * lse) if z_loss else scale
+    d.mul_(coef[:, None])
     if eps:
-        d.sub_(eps / V)
+        d.sub_((scale * (eps / V))[:, None])
     if z.shape[1]:
-        d.scatter_add_(1, local_t[:, None], (-(1.0 - eps) * owned.to(d.dtype))[:, None])
+        d.scatter_add_(1, local_t[:, None], (-(1.0 - eps) * scale * owned.to(d.dtype))[:, None])
     if softcap is not None:
         d.mul_(1.0 - (z / softcap) ** 2)
-    return torch.where(valid[:, None], d * scale[:, None], 0.0)
+    return d.masked_fill_(~valid[:, None], 0.0)
 
 
 def _row_scale(info: _RowInfo, reduction: str, cdt: torch.dtype) -> Tensor:
@@ -400,16 +401,18 @@ def _reduce(loss_rows: Tensor, info: _RowInfo, reduction: str, shape) -> Tensor:
     return loss_rows.sum() / info.n_valid.to(loss_rows.dtype)  # 0 / 0 = nan when all ignored, as PyTorch
 
 
-def _global_lse(m: Tensor, stats: Tensor, group) -> Tensor:
-    """The two all-reduces: MAX of the row maxima, then SUM of the stacked
-    per-row partials (rescaled to the global max).  ``stats`` is updated in
-    place to the global sums; returns lse."""
-    m_global = m.clone()
-    dist.all_reduce(m_global, op=dist.ReduceOp.MAX, group=group)
-    stats[0] = _rescale_to_global_max(m, m_global, stats[0])
+def _global_lse(lse_r: Tensor, stats: Tensor, group) -> Tensor:
+    """The two all-reduces.  MAX of the slices' ``lse_r`` gives a shift ``M``
+    with every ``exp(lse_r - M) <= 1`` (and one of them 1), so the SUM of the
+    stacked ``[exp(lse_r - M), z_t, sum z]`` neither overflows nor underflows
+    to an all-zero sum; ``lse = M + log(sum_r exp(lse_r - M))``.  ``stats``
+    holds the global sums afterwards."""
+    m = lse_r.clone()
+    dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
+    m = torch.where(torch.isfinite(m), m, 0.0)  # every slice -inf: lse = -inf, not nan
+    stats[0] = torch.exp(lse_r - m)
     dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-    mg = torch.where(torch.isfinite(m_global), m_global, 0.0)
-    return mg + torch.log(stats[0])
+    return m + torch.log(stats[0])
 
 
 # ---------------------------------------------------------------------------
@@ -421,15 +424,15 @@ def _ce_forward(x2d: Tensor, info: _RowInfo, layout: VocabLayout, group, reducti
     R, v = x2d.shape
     cdt = _compute_dtype(x2d.dtype)
     smoothing = eps > 0
-    m = torch.empty(R, dtype=cdt, device=x2d.device)
+    lse_r = torch.empty(R, dtype=cdt, device=x2d.device)
     stats = torch.empty((3 if smoothing else 2, R), dtype=cdt, device=x2d.device)
     step = _chunk_rows(v)
     # pass 1: one read of the logits for every per-row partial
     for a in range(0, R, step):
         b = min(R, a + step)
-        m[a:b], stats[:, a:b] = _local_stats(_capped(x2d[a:b], cdt, softcap), info.owned[a:b],
+        lse_r[a:b], stats[:, a:b] = _local_stats(_capped(x2d[a:b], cdt, softcap), info.owned[a:b],
                                              info.local_t[a:b], smoothing)
-    lse = _global_lse(m, stats, group)
+    lse = _global_lse(lse_r, stats, group)
     loss_rows = _loss_rows(lse, stats[1], stats[2] if smoothing else None, info.valid, eps, layout.vocab, z_loss)
     loss = _reduce(loss_rows, info, reduction, loss_shape).to(x2d.dtype)
     if not want_grad:
@@ -625,8 +628,8 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             z = _linear_logits(hc, local_weight, local_bias, cdt)
             if softcap is not None:
                 z = z.div_(softcap).tanh_().mul_(softcap)
-            m, stats = _local_stats(z, info.owned[a:e], info.local_t[a:e], smoothing)
-            lse_c = _global_lse(m, stats, group)
+            lse_r, stats = _local_stats(z, info.owned[a:e], info.local_t[a:e], smoothing)
+            lse_c = _global_lse(lse_r, stats, group)
             lse[a:e] = lse_c
             loss_rows[a:e] = _loss_rows(lse_c, stats[1], stats[2] if smoothing else None, info.valid[a:e], eps,
                                         layout.vocab, z_loss)
