@@ -6,8 +6,8 @@ on CPU tensors through Triton's interpreter (slow; for tests at tiny shapes).
 
 Arithmetic: float32 for float16 / bfloat16 / float32 storage, float64 for
 float64 storage (the kernels take the accumulation dtype as a constexpr), so
-float64 inputs meet the float64 tolerances.  Losses (and lse) come back in the
-accumulation dtype, gradients in the storage dtype of what they differentiate.
+float64 inputs meet the float64 tolerances.  Losses come back in the
+accumulation dtype, lse always in float32 (the contract), gradients in the storage dtype of what they differentiate.
 
 No host synchronisation anywhere: reductions stay on the device (0-d tensors),
 and the class-target "mean" divisor sum_i w[t_i] is computed by a one-program
@@ -407,7 +407,7 @@ class TritonBackend(Backend):
         if weight is not None:
             weight = weight.contiguous()
         loss_rows = torch.empty(R, dtype=acc_t, device=x.device)
-        lse = torch.empty(R, dtype=acc_t, device=x.device)
+        lse = torch.empty(R, dtype=torch.float32, device=x.device)  # float32 by contract
         grad = None
         if want_grad:
             grad = x if grad_inplace else torch.empty((R, C), dtype=x.dtype, device=x.device)

@@ -27,6 +27,9 @@ def kl_div_logits_kernel(
     n_cols, inv_temp, grad_scale,
     BLOCK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr,
 ):
+    # Python floats arrive as fp32 scalars; do the arithmetic in ACC
+    inv_temp = tl.zeros((), ACC) + inv_temp
+    grad_scale = tl.zeros((), ACC) + grad_scale
     row = tl.program_id(0).to(tl.int64)
     X_row = X_ptr + row * X_row_stride
     T_row = T_ptr + row * T_row_stride
