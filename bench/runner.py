@@ -52,8 +52,10 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
         # sweep at N*V = 2**27 (256 MiB bf16) of the two plotted anchors.
         # Stops starting new rows after budget_s so it ends within 3 minutes
         # whatever the compile times are.
-        "quick": dict(shapes=[("8192x32000", None)], sweep_v=[4096, 32768, 131072], sweep_elems=1 << 27,
-                      sweep_ops=("ce_loss_grad", "softmax_fwd"), sweep_dtypes=("bfloat16",),
+        # Order is priority: bf16 at the PERF.md shape, the sweep, then fp32.
+        "quick": dict(shapes=[("8192x32000", None, ("bfloat16",))], sweep_v=[4096, 32768, 131072],
+                      sweep_elems=1 << 27, sweep_ops=("ce_loss_grad", "softmax_fwd"), sweep_dtypes=("bfloat16",),
+                      after_sweep=[("8192x32000", None, ("float32",))],
                       dtypes=["bfloat16", "float32"], budget_s=150.0),
     },
     "cpu": {
@@ -66,8 +68,9 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
     },
 }
 
-#: torch.compile rows kept in --quick on a GPU (the PERF.md anchors): each
-#: compiled row costs seconds to tens of seconds of inductor time
+#: torch.compile rows kept in --quick on a GPU (the PERF.md anchors, at the
+#: named shapes only, not in the sweep): each compiled row costs seconds to
+#: tens of seconds of inductor time
 QUICK_COMPILE_OPS = ("ce_loss_grad", "softmax_fwd")
 
 
@@ -89,9 +92,12 @@ def resolve_shapes(tokens: Optional[List[str]], preset: Dict[str, Any]) -> List[
     """``--shapes`` tokens (``NxV`` or ``sweep``) or the preset's shapes (with
     the preset's op/dtype restrictions, which explicit ``--shapes`` drop)."""
     if not tokens:
-        fixed = [ShapeEntry(parse_shape(s), "perf", ops) for s, ops in preset["shapes"]]
-        return fixed + sweep_shapes(preset["sweep_v"], preset["sweep_elems"], preset.get("sweep_ops"),
-                                    preset.get("sweep_dtypes"))
+        def fixed(entries):
+            return [ShapeEntry(parse_shape(e[0]), "perf", e[1], e[2] if len(e) > 2 else None) for e in entries]
+        return (fixed(preset["shapes"])
+                + sweep_shapes(preset["sweep_v"], preset["sweep_elems"], preset.get("sweep_ops"),
+                               preset.get("sweep_dtypes"))
+                + fixed(preset.get("after_sweep", [])))
     out: List[ShapeEntry] = []
     for tok in tokens:
         if tok == "sweep":
@@ -322,10 +328,11 @@ def run_benchmark(args: argparse.Namespace, device) -> Tuple[Dict[str, Any], Dic
             for op_name in op_names:
                 if se.ops is not None and op_name not in se.ops:
                     continue
-                if se.dtypes is not None and dtype not in se.dtypes and args.dtypes is None:
+                if se.dtypes is not None and dtype not in se.dtypes:
                     continue
                 todo = [i for i in impls if op_name in i.builders and not (
-                    args.quick and device.is_gpu and i.name == "torch-compile" and op_name not in QUICK_COMPILE_OPS)]
+                    args.quick and device.is_gpu and i.name == "torch-compile"
+                    and (op_name not in QUICK_COMPILE_OPS or se.tag == "sweep"))]
                 if todo:
                     plan.append((se, dtype, OPS[op_name], todo))
     total = sum(len(t) for *_, t in plan)

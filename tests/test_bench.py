@@ -410,3 +410,18 @@ def test_cuda_device_refused_without_gpu(cpu):
         Device("cuda")
     cpu.route_cupy_allocations()  # a no-op on the CPU: must not touch CuPy's allocator
     assert not cpu._cupy_routed
+
+
+def test_quick_gpu_preset_order_and_compile_rows():
+    """--quick on a GPU: bf16 at the PERF.md shape first, then the bf16 sweep
+    of the plotted anchors, then fp32; torch.compile only at named shapes."""
+    entries = runner.resolve_shapes(None, runner.PRESETS["cuda"]["quick"])
+    assert [(e.tag, e.dtypes) for e in entries] == [("perf", ("bfloat16",))] + [("sweep", ("bfloat16",))] * 3 + [
+        ("perf", ("float32",))]
+    assert all(e.shape[0] * e.shape[1] == 1 << 27 for e in entries if e.tag == "sweep")
+    assert set(runner.QUICK_COMPILE_OPS) <= set(ops_mod.OPS)
+    full = runner.resolve_shapes(None, runner.PRESETS["cuda"]["full"])
+    assert [shape_ for shape_ in (e.shape for e in full if e.tag == "perf")] == [(8192, 32000), (16384, 128256),
+                                                                              (4096, 262144)]
+    sweep = [e.shape[1] for e in full if e.tag == "sweep"]
+    assert sweep[0] == 1024 and sweep[-1] == 262144
