@@ -148,3 +148,17 @@ def select(kind: str, device: str, backend: Optional[str] = None) -> Backend:
         raise BackendUnavailableError(f"no backend serves {kind} arrays on {device}")
     reasons = "; ".join(f"{c}: {_load(c)[1][1]}" for c in tried)
     raise BackendUnavailableError(f"no backend available for {kind} arrays on {device} ({reasons})")
+
+
+def select_name(kind: str, device: str, backend: Optional[str] = None) -> str:
+    """``select(kind, device, backend).name``.
+
+    ``torch.compile`` evaluates this once while tracing and keeps the result
+    as a constant instead of tracing into it: the choice is host logic (a
+    ContextVar, a lock, the environment) that dynamo cannot trace.  The
+    attribute below is what ``torch.compiler.assume_constant_result`` sets;
+    it is set by hand so that this module need not import torch."""
+    return select(kind, device, backend).name
+
+
+select_name._dynamo_marked_constant = True  # type: ignore[attr-defined]

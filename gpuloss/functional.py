@@ -39,7 +39,21 @@ import numpy as np
 from . import _validate as V
 from ._arrays import classify, dtype_name
 from .backends.base import LossResult
-from .dispatch import select
+from .dispatch import select, select_name
+
+
+class _Named(NamedTuple):
+    """A backend known by name only (torch.compile tracing: see _select)."""
+    name: str
+
+
+def _select(kind: str, device: str, backend: Optional[str]):
+    """The backend for this call.  While torch.compile traces, only its name
+    is needed (torch_ops.apply runs it inside a custom op) and the choice is
+    made once, outside the traced code (dispatch.select_name)."""
+    if kind == "torch" and sys.modules["torch"].compiler.is_compiling():
+        return _Named(select_name(kind, device, backend))
+    return select(kind, device, backend)
 
 __all__ = [
     "LossGrad", "softmax", "log_softmax", "softmax_backward", "log_softmax_backward",
@@ -154,6 +168,9 @@ def _run(kind: str, be, op: str, arrays: dict, opts: dict, return_grad, floating
     if kind == "torch" and not return_grad:
         from . import torch_ops  # autograd path; imports torch (already imported by the caller)
         return torch_ops.apply(be.name, op, arrays, opts)
+    if isinstance(be, _Named):  # return_grad while torch.compile traces: the real backend (graph break)
+        from .dispatch import get_backend
+        be = get_backend(be.name)
     native = {k: (None if v is None else be.to_native(v, kind)) for k, v in arrays.items()}
     kw = dict(opts)
     kw["want_grad"] = want_grad
@@ -194,7 +211,7 @@ def _softmax_common(input, dim, backend, log: bool):
     kind, device = classify([("input", input)])
     V.check_floating("input", input, kind)
     V.check_dim("dim", dim, input.ndim)
-    be = select(kind, device, backend)
+    be = _select(kind, device, backend)
     if input.ndim == 0:
         rows, layout = input.reshape(1, 1), ("0d", input.shape)
     else:
@@ -232,7 +249,7 @@ def _softmax_bwd_common(grad_output, output, dim, backend, log: bool):
     V.check_floating("grad_output", grad_output, kind)
     V.check_same_shape("grad_output", grad_output, "output", output)
     V.check_dim("dim", dim, output.ndim)
-    be = select(kind, device, backend)
+    be = _select(kind, device, backend)
     if output.ndim == 0:
         y, layout = output.reshape(1, 1), ("0d", output.shape)
         dy = grad_output.reshape(1, 1)
@@ -302,7 +319,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     V.check_positive_or_none("softcap", softcap)
     V.check_bool("inplace_backward", inplace_backward)
-    be = select(kind, device, backend)
+    be = _select(kind, device, backend)
     if not prob:
         V.check_class_targets("target", target, kind, C, ignore_index)
         target = V.as_index_target(target, kind)
@@ -345,7 +362,7 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = 
     C = input.shape[1] if input.ndim >= 2 else input.shape[0]
     V.check_index_target("target", target, kind, input)
     V.check_weight("weight", weight, kind, C)
-    be = select(kind, device, backend)
+    be = _select(kind, device, backend)
     V.check_class_targets("target", target, kind, C, ignore_index)
     target = V.as_index_target(target, kind)
     rows, layout = _rows2d(input, kind, 1) if input.ndim >= 2 else (input.reshape(1, C), None)
@@ -378,7 +395,7 @@ def kl_div(input, target, size_average=None, reduce=None, reduction: str = "mean
     V.check_floating("target", target, kind)
     V.check_same_shape("input", input, "target", target)
     V.check_bool("log_target", log_target)
-    be = select(kind, device, backend)
+    be = _select(kind, device, backend)
     x, layout = _rows2d(input, kind, -1)
     t, _ = _rows2d(target, kind, -1)
     red = reduction
@@ -418,7 +435,7 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
     V.check_bool("target_is_logits", target_is_logits)
     if input.ndim == 0:
         raise ValueError("input must have at least 1 dimension, got a 0-d array")
-    be = select(kind, device, backend)
+    be = _select(kind, device, backend)
     x, layout = _rows2d(input, kind, -1)
     t, _ = _rows2d(target, kind, -1)
     res = _run(kind, be, "kl_div_logits", {"x": x, "target": t},
@@ -441,7 +458,7 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, extra:
     V.check_same_shape("input", input, "target", target)
     for name, w in named_weights.items():
         V.check_broadcastable(name, w, kind, input)
-    be = select(kind, device, backend)
+    be = _select(kind, device, backend)
     x, layout = _rows2d(input, kind, -1)
     t, _ = _rows2d(target, kind, -1)
     arrays = {"x" if op != "bce" else "p": x, "target": t}

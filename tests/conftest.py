@@ -63,8 +63,9 @@ class BackendHarness:
             return np.array(a, dtype=dtype)
         if self.native == "torch":
             import torch
-            t = torch.from_numpy(np.ascontiguousarray(a))
-            return t.to(device=self.device, dtype=getattr(torch, dtype))
+            # a copy, never a view of the caller's NumPy array: in-place
+            # kernels must not overwrite the test's own input
+            return torch.tensor(np.ascontiguousarray(a), dtype=getattr(torch, dtype), device=self.device)
         if self.native == "cupy":
             import cupy
             if dtype == "bfloat16":

@@ -31,11 +31,6 @@ from conftest import tol  # noqa: E402
 BK = "numpy"  # the backend for CPU tensors
 N, H, C = 6, 8, 11
 
-public_api_graph_break = pytest.mark.xfail(
-    raises=torch._dynamo.exc.Unsupported, strict=False,
-    reason="the backend choice in gpuloss.dispatch.select (a ContextVar, a lock) is not traceable by dynamo")
-
-
 def _compiled(fn, backend="aot_eager"):
     torch._dynamo.reset()
     return torch.compile(fn, fullgraph=True, backend=backend)
@@ -150,7 +145,6 @@ def _train(step_fwd, model, opt, X, Y, steps=3):
     return torch.stack(out), [p.detach().clone() for p in model.parameters()]
 
 
-@public_api_graph_break
 @pytest.mark.parametrize("inplace", [False, True])
 def test_public_training_step_compiles(rng, inplace):
     """A training step through gpuloss.nn.CrossEntropyLoss under
@@ -174,7 +168,6 @@ def test_public_training_step_compiles(rng, inplace):
         torch.testing.assert_close(a, b, **tol("float32"))
 
 
-@public_api_graph_break
 def test_public_functions_compile(rng):
     x_np = rng.standard_normal((2, C, 3))
     t_np = rng.integers(0, C, (2, 3))
