@@ -25,10 +25,11 @@ import torch
 from torch import Tensor
 
 from . import functional as F
+from .linear_ce import LinearCrossEntropyLoss  # noqa: F401  (fused linear + CE, gpuloss/linear_ce.py)
 
 __all__ = [
     "CrossEntropyLoss", "NLLLoss", "KLDivLoss", "KLDivWithLogitsLoss", "BCEWithLogitsLoss", "BCELoss",
-    "MSELoss", "Softmax", "LogSoftmax",
+    "MSELoss", "Softmax", "LogSoftmax", "LinearCrossEntropyLoss",
 ]
 
 
