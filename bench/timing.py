@@ -95,7 +95,7 @@ class Device:
             return float(do_bench(fn, warmup=warmup, rep=rep, return_mode="median"))
         # no warm-up call: the runner has already called fn for the check and
         # the memory measurement (a 4096x32000 CE call is ~1 s on 2 cores)
-        return cpu_median_ms(fn, min_time_s=0.3 if self.quick else 1.0, warmup=False)
+        return cpu_median_ms(fn, min_time_s=0.3 if self.quick else 0.5, warmup=False)
 
     # ---- memory --------------------------------------------------------------
     def route_cupy_allocations(self) -> None:

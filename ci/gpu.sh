@@ -14,8 +14,9 @@
 # Exit status: the test suite's if it failed (the benchmark still runs), else
 # the benchmark's.  Time limits (seconds, environment overrides):
 #   CI_TEST_TIMEOUT  whole test suite        (default 150)
-#   CI_BENCH_BUDGET  benchmark rows started  (default 120; the run ends ~1 min later)
-# so that the script stays under 6 minutes.
+#   CI_BENCH_BUDGET  benchmark rows started  (default 120; the run is stopped 60 s later)
+# so that the script stays under 6 minutes.  CI_SKIP_INSTALL=1 skips the
+# installs (a dry run of the script on a machine that already has them).
 set -u -o pipefail
 
 if [ $# -lt 1 ]; then
@@ -47,15 +48,18 @@ unset GPULOSS_TEST_BACKENDS GPULOSS_BACKEND TRITON_INTERPRET GPULOSS_TRITON_VARI
 } 2>&1 | tee "$OUT/env.log"
 
 # --- install: offline wheels first (Liger-Kernel), then gpuloss itself -------
-{
+if [ "${CI_SKIP_INSTALL:-0}" = 1 ]; then
+    echo "== installs skipped (CI_SKIP_INSTALL=1)" | tee "$OUT/install.log"
+else {
     if compgen -G ".whl/*.whl" >/dev/null; then
         echo "== installing .whl/*.whl into /tmp/site"
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
             && echo "ok: $(ls .whl)"
     fi
     echo "== pip install -e ."
-    "$PY" -m pip install -q --no-build-isolation --no-deps -e . && echo ok
+    "$PY" -m pip install -q --no-build-isolation --no-deps -e . && echo ok || echo "INSTALL FAILED: gpuloss.kernels and gpuloss.bench will not import"
 } 2>&1 | tee "$OUT/install.log"
+fi
 if [ -d /tmp/site ]; then
     export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
 fi
@@ -96,7 +100,7 @@ fi
 
 # --- the quick benchmark (runs whatever the tests said) ----------------------
 echo "== python -m gpuloss.bench --quick --budget-s $BENCH_BUDGET --out $OUT/bench" | tee "$OUT/bench.log"
-timeout --signal=INT --kill-after=15 $((BENCH_BUDGET + 90)) \
+timeout --signal=INT --kill-after=15 $((BENCH_BUDGET + 60)) \
     "$PY" -m gpuloss.bench --quick --budget-s "$BENCH_BUDGET" --out "$OUT/bench" 2>&1 | tee -a "$OUT/bench.log"
 BENCH_RC=${PIPESTATUS[0]}
 T3=$(date +%s)
@@ -105,7 +109,7 @@ T3=$(date +%s)
     echo "tests: rc=$TESTS_RC in $((T2 - T1)) s"
     echo "bench: rc=$BENCH_RC in $((T3 - T2)) s"
     echo "total: $((T3 - T0)) s"
-    grep -E "^[0-9]+ (passed|failed)|passed|failed" "$OUT/tests.log" | tail -1
+    grep -E "[0-9]+ (passed|failed|error)" "$OUT/tests.log" | tail -1
 } | tee "$OUT/summary.txt"
 
 if [ "$TESTS_RC" -ne 0 ]; then

@@ -157,7 +157,6 @@ def test_wrong_result_is_reported_and_not_timed(cpu, gen):
     impl = Impl("wrong", "gpuloss", lambda d: (True, "test"), {"softmax_fwd": build})
     timed = []
     cpu.time_ms = lambda fn: timed.append(fn) or 1.0
-    cpu.peak_extra_bytes = lambda fn: timed.append(fn) or 0
     op = ops_mod.OPS["softmax_fwd"]
     inputs = _row_inputs("softmax_fwd", (4, 300), gen)
     res = runner.run_impl(op, impl, inputs, Ctx(cpu, "float32", (4, 300)), cpu, {})
