@@ -165,9 +165,14 @@ def _ce_parts(input, target, weight, ignore_index, label_smoothing, z_loss, soft
     if np.any((tt < 0) | (tt >= C)):
         raise ValueError(f"target values must be in [0, {C}) or ignore_index={ignore_index}")
     wt = w[tt] * valid
-    nll = -logp[np.arange(M), tt] * wt
-    smooth = -(logp * w).sum(-1) * valid
-    loss = (1.0 - eps) * nll + (eps / C) * smooth + z_loss * lse ** 2 * valid
+    # select, never multiply by the mask: a -inf logit must not turn an
+    # ignored row (or an unused smoothing term) into 0 * inf = nan
+    nll = np.where(valid, -logp[np.arange(M), tt] * wt, 0.0)
+    loss = (1.0 - eps) * nll
+    if eps > 0:
+        loss = loss + (eps / C) * np.where(valid, -(logp * w).sum(-1), 0.0)
+    if z_loss:
+        loss = loss + np.where(valid, z_loss * lse ** 2, 0.0)
     return dict(rows=rows, layout=layout, z=z, lse=lse, logp=logp, w=w, prob=False, t=tt, valid=valid,
                 wt=wt, loss=loss, divisor=wt.sum(), eps=eps, C=C)
 

@@ -133,6 +133,16 @@ def test_cross_entropy_empty_and_all_ignored_match_torch():
     np.testing.assert_array_equal(R.cross_entropy_grad(x, t, reduction="sum")[0], xt.grad.numpy())
 
 
+def test_cross_entropy_masked_logits_match_torch():
+    """A -inf logit (masked vocabulary) gives a finite loss, as in PyTorch."""
+    x = np.array([[1.0, -np.inf, 0.5, 2.0], [0.0, 1.0, -np.inf, 3.0]])
+    t = np.array([0, 3])
+    np.testing.assert_allclose(R.cross_entropy(x, t, reduction="none"),
+                               F.cross_entropy(T(x), T(t), reduction="none").numpy(), **AGREE)
+    np.testing.assert_allclose(R.cross_entropy(x, np.array([-100, 3]), ignore_index=-100),
+                               F.cross_entropy(T(x), T(np.array([-100, 3]))).numpy(), **AGREE)
+
+
 def test_cross_entropy_out_of_range_target_raises():
     with pytest.raises(ValueError, match="target"):
         R.cross_entropy(np.zeros((2, 3)) + 1.0, np.array([0, 3]))
