@@ -134,7 +134,7 @@ def as_index_target(target: Any, kind: str) -> Any:
 
 
 def _device_values_allowed(target: Any, kind: str) -> bool:
-    mode = config.value_checks()
+    """Whether reading ``target``'s values is allowed now (gpuloss.config)."""
     if kind == "numpy":
         return True
     if kind == "torch":
@@ -143,18 +143,10 @@ def _device_values_allowed(target: Any, kind: str) -> bool:
             return False  # a data-dependent check would break the graph
         if target.device.type == "cpu":
             return True
-        if mode == "never":
-            return False
-        if mode == "auto" and torch.cuda.is_current_stream_capturing():
-            return False
-        return True
+        return config.value_checks() == "always" and not torch.cuda.is_current_stream_capturing()
     if kind == "cupy":
-        if mode == "never":
-            return False
         cupy = sys.modules["cupy"]
-        if mode == "auto" and cupy.cuda.get_current_stream().is_capturing():
-            return False
-        return True
+        return config.value_checks() == "always" and not cupy.cuda.get_current_stream().is_capturing()
     return True
 
 

@@ -3,12 +3,15 @@
 ``value_checks`` decides whether argument checks that need the *values* of a
 device array (class-index targets inside ``[0, C)``) run before a launch:
 
-* ``"auto"`` (default): always for CPU arrays; for GPU arrays too, except while
-  a CUDA graph is being captured or ``torch.compile`` is tracing, where reading
-  a device value would force a host synchronisation (or fail).  The kernels
-  never read out of bounds for a bad target either way: such a row's loss and
-  gradient are NaN.
-* ``"always"``: also during capture/tracing (raises there if impossible).
+* ``"auto"`` (default): CPU arrays are always checked (free: no device to
+  wait for); GPU arrays are not, because reading a device value forces a
+  host synchronisation on the hot path of a training step (and is impossible
+  while a CUDA graph is captured or ``torch.compile`` traces).  The kernels
+  never read out of bounds for a bad target: that row's loss and gradient are
+  NaN, which a training loop sees in its loss.
+* ``"always"``: GPU arrays are checked too (one small reduction and a host
+  read per call), except while a CUDA graph is captured or torch.compile
+  traces: use it while debugging.
 * ``"never"``: never read device values; CPU arrays are still checked, since
   that costs no synchronisation.
 

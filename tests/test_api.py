@@ -275,3 +275,22 @@ def test_value_checks_mode(rng):
         gpuloss.set_value_checks(old)
     with pytest.raises(ValueError):
         gpuloss.set_value_checks("sometimes")
+
+
+@pytest.mark.gpu
+def test_gpu_value_checks_off_the_hot_path_by_default():
+    """On CUDA tensors the default does not read the targets (no host sync):
+    a bad target gives a NaN row; "always" raises the clear error instead."""
+    torch = pytest.importorskip("torch")
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    x = torch.randn(3, 5, device="cuda")
+    t = torch.tensor([0, 7, 2], device="cuda")
+    loss = gpuloss.cross_entropy(x, t, reduction="none")
+    assert torch.isnan(loss[1]) and torch.isfinite(loss[0]) and torch.isfinite(loss[2])
+    old = gpuloss.set_value_checks("always")
+    try:
+        with pytest.raises(ValueError, match="class index 7"):
+            gpuloss.cross_entropy(x, t)
+    finally:
+        gpuloss.set_value_checks(old)

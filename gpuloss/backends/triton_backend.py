@@ -51,6 +51,11 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name, "").strip()
+    return int(v) if v else default
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
@@ -172,7 +177,11 @@ def launch_config(op: str, n_cols: int, *, variant: Optional[str] = None,
         return rowloop()
 
     max_chunk = min(ONCHIP_MAX_CHUNK, cap_block) if cap_block else ONCHIP_MAX_CHUNK
-    pref_chunk = min(ONCHIP_CHUNK, max_chunk)
+    # benchmark knobs: the preferred chunk and the most programs per row
+    # (GPULOSS_TRITON_CHUNK, GPULOSS_TRITON_MAX_SPLIT), so one GPU run can
+    # time several on-chip configurations; the defaults are the constants above
+    pref_chunk = min(_env_int("GPULOSS_TRITON_CHUNK", ONCHIP_CHUNK), max_chunk)
+    max_split = _env_int("GPULOSS_TRITON_MAX_SPLIT", MAX_SPLIT)
     if _interpret():
         chunk, split = _next_pow2(n), 1
         if chunk > max_chunk:
@@ -180,8 +189,8 @@ def launch_config(op: str, n_cols: int, *, variant: Optional[str] = None,
     else:
         split = -(-n // pref_chunk)
         chunk = _next_pow2(-(-n // split))
-        if split > MAX_SPLIT:
-            chunk = _next_pow2(-(-n // MAX_SPLIT))
+        if split > max_split:
+            chunk = _next_pow2(-(-n // max_split))
         if chunk > max_chunk:
             return rowloop()
         split = -(-n // chunk)
