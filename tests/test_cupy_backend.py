@@ -234,3 +234,22 @@ def test_gpu_torch_dlpack_zero_copy_inplace(rng):
         assert g.data_ptr() == xt.data_ptr() and g.dtype == dtype
         gref, _ = ref.cross_entropy_grad(x_ref, t.cpu().numpy(), reduction="sum")
         np.testing.assert_allclose(g.double().cpu().numpy(), gref, **tol(str(dtype).replace("torch.", "")))
+
+
+@pytest.mark.parametrize("cc", [80, 90])
+def test_launcher_expressions_are_instantiated(cc):
+    """Every expression a launcher can format from a plan is one the module instantiates
+    (get_module refuses others), for every dtype, vector width and cluster size."""
+    for dt, (tag, itemsize, _) in cb.DTYPES.items():
+        for vec in (1, cb.vec_width(dt)):
+            for C in (5, 32000, 262144):
+                p = cb.plan_rows(4, C, itemsize, vec, cc, H100_SMEM if cc >= 90 else A100_SMEM)
+                on = "true" if p.variant == "onchip" else "false"
+                fill = dict(vec=p.vec, k=p.cluster, on=on)
+                exprs = {
+                    "softmax_fwd": f"gpuloss_softmax_fwd<{tag}, {{vec}}, {{k}}, {{on}}>",
+                    "cross_entropy": f"gpuloss_cross_entropy<{tag}, int, false, {{vec}}, {{k}}, {{on}}>",
+                    "kl_div_logits": f"gpuloss_kl_div_logits<{tag}, true, {{vec}}, {{k}}, {{on}}>",
+                }
+                for op, fmt in exprs.items():
+                    assert fmt.format(**fill) in cb.name_expressions(op, dt, cc)

@@ -235,7 +235,7 @@ def index_dtype(a: Any) -> str:
 # Module cache
 # --------------------------------------------------------------------------------------------
 
-_cache: Dict[Tuple[int, str, str], Any] = {}
+_cache: Dict[Tuple[int, str, str], Any] = {}  # (device, op, name expression) -> RawModule
 _cache_lock = threading.Lock()
 
 
@@ -247,23 +247,27 @@ def _device_info(cupy) -> Tuple[int, int, int]:
     return dev.id, cc, optin
 
 
-def get_module(op: str, dtype: str):
-    """The compiled RawModule for ``op`` at ``dtype`` on the current device (cached)."""
+def get_module(op: str, dtype: str, expr: str):
+    """The compiled RawModule holding the one instantiation ``expr`` of ``op`` at ``dtype`` on
+    the current device (cached).  One instantiation per module: a call compiles only what it
+    launches (a whole op's set at one dtype is ~30 kernels, tens of seconds of NVRTC)."""
     import cupy
     dev, cc, _ = _device_info(cupy)
-    key = (dev, op, dtype)
+    if expr not in name_expressions(op, dtype, cc):
+        raise ValueError(f"{expr} is not an instantiation of {op} at {dtype} for sm_{cc}")
+    key = (dev, op, expr)
     with _cache_lock:
         mod = _cache.get(key)
         if mod is None:
             mod = cupy.RawModule(code=read_source(OP_SOURCES[op]),
                                  options=nvrtc_options(cc),  # CuPy adds the architecture
-                                 name_expressions=name_expressions(op, dtype, cc))
+                                 name_expressions=[expr])
             _cache[key] = mod
     return mod
 
 
 def _kernel(op: str, dtype: str, expr: str, smem: int = 0):
-    k = get_module(op, dtype).get_function(expr)
+    k = get_module(op, dtype, expr).get_function(expr)
     if smem > 48 * 1024 and k.max_dynamic_shared_size_bytes < smem:
         k.max_dynamic_shared_size_bytes = smem
     return k
