@@ -424,3 +424,18 @@ def test_quick_gpu_preset_order_and_compile_rows():
                                                                               (4096, 262144)]
     sweep = [e.shape[1] for e in full if e.tag == "sweep"]
     assert sweep[0] == 1024 and sweep[-1] == 262144
+
+
+@pytest.mark.parametrize("impl_name", ["gpuloss-numpy", "scipy"])
+@pytest.mark.parametrize("op_name", list(ops_mod.OPS))
+def test_cpu_implementations_pass_their_checks(impl_name, op_name, cpu, gen):
+    """Every op's CPU builders (the public gpuloss API on the NumPy backend,
+    and the SciPy peers) produce results the reference check accepts."""
+    impl = impls_mod.build_registry(cpu)[impl_name]
+    if op_name not in impl.builders:
+        pytest.skip(f"{impl_name} has no {op_name}")
+    shape = (9, 1037)
+    inputs = _row_inputs(op_name, shape, gen)
+    cpu.time_ms = lambda fn: (fn(), 1.0)[1]
+    res = runner.run_impl(ops_mod.OPS[op_name], impl, inputs, Ctx(cpu, "float32", shape), cpu, {})
+    assert res["status"] == "ok", res
