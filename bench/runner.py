@@ -52,12 +52,13 @@ PRESETS: Dict[str, Dict[str, Dict[str, Any]]] = {
         # one PERF.md shape, every op, both dtypes; then a three-point bf16
         # sweep at N*V = 2**27 (256 MiB bf16) of the two plotted anchors.
         # Stops starting new rows after budget_s so it ends within 3 minutes
-        # whatever the compile times are.
+        # whatever the compile times are (120 s of rows + start-up and copy
+        # bandwidth ~15 s + the last row's compile <= 30 s + plots ~5 s).
         # Order is priority: bf16 at the PERF.md shape, the sweep, then fp32.
         "quick": dict(shapes=[("8192x32000", None, ("bfloat16",))], sweep_v=[4096, 32768, 131072],
                       sweep_elems=1 << 27, sweep_ops=("ce_loss_grad", "softmax_fwd"), sweep_dtypes=("bfloat16",),
                       after_sweep=[("8192x32000", None, ("float32",))],
-                      dtypes=["bfloat16", "float32"], budget_s=150.0),
+                      dtypes=["bfloat16", "float32"], budget_s=120.0),
     },
     "cpu": {
         # PERF.md's CPU target (CE, 4096x32000 fp32) and a smaller sweep that
@@ -132,7 +133,7 @@ def parse_args(argv: Optional[List[str]]) -> argparse.Namespace:
                                    "default: every available one meant for this device")
     p.add_argument("--out", help="output folder (default bench/out/<date>-<host>)")
     p.add_argument("--budget-s", type=float, help="start no new row after this many seconds "
-                                                   "(default: 150 with --quick on a GPU, 60 on the CPU, else none)")
+                                                   "(default: 120 with --quick on a GPU, 60 on the CPU, else none)")
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--list", action="store_true", help="list ops and implementations with availability, then exit")
     return p.parse_args(argv)
