@@ -14,15 +14,17 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 pip_q() { "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
-stamp="$venv/.gpuloss-setup-v1"
+stamp="$venv/.gpuloss-setup-v2"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing dependencies (first run only)"
   pip_q --upgrade "pip>=23" "setuptools>=64" wheel
   pip_q "torch==2.13.0"
   pip_q "triton==3.6.0" "numpy>=1.26,<3" scipy "pytest>=7" "hypothesis>=6" "scikit-learn>=1.3" \
         "matplotlib>=3.7" tqdm build
-  # CuPy imports without a GPU: its host code (DLPack paths, compile options) is tested here
-  pip_q "cupy-cuda13x>=14" || echo "setup: cupy-cuda13x not installed; its host-code tests will skip"
+  # CuPy imports without a GPU: its host code (DLPack paths, compile options) is tested
+  # here, and NVRTC compiles the CUDA sources exactly as CuPy will on the GPU
+  pip_q "cupy-cuda13x>=14" "nvidia-cuda-nvrtc==13.0.*" \
+    || echo "setup: cupy-cuda13x / NVRTC not installed; their host-code and compile tests will skip"
   touch "$stamp"
 fi
 pip_q --no-build-isolation --no-deps -e "$root"

@@ -30,22 +30,40 @@ def test_every_source_is_used():
     assert set(SOURCES) == set(cb.OP_SOURCES.values())
 
 
-@pytest.mark.parametrize("cc", ARCHS)
-@pytest.mark.parametrize("source", SOURCES)
-def test_nvcc_compiles(source, cc, tmp_path: Path):
+@pytest.fixture(scope="module")
+def nvcc_jobs(tmp_path_factory):
+    """Every (source, arch) compile started at once: nvcc is single-threaded
+    and rows.cu instantiates a few hundred kernels, so running them side by
+    side keeps this file to the time of the longest compile."""
     nvcc = shutil.which("nvcc")
     if nvcc is None:
         pytest.skip("nvcc not on PATH")
-    names = cb.source_name_expressions(source, cc)
+    tmp = tmp_path_factory.mktemp("nvcc")
+    jobs = {}
+    for source in SOURCES:
+        for cc in ARCHS:
+            names = cb.source_name_expressions(source, cc)
+            text = cb.read_source(source)
+            text += "\nvoid* gpuloss_instances[] = {\n" + ",\n".join(f"    (void*)&{n}" for n in names) + "\n};\n"
+            cu = tmp / f"{cc}_{source}"
+            cu.write_text(text)
+            ptx = tmp / f"{cc}_{source}.ptx"
+            proc = subprocess.Popen([nvcc, *cb.nvrtc_options(cc), f"-arch=sm_{cc}", "--ptx", str(cu), "-o", str(ptx)],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            jobs[source, cc] = (proc, names, ptx)
+    yield jobs
+    for proc, _, _ in jobs.values():
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("cc", ARCHS)
+@pytest.mark.parametrize("source", SOURCES)
+def test_nvcc_compiles(source, cc, nvcc_jobs):
+    proc, names, ptx = nvcc_jobs[source, cc]
     assert names, f"no name expressions for {source}"
-    text = cb.read_source(source)
-    text += "\nvoid* gpuloss_instances[] = {\n" + ",\n".join(f"    (void*)&{n}" for n in names) + "\n};\n"
-    cu = tmp_path / source
-    cu.write_text(text)
-    ptx = tmp_path / (source + ".ptx")
-    r = subprocess.run([nvcc, *cb.nvrtc_options(cc), f"-arch=sm_{cc}", "--ptx", str(cu), "-o", str(ptx)],
-                       capture_output=True, text=True, timeout=900)
-    assert r.returncode == 0, r.stderr[-6000:]
+    _, err = proc.communicate(timeout=900)
+    assert proc.returncode == 0, err[-6000:]
     assert ptx.read_text().count(".entry ") == len(names)
 
 
