@@ -48,7 +48,10 @@ def _round(a: np.ndarray, dtype: str) -> np.ndarray:
 
 
 def _dtype_name(a) -> str:
-    return str(a.dtype).replace("torch.", "")
+    name = str(a.dtype).replace("torch.", "")
+    if type(a).__module__.startswith("cupy") and name == "int16":
+        return "bfloat16"  # the cupy backend carries bf16 as its 16 bits in int16 (cupy has no bf16)
+    return name
 
 
 def _loss_dtype(dtype: str) -> str:

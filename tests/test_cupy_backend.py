@@ -67,13 +67,20 @@ H100_SMEM = 227 * 1024
 A100_SMEM = 163 * 1024
 
 
+def test_plan_rows_explicit_onchip_uses_large_clusters():
+    """variant="onchip" still splits long rows over clusters of 4 and 8."""
+    assert cb.plan_rows(16384, 128256, 2, 8, 90, H100_SMEM, "onchip").cluster == 4   # 4 x 62.6 KB
+    assert cb.plan_rows(4096, 262144, 2, 8, 90, H100_SMEM, "onchip").cluster == 8    # 8 x 64 KB
+    assert cb.plan_rows(64, 32000, 4, 4, 80, A100_SMEM, "onchip").cluster == 1       # 125 KB fits the A100
+
+
 @pytest.mark.parametrize("R,C,itemsize,cc,smem,exp_variant,exp_k", [
     (8192, 32000, 4, 90, H100_SMEM, "onchip", 2),      # 125 KB row -> 2 x 62.5 KB
     (8192, 32000, 2, 90, H100_SMEM, "onchip", 1),      # 62.5 KB row fits one block
-    (16384, 128256, 2, 90, H100_SMEM, "onchip", 4),    # 250 KB row -> 4 x 62.6 KB
-    (4096, 262144, 2, 90, H100_SMEM, "onchip", 8),     # 512 KB -> 8 x 64 KB
+    (16384, 128256, 2, 90, H100_SMEM, "looped", 1),    # 250 KB row: a cluster of 4 measured slower
+    (4096, 262144, 2, 90, H100_SMEM, "looped", 1),     # 512 KB: a cluster of 8 measured slower
     (4096, 262144, 2, 80, A100_SMEM, "looped", 1),     # no clusters on sm_80 and too big
-    (64, 32000, 4, 80, A100_SMEM, "onchip", 1),        # 125 KB fits the A100 opt-in budget
+    (64, 32000, 4, 80, A100_SMEM, "looped", 1),        # 125 KB on one block: only "onchip" takes it
     (4, 4_000_000, 4, 90, H100_SMEM, "looped", 1),     # too long even for 8 blocks
 ])
 def test_plan_rows_decisions(R, C, itemsize, cc, smem, exp_variant, exp_k):

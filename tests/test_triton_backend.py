@@ -87,6 +87,19 @@ def test_launch_config_limits(monkeypatch):
     assert TritonBackend.variants() == list(VARIANTS)
 
 
+def test_auto_variant_follows_the_measurements(monkeypatch):
+    """The automatic design: twopass for cross-entropy, onchip only for fp32
+    softmax rows of at most four chunks (the H200 sweep in RESULTS.md)."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.delenv("GPULOSS_TRITON_VARIANT", raising=False)
+    assert launch_config("row_fused", 32000, kernel="cross_entropy", itemsize=4).variant == "twopass"
+    assert launch_config("row_fused", 32000, kernel="softmax", itemsize=4).variant == "onchip"
+    assert launch_config("row_fused", 32000, kernel="softmax", itemsize=2).variant == "twopass"
+    assert launch_config("row_fused", 128256, kernel="softmax", itemsize=4).variant == "twopass"
+    monkeypatch.setenv("GPULOSS_TRITON_VARIANT", "onchip")  # the override still wins
+    assert launch_config("row_fused", 32000, kernel="cross_entropy", itemsize=2).variant == "onchip"
+
+
 # --- softmax -----------------------------------------------------------------
 
 @pytest.mark.parametrize("variant,cap", DESIGNS)

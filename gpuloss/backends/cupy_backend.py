@@ -163,13 +163,17 @@ def _pow2ceil(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+#: the largest cluster the automatic choice uses (see plan_rows)
+AUTO_MAX_CLUSTER = 2
+
+
 def plan_rows(R: int, C: int, itemsize: int, vec: int, cc: int, smem_optin: int,
               variant: str = "auto") -> RowPlan:
     """Launch plan for a row kernel over ``R`` rows of ``C`` elements.
 
     ``variant``: "looped" (two reads per element, any row length), "onchip" (row slice kept in
     shared memory; falls back to looped when no cluster size makes it fit), "auto" (onchip when
-    it fits).  ``smem_optin`` is the device's opt-in shared memory per block in bytes.
+    it fits one block or a cluster of at most AUTO_MAX_CLUSTER blocks).  ``smem_optin`` is the device's opt-in shared memory per block in bytes.
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
@@ -177,12 +181,20 @@ def plan_rows(R: int, C: int, itemsize: int, vec: int, cc: int, smem_optin: int,
     chosen = None
     if variant in ("auto", "onchip") and C > 0:
         sizes = [k for k in CLUSTER_SIZES if k == 1 or cc >= 90]
+        if variant == "auto":
+            # measured on an H200 (bench/RESULTS.md, 2026-11-26): a row on one
+            # block or a cluster of 2 beats the looped kernel (softmax fp32
+            # 8192x32000: 0.71 vs 0.68 of the copy floor); clusters of 4 and 8
+            # lose to it (16384x128256 bf16: 0.46 vs 0.59)
+            sizes = [k for k in sizes if k <= AUTO_MAX_CLUSTER]
         fits = []
         for k in sizes:
             chunk = -(-(-(-C // k)) // vec) * vec
             fits.append((k, chunk * itemsize))
         small = [kb for kb in fits if kb[1] <= ONCHIP_TARGET_BYTES]
-        ok = small or [kb for kb in fits if kb[1] <= budget]
+        # "auto" only takes the measured-good shapes: a slice of at most
+        # ONCHIP_TARGET_BYTES per block; "onchip" also fills the whole budget
+        ok = small if variant == "auto" else (small or [kb for kb in fits if kb[1] <= budget])
         if ok:
             chosen = ok[0]
     if chosen is None:

@@ -111,8 +111,24 @@ def _warps(block: int, capability: Optional[Tuple[int, int]]) -> int:
     return int(min(16, max(4, _next_pow2(max(w, 1)))))
 
 
+#: automatic design choice, from the H200 sweep of 2026-11-26 (bench/RESULTS.md):
+#: cross-entropy loss+grad: "twopass" was fastest at every measured shape
+#: (0.63-0.64 of the copy floor; "onchip" 0.27-0.65); softmax forward:
+#: "onchip" won only for 4-byte elements with rows of at most 4 chunks
+#: (fp32 8192x32000: 0.77 vs 0.65), "twopass" everywhere else.
+AUTO_ONCHIP_SOFTMAX_MAX_COLS = 4 * ONCHIP_CHUNK
+
+
+def auto_variant(kernel: str, n_cols: int, itemsize: int) -> str:
+    """The design used when none is asked for (see AUTO_ONCHIP_SOFTMAX_MAX_COLS)."""
+    if kernel == "softmax" and itemsize == 4 and n_cols <= AUTO_ONCHIP_SOFTMAX_MAX_COLS:
+        return "onchip"
+    return "twopass"
+
+
 def launch_config(op: str, n_cols: int, *, variant: Optional[str] = None,
-                  max_block: Optional[int] = None, device_index: Optional[int] = None) -> LaunchConfig:
+                  max_block: Optional[int] = None, device_index: Optional[int] = None,
+                  kernel: Optional[str] = None, itemsize: int = 4) -> LaunchConfig:
     """The one sizing helper: block size, warps, stages and split for every op.
 
     Parameters
@@ -125,9 +141,10 @@ def launch_config(op: str, n_cols: int, *, variant: Optional[str] = None,
     n_cols : int
         Row length C.
     variant : {"twopass", "onchip", None}
-        Design for "row_fused"; None chooses: "onchip" when the row fits in
-        at most MAX_SPLIT chunks of at most ONCHIP_MAX_CHUNK elements (each
-        element then read once), else "twopass".  The environment variable
+        Design for "row_fused"; None: :func:`auto_variant` when ``kernel``
+        ("softmax" | "cross_entropy") is given, else "onchip" when the row
+        fits in at most MAX_SPLIT chunks of at most ONCHIP_MAX_CHUNK elements
+        (each element then read once), else "twopass".  The environment variable
         ``GPULOSS_TRITON_VARIANT`` overrides the default (for benchmarks).
     max_block : int, optional
         Cap on the block / chunk (tests use it to force the row loop, and
@@ -171,6 +188,8 @@ def launch_config(op: str, n_cols: int, *, variant: Optional[str] = None,
 
     if variant is None:
         variant = os.environ.get("GPULOSS_TRITON_VARIANT", "").strip() or None
+    if variant is None and kernel is not None:
+        variant = auto_variant(kernel, n_cols, itemsize)
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"unknown Triton variant {variant!r}; choose from {VARIANTS}")
     if variant == "twopass":
@@ -281,12 +300,13 @@ class TritonBackend(Backend):
         raise TypeError(f"triton backend cannot return {kind} arrays")
 
     # --- helpers ------------------------------------------------------------
-    def _config(self, op: str, x: Any) -> LaunchConfig:
+    def _config(self, op: str, x: Any, kernel: Optional[str] = None) -> LaunchConfig:
         dev = x.device.index if x.device.type == "cuda" else None
         if dev is None and x.device.type == "cuda":
             dev = 0
         return launch_config(op, x.shape[-1], variant=self.variant if op == "row_fused" else None,
-                             max_block=self.max_block, device_index=dev)
+                             max_block=self.max_block, device_index=dev, kernel=kernel,
+                             itemsize=x.element_size())
 
     @staticmethod
     def _rows(a: Any) -> Any:
@@ -324,7 +344,7 @@ class TritonBackend(Backend):
         if R == 0 or C == 0:
             return y
         _, acc = _acc(torch, x.dtype)
-        cfg = self._config("row_fused", x)
+        cfg = self._config("row_fused", x, kernel="softmax")
         if cfg.variant == "onchip":
             scratch, counter = self._split_workspace(torch, R, cfg, x)
             K.softmax_fwd_onchip_kernel[(R * cfg.split,)](
@@ -444,7 +464,7 @@ class TritonBackend(Backend):
                     loss_rows, lse, divisor if div_on_device else dummy)
             scalars = (C, int(ignore_index), float(label_smoothing), float(z_loss),
                        float(softcap) if softcap is not None else 1.0, grad_scale)
-            cfg = self._config("row_fused", x)
+            cfg = self._config("row_fused", x, kernel="cross_entropy")
             if want_grad and cfg.variant == "onchip":
                 scratch, counter = self._split_workspace(torch, R, cfg, x)
                 K.cross_entropy_onchip_kernel[(R * cfg.split,)](
