@@ -309,6 +309,17 @@ class TritonBackend(Backend):
                              itemsize=x.element_size())
 
     @staticmethod
+    def _scalar(v: float, like: Any) -> Any:
+        """A float kernel argument: a Python float (fp32 in the kernel), or
+        for float64 launches a one-element float64 tensor on the device, so
+        the kernel reads the exact value (``scalar_acc``).  Created by a fill
+        kernel, not a host copy, so it is safe inside CUDA-graph capture."""
+        import torch
+        if like.dtype == torch.float64:
+            return torch.full((1,), float(v), dtype=torch.float64, device=like.device)
+        return float(v)
+
+    @staticmethod
     def _rows(a: Any) -> Any:
         """2-D view with unit column stride (copies only if the columns are strided)."""
         if a.dim() != 2:
@@ -462,8 +473,9 @@ class TritonBackend(Backend):
                     weight if weight is not None else dummy,
                     g, self._row_stride(g), gt, self._row_stride(gt) if grad_t is not None else C,
                     loss_rows, lse, divisor if div_on_device else dummy)
-            scalars = (C, int(ignore_index), float(label_smoothing), float(z_loss),
-                       float(softcap) if softcap is not None else 1.0, grad_scale)
+            sc = self._scalar
+            scalars = (C, int(ignore_index), sc(label_smoothing, x), sc(z_loss, x),
+                       sc(softcap if softcap is not None else 1.0, x), sc(grad_scale, x))
             cfg = self._config("row_fused", x, kernel="cross_entropy")
             if want_grad and cfg.variant == "onchip":
                 scratch, counter = self._split_workspace(torch, R, cfg, x)
@@ -530,7 +542,7 @@ class TritonBackend(Backend):
             K.kl_div_logits_kernel[(R,)](
                 x, self._row_stride(x), target, self._row_stride(target),
                 grad if grad is not None else loss_rows, C, loss_rows,
-                C, 1.0 / float(temperature), scale,
+                C, self._scalar(1.0 / float(temperature), x), self._scalar(scale, x),
                 BLOCK=cfg.block, TARGET_IS_LOGITS=bool(target_is_logits), WANT_GRAD=want_grad,
                 ACC=acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         loss = self._reduce(torch, loss_rows, reduction, float(divisor))
@@ -563,7 +575,7 @@ class TritonBackend(Backend):
                 partials,
                 grad if grad is not None else dummy, C,
                 grad_t if grad_t is not None else dummy, C,
-                R, C, scale,
+                R, C, self._scalar(scale, x),
                 BLOCK_R=block_r, BLOCK_C=block_c, REDUCE=reduce, **flags,
                 WANT_GRAD=want_grad, WANT_GRAD_TARGET=want_grad_target, ACC=acc,
                 num_warps=cfg.num_warps)

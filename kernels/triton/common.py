@@ -122,3 +122,18 @@ def split_row_combine(Scratch_ptr, Arrive_ptr, row, part, m, s, a, b,
         B = b
     M = tl.where(arrived < SPLIT, float("nan"), M)
     return M, S, A, B
+
+
+@triton.jit
+def scalar_acc(v, ACC: tl.constexpr):
+    """A float scalar argument in the accumulation dtype.  Python floats reach
+    a kernel as fp32, which is not exact enough for float64 launches (0.1, 1/n
+    ...): those pass a one-element float64 tensor instead, whose pointer is
+    read here.  The branch is resolved at compile time."""
+    # (the interpreter passes plain Python floats, which have no dtype)
+    is_ptr: tl.constexpr = hasattr(v, "dtype") and v.dtype.is_ptr()
+    if is_ptr:
+        out = tl.load(v).to(ACC)
+    else:
+        out = tl.zeros((), ACC) + v
+    return out

@@ -34,7 +34,7 @@ chunks, read R C, write R C; see ``kernels/triton/softmax.py``).
 import triton
 import triton.language as tl
 
-from .common import finish_lse, online_update, softcap_logits, split_row_combine
+from .common import finish_lse, online_update, softcap_logits, split_row_combine, scalar_acc
 
 #: reduction codes shared with the launcher
 RED_NONE = 0
@@ -216,10 +216,10 @@ def cross_entropy_twopass_kernel(
     G may alias X (in place): every element is read before it is written by
     the same program, and x_t is read in pass 1."""
     # Python floats arrive as fp32 scalars; do the arithmetic in ACC
-    eps = tl.zeros((), ACC) + eps
-    z_loss = tl.zeros((), ACC) + z_loss
-    softcap = tl.zeros((), ACC) + softcap
-    grad_scale = tl.zeros((), ACC) + grad_scale
+    eps = scalar_acc(eps, ACC)
+    z_loss = scalar_acc(z_loss, ACC)
+    softcap = scalar_acc(softcap, ACC)
+    grad_scale = scalar_acc(grad_scale, ACC)
     row = tl.program_id(0).to(tl.int64)
     X_row = X_ptr + row * X_row_stride
     T_row = T_ptr + row * T_row_stride
@@ -289,10 +289,10 @@ def cross_entropy_onchip_kernel(
     after every program of the row has loaded its chunk and x_t (each reads
     x_t before it publishes)."""
     # Python floats arrive as fp32 scalars; do the arithmetic in ACC
-    eps = tl.zeros((), ACC) + eps
-    z_loss = tl.zeros((), ACC) + z_loss
-    softcap = tl.zeros((), ACC) + softcap
-    grad_scale = tl.zeros((), ACC) + grad_scale
+    eps = scalar_acc(eps, ACC)
+    z_loss = scalar_acc(z_loss, ACC)
+    softcap = scalar_acc(softcap, ACC)
+    grad_scale = scalar_acc(grad_scale, ACC)
     if SPLIT > 1:
         ticket = tl.atomic_add(Counter_ptr, 1).to(tl.int64)
         row = ticket // SPLIT

@@ -15,7 +15,7 @@ rows, the row stride of an (R, C) array uses it element-wise.
 import triton
 import triton.language as tl
 
-from .common import log1p
+from .common import log1p, scalar_acc
 
 
 @triton.jit
@@ -48,7 +48,7 @@ def mse_kernel(
 ):
     """loss = (x - t)**2, dx = 2 s (x - t), dt = -dx."""
     pid, rows, cols, mask = _tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
-    scale = tl.zeros((), ACC) + scale  # fp32 scalar argument -> ACC
+    scale = scalar_acc(scale, ACC)
     x = tl.load(X_ptr + rows * X_row_stride + cols, mask=mask, other=0.0).to(ACC)
     t = tl.load(T_ptr + rows * T_row_stride + cols, mask=mask, other=0.0).to(ACC)
     diff = x - t
@@ -71,7 +71,7 @@ def kl_div_kernel(
     """x = log-probabilities.  loss = xlogy(t, t) - t x, dx = -t, dt = log t + 1 - x;
     LOG_TARGET: loss = e^t (t - x), dx = -e^t, dt = e^t (t - x + 1)."""
     pid, rows, cols, mask = _tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
-    scale = tl.zeros((), ACC) + scale  # fp32 scalar argument -> ACC
+    scale = scalar_acc(scale, ACC)
     x = tl.load(X_ptr + rows * X_row_stride + cols, mask=mask, other=0.0).to(ACC)
     t = tl.load(T_ptr + rows * T_row_stride + cols, mask=mask, other=1.0).to(ACC)
     if LOG_TARGET:
@@ -104,7 +104,7 @@ def bce_with_logits_kernel(
     loss = w ((1 - t) x + lw sp), dx = w ((1 - t) - lw sigmoid(-x)),
     dt = w (-x + (pw - 1) sp)."""
     pid, rows, cols, mask = _tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
-    scale = tl.zeros((), ACC) + scale  # fp32 scalar argument -> ACC
+    scale = scalar_acc(scale, ACC)
     x = tl.load(X_ptr + rows * X_row_stride + cols, mask=mask, other=0.0).to(ACC)
     t = tl.load(T_ptr + rows * T_row_stride + cols, mask=mask, other=0.0).to(ACC)
     sp = log1p(tl.exp(-tl.abs(x))) + tl.maximum(-x, 0.0)
@@ -141,7 +141,7 @@ def bce_kernel(
     """PyTorch's BCE: logs clamped at -100 in the loss; dp = w (p - t) / max(p (1 - p), 1e-12);
     dt = w (log(1 - p) - log p), unclamped as in PyTorch (+-inf at p = 0, 1)."""
     pid, rows, cols, mask = _tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
-    scale = tl.zeros((), ACC) + scale  # fp32 scalar argument -> ACC
+    scale = scalar_acc(scale, ACC)
     p = tl.load(P_ptr + rows * P_row_stride + cols, mask=mask, other=0.5).to(ACC)
     t = tl.load(T_ptr + rows * T_row_stride + cols, mask=mask, other=0.0).to(ACC)
     lp = tl.maximum(tl.log(p), -100.0)

@@ -18,7 +18,7 @@ the gradient.  Bytes with gradient: read 4 R C, write R C.
 import triton
 import triton.language as tl
 
-from .common import finish_lse, online_update
+from .common import finish_lse, online_update, scalar_acc
 
 
 @triton.jit
@@ -28,8 +28,8 @@ def kl_div_logits_kernel(
     BLOCK: tl.constexpr, TARGET_IS_LOGITS: tl.constexpr, WANT_GRAD: tl.constexpr, ACC: tl.constexpr,
 ):
     # Python floats arrive as fp32 scalars; do the arithmetic in ACC
-    inv_temp = tl.zeros((), ACC) + inv_temp
-    grad_scale = tl.zeros((), ACC) + grad_scale
+    inv_temp = scalar_acc(inv_temp, ACC)
+    grad_scale = scalar_acc(grad_scale, ACC)
     row = tl.program_id(0).to(tl.int64)
     X_row = X_ptr + row * X_row_stride
     T_row = T_ptr + row * T_row_stride
