@@ -201,16 +201,20 @@ template <class D> struct SoftmaxFwdOp {
     static constexpr bool kLSE = true, kReads = true;
     bool has_phase2, log;
     void* O;
-    A lse;
+    A m, logs, inv_s;
     __device__ void begin_row(i64) {}
     static __device__ RowState<A> identity() { return identity_state<A>(); }
     static __device__ void combine(RowState<A>& a, const RowState<A>& b) { combine_ms_sums(a, b); }
     __device__ A z(A x) const { return x; }
     __device__ void acc(RowState<A>&, i64, A, A) const {}
     __device__ void finish(i64, const typename D::store*, const RowState<A>& st, bool) {
-        lse = st.m + gl_log(st.s);
+        // y from (x - max) and the sum, never from x - lse: with logits near
+        // 1e4, lse = max + log(sum) rounds away log(sum) in fp32
+        m = st.m;
+        logs = gl_log(st.s);
+        inv_s = (A)1 / st.s;
     }
-    __device__ A out(i64, A x, A) const { return log ? x - lse : gl_exp(x - lse); }
+    __device__ A out(i64, A x, A) const { return log ? (x - m) - logs : gl_exp(x - m) * inv_s; }
 };
 
 template <class D, int VEC, int K, bool ONCHIP>
@@ -306,7 +310,7 @@ template <class D, class TI, bool PROB> struct CrossEntropyOp {
     const S* pr;
     S* gtr;
     i64 t;
-    A lse, rs, coef_p, coef_t, eps_c;
+    A lse, m, logs, inv_s, rs, coef_p, coef_t, eps_c;
 
     __device__ void begin_row(i64 row) {
         if (PROB) {
@@ -331,7 +335,12 @@ template <class D, class TI, bool PROB> struct CrossEntropyOp {
         }
     }
     __device__ void finish(i64 row, const S* xr, const RowState<A>& st, bool writer) {
-        lse = st.m + gl_log(st.s);
+        // losses and probabilities from (z - max), log(sum): lse = max + log(sum)
+        // alone would lose log(sum) to rounding for logits near 1e4 in fp32
+        m = st.m;
+        logs = gl_log(st.s);
+        inv_s = (A)1 / st.s;
+        lse = m + logs;
         A s = Div ? (A)1 / *Div : (A)1;
         A loss;
         if (PROB) {
@@ -356,7 +365,7 @@ template <class D, class TI, bool PROB> struct CrossEntropyOp {
             } else {
                 A zt = z(IO<D>::ld(xr[t]));
                 A wt = wc(t);
-                loss = (1 - eps) * wt * (lse - zt) + zl * lse * lse;
+                loss = (1 - eps) * wt * ((m - zt) + logs) + zl * lse * lse;
                 if (eps != (A)0) loss += eps_c * (st.a1 * lse - st.a0);
                 rs = s;
                 coef_t = (1 - eps) * wt;
@@ -369,13 +378,13 @@ template <class D, class TI, bool PROB> struct CrossEntropyOp {
         }
     }
     __device__ A out(i64 c, A x, A zc) const {
-        A p = gl_exp(zc - lse);
+        A p = gl_exp(zc - m) * inv_s;
         A dz;
         if (PROB) {
             A wj = wc(c);
             A d = (1 - eps) * IO<D>::ld(pr[c]) + eps / (A)C;
             dz = rs * (coef_p * p - wj * d);
-            if (gtr) gtr[c] = IO<D>::st(-rs * (1 - eps) * wj * (zc - lse));
+            if (gtr) gtr[c] = IO<D>::st(-rs * (1 - eps) * wj * ((zc - m) - logs));
         } else {
             dz = coef_p * p - (c == t ? coef_t : (A)0);
             if (eps != (A)0) dz -= eps_c * wc(c);
