@@ -30,6 +30,7 @@ computed in the forward pass is saved and reused by backward).
 """
 from __future__ import annotations
 
+import contextlib
 import sys
 import warnings
 from typing import Any, NamedTuple, Optional, Union
@@ -171,19 +172,29 @@ def _run(kind: str, be, op: str, arrays: dict, opts: dict, return_grad, floating
     if isinstance(be, _Named):  # return_grad while torch.compile traces: the real backend (graph break)
         from .dispatch import get_backend
         be = get_backend(be.name)
-    native = {k: (None if v is None else be.to_native(v, kind)) for k, v in arrays.items()}
     kw = dict(opts)
     kw["want_grad"] = want_grad
     if op in ("cross_entropy", "kl_div", "bce_with_logits", "bce", "mse"):
         kw["want_grad_target"] = want_gt
-    if kind == "torch":
-        import torch
-        with torch.no_grad():
-            res = getattr(be, op)(**native, **kw)
-    else:
+    with _call_context(kind, be, arrays):
+        native = {k: (None if v is None else be.to_native(v, kind)) for k, v in arrays.items()}
         res = getattr(be, op)(**native, **kw)
-    conv = lambda a: None if a is None else be.from_native(a, kind)  # noqa: E731
-    return LossResult(conv(res.loss), conv(res.grad), conv(res.grad_target), conv(res.lse))
+        conv = lambda a: None if a is None else be.from_native(a, kind)  # noqa: E731
+        return LossResult(conv(res.loss), conv(res.grad), conv(res.grad_target), conv(res.lse))
+
+
+def _call_context(kind: str, be, arrays: dict):
+    """torch tensors: no autograd recording, and a CuPy backend runs (and
+    converts through DLPack) on torch's current stream, so its work is ordered
+    with torch's and can be captured in a CUDA graph."""
+    if kind != "torch":
+        return contextlib.nullcontext()
+    import torch
+    from .torch_ops import _native_stream
+    stack = contextlib.ExitStack()
+    stack.enter_context(torch.no_grad())
+    stack.enter_context(_native_stream(be, next(v for v in arrays.values() if v is not None)))
+    return stack
 
 
 def _finish(res: LossResult, return_grad, kind, input, layout, target_layout=None, loss_layout=None,

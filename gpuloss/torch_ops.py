@@ -98,13 +98,15 @@ def _run_primitive(backend: str, op: str, arrays: Dict[str, Optional[Tensor]], o
     ``requires_grad``.  ``detach()`` shares storage and version counter, so an
     in-place write still lands in the caller's tensor."""
     be = get_backend(backend)
-    native = {k: (None if v is None else be.to_native(v.detach(), "torch")) for k, v in arrays.items()}
+    # the DLPack conversions too: CuPy orders a conversion on its current
+    # stream, and the legacy default stream must not wait on a capturing one
     with _native_stream(be, next(v for v in arrays.values() if v is not None)):
+        native = {k: (None if v is None else be.to_native(v.detach(), "torch")) for k, v in arrays.items()}
         res = getattr(be, op)(**native, **opts)
-    conv = lambda a: None if a is None else be.from_native(a, "torch")  # noqa: E731
-    if isinstance(res, LossResult):
-        return LossResult(conv(res.loss), conv(res.grad), conv(res.grad_target), conv(res.lse))
-    return conv(res)
+        conv = lambda a: None if a is None else be.from_native(a, "torch")  # noqa: E731
+        if isinstance(res, LossResult):
+            return LossResult(conv(res.loss), conv(res.grad), conv(res.grad_target), conv(res.lse))
+        return conv(res)
 
 
 @contextlib.contextmanager
