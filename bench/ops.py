@@ -96,6 +96,8 @@ def compare(out: Any, ref: np.ndarray, dtype: str, what: str) -> Tuple[bool, str
 
 def compare_scalar(out: Any, ref: float, dtype: str, what: str = "loss") -> Tuple[bool, str]:
     rtol, _ = CHECK_TOLERANCES[dtype]
+    if hasattr(out, "detach"):  # a (CUDA) torch tensor: np.asarray cannot read device memory
+        out = out.detach().double().cpu().numpy()
     o = float(np.asarray(out, dtype=np.float64).reshape(()))
     if not math.isfinite(o):
         return False, f"{what} is {o}"

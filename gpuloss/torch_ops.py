@@ -116,13 +116,25 @@ def _native_stream(be, like: Tensor) -> Iterator[None]:
     torch orders work on its current stream (a side stream while a CUDA graph
     is captured); CuPy launches on its own current stream, by default the
     legacy default stream, which would be outside the capture and unordered
-    with torch's work.  Triton launches on torch's stream by itself."""
+    with torch's work.  Triton launches on torch's stream by itself.  CuPy's
+    allocations go through torch's caching allocator for the same reasons.""" 
     if be.native != "cupy" or like.device.type != "cuda":
         yield
         return
     import cupy
-    with cupy.cuda.Device(like.device.index), \
-            cupy.cuda.ExternalStream(torch.cuda.current_stream(like.device).cuda_stream):
+    dev = like.device
+
+    def torch_alloc(size: int):
+        # CuPy's buffers from torch's caching allocator: legal inside CUDA-graph
+        # capture (torch gives captured allocations a private pool; cudaMalloc
+        # from CuPy's own pool is not), and ordered on torch's stream.  The
+        # tensor owns the bytes; UnownedMemory keeps it alive.
+        buf = torch.empty(max(int(size), 1), dtype=torch.uint8, device=dev)
+        return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(buf.data_ptr(), size, buf, dev.index), 0)
+
+    with cupy.cuda.Device(dev.index), \
+            cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream), \
+            cupy.cuda.using_allocator(torch_alloc):
         yield
 
 

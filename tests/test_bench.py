@@ -439,3 +439,15 @@ def test_cpu_implementations_pass_their_checks(impl_name, op_name, cpu, gen):
     cpu.time_ms = lambda fn: (fn(), 1.0)[1]
     res = runner.run_impl(ops_mod.OPS[op_name], impl, inputs, Ctx(cpu, "float32", shape), cpu, {})
     assert res["status"] == "ok", res
+
+
+def test_compare_scalar_reads_tensors_without_numpy():
+    """The loss check must not hand a torch tensor to NumPy (a CUDA tensor
+    cannot be read that way; a tensor that requires grad stands in here)."""
+    torch = pytest.importorskip("torch")
+    from gpuloss.bench.ops import compare_scalar
+    loss = torch.tensor(2.0, dtype=torch.float32, requires_grad=True) * 1.0
+    ok, detail = compare_scalar(loss, 2.0, "float32")
+    assert ok, detail
+    ok, detail = compare_scalar(loss, 2.5, "float32")
+    assert not ok and "reference" in detail
