@@ -60,6 +60,10 @@ def configs() -> List[Tuple[str, str, Dict[str, Optional[str]]]]:
     st = gpuloss.backend_status()
     if st["triton"][0]:
         out.append(("triton twopass", "triton", {"GPULOSS_TRITON_VARIANT": "twopass"}))
+        for block in (2048, 4096, 8192):
+            out.append((f"triton twopass reverse block={block}", "triton",
+                        {"GPULOSS_TRITON_VARIANT": "twopass", "GPULOSS_TRITON_REVERSE": "1",
+                         "GPULOSS_TRITON_ROWLOOP_BLOCK": str(block)}))
         out.append(("triton onchip default", "triton", {"GPULOSS_TRITON_VARIANT": "onchip"}))
         for chunk in (2048, 4096, 8192):
             out.append((f"triton onchip chunk={chunk} split<=128", "triton",
@@ -77,6 +81,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out", default=None, help="folder for tune.json")
     ap.add_argument("--quick", action="store_true", help="two bf16 shapes only")
     ap.add_argument("--ops", default="ce_loss_grad,softmax_fwd")
+    ap.add_argument("--configs", default="*", help="glob over configuration names (e.g. 'triton twopass*')")
     args = ap.parse_args(argv)
 
     import torch
@@ -102,7 +107,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"{card}: copy bandwidth {copy_bw / 1e12:.3f} TB/s", flush=True)
 
     rows: List[Dict[str, object]] = []
-    cfgs = configs()
+    import fnmatch
+    cfgs = [c for c in configs() if fnmatch.fnmatch(c[0], args.configs)]
     ops = args.ops.split(",")
     for (N, V), dtname in (QUICK_SHAPES if args.quick else SHAPES):
         dt = getattr(torch, dtname)

@@ -31,6 +31,10 @@ VARIANTS = ("twopass", "onchip")
 #: elements per iteration of a looped row kernel (twopass CE / softmax,
 #: softmax backward, KL, NLL).  4096 fp32 = 16 KiB per program in flight.
 ROWLOOP_BLOCK = 4096
+#: the second pass of the looped fused kernels walks the row backwards
+#: (starting on the blocks the first pass read last); GPULOSS_TRITON_REVERSE
+#: and GPULOSS_TRITON_ROWLOOP_BLOCK override this and ROWLOOP_BLOCK for sweeps.
+ROWLOOP_REVERSE = False
 #: the on-chip design keeps CHUNK elements per program in registers.  8192 is
 #: the preferred chunk (16 elements per thread at 16 warps): small enough for
 #: several programs per SM, large enough that the rendezvous is amortised.
@@ -102,6 +106,7 @@ class LaunchConfig(NamedTuple):
     num_stages: int
     split: int = 1
     split_p2: int = 1
+    reverse: bool = False
 
 
 def _warps(block: int, capability: Optional[Tuple[int, int]]) -> int:
@@ -176,10 +181,11 @@ def launch_config(op: str, n_cols: int, *, variant: Optional[str] = None,
         return LaunchConfig("tiled", b, 4, stages)
 
     def rowloop() -> LaunchConfig:
-        b = min(_next_pow2(n), ROWLOOP_BLOCK)
+        b = min(_next_pow2(n), _env_int("GPULOSS_TRITON_ROWLOOP_BLOCK", ROWLOOP_BLOCK))
         if cap_block:
             b = min(b, cap_block)
-        return LaunchConfig("twopass", b, _warps(b, capability), stages)
+        reverse = bool(_env_int("GPULOSS_TRITON_REVERSE", int(ROWLOOP_REVERSE)))
+        return LaunchConfig("twopass", b, _warps(b, capability), stages, reverse=reverse)
 
     if op == "row":
         return rowloop()
@@ -365,7 +371,7 @@ class TritonBackend(Backend):
         else:
             K.softmax_fwd_twopass_kernel[(R,)](
                 x, self._row_stride(x), y, C, C,
-                BLOCK=cfg.block, LOG=log, ACC=acc,
+                BLOCK=cfg.block, LOG=log, ACC=acc, REVERSE=cfg.reverse,
                 num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         return y
 
@@ -488,7 +494,7 @@ class TritonBackend(Backend):
                 if cfg.variant != "twopass":
                     cfg = launch_config("row_fused", C, variant="twopass", max_block=self.max_block)
                 K.cross_entropy_twopass_kernel[(R,)](
-                    *head, *scalars, BLOCK=cfg.block, WANT_GRAD=want_grad, **args,
+                    *head, *scalars, BLOCK=cfg.block, WANT_GRAD=want_grad, REVERSE=cfg.reverse, **args,
                     num_warps=cfg.num_warps, num_stages=cfg.num_stages)
         loss = self._reduce(torch, loss_rows, reduction, divisor)
         return LossResult(loss=loss, grad=grad, grad_target=grad_t, lse=lse)

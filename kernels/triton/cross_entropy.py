@@ -209,12 +209,14 @@ def cross_entropy_twopass_kernel(
     BLOCK: tl.constexpr, PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DIV_ON_DEVICE: tl.constexpr, WANT_GRAD: tl.constexpr, WANT_GRAD_TARGET: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, REVERSE: tl.constexpr = False,
 ):
     """One program per row.  Pass 1 (read C): online max / sum exp and the
     row sums A, B.  Pass 2, only WANT_GRAD (read C, write C): the gradient.
     G may alias X (in place): every element is read before it is written by
-    the same program, and x_t is read in pass 1."""
+    the same program, and x_t is read in pass 1.  REVERSE walks pass 2 from
+    the end of the row back, so it starts on the blocks pass 1 read last
+    (the likeliest still in L1/L2)."""
     # Python floats arrive as fp32 scalars; do the arithmetic in ACC
     eps = scalar_acc(eps, ACC)
     z_loss = scalar_acc(z_loss, ACC)
@@ -257,7 +259,12 @@ def cross_entropy_twopass_kernel(
         inv_s = 1.0 / ssum
         G_row = G_ptr + row * G_row_stride
         GT_row = GT_ptr + row * GT_row_stride
-        for start in range(0, n_cols, BLOCK):
+        n_blocks = tl.cdiv(n_cols, BLOCK)
+        for i in range(0, n_blocks):
+            if REVERSE:
+                start = (n_blocks - 1 - i) * BLOCK
+            else:
+                start = i * BLOCK
             cols = start + offs
             mask = cols < n_cols
             x = tl.load(X_row + cols, mask=mask, other=0.0).to(ACC)

@@ -27,8 +27,10 @@ from .common import online_update, split_row_combine
 def softmax_fwd_twopass_kernel(
     X_ptr, X_row_stride, Y_ptr, Y_row_stride,
     n_cols,
-    BLOCK: tl.constexpr, LOG: tl.constexpr, ACC: tl.constexpr,
+    BLOCK: tl.constexpr, LOG: tl.constexpr, ACC: tl.constexpr, REVERSE: tl.constexpr = False,
 ):
+    """Pass 1 (read C): online max / sum; pass 2 (read C, write C): y.
+    REVERSE walks pass 2 from the end of the row back (see cross_entropy)."""
     row = tl.program_id(0).to(tl.int64)
     x_row = X_ptr + row * X_row_stride
     y_row = Y_ptr + row * Y_row_stride
@@ -46,7 +48,12 @@ def softmax_fwd_twopass_kernel(
     log_s = tl.log(s)
     inv_s = 1.0 / s
     # pass 2: re-read, write y; reads C, writes C elements
-    for start in range(0, n_cols, BLOCK):
+    n_blocks = tl.cdiv(n_cols, BLOCK)
+    for i in range(0, n_blocks):
+        if REVERSE:
+            start = (n_blocks - 1 - i) * BLOCK
+        else:
+            start = i * BLOCK
         cols = start + offs
         mask = cols < n_cols
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
