@@ -96,6 +96,12 @@ def test_auto_variant_follows_the_measurements(monkeypatch):
     assert launch_config("row_fused", 32000, kernel="softmax", itemsize=4).variant == "onchip"
     assert launch_config("row_fused", 32000, kernel="softmax", itemsize=2).variant == "twopass"
     assert launch_config("row_fused", 128256, kernel="softmax", itemsize=4).variant == "twopass"
+    # the looped fused kernels: backward second pass, block by kernel and element size
+    cfg = launch_config("row_fused", 128256, kernel="cross_entropy", itemsize=2)
+    assert (cfg.reverse, cfg.block) == (True, 4096)
+    assert launch_config("row_fused", 32000, kernel="cross_entropy", itemsize=4).block == 8192
+    assert launch_config("row_fused", 128256, kernel="softmax", itemsize=2).block == 8192
+    assert launch_config("row_fused", 300, kernel="softmax", itemsize=2).block == 512  # short rows: one block
     monkeypatch.setenv("GPULOSS_TRITON_VARIANT", "onchip")  # the override still wins
     assert launch_config("row_fused", 32000, kernel="cross_entropy", itemsize=2).variant == "onchip"
 

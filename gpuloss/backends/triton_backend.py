@@ -34,7 +34,14 @@ ROWLOOP_BLOCK = 4096
 #: the second pass of the looped fused kernels walks the row backwards
 #: (starting on the blocks the first pass read last); GPULOSS_TRITON_REVERSE
 #: and GPULOSS_TRITON_ROWLOOP_BLOCK override this and ROWLOOP_BLOCK for sweeps.
-ROWLOOP_REVERSE = False
+ROWLOOP_REVERSE = True
+#: block of the looped fused kernels (softmax forward, cross-entropy), from
+#: the H200 sweep of 2026-11-26 with the backward second pass: 8192 for
+#: softmax and for 4-byte cross-entropy, 4096 for 2-byte cross-entropy
+#: (bench/RESULTS.md: 0.64-0.76 of the copy floor against 0.55-0.66 at 4096
+#: forwards)
+FUSED_ROWLOOP_BLOCK = {("softmax", 4): 8192, ("softmax", 2): 8192, ("cross_entropy", 4): 8192,
+                       ("cross_entropy", 2): 4096}
 #: the on-chip design keeps CHUNK elements per program in registers.  8192 is
 #: the preferred chunk (16 elements per thread at 16 warps): small enough for
 #: several programs per SM, large enough that the rendezvous is amortised.
@@ -181,7 +188,10 @@ def launch_config(op: str, n_cols: int, *, variant: Optional[str] = None,
         return LaunchConfig("tiled", b, 4, stages)
 
     def rowloop() -> LaunchConfig:
-        b = min(_next_pow2(n), _env_int("GPULOSS_TRITON_ROWLOOP_BLOCK", ROWLOOP_BLOCK))
+        pref = ROWLOOP_BLOCK
+        if op == "row_fused" and kernel is not None:
+            pref = FUSED_ROWLOOP_BLOCK.get((kernel, itemsize), ROWLOOP_BLOCK)
+        b = min(_next_pow2(n), _env_int("GPULOSS_TRITON_ROWLOOP_BLOCK", pref))
         if cap_block:
             b = min(b, cap_block)
         reverse = bool(_env_int("GPULOSS_TRITON_REVERSE", int(ROWLOOP_REVERSE)))
