@@ -65,6 +65,13 @@ def configs() -> List[Tuple[str, str, Dict[str, Optional[str]]]]:
                         {"GPULOSS_TRITON_VARIANT": "twopass", "GPULOSS_TRITON_REVERSE": "1",
                          "GPULOSS_TRITON_ROWLOOP_BLOCK": str(block)}))
         out.append(("triton onchip default", "triton", {"GPULOSS_TRITON_VARIANT": "onchip"}))
+        # whole rows (or large chunks) in one program of 32 warps, as
+        # Liger's single-block softmax does for V <= 65536
+        for chunk in (16384, 32768):
+            out.append((f"triton onchip big chunk={chunk} warps=32", "triton",
+                        {"GPULOSS_TRITON_VARIANT": "onchip", "GPULOSS_TRITON_CHUNK": str(chunk),
+                         "GPULOSS_TRITON_MAX_CHUNK": str(chunk), "GPULOSS_TRITON_ONCHIP_WARPS": "32",
+                         "GPULOSS_TRITON_MAX_SPLIT": "16"}))
         for chunk in (2048, 4096, 8192):
             out.append((f"triton onchip chunk={chunk} split<=128", "triton",
                         {"GPULOSS_TRITON_VARIANT": "onchip", "GPULOSS_TRITON_CHUNK": str(chunk),

@@ -211,10 +211,13 @@ def launch_config(op: str, n_cols: int, *, variant: Optional[str] = None,
     if variant == "twopass":
         return rowloop()
 
-    max_chunk = min(ONCHIP_MAX_CHUNK, cap_block) if cap_block else ONCHIP_MAX_CHUNK
-    # benchmark knobs: the preferred chunk and the most programs per row
-    # (GPULOSS_TRITON_CHUNK, GPULOSS_TRITON_MAX_SPLIT), so one GPU run can
-    # time several on-chip configurations; the defaults are the constants above
+    # benchmark knobs: the largest and the preferred chunk, the most programs
+    # per row and the warps of the on-chip design (GPULOSS_TRITON_MAX_CHUNK,
+    # GPULOSS_TRITON_CHUNK, GPULOSS_TRITON_MAX_SPLIT, GPULOSS_TRITON_ONCHIP_WARPS),
+    # so one GPU run can time several configurations; the defaults are the
+    # constants above
+    onchip_max = _env_int("GPULOSS_TRITON_MAX_CHUNK", ONCHIP_MAX_CHUNK)
+    max_chunk = min(onchip_max, cap_block) if cap_block else onchip_max
     pref_chunk = min(_env_int("GPULOSS_TRITON_CHUNK", ONCHIP_CHUNK), max_chunk)
     max_split = _env_int("GPULOSS_TRITON_MAX_SPLIT", MAX_SPLIT)
     if _interpret():
@@ -230,7 +233,8 @@ def launch_config(op: str, n_cols: int, *, variant: Optional[str] = None,
             return rowloop()
         split = -(-n // chunk)
     # the whole row (or chunk) lives in registers: no software pipelining
-    return LaunchConfig("onchip", chunk, _warps(chunk, capability), 1, split, _next_pow2(split))
+    warps = _env_int("GPULOSS_TRITON_ONCHIP_WARPS", 0) or _warps(chunk, capability)
+    return LaunchConfig("onchip", chunk, warps, 1, split, _next_pow2(split))
 
 
 def _acc(torch, dtype):
