@@ -88,18 +88,22 @@ def test_launch_config_limits(monkeypatch):
 
 
 def test_auto_variant_follows_the_measurements(monkeypatch):
-    """The automatic design: twopass for cross-entropy, onchip only for fp32
-    softmax rows of at most four chunks (the H200 sweep in RESULTS.md)."""
+    """The automatic design (the H200 sweeps in RESULTS.md): fp32 rows of at
+    most 32768 whole in one program (SPLIT 1, up to 32 warps); otherwise the
+    looped kernels."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("GPULOSS_TRITON_VARIANT", raising=False)
-    assert launch_config("row_fused", 32000, kernel="cross_entropy", itemsize=4).variant == "twopass"
-    assert launch_config("row_fused", 32000, kernel="softmax", itemsize=4).variant == "onchip"
-    assert launch_config("row_fused", 32000, kernel="softmax", itemsize=2).variant == "twopass"
-    assert launch_config("row_fused", 128256, kernel="softmax", itemsize=4).variant == "twopass"
+    for kernel in ("cross_entropy", "softmax"):
+        cfg = launch_config("row_fused", 32000, kernel=kernel, itemsize=4)
+        assert (cfg.variant, cfg.block, cfg.split, cfg.num_warps) == ("onchip", 32768, 1, 32)
+        assert launch_config("row_fused", 32000, kernel=kernel, itemsize=2).variant == "twopass"
+        assert launch_config("row_fused", 50000, kernel=kernel, itemsize=4).variant == "twopass"
+    small = launch_config("row_fused", 1000, kernel="softmax", itemsize=4)
+    assert (small.variant, small.block, small.split) == ("onchip", 1024, 1) and 4 <= small.num_warps <= 32
     # the looped fused kernels: backward second pass, block by kernel and element size
     cfg = launch_config("row_fused", 128256, kernel="cross_entropy", itemsize=2)
     assert (cfg.reverse, cfg.block) == (True, 4096)
-    assert launch_config("row_fused", 32000, kernel="cross_entropy", itemsize=4).block == 8192
+    assert launch_config("row_fused", 50000, kernel="cross_entropy", itemsize=4).block == 8192
     assert launch_config("row_fused", 128256, kernel="softmax", itemsize=2).block == 8192
     assert launch_config("row_fused", 300, kernel="softmax", itemsize=2).block == 512  # short rows: one block
     monkeypatch.setenv("GPULOSS_TRITON_VARIANT", "onchip")  # the override still wins

@@ -123,17 +123,18 @@ def _warps(block: int, capability: Optional[Tuple[int, int]]) -> int:
     return int(min(16, max(4, _next_pow2(max(w, 1)))))
 
 
-#: automatic design choice, from the H200 sweep of 2026-11-26 (bench/RESULTS.md):
-#: cross-entropy loss+grad: "twopass" was fastest at every measured shape
-#: (0.63-0.64 of the copy floor; "onchip" 0.27-0.65); softmax forward:
-#: "onchip" won only for 4-byte elements with rows of at most 4 chunks
-#: (fp32 8192x32000: 0.77 vs 0.65), "twopass" everywhere else.
-AUTO_ONCHIP_SOFTMAX_MAX_COLS = 4 * ONCHIP_CHUNK
+#: automatic design choice, from the H200 sweeps of 2026-11-26 (bench/RESULTS.md):
+#: rows of 4-byte elements up to AUTO_ONCHIP_MAX_COLS go whole into one
+#: program of up to 32 warps ("onchip", SPLIT = 1: each element read once;
+#: fp32 8192x32000: CE loss+grad 0.85, softmax 0.98 of the copy floor);
+#: everything else uses the looped "twopass" kernels (0.62-0.76), which beat
+#: the split-row on-chip programs at every other measured shape.
+AUTO_ONCHIP_MAX_COLS = 32768
 
 
 def auto_variant(kernel: str, n_cols: int, itemsize: int) -> str:
-    """The design used when none is asked for (see AUTO_ONCHIP_SOFTMAX_MAX_COLS)."""
-    if kernel == "softmax" and itemsize == 4 and n_cols <= AUTO_ONCHIP_SOFTMAX_MAX_COLS:
+    """The design used when none is asked for (see AUTO_ONCHIP_MAX_COLS)."""
+    if kernel in ("softmax", "cross_entropy") and itemsize == 4 and n_cols <= AUTO_ONCHIP_MAX_COLS:
         return "onchip"
     return "twopass"
 
@@ -204,8 +205,10 @@ def launch_config(op: str, n_cols: int, *, variant: Optional[str] = None,
 
     if variant is None:
         variant = os.environ.get("GPULOSS_TRITON_VARIANT", "").strip() or None
+    whole_row = False
     if variant is None and kernel is not None:
         variant = auto_variant(kernel, n_cols, itemsize)
+        whole_row = variant == "onchip"
     if variant is not None and variant not in VARIANTS:
         raise ValueError(f"unknown Triton variant {variant!r}; choose from {VARIANTS}")
     if variant == "twopass":
@@ -220,6 +223,12 @@ def launch_config(op: str, n_cols: int, *, variant: Optional[str] = None,
     max_chunk = min(onchip_max, cap_block) if cap_block else onchip_max
     pref_chunk = min(_env_int("GPULOSS_TRITON_CHUNK", ONCHIP_CHUNK), max_chunk)
     max_split = _env_int("GPULOSS_TRITON_MAX_SPLIT", MAX_SPLIT)
+    if whole_row and not cap_block:
+        # the automatic choice: the whole row in one program, 32 elements per
+        # thread at 32 warps for the longest rows (no rendezvous)
+        chunk = _next_pow2(n)
+        warps = min(32, max(_warps(chunk, capability), chunk // 1024))
+        return LaunchConfig("onchip", chunk, warps, 1, 1, 1)
     if _interpret():
         chunk, split = _next_pow2(n), 1
         if chunk > max_chunk:
