@@ -137,3 +137,15 @@ def scalar_acc(v, ACC: tl.constexpr):
     else:
         out = tl.zeros((), ACC) + v
     return out
+
+
+@triton.jit
+def pass2_block_start(i, n_blocks, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
+    """First column of block ``i`` of a looped kernel's second pass: forwards,
+    or (REVERSE) from the end of the row back, so the pass starts on the
+    blocks the first pass read last, the likeliest still in L1/L2."""
+    if REVERSE:
+        start = (n_blocks - 1 - i) * BLOCK
+    else:
+        start = i * BLOCK
+    return start

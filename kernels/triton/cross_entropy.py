@@ -34,7 +34,8 @@ chunks, read R C, write R C; see ``kernels/triton/softmax.py``).
 import triton
 import triton.language as tl
 
-from .common import finish_lse, online_update, softcap_logits, split_row_combine, scalar_acc
+from .common import (finish_lse, online_update, pass2_block_start, scalar_acc, softcap_logits,
+                     split_row_combine)
 
 #: reduction codes shared with the launcher
 RED_NONE = 0
@@ -261,10 +262,7 @@ def cross_entropy_twopass_kernel(
         GT_row = GT_ptr + row * GT_row_stride
         n_blocks = tl.cdiv(n_cols, BLOCK)
         for i in range(0, n_blocks):
-            if REVERSE:
-                start = (n_blocks - 1 - i) * BLOCK
-            else:
-                start = i * BLOCK
+            start = pass2_block_start(i, n_blocks, BLOCK, REVERSE)
             cols = start + offs
             mask = cols < n_cols
             x = tl.load(X_row + cols, mask=mask, other=0.0).to(ACC)

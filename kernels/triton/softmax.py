@@ -20,7 +20,7 @@ Forward designs (the launcher picks one per shape, see
 import triton
 import triton.language as tl
 
-from .common import online_update, split_row_combine
+from .common import online_update, split_row_combine, pass2_block_start
 
 
 @triton.jit
@@ -50,10 +50,7 @@ def softmax_fwd_twopass_kernel(
     # pass 2: re-read, write y; reads C, writes C elements
     n_blocks = tl.cdiv(n_cols, BLOCK)
     for i in range(0, n_blocks):
-        if REVERSE:
-            start = (n_blocks - 1 - i) * BLOCK
-        else:
-            start = i * BLOCK
+        start = pass2_block_start(i, n_blocks, BLOCK, REVERSE)
         cols = start + offs
         mask = cols < n_cols
         x = tl.load(x_row + cols, mask=mask, other=0.0).to(ACC)
