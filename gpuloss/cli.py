@@ -59,7 +59,10 @@ def _harness(name: str):
     """(to_array, to_numpy, dtypes) for running backend ``name`` through the
     public API on its own kind of arrays."""
     if name == "numpy":
-        return (lambda a, dt="float32": np.asarray(a, dtype=dt)), np.asarray, ["float32", "float64"]
+        def to_np(a, dt="float32"):
+            a = np.asarray(a)
+            return a if a.dtype.kind in "iu" else a.astype(dt)  # class indices stay integers
+        return to_np, np.asarray, ["float32", "float64"]
     if name == "triton":
         import torch
         dev = "cuda" if torch.cuda.is_available() else "cpu"
