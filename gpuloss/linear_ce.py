@@ -719,6 +719,9 @@ def _module_class():
                     f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}, "
                     f"chunk_size={self.chunk_size}")
 
+    # pickle and torch.save find the class by this name (gpuloss.nn re-exports it)
+    LinearCrossEntropyLoss.__module__ = "gpuloss.nn"
+    LinearCrossEntropyLoss.__qualname__ = "LinearCrossEntropyLoss"
     return LinearCrossEntropyLoss
 
 

@@ -442,3 +442,17 @@ def test_cupy_arrays(rng):
                                  label_smoothing=0.1, chunk_size=64, return_grad=True)
     assert isinstance(res.grad_weight, cupy.ndarray)
     _check(type(res)(*(cupy.asnumpy(a) for a in res)), _reference(h, W, b, t, label_smoothing=0.1), "float32")
+
+
+def test_module_pickles_like_the_other_gpuloss_nn_modules():
+    """torch.save of a model holding the loss module must find its class."""
+    import io
+    torch = pytest.importorskip("torch")
+    import gpuloss.nn as gnn
+    m = gnn.LinearCrossEntropyLoss(ignore_index=3, weight=torch.rand(7))
+    buf = io.BytesIO()
+    torch.save(m, buf)
+    buf.seek(0)
+    m2 = torch.load(buf, weights_only=False)
+    assert type(m2) is gnn.LinearCrossEntropyLoss and m2.ignore_index == 3
+    torch.testing.assert_close(m2.weight, m.weight)
