@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -419,6 +420,66 @@ def _global_lse(lse_r: Tensor, stats: Tensor, group) -> Tensor:
 # vocab-parallel cross-entropy from logits
 # ---------------------------------------------------------------------------
 
+def _use_kernels(x: Tensor) -> bool:
+    """Whether the per-rank passes run as the fused Triton kernels
+    (``kernels/triton/vocab_parallel.py``: one read of the logits per pass)
+    or as chunked torch operations.  Default: the kernels for CUDA tensors
+    when the triton backend is available; ``GPULOSS_VOCAB_PARALLEL_KERNEL``
+    = "triton" or "torch" overrides (CPU tensors run the kernels only in
+    Triton's interpreter, ``TRITON_INTERPRET=1``: the CPU tests do this)."""
+    choice = os.environ.get("GPULOSS_VOCAB_PARALLEL_KERNEL", "auto").strip() or "auto"
+    if choice not in ("auto", "triton", "torch"):
+        raise ValueError(f"GPULOSS_VOCAB_PARALLEL_KERNEL must be auto, triton or torch, got {choice!r}")
+    if choice == "torch" or x.shape[1] == 0:
+        return False
+    from .dispatch import backend_status
+    ok = backend_status()["triton"][0]
+    if choice == "triton":
+        if not ok or not (x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            raise RuntimeError("GPULOSS_VOCAB_PARALLEL_KERNEL=triton needs the triton backend "
+                               "(CUDA tensors, or TRITON_INTERPRET=1 for CPU tensors)")
+        return True
+    return ok and x.is_cuda
+
+
+def _kernel_targets(info: _RowInfo) -> Tensor:
+    """Local target per row for the kernels: the local index when this rank
+    owns it, -1 when another rank does, -2 for an ignored row."""
+    return torch.where(info.owned, info.local_t, torch.where(info.valid, -1, -2))
+
+
+def _kernel_args(x2d: Tensor, softcap: Optional[float]):
+    from .backends.triton_backend import TritonBackend, launch_config
+    from .backends.triton_backend import _acc as acc_of
+    cfg = launch_config("row", x2d.shape[1])
+    sc = lambda v: TritonBackend._scalar(v, x2d)  # noqa: E731  (fp64 launches get exact scalars)
+    return cfg, acc_of(torch, x2d.dtype)[1], sc, x2d.stride(0)
+
+
+def _kernel_stats(x2d: Tensor, lt: Tensor, softcap: Optional[float], smoothing: bool, lse_r: Tensor,
+                  stats: Tensor) -> None:
+    from .kernels.triton import vocab_parallel as K
+    cfg, acc, sc, stride = _kernel_args(x2d, softcap)
+    K.vocab_parallel_stats_kernel[(x2d.shape[0],)](
+        x2d, stride, lt, lse_r, stats[1], stats[2] if smoothing else lse_r,
+        x2d.shape[1], sc(softcap if softcap is not None else 1.0),
+        BLOCK=cfg.block, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=smoothing, ACC=acc,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def _kernel_grad(x2d: Tensor, lt: Tensor, lse: Tensor, scale: Tensor, eps: float, V: int, z_loss: float,
+                 softcap: Optional[float]) -> Tensor:
+    from .kernels.triton import vocab_parallel as K
+    cfg, acc, sc, stride = _kernel_args(x2d, softcap)
+    grad = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
+    K.vocab_parallel_grad_kernel[(x2d.shape[0],)](
+        x2d, stride, grad, grad.stride(0), lt, lse, scale,
+        x2d.shape[1], sc(1.0 - eps), sc(eps / V), sc(z_loss), sc(softcap if softcap is not None else 1.0),
+        BLOCK=cfg.block, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=eps > 0, HAS_Z_LOSS=bool(z_loss),
+        ACC=acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return grad
+
+
 def _ce_forward(x2d: Tensor, info: _RowInfo, layout: VocabLayout, group, reduction: str, eps: float,
                 z_loss: float, softcap: Optional[float], want_grad: bool, loss_shape):
     R, v = x2d.shape
@@ -427,19 +488,28 @@ def _ce_forward(x2d: Tensor, info: _RowInfo, layout: VocabLayout, group, reducti
     lse_r = torch.empty(R, dtype=cdt, device=x2d.device)
     stats = torch.empty((3 if smoothing else 2, R), dtype=cdt, device=x2d.device)
     step = _chunk_rows(v)
-    # pass 1: one read of the logits for every per-row partial
-    for a in range(0, R, step):
-        b = min(R, a + step)
-        lse_r[a:b], stats[:, a:b] = _local_stats(_capped(x2d[a:b], cdt, softcap), info.owned[a:b],
-                                             info.local_t[a:b], smoothing)
+    kernels = R > 0 and _use_kernels(x2d)
+    if kernels:
+        if x2d.stride(1) != 1:
+            x2d = x2d.contiguous()
+        lt = _kernel_targets(info)
+        _kernel_stats(x2d, lt, softcap, smoothing, lse_r, stats)
+    else:
+        # pass 1: one read of the logits for every per-row partial
+        for a in range(0, R, step):
+            b = min(R, a + step)
+            lse_r[a:b], stats[:, a:b] = _local_stats(_capped(x2d[a:b], cdt, softcap), info.owned[a:b],
+                                                 info.local_t[a:b], smoothing)
     lse = _global_lse(lse_r, stats, group)
     loss_rows = _loss_rows(lse, stats[1], stats[2] if smoothing else None, info.valid, eps, layout.vocab, z_loss)
     loss = _reduce(loss_rows, info, reduction, loss_shape).to(x2d.dtype)
     if not want_grad:
         return loss, None
     # pass 2: second read of the logits, one write of the gradient
-    grad = torch.empty_like(x2d, memory_format=torch.contiguous_format)
     scale = _row_scale(info, reduction, cdt)
+    if kernels:
+        return loss, _kernel_grad(x2d, lt, lse, scale, eps, layout.vocab, z_loss, softcap)
+    grad = torch.empty_like(x2d, memory_format=torch.contiguous_format)
     for a in range(0, R, step):
         b = min(R, a + step)
         z = _capped(x2d[a:b], cdt, softcap)

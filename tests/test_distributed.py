@@ -436,3 +436,53 @@ def test_bad_options_raise_before_any_collective():
         vocab_parallel_cross_entropy(x, t, softcap=0.0)
     with pytest.raises(ValueError, match="chunk_size"):
         vocab_parallel_linear_cross_entropy(x, torch.randn(5, 4, dtype=torch.float64), t, chunk_size=0)
+
+
+def test_vocab_parallel_fused_kernels_world_size_1(rng, monkeypatch):
+    """The per-rank passes as the fused Triton kernels (kernels/triton/
+    vocab_parallel.py): every check of the world-size-1 run, in Triton's
+    interpreter on the CPU (on CUDA tensors they are the default)."""
+    import os
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("runs the kernels in Triton's interpreter (TRITON_INTERPRET=1, as CI sets)")
+    import gpuloss
+    if not gpuloss.backend_status()["triton"][0]:
+        pytest.skip("triton backend unavailable")
+    monkeypatch.setenv("GPULOSS_VOCAB_PARALLEL_KERNEL", "triton")
+    _in_process("gloo", "cpu", rng)
+
+
+_AOT_VP = """
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from gpuloss.kernels.triton import vocab_parallel as K
+def build(fn, sig, cons):
+    sig = dict(sig); sig.update({k: "constexpr" for k in cons})
+    c = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=cons),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 8, "num_stages": 2})
+    assert c.asm["cubin"]
+for x, acc in (("*bf16", tl.float32), ("*fp32", tl.float32)):
+    build(K.vocab_parallel_stats_kernel,
+          {"X_ptr": x, "X_row_stride": "i64", "LT_ptr": "*i64", "Lse_ptr": "*fp32", "Zt_ptr": "*fp32",
+           "Sz_ptr": "*fp32", "n_cols": "i32", "softcap": "fp32"},
+          dict(BLOCK=4096, HAS_SOFTCAP=True, HAS_SMOOTHING=True, ACC=acc))
+    build(K.vocab_parallel_grad_kernel,
+          {"X_ptr": x, "X_row_stride": "i64", "G_ptr": x, "G_row_stride": "i64", "LT_ptr": "*i64",
+           "Lse_ptr": "*fp32", "Scale_ptr": "*fp32", "n_cols": "i32", "one_minus_eps": "fp32",
+           "eps_over_v": "fp32", "z_loss": "fp32", "softcap": "fp32"},
+          dict(BLOCK=4096, HAS_SOFTCAP=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, ACC=acc))
+print("ok")
+"""
+
+
+def test_vocab_parallel_kernels_compile_for_sm90():
+    """The fused per-rank kernels compile for sm_90 (no GPU needed)."""
+    import os
+    import subprocess
+    import sys
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _AOT_VP], env=env, capture_output=True, text=True, timeout=300)
+    if out.returncode != 0 and "ptxas" in out.stderr and "not found" in out.stderr.lower():
+        pytest.skip("no ptxas for ahead-of-time compilation")
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
