@@ -290,6 +290,19 @@ def log_softmax_backward(grad_output, output, dim: int = -1, *, backend: Optiona
 # cross-entropy and NLL
 # ---------------------------------------------------------------------------
 
+def _class_dim_call(input, target, weight, size_average, reduce, reduction: str):
+    """The checks cross_entropy and nll_loss share: (reduction, kind, device,
+    C) for logits with the class dimension 1 ((C,) unbatched)."""
+    reduction = _legacy_reduction(size_average, reduce, reduction)
+    kind, device = classify([("input", input), ("target", target), ("weight", weight)])
+    V.check_reduction(reduction)
+    V.check_floating("input", input, kind)
+    if input.ndim == 0:
+        raise ValueError("input must have at least 1 dimension (C,), got a 0-d array")
+    C = input.shape[1] if input.ndim >= 2 else input.shape[0]
+    return reduction, kind, device, C
+
+
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
                   reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                   softcap: Optional[float] = None, inplace_backward: bool = False,
@@ -315,13 +328,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     The math is written out in :func:`gpuloss.reference.cross_entropy`.  An
     empty batch or an all-ignored batch gives nan for "mean", as PyTorch.
     """
-    reduction = _legacy_reduction(size_average, reduce, reduction)
-    kind, device = classify([("input", input), ("target", target), ("weight", weight)])
-    V.check_reduction(reduction)
-    V.check_floating("input", input, kind)
-    if input.ndim == 0:
-        raise ValueError("input must have at least 1 dimension (C,), got a 0-d array")
-    C = input.shape[1] if input.ndim >= 2 else input.shape[0]
+    reduction, kind, device, C = _class_dim_call(input, target, weight, size_average, reduce, reduction)
     prob = V.check_ce_target("target", target, kind, input)
     V.check_weight("weight", weight, kind, C)
     V.check_range("label_smoothing", label_smoothing, 0.0, 1.0)
@@ -364,13 +371,7 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = 
     """Negative log-likelihood on log-probabilities, as
     ``torch.nn.functional.nll_loss``: ``loss_i = -weight[t_i] * input[i, t_i]``;
     "mean" divides by the sum of the weights of the non-ignored targets."""
-    reduction = _legacy_reduction(size_average, reduce, reduction)
-    kind, device = classify([("input", input), ("target", target), ("weight", weight)])
-    V.check_reduction(reduction)
-    V.check_floating("input", input, kind)
-    if input.ndim == 0:
-        raise ValueError("input must have at least 1 dimension (C,), got a 0-d array")
-    C = input.shape[1] if input.ndim >= 2 else input.shape[0]
+    reduction, kind, device, C = _class_dim_call(input, target, weight, size_average, reduce, reduction)
     V.check_index_target("target", target, kind, input)
     V.check_weight("weight", weight, kind, C)
     be = _select(kind, device, backend)
