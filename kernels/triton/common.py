@@ -149,3 +149,19 @@ def pass2_block_start(i, n_blocks, BLOCK: tl.constexpr, REVERSE: tl.constexpr):
     else:
         start = i * BLOCK
     return start
+
+
+@triton.jit
+def split_row_id(Counter_ptr, SPLIT: tl.constexpr):
+    """(row, part) of an on-chip program.  With SPLIT > 1, row ids follow the
+    order in which programs start (a ticket from ``Counter_ptr``), so the
+    SPLIT programs of a row start together (the progress argument of
+    ``split_row_combine``); with SPLIT = 1 the program id is the row."""
+    if SPLIT > 1:
+        ticket = tl.atomic_add(Counter_ptr, 1).to(tl.int64)
+        row = ticket // SPLIT
+        part = ticket % SPLIT
+    else:
+        row = tl.program_id(0).to(tl.int64)
+        part = 0
+    return row, part

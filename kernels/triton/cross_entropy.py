@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 
 from .common import (finish_lse, online_update, pass2_block_start, scalar_acc, softcap_logits,
-                     split_row_combine)
+                     split_row_combine, split_row_id)
 
 #: reduction codes shared with the launcher
 RED_NONE = 0
@@ -298,13 +298,7 @@ def cross_entropy_onchip_kernel(
     z_loss = scalar_acc(z_loss, ACC)
     softcap = scalar_acc(softcap, ACC)
     grad_scale = scalar_acc(grad_scale, ACC)
-    if SPLIT > 1:
-        ticket = tl.atomic_add(Counter_ptr, 1).to(tl.int64)
-        row = ticket // SPLIT
-        part = ticket % SPLIT
-    else:
-        row = tl.program_id(0).to(tl.int64)
-        part = 0
+    row, part = split_row_id(Counter_ptr, SPLIT)
     X_row = X_ptr + row * X_row_stride
     T_row = T_ptr + row * T_row_stride
     cols = part * CHUNK + tl.arange(0, CHUNK)

@@ -20,7 +20,7 @@ Forward designs (the launcher picks one per shape, see
 import triton
 import triton.language as tl
 
-from .common import online_update, split_row_combine, pass2_block_start
+from .common import online_update, pass2_block_start, split_row_combine, split_row_id
 
 
 @triton.jit
@@ -68,14 +68,7 @@ def softmax_fwd_onchip_kernel(
     CHUNK: tl.constexpr, SPLIT: tl.constexpr, SPLIT_P2: tl.constexpr,
     LOG: tl.constexpr, ACC: tl.constexpr,
 ):
-    if SPLIT > 1:
-        # row ids by start order (ticket), so a row's programs start together
-        ticket = tl.atomic_add(Counter_ptr, 1).to(tl.int64)
-        row = ticket // SPLIT
-        part = ticket % SPLIT
-    else:
-        row = tl.program_id(0).to(tl.int64)
-        part = 0
+    row, part = split_row_id(Counter_ptr, SPLIT)
     cols = part * CHUNK + tl.arange(0, CHUNK)
     mask = cols < n_cols
     # the only read of x: CHUNK elements kept in registers until the store
