@@ -405,9 +405,13 @@ def test_vocab_parallel_world_size_1_gloo(rng):
 
 
 @pytest.mark.gpu
-def test_vocab_parallel_world_size_1_nccl(rng):
+@pytest.mark.parametrize("per_rank", ["torch", "triton"])
+def test_vocab_parallel_world_size_1_nccl(rng, monkeypatch, per_rank):
+    """Both per-rank implementations on CUDA tensors: the chunked torch
+    operations (the default) and the fused Triton kernels."""
     if not torch.cuda.is_available() or not dist.is_nccl_available():
         pytest.skip("needs a CUDA device and NCCL")
+    monkeypatch.setenv("GPULOSS_VOCAB_PARALLEL_KERNEL", per_rank)
     torch.cuda.set_device(0)
     _in_process("nccl", "cuda", rng)
 
@@ -441,7 +445,7 @@ def test_bad_options_raise_before_any_collective():
 def test_vocab_parallel_fused_kernels_world_size_1(rng, monkeypatch):
     """The per-rank passes as the fused Triton kernels (kernels/triton/
     vocab_parallel.py): every check of the world-size-1 run, in Triton's
-    interpreter on the CPU (on CUDA tensors they are the default)."""
+    interpreter on the CPU (on CUDA tensors they run when asked for)."""
     import os
     if os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("runs the kernels in Triton's interpreter (TRITON_INTERPRET=1, as CI sets)")
