@@ -45,6 +45,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 import numpy as np
 
+from .. import rules
 from .base import Backend, LossResult
 
 # --------------------------------------------------------------------------
@@ -479,14 +480,9 @@ class NumpyBackend(Backend):
                 divisor += float(ok.sum()) if w is None else float(w[t[ok]].sum(dtype=np.float64))
         else:
             divisor = 1.0
-        if reduction == "mean":
-            with np.errstate(divide="ignore"):
-                sc = np.float64(1.0) / np.float64(divisor) if divisor != 0 else np.float64(np.inf)
-            if not np.isfinite(sc):
-                sc = 0.0  # every row ignored (or R == 0): zero gradients, loss nan
-            sc = float(sc)
-        else:
-            sc = 1.0
+        # valid rows scale by 1/divisor (inf for a zero divisor: NaN gradients,
+        # as torch); ignored rows by a selected 0 (gpuloss.rules)
+        sc = rules.mean_scale(divisor) if reduction == "mean" else 1.0
 
         lse_out = np.empty(R, np.float32)
         loss_rows = np.empty(R, ld) if reduction == "none" else None
@@ -534,6 +530,10 @@ class NumpyBackend(Backend):
             ``lse - z``: no cancellation between two large numbers when the
             logits carry a large common offset.  ``rows`` is (ts, ign, bad,
             ok, wt) for class targets."""
+            with np.errstate(invalid="ignore", over="ignore"):
+                return _row_terms(m, s, zt, wz, Q, qz, rows)
+
+        def _row_terms(m, s, zt, wz, Q, qz, rows):
             ls = np.log(s)
             lse = m + ls
             if prob:
@@ -746,9 +746,7 @@ class NumpyBackend(Backend):
                     total += loss.sum(dtype=np.float64)
                 divisor += wt_.sum(dtype=np.float64)
                 chunks.append((r0, r1))
-        sc = 1.0
-        if reduction == "mean":
-            sc = 1.0 / divisor if divisor != 0 else 0.0
+        sc = rules.mean_scale(divisor) if reduction == "mean" else 1.0
         grad = None
         if want_grad:
             grad = np.zeros((R, C), logp.dtype)

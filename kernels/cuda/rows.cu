@@ -431,8 +431,10 @@ gpuloss_cross_entropy(const typename D::store* __restrict__ X_ptr, const TI* __r
     run_rows<D, CrossEntropyOp<D, TI, PROB>, VEC, K, ONCHIP>(op, X_ptr, X_row_stride, G_ptr, G_row_stride, R, C);
 }
 
-// The "mean" divisor of class-index cross-entropy and NLL (PyTorch): sum of w[t_i] over rows
-// that are not ignored (1 per row without weight); an out-of-range target makes it NaN.  One
+// The "mean" divisor of class-index cross-entropy and NLL (PyTorch): sum of w[t_i] over the
+// valid rows, those whose target is not ignore_index and lies in [0, C) (1 per row without
+// weight).  An out-of-range target is not counted: its own row's loss and gradient are NaN, the
+// other rows keep theirs (the contract of gpuloss/rules.py, the same on every backend).  One
 // block, O(R) reads; it writes a device scalar the loss kernel reads, so nothing syncs the host.
 template <class A, class TI>
 __global__ void __launch_bounds__(GL_MAX_THREADS)
@@ -446,8 +448,8 @@ gpuloss_mean_divisor(const TI* __restrict__ T_ptr, const A* __restrict__ W_ptr, 
     RowState<A> st = identity_state<A>();
     for (i64 i = threadIdx.x; i < R; i += blockDim.x) {
         i64 t = (i64)T_ptr[i];
-        if (t == ignore_index) continue;
-        st.a0 += (t < 0 || t >= C) ? gl_nan<A>() : (W_ptr ? W_ptr[t] : (A)1);
+        if (t == ignore_index || t < 0 || t >= C) continue;
+        st.a0 += W_ptr ? W_ptr[t] : (A)1;
     }
     st = block_reduce<SumOp, A>(st, scratch);
     if (threadIdx.x == 0) *Div_ptr = st.a0;

@@ -1,0 +1,64 @@
+"""The rules every backend follows, written once.
+
+Backends implement the math of each op in their own language (NumPy, Triton,
+CUDA C); the rules *around* the math live here, and backends, the public
+functions, the fused linear cross-entropy and the vocabulary-parallel loss
+import them instead of restating them.
+
+Reductions
+----------
+``REDUCTIONS`` for every loss; ``KL_REDUCTIONS`` adds ``"batchmean"`` (sum
+divided by the batch size) for the KL divergences.  Kernels that take the
+reduction as a number use ``REDUCTION_CODES``.
+
+Accumulation dtype
+------------------
+Arithmetic is float64 for float64 storage and float32 for every other
+floating dtype (float16, bfloat16, float32): :func:`acc_dtype_name`.  Losses
+come out of a backend in that dtype; the public functions cast them to the
+input's dtype, as torch returns them.
+
+Class-index targets
+-------------------
+A row whose target ``t`` equals ``ignore_index`` is *ignored*: loss 0,
+gradient 0.  A row with ``0 <= t < C`` is *valid*.  Any other target is
+*out of range*: value checks refuse it before any work where they run
+(always on the CPU; on a GPU when :func:`gpuloss.set_value_checks` says so),
+and where they do not run, the kernels never read out of bounds: that row's
+loss and gradient are NaN, and every other row keeps its own values.
+
+The ``"mean"`` divisor is the sum of ``weight[t]`` over the valid rows (their
+count without class weights); out-of-range rows are not counted.  The
+gradient scale of a valid row is ``1 / divisor`` (:func:`mean_scale`), of an
+ignored row exactly 0 (selected, never multiplied).  A zero divisor (every
+row ignored, or every valid row of weight 0) follows torch: the loss is
+``0 / 0 = nan``; ignored rows keep zero gradients and the valid rows' are
+``0 * inf = nan``.
+
+Empty inputs
+------------
+A loss over no elements follows torch: ``"none"`` gives an empty (or, for
+the class-dimension losses with ``C = 0``, per-row) result, ``"sum"`` 0,
+``"mean"`` NaN; see ``gpuloss.functional`` for the class-dimension details.
+"""
+from __future__ import annotations
+
+import math
+
+REDUCTIONS = ("none", "mean", "sum")
+KL_REDUCTIONS = ("none", "mean", "sum", "batchmean")
+#: the reduction as a kernel argument
+REDUCTION_CODES = {"none": 0, "sum": 1, "mean": 2, "batchmean": 3}
+
+
+def acc_dtype_name(storage: str) -> str:
+    """The arithmetic dtype for a storage dtype name: float64 stays float64,
+    everything else computes in float32."""
+    return "float64" if storage == "float64" else "float32"
+
+
+def mean_scale(divisor: float) -> float:
+    """The gradient scale of a valid row under ``"mean"``: ``1 / divisor``,
+    ``inf`` for a zero divisor (so a valid row's gradient becomes NaN, as in
+    torch, while ignored rows, scaled by a selected 0, stay 0)."""
+    return 1.0 / divisor if divisor != 0 else math.inf
