@@ -46,18 +46,23 @@ def device_of(a: Any, kind: str) -> str:
     raise TypeError(f"not an array: {type(a).__name__}")
 
 
-def classify(named: Iterable[Tuple[str, Any]]) -> Tuple[str, str]:
+def classify(named: Iterable[Tuple[str, Any]], optional: Iterable[str] = ()) -> Tuple[str, str]:
     """Kind and device shared by every array argument.
 
-    ``named`` is (argument name, value) pairs; ``None`` values are skipped.
-    Raises ``TypeError`` for mixed kinds and ``ValueError`` for mixed devices,
-    naming the arguments.  The first argument must be an array.
+    ``named`` is (argument name, value) pairs.  ``None`` is allowed only for
+    the names in ``optional`` (and is skipped); a required argument that is
+    ``None`` or not an array raises ``TypeError`` naming it.  Raises
+    ``TypeError`` for mixed kinds and ``ValueError`` for mixed devices, naming
+    the arguments.
     """
+    optional = set(optional)
     kind = device = None
     first = None
     for name, a in named:
         if a is None:
-            continue
+            if name in optional:
+                continue
+            raise TypeError(f"{name} must be a NumPy array, CuPy array or torch.Tensor, got None")
         k = kind_of(a)
         if k is None:
             if first is None:

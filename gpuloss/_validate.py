@@ -9,6 +9,7 @@ training step need not synchronise.
 from __future__ import annotations
 
 import math
+import operator
 import sys
 from typing import Any
 
@@ -92,6 +93,21 @@ def check_positive_or_none(name: str, v: Any) -> None:
         check_positive(name, v)
 
 
+def check_ignore_index(name: str, v: Any) -> int:
+    """An integer class index that fits in int64 (Python int, NumPy integer,
+    or anything with ``__index__``, as torch accepts); bools, floats, strings
+    and None are refused as torch refuses them."""
+    if isinstance(v, (bool, np.bool_)) or getattr(v, "dtype", None) is not None and "bool" in str(v.dtype):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        i = operator.index(v)
+    except TypeError:
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
+    if not -(2 ** 63) <= i < 2 ** 63:
+        raise ValueError(f"{name}={i} is outside the int64 range")
+    return i
+
+
 # ---------------------------------------------------------------- targets
 
 def _ce_target_shape(input: Any) -> tuple:
@@ -123,7 +139,10 @@ def check_index_target(name: str, target: Any, kind: str, input: Any) -> None:
 
 
 def as_index_target(target: Any, kind: str) -> Any:
-    """int32/int64 pass through; other integer dtypes become int64."""
+    """int32/int64 pass through; other integer dtypes (int8, int16, uint8 to
+    uint64) become int64, before any value check: torch has no comparison
+    kernels for uint16/32/64.  A uint64 value beyond int64's range becomes
+    negative, so the value check reports it as out of range."""
     name = dtype_name(target, kind)
     if name in ("int32", "int64"):
         return target
@@ -165,12 +184,37 @@ def check_class_targets(name: str, target: Any, kind: str, C: int, ignore_index:
                          f"ignore_index={ignore_index}")
 
 
+def check_unit_interval(name: str, a: Any, kind: str) -> None:
+    """Every value of ``a`` in [0, 1] (binary_cross_entropy's probabilities
+    and targets, as torch checks them; NaN fails).  A value check: it follows
+    ``gpuloss.config``'s mode on a GPU."""
+    n = a.numel() if kind == "torch" else a.size
+    if n == 0 or not _device_values_allowed(a, kind):
+        return
+    ok = (a >= 0) & (a <= 1)
+    if not bool(ok.all()):
+        raise ValueError(f"all elements of {name} should be between 0 and 1")
+
+
 # ---------------------------------------------------------------- weights
+
+def check_no_grad(name: str, a: Any, kind: str, what: str) -> None:
+    """torch: ``a`` must not require grad while grad mode is on (the loss is
+    not differentiable with respect to it, and silently detaching it would
+    lose the gradient the caller asked for)."""
+    if kind != "torch" or a is None or not a.requires_grad:
+        return
+    import torch
+    if torch.is_grad_enabled():
+        raise ValueError(f"{name} requires grad, but {what} is not differentiable with respect to {name} "
+                         f"(as in torch); pass {name}.detach()")
+
 
 def check_weight(name: str, weight: Any, kind: str, C: int) -> None:
     if weight is None:
         return
     check_floating(name, weight, kind)
+    check_no_grad(name, weight, kind, "the loss")
     if weight.ndim != 1 or weight.shape[0] != C:
         raise ValueError(f"{name} must be a 1-D array of length C={C} (one weight per class), "
                          f"got shape {tuple(weight.shape)}")
@@ -227,9 +271,61 @@ def as_row_broadcast(w: Any, kind: str, input: Any, rows: Any) -> Any:
 
 # ---------------------------------------------------------------- in-place
 
-def check_inplace_ok(name: str, input: Any, rows: Any, kind: str, return_grad: Any) -> None:
-    """``inplace_backward`` overwrites the logits with their gradient."""
-    if kind == "torch" and return_grad and input.requires_grad:
-        raise ValueError(f"inplace_backward=True with return_grad would overwrite {name}, which requires "
-                         f"grad; call it on a tensor that does not require grad, or use autograd "
-                         f"(drop return_grad)")
+def _elem_strides(a: Any, kind: str) -> tuple:
+    if kind == "torch":
+        return tuple(a.stride())
+    return tuple(st // a.itemsize for st in a.strides)
+
+
+def strides_overlap(shape: tuple, strides: tuple) -> bool:
+    """Whether two different indices of an array with these ``shape`` and
+    element ``strides`` address the same element.
+
+    Dimensions sorted by stride: when each stride is larger than the span of
+    the smaller ones, no two indices meet (the common case, decided in
+    O(ndim)).  Otherwise the offsets are enumerated (up to 2**22 elements);
+    a larger layout that the first test cannot decide counts as overlapping."""
+    if any(n == 0 for n in shape):
+        return False
+    dims = sorted((abs(st), n) for n, st in zip(shape, strides) if n > 1)
+    span = 0
+    for st, n in dims:
+        if st <= span:
+            break
+        span += st * (n - 1)
+    else:
+        return False
+    total = math.prod(n for _, n in dims)
+    if total > 1 << 22:
+        return True
+    offs = np.zeros(1, dtype=np.int64)
+    for st, n in dims:
+        offs = (offs[:, None] + st * np.arange(n, dtype=np.int64)[None, :]).reshape(-1)
+    return np.unique(offs).size != offs.size
+
+
+def check_inplace_ok(name: str, input: Any, kind: str, return_grad: Any) -> None:
+    """``inplace_backward`` overwrites the logits with their gradient: they
+    must be writable, and no two elements may share memory (an ``expand``ed
+    tensor, a stride-0 or overlapping ``as_strided`` view), as for torch's
+    own in-place operations.  Metadata only: nothing is read or written."""
+    if kind == "numpy" and not input.flags.writeable:
+        raise ValueError(f"inplace_backward=True writes the gradient over {name}, but {name} is a read-only "
+                         f"array")
+    if kind == "torch":
+        import torch
+        if return_grad and input.requires_grad:
+            raise ValueError(f"inplace_backward=True with return_grad would overwrite {name}, which requires "
+                             f"grad; call it on a tensor that does not require grad, or use autograd "
+                             f"(drop return_grad)")
+        if torch.compiler.is_compiling():
+            return  # traced: the mutation is functionalized, and dynamo cannot trace the overlap query
+        verdict = torch._debug_has_internal_overlap(input) if hasattr(torch, "_debug_has_internal_overlap") \
+            else 2
+        overlap = verdict == 1 or (verdict == 2 and strides_overlap(tuple(input.shape), _elem_strides(input, kind)))
+    else:
+        overlap = strides_overlap(tuple(input.shape), _elem_strides(input, kind))
+    if overlap:
+        raise ValueError(f"inplace_backward=True writes the gradient over {name}, but elements of {name} share "
+                         f"memory (an expanded, stride-0 or overlapping view); pass a contiguous copy "
+                         f"or use inplace_backward=False")

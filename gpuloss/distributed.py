@@ -79,7 +79,6 @@ any collective.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -88,9 +87,10 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from . import _validate as V
+
 __all__ = ["VocabLayout", "vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
-_REDUCTIONS = ("none", "mean", "sum")
 
 #: Rows per chunk are chosen so that one chunk's fp32 temporaries hold at most
 #: this many elements (64 MiB each): the local passes create a few of them
@@ -152,19 +152,19 @@ def _group_rank_world(group) -> Tuple[int, int]:
     return dist.get_rank(group), dist.get_world_size(group)
 
 
-def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> None:
-    """Pure-argument checks: every rank runs the same code with the same
-    options, so these raise before any collective on every rank alike."""
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
-    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
-        raise TypeError(f"ignore_index must be an int, got {ignore_index!r}")
-    if not (isinstance(label_smoothing, numbers.Real) and 0.0 <= label_smoothing <= 1.0):
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
-    if not (isinstance(z_loss, numbers.Real) and math.isfinite(z_loss) and z_loss >= 0):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
-    if softcap is not None and not (isinstance(softcap, numbers.Real) and math.isfinite(softcap) and softcap > 0):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> int:
+    """Pure-argument checks (the same validators as every public function):
+    every rank runs the same code with the same options, so these raise
+    before any collective on every rank alike.  Returns ``ignore_index`` as
+    an int."""
+    V.check_reduction(reduction)
+    ignore_index = V.check_ignore_index("ignore_index", ignore_index)
+    V.check_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    V.check_finite_number("z_loss", z_loss)
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    V.check_positive_or_none("softcap", softcap)
+    return ignore_index
 
 
 def _as_int_or_none(name: str, v) -> Optional[int]:
@@ -590,7 +590,7 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=Non
     ``(2, N)`` (``(3, N)`` with label smoothing), plus the validation
     all-gather when ``validate``.
     """
-    _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ignore_index = _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     if not isinstance(local_logits, Tensor) or not local_logits.is_floating_point() or local_logits.ndim < 1:
         raise TypeError("local_logits must be a floating torch tensor with at least one dimension")
     if not isinstance(target, Tensor):
@@ -786,7 +786,7 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
     logits from the saved per-row lse).  All ranks must agree on which of
     hidden/weight/bias require grad.
     """
-    _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ignore_index = _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     for name, t in (("hidden", hidden), ("local_weight", local_weight)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise TypeError(f"{name} must be a floating torch tensor")

@@ -31,6 +31,7 @@ computed in the forward pass is saved and reused by backward).
 from __future__ import annotations
 
 import contextlib
+import math
 import sys
 import warnings
 from typing import Any, NamedTuple, Optional, Union
@@ -117,8 +118,8 @@ def _rows2d(a, kind: str, class_dim: int):
     C = moved.shape[-1]
     if nd == 2:
         rows = moved
-    else:
-        rows = moved.reshape(-1, C)
+    else:  # the row count given explicitly: reshape(-1, 0) is ambiguous
+        rows = moved.reshape(math.prod(moved.shape[:-1]), C)
     return _unit_last_stride(rows, kind), ("nd", moved.shape, cd)
 
 
@@ -197,8 +198,38 @@ def _call_context(kind: str, be, arrays: dict):
     return stack
 
 
+def _same_layout(a, b, kind: str) -> bool:
+    """Whether ``a`` and ``b`` (of one shape) are the same elements of the
+    same memory (strides of size-1 dimensions do not matter)."""
+    if a.dtype != b.dtype:
+        return False
+    if kind == "torch":
+        pa, pb, sa, sb = a.data_ptr(), b.data_ptr(), a.stride(), b.stride()
+    else:
+        ptr = (lambda v: v.__array_interface__["data"][0]) if kind == "numpy" else (lambda v: v.data.ptr)
+        pa, pb, sa, sb = ptr(a), ptr(b), a.strides, b.strides
+    return pa == pb and all(x == y for x, y, n in zip(sa, sb, a.shape) if n > 1)
+
+
+def _write_back(grad, input, kind: str):
+    """``inplace_backward``: the gradient must end up in ``input``'s memory.
+    A backend works on rows that are a view of ``input`` where it can; where
+    they were a copy (class dimension not last, strided columns, bfloat16 on
+    the NumPy backend) the gradient is copied (and rounded) into ``input``."""
+    if grad is None or _same_layout(grad, input, kind):
+        return input
+    if kind == "torch":
+        input.copy_(grad)
+    else:
+        _xp(kind).copyto(input, grad, casting="unsafe")
+    return input
+
+
 def _finish(res: LossResult, return_grad, kind, input, layout, target_layout=None, loss_layout=None,
-            target_like=None):
+            target_like=None, inplace: bool = False):
+    """The caller's result: the loss in input's dtype (PyTorch's rule); with
+    ``return_grad``, the gradient in input's dtype and shape (written into
+    ``input`` itself for ``inplace``) and the target gradient in target's."""
     loss = res.loss
     if loss_layout is not None:
         loss = _from_rows(loss, kind, loss_layout)
@@ -206,6 +237,7 @@ def _finish(res: LossResult, return_grad, kind, input, layout, target_layout=Non
     if not return_grad:
         return loss
     grad = _from_rows(res.grad, kind, layout)
+    grad = _write_back(grad, input, kind) if inplace else _cast_like(grad, input, kind)
     gt = None
     if res.grad_target is not None:
         gt = _from_rows(res.grad_target, kind, target_layout or layout)
@@ -218,15 +250,37 @@ def _finish(res: LossResult, return_grad, kind, input, layout, target_layout=Non
 # softmax
 # ---------------------------------------------------------------------------
 
-def _softmax_common(input, dim, backend, log: bool):
+def _cast_dtype(input, dtype, kind: str):
+    """torch's ``dtype=`` of softmax/log_softmax: ``input`` cast to a
+    floating ``dtype`` before the op (a torch.dtype for tensors; a NumPy
+    dtype or its name for NumPy and CuPy arrays)."""
+    if dtype is None:
+        return input
+    if kind == "torch":
+        import torch
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype for a torch.Tensor input, got {type(dtype).__name__}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
+        return input.to(dtype)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"dtype must be a NumPy dtype or its name, got {dtype!r}") from None
+    if dt.kind != "f":
+        raise TypeError(f"dtype must be a floating-point dtype, got {dt}")
+    return input.astype(dt, copy=False)
+
+
+def _softmax_common(input, dim, dtype, backend, log: bool):
     kind, device = classify([("input", input)])
+    input = _cast_dtype(input, dtype, kind)
     V.check_floating("input", input, kind)
     V.check_dim("dim", dim, input.ndim)
     be = _select(kind, device, backend)
-    if input.ndim == 0:
-        rows, layout = input.reshape(1, 1), ("0d", input.shape)
-    else:
-        rows, layout = _rows2d(input, kind, dim)
+    if _numel(input, kind) == 0:  # nothing to normalise: an empty result, as torch
+        return input.clone() if kind == "torch" else _xp(kind).empty_like(input)  # clone: keeps autograd
+    rows, layout = _rows2d(input, kind, dim)
     if kind == "torch":
         from . import torch_ops
         y = torch_ops.apply(be.name, "softmax_forward", {"x": rows}, {"log": log})
@@ -235,7 +289,7 @@ def _softmax_common(input, dim, backend, log: bool):
     return _from_rows(y, kind, layout)
 
 
-def softmax(input, dim: int = -1, *, backend: Optional[str] = None):
+def softmax(input, dim: int = -1, *, dtype=None, backend: Optional[str] = None):
     """softmax along ``dim``: ``exp(x_i) / sum_k exp(x_k)``, computed as
     ``exp(x_i - max) / sum exp(x_k - max)`` in float32 (float64 for float64).
 
@@ -244,14 +298,16 @@ def softmax(input, dim: int = -1, *, backend: Optional[str] = None):
     input : array (NumPy, CuPy or torch), floating, any shape
     dim : the dimension to normalise (default: the last, unlike torch's
         implicit-dim warning path)
+    dtype : as torch's: cast ``input`` to this floating dtype first (and
+        return that dtype)
     backend : "numpy" | "triton" | "cupy" | None (automatic)
     """
-    return _softmax_common(input, dim, backend, log=False)
+    return _softmax_common(input, dim, dtype, backend, log=False)
 
 
-def log_softmax(input, dim: int = -1, *, backend: Optional[str] = None):
-    """log_softmax along ``dim``: ``x_i - logsumexp(x)``."""
-    return _softmax_common(input, dim, backend, log=True)
+def log_softmax(input, dim: int = -1, *, dtype=None, backend: Optional[str] = None):
+    """log_softmax along ``dim``: ``x_i - logsumexp(x)``; ``dtype`` as in :func:`softmax`."""
+    return _softmax_common(input, dim, dtype, backend, log=True)
 
 
 def _softmax_bwd_common(grad_output, output, dim, backend, log: bool):
@@ -261,12 +317,10 @@ def _softmax_bwd_common(grad_output, output, dim, backend, log: bool):
     V.check_same_shape("grad_output", grad_output, "output", output)
     V.check_dim("dim", dim, output.ndim)
     be = _select(kind, device, backend)
-    if output.ndim == 0:
-        y, layout = output.reshape(1, 1), ("0d", output.shape)
-        dy = grad_output.reshape(1, 1)
-    else:
-        y, layout = _rows2d(output, kind, dim)
-        dy, _ = _rows2d(grad_output, kind, dim)
+    if _numel(output, kind) == 0:
+        return grad_output * output  # empty, and connected to autograd for torch
+    y, layout = _rows2d(output, kind, dim)
+    dy, _ = _rows2d(grad_output, kind, dim)
     if kind == "torch":
         from . import torch_ops
         dx = torch_ops.apply(be.name, "softmax_backward", {"y": y, "dy": dy}, {"log": log})
@@ -290,17 +344,67 @@ def log_softmax_backward(grad_output, output, dim: int = -1, *, backend: Optiona
 # cross-entropy and NLL
 # ---------------------------------------------------------------------------
 
-def _class_dim_call(input, target, weight, size_average, reduce, reduction: str):
+def _class_dim_call(input, target, weight, size_average, reduce, reduction: str, ignore_index):
     """The checks cross_entropy and nll_loss share: (reduction, kind, device,
-    C) for logits with the class dimension 1 ((C,) unbatched)."""
+    C, ignore_index) for logits with the class dimension 1 ((C,) unbatched)."""
     reduction = _legacy_reduction(size_average, reduce, reduction)
-    kind, device = classify([("input", input), ("target", target), ("weight", weight)])
+    kind, device = classify([("input", input), ("target", target), ("weight", weight)], optional=("weight",))
     V.check_reduction(reduction)
     V.check_floating("input", input, kind)
     if input.ndim == 0:
         raise ValueError("input must have at least 1 dimension (C,), got a 0-d array")
+    ignore_index = V.check_ignore_index("ignore_index", ignore_index)
     C = input.shape[1] if input.ndim >= 2 else input.shape[0]
-    return reduction, kind, device, C
+    return reduction, kind, device, C, ignore_index
+
+
+def _row_loss_shape(input) -> tuple:
+    """The shape of a per-sample class-dimension loss: input without dim 1."""
+    return tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.ndim >= 2 else ()
+
+
+def _empty_class_loss(kind, input, target, prob: bool, ignore_index: int, eps: float, reduction: str,
+                      return_grad):
+    """cross_entropy / nll_loss when the logits hold no element (no rows, or
+    C = 0), as torch gives it: a row's loss is 0 when its target is ignored,
+    NaN otherwise (no class can match it), NaN for every row with label
+    smoothing (``eps / C`` is infinite), 0 for a probability target (an empty
+    sum); "sum" adds the rows, "mean" is NaN (a zero divisor).  Gradients are
+    zeros of input's (and target's) shape.  torch tensors stay connected to
+    autograd, so ``backward()`` gives those zero gradients."""
+    shape = _row_loss_shape(input)
+    nan = float("nan")
+    if kind == "torch":
+        import torch
+        rows = torch.zeros(shape, dtype=input.dtype, device=input.device)
+        if not prob:
+            rows = rows.masked_fill(target.reshape(shape) != ignore_index, nan)
+        if eps > 0 and not prob:
+            rows = rows.fill_(nan)
+    else:
+        xp = _xp(kind)
+        rows = xp.zeros(shape, dtype=input.dtype)
+        if not prob:
+            rows[...] = xp.where(target.reshape(shape) != ignore_index, nan, 0.0)
+        if eps > 0 and not prob:
+            rows[...] = nan
+    if reduction == "none":
+        loss = rows
+    elif reduction == "sum":
+        loss = rows.sum()
+    else:
+        loss = rows.sum() * nan
+    if kind == "torch":
+        loss = loss.to(input.dtype) + input.sum() * 0
+        if prob and target.requires_grad:
+            loss = loss + target.sum() * 0
+    else:
+        loss = _xp(kind).asarray(loss, dtype=input.dtype)
+    if not return_grad:
+        return loss
+    zeros = (lambda a: a.new_zeros(a.shape)) if kind == "torch" else (lambda a: _xp(kind).zeros_like(a))
+    gt = zeros(target) if (prob and return_grad == "all") else None
+    return LossGrad(loss, zeros(input), gt)
 
 
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
@@ -315,20 +419,23 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     target : class indices, integer, of shape (), (N,) or (N, d1, ...); or
         class probabilities, floating, of input's shape
     weight : optional (C,) class weights
-    ignore_index : class-index targets equal to it contribute nothing
+    ignore_index : class-index targets equal to it contribute nothing (an
+        int; anything else is a TypeError, as in torch)
     reduction : "none" | "mean" | "sum"
     label_smoothing : in [0, 1]
     z_loss : adds ``z_loss * logsumexp(z)**2`` per (non-ignored) row (PaLM)
     softcap : if set, logits become ``softcap * tanh(z / softcap)`` first (Gemma 2)
     inplace_backward : write the gradient over ``input`` (saves N x C memory;
-        the logits are consumed)
+        the logits are consumed).  ``input`` must be writable with no two
+        elements sharing memory.
     return_grad : see the module docstring
     backend : "numpy" | "triton" | "cupy" | None
 
     The math is written out in :func:`gpuloss.reference.cross_entropy`.  An
     empty batch or an all-ignored batch gives nan for "mean", as PyTorch.
     """
-    reduction, kind, device, C = _class_dim_call(input, target, weight, size_average, reduce, reduction)
+    reduction, kind, device, C, ignore_index = _class_dim_call(input, target, weight, size_average, reduce,
+                                                              reduction, ignore_index)
     prob = V.check_ce_target("target", target, kind, input)
     V.check_weight("weight", weight, kind, C)
     V.check_range("label_smoothing", label_smoothing, 0.0, 1.0)
@@ -337,33 +444,35 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
     V.check_positive_or_none("softcap", softcap)
     V.check_bool("inplace_backward", inplace_backward)
-    be = _select(kind, device, backend)
+    _wants(return_grad)
+    if inplace_backward:
+        V.check_inplace_ok("input", input, kind, return_grad)
     if not prob:
-        V.check_class_targets("target", target, kind, C, ignore_index)
         target = V.as_index_target(target, kind)
+        V.check_class_targets("target", target, kind, C, ignore_index)
+    be = _select(kind, device, backend)
+    if _numel(input, kind) == 0:
+        return _empty_class_loss(kind, input, target, prob, ignore_index, float(label_smoothing), reduction,
+                                 return_grad)
     if input.ndim == 1:  # one unbatched row
-        rows, layout = input.reshape(1, C), None
+        rows, layout = input.reshape(1, C), ("0d", (C,))
         t_rows = target.reshape(1, C) if prob else target.reshape(1)
     else:
         rows, layout = _rows2d(input, kind, 1)
         t_rows = _rows2d(target, kind, 1)[0] if prob else target.reshape(-1)
-    if inplace_backward:
-        V.check_inplace_ok("input", input, rows, kind, return_grad)
     w = None if weight is None else V.as_float_vector(weight, kind, input)
-    opts = dict(ignore_index=int(ignore_index), label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+    opts = dict(ignore_index=ignore_index, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                 softcap=None if softcap is None else float(softcap), reduction=reduction,
                 grad_inplace=bool(inplace_backward))
     res = _run(kind, be, "cross_entropy", {"x": rows, "target": t_rows, "weight": w}, opts, return_grad, prob)
     if reduction == "none":
-        res = res._replace(loss=res.loss.reshape(tuple(input.shape[:1]) + tuple(input.shape[2:])
-                                                 if input.ndim >= 2 else ()))
-    if input.ndim == 1:
-        loss = _cast_like(res.loss, input, kind)
-        if not return_grad:
-            return loss
-        reshape = lambda a: None if a is None else a.reshape(C)  # noqa: E731
-        return LossGrad(loss, reshape(res.grad), _cast_like(reshape(res.grad_target), target, kind))
-    return _finish(res, return_grad, kind, input, layout, target_like=target if prob else None)
+        res = res._replace(loss=res.loss.reshape(_row_loss_shape(input)))
+    return _finish(res, return_grad, kind, input, layout, target_like=target if prob else None,
+                   inplace=bool(inplace_backward))
+
+
+def _numel(a, kind: str) -> int:
+    return a.numel() if kind == "torch" else a.size
 
 
 def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
@@ -371,22 +480,22 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = 
     """Negative log-likelihood on log-probabilities, as
     ``torch.nn.functional.nll_loss``: ``loss_i = -weight[t_i] * input[i, t_i]``;
     "mean" divides by the sum of the weights of the non-ignored targets."""
-    reduction, kind, device, C = _class_dim_call(input, target, weight, size_average, reduce, reduction)
+    reduction, kind, device, C, ignore_index = _class_dim_call(input, target, weight, size_average, reduce,
+                                                              reduction, ignore_index)
     V.check_index_target("target", target, kind, input)
     V.check_weight("weight", weight, kind, C)
-    be = _select(kind, device, backend)
-    V.check_class_targets("target", target, kind, C, ignore_index)
+    _wants(return_grad)
     target = V.as_index_target(target, kind)
-    rows, layout = _rows2d(input, kind, 1) if input.ndim >= 2 else (input.reshape(1, C), None)
+    V.check_class_targets("target", target, kind, C, ignore_index)
+    be = _select(kind, device, backend)
+    if _numel(input, kind) == 0:
+        return _empty_class_loss(kind, input, target, False, ignore_index, 0.0, reduction, return_grad)
+    rows, layout = _rows2d(input, kind, 1) if input.ndim >= 2 else (input.reshape(1, C), ("0d", (C,)))
     w = None if weight is None else V.as_float_vector(weight, kind, input)
     res = _run(kind, be, "nll_loss", {"logp": rows, "target": target.reshape(-1), "weight": w},
-               dict(ignore_index=int(ignore_index), reduction=reduction), return_grad, False)
+               dict(ignore_index=ignore_index, reduction=reduction), return_grad, False)
     if reduction == "none":
-        res = res._replace(loss=res.loss.reshape(target.shape))
-    if input.ndim == 1:
-        res = res._replace(grad=None if res.grad is None else res.grad.reshape(C))
-        loss = _cast_like(res.loss, input, kind)
-        return LossGrad(loss, res.grad, None) if return_grad else loss
+        res = res._replace(loss=res.loss.reshape(_row_loss_shape(input)))
     return _finish(res, return_grad, kind, input, layout)
 
 
@@ -399,24 +508,12 @@ def kl_div(input, target, size_average=None, reduce=None, reduction: str = "mean
     """KL divergence as ``torch.nn.functional.kl_div``: ``input`` holds
     log-probabilities; element-wise ``target * (log target - input)``
     (``exp(target) * (target - input)`` with ``log_target``).  Reductions
-    "none", "mean" (over elements), "sum", "batchmean" (sum / input.shape[0])."""
+    "none", "mean" (over elements), "sum", "batchmean" (sum / input.shape[0]).
+    input and target broadcast against each other, as in torch."""
     reduction = _legacy_reduction(size_average, reduce, reduction)
-    kind, device = classify([("input", input), ("target", target)])
-    V.check_reduction(reduction, kl=True)
-    V.check_floating("input", input, kind)
-    V.check_floating("target", target, kind)
-    V.check_same_shape("input", input, "target", target)
     V.check_bool("log_target", log_target)
-    be = _select(kind, device, backend)
-    x, layout = _rows2d(input, kind, -1)
-    t, _ = _rows2d(target, kind, -1)
-    red = reduction
-    res = _run(kind, be, "kl_div", {"input": x, "target": t},
-               dict(log_target=bool(log_target), reduction="sum" if red == "batchmean" else red), return_grad, True)
-    if red == "batchmean":
-        res = _batchmean(res, input.shape[0] if input.ndim else 1, kind)
-    return _finish(res, return_grad, kind, input, layout, loss_layout=layout if red == "none" else None,
-                   target_like=target)
+    return _elementwise("kl_div", input, target, reduction, return_grad, backend,
+                        dict(log_target=bool(log_target)), {}, broadcast=True, kl=True)
 
 
 def _batchmean(res: LossResult, n: int, kind: str) -> LossResult:
@@ -462,23 +559,98 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
 # element-wise losses
 # ---------------------------------------------------------------------------
 
-def _elementwise(op: str, input, target, reduction, return_grad, backend, extra: dict, named_weights: dict):
-    kind, device = classify([("input", input), ("target", target)] + list(named_weights.items()))
-    V.check_reduction(reduction)
+def _broadcast_pair(input, target, kind: str, warn: bool):
+    """``(input, target, shape)`` expanded to their common shape, as torch's
+    ``mse_loss`` and ``kl_div`` broadcast them (``mse_loss`` with torch's
+    warning when the sizes differ); ``shape`` is None when they already
+    agree.  Views, no copies."""
+    if tuple(input.shape) == tuple(target.shape):
+        return input, target, None
+    try:
+        shape = tuple(np.broadcast_shapes(tuple(input.shape), tuple(target.shape)))
+    except ValueError:
+        raise ValueError(f"target of shape {tuple(target.shape)} does not broadcast with input of shape "
+                         f"{tuple(input.shape)}") from None
+    if warn:
+        warnings.warn(f"Using a target size ({tuple(target.shape)}) that is different to the input size "
+                      f"({tuple(input.shape)}). This will likely lead to incorrect results due to broadcasting. "
+                      f"Please ensure they have the same size.", UserWarning, stacklevel=4)
+    if kind == "torch":
+        return input.expand(shape), target.expand(shape), shape
+    xp = _xp(kind)
+    return xp.broadcast_to(input, shape), xp.broadcast_to(target, shape), shape
+
+
+def _sum_to(a, shape: tuple, kind: str):
+    """``a`` summed over the dimensions that broadcasting added to ``shape``:
+    the gradient of a broadcast operand."""
+    if a is None or tuple(a.shape) == tuple(shape):
+        return a
+    if kind == "torch":
+        return a.sum_to_size(shape) if len(shape) else a.sum()
+    lead = a.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and a.shape[lead + i] != 1)
+    return a.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+def _elementwise(op: str, input, target, reduction, return_grad, backend, extra: dict, named_weights: dict,
+                 broadcast: bool = False, kl: bool = False):
+    """The element-wise losses: one element of input and target gives one
+    loss element.  ``broadcast``: input and target broadcast to a common
+    shape (mse_loss, kl_div), else they must agree (BCE, as in torch)."""
+    kind, device = classify([("input", input), ("target", target)] + list(named_weights.items()),
+                            optional=named_weights)
+    V.check_reduction(reduction, kl=kl)
     V.check_floating("input", input, kind)
     V.check_floating("target", target, kind)
-    V.check_same_shape("input", input, "target", target)
+    if not broadcast:
+        V.check_same_shape("input", input, "target", target)
     for name, w in named_weights.items():
         V.check_broadcastable(name, w, kind, input)
+        V.check_no_grad(name, w, kind, op)
+    _wants(return_grad)
+    if op == "bce":
+        V.check_unit_interval("input", input, kind)
+        V.check_unit_interval("target", target, kind)
     be = _select(kind, device, backend)
-    x, layout = _rows2d(input, kind, -1)
-    t, _ = _rows2d(target, kind, -1)
-    arrays = {"x" if op != "bce" else "p": x, "target": t}
-    for name, w in named_weights.items():
-        arrays[name] = None if w is None else V.as_row_broadcast(w, kind, input, x)
-    res = _run(kind, be, op, arrays, dict(reduction=reduction, **extra), return_grad, True)
-    return _finish(res, return_grad, kind, input, layout, loss_layout=layout if reduction == "none" else None,
-                   target_like=target)
+    xin, tin, bshape = _broadcast_pair(input, target, kind, warn=op == "mse") if broadcast else \
+        (input, target, None)
+    red = "sum" if reduction == "batchmean" else reduction
+    if _numel(xin, kind) == 0:
+        res = _empty_elementwise(kind, xin, tin, red)
+    else:
+        x, layout = _rows2d(xin, kind, -1)
+        t, _ = _rows2d(tin, kind, -1)
+        arrays = {"x" if op != "bce" else "p": x, "target": t}
+        if op == "kl_div":
+            arrays = {"input": x, "target": t}
+        for name, w in named_weights.items():
+            arrays[name] = None if w is None else V.as_row_broadcast(w, kind, xin, x)
+        res = _run(kind, be, op, arrays, dict(reduction=red, **extra), return_grad, True)
+        unrow = lambda a: _from_rows(a, kind, layout)  # noqa: E731
+        res = LossResult(unrow(res.loss) if red == "none" else res.loss, unrow(res.grad), unrow(res.grad_target))
+    if reduction == "batchmean":  # torch: sum / input.size(0)
+        res = _batchmean(res, input.shape[0] if input.ndim else 1, kind)
+    if return_grad and bshape is not None:
+        res = res._replace(grad=_sum_to(res.grad, tuple(input.shape), kind),
+                           grad_target=_sum_to(res.grad_target, tuple(target.shape), kind))
+    return _finish(res, return_grad, kind, input, ("0d", tuple(input.shape)),
+                   target_layout=("0d", tuple(target.shape)), target_like=target)
+
+
+def _empty_elementwise(kind: str, input, target, reduction: str) -> LossResult:
+    """An element-wise loss over no elements, as torch: "none" an empty
+    array of input's shape, "sum" 0, "mean" NaN; zero-size gradients.  torch
+    tensors stay connected to autograd."""
+    zeros = (lambda a, shape: a.new_zeros(shape)) if kind == "torch" else \
+        (lambda a, shape: _xp(kind).zeros(shape, dtype=a.dtype))
+    if reduction == "none":
+        loss = zeros(input, tuple(input.shape))
+    else:
+        loss = zeros(input, ()) + (float("nan") if reduction == "mean" else 0.0)
+    if kind == "torch":
+        loss = loss + input.sum() * 0 + (target.sum() * 0 if target.requires_grad else 0)
+    return LossResult(loss, zeros(input, tuple(input.shape)), zeros(target, tuple(target.shape)))
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None,
@@ -511,4 +683,4 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction: str = "me
     The lecture's L2 divergence ``1/2 ||Y - d||^2`` is
     ``mse_loss(Y, d, reduction="sum") / 2``, with gradient ``Y - d``."""
     reduction = _legacy_reduction(size_average, reduce, reduction)
-    return _elementwise("mse", input, target, reduction, return_grad, backend, {}, {})
+    return _elementwise("mse", input, target, reduction, return_grad, backend, {}, {}, broadcast=True)

@@ -446,7 +446,7 @@ def _fused(kind: str, be, h, W, b, t, cw, o: _Opts, *, need_h: bool, need_w: boo
 def _prepare(hidden, weight, target, bias, class_weight, ignore_index, reduction, label_smoothing, z_loss,
              softcap, chunk_size, backend, accumulate_fp32, allow_retain_graph=False):
     kind, device = classify([("hidden", hidden), ("weight", weight), ("target", target), ("bias", bias),
-                             ("class_weight", class_weight)])
+                             ("class_weight", class_weight)], optional=("bias", "class_weight"))
     VAL.check_reduction(reduction)
     VAL.check_floating("hidden", hidden, kind)
     VAL.check_floating("weight", weight, kind)

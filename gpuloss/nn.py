@@ -188,24 +188,29 @@ def _implicit_softmax_dim(name: str, ndim: int) -> int:
 
 class Softmax(torch.nn.Softmax):
     """``torch.nn.Softmax`` on gpuloss (differentiable through the backend's
-    softmax_backward).  ``dim=None`` follows torch's deprecated implicit rule."""
+    softmax_backward).  ``dim=None`` follows torch's deprecated implicit rule;
+    ``dtype`` (keyword-only) casts the input first, as ``F.softmax(..., dtype=)``."""
 
-    def __init__(self, dim: Optional[int] = None, *, backend: Optional[str] = None) -> None:
+    def __init__(self, dim: Optional[int] = None, *, dtype: Optional[torch.dtype] = None,
+                 backend: Optional[str] = None) -> None:
         super().__init__(dim)
+        self.dtype = dtype
         self.backend = backend
 
     def forward(self, input: Tensor) -> Tensor:
         dim = self.dim if self.dim is not None else _implicit_softmax_dim("softmax", input.dim())
-        return F.softmax(input, dim, backend=self.backend)
+        return F.softmax(input, dim, dtype=getattr(self, "dtype", None), backend=self.backend)
 
 
 class LogSoftmax(torch.nn.LogSoftmax):
     """``torch.nn.LogSoftmax`` on gpuloss."""
 
-    def __init__(self, dim: Optional[int] = None, *, backend: Optional[str] = None) -> None:
+    def __init__(self, dim: Optional[int] = None, *, dtype: Optional[torch.dtype] = None,
+                 backend: Optional[str] = None) -> None:
         super().__init__(dim)
+        self.dtype = dtype
         self.backend = backend
 
     def forward(self, input: Tensor) -> Tensor:
         dim = self.dim if self.dim is not None else _implicit_softmax_dim("log_softmax", input.dim())
-        return F.log_softmax(input, dim, backend=self.backend)
+        return F.log_softmax(input, dim, dtype=getattr(self, "dtype", None), backend=self.backend)

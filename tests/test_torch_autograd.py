@@ -370,12 +370,14 @@ def test_no_gradient_asked_when_none_needed(rng, monkeypatch):
 
 def test_weight_is_a_constant(rng):
     """Class weights are constants, as in torch's cross_entropy: a weight that
-    requires grad gets no gradient and does not break the backward pass."""
+    requires grad is refused while grad mode is on (torch raises too, rather
+    than lose the gradient asked for); a detached one is used as given."""
     x = T(rng.standard_normal((3, 4)), requires_grad=True)
     w = T(rng.uniform(0.5, 1.5, 4), requires_grad=True)
     t = T(rng.integers(0, 4, 3))
-    gpuloss.cross_entropy(x, t, weight=w).backward()
-    assert w.grad is None
+    with pytest.raises(ValueError, match="weight requires grad"):
+        gpuloss.cross_entropy(x, t, weight=w)
+    gpuloss.cross_entropy(x, t, weight=w.detach()).backward()
     np.testing.assert_allclose(x.grad.numpy(), R.cross_entropy_grad(x.detach().numpy(), t.numpy(),
                                                                      weight=w.detach().numpy())[0],
                                **tol("float64"))
@@ -396,11 +398,12 @@ _SYNC_METHODS = ("item", "tolist", "__bool__", "__float__", "__int__", "__index_
 @pytest.fixture
 def forbid_value_reads(monkeypatch):
     """Make every torch-level read of a tensor's value raise.  On a GPU each
-    of these would be a host synchronisation.  The argument check of class
-    indices (a deliberate, documented value read, skipped on GPUs under
-    capture/compile) is switched off here."""
+    of these would be a host synchronisation.  The value checks (class
+    indices in range, BCE probabilities in [0, 1]: deliberate, documented
+    value reads, skipped on GPUs by default and under capture/compile) are
+    switched off here, as on a GPU."""
     from gpuloss import _validate
-    monkeypatch.setattr(_validate, "check_class_targets", lambda *a, **k: None)
+    monkeypatch.setattr(_validate, "_device_values_allowed", lambda *a, **k: False)
 
     def boom(self, *a, **k):
         raise AssertionError("a tensor value was read on the host (a GPU sync)")

@@ -1,0 +1,354 @@
+"""Edges where gpuloss must behave as torch does, on every backend: shared
+memory under ``inplace_backward``, empty shapes, argument types, zero class
+weights, the out-of-range target contract, broadcasting, ``dtype=``.
+
+Each body runs on every backend (``backend`` fixture) through the public
+functions on torch tensors of that backend's device, against torch itself;
+the NumPy-array path is checked where it has its own code.
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+import gpuloss
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+
+def _t(backend, a, dtype=torch.float64, **kw):
+    return torch.as_tensor(np.asarray(a), dtype=dtype).to(backend.device).requires_grad_(kw.get("grad", False))
+
+
+def _same(ours, theirs, rtol=1e-10, atol=1e-12):
+    """Equal values, equal NaN positions, equal shape and dtype."""
+    assert tuple(ours.shape) == tuple(theirs.shape), (ours.shape, theirs.shape)
+    assert ours.dtype == theirs.dtype, (ours.dtype, theirs.dtype)
+    o, t = ours.detach().cpu().double(), theirs.detach().cpu().double()
+    assert torch.equal(o.isnan(), t.isnan()), (o, t)
+    torch.testing.assert_close(o.nan_to_num(), t.nan_to_num(), rtol=rtol, atol=atol)
+
+
+# ------------------------------------------------------------ 1. shared memory
+
+def _overlapping_views(xp_base):
+    """(name, view) pairs whose elements share memory."""
+    return [
+        ("stride-0 rows", np.lib.stride_tricks.as_strided(xp_base, (4, 5), (0, xp_base.itemsize))),
+        ("overlapping rows", np.lib.stride_tricks.as_strided(xp_base, (4, 5), (xp_base.itemsize, xp_base.itemsize))),
+    ]
+
+
+def test_inplace_refuses_expanded_tensor(backend, rng):
+    base = torch.tensor(rng.standard_normal((1, 5)), dtype=torch.float32, device=backend.device)
+    x = base.expand(4, 5)
+    before = base.clone()
+    t = torch.tensor([0, 1, 2, 3], device=backend.device)
+    for return_grad in (True, False):
+        with pytest.raises(ValueError, match="input.*share memory"):
+            gpuloss.cross_entropy(x, t, inplace_backward=True, return_grad=return_grad, backend=backend.name)
+    assert torch.equal(base, before)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_inplace_refuses_overlapping_numpy_views(rng, which):
+    base = rng.standard_normal(16).astype(np.float32)
+    before = base.copy()
+    name, x = _overlapping_views(base)[which]
+    with pytest.raises(ValueError, match="input.*share memory"):
+        gpuloss.cross_entropy(x, np.array([0, 1, 2, 3]), inplace_backward=True, return_grad=True)
+    np.testing.assert_array_equal(base, before)
+
+
+def test_inplace_refuses_read_only_numpy(rng):
+    x = rng.standard_normal((4, 5)).astype(np.float32)
+    x.setflags(write=False)
+    with pytest.raises(ValueError, match="input.*read-only"):
+        gpuloss.cross_entropy(x, np.array([0, 1, 2, 3]), inplace_backward=True, return_grad=True)
+
+
+def test_overlap_rule_is_exact_on_interleaved_strides():
+    from gpuloss._validate import strides_overlap
+    assert not strides_overlap((3, 2), (2, 3))     # offsets 0 2 4 3 5 7: distinct
+    assert strides_overlap((3, 2), (1, 2))         # 0 1 2 2 3 4: 2 twice
+    assert strides_overlap((4, 5), (0, 1))
+    assert not strides_overlap((4, 5), (5, 1))
+    assert not strides_overlap((4, 5), (1, 4))
+    assert not strides_overlap((0, 5), (0, 0))
+
+
+def test_inplace_writes_into_input_when_rows_are_a_copy(backend, rng):
+    """Class dimension not last (3-D logits): the rows are a copy, and the
+    gradient must still end up in ``input`` (return_grad form)."""
+    x0 = rng.standard_normal((2, 5, 3))
+    t = rng.integers(0, 5, (2, 3))
+    ref = torch.tensor(x0, requires_grad=True)
+    F.cross_entropy(ref, torch.tensor(t)).backward()
+    x = _t(backend, x0)
+    out = gpuloss.cross_entropy(x, _t(backend, t, torch.int64), inplace_backward=True, return_grad=True,
+                                backend=backend.name)
+    assert out.grad.data_ptr() == x.data_ptr()
+    _same(x, ref.grad, rtol=1e-9)
+
+
+# ------------------------------------------------------------ 3. empty shapes
+
+CE_EMPTY = [((3, 0), (3,)), ((0, 5), (0,)), ((0,), ()), ((2, 4, 0), (2, 0)), ((0, 4, 3), (0, 3))]
+
+
+@pytest.mark.parametrize("shape,tshape", CE_EMPTY)
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("ls", [0.0, 0.25])
+def test_cross_entropy_empty_shapes_follow_torch(backend, shape, tshape, reduction, ls):
+    x = torch.randn(shape, dtype=torch.float64, device=backend.device, requires_grad=True)
+    t = torch.full(tshape, -100, device=backend.device)
+    theirs = F.cross_entropy(x, t, reduction=reduction, label_smoothing=ls)
+    ours = gpuloss.cross_entropy(x, t, reduction=reduction, label_smoothing=ls, backend=backend.name)
+    _same(ours, theirs)
+    (g,) = torch.autograd.grad(ours.sum(), x)
+    assert g.shape == x.shape
+    if x.numel() and len(shape) > 1 and shape[1]:  # probability targets need a class dimension
+        return
+    p = torch.rand(shape, dtype=torch.float64, device=backend.device)
+    _same(gpuloss.cross_entropy(x, p, reduction=reduction, label_smoothing=ls, backend=backend.name),
+          F.cross_entropy(x, p, reduction=reduction, label_smoothing=ls))
+
+
+def test_cross_entropy_zero_classes_numpy_arrays():
+    x = np.zeros((3, 0), np.float32)
+    res = gpuloss.cross_entropy(x, np.full(3, -100), reduction="none", return_grad=True)
+    np.testing.assert_array_equal(res.loss, np.zeros(3, np.float32))
+    assert res.grad.shape == (3, 0) and res.grad.dtype == np.float32
+    assert np.isnan(gpuloss.cross_entropy(x, np.full(3, -100)))
+    assert gpuloss.nll_loss(x, np.full(3, -100), reduction="sum") == 0
+
+
+@pytest.mark.parametrize("fn", ["softmax", "log_softmax"])
+@pytest.mark.parametrize("shape,dim", [((3, 0), -1), ((0, 4), 1), ((2, 0, 3), 1), ((2, 3, 0), 0)])
+def test_softmax_empty_dims(backend, fn, shape, dim):
+    x = torch.randn(shape, device=backend.device, requires_grad=True)
+    y = getattr(gpuloss, fn)(x, dim, backend=backend.name)
+    _same(y, getattr(F, fn)(x, dim))
+    assert y.requires_grad
+    a = np.zeros(shape, np.float32)
+    assert getattr(gpuloss, fn)(a, dim).shape == shape
+
+
+@pytest.mark.parametrize("name", ["mse_loss", "binary_cross_entropy_with_logits", "binary_cross_entropy", "kl_div"])
+@pytest.mark.parametrize("shape", [(2, 3, 0), (0, 3), (2, 0, 4)])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_elementwise_empty_shapes(backend, name, shape, reduction):
+    x = torch.rand(shape, dtype=torch.float64, device=backend.device, requires_grad=True)
+    t = torch.rand(shape, dtype=torch.float64, device=backend.device)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs = getattr(F, name)(x, t, reduction=reduction)
+    ours = getattr(gpuloss, name)(x, t, reduction=reduction, backend=backend.name)
+    _same(ours, theirs)
+    (g,) = torch.autograd.grad(ours.sum(), x)
+    assert g.shape == x.shape
+
+
+# ------------------------------------------------------------ 4, 9. argument types
+
+@pytest.mark.parametrize("bad,exc", [(2.5, TypeError), (True, TypeError), (float("nan"), TypeError),
+                                     ("3", TypeError), (None, TypeError), (2 ** 64, ValueError),
+                                     (-(2 ** 63) - 1, ValueError)])
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+def test_ignore_index_must_be_an_int64(backend, bad, exc, fn):
+    x = torch.randn(4, 5, device=backend.device)
+    t = torch.tensor([0, 1, 2, 3], device=backend.device)
+    with pytest.raises(exc, match="ignore_index"):
+        getattr(gpuloss, fn)(x, t, ignore_index=bad, backend=backend.name)
+
+
+@pytest.mark.parametrize("good", [np.int64(2), np.int32(2), 2])
+def test_ignore_index_integer_kinds_accepted(good, rng):
+    x = torch.tensor(rng.standard_normal((4, 5)))
+    t = torch.tensor([0, 1, 2, 3])
+    _same(gpuloss.cross_entropy(x, t, ignore_index=good), F.cross_entropy(x, t, ignore_index=2))
+
+
+@pytest.mark.parametrize("fn,args", [
+    ("cross_entropy", lambda x, t: (None, t)), ("cross_entropy", lambda x, t: (x, None)),
+    ("nll_loss", lambda x, t: (None, t)), ("mse_loss", lambda x, t: (None, x)), ("mse_loss", lambda x, t: (x, None)),
+    ("softmax", lambda x, t: (None,)), ("kl_div", lambda x, t: (x, None)),
+])
+def test_none_arrays_name_the_argument(fn, args):
+    x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    a = args(x, t)
+    name = "input" if a[0] is None else "target"
+    with pytest.raises(TypeError, match=name):
+        getattr(gpuloss, fn)(*a)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "int8", "int16", "int32", "uint16", "uint32", "uint64"])
+def test_every_integer_target_dtype(backend, dtype, rng):
+    x = torch.tensor(rng.standard_normal((4, 5)), device=backend.device)
+    t = torch.tensor([0, 1, 2, 4])
+    ours = gpuloss.cross_entropy(x, t.to(getattr(torch, dtype)).to(backend.device), backend=backend.name)
+    _same(ours, F.cross_entropy(x, t.to(backend.device)), rtol=1e-9)
+    if backend.name == "numpy":
+        r = gpuloss.cross_entropy(x.cpu().numpy(), t.numpy().astype(dtype))
+        np.testing.assert_allclose(r, ours.item(), rtol=1e-12)
+
+
+# ------------------------------------------------------------ 5. zero class weights
+
+@pytest.mark.parametrize("ls", [0.0, 0.3])
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
+def test_all_zero_weights_under_mean_follow_torch(backend, rng, ls, fn):
+    if fn == "nll_loss" and ls:
+        pytest.skip("nll_loss has no label smoothing")
+    x0 = rng.standard_normal((4, 5))
+    t = torch.tensor([0, -100, 2, 3], device=backend.device)
+    w = torch.zeros(5, dtype=torch.float64, device=backend.device)
+    kw = dict(label_smoothing=ls) if ls else {}
+    xr = _t(backend, x0, grad=True)
+    theirs = getattr(F, fn)(xr, t, weight=w, **kw)
+    (gt,) = torch.autograd.grad(theirs, xr)
+    xo = _t(backend, x0, grad=True)
+    ours = getattr(gpuloss, fn)(xo, t, weight=w, backend=backend.name, **kw)
+    (go,) = torch.autograd.grad(ours, xo)
+    _same(ours, theirs)
+    _same(go, gt)  # NaN in the valid rows (CE: whole rows; NLL: the target entries), zeros in the ignored one
+    assert go[1].eq(0).all() and (go[0].isnan().all() if fn == "cross_entropy" else go[0, 0].isnan())
+
+
+# ------------------------------------------------------------ 6. out-of-range targets
+
+def test_out_of_range_target_poisons_only_its_row(backend, rng):
+    """The contract of gpuloss.rules on every backend's primitive (value
+    checks are the public functions' job; a kernel must still never read out
+    of bounds): the bad row's loss and gradient are NaN, the other rows keep
+    the values they have without it, and the "mean" divisor does not count it."""
+    R, C = 5, 7
+    x0 = rng.standard_normal((R, C))
+    t0 = np.array([1, 9, 3, -100, 6])
+    w0 = rng.uniform(0.5, 2.0, C)
+    for weighted in (False, True):
+        x = backend.asarray(x0, "float32")
+        t = backend.asarray(t0)
+        w = backend.asarray(w0, "float32") if weighted else None
+        res = backend.impl.cross_entropy(x, t, weight=w, ignore_index=-100, label_smoothing=0.1, z_loss=0.0,
+                                         softcap=None, reduction="mean", want_grad=True)
+        g = backend.to_numpy(res.grad)
+        assert np.isnan(g[1]).all()
+        assert np.isfinite(np.delete(g, 1, axis=0)).all()
+        keep = [0, 2, 3, 4]
+        ref_x = torch.tensor(x0[keep], requires_grad=True)
+        F.cross_entropy(ref_x, torch.tensor(t0[keep]), weight=torch.tensor(w0) if weighted else None,
+                        label_smoothing=0.1).backward()
+        np.testing.assert_allclose(np.delete(g, 1, axis=0), ref_x.grad.numpy(), rtol=2e-5, atol=2e-6)
+        assert np.isnan(backend.to_numpy(res.loss))
+
+
+# ------------------------------------------------------------ 7. weights that require grad
+
+@pytest.mark.parametrize("fn,kw", [
+    ("cross_entropy", "weight"), ("nll_loss", "weight"),
+    ("binary_cross_entropy_with_logits", "weight"), ("binary_cross_entropy_with_logits", "pos_weight"),
+    ("binary_cross_entropy", "weight"),
+])
+def test_weight_that_requires_grad_is_refused(backend, fn, kw):
+    dev = backend.device
+    if fn in ("cross_entropy", "nll_loss"):
+        x, t = torch.randn(4, 5, device=dev), torch.tensor([0, 1, 2, 3], device=dev)
+    else:
+        x, t = torch.rand(4, 5, device=dev), torch.rand(4, 5, device=dev)
+    w = torch.rand(5, device=dev, requires_grad=True)
+    with pytest.raises(ValueError, match=kw):
+        getattr(gpuloss, fn)(x, t, **{kw: w}, backend=backend.name)
+    with torch.no_grad():  # as in torch: fine without grad mode
+        getattr(gpuloss, fn)(x, t, **{kw: w}, backend=backend.name)
+
+
+# ------------------------------------------------------------ 8. bf16 on the numpy backend
+
+def test_bfloat16_numpy_backend_grad_dtype_and_inplace(rng):
+    x0 = torch.tensor(rng.standard_normal((4, 6)), dtype=torch.bfloat16)
+    t = torch.tensor([0, 5, 2, 3])
+    r = gpuloss.cross_entropy(x0, t, return_grad=True, backend="numpy")
+    assert r.grad.dtype == torch.bfloat16
+    x = x0.clone()
+    r2 = gpuloss.cross_entropy(x, t, return_grad=True, inplace_backward=True, backend="numpy")
+    assert r2.grad.data_ptr() == x.data_ptr() and r2.grad.dtype == torch.bfloat16
+    assert torch.equal(x, r.grad)
+    ref = (torch.softmax(x0.double(), 1) - F.one_hot(t, 6)) / 4
+    torch.testing.assert_close(x.double(), ref, rtol=1.6e-2, atol=2e-3)
+
+
+# ------------------------------------------------------------ 10. BCE value ranges
+
+@pytest.mark.parametrize("which,bad", [("input", 1.5), ("input", -0.1), ("input", float("nan")),
+                                       ("target", 2.0), ("target", float("nan"))])
+def test_bce_values_outside_unit_interval_are_refused(which, bad):
+    p = torch.tensor([0.2, 0.7, 0.5])
+    t = torch.tensor([1.0, 0.0, 1.0])
+    (p if which == "input" else t)[1] = bad
+    with pytest.raises(RuntimeError, match=f"{which} should be between 0 and 1"):
+        F.binary_cross_entropy(p, t)
+    with pytest.raises(ValueError, match=f"{which} should be between 0 and 1"):
+        gpuloss.binary_cross_entropy(p, t)
+    with pytest.raises(ValueError, match=f"{which} should be between 0 and 1"):
+        gpuloss.binary_cross_entropy(p.numpy(), t.numpy())
+
+
+# ------------------------------------------------------------ 11. broadcasting
+
+BCAST = [((3, 4), (4,)), ((4,), (3, 4)), ((3, 1), (1, 4)), ((2, 3, 4), (3, 1)), ((2, 1, 4), (5, 1))]
+
+
+@pytest.mark.parametrize("si,st", BCAST)
+@pytest.mark.parametrize("name,reductions", [("mse_loss", ["none", "mean", "sum"]),
+                                             ("kl_div", ["none", "mean", "sum", "batchmean"])])
+def test_mse_and_kl_div_broadcast_like_torch(backend, rng, si, st, name, reductions):
+    x0, t0 = rng.standard_normal(si), rng.uniform(0.1, 1.0, st)
+    for reduction in reductions:
+        xr, tr = torch.tensor(x0, requires_grad=True), torch.tensor(t0, requires_grad=True)
+        with warnings.catch_warnings(record=True) as w_theirs:
+            warnings.simplefilter("always")
+            theirs = getattr(F, name)(xr, tr, reduction=reduction)
+        gx, gt = torch.autograd.grad(theirs.sum(), (xr, tr))
+        xo, to = _t(backend, x0, grad=True), _t(backend, t0, grad=True)
+        with warnings.catch_warnings(record=True) as w_ours:
+            warnings.simplefilter("always")
+            ours = getattr(gpuloss, name)(xo, to, reduction=reduction, backend=backend.name)
+        gxo, gto = torch.autograd.grad(ours.sum(), (xo, to))
+        _same(ours, theirs, rtol=1e-9)
+        _same(gxo, gx, rtol=1e-9)
+        _same(gto, gt, rtol=1e-9)
+        size_warnings = lambda ws: sum("target size" in str(w.message) for w in ws)  # noqa: E731
+        assert size_warnings(w_ours) == size_warnings(w_theirs)
+        if backend.name == "numpy":
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                r = getattr(gpuloss, name)(x0, t0, reduction=reduction, return_grad="all")
+            np.testing.assert_allclose(r.loss, theirs.detach().numpy(), rtol=1e-10)
+            np.testing.assert_allclose(r.grad, gx.numpy(), rtol=1e-10, atol=1e-14)
+            np.testing.assert_allclose(r.grad_target, gt.numpy(), rtol=1e-10, atol=1e-14)
+
+
+def test_bce_does_not_broadcast_like_torch():
+    with pytest.raises(ValueError, match="same shape"):
+        gpuloss.binary_cross_entropy_with_logits(torch.randn(3, 4), torch.rand(4))
+
+
+# ------------------------------------------------------------ 12. softmax dtype=
+
+@pytest.mark.parametrize("fn", ["softmax", "log_softmax"])
+def test_softmax_dtype_keyword(backend, rng, fn):
+    x = torch.tensor(rng.standard_normal((3, 7)), dtype=torch.float32, device=backend.device)
+    for dt in (torch.float64, torch.float32):
+        ours = getattr(gpuloss, fn)(x, 1, dtype=dt, backend=backend.name)
+        _same(ours, getattr(F, fn)(x, 1, dtype=dt), rtol=2e-6, atol=1e-7)
+    with pytest.raises(TypeError, match="dtype"):
+        getattr(gpuloss, fn)(x, 1, dtype=torch.int64, backend=backend.name)
+    if backend.name == "numpy":
+        assert getattr(gpuloss, fn)(x.cpu().numpy(), 1, dtype="float64").dtype == np.float64
+    import gpuloss.nn as gnn
+    mod = (gnn.Softmax if fn == "softmax" else gnn.LogSoftmax)(dim=1, dtype=torch.float64, backend=backend.name)
+    assert mod(x).dtype == torch.float64
