@@ -9,10 +9,27 @@ bash "$root/ci/setup.sh" || exit 1
 venv="${GPULOSS_VENV:-$root/.venv}"
 cd "$root"
 export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"
+# The oldest and newest torch/triton that pyproject.toml admits (ci/compat.sh), on
+# the second core while the suite runs here; on by default for a plain run (CI),
+# off when pytest arguments are given, GPULOSS_COMPAT=0/1 decides otherwise.
+compat=${GPULOSS_COMPAT:-$([ $# -eq 0 ] && echo 1 || echo 0)}
+if [ "$compat" = 1 ]; then
+  compat_log=$(mktemp)
+  bash "$root/ci/compat.sh" > "$compat_log" 2>&1 &
+  compat_pid=$!
+fi
 "$venv/bin/python" -m pytest tests -q -rs -p no:cacheprovider "$@"
 rc=$?
 if [ "$rc" -eq 5 ]; then
   echo "ci/test.sh: pytest collected no tests (exit 5): treated as a failure" >&2
-  exit 1
+  rc=1
+fi
+if [ "$compat" = 1 ]; then
+  wait "$compat_pid"
+  crc=$?
+  echo "== ci/compat.sh: the oldest and newest torch and triton (exit $crc)"
+  grep -v -e "^WARNING: Location" "$compat_log"
+  rm -f "$compat_log"
+  [ "$crc" -ne 0 ] && rc=1
 fi
 exit "$rc"

@@ -60,3 +60,23 @@ def test_wheel_imports_in_clean_venv(wheel, tmp_path):
     r = subprocess.run([str(venv / "bin" / "gpuloss"), "info"], capture_output=True, text=True, cwd=str(tmp_path),
                        env=env)
     assert r.returncode == 0 and "numpy" in r.stdout, r.stdout + r.stderr
+
+
+def test_compat_ci_covers_the_oldest_and_newest_admitted_versions():
+    """ci/compat.sh tests the lower bounds of pyproject.toml's torch and
+    triton extras and a newest pair inside the upper bounds: a range that
+    admits a version CI never runs is a promise nobody checked."""
+    import re
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    py = (root / "pyproject.toml").read_text()
+    sh = (root / "ci" / "compat.sh").read_text()
+    combos = re.search(r'GPULOSS_COMPAT_COMBOS:-"([^"]+)"', sh).group(1).split()
+    pins = [dict(p.split("==") for p in c.split(",")) for c in combos]
+    ver = lambda s: tuple(int(v) for v in s.split(".")[:2])  # noqa: E731
+    for pkg in ("torch", "triton"):
+        lo, hi = re.search(rf'"{pkg}>=([\d.]+),<([\d.]+)"', py).groups()
+        tested = sorted(ver(p[pkg]) for p in pins)
+        assert tested[0] == ver(lo), f"{pkg}: oldest tested {tested[0]} is not the lower bound {lo}"
+        assert tested[-1] < ver(hi) and tested[-1][1] + 1 == ver(hi)[1], \
+            f"{pkg}: newest tested {tested[-1]} is not the newest minor release below {hi}"

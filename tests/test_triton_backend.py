@@ -445,7 +445,8 @@ _AOT_FP64 = textwrap.dedent("""
                "Loss_ptr": "*fp64", "Lse_ptr": "*fp32", "Div_ptr": "*fp64", "n_cols": "i32",
                "ignore_index": "i32", "eps": scalar, "z_loss": scalar, "softcap": scalar, "grad_scale": scalar}
         cons = dict(BLOCK=1024, PROB_TARGET=False, HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True,
-                    HAS_SOFTCAP=True, DIV_ON_DEVICE=True, WANT_GRAD=True, WANT_GRAD_TARGET=False, ACC=tl.float64)
+                    HAS_SOFTCAP=True, DIV_ON_DEVICE=True, WANT_GRAD=True, WANT_GRAD_TARGET=False, ACC=tl.float64,
+                    REVERSE=True)
         sig.update({k: "constexpr" for k in cons})
         c = triton.compile(triton.compiler.ASTSource(fn=K.cross_entropy_twopass_kernel, signature=sig,
                                                      constexprs=cons),

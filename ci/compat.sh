@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The oldest and the newest torch and triton that pyproject.toml admits, on the
+# tests whose outcome depends on their versions: the torch integration (custom
+# ops, autograd, torch.compile, nn), the Triton kernels in the interpreter and
+# compiled ahead of time for sm_80/sm_90, the edge cases against torch.
+#
+#   ci/compat.sh [pytest args]
+#
+# One extra venv (GPULOSS_COMPAT_VENV, default .venv-compat) holds the CUDA
+# runtime libraries that torch's Linux wheels import (they are never used on a
+# CPU); each combination then swaps in its torch and triton wheels and runs the
+# test files.  GPULOSS_COMPAT_COMBOS overrides the combinations
+# ("torch==A,triton==B ..."), GPULOSS_COMPAT_TESTS the test files.
+set -uo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${GPULOSS_COMPAT_VENV:-$root/.venv-compat}"
+py="${PYTHON:-python3}"
+# newest first (installed with its dependencies), then the oldest; keep in step with the
+# torch and triton extras of pyproject.toml
+combos=${GPULOSS_COMPAT_COMBOS:-"torch==2.14.1,triton==3.9.0 torch==2.11.0,triton==3.6.0"}
+tests=${GPULOSS_COMPAT_TESTS:-"tests/test_triton_backend.py tests/test_torch_compile.py tests/test_torch_autograd.py tests/test_torch_nn.py tests/test_torch_inplace.py tests/test_edges.py tests/test_linear_ce.py"}
+pip_q() { "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" ; return "${PIPESTATUS[0]}"; }
+
+stamp="$venv/.gpuloss-compat-v1"
+if [ ! -f "$stamp" ]; then
+  echo "compat: creating $venv"
+  rm -rf "$venv"
+  "$py" -m venv "$venv" || exit 1
+  pip_q --upgrade "pip>=23" "setuptools>=64,<82" wheel || exit 1
+  # the newest torch with its dependencies (its CUDA runtime libraries, which the
+  # older torch wheels load as well); the others are swapped in without theirs
+  first_torch=${combos%%,*}
+  pip_q "$first_torch" "numpy>=1.26,<3" scipy "pytest>=7" "hypothesis>=6" || exit 1
+  touch "$stamp"
+fi
+
+rc=0
+for combo in $combos; do
+  IFS=, read -r want_torch want_triton <<< "$combo"
+  echo "compat: $want_torch $want_triton"
+  pip_q --no-deps "$want_torch" "$want_triton" || { echo "compat: cannot install $combo" >&2; rc=1; continue; }
+  if ! pip_q --no-build-isolation --no-deps -e "$root" > "$venv/install.log" 2>&1; then
+    cat "$venv/install.log" >&2
+    rc=1
+    continue
+  fi
+  got=$("$venv/bin/python" -c 'import torch, triton; print(torch.__version__.split("+")[0], triton.__version__)')
+  echo "compat: running with torch ${got% *}, triton ${got#* }"
+  # shellcheck disable=SC2086
+  (cd "$root" && TRITON_INTERPRET=1 "$venv/bin/python" -m pytest $tests -q -p no:cacheprovider "$@")
+  r=$?
+  if [ "$r" -eq 5 ]; then
+    echo "compat: pytest collected no tests (exit 5) with $combo" >&2
+    r=1
+  fi
+  [ "$r" -ne 0 ] && rc=1
+done
+exit "$rc"
