@@ -1,18 +1,24 @@
-"""Benchmark of the fused linear + cross-entropy (``gpuloss.linear_ce``) on one GPU.
+"""Benchmark of the fused linear + cross-entropy (``gpuloss.linear_cross_entropy``) on one GPU.
 
-``python -m gpuloss.bench.linear_ce --out DIR`` (well under a minute on an H100/H200)::
+``python -m gpuloss.bench.linear_ce --out DIR`` (about a minute per shape on an H100/H200)::
 
-    hidden (N, H) @ weight (V, H).T -> cross-entropy, loss + grad_hidden + grad_weight
-    default N=8192, H=4096, V=128256, bfloat16 (PERF.md's row)
+    input (N, H) @ linear_weight (V, H).T -> cross-entropy, loss + grad_input + grad_weight
+    default shapes: N=8192 H=4096 V=128256 and N=16384 H=4096 V=262144, bfloat16
 
 Implementations (each one checked before it is timed):
 
-* ``gpuloss`` / ``gpuloss-acc-bf16``: :func:`gpuloss.linear_ce.linear_cross_entropy`
-  through autograd, fp32 (default) or in-GEMM bf16 accumulation of grad_weight;
+* ``gpuloss`` / ``gpuloss-acc-bf16``: :func:`gpuloss.linear_cross_entropy` through
+  autograd, fp32 (default) or in-GEMM bf16 accumulation of grad_weight (``acc_dtype``);
 * ``torch``: ``F.cross_entropy(F.linear(h, W), t)`` eager, and ``torch-compile`` of it;
-* ``torch-chunked``: ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``
-  where the installed torch has it;
+* ``torch-lce`` / ``torch-lce-chunked``: torch's own ``F.linear_cross_entropy``,
+  unchunked (``options=None``) and chunked (``LinearCrossEntropyOptions()``), where the
+  installed torch has it;
 * ``liger``: ``LigerFusedLinearCrossEntropyFunction`` when Liger-Kernel is installed.
+
+The floor is the three matmuls (``6 N H V`` flops) at the bf16 GEMM rate measured in
+the same run (an ``(N, H) @ (H, V)`` product); each row reports its fraction of it.
+``--budget`` also times the parts of one gpuloss call (logits GEMM, CE kernel,
+grad_input GEMM, grad_weight GEMM with its accumulation) over the same chunks.
 
 Check: loss and both gradients against a float32 computation on the same
 bf16 inputs; an implementation passes when its max error is at most 2x
@@ -43,8 +49,8 @@ def _impls(dtype) -> Dict[str, Callable[[], Optional[Callable]]]:
 
     def gpuloss_fn(acc32: bool):
         def make():
-            from gpuloss.linear_ce import linear_cross_entropy
-            return lambda h, W, t: linear_cross_entropy(h, W, t, accumulate_fp32=acc32)
+            from gpuloss import linear_cross_entropy
+            return lambda h, W, t: linear_cross_entropy(h, W, t, acc_dtype=None if acc32 else W.dtype)
         return make
 
     def torch_eager():
@@ -54,11 +60,13 @@ def _impls(dtype) -> Dict[str, Callable[[], Optional[Callable]]]:
         torch._dynamo.reset()
         return torch.compile(lambda h, W, t: F.cross_entropy(F.linear(h, W), t), dynamic=False)
 
-    def torch_chunked():
-        if not (hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
-            return None
-        opts = torch.nn.LinearCrossEntropyOptions()
-        return lambda h, W, t: F.linear_cross_entropy(h, W, t, options=opts)
+    def torch_lce(chunked: bool):
+        def make():
+            if not (hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyOptions")):
+                return None
+            opts = torch.nn.LinearCrossEntropyOptions() if chunked else None
+            return lambda h, W, t: F.linear_cross_entropy(h, W, t, options=opts)
+        return make
 
     def liger():
         try:
@@ -69,7 +77,8 @@ def _impls(dtype) -> Dict[str, Callable[[], Optional[Callable]]]:
         return lambda h, W, t: LigerFusedLinearCrossEntropyFunction.apply(h, W, t)
 
     return {"gpuloss": gpuloss_fn(True), "gpuloss-acc-bf16": gpuloss_fn(False), "torch": torch_eager,
-            "torch-compile": torch_compile, "torch-chunked": torch_chunked, "liger": liger}
+            "torch-compile": torch_compile, "torch-lce": torch_lce(False), "torch-lce-chunked": torch_lce(True),
+            "liger": liger}
 
 
 def _loss_and_grads(fn, h, W, t):
@@ -132,56 +141,112 @@ def run(N: int, H: int, V: int, dtype_name: str, only: Optional[List[str]] = Non
             row["status"] = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         rows.append(row)
         dev.free()
-    tt = next((r.get("time_ms") for r in rows if r["impl"] == "torch"), None)
+    gemm_ms = dev.time_ms(lambda: h @ W.t())
+    rate = 2 * N * H * V / (gemm_ms * 1e-3)  # flop/s of the bf16 GEMM, this run
+    floor_ms = 6 * N * H * V / rate * 1e3
+    peers = [r["time_ms"] for r in rows if not r["impl"].startswith("gpuloss") and r.get("time_ms")]
+    best_peer = min(peers) if peers else None
     for r in rows:
-        if r["impl"].startswith("gpuloss") and r.get("time_ms") and tt:
-            r["target_time"] = r["time_ms"] <= tt
+        if r.get("time_ms"):
+            r["floor_fraction"] = floor_ms / r["time_ms"]
+        if r["impl"].startswith("gpuloss") and r.get("time_ms"):
+            r["target_time"] = best_peer is None or r["time_ms"] <= 0.95 * best_peer
+            r["target_floor"] = r["floor_fraction"] >= 0.85
             r["target_mem"] = r["mem_extra_gib"] <= 1.5
     meta = {**dev.describe(), "shape": f"N={N} H={H} V={V}", "dtype": dtype_name,
             "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "torch": torch.__version__, "flops_3_matmuls": 6 * N * H * V}
+            "torch": torch.__version__, "flops_3_matmuls": 6 * N * H * V,
+            "gemm_tflops": rate / 1e12, "floor_ms": floor_ms, "best_peer_ms": best_peer}
     return meta, rows
+
+
+def budget(N: int, H: int, V: int, dtype_name: str, chunk: Optional[int] = None) -> List[dict]:
+    """Where one gpuloss call's time goes: each part timed alone over the
+    same chunks as the call (logits GEMM, the CE kernel in place, the
+    grad_input GEMM, the grad_weight GEMM accumulated in fp32)."""
+    import torch
+    import gpuloss
+    from gpuloss._linear_chunks import default_chunk_size
+    from .timing import Device
+    dev = Device("cuda")
+    dtype = getattr(torch, dtype_name)
+    n = chunk or default_chunk_size(N, V, torch.empty((), dtype=dtype).element_size(), "cuda")
+    chunks = -(-N // n)
+    h = torch.randn(n, H, device="cuda").to(dtype)
+    W = (torch.randn(V, H, device="cuda") / H ** 0.5).to(dtype)
+    t = torch.randint(0, V, (n,), device="cuda")
+    z = torch.empty(n, V, device="cuda", dtype=dtype)
+    acc = torch.zeros(V, H, device="cuda", dtype=torch.float32)
+    gh = torch.empty(n, H, device="cuda", dtype=dtype)
+    torch.mm(h, W.t(), out=z)
+    parts = {
+        "logits GEMM": lambda: torch.mm(h, W.t(), out=z),
+        "CE kernel (in place)": lambda: gpuloss.cross_entropy(z, t, reduction="sum", inplace_backward=True,
+                                                               return_grad=True),
+        "grad_input GEMM": lambda: torch.mm(z, W, out=gh),
+        "grad_weight GEMM + fp32 accumulate": lambda: acc.add_(torch.mm(z.t(), h)),
+    }
+    if hasattr(torch.ops.aten.addmm, "dtype_out"):
+        parts["grad_weight GEMM, fp32 epilogue (dtype_out)"] = \
+            lambda: torch.ops.aten.addmm.dtype_out(acc, z.t(), h, torch.float32, out=acc)
+    rows = [{"part": k, "ms_per_chunk": dev.time_ms(f), "chunks": chunks} for k, f in parts.items()]
+    for r in rows:
+        r["ms_total"] = r["ms_per_chunk"] * chunks
+    return rows
 
 
 def _table(meta: dict, rows: List[dict]) -> str:
     lines = [f"# fused linear + CE: {meta['shape']} {meta['dtype']}, {meta.get('card')} ({meta['date']})", "",
-             "| impl | median ms | TFLOP/s (3 matmuls) | extra GiB | max err loss / gh / gw | status |",
+             f"bf16 GEMM {meta['gemm_tflops']:.0f} TFLOP/s in this run: three-matmul floor "
+             f"{meta['floor_ms']:.2f} ms; fastest peer {meta['best_peer_ms'] or float('nan'):.2f} ms", "",
+             "| impl | median ms | of floor | extra GiB | max err loss / gh / gw | status |",
              "|---|---|---|---|---|---|"]
     for r in rows:
         t = r.get("time_ms")
-        tf = f"{meta['flops_3_matmuls'] / (t * 1e-3) / 1e12:.0f}" if t else ""
+        fl = f"{r['floor_fraction']:.2f}" if r.get("floor_fraction") else ""
         err = " / ".join(f"{e:.1e}" for e in r.get("max_err", []))
         mem = f"{r['mem_extra_gib']:.2f}" if r.get("mem_extra_gib") is not None else ""
         status = r["status"]
         if "target_time" in r:
-            status += f" (time target {'met' if r['target_time'] else 'MISSED'}, " \
-                      f"memory target {'met' if r['target_mem'] else 'MISSED'})"
-        lines.append(f"| {r['impl']} | {t:.2f} | {tf} | {mem} | {err} | {status} |" if t else
+            met = lambda k: "met" if r[k] else "MISSED"  # noqa: E731
+            status += f" (time <= 0.95 x best peer {met('target_time')}, >= 0.85 of floor " \
+                      f"{met('target_floor')}, <= 1.5 GiB {met('target_mem')})"
+        lines.append(f"| {r['impl']} | {t:.2f} | {fl} | {mem} | {err} | {status} |" if t else
                      f"| {r['impl']} |  |  | {mem} | {err} | {status} |")
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m gpuloss.bench.linear_ce", description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default="8192x4096x128256", help="NxHxV (default 8192x4096x128256)")
+    p.add_argument("--shapes", default="8192x4096x128256,16384x4096x262144",
+                   help="comma list of NxHxV (default: 8192x4096x128256,16384x4096x262144)")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--impls", help="comma list (default: all)")
+    p.add_argument("--budget", action="store_true", help="also time the parts of one gpuloss call")
     p.add_argument("--out", default=None, help="output folder (default bench/out/linear_ce-<date>)")
     args = p.parse_args(argv)
     import torch
     if not torch.cuda.is_available():
         print("linear_ce bench: needs a CUDA device", file=sys.stderr)
         return 2
-    N, H, V = (int(x) for x in args.shape.lower().split("x"))
-    meta, rows = run(N, H, V, args.dtype, args.impls.split(",") if args.impls else None)
     out = args.out or os.path.join("bench", "out", "linear_ce-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
+    results, tables = [], []
+    for shape in args.shapes.split(","):
+        N, H, V = (int(x) for x in shape.lower().split("x"))
+        meta, rows = run(N, H, V, args.dtype, args.impls.split(",") if args.impls else None)
+        entry = {"meta": meta, "rows": rows}
+        tables.append(_table(meta, rows))
+        if args.budget:
+            entry["budget"] = budget(N, H, V, args.dtype)
+            tables.append("\n".join(f"- {b['part']}: {b['ms_per_chunk']:.3f} ms x {b['chunks']} chunks = "
+                                     f"{b['ms_total']:.2f} ms" for b in entry["budget"]) + "\n")
+        results.append(entry)
+        print(tables[-1], flush=True)
     with open(os.path.join(out, "linear_ce.json"), "w") as f:
-        json.dump({"meta": meta, "rows": rows}, f, indent=1)
-    table = _table(meta, rows)
+        json.dump(results, f, indent=1)
     with open(os.path.join(out, "linear_ce.md"), "w") as f:
-        f.write(table)
-    print(table)
+        f.write("\n".join(tables))
     return 0
 
 

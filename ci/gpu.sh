@@ -126,9 +126,10 @@ if [ "${CI_TUNE:-0}" = 1 ]; then
         "$PY" -m gpuloss.bench.tune --out "$OUT/tune" ${CI_TUNE_ARGS:-} 2>&1 | tee -a "$OUT/tune.log"
 fi
 if [ "${CI_LCE:-0}" = 1 ]; then
-    echo "== python -m gpuloss.bench.linear_ce --out $OUT/lce" | tee "$OUT/lce.log"
-    timeout --signal=INT --kill-after=15 "${CI_LCE_TIMEOUT:-90}" \
-        "$PY" -m gpuloss.bench.linear_ce --out "$OUT/lce" 2>&1 | tee -a "$OUT/lce.log"
+    # the issue-13 shapes (8192x4096x128256, 16384x4096x262144) and the time budget of each part
+    echo "== python -m gpuloss.bench.linear_ce --budget --out $OUT/lce" | tee "$OUT/lce.log"
+    timeout --signal=INT --kill-after=15 "${CI_LCE_TIMEOUT:-180}" \
+        "$PY" -m gpuloss.bench.linear_ce --budget --out "$OUT/lce" ${CI_LCE_ARGS:-} 2>&1 | tee -a "$OUT/lce.log"
 fi
 T3=$(date +%s)
 

@@ -93,6 +93,16 @@ def check_positive_or_none(name: str, v: Any) -> None:
         check_positive(name, v)
 
 
+def check_ce_options(label_smoothing: Any, z_loss: Any, softcap: Any) -> None:
+    """The cross-entropy options every CE entry point shares (cross_entropy,
+    the fused linear CE, the vocabulary-parallel loss)."""
+    check_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    check_finite_number("z_loss", z_loss)
+    if z_loss < 0:
+        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+    check_positive_or_none("softcap", softcap)
+
+
 def check_ignore_index(name: str, v: Any) -> int:
     """An integer class index that fits in int64 (Python int, NumPy integer,
     or anything with ``__index__``, as torch accepts); bools, floats, strings

@@ -32,9 +32,9 @@ from .backends.base import Backend
 
 #: name -> "module:Class" of the implementation (imported on first use)
 _REGISTRY: Dict[str, str] = {
-    "numpy": "gpuloss.backends.numpy_backend:NumpyBackend",
-    "triton": "gpuloss.backends.triton_backend:TritonBackend",
-    "cupy": "gpuloss.backends.cupy_backend:CupyBackend",
+    "numpy": "gpuloss.backends.numpy:NumpyBackend",
+    "triton": "gpuloss.backends.triton:TritonBackend",
+    "cupy": "gpuloss.backends.cupy:CupyBackend",
 }
 
 #: automatic preference per (array kind, device type)

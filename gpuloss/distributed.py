@@ -158,13 +158,21 @@ def _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) ->
     before any collective on every rank alike.  Returns ``ignore_index`` as
     an int."""
     V.check_reduction(reduction)
-    ignore_index = V.check_ignore_index("ignore_index", ignore_index)
-    V.check_range("label_smoothing", label_smoothing, 0.0, 1.0)
-    V.check_finite_number("z_loss", z_loss)
-    if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    V.check_positive_or_none("softcap", softcap)
-    return ignore_index
+    V.check_ce_options(label_smoothing, z_loss, softcap)
+    return V.check_ignore_index("ignore_index", ignore_index)
+
+
+def _target_errors(target, shape: tuple) -> int:
+    """The target's error bits (raised later on every rank alike): not class
+    indices, or not of ``shape``.  A non-tensor is refused at once."""
+    if not isinstance(target, Tensor):
+        raise TypeError("target must be a torch tensor")
+    err = 0
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        err |= _ERR_TARGET_DTYPE
+    if tuple(target.shape) != shape:
+        err |= _ERR_TARGET_SHAPE
+    return err
 
 
 def _as_int_or_none(name: str, v) -> Optional[int]:
@@ -451,36 +459,16 @@ def _kernel_targets(info: _RowInfo) -> Tensor:
     return torch.where(info.owned, info.local_t, torch.where(info.valid, -1, -2))
 
 
-def _kernel_args(x2d: Tensor, softcap: Optional[float]):
-    from .backends.triton_backend import TritonBackend, launch_config
-    from .backends.triton_backend import _acc as acc_of
-    cfg = launch_config("row", x2d.shape[1])
-    sc = lambda v: TritonBackend._scalar(v, x2d)  # noqa: E731  (fp64 launches get exact scalars)
-    return cfg, acc_of(torch, x2d.dtype)[1], sc, x2d.stride(0)
-
-
 def _kernel_stats(x2d: Tensor, lt: Tensor, softcap: Optional[float], smoothing: bool, lse_r: Tensor,
                   stats: Tensor) -> None:
-    from .kernels.triton import vocab_parallel as K
-    cfg, acc, sc, stride = _kernel_args(x2d, softcap)
-    K.vocab_parallel_stats_kernel[(x2d.shape[0],)](
-        x2d, stride, lt, lse_r, stats[1], stats[2] if smoothing else lse_r,
-        x2d.shape[1], sc(softcap if softcap is not None else 1.0),
-        BLOCK=cfg.block, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=smoothing, ACC=acc,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    from .dispatch import get_backend
+    get_backend("triton").vocab_parallel_stats(x2d, lt, softcap, smoothing, lse_r, stats)
 
 
 def _kernel_grad(x2d: Tensor, lt: Tensor, lse: Tensor, scale: Tensor, eps: float, V: int, z_loss: float,
                  softcap: Optional[float]) -> Tensor:
-    from .kernels.triton import vocab_parallel as K
-    cfg, acc, sc, stride = _kernel_args(x2d, softcap)
-    grad = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
-    K.vocab_parallel_grad_kernel[(x2d.shape[0],)](
-        x2d, stride, grad, grad.stride(0), lt, lse, scale,
-        x2d.shape[1], sc(1.0 - eps), sc(eps / V), sc(z_loss), sc(softcap if softcap is not None else 1.0),
-        BLOCK=cfg.block, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=eps > 0, HAS_Z_LOSS=bool(z_loss),
-        ACC=acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return grad
+    from .dispatch import get_backend
+    return get_backend("triton").vocab_parallel_grad(x2d, lt, lse, scale, eps, V, z_loss, softcap)
 
 
 def _ce_forward(x2d: Tensor, info: _RowInfo, layout: VocabLayout, group, reduction: str, eps: float,
@@ -593,13 +581,7 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=Non
     ignore_index = _check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     if not isinstance(local_logits, Tensor) or not local_logits.is_floating_point() or local_logits.ndim < 1:
         raise TypeError("local_logits must be a floating torch tensor with at least one dimension")
-    if not isinstance(target, Tensor):
-        raise TypeError("target must be a torch tensor")
-    err = 0
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        err |= _ERR_TARGET_DTYPE
-    if tuple(target.shape) != tuple(local_logits.shape[:-1]):
-        err |= _ERR_TARGET_SHAPE
+    err = _target_errors(target, tuple(local_logits.shape[:-1]))
     if target.device != local_logits.device:
         err |= _ERR_DEVICE
     layout = _resolve_layout(group, local_logits.device, local_logits.shape[-1],
@@ -615,12 +597,15 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=Non
 # vocab-parallel linear + cross-entropy
 # ---------------------------------------------------------------------------
 
-def _linear_logits(h: Tensor, w: Tensor, b: Optional[Tensor], cdt: torch.dtype) -> Tensor:
-    """One chunk's logits ``h @ w.T + b``, in the compute dtype.  The matmul
-    runs in the storage dtype (tensor cores for bf16) with fp32 accumulation."""
+def _linear_logits(h: Tensor, w: Tensor, b: Optional[Tensor], cdt: torch.dtype, softcap: Optional[float]) -> Tensor:
+    """One chunk's logits ``h @ w.T + b``, in the compute dtype, soft-capped.
+    The matmul runs in the storage dtype (tensor cores for bf16) with fp32
+    accumulation."""
     z = (h @ w.t()).to(cdt)
     if b is not None:
         z = z + b.to(cdt)
+    if softcap is not None:
+        z = z.div_(softcap).tanh_().mul_(softcap)
     return z
 
 
@@ -656,9 +641,7 @@ def _linear_ce_grads(h2d: Tensor, w: Tensor, b: Optional[Tensor], info: _RowInfo
     for a in range(0, R, step):
         e = min(R, a + step)
         hc = h2d[a:e]
-        z = _linear_logits(hc, w, b, cdt)
-        if softcap is not None:
-            z = z.div_(softcap).tanh_().mul_(softcap)
+        z = _linear_logits(hc, w, b, cdt, softcap)
         dz = _grad_chunk(z, lse[a:e], scale[a:e], info.valid[a:e], info.owned[a:e], info.local_t[a:e],
                          eps, layout.vocab, z_loss, softcap)
         _contract_chunk(dz, hc, w, gh, gw, gb, a, e)
@@ -698,9 +681,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         for a in range(0, R, chunk):
             e = min(R, a + chunk)
             hc = h2d[a:e]
-            z = _linear_logits(hc, local_weight, local_bias, cdt)
-            if softcap is not None:
-                z = z.div_(softcap).tanh_().mul_(softcap)
+            z = _linear_logits(hc, local_weight, local_bias, cdt, softcap)
             lse_r, stats = _local_stats(z, info.owned[a:e], info.local_t[a:e], smoothing)
             lse_c = _global_lse(lse_r, stats, group)
             lse[a:e] = lse_c
@@ -792,18 +773,12 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
             raise TypeError(f"{name} must be a floating torch tensor")
     if local_bias is not None and (not isinstance(local_bias, Tensor) or not local_bias.is_floating_point()):
         raise TypeError("local_bias must be None or a floating torch tensor")
-    if not isinstance(target, Tensor):
-        raise TypeError("target must be a torch tensor")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
         raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
     if hidden.ndim < 1:
         raise ValueError("hidden must be (..., H)")
-    err = 0
-    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-        err |= _ERR_TARGET_DTYPE
-    if tuple(target.shape) != tuple(hidden.shape[:-1]):
-        err |= _ERR_TARGET_SHAPE
+    err = _target_errors(target, tuple(hidden.shape[:-1]))
     if local_weight.ndim != 2 or local_weight.shape[1] != hidden.shape[-1]:
         err |= _ERR_WEIGHT_SHAPE
     v_local = local_weight.shape[0] if local_weight.ndim == 2 else 0

@@ -18,19 +18,23 @@ Importing this module imports torch (``import gpuloss`` does not).
 """
 from __future__ import annotations
 
+import math
 import warnings
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import functional as F
-from .linear_ce import LinearCrossEntropyLoss  # noqa: F401  (fused linear + CE, gpuloss/linear_ce.py)
+from . import linear_ce as _lce
 
 __all__ = [
     "CrossEntropyLoss", "NLLLoss", "KLDivLoss", "KLDivWithLogitsLoss", "BCEWithLogitsLoss", "BCELoss",
-    "MSELoss", "Softmax", "LogSoftmax", "LinearCrossEntropyLoss",
+    "MSELoss", "Softmax", "LogSoftmax", "LinearCrossEntropyLoss", "LinearCrossEntropyOptions",
 ]
+
+#: torch's options class where the installed torch has it (2.13+), else ours
+LinearCrossEntropyOptions = _lce.LinearCrossEntropyOptions
 
 
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
@@ -85,30 +89,46 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         return ", ".join(parts)
 
 
-class NLLLoss(torch.nn.NLLLoss):
+class _OnGpuloss:
+    """The ``torch.nn`` loss of the same name with its forward on gpuloss: the
+    constructor is torch's (arguments, defaults, buffers) plus a keyword-only
+    ``backend``; ``forward`` calls ``gpuloss.functional.<_fn>`` with the
+    module attributes named in ``_keys``."""
+    _fn: str = ""
+    _keys: Tuple[str, ...] = ()
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return getattr(F, self._fn)(input, target, backend=self.backend, **{k: getattr(self, k) for k in self._keys})
+
+
+class NLLLoss(_OnGpuloss, torch.nn.NLLLoss):
     """``torch.nn.NLLLoss`` (input: log-probabilities) on gpuloss."""
-
-    def __init__(self, weight: Optional[Tensor] = None, size_average=None, ignore_index: int = -100,
-                 reduce=None, reduction: str = "mean", *, backend: Optional[str] = None) -> None:
-        super().__init__(weight, size_average, ignore_index, reduce, reduction)
-        self.backend = backend
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.nll_loss(input, target, weight=self.weight, ignore_index=self.ignore_index,
-                          reduction=self.reduction, backend=self.backend)
+    _fn, _keys = "nll_loss", ("weight", "ignore_index", "reduction")
 
 
-class KLDivLoss(torch.nn.KLDivLoss):
+class KLDivLoss(_OnGpuloss, torch.nn.KLDivLoss):
     """``torch.nn.KLDivLoss`` (input: log-probabilities) on gpuloss."""
+    _fn, _keys = "kl_div", ("reduction", "log_target")
 
-    def __init__(self, size_average=None, reduce=None, reduction: str = "mean", log_target: bool = False, *,
-                 backend: Optional[str] = None) -> None:
-        super().__init__(size_average, reduce, reduction, log_target)
-        self.backend = backend
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.kl_div(input, target, reduction=self.reduction, log_target=self.log_target,
-                        backend=self.backend)
+class BCEWithLogitsLoss(_OnGpuloss, torch.nn.BCEWithLogitsLoss):
+    """``torch.nn.BCEWithLogitsLoss`` on gpuloss; ``weight`` and
+    ``pos_weight`` are buffers, as in torch."""
+    _fn, _keys = "binary_cross_entropy_with_logits", ("weight", "reduction", "pos_weight")
+
+
+class BCELoss(_OnGpuloss, torch.nn.BCELoss):
+    """``torch.nn.BCELoss`` (input: probabilities) on gpuloss."""
+    _fn, _keys = "binary_cross_entropy", ("weight", "reduction")
+
+
+class MSELoss(_OnGpuloss, torch.nn.MSELoss):
+    """``torch.nn.MSELoss`` on gpuloss."""
+    _fn, _keys = "mse_loss", ("reduction",)
 
 
 class KLDivWithLogitsLoss(torch.nn.Module):
@@ -140,45 +160,6 @@ class KLDivWithLogitsLoss(torch.nn.Module):
                 f"target_is_logits={self.target_is_logits}")
 
 
-class BCEWithLogitsLoss(torch.nn.BCEWithLogitsLoss):
-    """``torch.nn.BCEWithLogitsLoss`` on gpuloss; ``weight`` and
-    ``pos_weight`` are buffers, as in torch."""
-
-    def __init__(self, weight: Optional[Tensor] = None, size_average=None, reduce=None, reduction: str = "mean",
-                 pos_weight: Optional[Tensor] = None, *, backend: Optional[str] = None) -> None:
-        super().__init__(weight, size_average, reduce, reduction, pos_weight)
-        self.backend = backend
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.binary_cross_entropy_with_logits(input, target, weight=self.weight, reduction=self.reduction,
-                                                  pos_weight=self.pos_weight, backend=self.backend)
-
-
-class BCELoss(torch.nn.BCELoss):
-    """``torch.nn.BCELoss`` (input: probabilities) on gpuloss."""
-
-    def __init__(self, weight: Optional[Tensor] = None, size_average=None, reduce=None, reduction: str = "mean",
-                 *, backend: Optional[str] = None) -> None:
-        super().__init__(weight, size_average, reduce, reduction)
-        self.backend = backend
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.binary_cross_entropy(input, target, weight=self.weight, reduction=self.reduction,
-                                      backend=self.backend)
-
-
-class MSELoss(torch.nn.MSELoss):
-    """``torch.nn.MSELoss`` on gpuloss."""
-
-    def __init__(self, size_average=None, reduce=None, reduction: str = "mean", *,
-                 backend: Optional[str] = None) -> None:
-        super().__init__(size_average, reduce, reduction)
-        self.backend = backend
-
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return F.mse_loss(input, target, reduction=self.reduction, backend=self.backend)
-
-
 def _implicit_softmax_dim(name: str, ndim: int) -> int:
     """torch's rule for ``dim=None`` (deprecated there, with this warning)."""
     warnings.warn(f"Implicit dimension choice for {name} has been deprecated. "
@@ -186,10 +167,12 @@ def _implicit_softmax_dim(name: str, ndim: int) -> int:
     return 0 if ndim in (0, 1, 3) else 1
 
 
-class Softmax(torch.nn.Softmax):
-    """``torch.nn.Softmax`` on gpuloss (differentiable through the backend's
-    softmax_backward).  ``dim=None`` follows torch's deprecated implicit rule;
-    ``dtype`` (keyword-only) casts the input first, as ``F.softmax(..., dtype=)``."""
+class _SoftmaxOnGpuloss:
+    """``torch.nn.Softmax`` / ``LogSoftmax`` with forward on gpuloss
+    (differentiable through the backend's softmax_backward).  ``dim=None``
+    follows torch's deprecated implicit rule; keyword-only ``dtype`` casts
+    the input first, as ``F.softmax(..., dtype=)``, and ``backend``."""
+    _fn: str = ""
 
     def __init__(self, dim: Optional[int] = None, *, dtype: Optional[torch.dtype] = None,
                  backend: Optional[str] = None) -> None:
@@ -198,19 +181,86 @@ class Softmax(torch.nn.Softmax):
         self.backend = backend
 
     def forward(self, input: Tensor) -> Tensor:
-        dim = self.dim if self.dim is not None else _implicit_softmax_dim("softmax", input.dim())
-        return F.softmax(input, dim, dtype=getattr(self, "dtype", None), backend=self.backend)
+        dim = self.dim if self.dim is not None else _implicit_softmax_dim(self._fn, input.dim())
+        return getattr(F, self._fn)(input, dim, dtype=getattr(self, "dtype", None), backend=self.backend)
 
 
-class LogSoftmax(torch.nn.LogSoftmax):
+class Softmax(_SoftmaxOnGpuloss, torch.nn.Softmax):
+    """``torch.nn.Softmax`` on gpuloss."""
+    _fn = "softmax"
+
+
+class LogSoftmax(_SoftmaxOnGpuloss, torch.nn.LogSoftmax):
     """``torch.nn.LogSoftmax`` on gpuloss."""
+    _fn = "log_softmax"
 
-    def __init__(self, dim: Optional[int] = None, *, dtype: Optional[torch.dtype] = None,
-                 backend: Optional[str] = None) -> None:
-        super().__init__(dim)
-        self.dtype = dtype
+
+#: torch.nn.LinearCrossEntropyLoss (torch 2.13+) is the base where it exists,
+#: so isinstance checks, state_dicts and repr match; before 2.13 the same
+#: structure is built on _WeightedLoss
+_LCE_BASE = getattr(torch.nn, "LinearCrossEntropyLoss", None)
+
+
+class LinearCrossEntropyLoss(_LCE_BASE or torch.nn.modules.loss._WeightedLoss):
+    """``torch.nn.LinearCrossEntropyLoss`` on gpuloss's fused, chunked linear
+    + cross-entropy: a module that owns its projection (``self.linear``, an
+    ``nn.Linear(in_features, num_classes * prod(out_features))``) and the class
+    ``weight`` buffer, with torch's constructor, attributes and state_dict keys
+    (``linear.weight``, ``linear.bias``, ``weight``), whether or not the
+    installed torch has its own.
+
+    ``loss = module(input, target)``; keyword-only extras: ``z_loss``,
+    ``softcap``, ``chunk_size``, ``acc_dtype``, ``backend``
+    (see :func:`gpuloss.linear_cross_entropy`).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, *, out_features: Tuple[int, ...] = (), bias: bool = False,
+                 device=None, dtype=None, reduction: str = "mean", weight: Optional[Tensor] = None,
+                 ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
+                 z_loss: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None,
+                 acc_dtype=None, backend: Optional[str] = None) -> None:
+        out_features = tuple(out_features)
+        if _LCE_BASE is not None:
+            super().__init__(in_features, num_classes, out_features=out_features, bias=bias, device=device,
+                             dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
+                             label_smoothing=label_smoothing, options=options)
+        else:
+            if weight is not None and tuple(weight.shape) != (num_classes,):
+                raise ValueError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+            if not 0.0 <= label_smoothing <= 1.0:
+                raise ValueError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+            super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
+            self.num_classes = num_classes
+            self.out_features = out_features
+            self.ignore_index = ignore_index
+            self.label_smoothing = label_smoothing
+            self.linear = torch.nn.Linear(in_features, math.prod(out_features, start=num_classes), bias=bias,
+                                          device=device, dtype=dtype)
+            self.options = options
+        self.z_loss = z_loss
+        self.softcap = softcap
+        self.chunk_size = chunk_size
+        self.acc_dtype = acc_dtype
         self.backend = backend
 
-    def forward(self, input: Tensor) -> Tensor:
-        dim = self.dim if self.dim is not None else _implicit_softmax_dim("log_softmax", input.dim())
-        return F.log_softmax(input, dim, dtype=getattr(self, "dtype", None), backend=self.backend)
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
+        linear_bias = None if self.linear.bias is None else \
+            self.linear.bias.reshape((self.num_classes, *self.out_features))
+        return _lce.linear_cross_entropy(
+            input, linear_weight, target, linear_bias=linear_bias, weight=self.weight, reduction=self.reduction,
+            ignore_index=self.ignore_index, label_smoothing=self.label_smoothing, options=self.options,
+            z_loss=self.z_loss, softcap=self.softcap, chunk_size=self.chunk_size, acc_dtype=self.acc_dtype,
+            backend=self.backend)
+
+    def extra_repr(self) -> str:
+        parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}"]
+        if self.out_features:
+            parts.append(f"out_features={self.out_features}")
+        if self.z_loss:
+            parts.append(f"z_loss={self.z_loss}")
+        if self.softcap is not None:
+            parts.append(f"softcap={self.softcap}")
+        if self.backend is not None:
+            parts.append(f"backend={self.backend!r}")
+        return ", ".join(parts)

@@ -1,207 +1,280 @@
-"""PyTorch integration: every backend primitive as a ``torch.library`` custom
-operator with an autograd formula.
+"""PyTorch integration: every op of :data:`gpuloss.ops.OPS` as a
+``torch.library`` custom operator (``torch.ops.gpuloss.<op>``), generated from
+the table.
 
-:mod:`gpuloss.functional` calls :func:`apply` for torch tensors when no
-``return_grad`` is asked for.  Each primitive becomes one operator in the
-``gpuloss`` namespace (``torch.ops.gpuloss.cross_entropy`` and so on) with
+Each operator has
 
-* an eager implementation that converts to the backend's native arrays
-  (zero-copy where the backend can), runs the fused primitive and converts
-  back;
+* an eager implementation that runs the op through :func:`gpuloss.launch.run`
+  (zero-copy conversion to the backend's native arrays, the fused launcher,
+  conversion back) and gives its outputs the dtypes, shapes and layouts the
+  fake implementation promises;
 * a fake (meta) implementation giving output shapes and dtypes without
   touching data, so ``torch.compile(..., fullgraph=True)`` traces straight
-  through it: no graph break, and no host synchronisation anywhere;
-* an autograd formula that reuses the gradient the fused forward pass already
-  computed: ``backward = saved_grad * grad_output``.  The logits are never read
-  again.
+  through: no graph break, and no host synchronisation anywhere;
+* an autograd formula.  Losses reuse the gradient their fused forward pass
+  already computed: ``backward = saved_grad * grad_output``; the logits are
+  never read again.
+
+Schema: the op's arrays (``Tensor``, ``Tensor?`` for optional ones), the
+backend's name, the fields of its options record, then one ``want_*`` flag per
+field of its ``want`` record.  Outputs are tensors; what was not asked for is
+an empty placeholder (custom operators return tensors, not None).
 
 Why the gradient is an *output* of the forward operator
 ------------------------------------------------------
 A loss-only forward pass reads the ``N x C`` logits once; the fused pass reads
 them once and writes ``dL/dx`` once (``PERF.md``: read N·V + write N·V), where
 an unfused backward would read the logits a second time and write the
-gradient.  So the forward operator returns ``(loss, grad, grad_target, lse)``;
-autograd saves ``grad`` (and ``grad_target``) and backward multiplies by the
-upstream gradient: a 0-d tensor for reduced losses, a per-row (``(R,)``) or
-per-element (``(R, C)``) tensor for ``reduction="none"``.  The multiplication
-runs on the device: no ``.item()``, no Python branch on a device value.
+gradient.  So autograd saves the ``grad`` outputs and backward multiplies by
+the upstream gradient: a 0-d tensor for reduced losses, a per-row (``(R,)``)
+or per-element (``(R, C)``) tensor for ``reduction="none"``.  The
+multiplication runs on the device: no ``.item()``, no Python branch on a
+device value.
 
-``grad_inplace``: the gradient written over the logits
------------------------------------------------------
-``cross_entropy(..., inplace_backward=True)`` uses a second operator,
-``gpuloss::cross_entropy_inplace``, declared with ``mutates_args=("x",)``:
-it writes ``dL/dx`` (computed in fp32, rounded once to the logits' dtype) over
-the logits buffer, saving an ``N x C`` allocation (12 GiB at 16384 x 128256
-bf16 in ``PERF.md``).  Backward scales that buffer in place by the upstream
-gradient and hands it on.  The hazard: **the logits are consumed**.  After the
-forward call the tensor holds the gradient, not the logits, so
+The gradient written over the logits
+------------------------------------
+Ops whose options have ``grad_inplace`` (cross-entropy) get a second operator,
+``gpuloss::<op>_inplace``, declared with ``mutates_args=("x",)``: it writes
+``dL/dx`` (computed in fp32, rounded once to the logits' dtype) over the
+logits buffer, saving an ``N x C`` allocation (12 GiB at 16384 x 128256 bf16
+in ``PERF.md``).  Backward scales that buffer in place by the upstream
+gradient and hands it on.  The hazard: **the logits are consumed**:
 
 * a leaf tensor that requires grad (a parameter) must not be passed, nor a
   view of one: we raise ``ValueError`` before touching it;
 * the logits must not be needed by any other autograd node.  The operator
-  bumps the tensor's version counter (``torch.library`` does this for
-  declared mutations), so an op that saved the logits for its own backward
-  raises PyTorch's "modified by an inplace operation" ``RuntimeError`` at
-  backward time instead of silently using the gradient as its input; the
-  common case, the op that *produced* the logits having saved its output
-  (``tanh``, ``sigmoid``, ``exp``...), is detected up front and raises
-  ``ValueError`` in the forward call;
-* backward can run once per forward (it scales the buffer in place); a second
-  backward through the same graph raises.
+  bumps the tensor's version counter, so an op that saved the logits for its
+  own backward raises PyTorch's "modified by an inplace operation"
+  ``RuntimeError`` at backward time instead of silently using the gradient as
+  its input; the common case, the op that *produced* the logits having saved
+  its output (``tanh``, ``sigmoid``, ``exp``...), is detected up front and
+  raises ``ValueError`` in the forward call;
+* backward can run once per forward (it scales the buffer in place).
 
 Mutable custom operators cannot carry a ``register_autograd`` formula, so the
 in-place variant is wrapped in a ``torch.autograd.Function`` (which
 ``torch.compile`` also traces without a graph break).
 """
-import contextlib
-from typing import Any, Dict, Iterator, Optional, Tuple
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
-from .backends.base import LossResult
+from . import launch
 from .dispatch import get_backend
+from .ops import OPS, OpSpec, Want
 
-__all__ = ["apply", "LOSS_OPS", "SOFTMAX_OPS"]
+__all__ = ["call", "call_inplace"]
 
-#: primitives that return a LossResult, and the loss's per-row ("row") or
-#: per-element ("elem") shape under reduction="none"
-LOSS_OPS = {
-    "cross_entropy": "row", "nll_loss": "row", "kl_div_logits": "row",
-    "kl_div": "elem", "bce_with_logits": "elem", "bce": "elem", "mse": "elem",
-}
-SOFTMAX_OPS = ("softmax_forward", "softmax_backward")
-#: primitives whose floating target may receive a gradient
-_TARGET_GRAD_OPS = ("cross_entropy", "kl_div", "bce_with_logits", "bce", "mse")
-#: primitives whose loss comes with a per-row log-sum-exp
-_LSE_OPS = ("cross_entropy",)
-
-Out4 = Tuple[Tensor, Tensor, Tensor, Tensor]
-Out3 = Tuple[Tensor, Tensor, Tensor]
+_SCALARS = {int: "int", float: "float", bool: "bool", str: "str"}
 
 
 # ---------------------------------------------------------------------------
-# eager glue: torch tensors <-> the backend's native arrays
+# schema and argument packing, from the table
 # ---------------------------------------------------------------------------
 
-def _loss_dtype(x: Tensor) -> torch.dtype:
+def _field_type(tp) -> str:
+    if tp in _SCALARS:
+        return _SCALARS[tp]
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Union and len(args) == 1 and args[0] in _SCALARS:
+        return _SCALARS[args[0]] + "?"
+    raise TypeError(f"no schema type for option type {tp!r}")
+
+
+def _schema(spec: OpSpec, outputs: Sequence[str], mutated: Optional[str] = None) -> str:
+    hints = typing.get_type_hints(spec.options)
+    args = []
+    for a in spec.arrays:
+        t = "Tensor?" if a in spec.optional else ("Tensor(a!)" if a == mutated else "Tensor")
+        args.append(f"{t} {a}")
+    args.append("str backend")
+    args += [f"{_field_type(hints[f.name])} {f.name}" for f in dataclasses.fields(spec.options)]
+    if spec.want is not None:
+        args += [f"bool want_{w}" for w in spec.want._fields]
+    rets = ", ".join("Tensor" for _ in outputs)
+    return f"({', '.join(args)}) -> " + (f"({rets})" if len(outputs) > 1 else rets)
+
+
+def _pack(spec: OpSpec, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, want: Any) -> tuple:
+    return (*arrays, backend, *dataclasses.astuple(opts), *(() if want is None else tuple(want)))
+
+
+def _unpack(spec: OpSpec, args: tuple):
+    n, k = len(spec.arrays), len(dataclasses.fields(spec.options))
+    arrays, backend = args[:n], args[n]
+    opts = spec.options(*args[n + 1:n + 1 + k])
+    want = spec.want(*args[n + 1 + k:]) if spec.want is not None else None
+    return list(arrays), backend, opts, want
+
+
+# ---------------------------------------------------------------------------
+# outputs: what the fake promises and the eager implementation delivers
+# ---------------------------------------------------------------------------
+
+def _acc_dtype(x: Tensor) -> torch.dtype:
     """Losses are float32 whatever the storage dtype, float64 for float64."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
-def _run_primitive(backend: str, op: str, arrays: Dict[str, Optional[Tensor]], opts: Dict[str, Any]) -> Any:
-    """Call primitive ``op`` of ``backend`` on torch tensors; returns what the
-    primitive returns, converted back to tensors.
-
-    The tensors are detached first: the custom operator's implementation runs
-    below autograd, and a backend converting with ``.numpy()`` must not see
-    ``requires_grad``.  ``detach()`` shares storage and version counter, so an
-    in-place write still lands in the caller's tensor."""
-    be = get_backend(backend)
-    # the DLPack conversions too: CuPy orders a conversion on its current
-    # stream, and the legacy default stream must not wait on a capturing one
-    with _native_stream(be, next(v for v in arrays.values() if v is not None)):
-        native = {k: (None if v is None else be.to_native(v.detach(), "torch")) for k, v in arrays.items()}
-        res = getattr(be, op)(**native, **opts)
-        conv = lambda a: None if a is None else be.from_native(a, "torch")  # noqa: E731
-        if isinstance(res, LossResult):
-            return LossResult(conv(res.loss), conv(res.grad), conv(res.grad_target), conv(res.lse))
-        return conv(res)
-
-
-@contextlib.contextmanager
-def _native_stream(be, like: Tensor) -> Iterator[None]:
-    """Run a CuPy backend on torch's current device and stream.
-
-    torch orders work on its current stream (a side stream while a CUDA graph
-    is captured); CuPy launches on its own current stream, by default the
-    legacy default stream, which would be outside the capture and unordered
-    with torch's work.  Triton launches on torch's stream by itself.  CuPy's
-    allocations go through torch's caching allocator for the same reasons.""" 
-    if be.native != "cupy" or like.device.type != "cuda":
-        yield
-        return
-    import cupy
-    dev = like.device
-
-    def torch_alloc(size: int):
-        # CuPy's buffers from torch's caching allocator: legal inside CUDA-graph
-        # capture (torch gives captured allocations a private pool; cudaMalloc
-        # from CuPy's own pool is not), and ordered on torch's stream.  The
-        # tensor owns the bytes; UnownedMemory keeps it alive.
-        buf = torch.empty(max(int(size), 1), dtype=torch.uint8, device=dev)
-        return cupy.cuda.MemoryPointer(cupy.cuda.UnownedMemory(buf.data_ptr(), size, buf, dev.index), 0)
-
-    with cupy.cuda.Device(dev.index), \
-            cupy.cuda.ExternalStream(torch.cuda.current_stream(dev).cuda_stream), \
-            cupy.cuda.using_allocator(torch_alloc):
-        yield
-
-
-def _as(t: Optional[Tensor], like: Tensor, dtype: torch.dtype, shape) -> Tensor:
-    """``t`` as a fresh-layout (contiguous) tensor of ``dtype`` on ``like``'s
-    device, or an empty one where the primitive gave nothing.  The fake
-    implementations promise exactly these dtypes, shapes and layouts, so the
-    eager results must match them (a backend may, e.g., return float32 for a
-    bfloat16 input it cannot represent)."""
-    if t is None:
-        return like.new_empty((0,), dtype=dtype)
-    t = t.to(device=like.device, dtype=dtype)
-    return t.reshape(shape).contiguous()
-
-
-def _loss_shape(op: str, reduction: str, x: Tensor) -> Tuple[int, ...]:
+def _loss_shape(spec: OpSpec, reduction: str, arrays: Dict[str, Optional[Tensor]]) -> Tuple[int, ...]:
+    """() for a reduced loss; per element, or one value per target row (the
+    fused linear CE has one row per token and position)."""
     if reduction != "none":
         return ()
-    return (x.shape[0],) if LOSS_OPS[op] == "row" else tuple(x.shape)
+    if spec.loss_shape == "elem":
+        return tuple(arrays[spec.arrays[0]].shape)
+    return (arrays["target"].shape[0],)
 
 
-def _eager_loss(backend: str, op: str, arrays: Dict[str, Optional[Tensor]], opts: Dict[str, Any],
-                x: Tensor, target: Tensor, want_grad: bool, want_gt: bool) -> Out4:
-    res = _run_primitive(backend, op, arrays, opts)
-    R = x.shape[0]
-    loss = _as(res.loss, x, _loss_dtype(x), _loss_shape(op, opts["reduction"], x))
-    grad = _as(res.grad if want_grad else None, x, x.dtype, x.shape)
-    gt = _as(res.grad_target if want_gt else None, x, target.dtype, target.shape)
-    lse = _as(res.lse if op in _LSE_OPS else None, x, torch.float32, (R,))
-    return loss, grad, gt, lse
+def _output_meta(spec: OpSpec, name: str, arrays: Dict[str, Optional[Tensor]], opts: Any, want: Any):
+    """(dtype, shape) of output ``name``; shape None means the empty
+    placeholder of an output that was not asked for."""
+    first = arrays[spec.arrays[0]]
+    if name == "loss":
+        return _acc_dtype(first), _loss_shape(spec, opts.reduction, arrays)
+    if name == "lse":
+        return torch.float32, (first.shape[0],)
+    if name in ("y", "dx"):
+        return first.dtype, tuple(first.shape)
+    src = arrays.get(spec.grad_of(name))
+    asked = getattr(want, name) if want is not None else True
+    if src is None or not asked or (name == "grad_target" and not src.is_floating_point()):
+        return (src if src is not None else first).dtype, None
+    return src.dtype, tuple(src.shape)
 
 
-def _fake_loss(op: str, x: Tensor, target: Tensor, reduction: str, want_grad: bool, want_gt: bool) -> Out4:
-    R = x.shape[0]
-    loss = x.new_empty(_loss_shape(op, reduction, x), dtype=_loss_dtype(x))
-    grad = x.new_empty(tuple(x.shape)) if want_grad else x.new_empty((0,))
-    gt = target.new_empty(tuple(target.shape)) if want_gt else x.new_empty((0,), dtype=target.dtype)
-    lse = x.new_empty((R,) if op in _LSE_OPS else (0,), dtype=torch.float32)
-    return loss, grad, gt, lse
+def _fake_outputs(spec: OpSpec, outputs: Sequence[str], arrays, opts, want) -> tuple:
+    first = arrays[spec.arrays[0]]
+    out = []
+    for name in outputs:
+        dtype, shape = _output_meta(spec, name, arrays, opts, want)
+        out.append(first.new_empty((0,) if shape is None else shape, dtype=dtype))
+    return tuple(out)
+
+
+def _canonical(spec: OpSpec, outputs: Sequence[str], res, arrays, opts, want) -> tuple:
+    """The launcher's results as the fake promised them: a backend may, e.g.,
+    return float32 for a bfloat16 input it cannot represent."""
+    first = arrays[spec.arrays[0]]
+    if hasattr(res, "_asdict"):
+        vals = res._asdict()
+    else:
+        vals = dict(zip(spec.outputs, res)) if isinstance(res, tuple) else {spec.outputs[0]: res}
+    out = []
+    for name in outputs:
+        dtype, shape = _output_meta(spec, name, arrays, opts, want)
+        t = vals.get(name)
+        if shape is None or t is None:
+            out.append(first.new_empty((0,), dtype=dtype))
+        else:
+            out.append(t.to(device=first.device, dtype=dtype).reshape(shape).contiguous())
+    return tuple(out)
 
 
 # ---------------------------------------------------------------------------
-# softmax / log_softmax
+# operator generation
 # ---------------------------------------------------------------------------
 
-@torch.library.custom_op("gpuloss::softmax_forward", mutates_args=())
-def softmax_forward(x: Tensor, backend: str, log: bool) -> Tensor:
-    """softmax (``log=False``) or log_softmax over the last axis of 2-D ``x``."""
-    y = _run_primitive(backend, "softmax_forward", {"x": x}, {"log": log})
-    return _as(y, x, x.dtype, x.shape)
+def _define(spec: OpSpec):
+    """``gpuloss::<op>``: functional (never writes its inputs)."""
+    outputs = spec.outputs
+
+    def impl(*args):
+        arrays, backend, opts, want = _unpack(spec, args)
+        if spec.inplace:
+            opts = dataclasses.replace(opts, grad_inplace=False)
+        res = launch.run(get_backend(backend), spec.name, arrays, opts, want, "torch")
+        return _canonical(spec, outputs, res, dict(zip(spec.arrays, arrays)), opts, want)
+
+    def fake(*args):
+        arrays, _, opts, want = _unpack(spec, args)
+        return _fake_outputs(spec, outputs, dict(zip(spec.arrays, arrays)), opts, want)
+
+    op = torch.library.custom_op(f"gpuloss::{spec.name}", mutates_args=(), schema=_schema(spec, outputs))(
+        _single(impl, outputs))
+    op.register_fake(_single(fake, outputs))
+    return op
 
 
-@softmax_forward.register_fake
-def _(x: Tensor, backend: str, log: bool) -> Tensor:
-    return x.new_empty(tuple(x.shape))
+def _define_inplace(spec: OpSpec):
+    """``gpuloss::<op>_inplace``: writes the gradient over the first array;
+    returns the other outputs."""
+    x_name = spec.arrays[0]
+    outputs = tuple(o for o in spec.outputs if o != "grad")
+
+    def impl(*args):
+        arrays, backend, opts, want = _unpack(spec, args)
+        opts = dataclasses.replace(opts, grad_inplace=True)
+        want = want._replace(grad=True)
+        x = arrays[0]
+        res = launch.run(get_backend(backend), spec.name, arrays, opts, want, "torch")
+        g = res.grad
+        # A backend that cannot write x's storage directly (NumPy with bfloat16
+        # logits computes on a float32 copy) hands back that copy: one rounding
+        # copy into x.  Comparing data pointers is host metadata, not a sync.
+        if g is not None and (g.device != x.device or g.data_ptr() != x.data_ptr() or g.dtype != x.dtype):
+            x.copy_(g.reshape(x.shape))
+        return _canonical(spec, outputs, res, dict(zip(spec.arrays, arrays)), opts, want)
+
+    def fake(*args):
+        arrays, _, opts, want = _unpack(spec, args)
+        return _fake_outputs(spec, outputs, dict(zip(spec.arrays, arrays)), opts, want)
+
+    op = torch.library.custom_op(f"gpuloss::{spec.name}_inplace", mutates_args=(x_name,),
+                                 schema=_schema(spec, outputs, mutated=x_name))(_single(impl, outputs))
+    op.register_fake(_single(fake, outputs))
+    return op
 
 
-@torch.library.custom_op("gpuloss::softmax_backward", mutates_args=())
-def softmax_backward(y: Tensor, dy: Tensor, backend: str, log: bool) -> Tensor:
-    """dx from the forward's output ``y`` and the upstream ``dy`` (2-D rows)."""
-    dx = _run_primitive(backend, "softmax_backward", {"y": y, "dy": dy}, {"log": log})
-    return _as(dx, y, y.dtype, y.shape)
+def _single(fn, outputs):
+    """A one-output operator returns a Tensor, not a 1-tuple."""
+    if len(outputs) > 1:
+        return fn
+    return lambda *args: fn(*args)[0]
 
 
-@softmax_backward.register_fake
-def _(y: Tensor, dy: Tensor, backend: str, log: bool) -> Tensor:
-    return y.new_empty(tuple(y.shape))
+# ---------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------
+
+def _upstream(g: Tensor, like: Tensor) -> Tensor:
+    """The upstream gradient of the loss, shaped to broadcast over a saved
+    ``(R, C)`` gradient: 0-d for reduced losses, ``(R, 1)`` for per-row
+    losses, ``(R, C)`` for per-element ones.  Cast to the gradient's dtype so
+    a bfloat16 gradient stays bfloat16 without an fp32 ``N x C`` temporary
+    (one extra rounding of the scale, within bf16's tolerance)."""
+    if g.dim() == 1 and like.dim() == 2:
+        g = g.unsqueeze(-1)
+    return g.to(like.dtype)
+
+
+def _register_loss_autograd(spec: OpSpec, op) -> None:
+    """backward = saved gradient * upstream, for every gradient output."""
+    grad_outputs = [i for i, o in enumerate(spec.outputs) if o.startswith("grad")]
+    positions = [spec.arrays.index(spec.grad_of(spec.outputs[i])) for i in grad_outputs]
+
+    def setup(ctx, inputs, output):
+        saved = [output[i] for i in grad_outputs]
+        # an asked-for gradient has its (2-D, non-empty) array's shape; the
+        # placeholder is the 1-D empty tensor: a shape test, not a value read
+        ctx.present = [tuple(s.shape) != (0,) for s in saved]
+        ctx.n_inputs = len(inputs)
+        ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(*output[1:])
+
+    def backward(ctx, g_loss, *unused):
+        grads: List[Optional[Tensor]] = [None] * ctx.n_inputs
+        for pos, present, saved in zip(positions, ctx.present, ctx.saved_tensors):
+            if present and ctx.needs_input_grad[pos]:
+                grads[pos] = saved * _upstream(g_loss, saved)
+        return tuple(grads)
+
+    op.register_autograd(backward, setup_context=setup)
 
 
 def _softmax_setup(ctx, inputs, output) -> None:
@@ -212,12 +285,8 @@ def _softmax_setup(ctx, inputs, output) -> None:
 
 def _softmax_bwd(ctx, grad: Tensor):
     (y,) = ctx.saved_tensors
-    # through the same backend primitive, which is itself differentiable
-    # (below), so double backward works too
+    # through the same backend op, itself differentiable (below): double backward works
     return torch.ops.gpuloss.softmax_backward(y, grad.contiguous(), ctx.backend, ctx.log), None, None
-
-
-softmax_forward.register_autograd(_softmax_bwd, setup_context=_softmax_setup)
 
 
 def _softmax_backward_setup(ctx, inputs, output) -> None:
@@ -252,203 +321,113 @@ def _softmax_backward_bwd(ctx, G: Tensor):
     return g_y, g_dy, None, None
 
 
-softmax_backward.register_autograd(_softmax_backward_bwd, setup_context=_softmax_backward_setup)
-
-
-# ---------------------------------------------------------------------------
-# losses: one functional operator per primitive
-# ---------------------------------------------------------------------------
-# Signatures put the tensors first (input, target, weights), then the backend
-# name and the options.  Every operator returns (loss, grad, grad_target,
-# lse), with empty tensors for what was not asked for: custom operators return
-# tensors, not None.
-
-@torch.library.custom_op("gpuloss::cross_entropy", mutates_args=())
-def cross_entropy(x: Tensor, target: Tensor, weight: Optional[Tensor], backend: str, ignore_index: int,
-                  label_smoothing: float, z_loss: float, softcap: Optional[float], reduction: str,
-                  want_grad: bool, want_grad_target: bool) -> Out4:
-    opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                reduction=reduction, want_grad=want_grad, grad_inplace=False, want_grad_target=want_grad_target)
-    return _eager_loss(backend, "cross_entropy", {"x": x, "target": target, "weight": weight}, opts,
-                       x, target, want_grad, want_grad_target)
-
-
-@cross_entropy.register_fake
-def _(x, target, weight, backend, ignore_index, label_smoothing, z_loss, softcap, reduction, want_grad,
-      want_grad_target):
-    return _fake_loss("cross_entropy", x, target, reduction, want_grad, want_grad_target)
-
-
-@torch.library.custom_op("gpuloss::nll_loss", mutates_args=())
-def nll_loss(logp: Tensor, target: Tensor, weight: Optional[Tensor], backend: str, ignore_index: int,
-             reduction: str, want_grad: bool) -> Out4:
-    opts = dict(ignore_index=ignore_index, reduction=reduction, want_grad=want_grad)
-    return _eager_loss(backend, "nll_loss", {"logp": logp, "target": target, "weight": weight}, opts,
-                       logp, target, want_grad, False)
-
-
-@nll_loss.register_fake
-def _(logp, target, weight, backend, ignore_index, reduction, want_grad):
-    return _fake_loss("nll_loss", logp, target, reduction, want_grad, False)
-
-
-@torch.library.custom_op("gpuloss::kl_div_logits", mutates_args=())
-def kl_div_logits(x: Tensor, target: Tensor, backend: str, temperature: float, target_is_logits: bool,
-                  reduction: str, want_grad: bool) -> Out4:
-    opts = dict(temperature=temperature, target_is_logits=target_is_logits, reduction=reduction,
-                want_grad=want_grad)
-    return _eager_loss(backend, "kl_div_logits", {"x": x, "target": target}, opts, x, target, want_grad, False)
-
-
-@kl_div_logits.register_fake
-def _(x, target, backend, temperature, target_is_logits, reduction, want_grad):
-    return _fake_loss("kl_div_logits", x, target, reduction, want_grad, False)
-
-
-@torch.library.custom_op("gpuloss::kl_div", mutates_args=())
-def kl_div(input: Tensor, target: Tensor, backend: str, log_target: bool, reduction: str, want_grad: bool,
-           want_grad_target: bool) -> Out4:
-    opts = dict(log_target=log_target, reduction=reduction, want_grad=want_grad,
-                want_grad_target=want_grad_target)
-    return _eager_loss(backend, "kl_div", {"input": input, "target": target}, opts, input, target,
-                       want_grad, want_grad_target)
-
-
-@kl_div.register_fake
-def _(input, target, backend, log_target, reduction, want_grad, want_grad_target):
-    return _fake_loss("kl_div", input, target, reduction, want_grad, want_grad_target)
-
-
-@torch.library.custom_op("gpuloss::bce_with_logits", mutates_args=())
-def bce_with_logits(x: Tensor, target: Tensor, weight: Optional[Tensor], pos_weight: Optional[Tensor],
-                    backend: str, reduction: str, want_grad: bool, want_grad_target: bool) -> Out4:
-    opts = dict(reduction=reduction, want_grad=want_grad, want_grad_target=want_grad_target)
-    return _eager_loss(backend, "bce_with_logits",
-                       {"x": x, "target": target, "weight": weight, "pos_weight": pos_weight}, opts,
-                       x, target, want_grad, want_grad_target)
-
-
-@bce_with_logits.register_fake
-def _(x, target, weight, pos_weight, backend, reduction, want_grad, want_grad_target):
-    return _fake_loss("bce_with_logits", x, target, reduction, want_grad, want_grad_target)
-
-
-@torch.library.custom_op("gpuloss::bce", mutates_args=())
-def bce(p: Tensor, target: Tensor, weight: Optional[Tensor], backend: str, reduction: str, want_grad: bool,
-        want_grad_target: bool) -> Out4:
-    opts = dict(reduction=reduction, want_grad=want_grad, want_grad_target=want_grad_target)
-    return _eager_loss(backend, "bce", {"p": p, "target": target, "weight": weight}, opts, p, target,
-                       want_grad, want_grad_target)
-
-
-@bce.register_fake
-def _(p, target, weight, backend, reduction, want_grad, want_grad_target):
-    return _fake_loss("bce", p, target, reduction, want_grad, want_grad_target)
-
-
-@torch.library.custom_op("gpuloss::mse", mutates_args=())
-def mse(x: Tensor, target: Tensor, backend: str, reduction: str, want_grad: bool,
-        want_grad_target: bool) -> Out4:
-    opts = dict(reduction=reduction, want_grad=want_grad, want_grad_target=want_grad_target)
-    return _eager_loss(backend, "mse", {"x": x, "target": target}, opts, x, target, want_grad, want_grad_target)
-
-
-@mse.register_fake
-def _(x, target, backend, reduction, want_grad, want_grad_target):
-    return _fake_loss("mse", x, target, reduction, want_grad, want_grad_target)
-
-
-def _upstream(g: Tensor, like: Tensor) -> Tensor:
-    """The upstream gradient of the loss, shaped to broadcast over the saved
-    ``(R, C)`` gradient: 0-d for reduced losses, ``(R, 1)`` for per-row losses,
-    ``(R, C)`` for per-element ones.  Cast to the gradient's dtype so a
-    bfloat16 gradient stays bfloat16 without an fp32 ``N x C`` temporary (one
-    extra rounding of the scale, within bf16's tolerance)."""
-    if g.dim() == 1:
-        g = g.unsqueeze(-1)
-    return g.to(like.dtype)
-
-
-def _loss_setup(ctx, inputs, output) -> None:
-    _, grad, gt, _ = output
-    ctx.n_inputs = len(inputs)
-    # inputs are 2-D rows, so an asked-for gradient is 2-D and an absent one
-    # is the 1-D empty placeholder: a shape test, not a value read
-    ctx.has_grad = grad.dim() == 2
-    ctx.has_gt = gt.dim() == 2
-    ctx.save_for_backward(grad, gt)
+def _linear_setup(ctx, inputs, output) -> None:
+    """Fused linear CE: "mean"/"sum" save the gradients the forward pass
+    formed; "none" saves the inputs, since the per-token upstream gradient is
+    only known in backward (which recomputes the logits chunk by chunk)."""
+    spec = OPS["linear_cross_entropy"]
+    arrays, backend, opts, _ = _unpack(spec, inputs)
+    ctx.backend, ctx.opts, ctx.n_inputs = backend, opts, len(inputs)
+    ctx.none = opts.reduction == "none"
+    ctx.consumed = False
+    ctx.save_for_backward(*(arrays if ctx.none else output[1:]))
     ctx.mark_non_differentiable(*output[1:])
 
 
-def _loss_bwd(ctx, g_loss: Tensor, *unused: Tensor):
-    """dL/dx = saved_grad * grad_output, dL/dtarget likewise: no re-read of
-    the logits, no host synchronisation."""
-    grad, gt = ctx.saved_tensors
-    gx = grad * _upstream(g_loss, grad) if ctx.needs_input_grad[0] and ctx.has_grad else None
-    gtt = gt * _upstream(g_loss, gt) if ctx.needs_input_grad[1] and ctx.has_gt else None
-    return (gx, gtt) + (None,) * (ctx.n_inputs - 2)
+def _linear_bwd(ctx, g_loss: Tensor, *unused):
+    """"none": the chunk loop again with the per-token upstream gradient.
+    "mean"/"sum": saved gradient * upstream, in place (so a second backward
+    through the same graph raises) unless ``allow_retain_graph`` or while
+    torch.compile traces (where the guard cannot hold, as in torch's own)."""
+    need = ctx.needs_input_grad[:3]
+    grads: List[Optional[Tensor]] = [None] * ctx.n_inputs
+    if ctx.none:
+        saved = list(ctx.saved_tensors)
+        want = OPS["linear_cross_entropy_backward"].want(need[0], need[1], need[2] and saved[2] is not None)
+        out = call("linear_cross_entropy_backward", ctx.backend, saved + [g_loss.reshape(-1)], ctx.opts, want)
+        grads[:3] = [g if n and g.shape != (0,) else None for g, n in zip(out, need)]
+        return tuple(grads)
+    if ctx.consumed:
+        raise RuntimeError("linear_cross_entropy: backward through the same graph a second time needs "
+                           "allow_retain_graph=True (by default the saved gradients are scaled in place "
+                           "by the upstream gradient, which saves one gradient-sized allocation)")
+    inplace = not ctx.opts.allow_retain_graph and not torch.compiler.is_compiling()
+    ctx.consumed = inplace
+    for i, (g, n) in enumerate(zip(ctx.saved_tensors, need)):
+        if n and tuple(g.shape) != (0,):
+            u = g_loss.to(g.dtype)
+            grads[i] = g.mul_(u) if inplace else g * u
+    return tuple(grads)
 
 
-for _op in (cross_entropy, nll_loss, kl_div_logits, kl_div, bce_with_logits, bce, mse):
-    _op.register_autograd(_loss_bwd, setup_context=_loss_setup)
+#: the derivative formulas that are not "saved gradient * upstream"
+_AUTOGRAD = {
+    "linear_cross_entropy": (_linear_bwd, _linear_setup),
+    "softmax_forward": (_softmax_bwd, _softmax_setup),
+    "softmax_backward": (_softmax_backward_bwd, _softmax_backward_setup),
+}
+
+_OPS: Dict[str, Any] = {}
+_INPLACE: Dict[str, Any] = {}
+for _spec in OPS.values():
+    _OPS[_spec.name] = _define(_spec)
+    if _spec.inplace:
+        _INPLACE[_spec.name] = _define_inplace(_spec)
+    if _spec.name in _AUTOGRAD:
+        _bwd, _setup = _AUTOGRAD[_spec.name]
+        _OPS[_spec.name].register_autograd(_bwd, setup_context=_setup)
+    elif _spec.is_loss and not _spec.composite:
+        _register_loss_autograd(_spec, _OPS[_spec.name])
 
 
 # ---------------------------------------------------------------------------
-# cross-entropy with the gradient written over the logits
+# calls from gpuloss.functional
 # ---------------------------------------------------------------------------
 
-@torch.library.custom_op("gpuloss::cross_entropy_inplace", mutates_args=("x",))
-def cross_entropy_inplace(x: Tensor, target: Tensor, weight: Optional[Tensor], backend: str, ignore_index: int,
-                          label_smoothing: float, z_loss: float, softcap: Optional[float], reduction: str,
-                          want_grad_target: bool) -> Out3:
-    """Cross-entropy whose gradient ``dL/dx`` replaces ``x`` (loss, grad_target, lse returned)."""
-    opts = dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap,
-                reduction=reduction, want_grad=True, grad_inplace=True, want_grad_target=want_grad_target)
-    res = _run_primitive(backend, "cross_entropy", {"x": x, "target": target, "weight": weight}, opts)
-    g = res.grad
-    # A backend that cannot write x's storage directly (NumPy with bfloat16
-    # logits computes on a float32 copy) hands back that copy: one rounding
-    # copy into x.  Comparing data pointers is host metadata, not a sync.
-    if g is not None and (g.device != x.device or g.data_ptr() != x.data_ptr() or g.dtype != x.dtype):
-        x.copy_(g.reshape(x.shape))
-    loss = _as(res.loss, x, _loss_dtype(x), _loss_shape("cross_entropy", reduction, x))
-    gt = _as(res.grad_target if want_grad_target else None, x, target.dtype, target.shape)
-    lse = _as(res.lse, x, torch.float32, (x.shape[0],))
-    return loss, gt, lse
+def call(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, want: Any = None,
+         inplace: bool = False):
+    """``torch.ops.gpuloss.<op>`` on ``arrays``: differentiable, traceable.
+    Returns the op's outputs (one tensor for the softmax ops).  ``inplace``:
+    the raw ``<op>_inplace`` operator (no autograd: for ``return_grad``),
+    which writes the gradient over ``arrays[0]`` and returns the rest."""
+    spec = OPS[op]
+    return getattr(torch.ops.gpuloss, op + ("_inplace" if inplace else ""))(*_pack(spec, backend, arrays, opts, want))
 
 
-@cross_entropy_inplace.register_fake
-def _(x, target, weight, backend, ignore_index, label_smoothing, z_loss, softcap, reduction, want_grad_target):
-    loss, _, gt, lse = _fake_loss("cross_entropy", x, target, reduction, False, want_grad_target)
-    return loss, gt, lse
+def call_inplace(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, want: Want):
+    """``gpuloss::<op>_inplace`` through its autograd Function: the gradient is
+    written over ``arrays[0]`` now and scaled in place by backward."""
+    _check_inplace_target(arrays[0])
+    return _InplaceFn.apply(op, backend, opts, want, *arrays)
 
 
-class _CrossEntropyInplaceFn(torch.autograd.Function):
-    """Autograd for ``gpuloss::cross_entropy_inplace``: backward scales the
-    logits buffer (now holding dL/dx) in place and returns it."""
+class _InplaceFn(torch.autograd.Function):
+    """Autograd for the in-place operators: backward scales the first array's
+    buffer (now holding dL/dx) in place and returns it."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, target: Tensor, weight: Optional[Tensor], backend: str, ignore_index: int,
-                label_smoothing: float, z_loss: float, softcap: Optional[float], reduction: str,
-                want_grad_target: bool):
-        loss, gt, lse = torch.ops.gpuloss.cross_entropy_inplace(
-            x, target, weight, backend, ignore_index, label_smoothing, z_loss, softcap, reduction,
-            want_grad_target)
+    def forward(ctx, op: str, backend: str, opts: Any, want: Want, *arrays):
+        spec = OPS[op]
+        outs = getattr(torch.ops.gpuloss, op + "_inplace")(*_pack(spec, backend, arrays, opts, want))
+        x = arrays[0]
+        names = [o for o in spec.outputs if o != "grad"]
+        gt = outs[names.index("grad_target")] if "grad_target" in names else x.new_empty((0,))
         # x is saved *after* the write: its version now is the one backward
-        # expects; any later in-place change to the buffer is caught on unpack.
+        # expects; any later in-place change to the buffer is caught on unpack
         ctx.save_for_backward(x, gt)
-        ctx.want_gt = want_grad_target
-        ctx.mark_non_differentiable(gt, lse)
-        return loss, gt, lse
+        ctx.want_gt = bool(want.grad_target)
+        ctx.n = len(arrays)
+        ctx.mark_non_differentiable(*outs[1:])
+        return outs
 
     @staticmethod
-    def backward(ctx, g_loss: Tensor, _g_gt: Tensor, _g_lse: Tensor):
+    def backward(ctx, g_loss: Tensor, *unused):
         grad, gt = ctx.saved_tensors
         # scale in place: the buffer is ours now and the gradient is handed on
         # without a second N x C allocation
-        gx = grad.mul_(_upstream(g_loss, grad)) if ctx.needs_input_grad[0] else None
-        gtt = gt * _upstream(g_loss, gt) if (ctx.want_gt and ctx.needs_input_grad[1]) else None
-        return gx, gtt, None, None, None, None, None, None, None, None
+        gx = grad.mul_(_upstream(g_loss, grad)) if ctx.needs_input_grad[4] else None
+        gtt = gt * _upstream(g_loss, gt) if (ctx.want_gt and ctx.needs_input_grad[5]) else None
+        return (None, None, None, None, gx, gtt) + (None,) * (ctx.n - 2)
 
 
 _LEAF_MSG = ("inplace_backward=True would overwrite the logits with their gradient, but they are (a view of) "
@@ -487,85 +466,3 @@ def _check_inplace_target(x: Tensor) -> None:
                 f"inplace_backward=True would overwrite the logits, but {fn.name()} (the operation that "
                 f"produced them) saved them for its own backward; its gradient would be computed from the "
                 f"overwritten values.  Use inplace_backward=False here")
-
-
-# ---------------------------------------------------------------------------
-# the entry point used by gpuloss.functional
-# ---------------------------------------------------------------------------
-
-def _requires_grad(t: Optional[Tensor]) -> bool:
-    return t is not None and t.requires_grad and torch.is_grad_enabled()
-
-
-def apply(backend: str, op: str, arrays: Dict[str, Optional[Tensor]], opts: Dict[str, Any]) -> Any:
-    """Run primitive ``op`` of ``backend`` on 2-D torch tensors, differentiably.
-
-    Parameters
-    ----------
-    backend : the backend's registry name
-    op : a :class:`gpuloss.backends.base.Backend` primitive name
-    arrays : the primitive's array arguments by name (``x``/``logp``/``input``/
-        ``p``, ``target``, ``weight``, ``pos_weight``, ``y``, ``dy``), 2-D
-        ``(R, C)`` rows, 1-D class indices or ``(C,)`` weights, or None
-    opts : the primitive's other keyword arguments, without ``want_grad`` /
-        ``want_grad_target`` (derived here from ``requires_grad`` and
-        ``torch.is_grad_enabled()``)
-
-    Returns
-    -------
-    softmax ops: the output tensor, differentiable through the backend's
-    ``softmax_backward``.  Losses: ``LossResult(loss, None, None, lse)`` whose
-    ``loss`` backpropagates into the input and, where the primitive gives
-    that gradient, into a floating target (``lse`` is None except for
-    cross-entropy, and is not differentiable).
-    """
-    if op == "softmax_forward":
-        return torch.ops.gpuloss.softmax_forward(arrays["x"], backend, bool(opts["log"]))
-    if op == "softmax_backward":
-        return torch.ops.gpuloss.softmax_backward(arrays["y"], arrays["dy"], backend, bool(opts["log"]))
-    if op not in LOSS_OPS:
-        raise ValueError(f"unknown primitive {op!r}")
-
-    first = "logp" if op == "nll_loss" else "input" if op == "kl_div" else "p" if op == "bce" else "x"
-    x, target = arrays[first], arrays["target"]
-    want_grad = _requires_grad(x)
-    want_gt = _requires_grad(target) and target.is_floating_point()
-    if want_gt and op not in _TARGET_GRAD_OPS:
-        what = "teacher logits / target probabilities" if op == "kl_div_logits" else "target"
-        raise NotImplementedError(
-            f"gpuloss {op}: the gradient with respect to the {what} is not supported; detach the target "
-            f"(target.detach()) or use an op that differentiates it")
-    for name in ("weight", "pos_weight"):
-        w = arrays.get(name)
-        if w is not None and w.requires_grad and torch.is_grad_enabled():
-            raise NotImplementedError(f"gpuloss {op}: the gradient with respect to {name} is not supported")
-    reduction = opts["reduction"]
-
-    if op == "cross_entropy":
-        o = opts
-        common = (o["ignore_index"], float(o["label_smoothing"]), float(o["z_loss"]),
-                  None if o["softcap"] is None else float(o["softcap"]), reduction)
-        if o.get("grad_inplace") and want_grad:
-            _check_inplace_target(x)
-            loss, _, lse = _CrossEntropyInplaceFn.apply(x, target, arrays["weight"], backend, *common, want_gt)
-            return LossResult(loss, None, None, lse)
-        loss, _, _, lse = torch.ops.gpuloss.cross_entropy(x, target, arrays["weight"], backend, *common,
-                                                         want_grad, want_gt)
-        return LossResult(loss, None, None, lse)
-    if op == "nll_loss":
-        loss, *_ = torch.ops.gpuloss.nll_loss(x, target, arrays["weight"], backend, opts["ignore_index"],
-                                             reduction, want_grad)
-    elif op == "kl_div_logits":
-        loss, *_ = torch.ops.gpuloss.kl_div_logits(x, target, backend, float(opts["temperature"]),
-                                                  bool(opts["target_is_logits"]), reduction, want_grad)
-    elif op == "kl_div":
-        loss, *_ = torch.ops.gpuloss.kl_div(x, target, backend, bool(opts["log_target"]), reduction,
-                                           want_grad, want_gt)
-    elif op == "bce_with_logits":
-        loss, *_ = torch.ops.gpuloss.bce_with_logits(x, target, arrays.get("weight"), arrays.get("pos_weight"),
-                                                    backend, reduction, want_grad, want_gt)
-    elif op == "bce":
-        loss, *_ = torch.ops.gpuloss.bce(x, target, arrays.get("weight"), backend, reduction, want_grad, want_gt)
-    else:
-        loss, *_ = torch.ops.gpuloss.mse(x, target, backend, reduction, want_grad, want_gt)
-    return LossResult(loss, None, None, None)

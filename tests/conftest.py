@@ -70,7 +70,7 @@ class BackendHarness:
             import cupy
             if dtype == "bfloat16":
                 # CuPy has no bfloat16 dtype: the cupy backend takes bf16 as
-                # its raw 16 bits in an int16 array (see cupy_backend)
+                # its raw 16 bits in an int16 array (see gpuloss.backends.cupy)
                 import torch
                 t = torch.from_numpy(np.ascontiguousarray(a)).to(device="cuda", dtype=torch.bfloat16)
                 return cupy.from_dlpack(t.view(torch.int16))

@@ -23,6 +23,7 @@ import pytest
 from gpuloss import reference as ref
 
 from conftest import tol
+from prims import prim
 
 DTYPES = ["float32", "float64", "float16", "bfloat16"]
 REDUCTIONS = ["none", "mean", "sum"]
@@ -92,7 +93,7 @@ def _weight(backend, w: np.ndarray, dtype: str):
 
 def _ce(backend, x, t, *, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
         reduction="mean", want_grad=True, grad_inplace=False, want_grad_target=False):
-    return backend.impl.cross_entropy(
+    return prim(backend.impl, "cross_entropy", 
         x, t, weight=weight, ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss,
         softcap=softcap, reduction=reduction, want_grad=want_grad, grad_inplace=grad_inplace,
         want_grad_target=want_grad_target)
@@ -118,7 +119,7 @@ def _lse_ref(x, softcap=None):
 @pytest.mark.parametrize("log", [False, True])
 def test_softmax_forward(backend, rng, dtype, log):
     x = _round(rng.standard_normal((R_, C_)) * 4, dtype)
-    y = backend.impl.softmax_forward(backend.asarray(x, dtype), log=log)
+    y = prim(backend.impl, "softmax_forward", backend.asarray(x, dtype), log=log)
     assert _dtype_name(y) == dtype
     expected = ref.log_softmax(x) if log else ref.softmax(x)
     _check(backend, y, expected, dtype, "log_softmax" if log else "softmax")
@@ -132,7 +133,7 @@ def test_softmax_backward(backend, rng, dtype, log):
     x = rng.standard_normal((R_, C_)) * 3
     y = _round(ref.log_softmax(x) if log else ref.softmax(x), dtype)
     dy = _round(rng.standard_normal((R_, C_)), dtype)
-    dx = backend.impl.softmax_backward(backend.asarray(y, dtype), backend.asarray(dy, dtype), log=log)
+    dx = prim(backend.impl, "softmax_backward", backend.asarray(y, dtype), backend.asarray(dy, dtype), log=log)
     assert _dtype_name(dx) == dtype
     expected = (ref.log_softmax_backward if log else ref.softmax_backward)(y, dy)
     # dx is a difference of O(1) terms: compare with an atol relative to |dy|
@@ -144,7 +145,7 @@ def test_softmax_backward(backend, rng, dtype, log):
 def test_softmax_extreme_and_one_row(backend, rng, log):
     x = rng.standard_normal((1, 257)) * 3
     x[0, :5] = [1e4, -1e4, -np.inf, 9990.0, -np.inf]
-    y = backend.impl.softmax_forward(backend.asarray(x, "float32"), log=log)
+    y = prim(backend.impl, "softmax_forward", backend.asarray(x, "float32"), log=log)
     x32 = _round(x, "float32")
     expected = ref.log_softmax(x32) if log else ref.softmax(x32)
     a = _np(backend, y)
@@ -154,9 +155,9 @@ def test_softmax_extreme_and_one_row(backend, rng, log):
 
 def test_softmax_empty(backend):
     for log in (False, True):
-        y = backend.impl.softmax_forward(backend.asarray(np.empty((0, 7)), "float32"), log=log)
+        y = prim(backend.impl, "softmax_forward", backend.asarray(np.empty((0, 7)), "float32"), log=log)
         assert tuple(y.shape) == (0, 7)
-        dx = backend.impl.softmax_backward(backend.asarray(np.empty((0, 7)), "float32"),
+        dx = prim(backend.impl, "softmax_backward", backend.asarray(np.empty((0, 7)), "float32"),
                                            backend.asarray(np.empty((0, 7)), "float32"), log=log)
         assert tuple(dx.shape) == (0, 7)
 
@@ -432,7 +433,7 @@ def test_nll_loss(backend, rng, dtype, reduction, weighted):
     logp = _round(ref.log_softmax(rng.standard_normal((R, C)) * 2), dtype)
     t = _class_targets(rng, R, C, 2)
     w_nat, w_ref = _weight(backend, rng.uniform(0.2, 3, C), dtype) if weighted else (None, None)
-    res = backend.impl.nll_loss(backend.asarray(logp, dtype), backend.asarray(t), weight=w_nat,
+    res = prim(backend.impl, "nll_loss", backend.asarray(logp, dtype), backend.asarray(t), weight=w_nat,
                                 ignore_index=-100, reduction=reduction, want_grad=True)
     _check_loss(backend, res.loss, ref.nll_loss(logp, t, w_ref, reduction=reduction), dtype, reduction)
     assert _dtype_name(res.grad) == dtype
@@ -444,16 +445,16 @@ def test_nll_loss_edge_cases(backend, rng):
     logp = _round(ref.log_softmax(rng.standard_normal((4, C))), "float32")
     # out-of-range target -> NaN row; all ignored -> mean nan, zero grad
     t = np.array([3, C + 2, -100, 0])
-    res = backend.impl.nll_loss(backend.asarray(logp, "float32"), backend.asarray(t), weight=None,
+    res = prim(backend.impl, "nll_loss", backend.asarray(logp, "float32"), backend.asarray(t), weight=None,
                                 ignore_index=-100, reduction="none", want_grad=True)
     loss, grad = _np(backend, res.loss), _np(backend, res.grad)
     assert np.isnan(loss[1]) and np.isnan(grad[1]).all()
     np.testing.assert_allclose(loss[[0, 2, 3]], [-logp[0, 3], 0.0, -logp[3, 0]], **tol("float32"))
-    res = backend.impl.nll_loss(backend.asarray(logp, "float32"), backend.asarray(np.full(4, -100)),
+    res = prim(backend.impl, "nll_loss", backend.asarray(logp, "float32"), backend.asarray(np.full(4, -100)),
                                 weight=None, ignore_index=-100, reduction="mean", want_grad=True)
     assert np.isnan(_np(backend, res.loss))
     np.testing.assert_array_equal(_np(backend, res.grad), 0.0)
-    res = backend.impl.nll_loss(backend.asarray(np.empty((0, C)), "float32"),
+    res = prim(backend.impl, "nll_loss", backend.asarray(np.empty((0, C)), "float32"),
                                 backend.asarray(np.empty(0, np.int64)), weight=None, ignore_index=-100,
                                 reduction="sum", want_grad=True)
     np.testing.assert_equal(_np(backend, res.loss), 0.0)
@@ -472,7 +473,7 @@ def test_kl_div_logits(backend, rng, dtype, reduction, target_is_logits):
         tg = rng.dirichlet(np.ones(C), R)
         tg[0, :10] = 0.0  # 0 log 0 = 0
         tg = _round(tg, dtype)
-    res = backend.impl.kl_div_logits(backend.asarray(x, dtype), backend.asarray(tg, dtype), temperature=T,
+    res = prim(backend.impl, "kl_div_logits", backend.asarray(x, dtype), backend.asarray(tg, dtype), temperature=T,
                                      target_is_logits=target_is_logits, reduction=reduction, want_grad=True)
     expected = ref.kl_div_logits(x, tg, T, reduction, target_is_logits)
     # KL is a difference of O(log C) terms: an atol scaled to them
@@ -489,7 +490,7 @@ def test_kl_div_logits(backend, rng, dtype, reduction, target_is_logits):
 
 def test_kl_div_logits_nonnegative_and_zero_at_equal(backend, rng):
     x = _round(rng.standard_normal((5, 64)) * 2, "float32")
-    res = backend.impl.kl_div_logits(backend.asarray(x, "float32"), backend.asarray(x, "float32"),
+    res = prim(backend.impl, "kl_div_logits", backend.asarray(x, "float32"), backend.asarray(x, "float32"),
                                      temperature=2.0, target_is_logits=True, reduction="none", want_grad=True)
     np.testing.assert_allclose(_np(backend, res.loss), 0.0, atol=1e-5)
     np.testing.assert_allclose(_np(backend, res.grad), 0.0, atol=1e-6)
@@ -511,7 +512,7 @@ def test_kl_div(backend, rng, dtype, reduction, log_target):
         tg = rng.dirichlet(np.ones(C), R)
         tg[1, :4] = 0.0
         tg = _round(tg, dtype)
-    res = backend.impl.kl_div(backend.asarray(logp, dtype), backend.asarray(tg, dtype), log_target=log_target,
+    res = prim(backend.impl, "kl_div", backend.asarray(logp, dtype), backend.asarray(tg, dtype), log_target=log_target,
                               reduction=reduction, want_grad=True, want_grad_target=True)
     ld = _loss_dtype(dtype)
     exp_loss = ref.kl_div(logp, tg, reduction, log_target)
@@ -541,7 +542,7 @@ def test_bce_with_logits(backend, rng, dtype, reduction, weights):
         w = _round(rng.uniform(0.2, 2, (R, C)), wd)
     if "pos_weight" in weights:
         pw = _round(rng.uniform(0.5, 4, C), wd)
-    res = backend.impl.bce_with_logits(
+    res = prim(backend.impl, "bce_with_logits", 
         backend.asarray(x, dtype), backend.asarray(y, dtype),
         weight=None if w is None else backend.asarray(w, wd),
         pos_weight=None if pw is None else backend.asarray(pw, wd),
@@ -561,7 +562,7 @@ def test_bce(backend, rng, dtype, reduction, weighted):
     y = _round(rng.uniform(0, 1, (R, C)), dtype)
     wd = "float64" if dtype == "float64" else "float32"
     w = _round(rng.uniform(0.2, 2, C), wd) if weighted else None
-    res = backend.impl.bce(backend.asarray(p, dtype), backend.asarray(y, dtype),
+    res = prim(backend.impl, "bce", backend.asarray(p, dtype), backend.asarray(y, dtype),
                            weight=None if w is None else backend.asarray(w, wd), reduction=reduction,
                            want_grad=True, want_grad_target=True)
     _check_loss(backend, res.loss, ref.binary_cross_entropy(p, y, w, reduction), dtype, reduction)
@@ -574,7 +575,7 @@ def test_bce_log_clamp(backend):
     """p = 0 and p = 1: each log is clamped at -100 (PyTorch), the loss stays finite."""
     p = np.array([[0.0, 1.0, 0.0, 1.0, 0.5]])
     y = np.array([[1.0, 0.0, 0.0, 1.0, 0.25]])
-    res = backend.impl.bce(backend.asarray(p, "float32"), backend.asarray(y, "float32"), weight=None,
+    res = prim(backend.impl, "bce", backend.asarray(p, "float32"), backend.asarray(y, "float32"), weight=None,
                            reduction="none", want_grad=False)
     _check(backend, res.loss, ref.binary_cross_entropy(p, y, reduction="none"), "float32", "loss")
 
@@ -585,23 +586,23 @@ def test_mse(backend, rng, dtype, reduction):
     R, C = 5, 121
     x = _round(rng.standard_normal((R, C)) * 2, dtype)
     y = _round(rng.standard_normal((R, C)), dtype)
-    res = backend.impl.mse(backend.asarray(x, dtype), backend.asarray(y, dtype), reduction=reduction,
+    res = prim(backend.impl, "mse", backend.asarray(x, dtype), backend.asarray(y, dtype), reduction=reduction,
                            want_grad=True, want_grad_target=True)
     _check_loss(backend, res.loss, ref.mse_loss(x, y, reduction), dtype, reduction)
     gi, gt = ref.mse_loss_grad(x, y, reduction)
     _check(backend, res.grad, gi, dtype, "grad")
     _check(backend, res.grad_target, gt, dtype, "grad_target")
-    res = backend.impl.mse(backend.asarray(x, dtype), backend.asarray(y, dtype), reduction=reduction,
+    res = prim(backend.impl, "mse", backend.asarray(x, dtype), backend.asarray(y, dtype), reduction=reduction,
                            want_grad=False)
     assert res.grad is None and res.grad_target is None
 
 
 def test_elementwise_empty(backend):
     e = backend.asarray(np.empty((0, 5)), "float32")
-    for call in (lambda r: backend.impl.mse(e, e, reduction=r, want_grad=True),
-                 lambda r: backend.impl.bce_with_logits(e, e, weight=None, pos_weight=None, reduction=r,
+    for call in (lambda r: prim(backend.impl, "mse", e, e, reduction=r, want_grad=True),
+                 lambda r: prim(backend.impl, "bce_with_logits", e, e, weight=None, pos_weight=None, reduction=r,
                                                         want_grad=True),
-                 lambda r: backend.impl.kl_div(e, e, log_target=False, reduction=r, want_grad=True)):
+                 lambda r: prim(backend.impl, "kl_div", e, e, log_target=False, reduction=r, want_grad=True)):
         assert np.isnan(_np(backend, call("mean").loss))
         np.testing.assert_equal(_np(backend, call("sum").loss), 0.0)
         assert tuple(call("none").grad.shape) == (0, 5)
@@ -620,19 +621,19 @@ def test_inputs_unchanged(backend, rng):
     x, tp, t, w = (backend.asarray(x_np, "float32"), backend.asarray(tp_np, "float32"),
                    backend.asarray(t_np), backend.asarray(w_np, "float32"))
     impl = backend.impl
-    impl.softmax_forward(x, log=False)
-    impl.softmax_backward(tp, x, log=True)
-    impl.softmax_backward(tp, x, log=False)
+    prim(impl, "softmax_forward", x, log=False)
+    prim(impl, "softmax_backward", tp, x, log=True)
+    prim(impl, "softmax_backward", tp, x, log=False)
     for prob_t in (t, tp):
         _ce(backend, x, prob_t, weight=w, label_smoothing=0.1, z_loss=1e-3, softcap=5.0,
             want_grad_target=prob_t is tp)
-    impl.nll_loss(x, t, weight=w, ignore_index=-100, reduction="mean", want_grad=True)
-    impl.kl_div_logits(x, tp, temperature=2.0, target_is_logits=True, reduction="sum", want_grad=True)
-    impl.kl_div_logits(x, tp, temperature=2.0, target_is_logits=False, reduction="sum", want_grad=True)
-    impl.kl_div(x, tp, log_target=False, reduction="sum", want_grad=True, want_grad_target=True)
-    impl.bce_with_logits(x, tp, weight=w, pos_weight=w, reduction="sum", want_grad=True, want_grad_target=True)
-    impl.bce(tp, tp, weight=w, reduction="sum", want_grad=True, want_grad_target=True)
-    impl.mse(x, tp, reduction="sum", want_grad=True, want_grad_target=True)
+    prim(impl, "nll_loss", x, t, weight=w, ignore_index=-100, reduction="mean", want_grad=True)
+    prim(impl, "kl_div_logits", x, tp, temperature=2.0, target_is_logits=True, reduction="sum", want_grad=True)
+    prim(impl, "kl_div_logits", x, tp, temperature=2.0, target_is_logits=False, reduction="sum", want_grad=True)
+    prim(impl, "kl_div", x, tp, log_target=False, reduction="sum", want_grad=True, want_grad_target=True)
+    prim(impl, "bce_with_logits", x, tp, weight=w, pos_weight=w, reduction="sum", want_grad=True, want_grad_target=True)
+    prim(impl, "bce", tp, tp, weight=w, reduction="sum", want_grad=True, want_grad_target=True)
+    prim(impl, "mse", x, tp, reduction="sum", want_grad=True, want_grad_target=True)
     np.testing.assert_array_equal(_np(backend, x), x_np)
     np.testing.assert_array_equal(_np(backend, tp), tp_np)
     np.testing.assert_array_equal(backend.to_numpy(t), t_np)
@@ -667,16 +668,16 @@ def test_long_rows(backend, rng):
     x[1, 4000:4100] = -np.inf  # a -inf run inside a long row
     xn = backend.asarray(x, "float32")
     for log in (False, True):
-        y = backend.impl.softmax_forward(xn, log=log)
+        y = prim(backend.impl, "softmax_forward", xn, log=log)
         _check(backend, y, ref.log_softmax(x) if log else ref.softmax(x), "float32", "softmax", finite=False)
         dy = _round(rng.standard_normal((R, C)), "float32")
         y64 = _round(_np(backend, y), "float32")
-        dx = backend.impl.softmax_backward(backend.asarray(y64, "float32"), backend.asarray(dy, "float32"), log=log)
+        dx = prim(backend.impl, "softmax_backward", backend.asarray(y64, "float32"), backend.asarray(dy, "float32"), log=log)
         exp_dx = (ref.log_softmax_backward if log else ref.softmax_backward)(y64, dy)
         np.testing.assert_allclose(_np(backend, dx), exp_dx, rtol=2e-5, atol=1e-5)
     xk = _round(rng.standard_normal((R, C)) * 3, "float32")
     tk = _round(rng.standard_normal((R, C)) * 3, "float32")
-    res = backend.impl.kl_div_logits(backend.asarray(xk, "float32"), backend.asarray(tk, "float32"),
+    res = prim(backend.impl, "kl_div_logits", backend.asarray(xk, "float32"), backend.asarray(tk, "float32"),
                                      temperature=1.5, target_is_logits=True, reduction="none", want_grad=True)
     np.testing.assert_allclose(_np(backend, res.loss), ref.kl_div_logits(xk, tk, 1.5, "none"), rtol=2e-5, atol=1e-4)
     _check(backend, res.grad, ref.kl_div_logits_grad(xk, tk, 1.5, "none")[0], "float32", "grad")

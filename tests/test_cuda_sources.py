@@ -1,7 +1,7 @@
 """Compile every CUDA source the cupy backend uses, on the CPU (no GPU needed).
 
 The source text (headers expanded), the defines and the flags come from
-``gpuloss.backends.cupy_backend`` itself, and every template instantiation the backend can
+``gpuloss.backends.cupy.build`` itself, and every template instantiation the backend can
 request (its name expressions) is instantiated, so a syntax error or a template error in a
 rarely used instantiation fails CI.  Two compilers:
 
@@ -19,15 +19,15 @@ from pathlib import Path
 
 import pytest
 
-from gpuloss.backends import cupy_backend as cb
+from gpuloss.backends.cupy import build as cb_build
 
-SOURCES = sorted(p.name for p in cb.kernel_dir().glob("*.cu"))
+SOURCES = sorted(p.name for p in cb_build.kernel_dir().glob("*.cu"))
 ARCHS = (80, 90)
 
 
 def test_every_source_is_used():
     # a .cu file the backend never compiles would go untested on the GPU
-    assert set(SOURCES) == set(cb.OP_SOURCES.values())
+    assert set(SOURCES) == set(cb_build.OP_SOURCES.values())
 
 
 @pytest.fixture(scope="module")
@@ -42,13 +42,13 @@ def nvcc_jobs(tmp_path_factory):
     jobs = {}
     for source in SOURCES:
         for cc in ARCHS:
-            names = cb.source_name_expressions(source, cc)
-            text = cb.read_source(source)
+            names = cb_build.source_name_expressions(source, cc)
+            text = cb_build.read_source(source)
             text += "\nvoid* gpuloss_instances[] = {\n" + ",\n".join(f"    (void*)&{n}" for n in names) + "\n};\n"
             cu = tmp / f"{cc}_{source}"
             cu.write_text(text)
             ptx = tmp / f"{cc}_{source}.ptx"
-            proc = subprocess.Popen([nvcc, *cb.nvrtc_options(cc), f"-arch=sm_{cc}", "--ptx", str(cu), "-o", str(ptx)],
+            proc = subprocess.Popen([nvcc, *cb_build.nvrtc_options(cc), f"-arch=sm_{cc}", "--ptx", str(cu), "-o", str(ptx)],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             jobs[source, cc] = (proc, names, ptx)
     yield jobs
@@ -77,18 +77,18 @@ def _nvrtc():
 
 
 @pytest.mark.parametrize("cc", ARCHS)
-@pytest.mark.parametrize("op", sorted(cb.OP_SOURCES))
+@pytest.mark.parametrize("op", sorted(cb_build.OP_SOURCES))
 def test_nvrtc_compiles(op, cc):
     nvrtc = _nvrtc()
-    source = cb.OP_SOURCES[op]
+    source = cb_build.OP_SOURCES[op]
     # one dtype per run keeps it short; every dtype is covered by the nvcc test above
-    names = cb.name_expressions(op, "bfloat16", cc)
-    prog = nvrtc.createProgram(cb.read_source(source), source, [], [])
+    names = cb_build.name_expressions(op, "bfloat16", cc)
+    prog = nvrtc.createProgram(cb_build.read_source(source), source, [], [])
     try:
         for n in names:
             nvrtc.addNameExpression(prog, n)
         try:
-            nvrtc.compileProgram(prog, [*cb.nvrtc_options(cc), f"--gpu-architecture=sm_{cc}"])
+            nvrtc.compileProgram(prog, [*cb_build.nvrtc_options(cc), f"--gpu-architecture=sm_{cc}"])
         except nvrtc.NVRTCError as e:
             pytest.fail(f"{e}\n{nvrtc.getProgramLog(prog)[-6000:]}")
         lowered = {nvrtc.getLoweredName(prog, n) for n in names}
@@ -99,7 +99,7 @@ def test_nvrtc_compiles(op, cc):
 
 def test_sources_include_no_system_headers():
     # NVRTC ships no standard-library or CUDA toolkit headers: only our own .cuh may be included
-    for p in cb.kernel_dir().iterdir():
+    for p in cb_build.kernel_dir().iterdir():
         if p.suffix in (".cu", ".cuh"):
             for line in p.read_text().splitlines():
                 if line.strip().startswith("#include"):

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from gpuloss import reference as ref
-from gpuloss.backends import cupy_backend as cb
+from gpuloss.backends import cupy as cb
+from gpuloss.backends.cupy import build as cb_build, common as cb_common, plan as cb_plan
 
 from conftest import tol
+from prims import prim
 
 
 def _gpu():
@@ -44,23 +46,23 @@ def test_accepts():
 def test_variants_and_env(monkeypatch):
     assert cb.CupyBackend.variants() == ("auto", "looped", "onchip")
     monkeypatch.setenv("GPULOSS_CUPY_VARIANT", "looped")
-    assert cb.selected_variant() == "looped"
+    assert cb_plan.selected_variant() == "looped"
     monkeypatch.setenv("GPULOSS_CUPY_VARIANT", "fastest")
     with pytest.raises(ValueError):
-        cb.selected_variant()
+        cb_plan.selected_variant()
 
 
 def test_vec_width_and_dtypes():
-    assert [cb.vec_width(d) for d in ("float32", "float64", "float16", "bfloat16")] == [4, 2, 8, 8]
+    assert [cb_build.vec_width(d) for d in ("float32", "float64", "float16", "bfloat16")] == [4, 2, 8, 8]
     class A:  # minimal stand-in for an array's dtype
         def __init__(self, d): self.dtype = d
-    assert cb.storage_dtype(A("int16")) == "bfloat16"
-    assert cb.storage_dtype(A("float16")) == "float16"
+    assert cb_common.storage_dtype(A("int16")) == "bfloat16"
+    assert cb_common.storage_dtype(A("float16")) == "float16"
     with pytest.raises(TypeError):
-        cb.storage_dtype(A("int32"))
-    assert cb.index_dtype(A("int64")) == "int64"
+        cb_common.storage_dtype(A("int32"))
+    assert cb_common.index_dtype(A("int64")) == "int64"
     with pytest.raises(TypeError):
-        cb.index_dtype(A("int8"))
+        cb_common.index_dtype(A("int8"))
 
 
 H100_SMEM = 227 * 1024
@@ -69,9 +71,9 @@ A100_SMEM = 163 * 1024
 
 def test_plan_rows_explicit_onchip_uses_large_clusters():
     """variant="onchip" still splits long rows over clusters of 4 and 8."""
-    assert cb.plan_rows(16384, 128256, 2, 8, 90, H100_SMEM, "onchip").cluster == 4   # 4 x 62.6 KB
-    assert cb.plan_rows(4096, 262144, 2, 8, 90, H100_SMEM, "onchip").cluster == 8    # 8 x 64 KB
-    assert cb.plan_rows(64, 32000, 4, 4, 80, A100_SMEM, "onchip").cluster == 1       # 125 KB fits the A100
+    assert cb_plan.plan_rows(16384, 128256, 2, 8, 90, H100_SMEM, "onchip").cluster == 4   # 4 x 62.6 KB
+    assert cb_plan.plan_rows(4096, 262144, 2, 8, 90, H100_SMEM, "onchip").cluster == 8    # 8 x 64 KB
+    assert cb_plan.plan_rows(64, 32000, 4, 4, 80, A100_SMEM, "onchip").cluster == 1       # 125 KB fits the A100
 
 
 @pytest.mark.parametrize("R,C,itemsize,cc,smem,exp_variant,exp_k", [
@@ -85,49 +87,49 @@ def test_plan_rows_explicit_onchip_uses_large_clusters():
 ])
 def test_plan_rows_decisions(R, C, itemsize, cc, smem, exp_variant, exp_k):
     vec = 16 // itemsize
-    p = cb.plan_rows(R, C, itemsize, vec, cc, smem, "auto")
+    p = cb_plan.plan_rows(R, C, itemsize, vec, cc, smem, "auto")
     assert (p.variant, p.cluster) == (exp_variant, exp_k)
     assert p.grid == R * p.cluster and p.grid % p.cluster == 0
-    assert cb.MIN_THREADS <= p.threads <= cb.MAX_THREADS and p.threads & (p.threads - 1) == 0
+    assert cb_plan.MIN_THREADS <= p.threads <= cb_plan.MAX_THREADS and p.threads & (p.threads - 1) == 0
     if p.variant == "onchip":
         chunk = p.smem_bytes // itemsize
         assert chunk % vec == 0 and chunk * p.cluster >= C
-        assert p.smem_bytes <= smem - cb.STATIC_SMEM_RESERVE
+        assert p.smem_bytes <= smem - cb_plan.STATIC_SMEM_RESERVE
     else:
         assert p.smem_bytes == 0
-    assert cb.plan_rows(R, C, itemsize, vec, cc, smem, "looped").variant == "looped"
+    assert cb_plan.plan_rows(R, C, itemsize, vec, cc, smem, "looped").variant == "looped"
 
 
 def test_plan_rows_edges():
-    assert cb.plan_rows(0, 10, 4, 4, 90, H100_SMEM).grid == 0
-    p = cb.plan_rows(3, 1, 4, 1, 90, H100_SMEM)
-    assert p.grid == 3 and p.threads == cb.MIN_THREADS
-    big = cb.plan_rows(2 ** 31, 8, 4, 4, 90, H100_SMEM)
-    assert big.grid <= cb.MAX_GRID_X and big.grid % big.cluster == 0
+    assert cb_plan.plan_rows(0, 10, 4, 4, 90, H100_SMEM).grid == 0
+    p = cb_plan.plan_rows(3, 1, 4, 1, 90, H100_SMEM)
+    assert p.grid == 3 and p.threads == cb_plan.MIN_THREADS
+    big = cb_plan.plan_rows(2 ** 31, 8, 4, 4, 90, H100_SMEM)
+    assert big.grid <= cb_plan.MAX_GRID_X and big.grid % big.cluster == 0
     with pytest.raises(ValueError):
-        cb.plan_rows(1, 1, 4, 1, 90, H100_SMEM, "fast")
+        cb_plan.plan_rows(1, 1, 4, 1, 90, H100_SMEM, "fast")
 
 
 def test_plan_elementwise():
-    assert cb.plan_elementwise(0) == (1, cb.EW_THREADS)
-    assert cb.plan_elementwise(10**10)[0] == cb.EW_MAX_BLOCKS
+    assert cb_plan.plan_elementwise(0) == (1, cb_plan.EW_THREADS)
+    assert cb_plan.plan_elementwise(10**10)[0] == cb_plan.EW_MAX_BLOCKS
 
 
 @pytest.mark.parametrize("cc", [80, 90])
 def test_name_expressions(cc):
-    for dt in cb.DTYPES:
-        ce = cb.name_expressions("cross_entropy", dt, cc)
+    for dt in cb_build.DTYPES:
+        ce = cb_build.name_expressions("cross_entropy", dt, cc)
         assert len(ce) == len(set(ce))
-        tag = cb.DTYPES[dt][0]
+        tag = cb_build.DTYPES[dt][0]
         assert f"gpuloss_cross_entropy<{tag}, long long, false, 1, 1, false>" in ce
         has_cluster = any(", 8, true>" in n for n in ce)
         assert has_cluster == (cc >= 90)
-    opts = cb.nvrtc_options(cc)
+    opts = cb_build.nvrtc_options(cc)
     assert ("-DGPULOSS_HAS_CLUSTER=1" in opts) == (cc >= 90)
 
 
 def test_read_source_expands_headers():
-    text = cb.read_source("rows.cu")
+    text = cb_build.read_source("rows.cu")
     assert '#include "' not in text and "struct bf16" in text
 
 
@@ -164,9 +166,9 @@ def test_gpu_softmax_and_ce_long_rows(monkeypatch, rng, variant, C):
     x = rng.standard_normal((R, C)) * 4
     t = rng.integers(0, C, size=R)
     xc = cupy.asarray(x, dtype=cupy.float32)
-    y = b.softmax_forward(xc, log=True)
+    y = prim(b, "softmax_forward", xc, log=True)
     np.testing.assert_allclose(cupy.asnumpy(y), ref.log_softmax(x.astype(np.float32)), rtol=1e-4, atol=1e-4)
-    res = b.cross_entropy(xc, cupy.asarray(t), weight=None, ignore_index=-100, label_smoothing=0.1,
+    res = prim(b, "cross_entropy", xc, cupy.asarray(t), weight=None, ignore_index=-100, label_smoothing=0.1,
                           z_loss=1e-3, softcap=None, reduction="mean", want_grad=True)
     x32 = x.astype(np.float32).astype(np.float64)
     np.testing.assert_allclose(float(res.loss), ref.cross_entropy(x32, t, label_smoothing=0.1, z_loss=1e-3), **tol("float32"))
@@ -183,7 +185,7 @@ def test_gpu_strided_rows_and_extremes(rng):
     base[1, :] = -1e4
     xc = cupy.asarray(base, dtype=cupy.float32)[::2, 1:300]  # strided, unaligned rows
     x = cupy.asnumpy(xc).astype(np.float64)
-    y = b.softmax_forward(xc, log=False)
+    y = prim(b, "softmax_forward", xc, log=False)
     np.testing.assert_allclose(cupy.asnumpy(y), ref.softmax(x), rtol=1e-4, atol=1e-6)
     assert np.isfinite(cupy.asnumpy(y)).all()
 
@@ -194,7 +196,7 @@ def test_gpu_out_of_range_target_is_nan(rng):
     import cupy
     x = cupy.asarray(rng.standard_normal((3, 17)), dtype=cupy.float32)
     t = cupy.asarray([1, 17, -100])
-    res = b.cross_entropy(x, t, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
+    res = prim(b, "cross_entropy", x, t, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
                           reduction="none", want_grad=True)
     loss, g = cupy.asnumpy(res.loss), cupy.asnumpy(res.grad)
     assert np.isfinite(loss[0]) and np.isnan(loss[1]) and loss[2] == 0
@@ -217,7 +219,7 @@ def test_gpu_more_than_2_31_elements(rng):
     x[...] = (xf.view(cupy.int32) >> 16).astype(cupy.int16)  # truncation to bf16 is fine here
     del xf
     t = cupy.asarray(rng.integers(0, C, size=R))
-    res = b.cross_entropy(x, t, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
+    res = prim(b, "cross_entropy", x, t, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
                           reduction="none", want_grad=True, grad_inplace=True)
     last = cupy.asnumpy((x[-1:].astype(cupy.int32) << 16).view(cupy.float32))
     # the last row (offset past 2^31) must hold a valid gradient: sums to ~0, one negative entry
@@ -235,7 +237,7 @@ def test_gpu_torch_dlpack_zero_copy_inplace(rng):
         t = torch.randint(0, 300, (5,), device="cuda")
         xn = b.to_native(xt, "torch")
         assert xn.data.ptr == xt.data_ptr()
-        res = b.cross_entropy(xn, b.to_native(t, "torch"), weight=None, ignore_index=-100, label_smoothing=0.0,
+        res = prim(b, "cross_entropy", xn, b.to_native(t, "torch"), weight=None, ignore_index=-100, label_smoothing=0.0,
                               z_loss=0.0, softcap=None, reduction="sum", want_grad=True, grad_inplace=True)
         g = b.from_native(res.grad, "torch")
         assert g.data_ptr() == xt.data_ptr() and g.dtype == dtype
@@ -247,10 +249,10 @@ def test_gpu_torch_dlpack_zero_copy_inplace(rng):
 def test_launcher_expressions_are_instantiated(cc):
     """Every expression a launcher can format from a plan is one the module instantiates
     (get_module refuses others), for every dtype, vector width and cluster size."""
-    for dt, (tag, itemsize, _) in cb.DTYPES.items():
-        for vec in (1, cb.vec_width(dt)):
+    for dt, (tag, itemsize, _) in cb_build.DTYPES.items():
+        for vec in (1, cb_build.vec_width(dt)):
             for C in (5, 32000, 262144):
-                p = cb.plan_rows(4, C, itemsize, vec, cc, H100_SMEM if cc >= 90 else A100_SMEM)
+                p = cb_plan.plan_rows(4, C, itemsize, vec, cc, H100_SMEM if cc >= 90 else A100_SMEM)
                 on = "true" if p.variant == "onchip" else "false"
                 fill = dict(vec=p.vec, k=p.cluster, on=on)
                 exprs = {
@@ -259,4 +261,4 @@ def test_launcher_expressions_are_instantiated(cc):
                     "kl_div_logits": f"gpuloss_kl_div_logits<{tag}, true, {{vec}}, {{k}}, {{on}}>",
                 }
                 for op, fmt in exprs.items():
-                    assert fmt.format(**fill) in cb.name_expressions(op, dt, cc)
+                    assert fmt.format(**fill) in cb_build.name_expressions(op, dt, cc)

@@ -3,8 +3,10 @@
 The oracle: logits ``z = h @ W.T + b`` in float64, then
 :func:`gpuloss.reference.cross_entropy` / ``cross_entropy_grad``, and
 ``grad_hidden = dz @ W``, ``grad_weight = dz.T @ h``, ``grad_bias = sum_rows dz``.
-Every buffer :mod:`gpuloss.linear_ce` allocates is poisoned with NaN (an
-unwritten element fails), and the data are fresh random numbers each run.
+Every buffer the chunk loop (:mod:`gpuloss._linear_chunks`) allocates is
+poisoned with NaN (an unwritten element fails), and the data are fresh random
+numbers each run.  The API is torch's ``F.linear_cross_entropy``; where the
+installed torch has it, results are compared with it too.
 Shapes are small: the CPU is shared, and the Triton interpreter is slow.
 """
 from __future__ import annotations
@@ -15,17 +17,18 @@ import tracemalloc
 import numpy as np
 import pytest
 
+import gpuloss._linear_chunks as LC
 import gpuloss.linear_ce as L
 from gpuloss import dispatch
 from gpuloss import reference as R
-from tests.conftest import tol
+from conftest import tol
 
 torch = pytest.importorskip("torch")
 
 
 @pytest.fixture(autouse=True)
 def poison(monkeypatch):
-    monkeypatch.setattr(L, "_POISON", True)
+    monkeypatch.setattr(LC, "_POISON", True)
 
 
 def _reference(h, W, b, t, *, grad_output=1.0, **kw):
@@ -68,12 +71,12 @@ def _close(out, ref, dtype, what, scale_atol=False):
 def _check(res, ref, dtype, bias=True):
     loss, gh, gw, gb = ref
     _close(res.loss, loss, dtype, "loss")
-    _close(res.grad_hidden, gh, dtype, "grad_hidden", scale_atol=dtype != "float64")
-    _close(res.grad_weight, gw, dtype, "grad_weight", scale_atol=dtype != "float64")
+    _close(res.grad_input, gh, dtype, "grad_input", scale_atol=dtype != "float64")
+    _close(res.grad_linear_weight, gw, dtype, "grad_linear_weight", scale_atol=dtype != "float64")
     if bias:
-        _close(res.grad_bias, gb, dtype, "grad_bias", scale_atol=dtype != "float64")
+        _close(res.grad_linear_bias, gb, dtype, "grad_linear_bias", scale_atol=dtype != "float64")
     else:
-        assert res.grad_bias is None
+        assert res.grad_linear_bias is None
 
 
 # ---------------------------------------------------------------------------
@@ -101,34 +104,43 @@ def test_numpy_matches_reference(rng, reduction, opts, chunk, bias):
     cw = None
     if kw.pop("class_weight", False):
         cw = rng.uniform(0.2, 2.0, V)
-    res = L.linear_cross_entropy(h, W, t, b, reduction=reduction, class_weight=cw, chunk_size=chunk,
+    res = L.linear_cross_entropy(h, W, t, linear_bias=b, reduction=reduction, weight=cw, chunk_size=chunk,
                                  return_grad=True, **kw)
     ref = _reference(h, W, b, t, reduction=reduction, weight=cw, **kw)
     _check(res, ref, "float64", bias)
-    assert res.grad_hidden.dtype == h.dtype and res.grad_weight.dtype == W.dtype
+    assert res.grad_input.dtype == h.dtype and res.grad_linear_weight.dtype == W.dtype
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("accumulate_fp32", [True, False])
-def test_numpy_float32(rng, reduction, accumulate_fp32):
+@pytest.mark.parametrize("acc_dtype", [None, "float32"])
+def test_numpy_float32(rng, reduction, acc_dtype):
     N, H, V = 33, 16, 300
     h, W, b, t = _problem(rng, N, H, V, dtype=np.float32)
-    res = L.linear_cross_entropy(h, W, t, b, reduction=reduction, chunk_size=8, label_smoothing=0.05,
-                                 accumulate_fp32=accumulate_fp32, return_grad=True)
-    assert res.loss.dtype == np.float32 and res.grad_weight.dtype == np.float32
+    res = L.linear_cross_entropy(h, W, t, linear_bias=b, reduction=reduction, chunk_size=8, label_smoothing=0.05,
+                                 acc_dtype=acc_dtype, return_grad=True)
+    assert res.loss.dtype == np.float32 and res.grad_linear_weight.dtype == np.float32
     _check(res, _reference(h, W, b, t, reduction=reduction, label_smoothing=0.05), "float32")
 
 
-def test_leading_dims_and_loss_only(rng):
+def test_input_dims_as_torch_and_loss_only(rng):
+    """input is (H,) or (N, H), as in torch (leading dimensions are the
+    caller's to flatten); the unbatched form gives a 0-d "none" loss."""
     B, T, H, V = 3, 5, 8, 29
     h = rng.standard_normal((B, T, H))
     W = rng.standard_normal((V, H)) * 0.5
     t = rng.integers(0, V, (B, T))
-    res = L.linear_cross_entropy(h, W, t, reduction="none", chunk_size=4, return_grad=True)
-    assert res.loss.shape == (B, T) and res.grad_hidden.shape == (B, T, H)
-    _check(res, _reference(h, W, None, t, reduction="none"), "float64", bias=False)
-    ref_loss = _reference(h, W, None, t)[0]
-    _close(L.linear_cross_entropy(h, W, t, chunk_size=7), ref_loss, "float64", "loss only")
+    with pytest.raises(ValueError, match="input must be 1-D"):
+        L.linear_cross_entropy(h, W, t)
+    h2, t2 = h.reshape(-1, H), t.reshape(-1)
+    res = L.linear_cross_entropy(h2, W, t2, reduction="none", chunk_size=4, return_grad=True)
+    assert res.loss.shape == (B * T,) and res.grad_input.shape == (B * T, H)
+    _check(res, _reference(h2, W, None, t2, reduction="none"), "float64", bias=False)
+    ref_loss = _reference(h2, W, None, t2)[0]
+    _close(L.linear_cross_entropy(h2, W, t2, chunk_size=7), ref_loss, "float64", "loss only")
+    one = L.linear_cross_entropy(h2[3], W, t2[3:4].reshape(()), reduction="none", return_grad=True)
+    assert one.loss.shape == () and one.grad_input.shape == (H,)
+    ref1 = _reference(h2[3:4], W, None, t2[3:4], reduction="none")
+    _check(one, (ref1[0].reshape(()), ref1[1].reshape(H), ref1[2], None), "float64", bias=False)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
@@ -136,7 +148,8 @@ def test_all_ignored(rng, reduction):
     N, H, V = 9, 6, 17
     h, W, b, t = _problem(rng, N, H, V)
     t[:] = 3
-    res = L.linear_cross_entropy(h, W, t, b, ignore_index=3, reduction=reduction, chunk_size=4, return_grad=True)
+    res = L.linear_cross_entropy(h, W, t, linear_bias=b, ignore_index=3, reduction=reduction, chunk_size=4,
+                                 return_grad=True)
     ref = _reference(h, W, b, t, ignore_index=3, reduction=reduction)
     if reduction == "mean":
         assert np.isnan(res.loss) and np.isnan(ref[0])
@@ -149,11 +162,11 @@ def test_all_ignored(rng, reduction):
 def test_custom_ignore_index_and_empty_batch(rng):
     N, H, V = 10, 4, 11
     h, W, b, t = _problem(rng, N, H, V, ignore_index=5, ignore_frac=0.3)
-    res = L.linear_cross_entropy(h, W, t, b, ignore_index=5, chunk_size=3, return_grad=True)
+    res = L.linear_cross_entropy(h, W, t, linear_bias=b, ignore_index=5, chunk_size=3, return_grad=True)
     _check(res, _reference(h, W, b, t, ignore_index=5), "float64")
-    e = L.linear_cross_entropy(h[:0], W, t[:0], b, reduction="sum", return_grad=True)
-    assert float(e.loss) == 0.0 and e.grad_hidden.shape == (0, H)
-    assert np.all(e.grad_weight == 0.0) and np.all(e.grad_bias == 0.0)
+    e = L.linear_cross_entropy(h[:0], W, t[:0], linear_bias=b, reduction="sum", return_grad=True)
+    assert float(e.loss) == 0.0 and e.grad_input.shape == (0, H)
+    assert np.all(e.grad_linear_weight == 0.0) and np.all(e.grad_linear_bias == 0.0)
 
 
 def test_default_chunk_size():
@@ -161,7 +174,7 @@ def test_default_chunk_size():
     assert L.default_chunk_size(10, 128256, 2, "cuda") == 10
     assert L.default_chunk_size(100, 10 ** 9, 4, "cuda") == 1
     n = L.default_chunk_size(1 << 20, 32000, 4, "cpu")
-    assert n * 32000 * 4 <= L._CHUNK_BYTES["cpu"] and n % L._CHUNK_ALIGN == 0
+    assert n * 32000 * 4 <= LC.CHUNK_BYTES["cpu"] and n % LC.CHUNK_ALIGN == 0
 
 
 def test_peak_memory_bounded_by_a_chunk(rng):
@@ -180,7 +193,7 @@ def test_peak_memory_bounded_by_a_chunk(rng):
     finally:
         tracemalloc.stop()
     full_logits = N * V * 4
-    outputs = res.grad_hidden.nbytes + res.grad_weight.nbytes
+    outputs = res.grad_input.nbytes + res.grad_linear_weight.nbytes
     bound = 2 * chunk * V * 4 + outputs + (1 << 20)
     assert peak <= bound, f"peak {peak / 2**20:.1f} MiB > {bound / 2**20:.1f} MiB (full logits " \
                           f"{full_logits / 2**20:.0f} MiB)"
@@ -195,16 +208,16 @@ def test_peak_memory_bounded_by_a_chunk(rng):
 def test_bad_arguments(rng):
     h, W, b, t = _problem(rng, 6, 4, 9, ignore_frac=0.0)
     f = L.linear_cross_entropy
-    with pytest.raises(ValueError, match="H=4"):
+    with pytest.raises(ValueError, match="in_features"):
         f(h[:, :3], W, t)
-    with pytest.raises(ValueError, match="weight must be 2-D"):
+    with pytest.raises(ValueError, match="linear_weight must have at least 2 dimensions"):
         f(h, W[0], t)
     with pytest.raises(TypeError, match="same dtype"):
         f(h.astype(np.float32), W, t)
-    with pytest.raises(ValueError, match="bias must have shape"):
-        f(h, W, t, b[:-1])
-    with pytest.raises(TypeError, match="bias must have weight's dtype"):
-        f(h, W, t, b.astype(np.float32))
+    with pytest.raises(ValueError, match="linear_bias must have shape"):
+        f(h, W, t, linear_bias=b[:-1])
+    with pytest.raises(TypeError, match="linear_bias must have linear_weight's dtype"):
+        f(h, W, t, linear_bias=b.astype(np.float32))
     with pytest.raises(ValueError, match="target has shape"):
         f(h, W, t[:-1])
     with pytest.raises(TypeError, match="target must hold integer"):
@@ -213,8 +226,8 @@ def test_bad_arguments(rng):
     bad[2] = 9
     with pytest.raises(ValueError, match="class index 9"):
         f(h, W, bad)
-    with pytest.raises(ValueError, match="class_weight"):
-        f(h, W, t, class_weight=np.ones(8))
+    with pytest.raises(ValueError, match="weight must be a 1-D array of length C"):
+        f(h, W, t, weight=np.ones(8))
     with pytest.raises(ValueError, match="chunk_size"):
         f(h, W, t, chunk_size=0)
     with pytest.raises(ValueError, match="reduction"):
@@ -223,6 +236,17 @@ def test_bad_arguments(rng):
         f(h, W, t, label_smoothing=1.5)
     with pytest.raises(TypeError, match="mixed array kinds"):
         f(h, torch.from_numpy(W), t)
+    with pytest.raises(TypeError, match="ignore_index"):
+        f(h, W, t, ignore_index=1.5)
+    p = rng.dirichlet(np.ones(9), 6)
+    with pytest.raises(ValueError, match="ignore_index cannot be specified"):
+        f(h, W, p, ignore_index=-100)
+    with pytest.raises(ValueError, match="needs batched input"):
+        f(h[0], W.reshape(9, 1, 4), t[:1].reshape(()))
+    with pytest.raises(TypeError, match="options"):
+        f(h, W, t, options="chunked")
+    with pytest.raises(ValueError, match="acc_dtype"):
+        f(h, W, t, acc_dtype="int8")
 
 
 # ---------------------------------------------------------------------------
@@ -241,8 +265,8 @@ def _torch_problem(rng, N, H, V, dtype=np.float64, bias=True):
 def test_torch_autograd_scalar_upstream(rng, reduction):
     (h, W, b, t), (th, tW, tb, tt) = _torch_problem(rng, 14, 8, 23)
     go = float(rng.uniform(0.3, 3.0)) * (-1 if rng.random() < 0.5 else 1)
-    loss = L.linear_cross_entropy(th, tW, tt, tb, reduction=reduction, z_loss=1e-3, label_smoothing=0.1,
-                                  chunk_size=4)
+    loss = L.linear_cross_entropy(th, tW, tt, linear_bias=tb, reduction=reduction, z_loss=1e-3,
+                                  label_smoothing=0.1, chunk_size=4)
     loss.backward(torch.tensor(go, dtype=torch.float64))
     ref = _reference(h, W, b, t, reduction=reduction, z_loss=1e-3, label_smoothing=0.1, grad_output=go)
     _close(loss.detach().numpy(), ref[0], "float64", "loss")
@@ -254,7 +278,7 @@ def test_torch_autograd_scalar_upstream(rng, reduction):
 def test_torch_autograd_none_random_upstream(rng):
     (h, W, b, t), (th, tW, tb, tt) = _torch_problem(rng, 15, 8, 23)
     cw = rng.uniform(0.5, 2.0, 23)
-    loss = L.linear_cross_entropy(th, tW, tt, tb, reduction="none", class_weight=torch.from_numpy(cw),
+    loss = L.linear_cross_entropy(th, tW, tt, linear_bias=tb, reduction="none", weight=torch.from_numpy(cw),
                                   softcap=4.0, chunk_size=6)
     go = rng.standard_normal(15)
     loss.backward(torch.from_numpy(go))
@@ -267,12 +291,12 @@ def test_torch_autograd_none_random_upstream(rng):
 
 def test_torch_second_backward_raises(rng):
     _, (th, tW, tb, tt) = _torch_problem(rng, 6, 4, 9)
-    loss = L.linear_cross_entropy(th, tW, tt, tb, chunk_size=4)
+    loss = L.linear_cross_entropy(th, tW, tt, linear_bias=tb, chunk_size=4)
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="allow_retain_graph"):
         loss.backward()
     th.grad = tW.grad = tb.grad = None
-    loss = L.linear_cross_entropy(th, tW, tt, tb, chunk_size=4, allow_retain_graph=True)
+    loss = L.linear_cross_entropy(th, tW, tt, linear_bias=tb, chunk_size=4, allow_retain_graph=True)
     loss.backward(retain_graph=True)
     first = tW.grad.clone()
     loss.backward()
@@ -282,12 +306,12 @@ def test_torch_second_backward_raises(rng):
 def test_torch_frozen_weight_and_return_grad(rng):
     (h, W, b, t), (th, tW, tb, tt) = _torch_problem(rng, 10, 6, 19)
     tW.requires_grad_(False)
-    loss = L.linear_cross_entropy(th, tW, tt, None, chunk_size=3)
+    loss = L.linear_cross_entropy(th, tW, tt, chunk_size=3)
     loss.backward()
     ref = _reference(h, W, None, t)
     _close(th.grad.numpy(), ref[1], "float64", "hidden.grad")
     assert tW.grad is None
-    res = L.linear_cross_entropy(th, tW, tt, tb, chunk_size=3, return_grad=True, reduction="sum")
+    res = L.linear_cross_entropy(th, tW, tt, linear_bias=tb, chunk_size=3, return_grad=True, reduction="sum")
     ref = _reference(h, W, b, t, reduction="sum")
     assert not res.loss.requires_grad
     _check(type(res)(*(None if a is None else a.numpy() for a in res)), ref, "float64")
@@ -299,21 +323,28 @@ def test_torch_gradcheck(rng, reduction):
     tt[1] = -100
 
     def f(h, w, b):
-        return L.linear_cross_entropy(h, w, tt, b, reduction=reduction, chunk_size=2, label_smoothing=0.1,
-                                      z_loss=1e-2, allow_retain_graph=True)
+        return L.linear_cross_entropy(h, w, tt, linear_bias=b, reduction=reduction, chunk_size=2,
+                                      label_smoothing=0.1, z_loss=1e-2, allow_retain_graph=True)
     assert torch.autograd.gradcheck(f, (th, tW, tb), eps=1e-6, atol=1e-7)
 
 
 def test_torch_module(rng):
+    """gpuloss.nn.LinearCrossEntropyLoss owns its projection, as torch's."""
+    import gpuloss.nn as gnn
     (h, W, b, t), (th, tW, tb, tt) = _torch_problem(rng, 12, 8, 21)
     cw = rng.uniform(0.5, 2.0, 21)
-    mod = L.LinearCrossEntropyLoss(weight=torch.from_numpy(cw), label_smoothing=0.1, chunk_size=5)
+    mod = gnn.LinearCrossEntropyLoss(8, 21, bias=True, dtype=torch.float64, weight=torch.from_numpy(cw),
+                                     label_smoothing=0.1, chunk_size=5)
     assert "weight" in dict(mod.named_buffers())
-    loss = mod(th, tW, tt, tb)
+    with torch.no_grad():
+        mod.linear.weight.copy_(tW)
+        mod.linear.bias.copy_(tb)
+    loss = mod(th, tt)
     loss.backward()
     ref = _reference(h, W, b, t, weight=cw, label_smoothing=0.1)
     _close(loss.detach().numpy(), ref[0], "float64", "loss")
-    _close(tW.grad.numpy(), ref[2], "float64", "weight.grad")
+    _close(mod.linear.weight.grad.numpy(), ref[2], "float64", "linear.weight.grad")
+    _close(mod.linear.bias.grad.numpy(), ref[3], "float64", "linear.bias.grad")
 
 
 def _torch_bf16_error_rule(ours, theirs, ref, names, factor=2.0):
@@ -332,6 +363,7 @@ def _torch_bf16_error_rule(ours, theirs, ref, names, factor=2.0):
 
 @pytest.mark.parametrize("accumulate_fp32", [True, False])
 def test_torch_bfloat16_cpu(rng, accumulate_fp32):
+    """acc_dtype None (fp32 accumulation) or bf16 (the weight's dtype)."""
     """bf16 tensors on the CPU (the NumPy backend serves them through a float32
     copy), several chunks, against the float64 reference on the rounded inputs."""
     import torch.nn.functional as F
@@ -341,8 +373,9 @@ def test_torch_bfloat16_cpu(rng, accumulate_fp32):
     tW = torch.from_numpy(W).bfloat16()
     tb = torch.from_numpy(b).bfloat16()
     tt = torch.from_numpy(t)
-    res = L.linear_cross_entropy(th, tW, tt, tb, chunk_size=5, return_grad=True, accumulate_fp32=accumulate_fp32)
-    assert res.grad_weight.dtype == torch.bfloat16 and res.loss.dtype == torch.bfloat16
+    res = L.linear_cross_entropy(th, tW, tt, linear_bias=tb, chunk_size=5, return_grad=True,
+                                 acc_dtype=None if accumulate_fp32 else torch.bfloat16)
+    assert res.grad_linear_weight.dtype == torch.bfloat16 and res.loss.dtype == torch.bfloat16
     args = [a.clone().requires_grad_(True) for a in (th, tW, tb)]
     loss = F.cross_entropy(F.linear(*args), tt)
     loss.backward()
@@ -371,7 +404,7 @@ def _triton_cpu_ok() -> bool:
 @pytest.mark.parametrize("reduction", ["mean", "none"])
 def test_triton_interpreter(rng, reduction):
     (h, W, b, t), (th, tW, tb, tt) = _torch_problem(rng, 6, 8, 40, dtype=np.float32)
-    loss = L.linear_cross_entropy(th, tW, tt, tb, reduction=reduction, chunk_size=4, z_loss=1e-3,
+    loss = L.linear_cross_entropy(th, tW, tt, linear_bias=tb, reduction=reduction, chunk_size=4, z_loss=1e-3,
                                   backend="triton")
     go = rng.standard_normal(6).astype(np.float32) if reduction == "none" else np.float32(0.7)
     loss.backward(torch.from_numpy(np.asarray(go)))
@@ -420,8 +453,8 @@ def test_cuda_bf16_against_fp32(rng, backend_name, reduction):
     import torch.nn.functional as F
     ref = run(lambda x, w, bb: F.cross_entropy(F.linear(x, w, bb), t, reduction=reduction), torch.float32)
     theirs = run(lambda x, w, bb: F.cross_entropy(F.linear(x, w, bb), t, reduction=reduction), torch.bfloat16)
-    ours = run(lambda x, w, bb: L.linear_cross_entropy(x, w, t, bb, reduction=reduction, chunk_size=128,
-                                                       backend=backend_name), torch.bfloat16)
+    ours = run(lambda x, w, bb: L.linear_cross_entropy(x, w, t, linear_bias=bb, reduction=reduction,
+                                                       chunk_size=128, backend=backend_name), torch.bfloat16)
     for name, r, th_, o in zip(("loss", "grad_hidden", "grad_weight", "grad_bias"), ref, theirs, ours):
         assert torch.isfinite(o).all(), name
         their_err = (th_ - r).abs().max().item()
@@ -438,9 +471,9 @@ def test_cupy_arrays(rng):
     if not ok:
         pytest.skip(f"backend cupy unavailable: {why}")
     h, W, b, t = _problem(rng, 300, 64, 1001, dtype=np.float32)
-    res = L.linear_cross_entropy(cupy.asarray(h), cupy.asarray(W), cupy.asarray(t), cupy.asarray(b),
+    res = L.linear_cross_entropy(cupy.asarray(h), cupy.asarray(W), cupy.asarray(t), linear_bias=cupy.asarray(b),
                                  label_smoothing=0.1, chunk_size=64, return_grad=True)
-    assert isinstance(res.grad_weight, cupy.ndarray)
+    assert isinstance(res.grad_linear_weight, cupy.ndarray)
     _check(type(res)(*(cupy.asnumpy(a) for a in res)), _reference(h, W, b, t, label_smoothing=0.1), "float32")
 
 
@@ -449,7 +482,7 @@ def test_module_pickles_like_the_other_gpuloss_nn_modules():
     import io
     torch = pytest.importorskip("torch")
     import gpuloss.nn as gnn
-    m = gnn.LinearCrossEntropyLoss(ignore_index=3, weight=torch.rand(7))
+    m = gnn.LinearCrossEntropyLoss(4, 7, ignore_index=3, weight=torch.rand(7))
     buf = io.BytesIO()
     torch.save(m, buf)
     buf.seek(0)

@@ -16,10 +16,11 @@ from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
 from gpuloss import reference as ref
-from gpuloss.backends import numpy_backend as nb
-from gpuloss.backends.numpy_backend import NumpyBackend
+from gpuloss.backends.numpy import NumpyBackend
+from gpuloss.backends.numpy import tiling as nb
 
 from conftest import tol
+from prims import prim
 
 B = NumpyBackend()
 
@@ -28,14 +29,14 @@ def _ce(x, t, **kw):
     opts = dict(weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
                 reduction="mean", want_grad=True)
     opts.update(kw)
-    return B.cross_entropy(x, t, **opts)
+    return prim(B, "cross_entropy", x, t, **opts)
 
 
 @pytest.fixture
 def small_tiles(monkeypatch):
     """Tiles of 64 float32 / 32 float64 elements: rows of C > 64 take the
     long-row (two-pass, online max/sum) path, and every call has many tiles."""
-    monkeypatch.setattr(nb, "_BLOCK_BYTES", 256)
+    monkeypatch.setattr(nb, "BLOCK_BYTES", 256)
     return 256
 
 
@@ -43,7 +44,7 @@ def small_tiles(monkeypatch):
 def threaded(monkeypatch):
     """Use the pool for every call, with 3 threads on any machine."""
     monkeypatch.setenv("GPULOSS_NUM_THREADS", "3")
-    monkeypatch.setattr(nb, "_PARALLEL_MIN_ELEMS", 0)
+    monkeypatch.setattr(nb, "PARALLEL_MIN_ELEMS", 0)
 
 
 # --------------------------------------------------------------------------
@@ -116,11 +117,11 @@ def test_softmax_and_kl_tiled(small_tiles, threaded, rng, C, dtype):
     x[3] += 500.0
     xr = x.astype(np.float64)
     for log in (False, True):
-        y = B.softmax_forward(x, log=log)
+        y = prim(B, "softmax_forward", x, log=log)
         np.testing.assert_allclose(y, ref.log_softmax(xr) if log else ref.softmax(xr), **tol(dtype))
         dy = rng.standard_normal((R, C)).astype(dtype)
         yr = y.astype(np.float64)
-        dx = B.softmax_backward(y, dy, log=log)
+        dx = prim(B, "softmax_backward", y, dy, log=log)
         exp_dx = (ref.log_softmax_backward if log else ref.softmax_backward)(yr, dy.astype(np.float64))
         np.testing.assert_allclose(dx, exp_dx, rtol=tol(dtype)["rtol"], atol=tol(dtype)["rtol"])
     xk = (rng.standard_normal((R, C)) * 3).astype(dtype)
@@ -130,7 +131,7 @@ def test_softmax_and_kl_tiled(small_tiles, threaded, rng, C, dtype):
             rng.dirichlet(np.ones(C), R).astype(dtype)
         tgr = tg.astype(np.float64)
         for red in ("none", "sum", "mean", "batchmean"):
-            res = B.kl_div_logits(xk, tg, temperature=1.3, target_is_logits=til, reduction=red, want_grad=True)
+            res = prim(B, "kl_div_logits", xk, tg, temperature=1.3, target_is_logits=til, reduction=red, want_grad=True)
             np.testing.assert_allclose(res.loss, ref.kl_div_logits(xk.astype(np.float64), tgr, 1.3, red, til),
                                        rtol=tol(dtype)["rtol"], atol=10 * tol(dtype)["rtol"])
             np.testing.assert_allclose(res.grad, ref.kl_div_logits_grad(xk.astype(np.float64), tgr, 1.3, red,
@@ -146,11 +147,11 @@ def test_elementwise_tiled(small_tiles, threaded, rng):
     pw = rng.uniform(0.5, 2, C).astype(np.float32)
     xr, yr = x.astype(np.float64), y.astype(np.float64)
     for red in ("none", "mean", "sum"):
-        r = B.bce_with_logits(x, y, weight=w2, pos_weight=pw, reduction=red, want_grad=True, want_grad_target=True)
+        r = prim(B, "bce_with_logits", x, y, weight=w2, pos_weight=pw, reduction=red, want_grad=True, want_grad_target=True)
         np.testing.assert_allclose(r.loss, ref.binary_cross_entropy_with_logits(xr, yr, w2, pw, red), **tol("float32"))
         for a, b in zip((r.grad, r.grad_target), ref.binary_cross_entropy_with_logits_grad(xr, yr, w2, pw, red)):
             np.testing.assert_allclose(a, b, **tol("float32"))
-        r = B.mse(x, y, reduction=red, want_grad=True, want_grad_target=True)
+        r = prim(B, "mse", x, y, reduction=red, want_grad=True, want_grad_target=True)
         np.testing.assert_allclose(r.loss, ref.mse_loss(xr, yr, red), **tol("float32"))
         np.testing.assert_allclose(r.grad, ref.mse_loss_grad(xr, yr, red)[0], **tol("float32"))
 
@@ -170,13 +171,13 @@ def test_thread_pool_used_and_deterministic(monkeypatch, rng):
     monkeypatch.setenv("GPULOSS_NUM_THREADS", "1")
     one = _ce(x, t, label_smoothing=0.1, z_loss=1e-3)
     seen = set()
-    orig = nb._scratch
+    orig = nb.scratch
 
     def spy(name, shape, dtype):
         seen.add(threading.current_thread().name)
         return orig(name, shape, dtype)
 
-    monkeypatch.setattr(nb, "_scratch", spy)
+    monkeypatch.setattr(nb, "scratch", spy)
     monkeypatch.setenv("GPULOSS_NUM_THREADS", "2")
     two = _ce(x, t, label_smoothing=0.1, z_loss=1e-3)
     assert any(n.startswith("gpuloss-numpy") for n in seen), seen
@@ -205,7 +206,7 @@ def test_worker_exception_propagates(monkeypatch, threaded):
             raise RuntimeError("tile 3")
 
     with pytest.raises(RuntimeError, match="tile 3"):
-        nb._parallel_for(8, boom, 1 << 30)
+        nb.parallel_for(8, boom, 1 << 30)
 
 
 # --------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def test_scratch_memory_bounded(rng, monkeypatch, shape):
     rows = [0, R - 1]
     xr = x[rows].astype(np.float64)
     np.testing.assert_allclose(res.lse[rows], ref.logsumexp(30.0 * np.tanh(xr / 30.0)), **tol("float32"))
-    extra, y = _extra_peak(lambda: B.softmax_forward(x, log=True), monkeypatch)
+    extra, y = _extra_peak(lambda: prim(B, "softmax_forward", x, log=True), monkeypatch)
     assert extra < 64 * MiB, f"{extra / MiB:.1f} MiB of scratch"
     np.testing.assert_allclose(y[rows, :1000], ref.log_softmax(xr)[:, :1000], rtol=1e-5, atol=1e-5)
 
@@ -308,17 +309,17 @@ def test_shift_invariance(x, shift, seed):
     b = _ce(x + shift, t, reduction="none", label_smoothing=0.1)
     np.testing.assert_allclose(a.loss, b.loss, rtol=1e-9, atol=1e-9)
     np.testing.assert_allclose(a.grad, b.grad, rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(B.softmax_forward(x, log=False), B.softmax_forward(x + shift, log=False),
+    np.testing.assert_allclose(prim(B, "softmax_forward", x, log=False), prim(B, "softmax_forward", x + shift, log=False),
                                rtol=1e-9, atol=1e-15)
 
 
 @settings(max_examples=40, deadline=None)
 @given(x=_logits)
 def test_rows_sum_to_one(x):
-    y = B.softmax_forward(x, log=False)
+    y = prim(B, "softmax_forward", x, log=False)
     np.testing.assert_allclose(y.sum(-1), 1.0, rtol=0, atol=1e-12)
     assert (y >= 0).all()
-    np.testing.assert_allclose(np.exp(B.softmax_forward(x, log=True)), y, rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(np.exp(prim(B, "softmax_forward", x, log=True)), y, rtol=1e-12, atol=1e-15)
 
 
 @settings(max_examples=40, deadline=None)
@@ -331,7 +332,7 @@ def test_grad_is_softmax_minus_onehot(x, seed):
     res = _ce(x, t)
     onehot = np.zeros_like(x)
     onehot[np.arange(R), t] = 1.0
-    np.testing.assert_allclose(res.grad, (B.softmax_forward(x, log=False) - onehot) / R, rtol=1e-10, atol=1e-14)
+    np.testing.assert_allclose(res.grad, (prim(B, "softmax_forward", x, log=False) - onehot) / R, rtol=1e-10, atol=1e-14)
 
 
 @settings(max_examples=40, deadline=None)
@@ -339,8 +340,8 @@ def test_grad_is_softmax_minus_onehot(x, seed):
 def test_kl_nonnegative(x, seed, T):
     rng = np.random.default_rng(seed)
     tg = x + rng.standard_normal(x.shape) * rng.uniform(0, 5)
-    res = B.kl_div_logits(x, tg, temperature=T, target_is_logits=True, reduction="none", want_grad=False)
+    res = prim(B, "kl_div_logits", x, tg, temperature=T, target_is_logits=True, reduction="none", want_grad=False)
     assert (res.loss >= -1e-12).all()
     probs = ref.softmax(tg / T)
-    res2 = B.kl_div_logits(x, probs, temperature=T, target_is_logits=False, reduction="none", want_grad=False)
+    res2 = prim(B, "kl_div_logits", x, probs, temperature=T, target_is_logits=False, reduction="none", want_grad=False)
     np.testing.assert_allclose(res2.loss, res.loss, rtol=1e-9, atol=1e-12)

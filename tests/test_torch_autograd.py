@@ -334,14 +334,15 @@ def test_repeated_runs_are_identical(rng):
 def test_gradient_is_scaled_not_recomputed(rng, monkeypatch):
     """Backward reuses the gradient of the forward pass: the backend runs
     once per forward, never in backward."""
+    from gpuloss import launch
     calls = []
-    real = torch_ops._run_primitive
+    real = launch.run
 
-    def counting(backend, op, arrays, opts):
+    def counting(be, op, arrays, opts, want, kind):
         calls.append(op)
-        return real(backend, op, arrays, opts)
+        return real(be, op, arrays, opts, want, kind)
 
-    monkeypatch.setattr(torch_ops, "_run_primitive", counting)
+    monkeypatch.setattr(launch, "run", counting)
     x = T(rng.standard_normal((4, 9)), requires_grad=True)
     loss = gpuloss.cross_entropy(x, T(rng.integers(0, 9, 4)))
     assert calls == ["cross_entropy"]
@@ -350,14 +351,15 @@ def test_gradient_is_scaled_not_recomputed(rng, monkeypatch):
 
 
 def test_no_gradient_asked_when_none_needed(rng, monkeypatch):
+    from gpuloss import launch
     seen = []
-    real = torch_ops._run_primitive
+    real = launch.run
 
-    def spy(backend, op, arrays, opts):
-        seen.append((opts.get("want_grad"), opts.get("want_grad_target")))
-        return real(backend, op, arrays, opts)
+    def spy(be, op, arrays, opts, want, kind):
+        seen.append((want.grad, want.grad_target))
+        return real(be, op, arrays, opts, want, kind)
 
-    monkeypatch.setattr(torch_ops, "_run_primitive", spy)
+    monkeypatch.setattr(launch, "run", spy)
     x = T(rng.standard_normal((3, 5)))
     t = T(rng.standard_normal((3, 5)))
     gpuloss.mse_loss(x, t)

@@ -2,7 +2,7 @@
 equal to eager.
 
 Two layers are tested.  The custom operators themselves (called through
-``gpuloss.torch_ops.apply``, as the public functions do) must trace without
+``gpuloss.torch_ops.call``, as the public functions do) must trace without
 a graph break: that is this module's contract.  The public functions and
 ``gpuloss.nn`` modules also run the host-side argument checks and the
 backend choice (``gpuloss.dispatch``) while tracing; those tests are marked
@@ -25,6 +25,7 @@ torch = pytest.importorskip("torch")
 import gpuloss  # noqa: E402
 import gpuloss.nn as gnn  # noqa: E402
 from gpuloss import torch_ops  # noqa: E402
+from gpuloss.ops import OPS as OPS_TABLE, Want  # noqa: E402
 
 from conftest import tol  # noqa: E402
 
@@ -41,38 +42,48 @@ def _model(seed):
     return torch.nn.Sequential(torch.nn.Linear(H, 16), torch.nn.Tanh(), torch.nn.Linear(16, C))
 
 
+def _apply(op, arrays, **options):
+    """What the public functions do for 2-D rows, straight to the custom
+    operators (gpuloss.torch_ops.call): the loss, or the softmax output."""
+    spec = OPS_TABLE[op]
+    arrs = [arrays.get(n) for n in spec.arrays]
+    opts = spec.options(**options)
+    if spec.want is None:
+        return torch_ops.call(op, BK, arrs, opts)
+    target = arrs[1]
+    want = Want(arrs[0].requires_grad, target.requires_grad and target.is_floating_point() and spec.target_grad)
+    if getattr(opts, "grad_inplace", False):
+        return torch_ops.call_inplace(op, BK, arrs, opts, want)[0]
+    return torch_ops.call(op, BK, arrs, opts, want)[0]
+
+
 def _loss_via_ops(op, logits, tgt, extra):
-    """What the public functions do for a 2-D input, straight to the ops."""
     if op == "softmax":
-        return torch_ops.apply(BK, "softmax_forward", {"x": logits}, {"log": False}).square().mean()
+        return _apply("softmax_forward", {"x": logits}, log=False).square().mean()
     if op == "log_softmax_nll":
-        logp = torch_ops.apply(BK, "softmax_forward", {"x": logits}, {"log": True})
-        return torch_ops.apply(BK, "nll_loss", {"logp": logp, "target": tgt["index"], "weight": extra["w"]},
-                               dict(ignore_index=-100, reduction="mean")).loss
+        logp = _apply("softmax_forward", {"x": logits}, log=True)
+        return _apply("nll_loss", {"logp": logp, "target": tgt["index"], "weight": extra["w"]},
+                      ignore_index=-100, reduction="mean")
     if op in ("cross_entropy", "cross_entropy_inplace"):
-        return torch_ops.apply(BK, "cross_entropy", {"x": logits, "target": tgt["index"], "weight": extra["w"]},
-                               dict(ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, softcap=4.0,
-                                    reduction="mean", grad_inplace=op.endswith("inplace"))).loss
+        return _apply("cross_entropy", {"x": logits, "target": tgt["index"], "weight": extra["w"]},
+                      ignore_index=-100, label_smoothing=0.1, z_loss=1e-3, softcap=4.0, reduction="mean",
+                      grad_inplace=op.endswith("inplace"))
     if op == "cross_entropy_prob":
-        return torch_ops.apply(BK, "cross_entropy", {"x": logits, "target": tgt["prob"], "weight": None},
-                               dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
-                                    reduction="none", grad_inplace=False)).loss.mul(extra["row_go"]).sum()
+        return _apply("cross_entropy", {"x": logits, "target": tgt["prob"]}, reduction="none").mul(
+            extra["row_go"]).sum()
     if op == "kl_div_logits":
-        return torch_ops.apply(BK, "kl_div_logits", {"x": logits, "target": tgt["teacher"]},
-                               dict(temperature=2.0, target_is_logits=True, reduction="batchmean")).loss
+        return _apply("kl_div_logits", {"x": logits, "target": tgt["teacher"]}, temperature=2.0,
+                      target_is_logits=True, reduction="batchmean")
     if op == "kl_div":
-        logp = torch.log_softmax(logits, -1)
-        return torch_ops.apply(BK, "kl_div", {"input": logp, "target": tgt["prob"]},
-                               dict(log_target=False, reduction="sum")).loss
+        return _apply("kl_div", {"input": torch.log_softmax(logits, -1), "target": tgt["prob"]},
+                      log_target=False, reduction="sum")
     if op == "bce_with_logits":
-        return torch_ops.apply(BK, "bce_with_logits", {"x": logits, "target": tgt["binary"], "weight": extra["w"],
-                                                       "pos_weight": extra["pw"]}, dict(reduction="mean")).loss
+        return _apply("bce_with_logits", {"x": logits, "target": tgt["binary"], "weight": extra["w"],
+                                          "pos_weight": extra["pw"]}, reduction="mean")
     if op == "bce":
-        return torch_ops.apply(BK, "bce", {"p": torch.sigmoid(logits), "target": tgt["binary"],
-                                           "weight": None}, dict(reduction="sum")).loss
+        return _apply("bce", {"p": torch.sigmoid(logits), "target": tgt["binary"]}, reduction="sum")
     if op == "mse":
-        return torch_ops.apply(BK, "mse", {"x": logits, "target": tgt["binary"]},
-                               dict(reduction="none")).loss.mul(extra["elem_go"]).sum()
+        return _apply("mse", {"x": logits, "target": tgt["binary"]}, reduction="none").mul(extra["elem_go"]).sum()
     raise AssertionError(op)
 
 
@@ -125,9 +136,7 @@ def test_graph_holds_the_gpuloss_ops():
     t = torch.randint(0, C, (4,))
 
     def fwd(x):
-        return torch_ops.apply(BK, "cross_entropy", {"x": x, "target": t, "weight": None},
-                               dict(ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
-                                    reduction="mean", grad_inplace=False)).loss
+        return _apply("cross_entropy", {"x": x, "target": t}, reduction="mean")
 
     torch._dynamo.reset()
     torch.compile(fwd, fullgraph=True, backend=backend)(x)

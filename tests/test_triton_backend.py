@@ -19,6 +19,7 @@ import pytest
 from gpuloss import reference as ref
 
 from conftest import tol
+from prims import prim
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
@@ -29,8 +30,8 @@ DEV = "cuda" if HAS_CUDA else "cpu"
 pytestmark = pytest.mark.skipif(not (INTERPRET or HAS_CUDA),
                                 reason="needs a CUDA device or TRITON_INTERPRET=1")
 
-from gpuloss.backends.triton_backend import (  # noqa: E402
-    MAX_SPLIT, TritonBackend, VARIANTS, launch_config)
+from gpuloss.backends.triton import TritonBackend  # noqa: E402
+from gpuloss.backends.triton.config import MAX_SPLIT, VARIANTS, launch_config  # noqa: E402
 
 TDT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
        "float64": torch.float64}
@@ -120,13 +121,13 @@ def test_looped_kernels_either_direction(rng, monkeypatch, reverse):
     R, C = 5, 230
     x = rng.standard_normal((R, C)) * 3
     t = rng.integers(0, C, R)
-    res = b.cross_entropy(_t(x, "float32"), _t(t), weight=None, ignore_index=-100, label_smoothing=0.1,
+    res = prim(b, "cross_entropy", _t(x, "float32"), _t(t), weight=None, ignore_index=-100, label_smoothing=0.1,
                           z_loss=1e-3, softcap=None, reduction="mean", want_grad=True)
     xr = _rounded(x, "float32")
     kw = dict(label_smoothing=0.1, z_loss=1e-3)
     _close(res.loss, ref.cross_entropy(xr, t, **kw), "float32")
     _close(res.grad, ref.cross_entropy_grad(xr, t, **kw)[0], "float32")
-    _close(b.softmax_forward(_t(x, "float32"), log=False), ref.softmax(xr), "float32")
+    _close(prim(b, "softmax_forward", _t(x, "float32"), log=False), ref.softmax(xr), "float32")
     assert launch_config("row", C).reverse == (reverse == "1")
 
 
@@ -139,14 +140,14 @@ def test_softmax_forward_backward(rng, variant, cap, log):
     R, C = 3, 300
     x = rng.standard_normal((R, C)) * 4
     x[0, :5] = -np.inf  # -inf entries are legal
-    y = b.softmax_forward(_strided(x, "float32"), log=log)
+    y = prim(b, "softmax_forward", _strided(x, "float32"), log=log)
     xr = _rounded(x, "float32")
     want = ref.log_softmax(xr) if log else ref.softmax(xr)
     _close(y, want, "float32")
     # backward from the reference output with a random upstream gradient
     dy = rng.standard_normal((R, C))
     yr = np.where(np.isfinite(want), want, -1e4) if log else want
-    dx = b.softmax_backward(_t(yr, "float32"), _strided(dy, "float32"), log=log)
+    dx = prim(b, "softmax_backward", _t(yr, "float32"), _strided(dy, "float32"), log=log)
     yr32 = _rounded(yr, "float32")
     wantdx = ref.log_softmax_backward(yr32, _rounded(dy, "float32")) if log \
         else ref.softmax_backward(yr32, _rounded(dy, "float32"))
@@ -157,7 +158,7 @@ def test_softmax_forward_backward(rng, variant, cap, log):
 def test_softmax_dtypes(rng, dtype):
     b = TritonBackend(variant="onchip")
     x = rng.standard_normal((2, 257)) * 3
-    y = b.softmax_forward(_t(x, dtype), log=False)
+    y = prim(b, "softmax_forward", _t(x, dtype), log=False)
     assert y.dtype == TDT[dtype]
     _close(y, ref.softmax(_rounded(x, dtype)), dtype)
 
@@ -185,7 +186,7 @@ def test_cross_entropy_class_targets(rng, variant, cap, opts):
     tdtype = ["int32", "int64"][opts % 2]
     reduction = ["mean", "sum", "none"][int(rng.integers(0, 3))]
     xt = _strided(x, "float32")
-    res = b.cross_entropy(xt, _t(t.astype(tdtype)), weight=None if w is None else _t(w),
+    res = prim(b, "cross_entropy", xt, _t(t.astype(tdtype)), weight=None if w is None else _t(w),
                           ignore_index=-100, label_smoothing=o.get("label_smoothing", 0.0),
                           z_loss=o.get("z_loss", 0.0), softcap=o.get("softcap"),
                           reduction=reduction, want_grad=True)
@@ -207,7 +208,7 @@ def test_cross_entropy_probability_targets(rng, variant, cap):
     d /= d.sum(1, keepdims=True)
     w = rng.random(C).astype(np.float32) + 0.5
     kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-3, reduction="mean")
-    res = b.cross_entropy(_t(x, "float32"), _t(d, "float32"), weight=_t(w), ignore_index=-100,
+    res = prim(b, "cross_entropy", _t(x, "float32"), _t(d, "float32"), weight=_t(w), ignore_index=-100,
                           label_smoothing=0.1, z_loss=1e-3, softcap=None, reduction="mean",
                           want_grad=True, want_grad_target=True)
     xr, dr = _rounded(x, "float32"), _rounded(d, "float32")
@@ -227,7 +228,7 @@ def test_cross_entropy_half_storage_in_place(rng, dtype, variant, cap):
     t = rng.integers(0, C, R)
     xt = _t(x, dtype)
     xr = _np(xt).astype(np.float64)
-    res = b.cross_entropy(xt, _t(t), weight=None, ignore_index=-100, label_smoothing=0.0,
+    res = prim(b, "cross_entropy", xt, _t(t), weight=None, ignore_index=-100, label_smoothing=0.0,
                           z_loss=0.0, softcap=None, reduction="sum", want_grad=True, grad_inplace=True)
     assert res.grad is xt and res.loss.dtype == torch.float32
     _close(res.loss, ref.cross_entropy(xr, t, reduction="sum"), "float32")
@@ -241,7 +242,7 @@ def test_cross_entropy_float64(rng):
         t = rng.integers(0, 300, 3)
         w = rng.random(300) + 0.1
         kw = dict(weight=w, label_smoothing=0.125, softcap=4.0, reduction="mean")
-        res = b.cross_entropy(_t(x), _t(t), weight=_t(w), ignore_index=-100, label_smoothing=0.125,
+        res = prim(b, "cross_entropy", _t(x), _t(t), weight=_t(w), ignore_index=-100, label_smoothing=0.125,
                               z_loss=0.0, softcap=4.0, reduction="mean", want_grad=True)
         assert res.loss.dtype == torch.float64
         _close(res.loss, ref.cross_entropy(x, t, **kw), "float64")
@@ -256,7 +257,7 @@ def test_cross_entropy_out_of_range_target(rng, variant, cap):
     x = rng.standard_normal((R, C))
     t = rng.integers(0, C, R)
     t[1], t[2] = C + 5, -3
-    res = b.cross_entropy(_t(x, "float32"), _t(t), weight=None, ignore_index=-100, label_smoothing=0.0,
+    res = prim(b, "cross_entropy", _t(x, "float32"), _t(t), weight=None, ignore_index=-100, label_smoothing=0.0,
                           z_loss=0.0, softcap=None, reduction="none", want_grad=True)
     loss, grad = _np(res.loss), _np(res.grad)
     assert np.isnan(loss[[1, 2]]).all() and np.isnan(grad[[1, 2]]).all()
@@ -279,7 +280,7 @@ def test_cross_entropy_mean_never_syncs(rng, monkeypatch):
     xt, tt, wt = _t(x, "float32"), _t(t), _t(w)
     for name in ("item", "tolist", "__float__", "__int__", "__bool__"):
         monkeypatch.setattr(torch.Tensor, name, boom)
-    res = b.cross_entropy(xt, tt, weight=wt, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+    res = prim(b, "cross_entropy", xt, tt, weight=wt, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                           softcap=None, reduction="mean", want_grad=True)
     monkeypatch.undo()
     xr = _rounded(x, "float32")
@@ -291,7 +292,7 @@ def test_cross_entropy_all_ignored(rng):
     b = TritonBackend(variant="onchip")
     x = rng.standard_normal((3, 50))
     t = np.full(3, -100)
-    res = b.cross_entropy(_t(x, "float32"), _t(t), weight=None, ignore_index=-100, label_smoothing=0.1,
+    res = prim(b, "cross_entropy", _t(x, "float32"), _t(t), weight=None, ignore_index=-100, label_smoothing=0.1,
                           z_loss=0.0, softcap=None, reduction="mean", want_grad=True)
     assert np.isnan(_np(res.loss))  # 0 / 0, as PyTorch
     assert (_np(res.grad) == 0).all()
@@ -301,11 +302,11 @@ def test_cross_entropy_loss_only_and_empty(rng):
     b = TritonBackend(max_block=64)
     x = rng.standard_normal((3, 300))
     t = rng.integers(0, 300, 3)
-    res = b.cross_entropy(_t(x, "float32"), _t(t), weight=None, ignore_index=-100, label_smoothing=0.0,
+    res = prim(b, "cross_entropy", _t(x, "float32"), _t(t), weight=None, ignore_index=-100, label_smoothing=0.0,
                           z_loss=0.0, softcap=None, reduction="mean", want_grad=False)
     assert res.grad is None
     _close(res.loss, ref.cross_entropy(_rounded(x, "float32"), t), "float32")
-    empty = b.cross_entropy(_t(np.zeros((0, 5)), "float32"), _t(np.zeros(0, np.int64)), weight=None,
+    empty = prim(b, "cross_entropy", _t(np.zeros((0, 5)), "float32"), _t(np.zeros(0, np.int64)), weight=None,
                             ignore_index=-100, label_smoothing=0.0, z_loss=0.0, softcap=None,
                             reduction="sum", want_grad=True)
     assert _np(empty.loss) == 0 and empty.grad.shape == (0, 5)
@@ -318,7 +319,7 @@ def test_nll_loss(rng):
     t[2] = -100
     w = rng.random(300).astype(np.float32) + 0.1
     for reduction in ("mean", "none"):
-        res = b.nll_loss(_t(x, "float32"), _t(t.astype(np.int32)), weight=_t(w), ignore_index=-100,
+        res = prim(b, "nll_loss", _t(x, "float32"), _t(t.astype(np.int32)), weight=_t(w), ignore_index=-100,
                          reduction=reduction, want_grad=True)
         xr = _rounded(x, "float32")
         _close(res.loss, ref.nll_loss(xr, t, weight=w, reduction=reduction), "float32")
@@ -339,7 +340,7 @@ def test_kl_div_logits(rng, target_is_logits):
         t[0, :10] = 0.0  # 0 log 0 = 0
         t /= t.sum(1, keepdims=True)
     for reduction in ("batchmean", "none"):
-        res = b.kl_div_logits(_strided(x, "float32"), _t(t, "float32"), temperature=2.0,
+        res = prim(b, "kl_div_logits", _strided(x, "float32"), _t(t, "float32"), temperature=2.0,
                               target_is_logits=target_is_logits, reduction=reduction, want_grad=True)
         xr, tr = _rounded(x, "float32"), _rounded(t, "float32")
         kw = dict(temperature=2.0, target_is_logits=target_is_logits, reduction=reduction)
@@ -356,7 +357,7 @@ def test_elementwise_losses(rng):
     tgt = rng.random((R, C))
     xr, tr = _rounded(x, "float32"), _rounded(tgt, "float32")
     # MSE, strided input
-    res = b.mse(_strided(x, "float32"), _t(tgt, "float32"), reduction="mean", want_grad=True,
+    res = prim(b, "mse", _strided(x, "float32"), _t(tgt, "float32"), reduction="mean", want_grad=True,
                 want_grad_target=True)
     gx, gt = ref.mse_loss_grad(xr, tr)
     _close(res.loss, ref.mse_loss(xr, tr), "float32")
@@ -365,7 +366,7 @@ def test_elementwise_losses(rng):
     # KL (log-prob input), both target forms
     logp = ref.log_softmax(x)
     for log_target, t in ((False, tr), (True, np.log(tr))):
-        res = b.kl_div(_t(logp, "float32"), _t(t, "float32"), log_target=log_target, reduction="batchmean",
+        res = prim(b, "kl_div", _t(logp, "float32"), _t(t, "float32"), log_target=log_target, reduction="batchmean",
                        want_grad=True, want_grad_target=True)
         lr, trr = _rounded(logp, "float32"), _rounded(t, "float32")
         gx, gt = ref.kl_div_grad(lr, trr, reduction="batchmean", log_target=log_target)
@@ -376,7 +377,7 @@ def test_elementwise_losses(rng):
     w = rng.random(C).astype(np.float32) + 0.5
     pw = (rng.random((R, C)) * 3).astype(np.float32)
     for weight, pos_weight, reduction in ((w, pw, "sum"), (pw, None, "none")):
-        res = b.bce_with_logits(_t(x, "float32"), _t(tgt, "float32"), weight=_t(weight),
+        res = prim(b, "bce_with_logits", _t(x, "float32"), _t(tgt, "float32"), weight=_t(weight),
                                 pos_weight=None if pos_weight is None else _t(pos_weight),
                                 reduction=reduction, want_grad=True, want_grad_target=True)
         kw = dict(weight=weight, pos_weight=pos_weight, reduction=reduction)
@@ -388,7 +389,7 @@ def test_elementwise_losses(rng):
     p = rng.random((R, C)) * 0.98 + 0.01
     p[0, 0], p[0, 1] = 0.0, 1.0
     pr = _rounded(p, "float32")
-    res = b.bce(_t(p, "float32"), _t(tgt, "float32"), weight=_t(w), reduction="mean", want_grad=True,
+    res = prim(b, "bce", _t(p, "float32"), _t(tgt, "float32"), weight=_t(w), reduction="mean", want_grad=True,
                 want_grad_target=True)
     gp, gt = ref.binary_cross_entropy_grad(pr, tr, weight=w)
     _close(res.loss, ref.binary_cross_entropy(pr, tr, weight=w), "float32")
@@ -486,16 +487,16 @@ def test_gpu_split_row_vs_reference(rng, variant):
     t[3] = -100
     w = rng.random(C).astype(np.float32) + 0.1
     kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-4, reduction="mean")
-    res = b.cross_entropy(_strided(x, "float32"), _t(t), weight=_t(w), ignore_index=-100,
+    res = prim(b, "cross_entropy", _strided(x, "float32"), _t(t), weight=_t(w), ignore_index=-100,
                           label_smoothing=0.1, z_loss=1e-4, softcap=None, reduction="mean", want_grad=True)
     xr = _rounded(x, "float32")
     keep = np.arange(1, R)  # row 0 has -inf logits: with smoothing its loss is inf, checked apart
     ref_loss = ref.cross_entropy(xr[keep], t[keep], **kw)
-    res2 = b.cross_entropy(_t(x[keep], "float32"), _t(t[keep]), weight=_t(w), ignore_index=-100,
+    res2 = prim(b, "cross_entropy", _t(x[keep], "float32"), _t(t[keep]), weight=_t(w), ignore_index=-100,
                            label_smoothing=0.1, z_loss=1e-4, softcap=None, reduction="mean", want_grad=True)
     _close(res2.loss, ref_loss, "float32")
     _close(res2.grad, ref.cross_entropy_grad(xr[keep], t[keep], **kw)[0], "float32")
-    sm = b.softmax_forward(_strided(x, "float32"), log=True)
+    sm = prim(b, "softmax_forward", _strided(x, "float32"), log=True)
     _close(sm, ref.log_softmax(xr), "float32")
     assert np.isfinite(_np(res.lse)).all()
 
@@ -507,7 +508,7 @@ def test_gpu_repeated_launches_identical(rng, variant):
     b = TritonBackend(variant=variant)
     x = _t(rng.standard_normal((512, 128256)), "bfloat16")
     t = _t(rng.integers(0, 128256, 512))
-    outs = [b.cross_entropy(x, t, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+    outs = [prim(b, "cross_entropy", x, t, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                             softcap=None, reduction="mean", want_grad=True) for _ in range(3)]
     for o in outs[1:]:
         assert torch.equal(o.loss, outs[0].loss) and torch.equal(o.grad, outs[0].grad)
@@ -528,7 +529,7 @@ def test_gpu_more_than_2_31_elements():
     tail = x[-4:].float()  # rows past element 2^31
     want_g = torch.softmax(tail, 1) - torch.nn.functional.one_hot(t[-4:], C).float()
     b = TritonBackend()
-    res = b.cross_entropy(x, t, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
+    res = prim(b, "cross_entropy", x, t, weight=None, ignore_index=-100, label_smoothing=0.0, z_loss=0.0,
                           softcap=None, reduction="none", want_grad=True, grad_inplace=True)
     torch.testing.assert_close(res.loss, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x[-4:].float(), want_g, rtol=1.6e-2, atol=2e-3)

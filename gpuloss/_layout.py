@@ -1,0 +1,147 @@
+"""Array-library glue in the caller's kind (NumPy, CuPy or torch), before and
+after a backend runs: moving the class dimension last and flattening to 2-D
+rows (views where possible), and back; casting results; broadcasting operand
+pairs; writing an in-place gradient back.  No backend is involved here.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import warnings
+from typing import Any, Optional, Tuple
+
+import numpy as np
+
+
+def xp(kind: str):
+    """The array module of a NumPy or CuPy caller (None for torch)."""
+    if kind == "numpy":
+        return np
+    if kind == "cupy":
+        return sys.modules["cupy"]
+    return None
+
+
+def numel(a: Any, kind: str) -> int:
+    return a.numel() if kind == "torch" else a.size
+
+
+def movedim(a, kind: str, src: int, dst: int):
+    if kind == "torch":
+        return a.movedim(src, dst)
+    return xp(kind).moveaxis(a, src, dst)
+
+
+def unit_last_stride(a, kind: str):
+    """``a`` itself when its last axis has unit stride, else a contiguous copy
+    (the kernels take any row stride but need unit stride inside a row)."""
+    if a.ndim == 0:
+        return a
+    if kind == "torch":
+        return a if (a.stride(-1) == 1 or a.shape[-1] <= 1) else a.contiguous()
+    if a.strides[-1] == a.itemsize or a.shape[-1] <= 1:
+        return a
+    return xp(kind).ascontiguousarray(a)
+
+
+def rows2d(a, kind: str, class_dim: int):
+    """(R, C) rows with ``class_dim`` last, and the layout that undoes it
+    for an array of the same shape as ``a`` (:func:`from_rows`)."""
+    nd = a.ndim
+    if nd == 0:
+        return a.reshape(1, 1), ("0d", a.shape)
+    cd = class_dim % nd
+    moved = a if cd == nd - 1 else movedim(a, kind, cd, -1)
+    C = moved.shape[-1]
+    if nd == 2:
+        rows = moved
+    else:  # the row count given explicitly: reshape(-1, 0) is ambiguous
+        rows = moved.reshape(math.prod(moved.shape[:-1]), C)
+    return unit_last_stride(rows, kind), ("nd", moved.shape, cd)
+
+
+def from_rows(rows, kind: str, layout):
+    if rows is None:
+        return None
+    if layout[0] == "0d":
+        return rows.reshape(layout[1])
+    _, moved_shape, cd = layout
+    out = rows.reshape(moved_shape)
+    nd = len(moved_shape)
+    return out if cd == nd - 1 else movedim(out, kind, -1, cd)
+
+
+def cast_like(a, like, kind: str):
+    """``a`` in ``like``'s dtype (losses come back from a backend in the
+    accumulation dtype; PyTorch returns the input's dtype)."""
+    if a is None:
+        return None
+    if kind == "torch":
+        return a if a.dtype == like.dtype else a.to(like.dtype)
+    return a if a.dtype == like.dtype else a.astype(like.dtype)
+
+
+def same_layout(a, b, kind: str) -> bool:
+    """Whether ``a`` and ``b`` (of one shape) are the same elements of the
+    same memory (strides of size-1 dimensions do not matter)."""
+    if a.dtype != b.dtype:
+        return False
+    if kind == "torch":
+        pa, pb, sa, sb = a.data_ptr(), b.data_ptr(), a.stride(), b.stride()
+    else:
+        ptr = (lambda v: v.__array_interface__["data"][0]) if kind == "numpy" else (lambda v: v.data.ptr)
+        pa, pb, sa, sb = ptr(a), ptr(b), a.strides, b.strides
+    return pa == pb and all(x == y for x, y, n in zip(sa, sb, a.shape) if n > 1)
+
+
+def write_back(grad, input, kind: str):
+    """``inplace_backward``: the gradient must end up in ``input``'s memory.
+    A backend works on rows that are a view of ``input`` where it can; where
+    they were a copy (class dimension not last, strided columns, bfloat16 on
+    the NumPy backend) the gradient is copied (and rounded) into ``input``."""
+    if grad is None or same_layout(grad, input, kind):
+        return input
+    if kind == "torch":
+        input.copy_(grad)
+    else:
+        xp(kind).copyto(input, grad, casting="unsafe")
+    return input
+
+
+def broadcast_pair(input, target, kind: str, warn: bool):
+    """``(input, target, shape)`` expanded to their common shape, as torch's
+    ``mse_loss`` and ``kl_div`` broadcast them (``mse_loss`` with torch's
+    warning when the sizes differ); ``shape`` is None when they already
+    agree.  Views, no copies."""
+    if tuple(input.shape) == tuple(target.shape):
+        return input, target, None
+    try:
+        shape = tuple(np.broadcast_shapes(tuple(input.shape), tuple(target.shape)))
+    except ValueError:
+        raise ValueError(f"target of shape {tuple(target.shape)} does not broadcast with input of shape "
+                         f"{tuple(input.shape)}") from None
+    if warn:
+        warnings.warn(f"Using a target size ({tuple(target.shape)}) that is different to the input size "
+                      f"({tuple(input.shape)}). This will likely lead to incorrect results due to broadcasting. "
+                      f"Please ensure they have the same size.", UserWarning, stacklevel=4)
+    if kind == "torch":
+        return input.expand(shape), target.expand(shape), shape
+    return xp(kind).broadcast_to(input, shape), xp(kind).broadcast_to(target, shape), shape
+
+
+def sum_to(a, shape: Tuple[int, ...], kind: str):
+    """``a`` summed over the dimensions that broadcasting added to ``shape``:
+    the gradient of a broadcast operand."""
+    if a is None or tuple(a.shape) == tuple(shape):
+        return a
+    if kind == "torch":
+        return a.sum_to_size(shape) if len(shape) else a.sum()
+    lead = a.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and a.shape[lead + i] != 1)
+    return a.sum(axis=axes, keepdims=True).reshape(shape)
+
+
+def zeros(like, shape, kind: str, dtype: Optional[Any] = None):
+    if kind == "torch":
+        return like.new_zeros(shape, dtype=dtype or like.dtype)
+    return xp(kind).zeros(shape, dtype=dtype or like.dtype)

@@ -1,0 +1,165 @@
+"""Building the CUDA C kernels: sources, dtypes, compile options, the name
+expressions of every instantiation, and the per-device module cache.
+
+The options and name expressions are shared with the nvcc/NVRTC compile tests
+(``tests/test_cuda_sources.py``) so the two cannot drift.  Device code lives in
+``gpuloss/kernels/cuda/*.cu``: one templated ``__global__`` body per op,
+instantiated per storage dtype through ``cupy.RawModule(name_expressions=...)``
+and cached per (device, op, instantiation).
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+
+#: directory of the .cu/.cuh sources (installed as gpuloss.kernels.cuda)
+def kernel_dir() -> Path:
+    import gpuloss.kernels.cuda as kc
+    return Path(kc.__file__).resolve().parent
+
+
+#: storage dtype name -> (C++ tag type in common.cuh, itemsize, accumulation dtype name)
+DTYPES: Dict[str, Tuple[str, int, str]] = {
+    "float32": ("f32", 4, "float32"),
+    "float64": ("f64", 8, "float64"),
+    "float16": ("f16", 2, "float32"),
+    "bfloat16": ("bf16", 2, "float32"),
+}
+ACC_CTYPE = {"float32": "float", "float64": "double"}
+#: target index dtype -> C++ type
+INDEX_CTYPES = {"int32": "int", "int64": "long long"}
+
+VARIANTS = ("auto", "looped", "onchip")
+#: cluster sizes the onchip variant may use (portable cluster sizes on sm_90)
+CLUSTER_SIZES = (1, 2, 4, 8)
+#: (K, ONCHIP) combinations instantiated: looped, single-block onchip, then clusters on sm_90
+def _row_flavours(cc: int) -> List[Tuple[int, bool]]:
+    flav = [(1, False), (1, True)]
+    if cc >= 90:
+        flav += [(k, True) for k in CLUSTER_SIZES if k > 1]
+    return flav
+
+
+#: op group -> source file
+OP_SOURCES = {
+    "softmax_fwd": "rows.cu",
+    "softmax_bwd": "rows.cu",
+    "cross_entropy": "rows.cu",
+    "nll": "rows.cu",
+    "kl_div_logits": "rows.cu",
+    "elementwise": "elementwise.cu",
+}
+#: elementwise OP codes (see elementwise.cu)
+EW_OPS = {"mse": 0, "kl_div": 1, "kl_div_log_target": 2, "bce_with_logits": 3, "bce": 4}
+
+
+def nvrtc_options(cc: int) -> Tuple[str, ...]:
+    """Compiler options for compute capability ``cc`` (e.g. 90), identical for NVRTC and the
+    nvcc compile test.  The architecture itself is passed separately (NVRTC: ``--gpu-
+    architecture=sm_XX`` through CuPy; nvcc: ``-arch=sm_XX``)."""
+    opts = ["-std=c++17", f"-DGPULOSS_CC={cc}"]
+    if cc >= 90:
+        opts.append("-DGPULOSS_HAS_CLUSTER=1")
+    return tuple(opts)
+
+
+def vec_width(dtype: str) -> int:
+    """Elements per 16-byte vector access for a storage dtype."""
+    return 16 // DTYPES[dtype][1]
+
+
+def name_expressions(op: str, dtype: str, cc: int) -> List[str]:
+    """Every kernel instantiation the backend may launch for ``op`` at ``dtype`` on ``cc``."""
+    tag = DTYPES[dtype][0]
+    vecs = (1, vec_width(dtype))
+    out: List[str] = []
+    flav = _row_flavours(cc)
+    b = lambda v: "true" if v else "false"  # noqa: E731
+    if op in ("softmax_fwd", "softmax_bwd"):
+        out = [f"gpuloss_{op}<{tag}, {v}, {k}, {b(on)}>" for v in vecs for k, on in flav]
+    elif op == "kl_div_logits":
+        out = [f"gpuloss_kl_div_logits<{tag}, {b(tl)}, {v}, {k}, {b(on)}>"
+               for tl in (True, False) for v in vecs for k, on in flav]
+    elif op == "cross_entropy":
+        combos = [(INDEX_CTYPES["int32"], False), (INDEX_CTYPES["int64"], False), (INDEX_CTYPES["int64"], True)]
+        out = [f"gpuloss_cross_entropy<{tag}, {ti}, {b(pr)}, {v}, {k}, {b(on)}>"
+               for ti, pr in combos for v in vecs for k, on in flav]
+        acc = ACC_CTYPE[DTYPES[dtype][2]]
+        out += [f"gpuloss_mean_divisor<{acc}, {ti}>" for ti in INDEX_CTYPES.values()]
+    elif op == "nll":
+        out = [f"gpuloss_nll<{tag}, {ti}>" for ti in INDEX_CTYPES.values()]
+        acc = ACC_CTYPE[DTYPES[dtype][2]]
+        out += [f"gpuloss_mean_divisor<{acc}, {ti}>" for ti in INDEX_CTYPES.values()]
+    elif op == "elementwise":
+        out = [f"gpuloss_elementwise<{tag}, {code}>" for code in sorted(set(EW_OPS.values()))]
+    else:
+        raise ValueError(f"unknown op {op!r}")
+    return out
+
+
+def read_source(filename: str) -> str:
+    """Source text with the local ``#include "x.cuh"`` lines expanded in place.
+
+    Expanding here (rather than ``-I``) keeps CuPy's compile cache honest: its key is the
+    source text and options, so an edit to a header changes the key."""
+    out = []
+    for line in (kernel_dir() / filename).read_text().splitlines():
+        s = line.strip()
+        if s.startswith("#include") and s.endswith('.cuh"'):
+            out.append(read_source(s.split('"')[1]))
+        elif s == "#pragma once":
+            continue
+        else:
+            out.append(line)
+    return "\n".join(out) + "\n"
+
+
+_cache: Dict[Tuple[int, str, str], Any] = {}  # (device, op, name expression) -> RawModule
+_cache_lock = threading.Lock()
+
+
+def device_info(cupy) -> Tuple[int, int, int]:
+    """(device id, compute capability as int, opt-in shared memory per block)."""
+    dev = cupy.cuda.Device()
+    cc = int(dev.compute_capability)
+    optin = int(dev.attributes.get("MaxSharedMemoryPerBlockOptin", 48 * 1024))
+    return dev.id, cc, optin
+
+
+def get_module(op: str, dtype: str, expr: str):
+    """The compiled RawModule holding the one instantiation ``expr`` of ``op`` at ``dtype`` on
+    the current device (cached).  One instantiation per module: a call compiles only what it
+    launches (a whole op's set at one dtype is ~30 kernels, tens of seconds of NVRTC)."""
+    import cupy
+    dev, cc, _ = device_info(cupy)
+    if expr not in name_expressions(op, dtype, cc):
+        raise ValueError(f"{expr} is not an instantiation of {op} at {dtype} for sm_{cc}")
+    key = (dev, op, expr)
+    with _cache_lock:
+        mod = _cache.get(key)
+        if mod is None:
+            mod = cupy.RawModule(code=read_source(OP_SOURCES[op]),
+                                 options=nvrtc_options(cc),  # CuPy adds the architecture
+                                 name_expressions=[expr])
+            _cache[key] = mod
+    return mod
+
+
+def kernel(op: str, dtype: str, expr: str, smem: int = 0):
+    k = get_module(op, dtype, expr).get_function(expr)
+    if smem > 48 * 1024 and k.max_dynamic_shared_size_bytes < smem:
+        k.max_dynamic_shared_size_bytes = smem
+    return k
+
+
+def source_name_expressions(filename: str, cc: int) -> List[str]:
+    """Every name expression the backend may request from ``filename`` on ``cc``, over all ops
+    and dtypes (deduplicated): what the compile tests instantiate."""
+    names: List[str] = []
+    for op, src in OP_SOURCES.items():
+        if src == filename:
+            for dt in DTYPES:
+                names += name_expressions(op, dt, cc)
+    return list(dict.fromkeys(names))

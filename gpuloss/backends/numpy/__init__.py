@@ -1,0 +1,77 @@
+"""The NumPy backend: the CPU fallback.
+
+Launchers for every op of :mod:`gpuloss.ops` on NumPy arrays (and on CPU torch
+tensors, shared without a copy), chunked into cache-sized tiles and threaded
+(:mod:`.tiling` has the design).  One module per op family:
+:mod:`.softmax`, :mod:`.cross_entropy` (and NLL), :mod:`.kl_logits`,
+:mod:`.elementwise`.
+
+NumPy has no bfloat16: a bfloat16 torch tensor is served through a float32
+copy (see :meth:`NumpyBackend.to_native`).  Inputs are never written, except
+``x`` under ``grad_inplace``.
+"""
+from __future__ import annotations
+
+from typing import Any, Tuple
+
+import numpy as np
+
+from ..base import Backend
+from .cross_entropy import cross_entropy, nll_loss
+from .elementwise import bce, bce_with_logits, kl_div, mse
+from .kl_logits import kl_div_logits
+from .softmax import softmax_backward, softmax_forward
+from .tiling import num_threads
+
+__all__ = ["NumpyBackend", "num_threads"]
+
+
+class NumpyBackend(Backend):
+    """Launchers on NumPy arrays (CPU)."""
+
+    name = "numpy"
+    native = "numpy"
+
+    # --- availability -----------------------------------------------------
+    def probe(self) -> Tuple[bool, str]:
+        return True, f"numpy {np.__version__}"
+
+    def accepts(self, kind: str, device: str) -> bool:
+        return kind in ("numpy", "torch") and device == "cpu"
+
+    # --- conversion -------------------------------------------------------
+    def to_native(self, a: Any, kind: str) -> np.ndarray:
+        """NumPy view of ``a``.  A CPU torch tensor is shared without a copy,
+        except bfloat16, which NumPy cannot represent: that becomes a float32
+        copy (so a ``grad_inplace`` on it writes the copy, and the caller
+        copies the gradient back)."""
+        if kind == "numpy":
+            return a
+        if kind == "torch":
+            import torch
+
+            t = a.detach()
+            if t.dtype == torch.bfloat16:
+                t = t.float()
+            return t.numpy()
+        raise TypeError(f"numpy backend cannot take {kind} arrays")
+
+    def from_native(self, a: Any, kind: str) -> Any:
+        if a is None or kind == "numpy":
+            return a
+        if kind == "torch":
+            import torch
+
+            return torch.from_numpy(np.asarray(a))
+        raise TypeError(f"numpy backend cannot produce {kind} arrays")
+
+    # --- launchers (one per op of gpuloss.ops) -------------------------------
+    softmax_forward = staticmethod(softmax_forward)
+    softmax_backward = staticmethod(softmax_backward)
+    cross_entropy = staticmethod(cross_entropy)
+    nll_loss = staticmethod(nll_loss)
+    kl_div_logits = staticmethod(kl_div_logits)
+    kl_div = staticmethod(kl_div)
+    bce_with_logits = staticmethod(bce_with_logits)
+    bce = staticmethod(bce)
+    mse = staticmethod(mse)

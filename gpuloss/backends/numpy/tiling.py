@@ -1,0 +1,283 @@
+"""Tiles, threads and scratch: the machinery every NumPy launcher shares.
+
+Every op is memory-bound, so the design is about touching each element of the
+big ``(R, C)`` arrays as few times as possible and keeping the work in the
+cache:
+
+* **Tiles.**  The rows are cut into tiles of about ``BLOCK_BYTES`` (512 KiB of
+  compute-dtype elements: two of them fit a 1 MiB L2 together with the
+  output).  A tile is a group of whole rows when ``C`` is small enough
+  ("short rows"), else a column block of one row ("long rows").
+* **One pass for short rows**: a tile is read from memory once and every later
+  step works on the cache-resident copy (read N·V + write N·V, the floor of
+  PERF.md).
+* **Two passes for long rows** (a row larger than a tile, e.g. V = 10M): a first
+  pass computes per-block partial statistics (max, sum of exp, dot products);
+  they are merged with the online-softmax rescaling ``S = sum_b s_b exp(m_b -
+  M)`` (:func:`online_max_sum`); a second pass re-reads the blocks and writes
+  the output.  Scratch stays one tile per thread whatever ``V`` is.
+* **Scratch.**  Temporaries live in per-thread buffers reused across calls
+  (``out=`` arguments everywhere): at most ``SCRATCH_BUFFERS`` tiles per
+  thread, and the tile shrinks when there are many threads, so the scratch is
+  bounded by ``SCRATCH_BUDGET`` (48 MiB) whatever N and V are.
+* **Threads.**  NumPy releases the GIL inside ufuncs and reductions, so a thread
+  pool over tiles uses every core.  The pool is created once, lazily, with
+  ``os.cpu_count()`` workers (``GPULOSS_NUM_THREADS`` overrides); the calling
+  thread works too.  Inputs smaller than ``PARALLEL_MIN_ELEMS`` stay on the
+  calling thread.
+
+Arithmetic is float32 for float16/float32 inputs and float64 for float64
+inputs (:mod:`gpuloss.rules`); float16 tiles are converted into a float32
+scratch tile and results are rounded once, at the store.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable, Dict, Optional, Tuple
+
+import numpy as np
+
+from ... import rules
+
+# --------------------------------------------------------------------------
+# tuning constants (module attributes so tests can shrink them to exercise
+# the multi-tile and long-row paths on small shapes)
+# --------------------------------------------------------------------------
+
+#: bytes of compute-dtype elements per tile (per scratch buffer)
+BLOCK_BYTES = 512 * 1024
+#: upper bound on all per-thread scratch together
+SCRATCH_BUDGET = 48 * 1024 * 1024
+#: the most tile-sized scratch buffers one tile uses at the same time (8
+#: named ones in bce_with_logits, plus room for a boolean mask temporary)
+SCRATCH_BUFFERS = 10
+#: below this many elements a call runs on the calling thread only
+PARALLEL_MIN_ELEMS = 1 << 18
+#: rows per chunk for the O(R) work on class-index targets
+ROW_CHUNK = 1 << 16
+
+_pool: Optional[ThreadPoolExecutor] = None
+_pool_size = 0
+_pool_lock = threading.Lock()
+_tls = threading.local()
+
+
+def num_threads() -> int:
+    """Threads used per call: ``GPULOSS_NUM_THREADS`` or ``os.cpu_count()``."""
+    env = os.environ.get("GPULOSS_NUM_THREADS", "").strip()
+    if env:
+        try:
+            return max(1, int(env))
+        except ValueError:
+            raise ValueError(f"GPULOSS_NUM_THREADS must be a positive integer, got {env!r}") from None
+    return max(1, os.cpu_count() or 1)
+
+
+def _get_pool(workers: int) -> ThreadPoolExecutor:
+    """The shared pool with ``workers`` threads (re-created if the count changed)."""
+    global _pool, _pool_size
+    with _pool_lock:
+        if _pool is None or _pool_size != workers:
+            old = _pool
+            _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gpuloss-numpy")
+            _pool_size = workers
+            if old is not None:
+                old.shutdown(wait=False)
+        return _pool
+
+
+def parallel_for(n: int, fn: Callable[[int], None], elems: int) -> None:
+    """Run ``fn(i)`` for i in range(n) over the pool.
+
+    Workers pull tile indices from a shared counter (``next`` on an
+    ``itertools.count`` is atomic under the GIL), so no per-tile future is
+    created: a 10^10-element input is ~10^5 tiles and the bookkeeping stays
+    O(threads)."""
+    if n <= 0:
+        return
+    threads = num_threads()
+    if threads <= 1 or n == 1 or elems < PARALLEL_MIN_ELEMS:
+        with np.errstate(all="ignore"):
+            for i in range(n):
+                fn(i)
+        return
+    workers = min(threads, n)
+    counter = itertools.count()
+
+    def work() -> None:
+        # NaN/inf are part of the semantics (ignored rows, bad targets, -inf
+        # logits); np.errstate is context-local, so each worker sets it
+        with np.errstate(all="ignore"):
+            while True:
+                i = next(counter)
+                if i >= n:
+                    return
+                fn(i)
+
+    pool = _get_pool(threads - 1) if threads > 1 else None
+    futures = [pool.submit(work) for _ in range(workers - 1)]
+    try:
+        work()  # the calling thread takes tiles too
+    finally:
+        for f in futures:
+            f.result()
+
+
+def block_elems(itemsize: int) -> int:
+    """Elements per tile: ``BLOCK_BYTES``, shrunk so that every thread's
+    ``SCRATCH_BUFFERS`` tiles fit in ``SCRATCH_BUDGET``."""
+    per_buffer = SCRATCH_BUDGET // (SCRATCH_BUFFERS * (num_threads() + 1))
+    return max(16, min(BLOCK_BYTES, per_buffer) // itemsize)
+
+
+def scratch(name: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
+    """A per-thread scratch array, reused across calls (grown on demand; never
+    larger than one tile)."""
+    bufs: Dict[str, np.ndarray] = getattr(_tls, "bufs", None)
+    if bufs is None:
+        bufs = _tls.bufs = {}
+    dtype = np.dtype(dtype)
+    nbytes = math.prod(shape) * dtype.itemsize
+    buf = bufs.get(name)
+    if buf is None or buf.nbytes < nbytes:
+        buf = bufs[name] = np.empty(max(nbytes, 64), np.uint8)
+    return buf[:nbytes].view(dtype).reshape(shape)
+
+
+class Tiles:
+    """Tiling of an ``(R, C)`` array into ~``block``-element tiles.
+
+    ``whole``: each tile is ``rows`` complete rows.  Otherwise each tile is a
+    column block of one row, ``nb`` blocks per row of (nearly) equal width."""
+
+    def __init__(self, R: int, C: int, block: int):
+        self.R, self.C = R, C
+        if C <= block:
+            self.whole = True
+            self.rows = max(1, block // max(C, 1))
+            self.nb = 1
+            self.width = C
+            self.n = -(-R // self.rows)
+        else:
+            self.whole = False
+            self.rows = 1
+            self.nb = -(-C // block)
+            self.width = -(-C // self.nb)
+            self.n = R * self.nb
+
+    def __getitem__(self, i: int) -> Tuple[int, int, int, int]:
+        if self.whole:
+            r0 = i * self.rows
+            return r0, min(self.R, r0 + self.rows), 0, self.C
+        r, b = divmod(i, self.nb)
+        c0 = b * self.width
+        return r, r + 1, c0, min(self.C, c0 + self.width)
+
+
+def compute_dtype(*arrays) -> np.dtype:
+    """The accumulation dtype (:func:`gpuloss.rules.acc_dtype_name`): float64
+    if any floating input is float64, else float32."""
+    wide = any(a is not None and a.dtype == np.float64 for a in arrays)
+    return np.dtype(rules.acc_dtype_name("float64" if wide else "float32"))
+
+
+def as_cd(src: np.ndarray, name: str, cd: np.dtype) -> np.ndarray:
+    """``src`` in the compute dtype: itself when it already is, else a
+    converted copy in scratch buffer ``name``."""
+    if src.dtype == cd:
+        return src
+    buf = scratch(name, src.shape, cd)
+    np.copyto(buf, src, casting="unsafe")
+    return buf
+
+
+def rowsum(a: np.ndarray) -> np.ndarray:
+    # np.add.reduce over the contiguous last axis is pairwise: O(log C) error
+    return np.add.reduce(a, axis=1)
+
+
+def rowdot(a: np.ndarray, b: np.ndarray, cd: np.dtype) -> np.ndarray:
+    """sum(a * b, axis=1) through a scratch tile (pairwise sum, no BLAS call
+    that would start its own threads inside ours)."""
+    tmp = scratch("dot", a.shape, cd)
+    np.multiply(a, b, out=tmp)
+    return rowsum(tmp)
+
+
+def wslice(w: Optional[np.ndarray], r0: int, r1: int, c0: int, c1: int):
+    if w is None:
+        return None
+    if w.ndim == 1:
+        return w[c0:c1]
+    return w[r0:r1, c0:c1]
+
+
+def loss_dtype(cd: np.dtype) -> np.dtype:
+    return np.dtype(rules.acc_dtype_name(str(cd)))
+
+
+def finish_loss(total: float, reduction: str, divisor: float, ld: np.dtype) -> np.ndarray:
+    """0-d loss array from a float64 sum: "sum" -> total, "mean" -> total/divisor
+    (nan for a zero divisor, as PyTorch)."""
+    if reduction == "sum":
+        return np.array(total, dtype=ld)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.array(np.float64(total) / np.float64(divisor), dtype=ld)
+
+
+def class_rows(t: np.ndarray, C: int, ignore_index: int, w: Optional[np.ndarray]):
+    """Per-row facts of class-index targets ``t`` (a slice of rows).
+
+    Returns ``(ts, ign, bad, ok, wt)``: a safe index (0 where the row is not a
+    valid class, so that gathers never go out of bounds), the ignored rows, the
+    rows with an out-of-range target that is not ``ignore_index`` (their loss
+    and gradient are NaN), the valid rows, and ``weight[t]`` (1 without
+    weights)."""
+    t = t.astype(np.int64, copy=False)
+    ign = t == ignore_index
+    bad = ~ign & ((t < 0) | (t >= C))
+    ok = ~(ign | bad)
+    ts = np.where(ok, t, 0)
+    wt = w[ts] if w is not None else None
+    return ts, ign, bad, ok, wt
+
+
+def online_max_sum(x, tiles: Tiles, cd, load=None, extra=None):
+    """First pass over long rows: per-block max m_b and s_b = sum exp(z -
+    m_b), merged into the row's M and S = sum_b s_b exp(m_b - M).
+
+    ``load(r0, r1, c0, c1)`` gives the block in the compute dtype (default:
+    ``x`` converted); ``extra(i, z, zm)`` may record more per-block partials
+    from the block and ``zm = z - m_b`` (before the exp).  Returns
+    ``(M, S, m_part)`` with ``m_part`` the ``(R, nb)`` block maxima."""
+    R = tiles.R
+    nb = tiles.nb
+    m_part = np.empty(tiles.n, cd)
+    s_part = np.empty(tiles.n, cd)
+
+    def tile(i):
+        r0, r1, c0, c1 = tiles[i]
+        z = load(r0, r1, c0, c1) if load is not None else as_cd(x[r0:r1, c0:c1], "z", cd)
+        m = z.max(axis=1)
+        e = scratch("e", z.shape, cd)
+        np.subtract(z, m[:, None], out=e)
+        if extra is not None:
+            extra(i, z, e)
+        np.exp(e, out=e)
+        s = rowsum(e)
+        # a block that is all -inf contributes exp(-inf) = 0, not nan
+        s[m == -np.inf] = 0
+        m_part[i] = m[0]
+        s_part[i] = s[0]
+
+    parallel_for(tiles.n, tile, tiles.R * tiles.C)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        m_part = m_part.reshape(R, nb)
+        s_part = s_part.reshape(R, nb)
+        M = m_part.max(axis=1)
+        S = (s_part * np.exp(m_part - M[:, None])).sum(axis=1)
+    return M, S, m_part

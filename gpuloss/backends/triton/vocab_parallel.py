@@ -1,0 +1,40 @@
+"""Launchers of the vocabulary-parallel per-rank kernels
+(``kernels/triton/vocab_parallel.py``) for :mod:`gpuloss.distributed`."""
+from __future__ import annotations
+
+from typing import Optional
+
+from . import common as CM
+from .config import launch_config
+
+
+def vocab_parallel_stats(x2d, local_target, softcap: Optional[float], smoothing: bool, lse_r, stats) -> None:
+    """Per-row statistics of this rank's logits in one read: the local lse
+    into ``lse_r``, the target logit into ``stats[1]`` and (with smoothing)
+    the row sum into ``stats[2]``."""
+    import torch
+    from gpuloss.kernels.triton import vocab_parallel as K
+    cfg = launch_config("row", x2d.shape[1])
+    _, acc = CM.acc(torch, x2d.dtype)
+    K.vocab_parallel_stats_kernel[(x2d.shape[0],)](
+        x2d, x2d.stride(0), local_target, lse_r, stats[1], stats[2] if smoothing else lse_r,
+        x2d.shape[1], CM.scalar(softcap if softcap is not None else 1.0, x2d),
+        BLOCK=cfg.block, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=smoothing, ACC=acc,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+
+def vocab_parallel_grad(x2d, local_target, lse, scale, eps: float, vocab: int, z_loss: float,
+                        softcap: Optional[float]):
+    """This rank's slice of dL/dlogits in one more read and one write."""
+    import torch
+    from gpuloss.kernels.triton import vocab_parallel as K
+    cfg = launch_config("row", x2d.shape[1])
+    _, acc = CM.acc(torch, x2d.dtype)
+    sc = lambda v: CM.scalar(v, x2d)  # noqa: E731  (fp64 launches get exact scalars)
+    grad = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
+    K.vocab_parallel_grad_kernel[(x2d.shape[0],)](
+        x2d, x2d.stride(0), grad, grad.stride(0), local_target, lse, scale,
+        x2d.shape[1], sc(1.0 - eps), sc(eps / vocab), sc(z_loss), sc(softcap if softcap is not None else 1.0),
+        BLOCK=cfg.block, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=eps > 0, HAS_Z_LOSS=bool(z_loss),
+        ACC=acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    return grad

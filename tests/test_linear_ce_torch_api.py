@@ -1,0 +1,223 @@
+"""gpuloss.linear_cross_entropy and gpuloss.nn.LinearCrossEntropyLoss as
+drop-ins for torch's (torch 2.13+): same arguments, defaults and results
+(probability targets, K-dimensional losses, ignore_index=None, options), the
+module's state_dict both ways, and torch.compile(fullgraph=True) with no
+graph break through the function, the module and a training step.
+
+Where the installed torch has its own, results are compared with it on
+float64 inputs (its reference path, ``options=None``); elsewhere with the
+definition ``cross_entropy(linear(...))``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+F = torch.nn.functional
+
+import gpuloss  # noqa: E402
+import gpuloss.nn as gnn  # noqa: E402
+
+HAS_TORCH_LCE = hasattr(F, "linear_cross_entropy") and hasattr(torch.nn, "LinearCrossEntropyLoss")
+
+
+def _theirs(input, linear_weight, target, **kw):
+    """torch's function where it exists, else its definition."""
+    if HAS_TORCH_LCE:
+        return F.linear_cross_entropy(input, linear_weight, target, **kw)
+    kw.pop("options", None)
+    bias = kw.pop("linear_bias", None)
+    C, out, H = linear_weight.shape[0], tuple(linear_weight.shape[1:-1]), linear_weight.shape[-1]
+    logits = F.linear(input, linear_weight.reshape(-1, H), None if bias is None else bias.reshape(-1))
+    logits = logits.reshape(tuple(input.shape[:-1]) + (C,) + out)
+    if kw.get("ignore_index") is None:
+        kw["ignore_index"] = -100
+    return F.cross_entropy(logits, target, **kw)
+
+
+def _case(rng, N, H, C, out=(), bias=True, prob=False, ignore=None, unbatched=False):
+    P = int(np.prod(out)) if out else 1
+    x = torch.tensor(rng.standard_normal(H if unbatched else (N, H)), requires_grad=True)
+    W = torch.tensor(rng.standard_normal((C,) + out + (H,)) / np.sqrt(H) * 2, requires_grad=True)
+    b = torch.tensor(rng.standard_normal((C,) + out) * 0.5, requires_grad=True) if bias else None
+    lead = () if unbatched else (N,)
+    if prob:
+        t = torch.tensor(rng.dirichlet(np.ones(C), size=lead + out if (lead + out) else None))
+        t = t.movedim(-1, len(lead)) if (lead + out) else t
+    else:
+        t = torch.tensor(rng.integers(0, C, lead + out))
+        if ignore is not None and t.dim():
+            t.view(-1)[:: max(1, t.numel() // 3)] = ignore
+    del P
+    return x, W, b, t
+
+
+def _grads(loss, params, go=None):
+    return torch.autograd.grad(loss, [p for p in params if p is not None], grad_outputs=go)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", [
+    dict(), dict(bias=False), dict(ignore=-100), dict(ignore=2, ignore_index=2), dict(prob=True),
+    dict(out=(3,)), dict(out=(2, 3), ignore=-100), dict(out=(3,), prob=True), dict(unbatched=True),
+    dict(unbatched=True, prob=True), dict(weight=True, label_smoothing=0.2), dict(weight=True, prob=True),
+], ids=lambda c: "-".join(f"{k}={v}" for k, v in c.items()) or "plain")
+def test_matches_torch(rng, reduction, case):
+    case = dict(case)
+    kw = {k: case.pop(k) for k in ("ignore_index", "label_smoothing") if k in case}
+    weighted = case.pop("weight", False)
+    N, H, C = 7, 5, 11
+    x, W, b, t = _case(rng, N, H, C, **case)
+    if weighted:
+        kw["weight"] = torch.tensor(rng.uniform(0.3, 2.0, C))
+    theirs = _theirs(x, W, t, linear_bias=b, reduction=reduction, **kw)
+    ours = gpuloss.linear_cross_entropy(x, W, t, linear_bias=b, reduction=reduction, chunk_size=3, **kw)
+    assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    go = torch.tensor(rng.standard_normal(tuple(theirs.shape)))
+    for g_o, g_t in zip(_grads(ours, (x, W, b), go), _grads(theirs, (x, W, b), go)):
+        torch.testing.assert_close(g_o, g_t, rtol=1e-9, atol=1e-12)
+
+
+def test_ignore_index_none_means_minus_100(rng):
+    """None is -100 for class indices; another ignore_index makes -100 an
+    out-of-range class, refused on the CPU (value checks)."""
+    x, W, b, t = _case(rng, 6, 4, 9, ignore=-100)
+    a = gpuloss.linear_cross_entropy(x, W, t, linear_bias=b)
+    torch.testing.assert_close(a, gpuloss.linear_cross_entropy(x, W, t, linear_bias=b, ignore_index=-100))
+    with pytest.raises(ValueError, match="class index -100"):
+        gpuloss.linear_cross_entropy(x, W, t, linear_bias=b, ignore_index=5)
+
+
+def test_options_are_honoured(rng):
+    """torch's options: batch_chunk_size / chunking_method size the chunks,
+    acc_policy "compact" accumulates in the weight's dtype, acc_dtype picks
+    the accumulation dtype, allow_retain_graph lets backward run twice."""
+    from gpuloss.linear_ce import _resolve_options
+    Opt = gnn.LinearCrossEntropyOptions
+    W = torch.zeros(1000, 64, dtype=torch.bfloat16)
+    chunk, acc, retain = _resolve_options(Opt(batch_chunk_size=96), None, None, 4096, 64, 1000, W, "torch",
+                                          "cpu", False)
+    assert (chunk, acc, retain) == (96, "float32", False)
+    chunk, _, _ = _resolve_options(Opt(chunking_method="aspect_ratio:2"), None, None, 4096, 64, 1000, W,
+                                   "torch", "cpu", False)
+    assert chunk == 128  # next_pow2(ceil(4096 / ceil(1000 / 64))) // 2
+    assert _resolve_options(Opt(acc_policy="compact"), None, None, 64, 64, 1000, W, "torch", "cpu", False)[1] \
+        == "weight"
+    assert _resolve_options(Opt(acc_dtype=torch.bfloat16), None, None, 64, 64, 1000, W, "torch", "cpu",
+                            False)[1] == "weight"
+    assert _resolve_options(Opt(allow_retain_graph=True), 7, None, 64, 64, 1000, W, "torch", "cpu", False) \
+        == (7, "float32", True)
+    x, W2, b, t = _case(rng, 6, 4, 9)
+    loss = gpuloss.linear_cross_entropy(x, W2, t, linear_bias=b, options=Opt(allow_retain_graph=True))
+    g1 = torch.autograd.grad(loss, W2, retain_graph=True)[0]
+    torch.testing.assert_close(torch.autograd.grad(loss, W2)[0], g1)
+
+
+@pytest.mark.skipif(not HAS_TORCH_LCE, reason="the installed torch has no nn.LinearCrossEntropyLoss")
+def test_module_state_dict_loads_both_ways(rng):
+    kw = dict(out_features=(2,), bias=True, dtype=torch.float64, weight=torch.rand(6, dtype=torch.float64),
+              label_smoothing=0.1)
+    theirs = torch.nn.LinearCrossEntropyLoss(5, 6, **kw)
+    ours = gnn.LinearCrossEntropyLoss(5, 6, **kw)
+    assert isinstance(ours, torch.nn.LinearCrossEntropyLoss)
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.tensor(rng.standard_normal((4, 5)))
+    t = torch.tensor(rng.integers(0, 6, (4, 2)))
+    torch.testing.assert_close(ours(x, t), theirs(x, t), rtol=1e-10, atol=1e-12)
+    with torch.no_grad():
+        ours.linear.weight.mul_(0.5)
+    theirs.load_state_dict(ours.state_dict())
+    torch.testing.assert_close(ours(x, t), theirs(x, t), rtol=1e-10, atol=1e-12)
+
+
+def test_module_structure_without_torch_class(rng, monkeypatch):
+    """The module's constructor, attributes and state_dict keys are torch's
+    whether or not the installed torch has its own class."""
+    m = gnn.LinearCrossEntropyLoss(5, 6, bias=True, weight=torch.rand(6), ignore_index=3)
+    assert set(m.state_dict()) == {"weight", "linear.weight", "linear.bias"}
+    assert m.linear.weight.shape == (6, 5) and m.ignore_index == 3 and m.reduction == "mean"
+    x = torch.randn(4, 5)
+    t = torch.tensor([0, 3, 5, 1])
+    loss = m(x, t)
+    loss.backward()
+    assert m.linear.weight.grad is not None
+
+
+def _count_breaks(fn, *args):
+    torch._dynamo.reset()
+    return torch._dynamo.explain(fn)(*args).graph_break_count
+
+
+def test_compiles_without_graph_breaks(rng):
+    """The function, the module, and a training step trace with 0 graph
+    breaks; the compiled results equal eager."""
+    x, W, b, t = _case(rng, 8, 6, 13)
+    x32, W32, b32 = (a.detach().float().requires_grad_() for a in (x, W, b))
+
+    def fn(x, W, b, t):
+        return gpuloss.linear_cross_entropy(x, W, t, linear_bias=b, label_smoothing=0.1, z_loss=1e-3, chunk_size=4)
+
+    assert _count_breaks(fn, x32, W32, b32, t) == 0
+    mod = gnn.LinearCrossEntropyLoss(6, 13, bias=True, chunk_size=4)
+    assert _count_breaks(mod, x32, t) == 0
+    eager = fn(x32, W32, b32, t)
+    ge = torch.autograd.grad(eager, (x32, W32, b32))
+    torch._dynamo.reset()
+    comp = torch.compile(fn, fullgraph=True, backend="aot_eager")(x32, W32, b32, t)
+    gc = torch.autograd.grad(comp, (x32, W32, b32))
+    torch.testing.assert_close(comp, eager)
+    for a, c in zip(gc, ge):
+        torch.testing.assert_close(a, c)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_compiled_training_step_equals_eager(rng, reduction):
+    torch.manual_seed(int(rng.integers(1 << 30)))
+    X = torch.randn(3, 10, 6)
+    Y = torch.randint(0, 17, (3, 10))
+    runs = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        body = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh())
+        head = gnn.LinearCrossEntropyLoss(8, 17, bias=True, reduction=reduction, chunk_size=4)
+        params = list(body.parameters()) + list(head.parameters())
+        opt = torch.optim.SGD(params, lr=0.1)
+
+        def step(x, y):
+            loss = head(body(x), y)
+            return loss if reduction == "mean" else loss.mean()
+
+        f = step
+        if compiled:
+            torch._dynamo.reset()
+            f = torch.compile(step, fullgraph=True, backend="aot_eager")
+        losses = []
+        for i in range(3):
+            opt.zero_grad()
+            loss = f(X[i], Y[i])
+            loss.backward()
+            opt.step()
+            losses.append(loss.detach())
+        runs.append((torch.stack(losses), [p.detach().clone() for p in params]))
+    torch.testing.assert_close(runs[1][0], runs[0][0])
+    for a, c in zip(runs[1][1], runs[0][1]):
+        torch.testing.assert_close(a, c)
+
+
+def test_accuracy_float32_at_torch_level(rng):
+    """float32 against the float64 definition: our error at most torch's own
+    float32 error (x2) plus a small atol, for loss and every gradient."""
+    x, W, b, t = _case(rng, 64, 32, 301, ignore=-100)
+    ref = _theirs(x, W, t, linear_bias=b)
+    gref = _grads(ref, (x, W, b))
+    x32, W32, b32 = (a.detach().float().requires_grad_() for a in (x, W, b))
+    theirs = F.cross_entropy(F.linear(x32, W32, b32), t)
+    ours = gpuloss.linear_cross_entropy(x32, W32, t, linear_bias=b32, chunk_size=16)
+    for o, th, r in zip([ours] + list(_grads(ours, (x32, W32, b32))), [theirs] + list(_grads(theirs, (x32, W32, b32))),
+                        [ref] + list(gref)):
+        e_o = (o.double() - r).abs().max().item()
+        e_t = (th.double() - r).abs().max().item()
+        assert e_o <= 2 * e_t + 1e-6 * r.abs().max().item(), (e_o, e_t)
