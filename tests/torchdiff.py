@@ -135,7 +135,7 @@ def with_layout(values: np.ndarray, layout: str, rng: np.random.Generator, *, gr
     if poison is None:
         poison = np.nan if floating else 10 ** 6 + 3
     if layout == "transposed" and nd >= 2 and sum(s > 1 for s in shape) >= 2:
-        perm = tuple(reversed(range(nd))) if rng.random() < 0.5 else tuple(rng.permutation(nd))
+        perm = tuple(reversed(range(nd))) if rng.random() < 0.5 else tuple(int(p) for p in rng.permutation(nd))
         if perm == tuple(range(nd)):
             perm = tuple(reversed(range(nd)))
         stored = np.ascontiguousarray(v.transpose(perm))
