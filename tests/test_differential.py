@@ -409,8 +409,9 @@ def test_matches_torch_on_cupy(fn):
 
 
 # ---------------------------------------------------------------------------
-# the disagreements found so far, one test each: the random search above
-# finds them again, but these name them and fail one by one
+# named cases, one test each: the disagreements found so far (the random
+# search above finds them again, but these name them and fail one by one)
+# and the edge cases next to them that agree today
 # ---------------------------------------------------------------------------
 
 _r = np.random.default_rng(20240611)
@@ -562,5 +563,5 @@ REGRESSIONS = {
 
 
 @pytest.mark.parametrize("name", list(REGRESSIONS))
-def test_known_disagreement(name):
+def test_named_case_matches_torch(name):
     D.assert_agrees(REGRESSIONS[name], backends=("numpy", "triton", "cupy"))
