@@ -145,3 +145,56 @@ def zeros(like, shape, kind: str, dtype: Optional[Any] = None):
     if kind == "torch":
         return like.new_zeros(shape, dtype=dtype or like.dtype)
     return xp(kind).zeros(shape, dtype=dtype or like.dtype)
+
+
+def result_dtype(kind: str, *arrays):
+    """The dtype torch's type promotion gives these floating arrays."""
+    if kind == "torch":
+        import torch
+        dt = arrays[0].dtype
+        for a in arrays[1:]:
+            dt = torch.promote_types(dt, a.dtype)
+        return dt
+    return np.result_type(*arrays)
+
+
+def astype(a, dtype, kind: str):
+    """``a`` in ``dtype`` (differentiable for torch: its gradient comes back
+    in ``a``'s own dtype); ``a`` itself when it already is."""
+    if a is None or a.dtype == dtype:
+        return a
+    return a.to(dtype) if kind == "torch" else a.astype(dtype)
+
+
+def connected(loss, kind: str, *arrays):
+    """An empty-input result that stays in torch's autograd graph (its
+    gradients are zeros of each array's shape)."""
+    if kind != "torch":
+        return loss
+    for a in arrays:
+        if a is not None and a.requires_grad:
+            loss = loss + a.sum() * 0
+    return loss
+
+
+def empty_class_loss(kind: str, logits, target, prob: bool, ignore_index: int, eps: float, reduction: str,
+                     z_loss: float = 0.0):
+    """Cross-entropy / NLL over ``logits`` (class dimension 1, or 0 unbatched)
+    that hold no element (no rows, or C = 0), as torch gives it: a row's loss
+    is 0 when its target is ignored, NaN otherwise (no class can match it),
+    NaN for every row with label smoothing (``eps / C`` is infinite), 0 for a
+    probability target (an empty sum); "sum" adds the rows, "mean" is NaN (a
+    zero divisor).  With ``z_loss`` and C = 0, a counted row adds
+    ``z_loss * lse**2`` of an empty logsumexp: infinity.  In ``logits``' dtype."""
+    shape = tuple(logits.shape[:1]) + tuple(logits.shape[2:]) if logits.ndim >= 2 else ()
+    nan = float("nan")
+    rows = zeros(logits, shape, kind)
+    if not prob:
+        bad = target.reshape(shape) != ignore_index
+        rows = rows.masked_fill(bad, nan) if kind == "torch" else xp(kind).where(bad, nan, rows)
+        if eps > 0:
+            rows = rows * nan
+    elif z_loss > 0 and logits.ndim and logits.shape[1 if logits.ndim >= 2 else 0] == 0:
+        rows = rows + float("inf")
+    loss = rows if reduction == "none" else rows.sum() * (nan if reduction == "mean" else 1.0)
+    return cast_like(loss, logits, kind) if kind == "torch" else xp(kind).asarray(loss, dtype=logits.dtype)

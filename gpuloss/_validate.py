@@ -60,6 +60,11 @@ def check_same_shape(n1: str, a: Any, n2: str, b: Any) -> None:
         raise ValueError(f"{n1} and {n2} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
+def check_same_dtype(n1: str, a: Any, n2: str, b: Any, kind: str) -> None:
+    if dtype_name(a, kind) != dtype_name(b, kind):
+        raise TypeError(f"{n1} must have {n2}'s dtype {dtype_name(b, kind)}, got {dtype_name(a, kind)}")
+
+
 def check_bool(name: str, v: Any) -> None:
     if not isinstance(v, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
@@ -126,14 +131,18 @@ def _ce_target_shape(input: Any) -> tuple:
     return (input.shape[0],) + tuple(input.shape[2:])
 
 
-def check_ce_target(name: str, target: Any, kind: str, input: Any) -> bool:
-    """True for probability targets, False for class indices; raises otherwise."""
+def check_ce_target(name: str, target: Any, kind: str, input: Any, ignore_index: int = -100) -> bool:
+    """True for probability targets, False for class indices; raises otherwise
+    (probability targets take no ignore_index >= 0, as in torch)."""
     if is_floating(target, kind):
         if tuple(target.shape) != tuple(input.shape):
             raise TypeError(
                 f"{name} is floating-point ({dtype_name(target, kind)}) with shape {tuple(target.shape)}: "
                 f"class-index targets must be integers of shape {_ce_target_shape(input)}, probability "
                 f"targets must have input's shape {tuple(input.shape)}")
+        if ignore_index >= 0:
+            raise ValueError(f"ignore_index={ignore_index} is not supported for probability (floating-point) "
+                             f"targets, as in torch")
         return True
     check_index_target(name, target, kind, input)
     return False
@@ -148,16 +157,20 @@ def check_index_target(name: str, target: Any, kind: str, input: Any) -> None:
                          f"needs class-index targets of shape {want}")
 
 
-def as_index_target(target: Any, kind: str) -> Any:
-    """int32/int64 pass through; other integer dtypes (int8, int16, uint8 to
-    uint64) become int64, before any value check: torch has no comparison
-    kernels for uint16/32/64.  A uint64 value beyond int64's range becomes
-    negative, so the value check reports it as out of range."""
-    name = dtype_name(target, kind)
-    if name in ("int32", "int64"):
+def as_index_target(name: str, target: Any, kind: str) -> Any:
+    """int32/int64 pass through; int8, int16 and uint8 become int64.  torch
+    tensors of uint16/32/64 are refused, as torch refuses them (it has no
+    kernels to compare them); NumPy and CuPy arrays of those become int64,
+    where a uint64 value beyond int64's range turns negative and is then
+    reported as out of range by the value check."""
+    dt = dtype_name(target, kind)
+    if dt in ("int32", "int64"):
         return target
     if kind == "torch":
         import torch
+        if dt in ("uint16", "uint32", "uint64"):
+            raise TypeError(f"{name} must hold class indices of an integer dtype torch supports (int64, int32, "
+                            f"int16, int8 or uint8), got {dt}")
         return target.to(torch.int64)
     return target.astype("int64")
 
@@ -186,6 +199,8 @@ def check_class_targets(name: str, target: Any, kind: str, C: int, ignore_index:
         return
     if not _device_values_allowed(target, kind):
         return
+    if dtype_name(target, kind) != "int64":  # compare in int64: an ignore_index beyond int32 must not wrap
+        target = target.to(sys.modules["torch"].int64) if kind == "torch" else target.astype("int64")
     bad = ((target < 0) | (target >= C)) & (target != ignore_index)
     if bool(bad.any()):
         first = target[bad].reshape(-1)[0]
@@ -220,14 +235,21 @@ def check_no_grad(name: str, a: Any, kind: str, what: str) -> None:
                          f"(as in torch); pass {name}.detach()")
 
 
-def check_weight(name: str, weight: Any, kind: str, C: int) -> None:
+def check_weight(name: str, weight: Any, kind: str, C: int, input: Any = None, prob: bool = False) -> None:
+    """Class weights: floating, (C,), and (class-index targets, as torch)
+    of ``input``'s dtype and not requiring grad.  With probability targets
+    torch promotes their dtype and differentiates them."""
     if weight is None:
         return
     check_floating(name, weight, kind)
-    check_no_grad(name, weight, kind, "the loss")
     if weight.ndim != 1 or weight.shape[0] != C:
         raise ValueError(f"{name} must be a 1-D array of length C={C} (one weight per class), "
                          f"got shape {tuple(weight.shape)}")
+    if prob:
+        return
+    check_no_grad(name, weight, kind, "the loss")
+    if input is not None and dtype_name(weight, kind) != dtype_name(input, kind):
+        raise TypeError(f"{name} must have input's dtype {dtype_name(input, kind)}, got {dtype_name(weight, kind)}")
 
 
 def _compute_dtype(input: Any, kind: str):

@@ -180,17 +180,6 @@ def _finish(res: LossResult, return_grad, kind, input, layout, target_layout=Non
     return LossGrad(loss, grad, gt)
 
 
-def _connected(loss, kind: str, *arrays):
-    """An empty-input result that stays in torch's autograd graph (its
-    gradients are zeros of each array's shape)."""
-    if kind != "torch":
-        return loss
-    for a in arrays:
-        if a is not None and a.requires_grad:
-            loss = loss + a.sum() * 0
-    return loss
-
-
 # ---------------------------------------------------------------------------
 # softmax
 # ---------------------------------------------------------------------------
@@ -256,6 +245,7 @@ def _softmax_bwd_common(grad_output, output, dim, backend, log: bool):
     V.check_floating("output", output, kind)
     V.check_floating("grad_output", grad_output, kind)
     V.check_same_shape("grad_output", grad_output, "output", output)
+    V.check_same_dtype("grad_output", grad_output, "output", output, kind)
     V.check_dim("dim", dim, output.ndim)
     be = _backend(kind, device, backend)
     if L.numel(output, kind) == 0:
@@ -299,25 +289,12 @@ def _row_loss_shape(input) -> tuple:
     return tuple(input.shape[:1]) + tuple(input.shape[2:]) if input.ndim >= 2 else ()
 
 
-def _empty_class_loss(kind, input, target, prob: bool, ignore_index: int, eps: float, reduction: str,
-                      return_grad):
-    """cross_entropy / nll_loss when the logits hold no element (no rows, or
-    C = 0), as torch gives it: a row's loss is 0 when its target is ignored,
-    NaN otherwise (no class can match it), NaN for every row with label
-    smoothing (``eps / C`` is infinite), 0 for a probability target (an empty
-    sum); "sum" adds the rows, "mean" is NaN (a zero divisor).  Gradients are
-    zeros of input's (and target's) shape."""
-    shape = _row_loss_shape(input)
-    nan = float("nan")
-    rows = L.zeros(input, shape, kind)
-    if not prob:
-        bad = target.reshape(shape) != ignore_index
-        rows = rows.masked_fill(bad, nan) if kind == "torch" else L.xp(kind).where(bad, nan, rows)
-        if eps > 0:
-            rows = rows * nan
-    loss = rows if reduction == "none" else rows.sum() * (nan if reduction == "mean" else 1.0)
-    loss = _connected(L.cast_like(loss, input, kind) if kind == "torch" else L.xp(kind).asarray(
-        loss, dtype=input.dtype), kind, input, target if prob else None)
+def _empty_class(kind, input, target, prob: bool, ignore_index: int, eps: float, reduction: str, return_grad,
+                 z_loss: float = 0.0):
+    """cross_entropy / nll_loss over logits that hold no element (torch's
+    result, :func:`gpuloss._layout.empty_class_loss`)."""
+    loss = L.empty_class_loss(kind, input, target, prob, ignore_index, eps, reduction, z_loss)
+    loss = L.connected(loss, kind, input, target if prob else None)
     if not return_grad:
         return loss
     gt = L.zeros(target, tuple(target.shape), kind) if (prob and return_grad == "all") else None
@@ -353,34 +330,77 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     """
     reduction, kind, device, C, ignore_index = _class_dim_call(input, target, weight, size_average, reduce,
                                                               reduction, ignore_index)
-    prob = V.check_ce_target("target", target, kind, input)
-    V.check_weight("weight", weight, kind, C)
+    prob = V.check_ce_target("target", target, kind, input, ignore_index)
+    V.check_weight("weight", weight, kind, C, input, prob)
     V.check_ce_options(label_smoothing, z_loss, softcap)
     V.check_bool("inplace_backward", inplace_backward)
     _wants(return_grad)
-    if inplace_backward:
+    if inplace_backward and _writes_gradient(input, kind, return_grad):
         V.check_inplace_ok("input", input, kind, return_grad)
-    if not prob:
-        target = V.as_index_target(target, kind)
+    x = input
+    if prob:  # torch promotes logits, probabilities and class weights to one dtype
+        dt = L.result_dtype(kind, *(a for a in (input, target, weight) if a is not None))
+        x, target = L.astype(input, dt, kind), L.astype(target, dt, kind)
+    else:
+        target = V.as_index_target("target", target, kind)
         V.check_class_targets("target", target, kind, C, ignore_index)
     be = _backend(kind, device, backend)
     if L.numel(input, kind) == 0:
-        return _empty_class_loss(kind, input, target, prob, ignore_index, float(label_smoothing), reduction,
-                                 return_grad)
-    if input.ndim == 1:  # one unbatched row
-        rows, layout = input.reshape(1, C), ("0d", (C,))
+        return _empty_class(kind, x, target, prob, ignore_index, float(label_smoothing), reduction,
+                            return_grad, float(z_loss))
+    if x.ndim == 1:  # one unbatched row
+        rows, layout = x.reshape(1, C), ("0d", (C,))
         t_rows = target.reshape(1, C) if prob else target.reshape(1)
     else:
-        rows, layout = L.rows2d(input, kind, 1)
+        rows, layout = L.rows2d(x, kind, 1)
         t_rows = L.rows2d(target, kind, 1)[0] if prob else target.reshape(-1)
-    w = None if weight is None else V.as_float_vector(weight, kind, input)
+    w = None if weight is None else V.as_float_vector(weight, kind, x)
     opts = CrossEntropyOptions(ignore_index, reduction, float(label_smoothing), float(z_loss),
                                None if softcap is None else float(softcap), bool(inplace_backward))
+    w_term = None  # formed before the call: with inplace_backward the call overwrites the logits
+    if prob and kind == "torch" and weight is not None and weight.requires_grad and not return_grad:
+        w_term = _class_weight_term(rows, t_rows, weight, opts, _row_loss_shape(x))
     res = _call("cross_entropy", kind, be, [rows, t_rows, w], opts, return_grad)
     if reduction == "none":
-        res = res._replace(loss=res.loss.reshape(_row_loss_shape(input)))
-    return _finish(res, return_grad, kind, input, layout, target_like=target if prob else None,
-                   inplace=bool(inplace_backward))
+        res = res._replace(loss=res.loss.reshape(_row_loss_shape(x)))
+    if w_term is not None:
+        res = res._replace(loss=res.loss + w_term)
+    out = _finish(res, return_grad, kind, x, layout, target_like=target if prob else None,
+                  inplace=bool(inplace_backward))
+    if return_grad and x is not input:
+        out = out._replace(grad=L.cast_like(out.grad, input, kind))
+    return out
+
+
+def _writes_gradient(input, kind: str, return_grad) -> bool:
+    """Whether this call forms the input's gradient (and so, with
+    inplace_backward, writes over it): with return_grad, or for a torch
+    tensor that autograd differentiates."""
+    if return_grad:
+        return True
+    if kind != "torch":
+        return False
+    import torch
+    return input.requires_grad and torch.is_grad_enabled()
+
+
+def _class_weight_term(rows, t_rows, weight, opts: CrossEntropyOptions, loss_shape):
+    """torch differentiates cross-entropy with probability targets with respect
+    to the class weights: dL/dw_c = sum_i s_i d~_ic (lse_i - z_ic), the smoothed
+    targets times the negative log-probabilities.  Added to the loss as a term
+    whose value is 0 and whose gradient is that: an extra pass over the rows,
+    taken only when a weight requires grad."""
+    import torch
+    with torch.no_grad():
+        z = rows.to(weight.dtype)
+        if opts.softcap is not None:
+            z = opts.softcap * torch.tanh(z / opts.softcap)
+        eps, C = opts.label_smoothing, rows.shape[-1]
+        coef = torch.nan_to_num((t_rows.to(z.dtype) * (1 - eps) + eps / C) * -torch.log_softmax(z, -1))
+    per_row = (coef * (weight - weight.detach())).sum(-1)
+    if opts.reduction == "none":
+        return per_row.reshape(loss_shape)
+    return per_row.sum() / (rows.shape[0] if opts.reduction == "mean" else 1)
 
 
 def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
@@ -391,13 +411,13 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = 
     reduction, kind, device, C, ignore_index = _class_dim_call(input, target, weight, size_average, reduce,
                                                               reduction, ignore_index)
     V.check_index_target("target", target, kind, input)
-    V.check_weight("weight", weight, kind, C)
+    V.check_weight("weight", weight, kind, C, input)
     _wants(return_grad)
-    target = V.as_index_target(target, kind)
+    target = V.as_index_target("target", target, kind)
     V.check_class_targets("target", target, kind, C, ignore_index)
     be = _backend(kind, device, backend)
     if L.numel(input, kind) == 0:
-        return _empty_class_loss(kind, input, target, False, ignore_index, 0.0, reduction, return_grad)
+        return _empty_class(kind, input, target, False, ignore_index, 0.0, reduction, return_grad)
     rows, layout = L.rows2d(input, kind, 1) if input.ndim >= 2 else (input.reshape(1, C), ("0d", (C,)))
     w = None if weight is None else V.as_float_vector(weight, kind, input)
     res = _call("nll_loss", kind, be, [rows, target.reshape(-1), w], NllOptions(ignore_index, reduction),
@@ -460,7 +480,7 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
         rows = L.zeros(input, tuple(input.shape[:-1]), kind)
         div = {"none": 1, "sum": 1, "batchmean": R, "mean": 0}[reduction]
         loss = rows if reduction == "none" else rows.sum() * (1.0 / div if div else float("nan"))
-        loss = _connected(loss, kind, input)
+        loss = L.connected(loss, kind, input)
         return LossGrad(loss, L.zeros(input, tuple(input.shape), kind)) if return_grad else loss
     t, _ = L.rows2d(target, kind, -1)
     res = _call("kl_div_logits", kind, be, [x, t],
@@ -492,11 +512,15 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
         V.check_no_grad(name, w, kind, op)
     _wants(return_grad)
     if op == "bce":
+        V.check_same_dtype("target", target, "input", input, kind)
         V.check_unit_interval("input", input, kind)
         V.check_unit_interval("target", target, kind)
     be = _backend(kind, device, backend)
-    xin, tin, bshape = L.broadcast_pair(input, target, kind, warn=op == "mse") if broadcast else \
-        (input, target, None)
+    # torch's dtypes: mse_loss and kl_div promote input and target; BCE with
+    # logits computes in the target's dtype
+    dt = target.dtype if op == "bce_with_logits" else L.result_dtype(kind, input, target)
+    xin, tin = L.astype(input, dt, kind), L.astype(target, dt, kind)
+    xin, tin, bshape = L.broadcast_pair(xin, tin, kind, warn=op == "mse") if broadcast else (xin, tin, None)
     red = "sum" if reduction == "batchmean" else reduction
     if L.numel(xin, kind) == 0:
         res = _empty_elementwise(kind, xin, tin, red)
@@ -512,8 +536,10 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     if return_grad and bshape is not None:
         res = res._replace(grad=L.sum_to(res.grad, tuple(input.shape), kind),
                            grad_target=L.sum_to(res.grad_target, tuple(target.shape), kind))
-    return _finish(res, return_grad, kind, input, ("0d", tuple(input.shape)),
-                   target_layout=("0d", tuple(target.shape)), target_like=target)
+    res = res._replace(loss=L.astype(res.loss, dt, kind))  # the promoted dtype, not input's
+    out = _finish(res, return_grad, kind, xin, ("0d", tuple(input.shape)),
+                  target_layout=("0d", tuple(target.shape)), target_like=target)
+    return out._replace(grad=L.cast_like(out.grad, input, kind)) if return_grad else out
 
 
 def _empty_elementwise(kind: str, input, target, reduction: str) -> LossResult:
@@ -523,7 +549,7 @@ def _empty_elementwise(kind: str, input, target, reduction: str) -> LossResult:
         loss = L.zeros(input, tuple(input.shape), kind)
     else:
         loss = L.zeros(input, (), kind) + (float("nan") if reduction == "mean" else 0.0)
-    loss = _connected(loss, kind, input, target)
+    loss = L.connected(loss, kind, input, target)
     return LossResult(loss, L.zeros(input, tuple(input.shape), kind), L.zeros(target, tuple(target.shape), kind))
 
 

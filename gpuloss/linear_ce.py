@@ -133,8 +133,6 @@ def _check_shapes(input, linear_weight, linear_bias, kind: str):
         raise TypeError(f"input and linear_weight must have the same dtype, got {dtype_name(input, kind)} and "
                         f"{dtype_name(linear_weight, kind)}")
     C, out = int(linear_weight.shape[0]), tuple(int(d) for d in linear_weight.shape[1:-1])
-    if C == 0:
-        raise ValueError("linear_weight has C=0 rows: cross-entropy needs at least one class")
     if out and input.ndim == 1:
         raise ValueError(f"a K-dimensional loss (linear_weight of shape {tuple(linear_weight.shape)}) needs "
                          f"batched input (N, in_features), got shape {tuple(input.shape)}")
@@ -209,7 +207,7 @@ def _prepare(input, linear_weight, target, linear_bias, weight, reduction, ignor
     VAL.check_reduction(reduction)
     C, out = _check_shapes(input, linear_weight, linear_bias, kind)
     prob, ii = _check_target(target, input, C, out, ignore_index, kind)
-    VAL.check_weight("weight", weight, kind, C)
+    VAL.check_weight("weight", weight, kind, C, input, prob)
     VAL.check_ce_options(label_smoothing, z_loss, softcap)
     VAL.check_bool("allow_retain_graph", allow_retain_graph)
     P = math.prod(out)
@@ -217,7 +215,7 @@ def _prepare(input, linear_weight, target, linear_bias, weight, reduction, ignor
     chunk, accumulate, retain = _resolve_options(options, chunk_size, acc_dtype, n_tokens, input.shape[-1], C * P,
                                                  linear_weight, kind, device, allow_retain_graph)
     if not prob:
-        target = VAL.as_index_target(target, kind)
+        target = VAL.as_index_target("target", target, kind)
         VAL.check_class_targets("target", target, kind, C, ii)
     opts = LinearCEOptions(ii, reduction, float(label_smoothing), float(z_loss),
                            None if softcap is None else float(softcap), C, chunk, accumulate, retain)
@@ -308,6 +306,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         raise ValueError(f"return_grad must be False or True, got {return_grad!r}")
     c, target, opts = _prepare(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                                label_smoothing, options, z_loss, softcap, chunk_size, acc_dtype, allow_retain_graph)
+    logits_shape = tuple(input.shape[:-1]) + (c.C,) + c.out_features
+    if math.prod(logits_shape) == 0:
+        return _empty(c, input, linear_weight, linear_bias, target, opts, logits_shape, return_grad)
     h, W, b, t = _to_op_layout(c, input, linear_weight, linear_bias, target)
     cw = None if weight is None else VAL.as_float_vector(weight, c.kind, linear_weight)
     arrays = [h, W, b, t, cw]
@@ -330,6 +331,19 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         return loss
     gw, gb = _from_op_layout(c, gw, gb, linear_weight)
     return LinearLossGrad(loss, gh.reshape(tuple(input.shape)), gw, gb)
+
+
+def _empty(c: _Call, input, linear_weight, linear_bias, target, opts: LinearCEOptions, logits_shape, return_grad):
+    """Logits that hold no element (no tokens, or C = 0): torch's result, as
+    cross-entropy gives it on empty logits; zero gradients."""
+    logits = Lay.zeros(input, logits_shape, c.kind)
+    loss = Lay.empty_class_loss(c.kind, logits, target, c.prob, opts.ignore_index, opts.label_smoothing,
+                                opts.reduction)
+    loss = Lay.connected(loss, c.kind, input, linear_weight, linear_bias)
+    if not return_grad:
+        return loss
+    zero = lambda a: None if a is None else Lay.zeros(a, tuple(a.shape), c.kind)  # noqa: E731
+    return LinearLossGrad(loss, zero(input), zero(linear_weight), zero(linear_bias))
 
 
 def _autograd(be: str, arrays, opts: LinearCEOptions, input, loss_shape):

@@ -313,7 +313,7 @@ def kl_div_grad(input, target, reduction: str = "mean", log_target: bool = False
         et = np.exp(t)
         return -et * s, et * (t - x + 1.0) * s
     with np.errstate(divide="ignore"):
-        gt = np.log(t) + 1.0 - x
+        gt = np.where(t == 0, np.nan, np.log(t) + 1.0 - x)  # torch: xlogy's gradient at 0 is NaN
     return -t * s, gt * s
 
 

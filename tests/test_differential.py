@@ -22,7 +22,8 @@ example: function, path, inputs, ours vs torch.
 
 gpuloss's own additions have torch-only oracles: z_loss / softcap on top of
 ``F.cross_entropy``, ``kl_div_with_logits`` from ``F.log_softmax`` and
-``F.kl_div``, ``linear_cross_entropy`` as ``F.linear`` + cross-entropy.
+``F.kl_div``, ``linear_cross_entropy`` as torch's ``F.linear_cross_entropy`` (``F.linear`` + cross-entropy
+with gpuloss's z_loss / softcap).
 """
 from __future__ import annotations
 
@@ -335,10 +336,12 @@ def linear_cross_entropy_cases(draw):
     bias = _arr(draw, rng, _values(rng, (V,), "plain", 1.0), grad=True, layouts=SMALL_LAYOUTS) \
         if draw(st.booleans()) else None
     N = int(np.prod(lead)) if lead else 1
-    args = {"hidden": hidden, "weight": weight, "target": _class_index_target(draw, rng, lead, V, ignore_index),
-            "bias": bias, "ignore_index": ignore_index, "reduction": _reduction(draw),
+    args = {"input": hidden, "linear_weight": weight,
+            "target": _class_index_target(draw, rng, lead, V, ignore_index),
+            "linear_bias": bias, "ignore_index": draw(st.sampled_from([ignore_index, None])),
+            "reduction": _reduction(draw),
             "label_smoothing": draw(st.sampled_from([0.0, 0.0, 0.2])),
-            "class_weight": _weights(draw, rng, V),
+            "weight": _weights(draw, rng, V),
             "z_loss": draw(st.sampled_from([0.0, 0.0, 1e-3])), "softcap": draw(st.sampled_from([None, None, 4.0])),
             "chunk_size": draw(st.sampled_from([None, 1, 2, max(N, 1)]))}
     return _case("linear_cross_entropy", args, dtype, seed)
@@ -471,7 +474,7 @@ REGRESSIONS = {
                                                     target=_p(4, 0), reduction="sum"),
     "binary_cross_entropy_with_logits (0, 0, 0)": _case_of("binary_cross_entropy_with_logits", input=_x(0, 0, 0),
                                                            target=_p(0, 0, 0)),
-    "linear_cross_entropy V=0, N=0": _case_of("linear_cross_entropy", hidden=_x(0, 3), weight=_x(0, 3),
+    "linear_cross_entropy V=0, N=0": _case_of("linear_cross_entropy", input=_x(0, 3), linear_weight=_x(0, 3),
                                               target=_t(np.zeros(0))),
     # class weights summing to 0 under "mean": nan loss and nan gradients
     "cross_entropy all-zero weights": _case_of("cross_entropy", input=_x(3, 4), target=_t([0, 1, 3]),
@@ -483,8 +486,8 @@ REGRESSIONS = {
     "nll_loss all-zero weights": _case_of("nll_loss", input=_x(3, 4), target=_t([0, 1, 3]),
                                           weight=D.contiguous(np.zeros(4))),
     "linear_cross_entropy all-zero class weights": _case_of(
-        "linear_cross_entropy", hidden=_x(3, 2), weight=_x(4, 2), target=_t([0, 1, 3]),
-        class_weight=D.contiguous(np.zeros(4))),
+        "linear_cross_entropy", input=_x(3, 2), linear_weight=_x(4, 2), target=_t([0, 1, 3]),
+        weight=D.contiguous(np.zeros(4))),
     # weights that require grad: torch refuses (or, for probability targets, differentiates)
     "cross_entropy weight requires grad": _case_of("cross_entropy", input=_x(3, 4), target=_t([0, 1, 3]),
                                                    weight=_p(4, grad=True)),
@@ -499,7 +502,8 @@ REGRESSIONS = {
     "bce_with_logits pos_weight requires grad": _case_of("binary_cross_entropy_with_logits", input=_x(3, 4),
                                                          target=_p(3, 4), pos_weight=_p(4, grad=True)),
     "linear_cross_entropy class_weight requires grad": _case_of(
-        "linear_cross_entropy", hidden=_x(3, 2), weight=_x(4, 2), target=_t([0, 1, 3]), class_weight=_p(4, grad=True)),
+        "linear_cross_entropy", input=_x(3, 2), linear_weight=_x(4, 2), target=_t([0, 1, 3]),
+        weight=_p(4, grad=True)),
     # bfloat16 torch tensors, return_grad: the gradient in the input's dtype
     "cross_entropy bf16 return_grad": _case_of("cross_entropy", "bfloat16", input=_x(3, 5), target=_t([0, 4, 2])),
     "nll_loss bf16 return_grad": _case_of("nll_loss", "bfloat16", input=_x(3, 5), target=_t([0, 4, 2])),
@@ -514,7 +518,7 @@ REGRESSIONS = {
     "cross_entropy uint32 targets": _case_of("cross_entropy", input=_x(3, 5), target=_t([0, 4, 2], "uint32")),
     "cross_entropy uint64 targets": _case_of("cross_entropy", input=_x(3, 5), target=_t([0, 4, 2], "uint64")),
     "nll_loss uint16 targets": _case_of("nll_loss", input=_x(3, 5), target=_t([0, 4, 2], "uint16")),
-    "linear_cross_entropy uint32 targets": _case_of("linear_cross_entropy", hidden=_x(3, 2), weight=_x(5, 2),
+    "linear_cross_entropy uint32 targets": _case_of("linear_cross_entropy", input=_x(3, 2), linear_weight=_x(5, 2),
                                                     target=_t([0, 4, 2], "uint32")),
     # ignore_index outside the target dtype's range must not wrap into a valid value
     "cross_entropy int16 target -1, ignore_index=2**63-1": _case_of(

@@ -45,12 +45,16 @@ def _overlapping_views(xp_base):
 
 def test_inplace_refuses_expanded_tensor(backend, rng):
     base = torch.tensor(rng.standard_normal((1, 5)), dtype=torch.float32, device=backend.device)
-    x = base.expand(4, 5)
     before = base.clone()
     t = torch.tensor([0, 1, 2, 3], device=backend.device)
-    for return_grad in (True, False):
-        with pytest.raises(ValueError, match="input.*share memory"):
-            gpuloss.cross_entropy(x, t, inplace_backward=True, return_grad=return_grad, backend=backend.name)
+    with pytest.raises(ValueError, match="input.*share memory"):  # return_grad form
+        gpuloss.cross_entropy(base.expand(4, 5), t, inplace_backward=True, return_grad=True, backend=backend.name)
+    leaf = base.clone().requires_grad_()
+    with pytest.raises(ValueError, match="input.*share memory"):  # autograd form
+        gpuloss.cross_entropy((leaf * 1).expand(4, 5), t, inplace_backward=True, backend=backend.name)
+    assert torch.equal(base, before)
+    # no gradient formed (nothing requires grad, no return_grad): nothing is written, as torch
+    gpuloss.cross_entropy(base.expand(4, 5), t, inplace_backward=True, backend=backend.name)
     assert torch.equal(base, before)
 
 
@@ -188,13 +192,21 @@ def test_none_arrays_name_the_argument(fn, args):
 
 @pytest.mark.parametrize("dtype", ["uint8", "int8", "int16", "int32", "uint16", "uint32", "uint64"])
 def test_every_integer_target_dtype(backend, dtype, rng):
+    """Class indices of any integer dtype in NumPy arrays; torch tensors of
+    uint16/32/64 (which torch refuses, and cannot even compare) get a clear
+    TypeError naming target."""
     x = torch.tensor(rng.standard_normal((4, 5)), device=backend.device)
     t = torch.tensor([0, 1, 2, 4])
-    ours = gpuloss.cross_entropy(x, t.to(getattr(torch, dtype)).to(backend.device), backend=backend.name)
-    _same(ours, F.cross_entropy(x, t.to(backend.device)), rtol=1e-9)
+    theirs = F.cross_entropy(x, t.to(backend.device))
+    if dtype in ("uint16", "uint32", "uint64"):
+        with pytest.raises(TypeError, match="target"):
+            gpuloss.cross_entropy(x, t.to(getattr(torch, dtype)).to(backend.device), backend=backend.name)
+    else:
+        ours = gpuloss.cross_entropy(x, t.to(getattr(torch, dtype)).to(backend.device), backend=backend.name)
+        _same(ours, theirs, rtol=1e-9)
     if backend.name == "numpy":
         r = gpuloss.cross_entropy(x.cpu().numpy(), t.numpy().astype(dtype))
-        np.testing.assert_allclose(r, ours.item(), rtol=1e-12)
+        np.testing.assert_allclose(r, theirs.item(), rtol=1e-12)
 
 
 # ------------------------------------------------------------ 5. zero class weights

@@ -93,10 +93,10 @@ VALID: Dict[str, Dict[str, Any]] = {
     "binary_cross_entropy": dict(input=A(U01), target=A(U01[::-1].copy()), weight=A(_rng.uniform(0.5, 2, C)),
                                  reduction="sum"),
     "mse_loss": dict(input=A(LOGITS), target=A(U01), reduction="mean"),
-    "linear_cross_entropy": dict(hidden=A(_rng.standard_normal((N, H))), weight=A(_rng.standard_normal((C, H))),
-                                 target=A(TARGET), bias=A(_rng.standard_normal(C)), ignore_index=-100,
-                                 reduction="mean", label_smoothing=0.1, class_weight=A(_rng.uniform(0.5, 2, C)),
-                                 z_loss=1e-3, softcap=30.0, chunk_size=2, accumulate_fp32=True,
+    "linear_cross_entropy": dict(input=A(_rng.standard_normal((N, H))), linear_weight=A(_rng.standard_normal((C, H))),
+                                 target=A(TARGET), linear_bias=A(_rng.standard_normal(C)), ignore_index=-100,
+                                 reduction="mean", label_smoothing=0.1, weight=A(_rng.uniform(0.5, 2, C)),
+                                 z_loss=1e-3, softcap=30.0, chunk_size=2, acc_dtype=None,
                                  allow_retain_graph=False),
 }
 
@@ -234,22 +234,23 @@ BAD: List[Tuple[str, str, list]] = [
     ("mse_loss", "target", NOT_ARRAYS + [A(np.ones((N, C), np.int64)), A(np.ones((N, C + 1)))]),
     ("mse_loss", "reduction", BAD_REDUCTION),
     ("mse_loss", "return_grad", BAD_RETURN_GRAD),
-    ("linear_cross_entropy", "hidden", NOT_ARRAYS + [A(np.ones((N, H), np.int64)), A(np.ones((N, H + 1))),
-                                                     A(np.array(1.0))]),
-    ("linear_cross_entropy", "weight", NOT_ARRAYS + [A(np.ones((C, H + 1))), A(np.ones(C * H)),
-                                                     A(np.ones((C, H)), dtype="float32")]),
+    ("linear_cross_entropy", "input", NOT_ARRAYS + [A(np.ones((N, H), np.int64)), A(np.ones((N, H + 1))),
+                                                    A(np.array(1.0)), A(np.ones((2, N, H)))]),
+    ("linear_cross_entropy", "linear_weight", NOT_ARRAYS + [A(np.ones((C, H + 1))), A(np.ones(C * H)),
+                                                            A(np.ones((C, H)), dtype="float32")]),
     ("linear_cross_entropy", "target", NOT_ARRAYS + [A(TARGET.astype(np.float64)), A(np.array([0, 1, 2])),
                                                      A(np.array([0, 6, 2, 1])), A(np.array([0, -1, 2, 1])),
                                                      A(TARGET, dtype="uint32", bad_for=("torch",))]),
-    ("linear_cross_entropy", "bias", OPTIONAL_NOT_ARRAYS + [A(np.ones(C + 1)), A(np.ones(C), dtype="float32")]),
-    ("linear_cross_entropy", "class_weight", OPTIONAL_NOT_ARRAYS + [A(np.ones(C - 1)), A(np.ones(C, np.int64))]),
-    ("linear_cross_entropy", "ignore_index", BAD_IGNORE_INDEX),
+    ("linear_cross_entropy", "linear_bias", OPTIONAL_NOT_ARRAYS + [A(np.ones(C + 1)),
+                                                                   A(np.ones(C), dtype="float32")]),
+    ("linear_cross_entropy", "weight", OPTIONAL_NOT_ARRAYS + [A(np.ones(C - 1)), A(np.ones(C, np.int64))]),
+    ("linear_cross_entropy", "ignore_index", [v for v in BAD_IGNORE_INDEX if v is not None]),
     ("linear_cross_entropy", "reduction", BAD_REDUCTION),
     ("linear_cross_entropy", "label_smoothing", [1.5, "0.1", None]),
     ("linear_cross_entropy", "z_loss", BAD_NONNEG),
     ("linear_cross_entropy", "softcap", BAD_POSITIVE),
     ("linear_cross_entropy", "chunk_size", [0, -1, 1.5, True, "2"]),
-    ("linear_cross_entropy", "accumulate_fp32", BAD_BOOL),
+    ("linear_cross_entropy", "acc_dtype", ["int8", 3, "float128"]),
     ("linear_cross_entropy", "allow_retain_graph", BAD_BOOL),
     ("linear_cross_entropy", "return_grad", ["all", "yes", 2]),
 ]
@@ -315,7 +316,7 @@ def test_valid_call_modifies_nothing_it_was_not_asked_to(row, path):
         args["backend"] = backend
         first = _first(row)
         if mode == "autograd":
-            for k in (first, "weight", "bias") if row == "linear_cross_entropy" else (first,):
+            for k in (first, "linear_weight", "linear_bias") if row == "linear_cross_entropy" else (first,):
                 if inplace:
                     args[k] = args[k].clone().requires_grad_() * 1  # the logits of a model, not a leaf
                 else:

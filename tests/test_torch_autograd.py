@@ -245,10 +245,11 @@ def test_cross_entropy_low_precision_grads(rng, dtype):
     x_np = rng.standard_normal((6, 37)) * 3
     x_np = T(x_np).to(tdt).double().numpy()  # the reference sees the rounded inputs
     t_np = rng.integers(0, 37, 6)
-    w_np = rng.uniform(0.5, 1.5, 37)
+    # class weights in the logits' dtype, as torch requires (and the reference sees them rounded)
+    w_np = T(rng.uniform(0.5, 1.5, 37)).to(tdt).double().numpy()
     kw = dict(label_smoothing=0.1, z_loss=1e-3)
     x = T(x_np, dtype=tdt, requires_grad=True)
-    loss = gpuloss.cross_entropy(x, T(t_np), weight=T(w_np, dtype=torch.float32), **kw)
+    loss = gpuloss.cross_entropy(x, T(t_np), weight=T(w_np, dtype=tdt), **kw)
     assert loss.dtype == tdt
     go = float(rng.uniform(0.5, 2.0))
     (loss * go).backward()

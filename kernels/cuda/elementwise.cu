@@ -1,6 +1,6 @@
 // Element-wise losses with their gradients in the same pass over (R, C) rows:
 //   OP 0  MSE                 l = (x - t)^2                   dx = 2 (x - t),  dt = -dx
-//   OP 1  KL (prob target)    l = xlogy(t, t) - t x           dx = -t,         dt = log t + 1 - x
+//   OP 1  KL (prob target)    l = xlogy(t, t) - t x           dx = -t,         dt = log t + 1 - x (NaN at 0)
 //   OP 2  KL (log target)     l = e^t (t - x)                 dx = -e^t,       dt = e^t (t - x + 1)
 //   OP 3  BCE with logits     l = w ((1-t) x + lw sp(-x)),  lw = 1 + (pw - 1) t,  sp = softplus
 //                             dx = w ((1 - t) - lw sigmoid(-x)),  dt = w (-x + (pw - 1) sp(-x))
@@ -44,7 +44,7 @@ gpuloss_elementwise(const typename D::store* __restrict__ X_ptr, const typename 
         } else if (OP == 1) {
             l = (t == (A)0 ? (A)0 : t * gl_log(t)) - t * x;
             gx = -t;
-            gt = gl_log(t) + 1 - x;
+            gt = t == (A)0 ? gl_nan<A>() : gl_log(t) + 1 - x;  // torch: xlogy's derivative at 0 is NaN
         } else if (OP == 2) {
             A et = gl_exp(t);
             l = et * (t - x);

@@ -83,7 +83,8 @@ def kl_div_kernel(
         logt = tl.log(t)
         loss = tl.where(t == 0.0, 0.0, t * logt) - t * x
         gx = -t
-        gt = logt + 1.0 - x
+        # d xlogy(t, t)/dt: NaN at t = 0, as torch's (0 * log 0 has no derivative there)
+        gt = tl.where(t == 0.0, float("nan"), logt + 1.0 - x)
     _emit(loss, mask, pid, rows, cols, L_ptr, L_row_stride, Partial_ptr, REDUCE)
     if WANT_GRAD:
         tl.store(G_ptr + rows * G_row_stride + cols, (scale * gx).to(G_ptr.dtype.element_ty), mask=mask)

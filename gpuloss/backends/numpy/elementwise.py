@@ -96,9 +96,10 @@ def kl_div(input: np.ndarray, target: np.ndarray, opts: KlDivOptions, want: Want
         np.subtract(loss, T.scratch("q", x.shape, cd), out=loss)
         if gx is not None:
             np.multiply(t, -sc, out=gx, casting="unsafe")
-        if gt is not None:
+        if gt is not None:  # log t + 1 - x; NaN at t = 0, as torch's xlogy gradient
             np.add(aux, 1.0, out=aux)
             np.subtract(aux, x, out=aux)
+            aux[t == 0] = np.nan
             np.multiply(aux, sc, out=gt, casting="unsafe")
         return loss
 
