@@ -273,6 +273,56 @@ def test_kl_div_logits_offsets(rng, target_is_logits, dtype):
     assert not failures, "\n".join(failures[:4]) + f"\n({len(failures)} failures)"
 
 
+@pytest.mark.parametrize("per_rank", ["triton", "torch"])
+def test_vocab_parallel_offsets(rng, monkeypatch, per_rank):
+    """Vocabulary-parallel cross-entropy at world size 1 (one gloo rank in this
+    process): the per-rank kernels (``kernels/triton/vocab_parallel.py``) and
+    the torch per-rank path share the host combination, whose sums must be
+    relative as well.  (The multi-rank algebra is checked at ordinary offsets
+    by tests/test_distributed.py.)"""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from gpuloss.distributed import vocab_parallel_cross_entropy
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("torch.distributed unavailable or already initialised")
+    if per_rank == "triton" and not INTERPRET:
+        pytest.skip("the per-rank kernels on CPU tensors need TRITON_INTERPRET=1")
+    monkeypatch.setenv("GPULOSS_VOCAB_PARALLEL_KERNEL", per_rank)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                            timeout=timedelta(seconds=60))
+    failures = []
+    try:
+        for dtype in ("float32", "float64"):
+            for offset in OFFSETS[dtype]:
+                for o in (dict(label_smoothing=0.1, z_loss=1e-3),
+                          dict(label_smoothing=0.2, softcap=4.0 * max(abs(offset), 1.0))):
+                    x = _t(rng.standard_normal((R, C)) + offset, dtype).cpu().requires_grad_(True)
+                    xr = _np(x)
+                    t = rng.integers(0, C, R)
+                    t[1] = -100
+                    loss = vocab_parallel_cross_entropy(x, torch.from_numpy(t), reduction="mean", **o)
+                    loss.backward()
+                    want, gx, _, _ = _ref_ce(xr, t, reduction="mean", **o)
+                    z_err = _softcap_rounding(xr, o.get("softcap"), dtype)
+                    what = f"{dtype}, offset {offset:g}, {o}"
+                    try:
+                        _expect(loss, want, dtype, rtol=LOSS_RTOL[dtype] + 4 * z_err, atol=0.0,
+                                what="loss, " + what)
+                        _expect(x.grad, gx, dtype, rtol=tol(dtype)["rtol"] + z_err,
+                                atol=_grad_atol(gx, dtype) * (1.0 + z_err / tol(dtype)["rtol"]),
+                                what="grad, " + what)
+                    except AssertionError as e:
+                        failures.append(str(e))
+    finally:
+        dist.destroy_process_group()
+    assert not failures, "\n".join(failures[:4]) + f"\n({len(failures)} failures)"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (split rows cannot run in the interpreter)")
 @pytest.mark.parametrize("variant", ["twopass", "onchip"])
