@@ -152,6 +152,35 @@ def split_row_combine(Scratch_ptr, Arrive_ptr, row, part, m, s, a, b,
 
 
 @triton.jit
+def unpack(xs, ACC: tl.constexpr, key, PHASE: tl.constexpr, PACKED: tl.constexpr):
+    """A register-resident chunk ``xs`` (as loaded, in its storage dtype) in
+    the accumulation dtype, for phase PHASE (0, 1, 2) of a one-read kernel.
+
+    Without PACKED every phase gets the same upcast, which the compiler keeps
+    as one ACC copy of the chunk: 4 bytes per element in registers.  With
+    PACKED (2-byte storage) each phase upcasts afresh from the 2-byte
+    registers, so the chunk costs half the registers between the phases.
+    For that the phases' upcasts must not be merged by common-subexpression
+    elimination: phases 1 and 2 first pass the bits through ``^ key`` and
+    ``| key`` with ``key`` a runtime 0 (``n_cols >> 31`` of a non-negative
+    C), which no compiler can fold.  One integer op per element and phase."""
+    if PACKED and xs.dtype.primitive_bitwidth == 16:
+        if PHASE == 0:
+            out = xs.to(ACC)
+        else:
+            bits = xs.to(tl.int16, bitcast=True)
+            k = key.to(tl.int16)
+            if PHASE == 1:
+                bits = bits ^ k
+            else:
+                bits = bits | k
+            out = bits.to(xs.dtype, bitcast=True).to(ACC)
+    else:
+        out = xs.to(ACC)
+    return out
+
+
+@triton.jit
 def scalar_acc(v, ACC: tl.constexpr):
     """A float scalar argument in the accumulation dtype.  Python floats reach
     a kernel as fp32, which is not exact enough for float64 launches (0.1, 1/n

@@ -41,13 +41,15 @@ used as an address: the row's loss and gradient are NaN.
 Designs: ``cross_entropy_twopass_kernel`` (any C; loss-only calls read the row
 once, loss + grad read it twice: read 2 R C, write R C) and
 ``cross_entropy_onchip_kernel`` (the row cut into SPLIT register-resident
-chunks, read R C, write R C; see ``kernels/triton/softmax.py``).
+chunks, read R C, write R C; see ``kernels/triton/softmax.py``).  With PACKED
+the on-chip kernel keeps a 2-byte chunk (and probability targets) in their
+storage dtype and upcasts them afresh in each phase (``common.unpack``).
 """
 import triton
 import triton.language as tl
 
 from .common import (finish_lse, online_update, pass2_block_start, rescale_rel_sum, scalar_acc,
-                     softcap_grad_factor, softcap_logits, split_row_combine, split_row_id)
+                     softcap_grad_factor, softcap_logits, split_row_combine, split_row_id, unpack)
 
 #: reduction codes shared with the launcher
 RED_NONE = 0
@@ -302,7 +304,7 @@ def cross_entropy_onchip_kernel(
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DIV_ON_DEVICE: tl.constexpr, WANT_GRAD_TARGET: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, PACKED: tl.constexpr = False,
 ):
     """Loss + gradient with each logit read once: program (row, part) loads
     its CHUNK of the row into registers, the SPLIT programs of the row combine
@@ -321,16 +323,24 @@ def cross_entropy_onchip_kernel(
     T_row = T_ptr + row * T_row_stride
     cols = part * CHUNK + tl.arange(0, CHUNK)
     mask = cols < n_cols
-    x = tl.load(X_row + cols, mask=mask, other=float("-inf")).to(ACC)
+    # the only read of the chunk: kept in registers, in its storage dtype
+    # when PACKED (see ``unpack``)
+    xs = tl.load(X_row + cols, mask=mask, other=float("-inf"))
+    key = n_cols >> 31  # a runtime 0 for unpack
+    x = unpack(xs, ACC, key, 0, PACKED)
     z = tl.where(mask, softcap_logits(x, softcap, HAS_SOFTCAP), float("-inf"))
     m = tl.max(z, 0)
     shift = tl.where(m == float("-inf"), 0.0, m)
+    x = unpack(xs, ACC, key, 1, PACKED)
+    z = tl.where(mask, softcap_logits(x, softcap, HAS_SOFTCAP), float("-inf"))
     ssum = tl.sum(tl.exp(z - shift), 0)
     A = tl.zeros((), ACC)
     B = tl.zeros((), ACC)
-    d = tl.zeros((CHUNK,), ACC)
+    ds = tl.zeros((CHUNK,), ACC)
+    d = ds
     if PROB_TARGET:
-        d = tl.load(T_row + cols, mask=mask, other=0.0).to(ACC)
+        ds = tl.load(T_row + cols, mask=mask, other=0.0)
+        d = unpack(ds, ACC, key, 1, PACKED)
     if PROB_TARGET or HAS_SMOOTHING:
         A, B = _block_sums(z, shift, mask, cols, W_ptr, d, eps, n_cols,
                            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC)
@@ -349,7 +359,10 @@ def cross_entropy_onchip_kernel(
         tl.store(Loss_ptr + row, loss.to(Loss_ptr.dtype.element_ty))
         tl.store(Lse_ptr + row, lse.to(Lse_ptr.dtype.element_ty))
     shift = tl.where(m == float("-inf"), 0.0, m)
-    # z again from the x kept in registers (x is needed for the softcap factor)
+    # z again from the chunk kept in registers (x: the softcap factor)
+    x = unpack(xs, ACC, key, 2, PACKED)
+    if PROB_TARGET:
+        d = unpack(ds, ACC, key, 2, PACKED)
     z = softcap_logits(x, softcap, HAS_SOFTCAP)
     p = tl.exp(z - shift) / ssum
     _block_grads(x, z, p, cols, mask, d, W_ptr, cp, ct, cw, t, eps, n_cols, softcap, shift, tl.log(ssum), s,
