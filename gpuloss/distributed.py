@@ -473,7 +473,7 @@ def _kernel_targets(info: _RowInfo) -> Tensor:
 def _kernel_args(x2d: Tensor, softcap: Optional[float]):
     from .backends.triton_backend import TritonBackend, launch_config
     from .backends.triton_backend import _acc as acc_of
-    cfg = launch_config("row", x2d.shape[1])
+    cfg = launch_config("row", x2d.shape[1], itemsize=x2d.element_size())
     sc = lambda v: TritonBackend._scalar(v, x2d)  # noqa: E731  (fp64 launches get exact scalars)
     return cfg, acc_of(torch, x2d.dtype)[1], sc, x2d.stride(0)
 

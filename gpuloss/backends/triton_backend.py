@@ -58,10 +58,16 @@ ONCHIP_MAX_CHUNK = 16384
 #: most programs sharing one row; they must be resident together.
 MAX_SPLIT = 16
 #: elements per tile of the element-wise kernels, and their widest row piece.
+#: float64 tiles are a quarter (8 per thread at 4 warps): at 32 per thread
+#: fp64 log / exp (subroutines of many registers) spill in BCE and KL
+#: (``python -m gpuloss.bench.resources``).
 ELEMENTWISE_TILE = 4096
+ELEMENTWISE_TILE_FP64 = 1024
 ELEMENTWISE_MAX_BLOCK_C = 1024
-#: elements per thread the warp count aims at.
+#: elements per thread the warp count aims at (float64: 4, which keeps
+#: every looped fp64 kernel free of spills at sm_80 and sm_90).
 ELEMS_PER_THREAD = 16
+ELEMS_PER_THREAD_FP64 = 4
 #: the "packed" design, per (kernel, heavy features): (elements per thread
 #: for 2-byte storage, warps, register cap per thread).  Chosen from the
 #: offline register counts (``python -m gpuloss.bench.resources --group
@@ -138,11 +144,16 @@ class LaunchConfig(NamedTuple):
     maxnreg: Optional[int] = None
 
 
-def _warps(block: int, capability: Optional[Tuple[int, int]]) -> int:
-    # 16 elements per thread; 4..16 warps (32 would halve the programs per SM
-    # without adding bytes in flight).
-    w = block // (32 * ELEMS_PER_THREAD)
+def _warps(block: int, capability: Optional[Tuple[int, int]], itemsize: int = 4) -> int:
+    # 16 elements per thread (fp64: 4); 4..16 warps (32 would halve the
+    # programs per SM without adding bytes in flight).
+    w = block // (32 * (ELEMS_PER_THREAD_FP64 if itemsize >= 8 else ELEMS_PER_THREAD))
     return int(min(16, max(4, _next_pow2(max(w, 1)))))
+
+
+def elementwise_tile(itemsize: int) -> int:
+    """Elements per program of the element-wise kernels."""
+    return ELEMENTWISE_TILE_FP64 if itemsize >= 8 else ELEMENTWISE_TILE
 
 
 def _rowloop_config(op: str, n: int, kernel: Optional[str], itemsize: int, cap_block: Optional[int],
@@ -157,7 +168,7 @@ def _rowloop_config(op: str, n: int, kernel: Optional[str], itemsize: int, cap_b
     if cap_block:
         b = min(b, cap_block)
     reverse = bool(_env_int("GPULOSS_TRITON_REVERSE", int(tuned.get("reverse", ROWLOOP_REVERSE))))
-    warps = int(tuned["num_warps"]) if "num_warps" in tuned else _warps(b, capability)
+    warps = int(tuned["num_warps"]) if "num_warps" in tuned else _warps(b, capability, itemsize)
     return LaunchConfig("twopass", b, warps, stages, reverse=reverse)
 
 
@@ -703,7 +714,7 @@ class TritonBackend(Backend):
         reduce = reduction != "none"
         cfg = self._config("elementwise", x)
         block_c = cfg.block
-        block_r = max(1, min(_next_pow2(max(R, 1)), ELEMENTWISE_TILE // block_c))
+        block_r = max(1, min(_next_pow2(max(R, 1)), elementwise_tile(x.element_size()) // block_c))
         n_tiles = -(-R // block_r) * -(-C // block_c)
         loss_full = None if reduce else torch.empty((R, C), dtype=acc_t, device=x.device)
         partials = torch.empty(n_tiles if reduce else 1, dtype=acc_t, device=x.device)
