@@ -16,10 +16,16 @@
 #   CI_TEST_TIMEOUT  whole test suite        (default 150)
 #   CI_BENCH_BUDGET  benchmark rows started  (default 120; the run is stopped 60 s later)
 # Switches: CI_BENCH=0 skips the quick benchmark; CI_TUNE=1 adds the
-# configuration sweep (bench/tune.py), CI_LCE=1 the fused linear CE benchmark;
-# CI_TEST_FILES chooses the test files (default: those that use the GPU).
-# so that the script stays under 6 minutes.  CI_SKIP_INSTALL=1 skips the
-# installs (a dry run of the script on a machine that already has them).
+# configuration sweep (bench/tune.py, CI_TUNE_TIMEOUT default 240 s) and writes
+# the design table it implies to OUTDIR/tune/designs.json, its entries marked
+# verified by this run only if the test suite passed (the suite runs every
+# design the sweep can file: tests/test_triton_designs.py); review it, then
+# copy it over gpuloss/tuned/designs.json and log the run in bench/RESULTS.md.
+# GPULOSS_COMMIT names the commit sent (the machine has no git metadata).
+# CI_LCE=1 adds the fused linear CE benchmark; CI_TEST_FILES chooses the test
+# files (default: those that use the GPU).  The limits keep the script under
+# 6 minutes without CI_TUNE.  CI_SKIP_INSTALL=1 skips the installs (a dry run
+# of the script on a machine that already has them).
 set -u -o pipefail
 
 if [ $# -lt 1 ]; then
@@ -91,7 +97,7 @@ EOF
 # The files that exercise a GPU; the CPU-only ones (reference, NumPy backend,
 # packaging, nvcc/NVRTC compiles, the CPU benchmark, torch.compile on CPU)
 # are CPU CI's job.  CI_TEST_FILES="tests" runs everything.
-TEST_FILES=${CI_TEST_FILES:-"tests/test_api.py tests/test_backend_primitives.py tests/test_triton_backend.py tests/test_cupy_backend.py tests/test_torch_autograd.py tests/test_torch_gpu.py tests/test_linear_ce.py tests/test_distributed.py"}
+TEST_FILES=${CI_TEST_FILES:-"tests/test_api.py tests/test_backend_primitives.py tests/test_triton_backend.py tests/test_triton_offsets.py tests/test_triton_packed.py tests/test_triton_designs.py tests/test_cupy_backend.py tests/test_torch_autograd.py tests/test_torch_gpu.py tests/test_linear_ce.py tests/test_distributed.py"}
 read -r -a FILES <<< "$TEST_FILES"
 PYTEST_ARGS=("${FILES[@]}" -q -rs -p no:cacheprovider)
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then
@@ -121,9 +127,25 @@ if [ "${CI_BENCH:-1}" = 1 ]; then
 fi
 # optional: the launch-configuration sweep and the fused linear CE benchmark
 if [ "${CI_TUNE:-0}" = 1 ]; then
-    echo "== python -m gpuloss.bench.tune --out $OUT/tune ${CI_TUNE_ARGS:-}" | tee "$OUT/tune.log"
-    timeout --signal=INT --kill-after=15 "${CI_TUNE_TIMEOUT:-180}" \
-        "$PY" -m gpuloss.bench.tune --out "$OUT/tune" ${CI_TUNE_ARGS:-} 2>&1 | tee -a "$OUT/tune.log"
+    TUNE_TIMEOUT=${CI_TUNE_TIMEOUT:-240}
+    COMMIT=${GPULOSS_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+    CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))" 2>/dev/null || echo unknown-gpu)
+    PASSED=$(grep -E "[0-9]+ passed" "$OUT/tests.log" | tail -1 | sed -e 's/=//g' -e 's/^ *//' -e 's/ *$//')
+    TABLE_ARGS=(--write-table "$OUT/tune/designs.json" --suite "ci/gpu.sh tests on $CARD: ${PASSED:-?}")
+    # verified only if the suite passed and it ran every design the sweep can file
+    case " $TEST_FILES " in
+        *test_triton_designs.py*|" tests "|" tests/ ") DESIGNS_RAN=1 ;;
+        *) DESIGNS_RAN=0 ;;
+    esac
+    if [ "$TESTS_RC" -eq 0 ] && [ "$DESIGNS_RAN" = 1 ]; then
+        RUN_ID="$(echo "$CARD" | tr 'A-Z ' 'a-z-' | tr -cd 'a-z0-9-')-$(date -u +%Y-%m-%d)-$COMMIT"
+        TABLE_ARGS+=(--verified "$RUN_ID")
+    fi
+    # rows stop starting 30 s before the limit, so that the table is written
+    echo "== GPULOSS_COMMIT=$COMMIT python -m gpuloss.bench.tune --out $OUT/tune --budget-s $((TUNE_TIMEOUT - 30)) ${TABLE_ARGS[*]} ${CI_TUNE_ARGS:-}" | tee "$OUT/tune.log"
+    GPULOSS_COMMIT=$COMMIT timeout --signal=INT --kill-after=15 "$TUNE_TIMEOUT" \
+        "$PY" -m gpuloss.bench.tune --out "$OUT/tune" --budget-s $((TUNE_TIMEOUT - 30)) "${TABLE_ARGS[@]}" \
+        ${CI_TUNE_ARGS:-} 2>&1 | tee -a "$OUT/tune.log"
 fi
 if [ "${CI_LCE:-0}" = 1 ]; then
     # the issue-13 shapes (8192x4096x128256, 16384x4096x262144) and the time budget of each part

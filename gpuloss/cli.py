@@ -50,6 +50,8 @@ def cmd_info(args) -> int:
     for name, (ok, why) in gpuloss.backend_status().items():
         print(f"  {name:7s} {'available' if ok else 'unavailable'}: {why}")
     print(f"value checks: {gpuloss.value_checks()}; GPULOSS_BACKEND={os.environ.get('GPULOSS_BACKEND', '(unset)')}")
+    from gpuloss import tuning
+    print(tuning.describe())  # the automatic design per kernel, dtype and row length on this device
     return 0
 
 

@@ -10,6 +10,10 @@ CUDA torch tensors          triton, then cupy (through DLPack)
 CuPy arrays                 cupy, then triton (through DLPack)
 ==========================  ======================================
 
+For CUDA arrays the design table (:mod:`gpuloss.tuning`) may put first the
+backend a GPU run verified fastest for the call's (architecture, op, dtype,
+row length).
+
 Overrides, strongest first: ``backend=`` on a call, the :func:`use_backend`
 context manager, the ``GPULOSS_BACKEND`` environment variable.  A backend asked
 for explicitly that cannot run, or cannot take the arrays given, raises
@@ -23,8 +27,10 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import functools
 import importlib
 import os
+import sys
 import threading
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -127,9 +133,42 @@ def _requested(explicit: Optional[str]) -> Tuple[Optional[str], str]:
     return None, ""
 
 
-def select(kind: str, device: str, backend: Optional[str] = None) -> Backend:
-    """The backend for arrays of ``kind`` on ``device``."""
-    dtype = device.split(":")[0]
+#: the ops whose automatic backend the design table may choose, by table kernel name
+_TABLE_KERNELS = {"cross_entropy": "cross_entropy", "softmax_forward": "softmax",
+                  "softmax_backward": "softmax_backward"}
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: str) -> Optional[Tuple[int, int]]:
+    """(major, minor) of a CUDA device, through whichever library is loaded."""
+    index = int(device.split(":")[1]) if ":" in device else 0
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return tuple(torch.cuda.get_device_capability(index))
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        cc = int(cupy.cuda.Device(index).compute_capability)
+        return cc // 10, cc % 10
+    return None
+
+
+def _auto_order(kind: str, device: str, op: Optional[str], dtype: Optional[str], n_cols: Optional[int]):
+    """The automatic candidates, the design table's verified backend first
+    for this (architecture, op, dtype, row length) where it names one."""
+    order = _PREFERENCE.get((kind, device.split(":")[0]), ())
+    if not device.startswith("cuda") or op not in _TABLE_KERNELS or dtype is None or n_cols is None:
+        return order
+    from . import tuning
+    pick = tuning.lookup(_capability(device), _TABLE_KERNELS[op], dtype, n_cols).backend
+    return (pick,) + tuple(c for c in order if c != pick) if pick in order else order
+
+
+def select(kind: str, device: str, backend: Optional[str] = None, *, op: Optional[str] = None,
+           dtype: Optional[str] = None, n_cols: Optional[int] = None) -> Backend:
+    """The backend for arrays of ``kind`` on ``device``.  ``op``, ``dtype``
+    and ``n_cols`` (the call's rows) let the design table
+    (:mod:`gpuloss.tuning`) put the backend it verified fastest first in the
+    automatic choice; explicit requests always win."""
     name, source = _requested(backend)
     if name is not None:
         if name not in _REGISTRY:
@@ -139,26 +178,27 @@ def select(kind: str, device: str, backend: Optional[str] = None) -> Backend:
             raise BackendUnavailableError(
                 f"backend {name!r} (from {source}) cannot take {kind} arrays on {device}")
         return inst
-    for cand in _PREFERENCE.get((kind, dtype), ()):
+    tried = _auto_order(kind, device, op, dtype, n_cols)
+    for cand in tried:
         inst, (ok, _) = _load(cand)
         if ok and inst is not None and inst.accepts(kind, device):
             return inst
-    tried = _PREFERENCE.get((kind, dtype), ())
     if not tried:
         raise BackendUnavailableError(f"no backend serves {kind} arrays on {device}")
     reasons = "; ".join(f"{c}: {_load(c)[1][1]}" for c in tried)
     raise BackendUnavailableError(f"no backend available for {kind} arrays on {device} ({reasons})")
 
 
-def select_name(kind: str, device: str, backend: Optional[str] = None) -> str:
-    """``select(kind, device, backend).name``.
+def select_name(kind: str, device: str, backend: Optional[str] = None, *, op: Optional[str] = None,
+                dtype: Optional[str] = None, n_cols: Optional[int] = None) -> str:
+    """``select(kind, device, backend, op=..., dtype=..., n_cols=...).name``.
 
     ``torch.compile`` evaluates this once while tracing and keeps the result
     as a constant instead of tracing into it: the choice is host logic (a
     ContextVar, a lock, the environment) that dynamo cannot trace.  The
     attribute below is what ``torch.compiler.assume_constant_result`` sets;
     it is set by hand so that this module need not import torch."""
-    return select(kind, device, backend).name
+    return select(kind, device, backend, op=op, dtype=dtype, n_cols=n_cols).name
 
 
 select_name._dynamo_marked_constant = True  # type: ignore[attr-defined]

@@ -11,40 +11,44 @@ exact gradient from those shards.
 The math, per row (token) i, with z the (soft-capped) logits
 -------------------------------------------------------------------------
 The log-sum-exp splits over the shards once the rows share one shift.  Each
-rank reduces its slice to its own ``lse_r = log sum_{c in slice r} exp(z_c)``
-(one fused, stable reduction), and the slices combine as::
+rank reduces its slice to its max ``m_r`` and ``S_r = sum_{c in slice r}
+exp(z_c - m_r)``, and the slices combine as::
 
-    M     = max_r lse_r
-    lse   = M + log sum_r exp(lse_r - M)
+    M     = max_r m_r
+    lse   = M + log S,   S = sum_r S_r exp(m_r - M)
 
-(every term ``<= 1``, the largest exactly 1: no overflow, no all-zero sum).
-This is the usual ``(m_r, S_r)`` split with ``S_r * exp(m_r - M) =
-exp(lse_r - M)``, but the local part is a single ``logsumexp`` read instead of
-a max pass and an exp-sum pass.  The per-row partial sums the loss needs
-come from the same chunk of logits:
+(every factor ``<= 1``, the largest exactly 1: no overflow, no all-zero sum).
+The per-row partial sums the loss needs come from the same chunk of logits,
+relative to the slice's max, so that they are sums of terms >= 0 whatever
+the offset of the logits (absolute sums ``z_t`` and ``sum_c z_c`` would
+cancel against ``lse``: 1e-4 of relative precision lost at an offset of 1e5
+in fp32, and ``V * 1e37`` overflows):
 
-* ``z_t``: the target logit if this rank owns the target, else 0;
-* ``sum_c z_c`` over the slice (label smoothing only).
+* ``m_r - z_t`` if this rank owns the target, else 0;
+* ``sum_c (m_r - z_c)`` over the slice (label smoothing only);
 
+each moved to the common shift by adding ``M - m_r`` (``V_r (M - m_r)``).
 With eps the label smoothing, PyTorch's formula
 ``loss = (1 - eps) * (-log p_t) + eps / V * sum_c (-log p_c)`` becomes::
 
-    loss_i = lse - (1 - eps) z_t - eps / V * sum_c z_c  +  z_loss * lse**2
+    loss_i = log S + (1 - eps) (M - z_t) + eps / V * sum_c (M - z_c)  +  z_loss * lse**2
 
 (ignored rows: 0).  Collectives per call: one all-reduce (MAX) of the ``(N,)``
-slice lse's, then one all-reduce (SUM) of the stacked ``(2 or 3, N)`` tensor
-``[exp(lse_r - M), z_t, sum_c z_c]``.  Two is the minimum with all-reduces:
-the terms of the sum need the common shift.  (One all-gather of every rank's
-``[lse_r, z_t, sum_c z_c]`` would also do, at ``world`` times the bytes; the
+slice maxima, then one all-reduce (SUM) of the stacked ``(2 or 3, N)`` tensor
+``[S_r exp(m_r - M), M - z_t, sum_c (M - z_c)]``.  Two is the minimum with
+all-reduces: the terms of the sum need the common shift.  (One all-gather of
+every rank's partials would also do, at ``world`` times the bytes; the
 all-reduce pair is what every backend and torch version supports alike.)
 
 The gradient of the rank's own slice needs no further communication::
 
     dL/dz_c = s_i * [ (1 + 2 z_loss lse) p_c - (1 - eps) [c == t] - eps / V ]
 
-with ``p_c = exp(z_c - lse)`` and ``s_i`` the reduction's row scale (``1 / n``
-for "mean", n the number of non-ignored rows, counted on the device since the
-targets are replicated; 1 for "sum"; the upstream gradient for "none").
+with ``p_c = exp((z_c - M) - log S)`` (never ``exp(z_c - lse)`` with an lse
+rounded at the size of the logits) and ``s_i`` the reduction's row scale
+(``1 / n`` for "mean", n the number of non-ignored rows, counted on the device
+since the targets are replicated; 1 for "sum"; the upstream gradient for
+"none").
 Through the softcap ``z = cap * tanh(x / cap)``: ``dz/dx = 1 - (z / cap)**2``.
 
 The forward pass writes this gradient (in the logits' dtype, computed in
@@ -345,45 +349,54 @@ class _RowInfo:
 
 
 def _local_stats(z: Tensor, owned: Tensor, local_t: Tensor, smoothing: bool) -> Tuple[Tensor, Tensor]:
-    """One chunk of capped logits -> (lse_r, stack[., z_t, sum z]).
+    """One chunk of capped logits -> (m_r, stack[S_r, h - z_t, sum (h - z)]).
 
-    ``lse_r = logsumexp`` of the slice is one fused reduction (a single read
-    of the chunk); it serves as the slice's shift in place of its max, since
-    ``S_r * exp(m_r - m) = exp(lse_r - m)``.  An empty slice, or a row whose
-    slice is all -inf, has ``lse_r = -inf`` and contributes 0.  Row 0 of the
-    stack is filled after the MAX all-reduce."""
+    m_r is the slice's max and S_r = sum exp(z - m_r); an empty slice, or a
+    row whose slice is all -inf, has m_r = -inf, S_r = 0 and contributes 0 to
+    the global sum.  The target's logit and the smoothing sum are relative
+    to h = m_r (0 when -inf): terms >= 0 whatever the offset of the logits,
+    where an absolute sum z would cancel against V lse.  ``_global_lse``
+    moves them to the global shift after the MAX all-reduce."""
     R, v = z.shape
     stats = z.new_zeros((3 if smoothing else 2, R))
     if v == 0:
         return z.new_full((R,), -math.inf), stats
-    lse_r = torch.logsumexp(z, dim=1)
-    stats[1] = torch.where(owned, z.gather(1, local_t[:, None]).squeeze(1), 0.0)
+    m_r = z.amax(dim=1)
+    h = torch.where(m_r == -math.inf, 0.0, m_r)
+    d = h[:, None] - z  # >= 0
+    stats[1] = torch.where(owned, d.gather(1, local_t[:, None]).squeeze(1), 0.0)
     if smoothing:
-        stats[2] = z.sum(1)
-    return lse_r, stats
+        stats[2] = d.sum(1)
+    stats[0] = torch.exp(d.neg_()).sum(1)
+    return m_r, stats
 
 
-def _loss_rows(lse: Tensor, zt: Tensor, sz: Optional[Tensor], valid: Tensor, eps: float, V: int,
-               z_loss: float) -> Tensor:
-    loss = lse - (1.0 - eps) * zt
-    if sz is not None:
-        loss = loss - (eps / V) * sz
+def _loss_rows(shift: Tensor, log_s: Tensor, dt: Tensor, dsum: Optional[Tensor], valid: Tensor, eps: float,
+               V: int, z_loss: float) -> Tensor:
+    """(1 - eps) (lse - z_t) + eps / V sum_c (lse - z_c) + z_loss lse**2 from
+    lse = shift + log_s, dt = shift - z_t and dsum = sum_c (shift - z_c)."""
+    loss = log_s + (1.0 - eps) * dt
+    if dsum is not None:
+        loss = loss + (eps / V) * dsum
     if z_loss:
+        lse = shift + log_s
         loss = loss + z_loss * lse * lse
     return torch.where(valid, loss, 0.0)
 
 
-def _grad_chunk(z: Tensor, lse: Tensor, scale: Tensor, valid: Tensor, owned: Tensor, local_t: Tensor,
-                eps: float, V: int, z_loss: float, softcap: Optional[float]) -> Tensor:
+def _grad_chunk(z: Tensor, shift: Tensor, log_s: Tensor, scale: Tensor, valid: Tensor, owned: Tensor,
+                local_t: Tensor, eps: float, V: int, z_loss: float, softcap: Optional[float]) -> Tensor:
     """dL/dx for one chunk of this rank's slice, in the compute dtype::
 
         scale * [(1 + 2 z_loss lse) p - (1 - eps) onehot - eps / V] * (1 - (z / cap)**2)
 
-    built in place in one temporary (exp, then per-row scale and shift, the
-    one-hot as a scatter); ignored rows exactly 0 even when their logits are
-    not finite (as PyTorch)."""
-    d = torch.exp(z - lse[:, None])
-    coef = scale * (1.0 + 2.0 * z_loss * lse) if z_loss else scale
+    with lse = shift + log_s and p = exp((z - shift) - log_s) (callers that
+    only know the lse pass it as the shift and log_s = 0), built in place in
+    one temporary (exp, then per-row scale and shift, the one-hot as a
+    scatter); ignored rows exactly 0 even when their logits are not finite
+    (as PyTorch)."""
+    d = torch.exp((z - shift[:, None]) - log_s[:, None])
+    coef = scale * (1.0 + 2.0 * z_loss * (shift + log_s)) if z_loss else scale
     d.mul_(coef[:, None])
     if eps:
         d.sub_((scale * (eps / V))[:, None])
@@ -410,18 +423,24 @@ def _reduce(loss_rows: Tensor, info: _RowInfo, reduction: str, shape) -> Tensor:
     return loss_rows.sum() / info.n_valid.to(loss_rows.dtype)  # 0 / 0 = nan when all ignored, as PyTorch
 
 
-def _global_lse(lse_r: Tensor, stats: Tensor, group) -> Tensor:
-    """The two all-reduces.  MAX of the slices' ``lse_r`` gives a shift ``M``
-    with every ``exp(lse_r - M) <= 1`` (and one of them 1), so the SUM of the
-    stacked ``[exp(lse_r - M), z_t, sum z]`` neither overflows nor underflows
-    to an all-zero sum; ``lse = M + log(sum_r exp(lse_r - M))``.  ``stats``
-    holds the global sums afterwards."""
-    m = lse_r.clone()
+def _global_lse(m_r: Tensor, stats: Tensor, group, owned: Tensor, v_local: int) -> Tuple[Tensor, Tensor]:
+    """The two all-reduces.  MAX of the slices' maxima ``m_r`` gives a shift
+    ``M`` (a logit, exact) with every ``exp(m_r - M) <= 1`` (and one of them
+    1), so the SUM of the stacked ``[S_r exp(m_r - M), M - z_t, sum (M - z)]``
+    neither overflows nor underflows to an all-zero sum.  Each rank first
+    moves its relative sums (``_local_stats``) from h = m_r to M: terms >= 0,
+    exact whatever the offset of the logits.  Returns (M, log S), lse = M +
+    log S; ``stats`` holds the global sums afterwards."""
+    m = m_r.clone()
     dist.all_reduce(m, op=dist.ReduceOp.MAX, group=group)
     m = torch.where(torch.isfinite(m), m, 0.0)  # every slice -inf: lse = -inf, not nan
-    stats[0] = torch.exp(lse_r - m)
+    stats[0] *= torch.exp(m_r - m)
+    d = m - torch.where(m_r == -math.inf, 0.0, m_r)
+    stats[1] += torch.where(owned, d, 0.0)
+    if stats.shape[0] > 2 and v_local:
+        stats[2] += v_local * d
     dist.all_reduce(stats, op=dist.ReduceOp.SUM, group=group)
-    return m + torch.log(stats[0])
+    return m, torch.log(stats[0])
 
 
 # ---------------------------------------------------------------------------
@@ -459,16 +478,16 @@ def _kernel_targets(info: _RowInfo) -> Tensor:
     return torch.where(info.owned, info.local_t, torch.where(info.valid, -1, -2))
 
 
-def _kernel_stats(x2d: Tensor, lt: Tensor, softcap: Optional[float], smoothing: bool, lse_r: Tensor,
+def _kernel_stats(x2d: Tensor, lt: Tensor, softcap: Optional[float], smoothing: bool, m_r: Tensor,
                   stats: Tensor) -> None:
     from .dispatch import get_backend
-    get_backend("triton").vocab_parallel_stats(x2d, lt, softcap, smoothing, lse_r, stats)
+    get_backend("triton").vocab_parallel_stats(x2d, lt, softcap, smoothing, m_r, stats)
 
 
-def _kernel_grad(x2d: Tensor, lt: Tensor, lse: Tensor, scale: Tensor, eps: float, V: int, z_loss: float,
-                 softcap: Optional[float]) -> Tensor:
+def _kernel_grad(x2d: Tensor, lt: Tensor, shift: Tensor, log_s: Tensor, scale: Tensor, eps: float, V: int,
+                 z_loss: float, softcap: Optional[float]) -> Tensor:
     from .dispatch import get_backend
-    return get_backend("triton").vocab_parallel_grad(x2d, lt, lse, scale, eps, V, z_loss, softcap)
+    return get_backend("triton").vocab_parallel_grad(x2d, lt, shift, log_s, scale, eps, V, z_loss, softcap)
 
 
 def _ce_forward(x2d: Tensor, info: _RowInfo, layout: VocabLayout, group, reduction: str, eps: float,
@@ -476,7 +495,7 @@ def _ce_forward(x2d: Tensor, info: _RowInfo, layout: VocabLayout, group, reducti
     R, v = x2d.shape
     cdt = _compute_dtype(x2d.dtype)
     smoothing = eps > 0
-    lse_r = torch.empty(R, dtype=cdt, device=x2d.device)
+    m_r = torch.empty(R, dtype=cdt, device=x2d.device)
     stats = torch.empty((3 if smoothing else 2, R), dtype=cdt, device=x2d.device)
     step = _chunk_rows(v)
     kernels = R > 0 and _use_kernels(x2d)
@@ -484,27 +503,29 @@ def _ce_forward(x2d: Tensor, info: _RowInfo, layout: VocabLayout, group, reducti
         if x2d.stride(1) != 1:
             x2d = x2d.contiguous()
         lt = _kernel_targets(info)
-        _kernel_stats(x2d, lt, softcap, smoothing, lse_r, stats)
+        _kernel_stats(x2d, lt, softcap, smoothing, m_r, stats)
     else:
         # pass 1: one read of the logits for every per-row partial
         for a in range(0, R, step):
             b = min(R, a + step)
-            lse_r[a:b], stats[:, a:b] = _local_stats(_capped(x2d[a:b], cdt, softcap), info.owned[a:b],
+            m_r[a:b], stats[:, a:b] = _local_stats(_capped(x2d[a:b], cdt, softcap), info.owned[a:b],
                                                  info.local_t[a:b], smoothing)
-    lse = _global_lse(lse_r, stats, group)
-    loss_rows = _loss_rows(lse, stats[1], stats[2] if smoothing else None, info.valid, eps, layout.vocab, z_loss)
+    shift, log_s = _global_lse(m_r, stats, group, info.owned, v)
+    loss_rows = _loss_rows(shift, log_s, stats[1], stats[2] if smoothing else None, info.valid, eps, layout.vocab,
+                           z_loss)
     loss = _reduce(loss_rows, info, reduction, loss_shape).to(x2d.dtype)
     if not want_grad:
         return loss, None
     # pass 2: second read of the logits, one write of the gradient
     scale = _row_scale(info, reduction, cdt)
     if kernels:
-        return loss, _kernel_grad(x2d, lt, lse, scale, eps, layout.vocab, z_loss, softcap)
+        return loss, _kernel_grad(x2d, lt, shift, log_s, scale, eps, layout.vocab, z_loss, softcap)
     grad = torch.empty_like(x2d, memory_format=torch.contiguous_format)
     for a in range(0, R, step):
         b = min(R, a + step)
         z = _capped(x2d[a:b], cdt, softcap)
-        grad[a:b] = _grad_chunk(z, lse[a:b], scale[a:b], info.valid[a:b], info.owned[a:b], info.local_t[a:b],
+        grad[a:b] = _grad_chunk(z, shift[a:b], log_s[a:b], scale[a:b], info.valid[a:b], info.owned[a:b],
+                                info.local_t[a:b],
                                 eps, layout.vocab, z_loss, softcap)
     return loss, grad
 
@@ -642,7 +663,8 @@ def _linear_ce_grads(h2d: Tensor, w: Tensor, b: Optional[Tensor], info: _RowInfo
         e = min(R, a + step)
         hc = h2d[a:e]
         z = _linear_logits(hc, w, b, cdt, softcap)
-        dz = _grad_chunk(z, lse[a:e], scale[a:e], info.valid[a:e], info.owned[a:e], info.local_t[a:e],
+        dz = _grad_chunk(z, lse[a:e], torch.zeros_like(lse[a:e]), scale[a:e], info.valid[a:e], info.owned[a:e],
+                         info.local_t[a:e],
                          eps, layout.vocab, z_loss, softcap)
         _contract_chunk(dz, hc, w, gh, gw, gb, a, e)
     if gh is not None:
@@ -682,14 +704,14 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             e = min(R, a + chunk)
             hc = h2d[a:e]
             z = _linear_logits(hc, local_weight, local_bias, cdt, softcap)
-            lse_r, stats = _local_stats(z, info.owned[a:e], info.local_t[a:e], smoothing)
-            lse_c = _global_lse(lse_r, stats, group)
-            lse[a:e] = lse_c
-            loss_rows[a:e] = _loss_rows(lse_c, stats[1], stats[2] if smoothing else None, info.valid[a:e], eps,
-                                        layout.vocab, z_loss)
+            m_r, stats = _local_stats(z, info.owned[a:e], info.local_t[a:e], smoothing)
+            shift_c, log_s_c = _global_lse(m_r, stats, group, info.owned[a:e], z.shape[1])
+            lse[a:e] = shift_c + log_s_c
+            loss_rows[a:e] = _loss_rows(shift_c, log_s_c, stats[1], stats[2] if smoothing else None,
+                                        info.valid[a:e], eps, layout.vocab, z_loss)
             if fused:
-                dz = _grad_chunk(z, lse_c, scale[a:e], info.valid[a:e], info.owned[a:e], info.local_t[a:e], eps,
-                                 layout.vocab, z_loss, softcap)
+                dz = _grad_chunk(z, shift_c, log_s_c, scale[a:e], info.valid[a:e], info.owned[a:e],
+                                 info.local_t[a:e], eps, layout.vocab, z_loss, softcap)
                 _contract_chunk(dz, hc, local_weight, gh, gw, gb, a, e)
         if gh is not None:
             dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=group)

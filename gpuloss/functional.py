@@ -74,14 +74,20 @@ class LossGrad(NamedTuple):
 # one pass down
 # ---------------------------------------------------------------------------
 
-def _backend(kind: str, device: str, backend: Optional[str]):
+def _backend(kind: str, device: str, backend: Optional[str], op: Optional[str] = None, x=None, dim: int = -1):
     """The backend of this call, chosen once: its name for torch tensors (what
     the custom operators take; while torch.compile traces, the choice is made
     once outside the traced code, :func:`gpuloss.dispatch.select_name`), the
-    instance for NumPy and CuPy arrays."""
+    instance for NumPy and CuPy arrays.  ``op`` and the row array ``x`` (rows
+    along ``dim``) let the design table choose among the backends on a GPU."""
+    hint = {}
+    if op is not None and x is not None and x.ndim:
+        n_cols = x.shape[dim]
+        if isinstance(n_cols, int):  # a symbolic size while tracing: no hint, no specialisation
+            hint = dict(op=op, dtype=str(x.dtype).replace("torch.", ""), n_cols=n_cols)
     if kind == "torch":
-        return select_name(kind, device, backend)
-    return select(kind, device, backend)
+        return select_name(kind, device, backend, **hint)
+    return select(kind, device, backend, **hint)
 
 
 def _wants(return_grad: Union[bool, str]):
@@ -212,7 +218,7 @@ def _softmax_common(input, dim, dtype, backend, log: bool):
     input = _cast_dtype(input, dtype, kind)
     V.check_floating("input", input, kind)
     V.check_dim("dim", dim, input.ndim)
-    be = _backend(kind, device, backend)
+    be = _backend(kind, device, backend, "softmax_forward", input, dim if input.ndim else -1)
     if L.numel(input, kind) == 0:  # nothing to normalise: an empty result, as torch
         return input.clone() if kind == "torch" else L.xp(kind).empty_like(input)  # clone: keeps autograd
     rows, layout = L.rows2d(input, kind, dim)
@@ -247,7 +253,7 @@ def _softmax_bwd_common(grad_output, output, dim, backend, log: bool):
     V.check_same_shape("grad_output", grad_output, "output", output)
     V.check_same_dtype("grad_output", grad_output, "output", output, kind)
     V.check_dim("dim", dim, output.ndim)
-    be = _backend(kind, device, backend)
+    be = _backend(kind, device, backend, "softmax_backward", output, dim if output.ndim else -1)
     if L.numel(output, kind) == 0:
         return grad_output * output  # empty, and connected to autograd for torch
     y, layout = L.rows2d(output, kind, dim)
@@ -344,7 +350,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     else:
         target = V.as_index_target("target", target, kind)
         V.check_class_targets("target", target, kind, C, ignore_index)
-    be = _backend(kind, device, backend)
+    be = _backend(kind, device, backend, "cross_entropy", x, 1 if x.ndim >= 2 else 0)
     if L.numel(input, kind) == 0:
         return _empty_class(kind, x, target, prob, ignore_index, float(label_smoothing), reduction,
                             return_grad, float(z_loss))

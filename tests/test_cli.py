@@ -14,6 +14,7 @@ def test_info_lists_every_backend(capsys):
     for name in ("numpy", "triton", "cupy"):
         assert name in out
     assert "gpuloss" in out
+    assert "design table:" in out  # the automatic kernel choices, from gpuloss.tuning
 
 
 def test_check_passes_on_every_available_backend(capsys):

@@ -467,12 +467,12 @@ def build(fn, sig, cons):
     assert c.asm["cubin"]
 for x, acc in (("*bf16", tl.float32), ("*fp32", tl.float32)):
     build(K.vocab_parallel_stats_kernel,
-          {"X_ptr": x, "X_row_stride": "i64", "LT_ptr": "*i64", "Lse_ptr": "*fp32", "Zt_ptr": "*fp32",
-           "Sz_ptr": "*fp32", "n_cols": "i32", "softcap": "fp32"},
+          {"X_ptr": x, "X_row_stride": "i64", "LT_ptr": "*i64", "Max_ptr": "*fp32", "Sum_ptr": "*fp32",
+           "Dt_ptr": "*fp32", "Dsum_ptr": "*fp32", "n_cols": "i32", "softcap": "fp32"},
           dict(BLOCK=4096, HAS_SOFTCAP=True, HAS_SMOOTHING=True, ACC=acc))
     build(K.vocab_parallel_grad_kernel,
           {"X_ptr": x, "X_row_stride": "i64", "G_ptr": x, "G_row_stride": "i64", "LT_ptr": "*i64",
-           "Lse_ptr": "*fp32", "Scale_ptr": "*fp32", "n_cols": "i32", "one_minus_eps": "fp32",
+           "Shift_ptr": "*fp32", "LogS_ptr": "*fp32", "Scale_ptr": "*fp32", "n_cols": "i32", "one_minus_eps": "fp32",
            "eps_over_v": "fp32", "z_loss": "fp32", "softcap": "fp32"},
           dict(BLOCK=4096, HAS_SOFTCAP=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, ACC=acc))
 print("ok")

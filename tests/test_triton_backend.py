@@ -35,8 +35,8 @@ from gpuloss.backends.triton.config import MAX_SPLIT, VARIANTS, launch_config  #
 
 TDT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
        "float64": torch.float64}
-# (variant, block cap): the row loop (C = 300 > 64), and the on-chip design
-DESIGNS = [("twopass", 64), ("onchip", None)]
+# (variant, block cap): the row loop (C = 300 > 64), and the one-read designs
+DESIGNS = [("twopass", 64), ("onchip", None), ("packed", None)]
 
 
 def _t(a, dtype=None):
@@ -69,46 +69,100 @@ def _close(got, want, dtype, **kw):
 # --- sizing helper ----------------------------------------------------------
 
 def test_launch_config_limits(monkeypatch):
-    """GPU sizing (no device needed): every row is covered, SPLIT <= 16, blocks
-    are powers of two, rows too long for the on-chip design fall back."""
+    """GPU sizing of the on-chip design (no device needed): every row is
+    covered, SPLIT <= 16, blocks are powers of two, rows too long for it fall
+    back to the looped kernels."""
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("GPULOSS_TRITON_VARIANT", raising=False)
     for V in (1, 7, 300, 8192, 32000, 50257, 128256, 262144):
-        cfg = launch_config("row_fused", V)
+        cfg = launch_config("row_fused", V, variant="onchip", capability=(9, 0))
         assert cfg.variant == "onchip"
         assert 1 <= cfg.split <= MAX_SPLIT and cfg.block & (cfg.block - 1) == 0
         assert cfg.block * cfg.split >= V > cfg.block * (cfg.split - 1)
-    assert launch_config("row_fused", 1 << 20).variant == "twopass"
+    assert launch_config("row_fused", 1 << 20, variant="onchip").variant == "twopass"
     assert launch_config("row_fused", 32000, variant="twopass").variant == "twopass"
-    monkeypatch.setenv("GPULOSS_TRITON_VARIANT", "twopass")
-    assert launch_config("row_fused", 32000).variant == "twopass"
+    monkeypatch.setenv("GPULOSS_TRITON_VARIANT", "onchip")
+    assert launch_config("row_fused", 32000).variant == "onchip"
     monkeypatch.setenv("GPULOSS_TRITON_VARIANT", "bogus")
     with pytest.raises(ValueError):
         launch_config("row_fused", 32000)
     assert TritonBackend.variants() == list(VARIANTS)
 
 
-def test_auto_variant_follows_the_measurements(monkeypatch):
-    """The automatic design (the H200 sweeps in RESULTS.md): fp32 rows of at
-    most 32768 whole in one program (SPLIT 1, up to 32 warps); otherwise the
-    looped kernels."""
+def _verified_copy(tmp_path, variant, kernel="softmax", dtype="float32"):
+    """The shipped design table with its ``variant`` candidates for
+    (kernel, dtype) marked verified by a made-up run."""
+    import json
+    from gpuloss import tuning
+    with open(tuning.table_path()) as f:
+        table = json.load(f)
+    table["runs"]["test-run"] = dict(card="test", date="-", commit="-", suite="-", record="-")
+    for e in table["entries"]:
+        if (e["variant"], e["kernel"], e["dtype"]) == (variant, kernel, dtype):
+            e["verified"] = "test-run"
+    p = tmp_path / "designs.json"
+    p.write_text(json.dumps(table))
+    return str(p)
+
+
+def test_auto_design_only_from_verified_table_entries(monkeypatch, tmp_path):
+    """The automatic design comes from the design table's GPU-verified
+    entries (gpuloss/tuning.py); the whole-row candidate for fp32 rows
+    <= 32768 is in the table but unverified, so the looped kernels are
+    chosen until a GPU run verifies it.  Other cards, the interpreter and
+    unknown kernels get the safe default; the variant knobs still win."""
+    from gpuloss import tuning
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.delenv("GPULOSS_TRITON_VARIANT", raising=False)
+    monkeypatch.delenv(tuning.TABLE_ENV, raising=False)
+    assert tuning.validate(tuning.load_table()) == []
     for kernel in ("cross_entropy", "softmax"):
-        cfg = launch_config("row_fused", 32000, kernel=kernel, itemsize=4)
-        assert (cfg.variant, cfg.block, cfg.split, cfg.num_warps) == ("onchip", 32768, 1, 32)
-        assert launch_config("row_fused", 32000, kernel=kernel, itemsize=2).variant == "twopass"
-        assert launch_config("row_fused", 50000, kernel=kernel, itemsize=4).variant == "twopass"
-    small = launch_config("row_fused", 1000, kernel="softmax", itemsize=4)
+        for cap in ((9, 0), (8, 0), (10, 0), None):
+            for dtype, V in (("float32", 32000), ("bfloat16", 32000), ("float32", 262144)):
+                cfg = launch_config("row_fused", V, kernel=kernel, dtype=dtype,
+                                    itemsize=4 if dtype == "float32" else 2, capability=cap)
+                assert cfg.variant == "twopass", (kernel, cap, dtype, V)
+    # the sm_90 entries' sizing (the H200 sweep at 97816fa)
+    cfg = launch_config("row_fused", 128256, kernel="cross_entropy", dtype="bfloat16", itemsize=2, capability=(9, 0))
+    assert (cfg.block, cfg.reverse) == (4096, True)
+    assert launch_config("row_fused", 50000, kernel="cross_entropy", itemsize=4, capability=(9, 0)).block == 8192
+    assert launch_config("row_fused", 300, kernel="softmax", itemsize=2, capability=(9, 0)).block == 512
+    # a run that verifies the candidate turns it on, for its card and class only
+    monkeypatch.setenv(tuning.TABLE_ENV, _verified_copy(tmp_path, "onchip"))
+    sm = dict(kernel="softmax", dtype="float32")
+    cfg = launch_config("row_fused", 32000, capability=(9, 0), **sm)
+    assert (cfg.variant, cfg.block, cfg.split, cfg.num_warps) == ("onchip", 32768, 1, 32)
+    small = launch_config("row_fused", 1000, capability=(9, 0), **sm)
     assert (small.variant, small.block, small.split) == ("onchip", 1024, 1) and 4 <= small.num_warps <= 32
-    # the looped fused kernels: backward second pass, block by kernel and element size
-    cfg = launch_config("row_fused", 128256, kernel="cross_entropy", itemsize=2)
-    assert (cfg.reverse, cfg.block) == (True, 4096)
-    assert launch_config("row_fused", 50000, kernel="cross_entropy", itemsize=4).block == 8192
-    assert launch_config("row_fused", 128256, kernel="softmax", itemsize=2).block == 8192
-    assert launch_config("row_fused", 300, kernel="softmax", itemsize=2).block == 512  # short rows: one block
-    monkeypatch.setenv("GPULOSS_TRITON_VARIANT", "onchip")  # the override still wins
-    assert launch_config("row_fused", 32000, kernel="cross_entropy", itemsize=2).variant == "onchip"
+    assert launch_config("row_fused", 50000, capability=(9, 0), **sm).variant == "twopass"
+    assert launch_config("row_fused", 32000, capability=(8, 0), **sm).variant == "twopass"
+    assert launch_config("row_fused", 32000, kernel="cross_entropy", dtype="float32",
+                         capability=(9, 0)).variant == "twopass"
+    # the overrides win over the table
+    assert launch_config("row_fused", 32000, capability=(9, 0), variant="twopass", **sm).variant == "twopass"
+    monkeypatch.setenv("GPULOSS_TRITON_VARIANT", "packed")
+    assert launch_config("row_fused", 32000, capability=(9, 0), **sm).variant == "packed"
+
+
+def test_design_table_rejects_bad_tables(monkeypatch, tmp_path):
+    """A table that does not validate is not used at all (safe default
+    everywhere, and ``describe`` says why); so is an entry verified by a run
+    the table does not record."""
+    import json
+    from gpuloss import tuning
+    table = json.loads(open(tuning.table_path()).read())
+    bad = dict(table, entries=[dict(table["entries"][0], verified="no-such-run")])
+    assert any("not in runs" in e for e in tuning.validate(bad))
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps(bad))
+    monkeypatch.setenv(tuning.TABLE_ENV, str(p))
+    assert tuning.lookup((9, 0), "cross_entropy", "float32", 32000) == tuning.SAFE_DEFAULT
+    assert "rejected" in tuning.describe((9, 0), "test card")
+    unverified = dict(table, entries=[dict(e, verified=None) for e in table["entries"]])
+    assert tuning.validate(unverified) == []
+    assert tuning.lookup((9, 0), "cross_entropy", "bfloat16", 128256, unverified) == tuning.SAFE_DEFAULT
+    text = tuning.describe((9, 0), "test card")
+    assert "safe default" in text
 
 
 @pytest.mark.parametrize("reverse", ["0", "1"])

@@ -46,6 +46,31 @@ def softcap_logits(x, cap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
+def softcap_grad_factor(x, cap, HAS_SOFTCAP: tl.constexpr):
+    """dz/dx of the softcap, sech(x / cap)**2 = 4 e / (1 + e)**2 with
+    e = exp(-2 |x / cap|): accurate to a few ulps for every x, where
+    1 - tanh(x / cap)**2 cancels once tanh rounds near 1.  1 without softcap."""
+    if HAS_SOFTCAP:
+        e = tl.exp(-2.0 * tl.abs(x / cap))
+        q = 1.0 + e
+        return 4.0 * e / (q * q)
+    else:
+        return 1.0
+
+
+@triton.jit
+def rescale_rel_sum(A, B, m_old, m_new):
+    """A row sum A = sum_c v_c (z_c - shift) kept relative to the running
+    shift (the max, 0 while it is -inf), so that its precision does not depend
+    on where the logits sit: when the max moves from m_old to m_new, A gains
+    (shift_old - shift_new) * B, B = sum_c v_c of the same terms.  Nothing is
+    added while B is 0 (no inf * 0)."""
+    shift_old = tl.where(m_old == float("-inf"), 0.0, m_old)
+    shift_new = tl.where(m_new == float("-inf"), 0.0, m_new)
+    return A + tl.where(B == 0.0, 0.0, (shift_old - shift_new) * B)
+
+
+@triton.jit
 def online_update(m, s, z):
     """Fold a block ``z`` (masked lanes already -inf) into the running
     (max m, sum s of exp(z - m)).  A row whose entries are all -inf so far
@@ -75,7 +100,8 @@ def split_row_combine(Scratch_ptr, Arrive_ptr, row, part, m, s, a, b,
     with acquire semantics until all SPLIT programs have arrived, then reads
     the SPLIT partials back (through atomics, i.e. from L2, never a stale L1
     line) and combines them: M = max m_k, S = sum s_k exp(m_k - M),
-    A = sum a_k, B = sum b_k.
+    B = sum b_k, and A = sum a_k + (m_k - M) b_k: each a_k is a sum
+    relative to its chunk's max (see ``rescale_rel_sum``), A is relative to M.
 
     Forward progress: programs take row ids from a ticket counter in the order
     they start (see the kernels), so when a program waits, every program with
@@ -115,13 +141,43 @@ def split_row_combine(Scratch_ptr, Arrive_ptr, row, part, m, s, a, b,
     if NVAL > 2:
         as_ = tl.atomic_add(rowbase + 2, 0.0, mask=kmask, sem="acquire")
         bs = tl.atomic_add(rowbase + 3, 0.0, mask=kmask, sem="acquire")
-        A = tl.sum(tl.where(kmask, as_, 0.0), 0)
+        as_ = rescale_rel_sum(tl.where(kmask, as_, 0.0), tl.where(kmask, bs, 0.0), ms, M)
+        A = tl.sum(as_, 0)
         B = tl.sum(tl.where(kmask, bs, 0.0), 0)
     else:
         A = a
         B = b
     M = tl.where(arrived < SPLIT, float("nan"), M)
     return M, S, A, B
+
+
+@triton.jit
+def unpack(xs, ACC: tl.constexpr, key, PHASE: tl.constexpr, PACKED: tl.constexpr):
+    """A register-resident chunk ``xs`` (as loaded, in its storage dtype) in
+    the accumulation dtype, for phase PHASE (0, 1, 2) of a one-read kernel.
+
+    Without PACKED every phase gets the same upcast, which the compiler keeps
+    as one ACC copy of the chunk: 4 bytes per element in registers.  With
+    PACKED (2-byte storage) each phase upcasts afresh from the 2-byte
+    registers, so the chunk costs half the registers between the phases.
+    For that the phases' upcasts must not be merged by common-subexpression
+    elimination: phases 1 and 2 first pass the bits through ``^ key`` and
+    ``| key`` with ``key`` a runtime 0 (``n_cols >> 31`` of a non-negative
+    C), which no compiler can fold.  One integer op per element and phase."""
+    if PACKED and xs.dtype.primitive_bitwidth == 16:
+        if PHASE == 0:
+            out = xs.to(ACC)
+        else:
+            bits = xs.to(tl.int16, bitcast=True)
+            k = key.to(tl.int16)
+            if PHASE == 1:
+                bits = bits ^ k
+            else:
+                bits = bits | k
+            out = bits.to(xs.dtype, bitcast=True).to(ACC)
+    else:
+        out = xs.to(ACC)
+    return out
 
 
 @triton.jit

@@ -18,9 +18,21 @@ Probability target d, d~ = (1 - eps) d + eps / C::
     loss = lse B - A + zl lse**2,  B = sum_c w_c d~_c,  A = sum_c w_c d~_c z_c
     dz_c = s [p_c (B + 2 zl lse) - w_c d~_c],   dd_c = -s (1 - eps) w_c (z_c - lse)
 
-and through the softcap dx = dz (1 - (z / cap)**2).  So one pass over the row
+and through the softcap dx = dz sech(x / cap)**2.  So one pass over the row
 gives (max, sum exp, A, B), which fix the loss and every gradient coefficient;
 a second touch of the row writes the gradient.
+
+Precision independent of where the logits sit: with m the row max and
+S = sum_c exp(z_c - m), lse = m + log S, and the kernels keep A relative to
+m, A' = sum_c v_c (z_c - m) = A - m B (v_c = w_c or w_c d~_c; rescaled as the
+running max moves, ``rescale_rel_sum``), so that
+
+    lse B - A = B log S - A',   lse - z_t = (m - z_t) + log S,
+    z_c - lse = (z_c - m) - log S,   p_c = exp(z_c - m) / S
+
+are sums and differences of terms of one sign: no cancellation between
+quantities of the size of the logits (an offset of 1e5 would otherwise cost
+1e-4 of relative precision in fp32, and V 1e37 overflows).
 
 Ignored rows: loss 0, gradient exactly 0 (even when s is inf because every
 row is ignored).  A target outside [0, C) that is not ignore_index is never
@@ -29,13 +41,15 @@ used as an address: the row's loss and gradient are NaN.
 Designs: ``cross_entropy_twopass_kernel`` (any C; loss-only calls read the row
 once, loss + grad read it twice: read 2 R C, write R C) and
 ``cross_entropy_onchip_kernel`` (the row cut into SPLIT register-resident
-chunks, read R C, write R C; see ``kernels/triton/softmax.py``).
+chunks, read R C, write R C; see ``kernels/triton/softmax.py``).  With PACKED
+the on-chip kernel keeps a 2-byte chunk (and probability targets) in their
+storage dtype and upcasts them afresh in each phase (``common.unpack``).
 """
 import triton
 import triton.language as tl
 
-from .common import (finish_lse, online_update, pass2_block_start, scalar_acc, softcap_logits,
-                     split_row_combine, split_row_id)
+from .common import (finish_lse, online_update, pass2_block_start, rescale_rel_sum, scalar_acc,
+                     softcap_grad_factor, softcap_logits, split_row_combine, split_row_id, unpack)
 
 #: reduction codes shared with the launcher
 RED_NONE = 0
@@ -78,12 +92,13 @@ def _row_scale(Div_ptr, grad_scale, DIV_ON_DEVICE: tl.constexpr, ACC: tl.constex
 
 
 @triton.jit
-def _block_sums(z, mask, cols, W_ptr, d, eps, n_cols,
+def _block_sums(z, shift, mask, cols, W_ptr, d, eps, n_cols,
                 PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                 ACC: tl.constexpr):
-    """This block's share of (A, B): class targets with smoothing: A = sum w z,
-    B = sum w; probability targets: A = sum w d~ z, B = sum w d~.  Masked
-    lanes (z = -inf) contribute exactly 0."""
+    """This block's share of (A', B) relative to ``shift`` (the row max so
+    far, 0 while it is -inf): class targets with smoothing: A' = sum w (z -
+    shift), B = sum w; probability targets: A' = sum w d~ (z - shift),
+    B = sum w d~.  Masked lanes (z = -inf) contribute exactly 0."""
     if HAS_WEIGHT:
         w = tl.load(W_ptr + cols, mask=mask, other=0.0).to(ACC)
     else:
@@ -93,7 +108,7 @@ def _block_sums(z, mask, cols, W_ptr, d, eps, n_cols,
             w = w * (d * (1.0 - eps) + eps / n_cols)
         else:
             w = w * d
-    a = tl.sum(tl.where(mask, w * z, 0.0), 0)
+    a = tl.sum(tl.where(mask, w * (z - shift), 0.0), 0)
     b = tl.sum(w, 0)
     return a, b
 
@@ -128,8 +143,9 @@ def _row_coefs(t, z_t, w_t, m, ssum, A, B, s, n_cols, ignore_index, eps, z_loss,
                HAS_Z_LOSS: tl.constexpr, ACC: tl.constexpr):
     """Row loss and gradient coefficients: dz_c = cp p_c - ct [c == t] - cw w_c
     (class targets) or cp p_c - cw w_c d~_c (probability targets).  Returns
-    (loss, cp, ct, cw).  lse - z_t is formed as (max - z_t) + log(sum): with
-    |max| >> log(sum), fp32 max + log(sum) would lose log(sum)."""
+    (loss, cp, ct, cw).  A is relative to the max (A' in the module
+    docstring): lse W - A = W log S - A'; lse - z_t is (max - z_t) + log S:
+    with |max| >> log S, fp32 max + log S would lose log S."""
     shift = tl.where(m == float("-inf"), 0.0, m)
     log_s = tl.log(ssum)
     lse = shift + log_s
@@ -137,7 +153,7 @@ def _row_coefs(t, z_t, w_t, m, ssum, A, B, s, n_cols, ignore_index, eps, z_loss,
     if HAS_Z_LOSS:
         zl_lse = z_loss * lse
     if PROB_TARGET:
-        loss = lse * B - A + zl_lse * lse
+        loss = log_s * B - A + zl_lse * lse
         cp = s * (B + 2.0 * zl_lse)
         ct = tl.zeros((), ACC)
         cw = s
@@ -150,7 +166,7 @@ def _row_coefs(t, z_t, w_t, m, ssum, A, B, s, n_cols, ignore_index, eps, z_loss,
             else:
                 W = tl.zeros((), ACC) + n_cols
             hard = (1.0 - eps) * w_t
-            loss = hard * ((shift - z_t) + log_s) + eps / n_cols * (lse * W - A) + zl_lse * lse
+            loss = hard * ((shift - z_t) + log_s) + eps / n_cols * (log_s * W - A) + zl_lse * lse
             cp = hard + eps / n_cols * W + 2.0 * zl_lse
             cw = tl.zeros((), ACC) + eps / n_cols
         else:
@@ -170,11 +186,13 @@ def _row_coefs(t, z_t, w_t, m, ssum, A, B, s, n_cols, ignore_index, eps, z_loss,
 
 
 @triton.jit
-def _block_grads(z, p, cols, mask, d, W_ptr, cp, ct, cw, t, eps, n_cols, cap, lse, s,
+def _block_grads(x, z, p, cols, mask, d, W_ptr, cp, ct, cw, t, eps, n_cols, cap, shift, log_s, s,
                  G_row, GT_row, WANT_GRAD_TARGET: tl.constexpr,
                  PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
-    """Write dx (and dd) for one block of a row, in fp32/fp64, rounded at the store."""
+    """Write dx (and dd) for one block of a row, in fp32/fp64, rounded at the
+    store.  z - lse is formed as (z - shift) - log S (see the module
+    docstring); the softcap factor sech(x / cap)**2 comes from x."""
     g = cp * p
     if PROB_TARGET or HAS_SMOOTHING:
         if HAS_WEIGHT:
@@ -190,15 +208,14 @@ def _block_grads(z, p, cols, mask, d, W_ptr, cp, ct, cw, t, eps, n_cols, cap, ls
     if not PROB_TARGET:
         g = g - tl.where(cols == t, ct, 0.0)
     if HAS_SOFTCAP:
-        r = z / cap
-        g = g * (1.0 - r * r)
+        g = g * softcap_grad_factor(x, cap, HAS_SOFTCAP)
     tl.store(G_row + cols, g.to(G_row.dtype.element_ty), mask=mask)
     if PROB_TARGET and WANT_GRAD_TARGET:
         if HAS_WEIGHT:
             wc = tl.load(W_ptr + cols, mask=mask, other=0.0).to(ACC)
         else:
             wc = tl.full((), 1.0, ACC)
-        gt = -s * (1.0 - eps) * wc * (z - lse)
+        gt = -s * (1.0 - eps) * wc * ((z - shift) - log_s)
         tl.store(GT_row + cols, gt.to(GT_row.dtype.element_ty), mask=mask)
 
 
@@ -237,13 +254,15 @@ def cross_entropy_twopass_kernel(
         mask = cols < n_cols
         x = tl.load(X_row + cols, mask=mask, other=float("-inf")).to(ACC)
         z = tl.where(mask, softcap_logits(x, softcap, HAS_SOFTCAP), float("-inf"))
+        m_old = m
         m, ssum = online_update(m, ssum, z)
         if PROB_TARGET:
             d = tl.load(T_row + cols, mask=mask, other=0.0).to(ACC)
         if PROB_TARGET or HAS_SMOOTHING:
-            a, b = _block_sums(z, mask, cols, W_ptr, d, eps, n_cols,
+            # A stays relative to the running max: rescaled as the max moves
+            a, b = _block_sums(z, tl.where(m == float("-inf"), 0.0, m), mask, cols, W_ptr, d, eps, n_cols,
                                PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC)
-            A += a
+            A = rescale_rel_sum(A, B, m_old, m) + a
             B += b
     lse = finish_lse(m, ssum)
     s = _row_scale(Div_ptr, grad_scale, DIV_ON_DEVICE, ACC)
@@ -257,6 +276,7 @@ def cross_entropy_twopass_kernel(
         # p from (z - max) / sum, not z - lse: fp32 lse swallows log(sum)
         # when |max| >> log(sum)
         shift = tl.where(m == float("-inf"), 0.0, m)
+        log_s = tl.log(ssum)
         inv_s = 1.0 / ssum
         G_row = G_ptr + row * G_row_stride
         GT_row = GT_ptr + row * GT_row_stride
@@ -270,7 +290,7 @@ def cross_entropy_twopass_kernel(
             p = tl.exp(z - shift) * inv_s
             if PROB_TARGET:
                 d = tl.load(T_row + cols, mask=mask, other=0.0).to(ACC)
-            _block_grads(z, p, cols, mask, d, W_ptr, cp, ct, cw, t, eps, n_cols, softcap, lse, s,
+            _block_grads(x, z, p, cols, mask, d, W_ptr, cp, ct, cw, t, eps, n_cols, softcap, shift, log_s, s,
                          G_row, GT_row, WANT_GRAD_TARGET,
                          PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
 
@@ -284,7 +304,7 @@ def cross_entropy_onchip_kernel(
     PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTHING: tl.constexpr, HAS_Z_LOSS: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     DIV_ON_DEVICE: tl.constexpr, WANT_GRAD_TARGET: tl.constexpr,
-    ACC: tl.constexpr,
+    ACC: tl.constexpr, PACKED: tl.constexpr = False,
 ):
     """Loss + gradient with each logit read once: program (row, part) loads
     its CHUNK of the row into registers, the SPLIT programs of the row combine
@@ -303,18 +323,26 @@ def cross_entropy_onchip_kernel(
     T_row = T_ptr + row * T_row_stride
     cols = part * CHUNK + tl.arange(0, CHUNK)
     mask = cols < n_cols
-    x = tl.load(X_row + cols, mask=mask, other=float("-inf")).to(ACC)
+    # the only read of the chunk: kept in registers, in its storage dtype
+    # when PACKED (see ``unpack``)
+    xs = tl.load(X_row + cols, mask=mask, other=float("-inf"))
+    key = n_cols >> 31  # a runtime 0 for unpack
+    x = unpack(xs, ACC, key, 0, PACKED)
     z = tl.where(mask, softcap_logits(x, softcap, HAS_SOFTCAP), float("-inf"))
     m = tl.max(z, 0)
     shift = tl.where(m == float("-inf"), 0.0, m)
+    x = unpack(xs, ACC, key, 1, PACKED)
+    z = tl.where(mask, softcap_logits(x, softcap, HAS_SOFTCAP), float("-inf"))
     ssum = tl.sum(tl.exp(z - shift), 0)
     A = tl.zeros((), ACC)
     B = tl.zeros((), ACC)
-    d = tl.zeros((CHUNK,), ACC)
+    ds = tl.zeros((CHUNK,), ACC)
+    d = ds
     if PROB_TARGET:
-        d = tl.load(T_row + cols, mask=mask, other=0.0).to(ACC)
+        ds = tl.load(T_row + cols, mask=mask, other=0.0)
+        d = unpack(ds, ACC, key, 1, PACKED)
     if PROB_TARGET or HAS_SMOOTHING:
-        A, B = _block_sums(z, mask, cols, W_ptr, d, eps, n_cols,
+        A, B = _block_sums(z, shift, mask, cols, W_ptr, d, eps, n_cols,
                            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC)
     s = _row_scale(Div_ptr, grad_scale, DIV_ON_DEVICE, ACC)
     # x_t must be read before the rendezvous: after it, a sibling program may
@@ -331,8 +359,13 @@ def cross_entropy_onchip_kernel(
         tl.store(Loss_ptr + row, loss.to(Loss_ptr.dtype.element_ty))
         tl.store(Lse_ptr + row, lse.to(Lse_ptr.dtype.element_ty))
     shift = tl.where(m == float("-inf"), 0.0, m)
+    # z again from the chunk kept in registers (x: the softcap factor)
+    x = unpack(xs, ACC, key, 2, PACKED)
+    if PROB_TARGET:
+        d = unpack(ds, ACC, key, 2, PACKED)
+    z = softcap_logits(x, softcap, HAS_SOFTCAP)
     p = tl.exp(z - shift) / ssum
-    _block_grads(z, p, cols, mask, d, W_ptr, cp, ct, cw, t, eps, n_cols, softcap, lse, s,
+    _block_grads(x, z, p, cols, mask, d, W_ptr, cp, ct, cw, t, eps, n_cols, softcap, shift, tl.log(ssum), s,
                  G_ptr + row * G_row_stride, GT_ptr + row * GT_row_stride, WANT_GRAD_TARGET,
                  PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
 

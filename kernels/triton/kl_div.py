@@ -14,11 +14,21 @@ probabilities::
 Pass 1 (read x and t once) gathers everything the loss needs with online
 rescaling for the target-logit sum; pass 2 (read both again, write dx) writes
 the gradient.  Bytes with gradient: read 4 R C, write R C.
+
+Precision independent of where the logits sit: with the row maxima mx, mt
+and Sx = sum exp(x - mx), St = sum exp(t - mt), the sums are kept relative
+to the maxima, so the offsets cancel exactly instead of in floating point::
+
+    KL = U / St + log Sx - log St,  U = sum_c exp(t_c - mt) ((t_c - mt) - (x_c - mx))
+    KL = E - F + D log Sx,          F = sum_c d_c (x_c - mx)           (probabilities)
+    q_c = exp((x_c - mx) - log Sx)
+
+and U, F are rescaled whenever a running maximum moves.
 """
 import triton
 import triton.language as tl
 
-from .common import finish_lse, online_update, scalar_acc
+from .common import online_update, scalar_acc
 
 
 @triton.jit
@@ -38,35 +48,47 @@ def kl_div_logits_kernel(
     sx = tl.zeros((), ACC)
     mt = tl.full((), float("-inf"), ACC)
     st = tl.zeros((), ACC)
-    u = tl.zeros((), ACC)   # logits: sum exp(t/T - mt) (t - x) / T, rescaled with mt
+    # logits: U = sum exp(t - mt) ((t - mt) - (x - mx)), relative to both
+    # running maxima and rescaled as they move (see the module docstring)
+    U = tl.zeros((), ACC)
     D = tl.zeros((), ACC)   # probabilities: sum d
     E = tl.zeros((), ACC)   # probabilities: sum xlogy(d, d)
-    F = tl.zeros((), ACC)   # probabilities: sum d x / T
+    F = tl.zeros((), ACC)   # probabilities: sum d (x - mx), rescaled as mx moves
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         mask = cols < n_cols
         x = tl.load(X_row + cols, mask=mask, other=float("-inf")).to(ACC) * inv_temp
+        mx_old = mx
         mx, sx = online_update(mx, sx, x)
+        bx_old = tl.where(mx_old == float("-inf"), 0.0, mx_old)
+        bx = tl.where(mx == float("-inf"), 0.0, mx)
         if TARGET_IS_LOGITS:
             t = tl.load(T_row + cols, mask=mask, other=float("-inf")).to(ACC) * inv_temp
             mt_new = tl.maximum(mt, tl.max(t, 0))
-            shift_new = tl.where(mt_new == float("-inf"), 0.0, mt_new)
-            shift_old = tl.where(mt == float("-inf"), 0.0, mt)
-            e = tl.exp(t - shift_new)
-            u = u * tl.exp(shift_old - shift_new) + tl.sum(tl.where(mask, e * (t - x), 0.0), 0)
+            bt_old = tl.where(mt == float("-inf"), 0.0, mt)
+            bt = tl.where(mt_new == float("-inf"), 0.0, mt_new)
+            # the old terms: e scales by exp(bt_old - bt), each bracket moves by
+            # (bt_old - bt) - (bx_old - bx)
+            U = tl.where(st == 0.0, 0.0,
+                         tl.exp(bt_old - bt) * (U + ((bt_old - bt) - (bx_old - bx)) * st))
+            e = tl.exp(t - bt)
+            U += tl.sum(tl.where(mask & (e > 0.0), e * ((t - bt) - (x - bx)), 0.0), 0)
             mt, st = online_update(mt, st, t)
         else:
             d = tl.load(T_row + cols, mask=mask, other=0.0).to(ACC)
+            F = F + tl.where(D == 0.0, 0.0, (bx_old - bx) * D)
             D += tl.sum(d, 0)
             E += tl.sum(tl.where(d == 0.0, 0.0, d * tl.log(d)), 0)
-            F += tl.sum(tl.where(mask, d * x, 0.0), 0)
-    lse_x = finish_lse(mx, sx)
+            F += tl.sum(tl.where(mask, d * (x - bx), 0.0), 0)
+    bx = tl.where(mx == float("-inf"), 0.0, mx)
+    log_sx = tl.log(sx)
     if TARGET_IS_LOGITS:
-        lse_t = finish_lse(mt, st)
-        loss = u / st - lse_t + lse_x
+        bt = tl.where(mt == float("-inf"), 0.0, mt)
+        log_st = tl.log(st)
+        loss = U / st + (log_sx - log_st)
         D = tl.full((), 1.0, ACC)
     else:
-        loss = E - F + D * lse_x
+        loss = E - F + D * log_sx
     tl.store(Loss_ptr + row, loss.to(Loss_ptr.dtype.element_ty))
     if WANT_GRAD:
         G_row = G_ptr + row * G_row_stride
@@ -75,10 +97,10 @@ def kl_div_logits_kernel(
             cols = start + offs
             mask = cols < n_cols
             x = tl.load(X_row + cols, mask=mask, other=0.0).to(ACC) * inv_temp
-            q = tl.exp(x - lse_x)
+            q = tl.exp((x - bx) - log_sx)
             if TARGET_IS_LOGITS:
                 t = tl.load(T_row + cols, mask=mask, other=0.0).to(ACC) * inv_temp
-                d = tl.exp(t - lse_t)
+                d = tl.exp((t - bt) - log_st)
             else:
                 d = tl.load(T_row + cols, mask=mask, other=0.0).to(ACC)
             g = c * (D * q - d)

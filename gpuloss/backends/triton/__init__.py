@@ -35,9 +35,9 @@ class TritonBackend(Backend):
 
     Parameters
     ----------
-    variant : {"twopass", "onchip", None}
-        Force one design of the fused row kernels (default: chosen per shape
-        by :func:`launch_config`, or ``GPULOSS_TRITON_VARIANT``).
+    variant : one of VARIANTS ("twopass", "onchip", "packed") or None
+        Force one design of the fused row kernels (default: the design table's
+        verified choice, :func:`launch_config`, or ``GPULOSS_TRITON_VARIANT``).
     max_block : int, optional
         Cap on the elements per block (tests use small caps to exercise the
         row loops at small C).
@@ -103,14 +103,17 @@ class TritonBackend(Backend):
             return cupy.from_dlpack(a)
         raise TypeError(f"triton backend cannot return {kind} arrays")
 
-    def config(self, op: str, x: Any, kernel: Optional[str] = None) -> LaunchConfig:
-        """This instance's launch configuration for ``op`` on rows like ``x``."""
+    def config(self, op: str, x: Any, kernel: Optional[str] = None, variant: Optional[str] = None,
+               heavy: bool = False) -> LaunchConfig:
+        """This instance's launch configuration for ``op`` on rows like ``x``
+        (``heavy``: cross-entropy with weights, probability targets or softcap)."""
         dev = x.device.index if x.device.type == "cuda" else None
         if dev is None and x.device.type == "cuda":
             dev = 0
-        return launch_config(op, x.shape[-1], variant=self.variant if op == "row_fused" else None,
-                             max_block=self.max_block, device_index=dev, kernel=kernel,
-                             itemsize=x.element_size())
+        variant = variant or (self.variant if op == "row_fused" else None)
+        return launch_config(op, x.shape[-1], variant=variant, max_block=self.max_block, device_index=dev,
+                             kernel=kernel, itemsize=x.element_size(), dtype=str(x.dtype).replace("torch.", ""),
+                             heavy=heavy)
 
     # --- launchers (one per op of gpuloss.ops) -------------------------------
     def softmax_forward(self, x, opts):

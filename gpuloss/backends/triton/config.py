@@ -2,7 +2,9 @@
 (:func:`launch_config`) and the limits it works within, written once.
 
 Every launcher asks :func:`launch_config` for its block, warps, stages and
-design ("variant"); nothing else sizes a launch.
+design ("variant"); nothing else sizes a launch.  The automatic design comes
+from the design table (:mod:`gpuloss.tuning`), which holds only designs that
+have passed the GPU test suite.
 """
 from __future__ import annotations
 
@@ -10,8 +12,12 @@ import functools
 import os
 from typing import NamedTuple, Optional, Tuple
 
-#: the designs of the row kernels (softmax forward, cross-entropy loss+grad)
-VARIANTS = ("twopass", "onchip")
+#: the designs of the row kernels (softmax forward and backward, cross-entropy
+#: loss + gradient): "twopass" the looped kernels (any row; loss+grad and
+#: softmax read the row twice), "onchip" the row in register-resident chunks
+#: read once, "packed" the same one-read kernels sized for 2-byte rows so that
+#: nothing spills and several programs share an SM (PACKED_SIZING)
+VARIANTS = ("twopass", "onchip", "packed")
 
 # --- sizing limits, written once -------------------------------------------
 #: elements per iteration of a looped row kernel (twopass CE / softmax,
@@ -38,10 +44,31 @@ ONCHIP_MAX_CHUNK = 16384
 #: most programs sharing one row; they must be resident together.
 MAX_SPLIT = 16
 #: elements per tile of the element-wise kernels, and their widest row piece.
+#: float64 tiles are a quarter (8 per thread at 4 warps): at 32 per thread
+#: fp64 log / exp (subroutines of many registers) spill in BCE and KL
+#: (``python -m gpuloss.bench.resources``).
 ELEMENTWISE_TILE = 4096
+ELEMENTWISE_TILE_FP64 = 1024
 ELEMENTWISE_MAX_BLOCK_C = 1024
-#: elements per thread the warp count aims at.
+#: elements per thread the warp count aims at (float64: 4, which keeps
+#: every looped fp64 kernel free of spills at sm_80 and sm_90).
 ELEMS_PER_THREAD = 16
+ELEMS_PER_THREAD_FP64 = 4
+#: the "packed" design, per (kernel, heavy features): (elements per thread
+#: for 2-byte storage, warps, register cap per thread).  Chosen from the
+#: offline register counts (``python -m gpuloss.bench.resources --group
+#: variant``): no spills at sm_80 / sm_90, and the cap sets the programs per
+#: SM (65536 registers): CE 8 warps x 80 -> 3 programs, 64 B per thread in
+#: flight (64 spills at sm_80, and at sm_90 with 32 programs per row);
+#: softmax 8 x 56 -> 4; softmax backward (y and dy) 8 x 48 -> 5.  "heavy"
+#: cross-entropy (class weights, probability targets or softcap: more live
+#: values per element) holds 8 elements per thread at 16 warps x 48 -> 2.
+#: 4-byte storage holds half the elements per thread (same bytes).
+PACKED_SIZING = {("cross_entropy", False): (32, 8, 80), ("cross_entropy", True): (8, 16, 48),
+                 ("softmax", False): (32, 8, 56), ("softmax_backward", False): (16, 8, 48)}
+#: most programs sharing one row in the "packed" design (all resident at once:
+#: 32 x 512 threads, a small part of one GPU)
+PACKED_MAX_SPLIT = 32
 
 
 def interpret() -> bool:
@@ -100,56 +127,147 @@ class LaunchConfig(NamedTuple):
     split: int = 1
     split_p2: int = 1
     reverse: bool = False
+    maxnreg: Optional[int] = None
 
 
-def warps_for(block: int, capability: Optional[Tuple[int, int]]) -> int:
-    # 16 elements per thread; 4..16 warps (32 would halve the programs per SM
-    # without adding bytes in flight).
-    w = block // (32 * ELEMS_PER_THREAD)
+def warps_for(block: int, capability: Optional[Tuple[int, int]], itemsize: int = 4) -> int:
+    # 16 elements per thread (fp64: 4); 4..16 warps (32 would halve the
+    # programs per SM without adding bytes in flight).
+    w = block // (32 * (ELEMS_PER_THREAD_FP64 if itemsize >= 8 else ELEMS_PER_THREAD))
     return int(min(16, max(4, next_pow2(max(w, 1)))))
 
 
-#: automatic design choice, from the H200 sweeps of 2026-11-26 (bench/RESULTS.md):
-#: rows of 4-byte elements up to AUTO_ONCHIP_MAX_COLS go whole into one
-#: program of up to 32 warps ("onchip", SPLIT = 1: each element read once;
-#: fp32 8192x32000: CE loss+grad 0.85, softmax 0.98 of the copy floor);
-#: everything else uses the looped "twopass" kernels (0.62-0.76), which beat
-#: the split-row on-chip programs at every other measured shape.
-AUTO_ONCHIP_MAX_COLS = 32768
+def elementwise_tile(itemsize: int) -> int:
+    """Elements per program of the element-wise kernels."""
+    return ELEMENTWISE_TILE_FP64 if itemsize >= 8 else ELEMENTWISE_TILE
 
 
-def auto_variant(kernel: str, n_cols: int, itemsize: int) -> str:
-    """The design used when none is asked for (see AUTO_ONCHIP_MAX_COLS)."""
-    if kernel in ("softmax", "cross_entropy") and itemsize == 4 and n_cols <= AUTO_ONCHIP_MAX_COLS:
-        return "onchip"
-    return "twopass"
+def _rowloop_config(op: str, n: int, kernel: Optional[str], itemsize: int, cap_block: Optional[int],
+                    capability: Optional[Tuple[int, int]], stages: int, tuned: dict) -> LaunchConfig:
+    """The looped kernels: block from the design table's ``block`` (else
+    FUSED_ROWLOOP_BLOCK / ROWLOOP_BLOCK), direction from its ``reverse``
+    (else ROWLOOP_REVERSE); GPULOSS_TRITON_ROWLOOP_BLOCK / _REVERSE win."""
+    pref = ROWLOOP_BLOCK
+    if op == "row_fused" and kernel is not None:
+        pref = tuned.get("block") or FUSED_ROWLOOP_BLOCK.get((kernel, itemsize), ROWLOOP_BLOCK)
+    b = min(next_pow2(n), env_int("GPULOSS_TRITON_ROWLOOP_BLOCK", pref))
+    if cap_block:
+        b = min(b, cap_block)
+    reverse = bool(env_int("GPULOSS_TRITON_REVERSE", int(tuned.get("reverse", ROWLOOP_REVERSE))))
+    warps = int(tuned["num_warps"]) if "num_warps" in tuned else warps_for(b, capability, itemsize)
+    return LaunchConfig("twopass", b, warps, stages, reverse=reverse)
+
+
+def _onchip_config(n: int, cap_block: Optional[int], capability: Optional[Tuple[int, int]],
+                   tuned: dict) -> Optional[LaunchConfig]:
+    """The on-chip design: the row in SPLIT register-resident chunks (None:
+    the row is too long for it).  Sizing from the design table's ``chunk``,
+    ``max_split``, ``num_warps`` (else ONCHIP_CHUNK, MAX_SPLIT, warps_for);
+    the benchmark knobs GPULOSS_TRITON_CHUNK, _MAX_CHUNK, _MAX_SPLIT and
+    _ONCHIP_WARPS win, so that one GPU run can time several configurations.
+    A table entry whose ``chunk`` holds the whole row gets one program per row
+    (no rendezvous) with up to ``num_warps`` warps, 32 elements per thread."""
+    pref = int(tuned.get("chunk", ONCHIP_CHUNK))
+    onchip_max = env_int("GPULOSS_TRITON_MAX_CHUNK", max(ONCHIP_MAX_CHUNK, pref))
+    max_chunk = min(onchip_max, cap_block) if cap_block else onchip_max
+    pref_chunk = min(env_int("GPULOSS_TRITON_CHUNK", pref), max_chunk)
+    max_split = env_int("GPULOSS_TRITON_MAX_SPLIT", int(tuned.get("max_split", MAX_SPLIT)))
+    env_warps = env_int("GPULOSS_TRITON_ONCHIP_WARPS", 0)
+    if interpret():
+        # programs run one after another: only SPLIT = 1 can complete
+        chunk, split = next_pow2(n), 1
+        if chunk > max_chunk:
+            return None
+    else:
+        split = -(-n // pref_chunk)
+        chunk = next_pow2(-(-n // split))
+        if split > max_split:
+            chunk = next_pow2(-(-n // max_split))
+        if chunk > max_chunk:
+            return None
+        split = -(-n // chunk)
+    if env_warps:
+        warps = env_warps
+    elif "num_warps" in tuned:
+        warps = min(int(tuned["num_warps"]), max(warps_for(chunk, capability), chunk // 1024))
+    else:
+        warps = warps_for(chunk, capability)
+    # the whole row (or chunk) lives in registers: no software pipelining
+    return LaunchConfig("onchip", chunk, warps, 1, split, next_pow2(split))
+
+
+def _packed_config(n: int, kernel: Optional[str], itemsize: int, heavy: bool, cap_block: Optional[int],
+                   tuned: dict) -> Optional[LaunchConfig]:
+    """The "packed" design: the on-chip kernels with PACKED_SIZING (None: not
+    for this row / dtype: 8-byte storage, or too long).  Elements per
+    thread, warps and register cap from PACKED_SIZING, or from the design
+    table's ``chunk`` / ``num_warps`` / ``maxnreg`` / ``max_split``; the
+    benchmark knobs GPULOSS_TRITON_CHUNK, _ONCHIP_WARPS, _MAXNREG and
+    _MAX_SPLIT win.  Rows longer than max_split chunks take more warps per
+    program (up to 32), then fall back to the looped kernels."""
+    if itemsize > 4:
+        return None
+    e, warps, maxnreg = PACKED_SIZING.get((kernel or "softmax", heavy), PACKED_SIZING[("softmax", False)])
+    e = e * 2 // itemsize
+    warps = int(tuned.get("num_warps", warps))
+    chunk = int(tuned.get("chunk", e * 32 * warps))
+    maxnreg = tuned.get("maxnreg", maxnreg)
+    max_split = env_int("GPULOSS_TRITON_MAX_SPLIT", int(tuned.get("max_split", PACKED_MAX_SPLIT)))
+    chunk = env_int("GPULOSS_TRITON_CHUNK", chunk)
+    warps = env_int("GPULOSS_TRITON_ONCHIP_WARPS", warps)
+    maxnreg = env_int("GPULOSS_TRITON_MAXNREG", maxnreg or 0) or None
+    per_thread = max(1, chunk // (32 * warps))
+    if interpret():
+        chunk, split = next_pow2(n), 1
+        if cap_block and chunk > cap_block:
+            return None
+        return LaunchConfig("packed", chunk, warps, 1, 1, 1, maxnreg=maxnreg)
+    while -(-n // chunk) > max_split and warps < 32:
+        warps, chunk = warps * 2, chunk * 2
+    if -(-n // chunk) > max_split:
+        return None
+    if n < chunk:  # short rows: the whole row, fewer warps, same elements per thread
+        chunk = next_pow2(n)
+        warps = int(min(warps, max(1, next_pow2(max(chunk // (32 * per_thread), 1)))))
+    split = -(-n // chunk)
+    return LaunchConfig("packed", chunk, warps, 1, split, next_pow2(split), maxnreg=maxnreg)
 
 
 def launch_config(op: str, n_cols: int, *, variant: Optional[str] = None,
                   max_block: Optional[int] = None, device_index: Optional[int] = None,
-                  kernel: Optional[str] = None, itemsize: int = 4) -> LaunchConfig:
+                  kernel: Optional[str] = None, itemsize: int = 4, dtype: Optional[str] = None,
+                  capability: Optional[Tuple[int, int]] = None, heavy: bool = False) -> LaunchConfig:
     """The one sizing helper: block size, warps, stages and split for every op.
 
     Parameters
     ----------
     op : {"row", "row_fused", "elementwise"}
-        "row_fused" for the kernels that have two designs (softmax forward,
-        cross-entropy loss + gradient), "row" for the other row kernels,
-        "elementwise" for the tiled element-wise kernels (``block`` is then
-        BLOCK_C; the caller derives BLOCK_R).
+        "row_fused" for the kernels that have several designs (softmax
+        forward, cross-entropy loss + gradient), "row" for the other row
+        kernels, "elementwise" for the tiled element-wise kernels (``block``
+        is then BLOCK_C; the caller derives BLOCK_R).
     n_cols : int
         Row length C.
-    variant : {"twopass", "onchip", None}
-        Design for "row_fused"; None: :func:`auto_variant` when ``kernel``
-        ("softmax" | "cross_entropy") is given, else "onchip" when the row
-        fits in at most MAX_SPLIT chunks of at most ONCHIP_MAX_CHUNK elements
-        (each element then read once), else "twopass".  The environment variable
-        ``GPULOSS_TRITON_VARIANT`` overrides the default (for benchmarks).
+    variant : one of VARIANTS, or None
+        Design for "row_fused".  None: ``GPULOSS_TRITON_VARIANT`` if set, else
+        the design table (:func:`gpuloss.tuning.lookup` for this device's
+        architecture, ``kernel``, ``dtype`` and C), which only holds designs
+        verified on a GPU; without a verified entry (another card, Triton's
+        interpreter, no ``kernel``) the looped "twopass" kernels.
     max_block : int, optional
         Cap on the block / chunk (tests use it to force the row loop, and
         ``GPULOSS_TRITON_MAX_BLOCK`` sets it globally).
     device_index : int, optional
         CUDA device, for per-architecture choices (read lazily, cached).
+    kernel : {"cross_entropy", "softmax", "softmax_backward"}, optional
+        Which fused kernel (block sizes and the table are per kernel).
+    heavy : bool
+        Cross-entropy with class weights, probability targets or softcap
+        (the "packed" design holds fewer elements per thread then).
+    itemsize, dtype : storage element size and dtype name ("bfloat16", ...).
+    capability : (major, minor), optional
+        Size for this architecture instead of ``device_index``'s (offline
+        tools: ``gpuloss.bench.resources``).
 
     Under ``TRITON_INTERPRET=1`` programs run one after another, so a row
     split over several programs would wait forever: "onchip" is then only
@@ -160,8 +278,7 @@ def launch_config(op: str, n_cols: int, *, variant: Optional[str] = None,
     if max_block is None and env_block:
         max_block = int(env_block)
     cap_block = next_pow2(max_block) if max_block else None
-    capability = None
-    if device_index is not None and not interpret():
+    if capability is None and device_index is not None and not interpret():
         capability = device_capability(device_index)
     # Hopper and later have 228 KiB of smem/L1 per SM: 3 stages pay for the
     # looped kernels; older parts keep 2.
@@ -173,60 +290,53 @@ def launch_config(op: str, n_cols: int, *, variant: Optional[str] = None,
         if cap_block:
             b = min(b, cap_block)
         return LaunchConfig("tiled", b, 4, stages)
-
-    def rowloop() -> LaunchConfig:
-        pref = ROWLOOP_BLOCK
-        if op == "row_fused" and kernel is not None:
-            pref = FUSED_ROWLOOP_BLOCK.get((kernel, itemsize), ROWLOOP_BLOCK)
-        b = min(next_pow2(n), env_int("GPULOSS_TRITON_ROWLOOP_BLOCK", pref))
-        if cap_block:
-            b = min(b, cap_block)
-        reverse = bool(env_int("GPULOSS_TRITON_REVERSE", int(ROWLOOP_REVERSE)))
-        return LaunchConfig("twopass", b, warps_for(b, capability), stages, reverse=reverse)
-
     if op == "row":
-        return rowloop()
+        return _rowloop_config(op, n, kernel, itemsize, cap_block, capability, stages, {})
     if op != "row_fused":
         raise ValueError(f"unknown op kind {op!r}")
 
     if variant is None:
         variant = os.environ.get("GPULOSS_TRITON_VARIANT", "").strip() or None
-    whole_row = False
-    if variant is None and kernel is not None:
-        variant = auto_variant(kernel, n_cols, itemsize)
-        whole_row = variant == "onchip"
-    if variant is not None and variant not in VARIANTS:
+    tuned: dict = {}
+    if variant is None:
+        design = auto_design(kernel, dtype or _DTYPE_OF_ITEMSIZE.get(itemsize, "float32"), n, capability)
+        variant, tuned = design.variant, design.config
+    if variant not in VARIANTS:
         raise ValueError(f"unknown Triton variant {variant!r}; choose from {VARIANTS}")
-    if variant == "twopass":
-        return rowloop()
+    if variant == "onchip":
+        cfg = _onchip_config(n, cap_block, capability, tuned)
+        if cfg is not None:
+            return cfg
+        tuned = {}
+    elif variant == "packed":
+        cfg = _packed_config(n, kernel, itemsize, heavy, cap_block, tuned)
+        if cfg is not None:
+            return cfg
+        tuned = {}
+    return _rowloop_config(op, n, kernel, itemsize, cap_block, capability, stages, tuned)
 
-    # benchmark knobs: the largest and the preferred chunk, the most programs
-    # per row and the warps of the on-chip design (GPULOSS_TRITON_MAX_CHUNK,
-    # GPULOSS_TRITON_CHUNK, GPULOSS_TRITON_MAX_SPLIT, GPULOSS_TRITON_ONCHIP_WARPS),
-    # so one GPU run can time several configurations; the defaults are the
-    # constants above
-    onchip_max = env_int("GPULOSS_TRITON_MAX_CHUNK", ONCHIP_MAX_CHUNK)
-    max_chunk = min(onchip_max, cap_block) if cap_block else onchip_max
-    pref_chunk = min(env_int("GPULOSS_TRITON_CHUNK", ONCHIP_CHUNK), max_chunk)
-    max_split = env_int("GPULOSS_TRITON_MAX_SPLIT", MAX_SPLIT)
-    if whole_row and not cap_block:
-        # the automatic choice: the whole row in one program, 32 elements per
-        # thread at 32 warps for the longest rows (no rendezvous)
-        chunk = next_pow2(n)
-        warps = min(32, max(warps_for(chunk, capability), chunk // 1024))
-        return LaunchConfig("onchip", chunk, warps, 1, 1, 1)
-    if interpret():
-        chunk, split = next_pow2(n), 1
-        if chunk > max_chunk:
-            return rowloop()
-    else:
-        split = -(-n // pref_chunk)
-        chunk = next_pow2(-(-n // split))
-        if split > max_split:
-            chunk = next_pow2(-(-n // max_split))
-        if chunk > max_chunk:
-            return rowloop()
-        split = -(-n // chunk)
-    # the whole row (or chunk) lives in registers: no software pipelining
-    warps = env_int("GPULOSS_TRITON_ONCHIP_WARPS", 0) or warps_for(chunk, capability)
-    return LaunchConfig("onchip", chunk, warps, 1, split, next_pow2(split))
+
+#: the dtype a bare itemsize stands for when no dtype name is given
+_DTYPE_OF_ITEMSIZE = {8: "float64", 4: "float32", 2: "bfloat16"}
+
+
+def auto_design(kernel: Optional[str], dtype: str, n_cols: int, capability: Optional[Tuple[int, int]]):
+    """The automatic design of a fused row kernel: the design table's
+    verified entry for this architecture, or the safe default (see
+    :mod:`gpuloss.tuning`).  Its ``backend`` field is not read here."""
+    from gpuloss import tuning
+    if kernel is None:
+        return tuning.SAFE_DEFAULT
+    return tuning.lookup(capability, kernel, dtype, n_cols)
+
+
+#: kernels whose "packed" launches upcast the 2-byte chunk afresh in each
+#: phase (PACKED=True, ``common.unpack``): measured at sm_80 / sm_90, this
+#: spares cross-entropy registers; in softmax forward and backward ptxas
+#: already keeps the chunk in its 2-byte registers and the explicit form
+#: only adds instructions (bench/RESULTS.md, prepared-not-run note)
+PACKED_UPCAST = {"cross_entropy": True, "softmax": False, "softmax_backward": False}
+
+
+def packed_upcast(kernel: str, cfg: LaunchConfig) -> bool:
+    return cfg.variant == "packed" and PACKED_UPCAST[kernel]

@@ -11,7 +11,7 @@ from typing import Any, Optional
 from ...ops import CrossEntropyOptions, NllOptions, Want
 from ..base import LossResult
 from . import common as CM
-from .config import launch_config, next_pow2
+from .config import next_pow2, packed_upcast
 
 
 def mean_divisor(torch, target, weight, ignore_index: int, n_cols: int, acc_t, acc):
@@ -85,17 +85,19 @@ def _launch_ce(be, K, x, target, t_stride, weight, grad, grad_t, loss_rows, lse,
     sc = CM.scalar
     scalars = (C, int(opts.ignore_index), sc(opts.label_smoothing, x), sc(opts.z_loss, x),
                sc(opts.softcap if opts.softcap is not None else 1.0, x), sc(grad_scale, x))
-    cfg = be.config("row_fused", x, kernel="cross_entropy")
-    if want.grad and cfg.variant == "onchip":
+    heavy = prob or weight is not None or opts.softcap is not None
+    cfg = be.config("row_fused", x, kernel="cross_entropy", heavy=heavy)
+    if want.grad and cfg.variant in ("onchip", "packed"):
         scratch, counter = CM.split_workspace(torch, R, cfg, x)
         K.cross_entropy_onchip_kernel[(R * cfg.split,)](
             *head, scratch, counter, *scalars,
             CHUNK=cfg.block, SPLIT=cfg.split, SPLIT_P2=cfg.split_p2, **flags,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            PACKED=packed_upcast("cross_entropy", cfg),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
         return
     # loss only reads each logit once in the looped kernel already
     if cfg.variant != "twopass":
-        cfg = launch_config("row_fused", C, variant="twopass", max_block=be.max_block)
+        cfg = be.config("row_fused", x, kernel="cross_entropy", variant="twopass")
     K.cross_entropy_twopass_kernel[(R,)](
         *head, *scalars, BLOCK=cfg.block, WANT_GRAD=want.grad, REVERSE=cfg.reverse, **flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)

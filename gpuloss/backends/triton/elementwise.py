@@ -9,7 +9,7 @@ from typing import Any, Optional
 from ...ops import KlDivOptions, ReductionOptions, Want
 from ..base import LossResult
 from . import common as CM
-from .config import ELEMENTWISE_TILE, next_pow2
+from .config import elementwise_tile, next_pow2
 
 
 def _drive(be, kernel, x: Any, target: Any, extra: tuple, flags: dict, reduction: str, want: Want) -> LossResult:
@@ -22,7 +22,7 @@ def _drive(be, kernel, x: Any, target: Any, extra: tuple, flags: dict, reduction
     reduce = reduction != "none"
     cfg = be.config("elementwise", x)
     block_c = cfg.block
-    block_r = max(1, min(next_pow2(max(R, 1)), ELEMENTWISE_TILE // block_c))
+    block_r = max(1, min(next_pow2(max(R, 1)), elementwise_tile(x.element_size()) // block_c))
     n_tiles = -(-R // block_r) * -(-C // block_c)
     loss_full = None if reduce else torch.empty((R, C), dtype=acc_t, device=x.device)
     partials = torch.empty(n_tiles if reduce else 1, dtype=acc_t, device=x.device)
