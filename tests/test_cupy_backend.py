@@ -106,6 +106,11 @@ def test_plan_rows_edges():
     assert big.grid <= cb.MAX_GRID_X and big.grid % big.cluster == 0
     with pytest.raises(ValueError):
         cb.plan_rows(1, 1, 4, 1, 90, H100_SMEM, "fast")
+    # column indices are 32-bit inside a row (rows.cu GL_MAX_COLS)
+    assert cb.plan_rows(1, cb.MAX_COLS, 2, 8, 90, H100_SMEM).variant == "looped"
+    with pytest.raises(ValueError, match="per row"):
+        cb.plan_rows(1, cb.MAX_COLS + 1, 2, 8, 90, H100_SMEM)
+    assert "0x7fffffff - 65536" in cb.read_source("rows.cu") and cb.MAX_COLS == 0x7FFFFFFF - 65536
 
 
 def test_plan_elementwise():
@@ -172,6 +177,100 @@ def test_gpu_softmax_and_ce_long_rows(monkeypatch, rng, variant, C):
     np.testing.assert_allclose(float(res.loss), ref.cross_entropy(x32, t, label_smoothing=0.1, z_loss=1e-3), **tol("float32"))
     g, _ = ref.cross_entropy_grad(x32, t, label_smoothing=0.1, z_loss=1e-3)
     np.testing.assert_allclose(cupy.asnumpy(res.grad), g, rtol=1e-4, atol=1e-7)
+
+
+def _poison_allocations(monkeypatch, cupy):
+    """Every cupy.empty during the test comes back filled with NaN (bf16 bits: 0x7fc0), so an
+    element a kernel fails to write shows up as NaN."""
+    real = cupy.empty
+
+    def empty(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if out.dtype.kind == "f":
+            out.fill(float("nan"))
+        elif str(out.dtype) in ("int16", "uint16"):
+            out.fill(0x7FC0)
+        return out
+
+    monkeypatch.setattr(cupy, "empty", empty)
+
+
+def _harness():
+    from conftest import BackendHarness
+    return BackendHarness(name="cupy", impl=_gpu(), device="cuda")
+
+
+def _round_to(x, dtype):
+    torch = pytest.importorskip("torch")
+    return torch.tensor(x).to(getattr(torch, dtype)).double().numpy()
+
+
+def _offset_logits(rng, R, C, offset, dtype):
+    """Rows of offset + N(0, 4) and rows a few ulps of ``dtype`` apart at ``offset``, rounded to
+    ``dtype``; and the same rows minus their maxima (exact), for the float64 reference, which
+    itself rounds lse = 1e30 + log C to 1e30.  Loss and gradient are shift invariant."""
+    ulp = {"float32": 2.0 ** -23, "bfloat16": 2.0 ** -7}[dtype]
+    x = np.empty((R, C))
+    x[: R // 2] = offset + 4 * rng.standard_normal((R // 2, C))
+    x[R // 2:] = (offset or 1.0) * (1 + 4 * ulp * rng.standard_normal((R - R // 2, C)))
+    x = _round_to(x, dtype)
+    return x, x - x.max(1, keepdims=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [v for v in cb.VARIANTS if v != "auto"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("offset", [0.0, 1e5, -1e5, 1e30, 1e37, -1e37])
+@pytest.mark.parametrize("C", [1000, 32007])
+def test_gpu_precision_at_offsets(monkeypatch, rng, variant, dtype, offset, C):
+    """Cross-entropy (label smoothing, class weights, probability targets, in place) and
+    distillation KL at logits sharing a large offset, against the float64 reference on the
+    shifted rows; every output poisoned first.  Sums of raw logits fail this at 1e5 and give
+    nan at 1e37 (tests/test_cuda_host_harness.py shows both on the CPU)."""
+    h = _harness()
+    import cupy
+    monkeypatch.setenv("GPULOSS_CUPY_VARIANT", variant)
+    _poison_allocations(monkeypatch, cupy)
+    R = 6
+    x, xs = _offset_logits(rng, R, C, offset, dtype)
+    t = rng.integers(0, C, R)
+    w = rng.uniform(0.5, 2.0, C).astype(np.float32).astype(np.float64)
+    d = rng.dirichlet(np.ones(C), R)
+    d = _round_to(d, dtype)
+    cases = [dict(label_smoothing=0.1), dict(label_smoothing=0.1, weight=w), dict()]
+    if abs(offset) <= 1e5:
+        cases.append(dict(label_smoothing=0.1, z_loss=1e-3))  # lse^2 overflows fp32 beyond ~1e19
+    for kw in cases:
+        for inplace in (False, True):
+            res = h.impl.cross_entropy(h.asarray(x, dtype), cupy.asarray(t),
+                                       weight=None if kw.get("weight") is None else cupy.asarray(w, cupy.float32),
+                                       ignore_index=-100, label_smoothing=kw.get("label_smoothing", 0.0),
+                                       z_loss=kw.get("z_loss", 0.0), softcap=None, reduction="none",
+                                       want_grad=True, grad_inplace=inplace)
+            xr = xs if "z_loss" not in kw else x
+            np.testing.assert_allclose(h.to_numpy(res.loss), ref.cross_entropy(xr, t, reduction="none", **kw),
+                                       err_msg=f"loss {kw} inplace={inplace}", **tol("float32"))
+            g = h.to_numpy(res.grad)
+            assert np.isfinite(g).all()
+            np.testing.assert_allclose(g, ref.cross_entropy_grad(xr, t, reduction="none", **kw)[0],
+                                       err_msg=f"grad {kw}", **tol(dtype))
+    res = h.impl.cross_entropy(h.asarray(x, dtype), h.asarray(d, dtype), weight=cupy.asarray(w, cupy.float32),
+                               ignore_index=-100, label_smoothing=0.05, z_loss=0.0, softcap=None,
+                               reduction="none", want_grad=True)
+    kw = dict(weight=w, label_smoothing=0.05, reduction="none")
+    np.testing.assert_allclose(h.to_numpy(res.loss), ref.cross_entropy(xs, d, **kw), err_msg="prob loss",
+                               **tol("float32"))
+    np.testing.assert_allclose(h.to_numpy(res.grad), ref.cross_entropy_grad(xs, d, **kw)[0], err_msg="prob grad",
+                               **tol(dtype))
+    y, ys = _offset_logits(rng, R, C, offset, dtype)
+    for target_is_logits, tgt, tref in ((True, y, ys), (False, d, d)):
+        res = h.impl.kl_div_logits(h.asarray(x, dtype), h.asarray(tgt, dtype), temperature=2.0,
+                                   target_is_logits=target_is_logits, reduction="none", want_grad=True)
+        kw = dict(temperature=2.0, reduction="none", target_is_logits=target_is_logits)
+        np.testing.assert_allclose(h.to_numpy(res.loss), ref.kl_div_with_logits(xs, tref, **kw),
+                                   err_msg=f"kl {target_is_logits}", rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(h.to_numpy(res.grad), ref.kl_div_with_logits_grad(xs, tref, **kw)[0],
+                                   err_msg=f"kl grad {target_is_logits}", **tol(dtype))
 
 
 @pytest.mark.gpu

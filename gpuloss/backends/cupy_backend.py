@@ -144,6 +144,7 @@ VECS_PER_THREAD = 8         #: aim for ~8 16-byte vectors per thread: loads in f
 ONCHIP_TARGET_BYTES = 64 * 1024  #: per-block staged slice: 3 blocks per SM on sm_90 (227 KB)
 STATIC_SMEM_RESERVE = 2048  #: the reduction scratch and cluster slot (static shared memory)
 MAX_GRID_X = 2 ** 31 - 1
+MAX_COLS = 2 ** 31 - 1 - 65536  #: GL_MAX_COLS in rows.cu: column indices are 32-bit in a row
 EW_THREADS = 256            #: GL_EW_THREADS in elementwise.cu
 EW_MAX_BLOCKS = 4096        #: grid-stride beyond this; also bounds the partial-sum buffer
 
@@ -177,6 +178,8 @@ def plan_rows(R: int, C: int, itemsize: int, vec: int, cc: int, smem_optin: int,
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    if C > MAX_COLS:
+        raise ValueError(f"rows of {C} elements: the cupy backend takes at most {MAX_COLS} per row")
     budget = smem_optin - STATIC_SMEM_RESERVE
     chosen = None
     if variant in ("auto", "onchip") and C > 0:
