@@ -67,10 +67,13 @@ H100_SMEM = 227 * 1024
 A100_SMEM = 163 * 1024
 
 
-def test_plan_rows_explicit_onchip_uses_large_clusters():
-    """variant="onchip" still splits long rows over clusters of 4 and 8."""
-    assert cb.plan_rows(16384, 128256, 2, 8, 90, H100_SMEM, "onchip").cluster == 4   # 4 x 62.6 KB
-    assert cb.plan_rows(4096, 262144, 2, 8, 90, H100_SMEM, "onchip").cluster == 8    # 8 x 64 KB
+def test_plan_rows_explicit_onchip_fills_the_budget():
+    """variant="onchip" takes slices up to the whole shared-memory budget, over clusters of at
+    most 2 (larger ones are not built: they lost on the H200)."""
+    assert cb.CLUSTER_SIZES == (1, 2)
+    p = cb.plan_rows(16384, 128256, 2, 8, 90, H100_SMEM, "onchip")
+    assert (p.variant, p.cluster, p.smem_bytes) == ("onchip", 2, 64128 * 2)           # 2 x 125 KB
+    assert cb.plan_rows(4096, 262144, 2, 8, 90, H100_SMEM, "onchip").variant == "looped"  # 2 x 256 KB
     assert cb.plan_rows(64, 32000, 4, 4, 80, A100_SMEM, "onchip").cluster == 1       # 125 KB fits the A100
 
 
@@ -125,7 +128,8 @@ def test_name_expressions(cc):
         assert len(ce) == len(set(ce))
         tag = cb.DTYPES[dt][0]
         assert f"gpuloss_cross_entropy<{tag}, long long, false, 1, 1, false>" in ce
-        has_cluster = any(", 8, true>" in n for n in ce)
+        has_cluster = any(", 2, true>" in n for n in ce)
+        assert not any(", 4, true>" in n or ", 8, true>" in n for n in ce)
         assert has_cluster == (cc >= 90)
     opts = cb.nvrtc_options(cc)
     assert ("-DGPULOSS_HAS_CLUSTER=1" in opts) == (cc >= 90)

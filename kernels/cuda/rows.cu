@@ -24,7 +24,11 @@
 #define GL_CLUSTER(K)
 #endif
 
-#define GL_MAX_THREADS 1024
+// Blocks of at most 512 threads, with ptxas free to use up to 128 registers: the fp32 paths
+// settle at 40-64 (2-3 blocks per SM), float64 at up to ~110, and nothing spills.  Bounds of
+// 1024 threads capped every kernel at 64 registers (ptxas aimed at 32) and spilled up to 228
+// bytes in a third of the kernels.
+#define GL_MAX_THREADS 512
 // the longest row: column indices and c + blockDim * VEC stay inside an int
 #define GL_MAX_COLS (0x7fffffff - 65536)
 
@@ -164,7 +168,7 @@ __device__ __forceinline__ void run_rows(Op& op, const typename D::store* __rest
 // softmax / log_softmax forward.  Traffic (onchip): read R*C, write R*C.
 // =============================================================================================
 template <class D, int VEC, int K, bool ONCHIP>
-__global__ void __launch_bounds__(GL_MAX_THREADS) GL_CLUSTER(K)
+__global__ void __launch_bounds__(GL_MAX_THREADS, 1) GL_CLUSTER(K)
 gpuloss_softmax_fwd(const typename D::store* __restrict__ X_ptr, typename D::store* Y_ptr,
                     i64 X_row_stride, i64 Y_row_stride, i64 R, i64 C, int log) {
     SoftmaxFwdOp<D> op;
@@ -178,7 +182,7 @@ gpuloss_softmax_fwd(const typename D::store* __restrict__ X_ptr, typename D::sto
 // softmax backward (main row y, second input dy read in both phases).
 // =============================================================================================
 template <class D, int VEC, int K, bool ONCHIP>
-__global__ void __launch_bounds__(GL_MAX_THREADS) GL_CLUSTER(K)
+__global__ void __launch_bounds__(GL_MAX_THREADS, 1) GL_CLUSTER(K)
 gpuloss_softmax_bwd(const typename D::store* __restrict__ Y_ptr, const typename D::store* __restrict__ DY_ptr,
                     typename D::store* DX_ptr, i64 Y_row_stride, i64 DY_row_stride, i64 DX_row_stride,
                     i64 R, i64 C, int log) {
@@ -199,7 +203,7 @@ gpuloss_softmax_bwd(const typename D::store* __restrict__ Y_ptr, const typename 
 // weight) are uniform branches on values, which cost nothing measurable in a memory-bound loop.
 // =============================================================================================
 template <class D, class TI, bool PROB, int VEC, int K, bool ONCHIP>
-__global__ void __launch_bounds__(GL_MAX_THREADS) GL_CLUSTER(K)
+__global__ void __launch_bounds__(GL_MAX_THREADS, 1) GL_CLUSTER(K)
 gpuloss_cross_entropy(const typename D::store* __restrict__ X_ptr, const TI* __restrict__ T_ptr,
                       const typename D::store* __restrict__ P_ptr, const typename D::acc* __restrict__ W_ptr,
                       const typename D::acc* __restrict__ Div_ptr, typename D::store* G_ptr,
@@ -233,7 +237,7 @@ gpuloss_cross_entropy(const typename D::store* __restrict__ X_ptr, const TI* __r
 // that are not ignored (1 per row without weight); an out-of-range target makes it NaN.  One
 // block, O(R) reads; it writes a device scalar the loss kernel reads, so nothing syncs the host.
 template <class A, class TI>
-__global__ void __launch_bounds__(GL_MAX_THREADS)
+__global__ void __launch_bounds__(GL_MAX_THREADS, 1)
 gpuloss_mean_divisor(const TI* __restrict__ T_ptr, const A* __restrict__ W_ptr, A* Div_ptr,
                      i64 R, i64 C, i64 ignore_index) {
     __shared__ RowState<A> scratch[33];
@@ -255,7 +259,7 @@ gpuloss_mean_divisor(const TI* __restrict__ T_ptr, const A* __restrict__ W_ptr, 
 // NLL on log-probabilities (NllOp): reads the target element of each row, writes the gradient.
 // =============================================================================================
 template <class D, class TI>
-__global__ void __launch_bounds__(GL_MAX_THREADS)
+__global__ void __launch_bounds__(GL_MAX_THREADS, 1)
 gpuloss_nll(const typename D::store* __restrict__ X_ptr, const TI* __restrict__ T_ptr,
             const typename D::acc* __restrict__ W_ptr, const typename D::acc* __restrict__ Div_ptr,
             typename D::store* G_ptr, typename D::acc* Loss_ptr, i64 X_row_stride, i64 G_row_stride,
@@ -277,7 +281,7 @@ gpuloss_nll(const typename D::store* __restrict__ X_ptr, const TI* __restrict__ 
 // dx written once.
 // =============================================================================================
 template <class D, bool TLOGITS, int VEC, int K, bool ONCHIP>
-__global__ void __launch_bounds__(GL_MAX_THREADS) GL_CLUSTER(K)
+__global__ void __launch_bounds__(GL_MAX_THREADS, 1) GL_CLUSTER(K)
 gpuloss_kl_div_logits(const typename D::store* __restrict__ X_ptr, const typename D::store* __restrict__ Y_ptr,
                       typename D::store* G_ptr, typename D::acc* Loss_ptr, i64 X_row_stride, i64 Y_row_stride,
                       i64 G_row_stride, i64 R, i64 C, typename D::acc inv_temperature,
