@@ -58,7 +58,7 @@ def nvcc_command(nvcc: str, cu: Path, cubin: Path, cc: int, source: str = "") ->
 _PROPS = re.compile(r"Function properties for (\S+)\s*\n(?:ptxas\s+\.)?\s*(\d+) bytes stack frame, "
                     r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 _USED = re.compile(r"Compiling entry function '([^']+)'.*?Used (\d+) registers(?:, used \d+ barriers)?"
-                   r"(?:, (\d+) bytes smem)?", re.S)
+                   r"(?:, \d+ bytes cumulative stack size)?(?:, (\d+) bytes smem)?", re.S)
 
 
 def parse_ptxas(log: str) -> Dict[str, Resources]:

@@ -8,7 +8,7 @@ GPU session can pick the sizing helper's defaults from data:
 * triton "onchip" with the preferred chunk (``GPULOSS_TRITON_CHUNK``) at
   several sizes and the split cap (``GPULOSS_TRITON_MAX_SPLIT``) raised, so
   that long rows are cut into many small register-resident chunks;
-* every cupy variant (``GPULOSS_CUPY_VARIANT``).
+* every cupy variant (``GPULOSS_CUPY_VARIANT``), and the staged variant's knobs.
 
 For cross-entropy loss + gradient (``return_grad=True``, mean reduction) and
 softmax forward at PERF.md's shapes.  Each configuration is checked against
@@ -80,7 +80,21 @@ def configs() -> List[Tuple[str, str, Dict[str, Optional[str]]]]:
         be = gpuloss.get_backend("cupy")
         for v in getattr(be, "variants", lambda: [])():
             out.append((f"cupy {v}", "cupy", {"GPULOSS_CUPY_VARIANT": v}))
+    out += cupy_staged_configs(st["cupy"][0])
     return out
+
+
+def cupy_staged_configs(available: bool) -> List[Tuple[str, str, Dict[str, Optional[str]]]]:
+    """The cupy staged variant's knobs (cupy_backend.plan_staged): a smaller per-block slice
+    (larger clusters, more buffers), fewer buffers in flight, fewer threads per block; "cupy
+    staged" above is the default (64 KB slices, up to 4 buffers, ~4 vectors per thread)."""
+    if not available:
+        return []
+    knobs = [("slice=16KB", {"GPULOSS_CUPY_STAGED_SLICE_KB": "16"}),
+             ("slice=32KB", {"GPULOSS_CUPY_STAGED_SLICE_KB": "32"}),
+             ("nbuf=2", {"GPULOSS_CUPY_STAGED_NBUF": "2"}),
+             ("threads=512", {"GPULOSS_CUPY_STAGED_THREADS": "512"})]
+    return [(f"cupy staged {name}", "cupy", {"GPULOSS_CUPY_VARIANT": "staged", **kv}) for name, kv in knobs]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -48,9 +48,10 @@ def harness(tmp_path_factory):
 
 
 def run(exe, op, x, *, aux=None, t=None, w=None, K=1, T=32, VEC=1, log=False, eps=0.0, z_loss=0.0,
-        softcap=0.0, inv_t=1.0):
+        softcap=0.0, inv_t=1.0, fast=False):
     R, C = x.shape
-    hdr = struct.pack("<8q4d", OPS[op], R, C, K, T, VEC, int(log), int(w is not None), eps, z_loss, softcap, inv_t)
+    hdr = struct.pack("<9q4d", OPS[op], R, C, K, T, VEC, int(log), int(w is not None), int(fast),
+                      eps, z_loss, softcap, inv_t)
     data = [hdr, np.ascontiguousarray(x, np.float32).tobytes()]
     if aux is not None:
         data.append(np.ascontiguousarray(aux, np.float32).tobytes())
@@ -94,8 +95,10 @@ def test_cross_entropy_at_offsets(harness, rng, layout, offset):
     x = _logits(rng, R, C, offset)
     xs = _shifted(x)
     t = rng.integers(0, C, R)
+    t[1] = -100  # an ignored row
+    t[4] = C - 1  # a target in the ragged tail
     w = rng.uniform(0.5, 2.0, C).astype(np.float32).astype(np.float64)
-    for kw in (dict(eps=0.1), dict(eps=0.1, w=w), dict()):
+    for kw in (dict(eps=0.1), dict(eps=0.1, w=w), dict(), dict(fast=True), dict(eps=0.1, w=w, fast=True)):
         loss, g = run(harness, "ce", x, t=t, K=K, T=T, VEC=VEC, **kw)
         rkw = dict(label_smoothing=kw.get("eps", 0.0), weight=kw.get("w"))
         _close(loss, ref.cross_entropy(xs, t, reduction="none", **rkw), f"loss {sorted(kw)}")
@@ -152,13 +155,14 @@ def test_softmax_fwd_bwd(harness, rng, layout, log):
     """The engines' order on the ops without max-relative sums (a check of the harness too)."""
     K, T, VEC = layout
     x = _logits(rng, 5, 517, 1e5)
-    _, y = run(harness, "softmax_fwd", x, K=K, T=T, VEC=VEC, log=log)
-    _close(y, ref.log_softmax(_shifted(x)) if log else ref.softmax(x), "forward")
-    y = y.astype(np.float32).astype(np.float64)
-    dy = rng.standard_normal(x.shape).astype(np.float32).astype(np.float64)
-    _, dx = run(harness, "softmax_bwd", y, aux=dy, K=K, T=T, VEC=VEC, log=log)
-    expect = ref.log_softmax_backward(y, dy) if log else ref.softmax_backward(y, dy)
-    np.testing.assert_allclose(dx, expect, rtol=2e-5, atol=2e-5)
+    for fast in (False, True):
+        _, y = run(harness, "softmax_fwd", x, K=K, T=T, VEC=VEC, log=log, fast=fast)
+        _close(y, ref.log_softmax(_shifted(x)) if log else ref.softmax(x), "forward")
+        y = y.astype(np.float32).astype(np.float64)
+        dy = rng.standard_normal(x.shape).astype(np.float32).astype(np.float64)
+        _, dx = run(harness, "softmax_bwd", y, aux=dy, K=K, T=T, VEC=VEC, log=log, fast=fast)
+        expect = ref.log_softmax_backward(y, dy) if log else ref.softmax_backward(y, dy)
+        np.testing.assert_allclose(dx, expect, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("offset", [1e5, 1e37])

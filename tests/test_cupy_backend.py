@@ -42,7 +42,7 @@ def test_accepts():
 
 
 def test_variants_and_env(monkeypatch):
-    assert cb.CupyBackend.variants() == ("auto", "looped", "onchip")
+    assert cb.CupyBackend.variants() == ("auto", "looped", "onchip", "staged")
     monkeypatch.setenv("GPULOSS_CUPY_VARIANT", "looped")
     assert cb.selected_variant() == "looped"
     monkeypatch.setenv("GPULOSS_CUPY_VARIANT", "fastest")
@@ -163,7 +163,7 @@ def _poisoned_like(cupy, a):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["looped", "onchip"])
+@pytest.mark.parametrize("variant", ["looped", "onchip", "staged"])
 @pytest.mark.parametrize("C", [7, 1000, 32000, 262144])
 def test_gpu_softmax_and_ce_long_rows(monkeypatch, rng, variant, C):
     b = _gpu()
@@ -225,7 +225,7 @@ def _offset_logits(rng, R, C, offset, dtype):
 @pytest.mark.parametrize("variant", [v for v in cb.VARIANTS if v != "auto"])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("offset", [0.0, 1e5, -1e5, 1e30, 1e37, -1e37])
-@pytest.mark.parametrize("C", [1000, 32007])
+@pytest.mark.parametrize("C", [1000, 32000, 32007])
 def test_gpu_precision_at_offsets(monkeypatch, rng, variant, dtype, offset, C):
     """Cross-entropy (label smoothing, class weights, probability targets, in place) and
     distillation KL at logits sharing a large offset, against the float64 reference on the
@@ -363,3 +363,160 @@ def test_launcher_expressions_are_instantiated(cc):
                 }
                 for op, fmt in exprs.items():
                     assert fmt.format(**fill) in cb.name_expressions(op, dt, cc)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: the staged variant (kernels/cuda/staged.cu; its host-side sizing is tested in
+# tests/test_cupy_staged.py).  Every cluster size (1, 2, 4, 8 blocks per row), several rows per
+# cluster so that buffers wrap and the exchange slots alternate (GPULOSS_CUPY_STAGED_CLUSTERS=2),
+# 1 to 4 buffers, ragged row ends, every cross-entropy option; outputs poisoned.
+# ---------------------------------------------------------------------------------------------
+
+
+def _native(h, vals, dtype):
+    """``vals`` (already representable in ``dtype``) on the GPU with every row start 16-byte
+    aligned: a column slice of a buffer whose width is a multiple of 8 when C is not."""
+    R, C = vals.shape
+    width = -(-C // 8) * 8
+    if width == C:
+        return h.asarray(vals, dtype)
+    return h.asarray(np.pad(vals, ((0, 0), (0, width - C))), dtype)[:, :C]
+
+
+def _spy(monkeypatch):
+    """Record every staged launch (None: the call fell back to the row kernels)."""
+    calls = []
+    real = cb._staged_launch
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(cb, "_staged_launch", spy)
+    return calls
+
+
+def _expect_staged(cupy, dtype, C, n_in):
+    """Whether this device takes the shape staged (sm_80 has no clusters: long rows fall back)."""
+    dev = cupy.cuda.Device()
+    optin = int(dev.attributes.get("MaxSharedMemoryPerBlockOptin", 48 * 1024))
+    return cb.plan_staged(C, cb.DTYPES[dtype][1], n_in, int(dev.compute_capability), optin,
+                          **cb._staged_knobs(dtype)) is not None
+
+
+def _setup(monkeypatch, knobs=None):
+    h = _harness()
+    import cupy
+    monkeypatch.setenv("GPULOSS_CUPY_VARIANT", "staged")
+    monkeypatch.setenv("GPULOSS_CUPY_STAGED_CLUSTERS", "2")  # 13 rows on 2 clusters: buffers wrap
+    for k, v in (knobs or {}).items():
+        monkeypatch.setenv(k, v)
+    _poison_allocations(monkeypatch, cupy)
+    return h, cupy, _spy(monkeypatch)
+
+
+#: (C, dtype): cluster sizes 1, 2, 4, 8 on sm_90 at the default slice; ragged rows (C not a
+#: multiple of 16 bytes) in fp32 and fp16; fp64
+LAYOUTS = [(1003, "float32"), (32000, "bfloat16"), (32000, "float32"), (128256, "bfloat16"),
+           (262144, "bfloat16"), (4099, "float16"), (2048, "float64")]
+R_ = 13
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C,dtype", LAYOUTS)
+@pytest.mark.parametrize("knobs", [{}, {"GPULOSS_CUPY_STAGED_NBUF": "1"},
+                                   {"GPULOSS_CUPY_STAGED_NBUF": "2", "GPULOSS_CUPY_STAGED_THREADS": "256"}],
+                         ids=["default", "nbuf1", "nbuf2-t256"])
+def test_gpu_staged_softmax(monkeypatch, rng, C, dtype, knobs):
+    h, cupy, calls = _setup(monkeypatch, knobs)
+    x = _round_to(rng.standard_normal((R_, C)) * 4, dtype)
+    dy = _round_to(rng.standard_normal((R_, C)), dtype)
+    for log in (False, True):
+        y = h.impl.softmax_forward(_native(h, x, dtype), log=log)
+        yv = h.to_numpy(y)
+        np.testing.assert_allclose(yv, ref.log_softmax(x) if log else ref.softmax(x), err_msg=f"fwd log={log}",
+                                   **tol(dtype))
+        dx = h.impl.softmax_backward(_native(h, yv, dtype), _native(h, dy, dtype), log=log)
+        expect = ref.log_softmax_backward(yv, dy) if log else ref.softmax_backward(yv, dy)
+        np.testing.assert_allclose(h.to_numpy(dx), expect, err_msg=f"bwd log={log}", rtol=tol(dtype)["rtol"],
+                                   atol=max(tol(dtype)["atol"], 2e-5))
+    ran = [c is not None for c in calls]  # which calls ran staged (not the fallback)
+    assert ran == [_expect_staged(cupy, dtype, C, 1), _expect_staged(cupy, dtype, C, 2)] * 2, calls
+    assert any(ran) or int(cupy.cuda.Device().compute_capability) < 90
+    print("staged plans", C, dtype, calls)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C,dtype", LAYOUTS)
+@pytest.mark.parametrize("tdtype", ["int64", "int32"])
+def test_gpu_staged_cross_entropy(monkeypatch, rng, C, dtype, tdtype):
+    h, cupy, calls = _setup(monkeypatch)
+    x = _round_to(rng.standard_normal((R_, C)) * 4, dtype)
+    t = rng.integers(0, C, R_)
+    t[3] = -100
+    w = rng.uniform(0.5, 2.0, C).astype(np.float32).astype(np.float64)
+    wdt = "float64" if dtype == "float64" else "float32"
+    cases = [dict(), dict(label_smoothing=0.1), dict(weight=w), dict(z_loss=1e-3), dict(softcap=20.0),
+             dict(label_smoothing=0.1, weight=w, z_loss=1e-4, softcap=30.0)]
+    for kw in cases:
+        for reduction in ("none", "mean"):
+            loss_ref = ref.cross_entropy(x, t, reduction=reduction, **kw)
+            grad_ref = ref.cross_entropy_grad(x, t, reduction=reduction, **kw)[0]
+            for mode in ("grad", "inplace", "loss"):
+                res = h.impl.cross_entropy(_native(h, x, dtype), cupy.asarray(t.astype(tdtype)),
+                                           weight=None if kw.get("weight") is None else h.asarray(w, wdt),
+                                           ignore_index=-100, label_smoothing=kw.get("label_smoothing", 0.0),
+                                           z_loss=kw.get("z_loss", 0.0), softcap=kw.get("softcap"),
+                                           reduction=reduction, want_grad=mode != "loss",
+                                           grad_inplace=mode == "inplace")
+                what = f"{sorted(kw)} {reduction} {mode}"
+                np.testing.assert_allclose(h.to_numpy(res.loss), loss_ref, err_msg=what,
+                                           **tol("float64" if dtype == "float64" else "float32"))
+                if mode != "loss":
+                    g = h.to_numpy(res.grad)
+                    assert np.isfinite(g).all(), what
+                    np.testing.assert_allclose(g, grad_ref, err_msg=what, **tol(dtype))
+    assert calls and all((c is not None) == _expect_staged(cupy, dtype, C, 1) for c in calls), calls
+    assert calls[0] is not None or int(cupy.cuda.Device().compute_capability) < 90
+
+
+@pytest.mark.gpu
+def test_gpu_staged_falls_back(monkeypatch, rng):
+    """Ops and rows the staged kernels do not take run on the row kernels: probability targets,
+    KL, NLL, unaligned rows."""
+    h = _harness()
+    import cupy
+    monkeypatch.setenv("GPULOSS_CUPY_VARIANT", "staged")
+    _poison_allocations(monkeypatch, cupy)
+    R, C = 5, 301  # 301 fp32 elements per row: rows not 16-byte aligned
+    x = rng.standard_normal((R, C)).astype(np.float32).astype(np.float64)
+    d = rng.dirichlet(np.ones(C), R).astype(np.float32).astype(np.float64)
+    res = h.impl.cross_entropy(h.asarray(x, "float32"), h.asarray(d, "float32"), weight=None, ignore_index=-100,
+                               label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="none", want_grad=True)
+    np.testing.assert_allclose(h.to_numpy(res.grad), ref.cross_entropy_grad(x, d, reduction="none")[0],
+                               **tol("float32"))
+    y = h.impl.softmax_forward(h.asarray(x, "float32"), log=False)
+    np.testing.assert_allclose(h.to_numpy(y), ref.softmax(x), **tol("float32"))
+    res = h.impl.kl_div_logits(h.asarray(x, "float32"), h.asarray(x[::-1].copy(), "float32"), temperature=1.0,
+                               target_is_logits=True, reduction="none", want_grad=True)
+    np.testing.assert_allclose(h.to_numpy(res.loss), ref.kl_div_with_logits(x, x[::-1], reduction="none"),
+                               rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_staged_resident_clusters(monkeypatch):
+    """The driver's cluster occupancy answer is read (not the conservative fallback) and is
+    at least what the fallback would have used."""
+    _gpu()
+    import cupy
+    if int(cupy.cuda.Device().compute_capability) < 90:
+        pytest.skip("clusters need sm_90")
+    monkeypatch.delenv("GPULOSS_CUPY_STAGED_CLUSTERS", raising=False)
+    plan = cb.plan_staged(262144, 2, 1, 90, int(cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]))
+    kern = cb._staged_kernel("cross_entropy", "bfloat16", plan.cluster, plan.smem_bytes)
+    exact = cb._max_active_clusters(kern, plan)
+    sms = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+    print("max active clusters of", plan.cluster, "blocks:", exact, "on", sms, "SMs")
+    assert exact is not None and exact >= cb.conservative_clusters(sms, 1, plan.cluster)
+    assert exact * plan.cluster <= sms * cb.staged_blocks_per_sm(plan, kern.num_regs, 228 * 1024)

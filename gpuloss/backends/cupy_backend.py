@@ -49,7 +49,9 @@ _ACC_CTYPE = {"float32": "float", "float64": "double"}
 #: target index dtype -> C++ type
 INDEX_CTYPES = {"int32": "int", "int64": "long long"}
 
-VARIANTS = ("auto", "looped", "onchip")
+#: "staged" (staged.cu) runs softmax forward / backward and class-index cross-entropy; every other
+#: op, and rows it cannot stage, run as "auto".  Not the default: it has not yet run on a GPU.
+VARIANTS = ("auto", "looped", "onchip", "staged")
 #: cluster sizes the onchip variant may use on sm_90.  Clusters of 4 and 8 lost to the looped
 #: kernel on the H200 (bench/RESULTS.md, 2026-11-26: 0.34-0.46 against 0.44-0.59 of the floor)
 #: and are no longer built; the staged variant is the design for rows split over clusters.
@@ -70,6 +72,7 @@ OP_SOURCES = {
     "nll": "rows.cu",
     "kl_div_logits": "rows.cu",
     "elementwise": "elementwise.cu",
+    "staged": "staged.cu",
 }
 #: elementwise OP codes (see elementwise.cu)
 EW_OPS = {"mse": 0, "kl_div": 1, "kl_div_log_target": 2, "bce_with_logits": 3, "bce": 4}
@@ -114,21 +117,28 @@ def name_expressions(op: str, dtype: str, cc: int) -> List[str]:
         out += [f"gpuloss_mean_divisor<{acc}, {ti}>" for ti in INDEX_CTYPES.values()]
     elif op == "elementwise":
         out = [f"gpuloss_elementwise<{tag}, {code}>" for code in sorted(set(EW_OPS.values()))]
+    elif op == "staged":
+        out = [staged_name(o, dtype, k) for k in staged_cluster_sizes(cc) for o in STAGED_OPS]
     else:
         raise ValueError(f"unknown op {op!r}")
     return out
 
 
-def read_source(filename: str) -> str:
-    """Source text with the local ``#include "x.cuh"`` lines expanded in place.
+def read_source(filename: str, _seen: Optional[set] = None) -> str:
+    """Source text with the local ``#include "x.cuh"`` lines expanded in place, each header
+    once (the headers' ``#pragma once``).
 
     Expanding here (rather than ``-I``) keeps CuPy's compile cache honest: its key is the
     source text and options, so an edit to a header changes the key."""
+    seen = set() if _seen is None else _seen
     out = []
     for line in (kernel_dir() / filename).read_text().splitlines():
         s = line.strip()
         if s.startswith("#include") and s.endswith('.cuh"'):
-            out.append(read_source(s.split('"')[1]))
+            header = s.split('"')[1]
+            if header not in seen:
+                seen.add(header)
+                out.append(read_source(header, seen))
         elif s == "#pragma once":
             continue
         else:
@@ -180,6 +190,8 @@ def plan_rows(R: int, C: int, itemsize: int, vec: int, cc: int, smem_optin: int,
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    if variant == "staged":  # what the staged kernels do not take runs as "auto"
+        variant = "auto"
     if C > MAX_COLS:
         raise ValueError(f"rows of {C} elements: the cupy backend takes at most {MAX_COLS} per row")
     budget = smem_optin - STATIC_SMEM_RESERVE
@@ -213,6 +225,100 @@ def plan_rows(R: int, C: int, itemsize: int, vec: int, cc: int, smem_optin: int,
     threads = min(MAX_THREADS, max(MIN_THREADS, _pow2ceil(-(-vecs // VECS_PER_THREAD))))
     grid = min(R * k, (MAX_GRID_X // k) * k)
     return RowPlan(variant=name, vec=vec, cluster=k, threads=threads, smem_bytes=smem, grid=grid)
+
+
+# --------------------------------------------------------------------------------------------
+# The staged variant's sizing (staged.cu): pure functions of the shape and the device limits.
+# --------------------------------------------------------------------------------------------
+
+STAGED_OPS = ("softmax_fwd", "softmax_bwd", "cross_entropy")
+STAGED_CLUSTER_SIZES = (1, 2, 4, 8)   #: portable cluster sizes; > 1 only on sm_90
+STAGED_MAX_BUF = 4                    #: GL_STAGED_MAX_BUF in staged.cu
+STAGED_SLICE_BYTES = 64 * 1024        #: preferred bytes per buffer (all staged inputs of one row slice)
+STAGED_STATIC_RESERVE = 4096          #: static shared memory: reduction scratch, barriers, cluster slots
+STAGED_MIN_THREADS = 128
+STAGED_VECS_PER_THREAD = 4            #: 16-byte vectors per thread per pass: ~4 keeps 32 warps busy
+
+
+def staged_cluster_sizes(cc: int) -> Tuple[int, ...]:
+    return tuple(k for k in STAGED_CLUSTER_SIZES if k == 1 or cc >= 90)
+
+
+def staged_name(op: str, dtype: str, k: int) -> str:
+    """The extern "C" kernel of ``op`` at ``dtype`` over clusters of ``k`` blocks."""
+    return f"gpuloss_{op}_staged_k{k}_{DTYPES[dtype][0]}"
+
+
+def staged_max_threads(dtype: str) -> int:
+    """StagedThreads<D> in staged.cu: the launch bound (fp64 needs more registers)."""
+    return 512 if DTYPES[dtype][2] == "float64" else 1024
+
+
+@dataclass(frozen=True)
+class StagedPlan:
+    """How a staged kernel is launched (the grid follows from how many clusters fit at once)."""
+    cluster: int      # K blocks per row (a thread-block cluster when > 1)
+    chunk: int        # elements of a row per block (a multiple of 16 bytes)
+    nbuf: int         # row buffers per block: rows in flight
+    threads: int
+    smem_bytes: int   # dynamic shared memory per block
+
+
+def plan_staged(C: int, itemsize: int, n_inputs: int, cc: int, smem_optin: int, *, max_threads: int = 1024,
+                slice_bytes: int = STAGED_SLICE_BYTES, nbuf: Optional[int] = None,
+                threads: Optional[int] = None) -> Optional[StagedPlan]:
+    """Staged launch shape for rows of ``C`` elements of ``itemsize`` bytes with ``n_inputs``
+    staged inputs (2 for softmax backward), or None where the variant cannot run (before sm_80,
+    or a row too long to hold two buffers of even on 8 blocks).
+
+    The smallest cluster whose per-block buffer is at most ``slice_bytes`` (else the smallest
+    that double-buffers at all), as many buffers as fit up to STAGED_MAX_BUF (``nbuf``
+    overrides), ~STAGED_VECS_PER_THREAD 16-byte vectors per thread (``threads`` overrides).
+    """
+    if C <= 0 or C > MAX_COLS or cc < 80:
+        return None
+    vec = 16 // itemsize
+    budget = smem_optin - STAGED_STATIC_RESERVE
+    chosen = None
+    for k in staged_cluster_sizes(cc):
+        chunk = -(-(-(-C // k)) // vec) * vec
+        per_buf = chunk * itemsize * n_inputs
+        if 2 * per_buf > budget:
+            continue
+        if chosen is None or per_buf <= slice_bytes:
+            chosen = (k, chunk, per_buf)
+        if per_buf <= slice_bytes:
+            break
+    if chosen is None:
+        return None
+    k, chunk, per_buf = chosen
+    nb = max(1, min(STAGED_MAX_BUF, budget // per_buf, nbuf or STAGED_MAX_BUF))
+    vecs = chunk // vec
+    t = threads or _pow2ceil(-(-vecs // STAGED_VECS_PER_THREAD))
+    t = min(max_threads, max(STAGED_MIN_THREADS, t))
+    return StagedPlan(cluster=k, chunk=chunk, nbuf=nb, threads=t, smem_bytes=nb * per_buf)
+
+
+def staged_blocks_per_sm(plan: StagedPlan, regs: int, smem_per_sm: int, max_threads_per_sm: int = 2048) -> int:
+    """Resident blocks per SM (no cluster constraint): threads, registers, shared memory."""
+    by_threads = max_threads_per_sm // plan.threads
+    by_regs = 65536 // max(1, regs * plan.threads)
+    by_smem = smem_per_sm // (plan.smem_bytes + STAGED_STATIC_RESERVE + 1024)
+    return max(1, min(by_threads, by_regs, by_smem, 32))
+
+
+def staged_grid(R: int, cluster: int, resident_clusters: int) -> int:
+    """Persistent grid: one cluster per co-resident slot, never more clusters than rows.  More
+    clusters than fit at once would run after the others, doubling the time of their rows."""
+    return max(1, min(R, max(1, resident_clusters))) * cluster
+
+
+def conservative_clusters(sm_count: int, blocks_per_sm: int, cluster: int) -> int:
+    """Co-resident clusters without the driver's answer: clusters of 4 and 8 must sit in one GPC
+    (an H100 / H200 has GPCs of 16-18 SMs, and 132 SMs hold 32 clusters of 4, not 33), so
+    count 15/16 of the naive figure for them; pairs of SMs always fit."""
+    n = sm_count * blocks_per_sm // cluster
+    return n if cluster <= 2 else max(1, n * 15 // 16)
 
 
 def plan_elementwise(n: int) -> Tuple[int, int]:
@@ -290,6 +396,132 @@ def _kernel(op: str, dtype: str, expr: str, smem: int = 0):
     return k
 
 
+#: GPULOSS_STAGED_DTYPE codes in staged.cu
+_STAGED_DTYPE_CODES = {"float32": 1, "float64": 2, "float16": 3, "bfloat16": 4}
+
+
+def staged_options(cc: int, k: int, dtype: str) -> Tuple[str, ...]:
+    """The staged module of one cluster size and dtype: its 3 kernels (STAGED_OPS)."""
+    return (*nvrtc_options(cc), f"-DGPULOSS_STAGED_K={k}", f"-DGPULOSS_STAGED_DTYPE={_STAGED_DTYPE_CODES[dtype]}")
+
+
+def _staged_kernel(op: str, dtype: str, k: int, smem: int):
+    import cupy
+    dev, cc, _ = _device_info(cupy)
+    key = (dev, "staged", f"k{k} {dtype}")
+    with _cache_lock:
+        mod = _cache.get(key)
+        if mod is None:
+            # extern "C" kernels: fetched by name, no name expressions needed
+            mod = cupy.RawModule(code=read_source("staged.cu"), options=staged_options(cc, k, dtype))
+            _cache[key] = mod
+    kern = mod.get_function(staged_name(op, dtype, k))
+    if smem > 48 * 1024 and kern.max_dynamic_shared_size_bytes < smem:
+        kern.max_dynamic_shared_size_bytes = smem
+    return kern
+
+
+def _max_active_clusters(kern, plan: StagedPlan) -> Optional[int]:
+    """cuOccupancyMaxActiveClusters for this kernel and launch shape (libcuda through ctypes:
+    CuPy does not wrap it), or None."""
+    import ctypes
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+        fn = lib.cuOccupancyMaxActiveClusters
+    except (OSError, AttributeError):
+        return None
+
+    class LaunchConfig(ctypes.Structure):  # CUlaunchConfig
+        _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                    ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                    ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                    ("attrs", ctypes.c_void_p), ("numAttrs", ctypes.c_uint)]
+
+    fn.argtypes = [ctypes.POINTER(ctypes.c_int), ctypes.c_void_p, ctypes.POINTER(LaunchConfig)]
+    fn.restype = ctypes.c_int
+    cfg = LaunchConfig(plan.cluster, 1, 1, plan.threads, 1, 1, plan.smem_bytes, None, None, 0)
+    n = ctypes.c_int(0)
+    rc = fn(ctypes.byref(n), ctypes.c_void_p(int(kern.kernel.ptr)), ctypes.byref(cfg))
+    return n.value if rc == 0 and n.value > 0 else None
+
+
+def _resident_clusters(kern, plan: StagedPlan) -> int:
+    """How many clusters (blocks, for K = 1) of this launch fit on the device at once;
+    GPULOSS_CUPY_STAGED_CLUSTERS overrides (the tuning sweep)."""
+    import cupy
+    env = os.environ.get("GPULOSS_CUPY_STAGED_CLUSTERS", "").strip()
+    if env:
+        return max(1, int(env))
+    attrs = cupy.cuda.Device().attributes
+    sms = int(attrs.get("MultiProcessorCount", 1))
+    smem_sm = int(attrs.get("MaxSharedMemoryPerMultiprocessor", 228 * 1024))
+    bps = staged_blocks_per_sm(plan, int(getattr(kern, "num_regs", 64) or 64), smem_sm)
+    if plan.cluster == 1:
+        try:
+            from cupy_backends.cuda.api import driver
+            bps = max(1, int(driver.occupancyMaxActiveBlocksPerMultiprocessor(
+                int(kern.kernel.ptr), plan.threads, plan.smem_bytes)))
+        except Exception:  # noqa: BLE001  (fall back to the formula)
+            pass
+        return sms * bps
+    exact = _max_active_clusters(kern, plan)
+    return exact if exact else conservative_clusters(sms, bps, plan.cluster)
+
+
+def _staged_knobs(dtype: str) -> Dict[str, Any]:
+    """plan_staged's overrides from the environment (the tuning sweep's knobs)."""
+    kw: Dict[str, Any] = {"max_threads": staged_max_threads(dtype)}
+    env = os.environ.get
+    if env("GPULOSS_CUPY_STAGED_SLICE_KB"):
+        kw["slice_bytes"] = int(env("GPULOSS_CUPY_STAGED_SLICE_KB")) * 1024
+    if env("GPULOSS_CUPY_STAGED_NBUF"):
+        kw["nbuf"] = int(env("GPULOSS_CUPY_STAGED_NBUF"))
+    if env("GPULOSS_CUPY_STAGED_THREADS"):
+        kw["threads"] = int(env("GPULOSS_CUPY_STAGED_THREADS"))
+    return kw
+
+
+def staged_args(op: str, args: Sequence[Any]) -> Optional[Tuple[Any, ...]]:
+    """The staged kernel's arguments (less nbuf) from the row kernel's, or None where the
+    staged kernels do not take the call (probability targets).  Class-index targets are widened
+    to int64 (O(R) bytes), the one index type the staged kernel takes."""
+    if op in ("softmax_fwd", "softmax_bwd"):
+        return tuple(args)
+    if op == "cross_entropy":
+        (x, t, p, w, div, g, loss, lse, gt, xs, ps, gs, R, C, ign, eps, zl, cap) = args
+        if _is_null(t) or not _is_null(p) or not _is_null(gt):
+            return None
+        if str(t.dtype) != "int64":
+            t = t.astype("int64")
+        return (x, t, w, div, g, loss, lse, xs, gs, R, C, ign, eps, zl, cap)
+    return None
+
+
+def _is_null(a) -> bool:
+    np = _np()
+    return isinstance(a, np.integer) and int(a) == 0
+
+
+def _staged_launch(op: str, dtype: str, R: int, C: int, args: Sequence[Any],
+                   row_arrays: Sequence[Any]) -> Optional[RowPlan]:
+    """Launch ``op`` on the staged kernels if they take it (see staged_args, plan_staged and
+    16-byte aligned rows); None otherwise (the caller runs the row kernels)."""
+    import cupy
+    sargs = staged_args(op, args) if op in STAGED_OPS else None
+    itemsize = DTYPES[dtype][1]
+    if sargs is None or R == 0 or not _aligned(row_arrays, itemsize):
+        return None
+    _, cc, optin = _device_info(cupy)
+    plan = plan_staged(C, itemsize, 2 if op == "softmax_bwd" else 1, cc, optin, **_staged_knobs(dtype))
+    if plan is None:
+        return None
+    kern = _staged_kernel(op, dtype, plan.cluster, plan.smem_bytes)
+    grid = staged_grid(R, plan.cluster, _resident_clusters(kern, plan))
+    kern((grid,), (plan.threads,), (*sargs, _np().int32(plan.nbuf)), shared_mem=plan.smem_bytes)
+    return RowPlan(variant="staged", vec=vec_width(dtype), cluster=plan.cluster, threads=plan.threads,
+                   smem_bytes=plan.smem_bytes, grid=grid)
+
+
 # --------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------
@@ -335,10 +567,15 @@ def _row_launch(op: str, dtype: str, expr_fmt: str, R: int, C: int, args: Sequen
                 row_arrays: Sequence[Any], variant: Optional[str] = None) -> RowPlan:
     """Plan and launch a row kernel; ``expr_fmt`` has {vec}, {k}, {on} holes."""
     import cupy
+    variant = variant or selected_variant()
+    if variant == "staged":
+        staged = _staged_launch(op, dtype, R, C, args, row_arrays)
+        if staged is not None:
+            return staged
     _, cc, optin = _device_info(cupy)
     itemsize = DTYPES[dtype][1]
     vec = vec_width(dtype) if _aligned(row_arrays, itemsize) else 1
-    plan = plan_rows(R, C, itemsize, vec, cc, optin, variant or selected_variant())
+    plan = plan_rows(R, C, itemsize, vec, cc, optin, variant)
     if plan.grid == 0:
         return plan
     expr = expr_fmt.format(vec=plan.vec, k=plan.cluster, on="true" if plan.variant == "onchip" else "false")

@@ -105,6 +105,19 @@ GL_HD float gl_exp_fast(float d) {
 #endif
 }
 GL_HD double gl_exp_fast(double d) { return exp(d); }
+// The same for terms of a sum that holds its largest term, exp(0) = 1 (sum of exp(z - max),
+// and its rescalings): results below 2^-126 are flushed to zero (.ftz: 1 instruction instead of
+// 4), which cannot change an fp32 sum >= 1.  Outputs use gl_exp_fast, which keeps subnormals.
+GL_HD float gl_exp_fast_sum(float d) {
+#ifdef __CUDA_ARCH__
+    float r;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d * 1.4426950408889634f));
+    return r;
+#else
+    return expf(d);
+#endif
+}
+GL_HD double gl_exp_fast_sum(double d) { return exp(d); }
 
 #ifdef __CUDACC__
 // ---------------------------------------------------------------------------------------------
@@ -154,12 +167,53 @@ GL_DEV void load_vec(const typename D::store* p, typename D::acc (&v)[VEC]) {
     unpack<D, VEC>(load_raw<D, VEC>(p), v);
 }
 
+// Two fp32 values rounded (to nearest even) into one 32-bit word of 16-bit values, lo in the
+// low half: cvt.rn.{bf16x2,f16x2}.f32 (sm_80+) puts its first source in the upper half.
+template <class D> struct Pack2;
+template <> struct Pack2<bf16> {
+    static GL_DEV unsigned run(float lo, float hi) {
+        unsigned r;
+        asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+};
+template <> struct Pack2<f16> {
+    static GL_DEV unsigned run(float lo, float hi) {
+        unsigned r;
+        asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+        return r;
+    }
+};
+
+// One 16-byte store to global memory.  Written in PTX: in the larger kernels NVVM split the
+// plain uint4 store into four 4-byte stores (seen in rows.cu's looped cross-entropy and the
+// staged kernels at -O3).
+GL_DEV void st_global16(void* p, uint4 v) {
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(v.x), "r"(v.y), "r"(v.z), "r"(v.w)
+                 : "memory");
+}
+
+// VEC accumulation-type values rounded to the storage type, stored to global memory (outputs).
 template <class D, int VEC>
 GL_DEV void store_vec(typename D::store* p, const typename D::acc (&v)[VEC]) {
     Raw<D, VEC> r;
+    if constexpr (VEC == 8 && sizeof(typename D::store) == 2) {  // 16-bit rows, 16-byte vectors
+        r.u = make_uint4(Pack2<D>::run(v[0], v[1]), Pack2<D>::run(v[2], v[3]), Pack2<D>::run(v[4], v[5]),
+                         Pack2<D>::run(v[6], v[7]));
+    } else {
 #pragma unroll
-    for (int k = 0; k < VEC; ++k) r.s[k] = IO<D>::st(v[k]);
-    store_raw<D, VEC>(p, r);
+        for (int k = 0; k < VEC; ++k) r.s[k] = IO<D>::st(v[k]);
+    }
+    if constexpr (VEC * sizeof(typename D::store) == 16) {
+        st_global16(p, r.u);
+    } else {
+        store_raw<D, VEC>(p, r);
+    }
+}
+
+// 32-bit shared-memory address of a generic pointer into shared memory
+GL_DEV unsigned smem_addr(const void* p) {
+    return (unsigned)__cvta_generic_to_shared(p);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -177,9 +231,6 @@ GL_DEV unsigned cluster_rank() {
 // cluster after it.
 GL_DEV void cluster_sync() {
     asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;" ::: "memory");
-}
-GL_DEV unsigned smem_addr(const void* p) {
-    return (unsigned)__cvta_generic_to_shared(p);
 }
 // Read a float from the shared memory of block ``rank`` of this cluster.
 GL_DEV float ld_cluster(const float* local, unsigned rank) {

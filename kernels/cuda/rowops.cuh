@@ -50,8 +50,12 @@ GL_HD A rel(A z, A m) {
 
 // exp in the accumulation type: accurate (looped / onchip kernels) or ex2.approx of an exactly
 // reduced argument (staged kernels, where 16-bit rows leave ~30 instructions per element).
+// Exp for outputs; ExpSum for the terms and rescalings of sum exp(z - max) (see gl_exp_fast_sum).
 template <bool FAST> struct Exp {
     template <class A> GL_HD A operator()(A d) const { return FAST ? gl_exp_fast(d) : gl_exp(d); }
+};
+template <bool FAST> struct ExpSum {
+    template <class A> GL_HD A operator()(A d) const { return FAST ? gl_exp_fast_sum(d) : gl_exp(d); }
 };
 
 // Fold VEC consecutive elements (columns c .. c+VEC-1, values v, second input aux) into a
@@ -69,15 +73,23 @@ GL_HD void absorb(const Op& op, RowState<A>& st, int c, const A (&v)[VEC], const
         A mn = gl_max(st.m, gm);
         if (mn != -gl_inf<A>()) {
             op.rebase(st, mn);
-            A s = st.s * op.ex(st.m - mn);
+            A s = st.s * op.ex_sum(st.m - mn);
 #pragma unroll
-            for (int k = 0; k < VEC; ++k) s += op.ex(z[k] - mn);
+            for (int k = 0; k < VEC; ++k) s += op.ex_sum(z[k] - mn);
             st.s = s;
             st.m = mn;
         }
     }
 #pragma unroll
     for (int k = 0; k < VEC; ++k) op.acc(st, c + k, v[k], z[k], aux[k]);
+}
+
+// Phase 2 for VEC consecutive elements: o = op.out per element.  Ops may overload this for a
+// leaner path (CrossEntropyOp below).
+template <int VEC, class Op, class A>
+GL_HD void outputs(const Op& op, int c, const A (&x)[VEC], const A (&aux)[VEC], A (&o)[VEC]) {
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) o[k] = op.out(c + k, x[k], op.z(x[k]), Op::kAux ? aux[k] : (A)0);
 }
 
 // The combination every op with a running (m, s) and max-relative sums (a0, a1) uses; a2 is a
@@ -112,10 +124,11 @@ template <class D, bool FAST = false> struct SoftmaxFwdOp {
     void* O;
     A m, logs, inv_s;
     GL_HD A ex(A d) const { return Exp<FAST>()(d); }
+    GL_HD A ex_sum(A d) const { return ExpSum<FAST>()(d); }
     GL_HD void begin_row(i64, const S*) {}
     GL_HD const S* aux_row(i64) const { return (const S*)0; }
     static GL_HD RowState<A> identity() { return identity_state<A>(); }
-    static GL_HD void combine(RowState<A>& a, const RowState<A>& b) { combine_rel(a, b, Exp<FAST>()); }
+    static GL_HD void combine(RowState<A>& a, const RowState<A>& b) { combine_rel(a, b, ExpSum<FAST>()); }
     GL_HD void rebase(RowState<A>&, A) const {}
     GL_HD A z(A x) const { return x; }
     GL_HD void acc(RowState<A>&, int, A, A, A) const {}
@@ -142,6 +155,7 @@ template <class D, bool FAST = false> struct SoftmaxBwdOp {
     i64 DY_row_stride;
     A tot;
     GL_HD A ex(A d) const { return Exp<FAST>()(d); }
+    GL_HD A ex_sum(A d) const { return ExpSum<FAST>()(d); }
     GL_HD void begin_row(i64, const S*) {}
     GL_HD const S* aux_row(i64 row) const { return DY + row * DY_row_stride; }
     static GL_HD RowState<A> identity() { return identity_state<A>(); }
@@ -188,8 +202,10 @@ template <class D, class TI, bool PROB, bool FAST = false> struct CrossEntropyOp
     i64 t;
     int tc;  // the target's column, -1 for none (ignored or invalid)
     A zt, m, logs, inv_s, rs, coef_p, coef_t;
+    A scale_p;  // rs * coef_p / s: the plain gradient is scale_p * exp(z - m) (outputs() below)
 
     GL_HD A ex(A d) const { return Exp<FAST>()(d); }
+    GL_HD A ex_sum(A d) const { return ExpSum<FAST>()(d); }
     GL_HD void begin_row(i64 row, const S* xr) {
         if (PROB) {
             gtr = GT ? GT + row * C : (S*)0;
@@ -202,7 +218,7 @@ template <class D, class TI, bool PROB, bool FAST = false> struct CrossEntropyOp
     }
     GL_HD const S* aux_row(i64 row) const { return P + row * P_row_stride; }
     static GL_HD RowState<A> identity() { return identity_state<A>(); }
-    static GL_HD void combine(RowState<A>& a, const RowState<A>& b) { combine_rel(a, b, Exp<FAST>()); }
+    static GL_HD void combine(RowState<A>& a, const RowState<A>& b) { combine_rel(a, b, ExpSum<FAST>()); }
     GL_HD void rebase(RowState<A>& st, A mn) const {
         if (PROB || eps != (A)0) st.a0 = rebase_rel(st.a0, st.a1, st.m, mn);
     }
@@ -248,6 +264,7 @@ template <class D, class TI, bool PROB, bool FAST = false> struct CrossEntropyOp
             coef_t = (1 - eps) * wt;
             coef_p = coef_t + (eps != (A)0 ? eps_c * st.a1 : (A)0) + zgrad;
         }
+        scale_p = rs * coef_p * inv_s;
         if (writer) {
             Loss[row] = loss;
             if (Lse) Lse[row] = (float)lse;
@@ -273,6 +290,27 @@ template <class D, class TI, bool PROB, bool FAST = false> struct CrossEntropyOp
     }
 };
 
+// Cross-entropy phase 2 in the staged kernels (FAST): with class-index targets and no softcap,
+// weight or smoothing (the common LLM case) the gradient is scale_p exp(z - m) but at the
+// target, so the options' per-element branches and the target compare leave the loop: one
+// compare per vector, and the target's element is redone as out() would.
+template <int VEC, class D, class TI, bool PROB, bool FAST, class A>
+GL_HD void outputs(const CrossEntropyOp<D, TI, PROB, FAST>& op, int c, const A (&x)[VEC], const A (&aux)[VEC],
+                   A (&o)[VEC]) {
+    if (!FAST || PROB || op.cap > (A)0 || op.W || op.eps != (A)0) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k) o[k] = op.out(c + k, x[k], op.z(x[k]), PROB ? aux[k] : (A)0);
+        return;
+    }
+#pragma unroll
+    for (int k = 0; k < VEC; ++k) o[k] = op.scale_p * op.ex(x[k] - op.m);
+    if ((unsigned)(op.tc - c) < (unsigned)VEC) {
+#pragma unroll
+        for (int k = 0; k < VEC; ++k)
+            if (c + k == op.tc) o[k] = op.out(c + k, x[k], x[k], (A)0);
+    }
+}
+
 // NLL on log-probabilities: loss = -w_t logp_t, dlogp_j = -s w_t [j == t].  Reads only the
 // target element of each row (kReads = false) and writes the whole gradient row.
 template <class D, class TI> struct NllOp {
@@ -289,6 +327,7 @@ template <class D, class TI> struct NllOp {
     int tc;  // the target's column; -1 none (ignored), -2 invalid (the whole row is NaN)
     A xt, g;
     GL_HD A ex(A d) const { return gl_exp(d); }
+    GL_HD A ex_sum(A d) const { return gl_exp(d); }
     GL_HD void begin_row(i64 row, const S* xr) {
         t = (i64)Tgt[row];
         xt = (t >= 0 && t < C) ? IO<D>::ld(xr[t]) : (A)0;
@@ -337,6 +376,7 @@ template <class D, bool TLOGITS, bool FAST = false> struct KlLogitsOp {
     A inv_t, scale;
     A m, inv_s, ym, inv_ys, sum_d;
     GL_HD A ex(A d) const { return Exp<FAST>()(d); }
+    GL_HD A ex_sum(A d) const { return ExpSum<FAST>()(d); }
     GL_HD void begin_row(i64, const S*) {}
     GL_HD const S* aux_row(i64 row) const { return Y + row * Y_row_stride; }
     static GL_HD RowState<A> identity() {
@@ -348,7 +388,7 @@ template <class D, bool TLOGITS, bool FAST = false> struct KlLogitsOp {
     static GL_HD void merge_y(RowState<A>& a, A b0, A b1, A b2) {
         A mn = gl_max(a.a0, b0);
         if (mn != -gl_inf<A>()) {
-            A fa = Exp<FAST>()(a.a0 - mn), fb = Exp<FAST>()(b0 - mn);
+            A fa = ExpSum<FAST>()(a.a0 - mn), fb = ExpSum<FAST>()(b0 - mn);
             a.a1 = a.a1 * fa + b1 * fb;
             a.a2 = a.a2 * fa + b2 * fb;
         }
@@ -356,10 +396,10 @@ template <class D, bool TLOGITS, bool FAST = false> struct KlLogitsOp {
     }
     static GL_HD void combine(RowState<A>& a, const RowState<A>& b) {
         if (TLOGITS) {
-            merge_ms(a.m, a.s, b.m, b.s, Exp<FAST>());
+            merge_ms(a.m, a.s, b.m, b.s, ExpSum<FAST>());
             merge_y(a, b.a0, b.a1, b.a2);
         } else {
-            combine_rel(a, b, Exp<FAST>());
+            combine_rel(a, b, ExpSum<FAST>());
         }
     }
     GL_HD void rebase(RowState<A>& st, A mn) const {

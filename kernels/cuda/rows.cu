@@ -17,6 +17,7 @@
 // A second input row (op.kAux: dy, probability targets, teacher logits) is read in both phases.
 // Offsets are 64-bit from the start: row * X_row_stride can pass 2^31.
 #include "rowops.cuh"
+#include "reduce.cuh"
 
 #ifdef GPULOSS_HAS_CLUSTER
 #define GL_CLUSTER(K) __cluster_dims__(K, 1, 1)
@@ -31,37 +32,6 @@
 #define GL_MAX_THREADS 512
 // the longest row: column indices and c + blockDim * VEC stay inside an int
 #define GL_MAX_COLS (0x7fffffff - 65536)
-
-template <class A>
-__device__ __forceinline__ RowState<A> shfl_state(const RowState<A>& st, int o) {
-    RowState<A> r;
-    r.m = __shfl_xor_sync(0xffffffffu, st.m, o);
-    r.s = __shfl_xor_sync(0xffffffffu, st.s, o);
-    r.a0 = __shfl_xor_sync(0xffffffffu, st.a0, o);
-    r.a1 = __shfl_xor_sync(0xffffffffu, st.a1, o);
-    r.a2 = __shfl_xor_sync(0xffffffffu, st.a2, o);
-    return r;
-}
-
-// Block reduction of a RowState with Op::combine.  Every thread gets the result.  The
-// combination order is fixed, so every block of a cluster later merges the partials alike.
-template <class Op, class A>
-__device__ RowState<A> block_reduce(RowState<A> st, RowState<A>* scratch) {
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nwarps = (blockDim.x + 31) >> 5;
-#pragma unroll
-    for (int o = 16; o > 0; o >>= 1) Op::combine(st, shfl_state(st, o));
-    if (lane == 0) scratch[warp] = st;
-    __syncthreads();
-    if (warp == 0) {
-        st = lane < nwarps ? scratch[lane] : Op::identity();
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) Op::combine(st, shfl_state(st, o));
-        if (lane == 0) scratch[32] = st;
-    }
-    __syncthreads();
-    st = scratch[32];
-    return st;
-}
 
 // The engine.  Op: see rowops.cuh.
 template <class D, class Op, int VEC, int K, bool ONCHIP>
@@ -149,8 +119,7 @@ __device__ __forceinline__ void run_rows(Op& op, const typename D::store* __rest
                     load_vec<D, VEC>(xr + c, v);
                 }
                 if (Op::kAux) load_vec<D, VEC>(ar + c, aux);
-#pragma unroll
-                for (int k = 0; k < VEC; ++k) o[k] = op.out(c + k, v[k], op.z(v[k]), Op::kAux ? aux[k] : (A)0);
+                outputs<VEC>(op, c, v, aux, o);
                 if (orow) store_vec<D, VEC>(orow + c, o);
             }
             for (int c = nvec_end + tid; c < c1; c += T) {

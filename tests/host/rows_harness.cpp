@@ -7,12 +7,14 @@
 // What differs from the GPU: FMA contraction, and expf / ex2.approx's last bits.
 //
 // Protocol (tests/test_cuda_host_harness.py): stdin holds
-//   int64 op, R, C, K, T, VEC, log, has_weight;  float64 eps, z_loss, softcap, inv_t;
+//   int64 op, R, C, K, T, VEC, log, has_weight, fast;  float64 eps, z_loss, softcap, inv_t;
 //   float32 x[R*C]; float32 aux[R*C] (ops with a second row); int64 t[R] (class targets);
 //   float32 w[C] (has_weight)
 // and stdout gets float32 loss[R] (row losses; unused for softmax), float32 out[R*C].
 // op: 0 softmax_fwd, 1 softmax_bwd, 2 cross-entropy (class index), 3 cross-entropy
 // (probabilities), 4 KL from logits with probability targets, 5 KL with teacher logits.
+// fast = 1 runs the staged kernels' instantiations (FAST: exp2-based exp on the GPU, the same
+// expf here; cross-entropy's lean phase 2, outputs() in rowops.cuh).
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -89,8 +91,26 @@ static void run(Op& op, const float* X, const float* AUX, float* out, i64 R, i64
             for (int r = 0; r < K; ++r) Op::combine(st, ranks[r]);
         }
         op.finish(row, st, true);
-        if (op.has_phase2)
-            for (int c = 0; c < C; ++c) out[row * C + c] = op.out(c, xr[c], op.z(xr[c]), ar ? ar[c] : 0.f);
+        if (!op.has_phase2) continue;
+        for (int rank = 0; rank < K; ++rank) {  // phase 2 as the engines run it: outputs() per vector
+            const int c0 = rank * chunk;
+            const int c1 = c0 + chunk < C ? c0 + chunk : (int)C;
+            const int nvec_end = c1 > c0 ? c0 + (c1 - c0) / VEC * VEC : c0;
+            for (int c = c0; c < nvec_end; c += VEC) {
+                float v[VEC], aux[VEC], o[VEC];
+                for (int k = 0; k < VEC; ++k) {
+                    v[k] = xr[c + k];
+                    aux[k] = ar ? ar[c + k] : 0.f;
+                }
+                outputs<VEC>(op, c, v, aux, o);
+                for (int k = 0; k < VEC; ++k) out[row * C + c + k] = o[k];
+            }
+            for (int c = nvec_end; c < c1; ++c) {
+                float v[1] = {xr[c]}, aux[1] = {ar ? ar[c] : 0.f}, o[1];
+                outputs<1>(op, c, v, aux, o);
+                out[row * C + c] = o[0];
+            }
+        }
     }
 }
 
@@ -116,11 +136,11 @@ static std::vector<T_> read_n(size_t n) {
 }
 
 int main() {
-    std::vector<i64> h = read_n<i64>(8);
+    std::vector<i64> h = read_n<i64>(9);
     std::vector<double> p = read_n<double>(4);
     const i64 op = h[0], R = h[1], C = h[2];
     const int K = (int)h[3], T = (int)h[4], VEC = (int)h[5];
-    const bool log = h[6] != 0, has_w = h[7] != 0;
+    const bool log = h[6] != 0, has_w = h[7] != 0, fast = h[8] != 0;
     const float eps = (float)p[0], zl = (float)p[1], cap = (float)p[2], inv_t = (float)p[3];
     const bool has_aux = op == 1 || op == 3 || op == 4 || op == 5;
     std::vector<float> x = read_n<float>(R * C);
@@ -130,13 +150,21 @@ int main() {
     std::vector<float> loss(R, 0.f), lse(R, 0.f), out(R * C, nanf(""));
     const float* A = has_aux ? aux.data() : 0;
     if (op == 0) {
+        auto go = [&](auto& o) {
+            o.has_phase2 = true; o.log = log; o.O = out.data();
+            run_vec(o, x.data(), A, out.data(), R, C, K, T, VEC);
+        };
         SoftmaxFwdOp<f32> o;
-        o.has_phase2 = true; o.log = log; o.O = out.data();
-        run_vec(o, x.data(), A, out.data(), R, C, K, T, VEC);
+        SoftmaxFwdOp<f32, true> of;
+        if (fast) go(of); else go(o);
     } else if (op == 1) {
+        auto go = [&](auto& o) {
+            o.has_phase2 = true; o.log = log; o.O = out.data(); o.DY = aux.data(); o.DY_row_stride = C;
+            run_vec(o, x.data(), A, out.data(), R, C, K, T, VEC);
+        };
         SoftmaxBwdOp<f32> o;
-        o.has_phase2 = true; o.log = log; o.O = out.data(); o.DY = aux.data(); o.DY_row_stride = C;
-        run_vec(o, x.data(), A, out.data(), R, C, K, T, VEC);
+        SoftmaxBwdOp<f32, true> of;
+        if (fast) go(of); else go(o);
     } else if (op == 2 || op == 3) {
         // both instantiations share the setup; PROB reads the targets as the second row
         auto setup = [&](auto& o) {
@@ -146,7 +174,12 @@ int main() {
             o.eps = eps; o.eps_c = eps / (float)C; o.zl = zl; o.cap = cap;
             o.inv_cap = cap > 0 ? 1.f / cap : 0.f;
         };
-        if (op == 2) {
+        if (op == 2 && fast) {
+            CrossEntropyOp<f32, i64, false, true> o;
+            setup(o);
+            o.Tgt = t.data();
+            run_vec(o, x.data(), A, out.data(), R, C, K, T, VEC);
+        } else if (op == 2) {
             CrossEntropyOp<f32, i64, false> o;
             setup(o);
             o.Tgt = t.data();
