@@ -64,6 +64,7 @@ def test_plan_staged_refuses_and_overrides():
     p = cb.plan_staged(32000, 2, 1, 90, H100_SMEM, nbuf=2, threads=256, slice_bytes=16 * 1024)
     assert (p.cluster, p.nbuf, p.threads) == (4, 2, 256)
     assert cb.plan_staged(32000, 8, 1, 90, H100_SMEM, max_threads=512).threads <= 512
+    assert cb.plan_staged(32000, 2, 1, 90, H100_SMEM, threads=200).threads == 256  # whole warps, a power of 2
 
 
 def test_staged_grid_and_clusters():

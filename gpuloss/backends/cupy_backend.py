@@ -269,7 +269,7 @@ def plan_staged(C: int, itemsize: int, n_inputs: int, cc: int, smem_optin: int, 
                 threads: Optional[int] = None) -> Optional[StagedPlan]:
     """Staged launch shape for rows of ``C`` elements of ``itemsize`` bytes with ``n_inputs``
     staged inputs (2 for softmax backward), or None where the variant cannot run (before sm_80,
-    or a row too long to hold two buffers of even on 8 blocks).
+    or a row too long to double-buffer even over 8 blocks).
 
     The smallest cluster whose per-block buffer is at most ``slice_bytes`` (else the smallest
     that double-buffers at all), as many buffers as fit up to STAGED_MAX_BUF (``nbuf``
@@ -294,7 +294,7 @@ def plan_staged(C: int, itemsize: int, n_inputs: int, cc: int, smem_optin: int, 
     k, chunk, per_buf = chosen
     nb = max(1, min(STAGED_MAX_BUF, budget // per_buf, nbuf or STAGED_MAX_BUF))
     vecs = chunk // vec
-    t = threads or _pow2ceil(-(-vecs // STAGED_VECS_PER_THREAD))
+    t = _pow2ceil(threads or -(-vecs // STAGED_VECS_PER_THREAD))  # whole warps: the block reduction
     t = min(max_threads, max(STAGED_MIN_THREADS, t))
     return StagedPlan(cluster=k, chunk=chunk, nbuf=nb, threads=t, smem_bytes=nb * per_buf)
 
