@@ -11,7 +11,7 @@ by ``gpuloss.tuning``) from data:
   fp32 candidate measured at 593cda8);
 * triton "packed" (one read, 2-byte rows kept packed in registers, sized to
   not spill: ``PACKED_SIZING``);
-* every cupy variant (``GPULOSS_CUPY_VARIANT``).
+* every cupy variant (``GPULOSS_CUPY_VARIANT``), and the staged variant's knobs.
 
 Ops: cross-entropy loss + gradient (mean reduction; also in place at one
 shape), CE loss only, softmax and log_softmax forward, softmax backward, at
@@ -120,6 +120,7 @@ def configs() -> List[Tuple[str, str, Dict[str, Optional[str]]]]:
         be = gpuloss.get_backend("cupy")
         for v in getattr(be, "variants", lambda: [])():
             out.append((f"cupy {v}", "cupy", {"GPULOSS_CUPY_VARIANT": v}))
+    out += cupy_staged_configs(st["cupy"][0])
     return out
 
 
@@ -128,9 +129,9 @@ def _table_form(name: str) -> Optional[Tuple[str, str, Dict[str, Any]]]:
     if name in TABLE_FORM:
         variant, cfg = TABLE_FORM[name]
         return "triton", variant, dict(cfg)
-    if name.startswith("cupy "):
-        return "cupy", name.split(" ", 1)[1], {}
-    return None
+    if name == "cupy auto":  # what the dispatcher runs when it picks cupy: its own variant choice
+        return "cupy", "auto", {}
+    return None  # other cupy variants are chosen by GPULOSS_CUPY_VARIANT, not by the table
 
 
 def write_table(rows: List[Dict[str, Any]], path: str, arch: str, run_id: Optional[str],
@@ -229,6 +230,19 @@ def _floor_bytes(op: str, N: int, V: int, esz: int) -> int:
     if op == "softmax_bwd":
         return 3 * N * V * esz
     return 2 * N * V * esz
+
+
+def cupy_staged_configs(available: bool) -> List[Tuple[str, str, Dict[str, Optional[str]]]]:
+    """The cupy staged variant's knobs (gpuloss.backends.cupy.staged.plan_staged): a smaller per-block slice
+    (larger clusters, more buffers), fewer buffers in flight, fewer threads per block; "cupy
+    staged" above is the default (64 KB slices, up to 4 buffers, ~4 vectors per thread)."""
+    if not available:
+        return []
+    knobs = [("slice=16KB", {"GPULOSS_CUPY_STAGED_SLICE_KB": "16"}),
+             ("slice=32KB", {"GPULOSS_CUPY_STAGED_SLICE_KB": "32"}),
+             ("nbuf=2", {"GPULOSS_CUPY_STAGED_NBUF": "2"}),
+             ("threads=512", {"GPULOSS_CUPY_STAGED_THREADS": "512"})]
+    return [(f"cupy staged {name}", "cupy", {"GPULOSS_CUPY_VARIANT": "staged", **kv}) for name, kv in knobs]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -12,7 +12,7 @@ import pytest
 
 from gpuloss import reference as ref
 from gpuloss.backends import cupy as cb
-from gpuloss.backends.cupy import build as cb_build, common as cb_common, plan as cb_plan
+from gpuloss.backends.cupy import build as cb_build, common as cb_common, plan as cb_plan, staged as cb_staged
 
 from conftest import tol
 from prims import prim
@@ -44,7 +44,7 @@ def test_accepts():
 
 
 def test_variants_and_env(monkeypatch):
-    assert cb.CupyBackend.variants() == ("auto", "looped", "onchip")
+    assert cb.CupyBackend.variants() == ("auto", "looped", "onchip", "staged")
     monkeypatch.setenv("GPULOSS_CUPY_VARIANT", "looped")
     assert cb_plan.selected_variant() == "looped"
     monkeypatch.setenv("GPULOSS_CUPY_VARIANT", "fastest")
@@ -69,10 +69,13 @@ H100_SMEM = 227 * 1024
 A100_SMEM = 163 * 1024
 
 
-def test_plan_rows_explicit_onchip_uses_large_clusters():
-    """variant="onchip" still splits long rows over clusters of 4 and 8."""
-    assert cb_plan.plan_rows(16384, 128256, 2, 8, 90, H100_SMEM, "onchip").cluster == 4   # 4 x 62.6 KB
-    assert cb_plan.plan_rows(4096, 262144, 2, 8, 90, H100_SMEM, "onchip").cluster == 8    # 8 x 64 KB
+def test_plan_rows_explicit_onchip_fills_the_budget():
+    """variant="onchip" takes slices up to the whole shared-memory budget, over clusters of at
+    most 2 (larger ones are not built: they lost on the H200)."""
+    assert cb_build.CLUSTER_SIZES == (1, 2)
+    p = cb_plan.plan_rows(16384, 128256, 2, 8, 90, H100_SMEM, "onchip")
+    assert (p.variant, p.cluster, p.smem_bytes) == ("onchip", 2, 64128 * 2)           # 2 x 125 KB
+    assert cb_plan.plan_rows(4096, 262144, 2, 8, 90, H100_SMEM, "onchip").variant == "looped"  # 2 x 256 KB
     assert cb_plan.plan_rows(64, 32000, 4, 4, 80, A100_SMEM, "onchip").cluster == 1       # 125 KB fits the A100
 
 
@@ -108,6 +111,11 @@ def test_plan_rows_edges():
     assert big.grid <= cb_plan.MAX_GRID_X and big.grid % big.cluster == 0
     with pytest.raises(ValueError):
         cb_plan.plan_rows(1, 1, 4, 1, 90, H100_SMEM, "fast")
+    # column indices are 32-bit inside a row (rows.cu GL_MAX_COLS)
+    assert cb_plan.plan_rows(1, cb_plan.MAX_COLS, 2, 8, 90, H100_SMEM).variant == "looped"
+    with pytest.raises(ValueError, match="per row"):
+        cb_plan.plan_rows(1, cb_plan.MAX_COLS + 1, 2, 8, 90, H100_SMEM)
+    assert "0x7fffffff - 65536" in cb_build.read_source("rows.cu") and cb_plan.MAX_COLS == 0x7FFFFFFF - 65536
 
 
 def test_plan_elementwise():
@@ -122,7 +130,8 @@ def test_name_expressions(cc):
         assert len(ce) == len(set(ce))
         tag = cb_build.DTYPES[dt][0]
         assert f"gpuloss_cross_entropy<{tag}, long long, false, 1, 1, false>" in ce
-        has_cluster = any(", 8, true>" in n for n in ce)
+        has_cluster = any(", 2, true>" in n for n in ce)
+        assert not any(", 4, true>" in n or ", 8, true>" in n for n in ce)
         assert has_cluster == (cc >= 90)
     opts = cb_build.nvrtc_options(cc)
     assert ("-DGPULOSS_HAS_CLUSTER=1" in opts) == (cc >= 90)
@@ -156,7 +165,7 @@ def _poisoned_like(cupy, a):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("variant", ["looped", "onchip"])
+@pytest.mark.parametrize("variant", ["looped", "onchip", "staged"])
 @pytest.mark.parametrize("C", [7, 1000, 32000, 262144])
 def test_gpu_softmax_and_ce_long_rows(monkeypatch, rng, variant, C):
     b = _gpu()
@@ -174,6 +183,100 @@ def test_gpu_softmax_and_ce_long_rows(monkeypatch, rng, variant, C):
     np.testing.assert_allclose(float(res.loss), ref.cross_entropy(x32, t, label_smoothing=0.1, z_loss=1e-3), **tol("float32"))
     g, _ = ref.cross_entropy_grad(x32, t, label_smoothing=0.1, z_loss=1e-3)
     np.testing.assert_allclose(cupy.asnumpy(res.grad), g, rtol=1e-4, atol=1e-7)
+
+
+def _poison_allocations(monkeypatch, cupy):
+    """Every cupy.empty during the test comes back filled with NaN (bf16 bits: 0x7fc0), so an
+    element a kernel fails to write shows up as NaN."""
+    real = cupy.empty
+
+    def empty(*args, **kwargs):
+        out = real(*args, **kwargs)
+        if out.dtype.kind == "f":
+            out.fill(float("nan"))
+        elif str(out.dtype) in ("int16", "uint16"):
+            out.fill(0x7FC0)
+        return out
+
+    monkeypatch.setattr(cupy, "empty", empty)
+
+
+def _harness():
+    from conftest import BackendHarness
+    return BackendHarness(name="cupy", impl=_gpu(), device="cuda")
+
+
+def _round_to(x, dtype):
+    torch = pytest.importorskip("torch")
+    return torch.tensor(x).to(getattr(torch, dtype)).double().numpy()
+
+
+def _offset_logits(rng, R, C, offset, dtype):
+    """Rows of offset + N(0, 4) and rows a few ulps of ``dtype`` apart at ``offset``, rounded to
+    ``dtype``; and the same rows minus their maxima (exact), for the float64 reference, which
+    itself rounds lse = 1e30 + log C to 1e30.  Loss and gradient are shift invariant."""
+    ulp = {"float32": 2.0 ** -23, "bfloat16": 2.0 ** -7}[dtype]
+    x = np.empty((R, C))
+    x[: R // 2] = offset + 4 * rng.standard_normal((R // 2, C))
+    x[R // 2:] = (offset or 1.0) * (1 + 4 * ulp * rng.standard_normal((R - R // 2, C)))
+    x = _round_to(x, dtype)
+    return x, x - x.max(1, keepdims=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", [v for v in cb_build.VARIANTS if v != "auto"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("offset", [0.0, 1e5, -1e5, 1e30, 1e37, -1e37])
+@pytest.mark.parametrize("C", [1000, 32000, 32007])
+def test_gpu_precision_at_offsets(monkeypatch, rng, variant, dtype, offset, C):
+    """Cross-entropy (label smoothing, class weights, probability targets, in place) and
+    distillation KL at logits sharing a large offset, against the float64 reference on the
+    shifted rows; every output poisoned first.  Sums of raw logits fail this at 1e5 and give
+    nan at 1e37 (tests/test_cuda_host_harness.py shows both on the CPU)."""
+    h = _harness()
+    import cupy
+    monkeypatch.setenv("GPULOSS_CUPY_VARIANT", variant)
+    _poison_allocations(monkeypatch, cupy)
+    R = 6
+    x, xs = _offset_logits(rng, R, C, offset, dtype)
+    t = rng.integers(0, C, R)
+    w = rng.uniform(0.5, 2.0, C).astype(np.float32).astype(np.float64)
+    d = rng.dirichlet(np.ones(C), R)
+    d = _round_to(d, dtype)
+    cases = [dict(label_smoothing=0.1), dict(label_smoothing=0.1, weight=w), dict()]
+    if abs(offset) <= 1e5:
+        cases.append(dict(label_smoothing=0.1, z_loss=1e-3))  # lse^2 overflows fp32 beyond ~1e19
+    for kw in cases:
+        for inplace in (False, True):
+            res = prim(h.impl, "cross_entropy", h.asarray(x, dtype), cupy.asarray(t),
+                                       weight=None if kw.get("weight") is None else cupy.asarray(w, cupy.float32),
+                                       ignore_index=-100, label_smoothing=kw.get("label_smoothing", 0.0),
+                                       z_loss=kw.get("z_loss", 0.0), softcap=None, reduction="none",
+                                       want_grad=True, grad_inplace=inplace)
+            xr = xs if "z_loss" not in kw else x
+            np.testing.assert_allclose(h.to_numpy(res.loss), ref.cross_entropy(xr, t, reduction="none", **kw),
+                                       err_msg=f"loss {kw} inplace={inplace}", **tol("float32"))
+            g = h.to_numpy(res.grad)
+            assert np.isfinite(g).all()
+            np.testing.assert_allclose(g, ref.cross_entropy_grad(xr, t, reduction="none", **kw)[0],
+                                       err_msg=f"grad {kw}", **tol(dtype))
+    res = prim(h.impl, "cross_entropy", h.asarray(x, dtype), h.asarray(d, dtype), weight=cupy.asarray(w, cupy.float32),
+                               ignore_index=-100, label_smoothing=0.05, z_loss=0.0, softcap=None,
+                               reduction="none", want_grad=True)
+    kw = dict(weight=w, label_smoothing=0.05, reduction="none")
+    np.testing.assert_allclose(h.to_numpy(res.loss), ref.cross_entropy(xs, d, **kw), err_msg="prob loss",
+                               **tol("float32"))
+    np.testing.assert_allclose(h.to_numpy(res.grad), ref.cross_entropy_grad(xs, d, **kw)[0], err_msg="prob grad",
+                               **tol(dtype))
+    y, ys = _offset_logits(rng, R, C, offset, dtype)
+    for target_is_logits, tgt, tref in ((True, y, ys), (False, d, d)):
+        res = prim(h.impl, "kl_div_logits", h.asarray(x, dtype), h.asarray(tgt, dtype), temperature=2.0,
+                                   target_is_logits=target_is_logits, reduction="none", want_grad=True)
+        kw = dict(temperature=2.0, reduction="none", target_is_logits=target_is_logits)
+        np.testing.assert_allclose(h.to_numpy(res.loss), ref.kl_div_with_logits(xs, tref, **kw),
+                                   err_msg=f"kl {target_is_logits}", rtol=2e-5, atol=2e-5)
+        np.testing.assert_allclose(h.to_numpy(res.grad), ref.kl_div_with_logits_grad(xs, tref, **kw)[0],
+                                   err_msg=f"kl grad {target_is_logits}", **tol(dtype))
 
 
 @pytest.mark.gpu
@@ -262,3 +365,160 @@ def test_launcher_expressions_are_instantiated(cc):
                 }
                 for op, fmt in exprs.items():
                     assert fmt.format(**fill) in cb_build.name_expressions(op, dt, cc)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU only: the staged variant (kernels/cuda/staged.cu; its host-side sizing is tested in
+# tests/test_cupy_staged.py).  Every cluster size (1, 2, 4, 8 blocks per row), several rows per
+# cluster so that buffers wrap and the exchange slots alternate (GPULOSS_CUPY_STAGED_CLUSTERS=2),
+# 1 to 4 buffers, ragged row ends, every cross-entropy option; outputs poisoned.
+# ---------------------------------------------------------------------------------------------
+
+
+def _native(h, vals, dtype):
+    """``vals`` (already representable in ``dtype``) on the GPU with every row start 16-byte
+    aligned: a column slice of a buffer whose width is a multiple of 8 when C is not."""
+    R, C = vals.shape
+    width = -(-C // 8) * 8
+    if width == C:
+        return h.asarray(vals, dtype)
+    return h.asarray(np.pad(vals, ((0, 0), (0, width - C))), dtype)[:, :C]
+
+
+def _spy(monkeypatch):
+    """Record every staged launch (None: the call fell back to the row kernels)."""
+    calls = []
+    real = cb_staged.launch
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(out)
+        return out
+
+    monkeypatch.setattr(cb_staged, "launch", spy)
+    return calls
+
+
+def _expect_staged(cupy, dtype, C, n_in):
+    """Whether this device takes the shape staged (sm_80 has no clusters: long rows fall back)."""
+    dev = cupy.cuda.Device()
+    optin = int(dev.attributes.get("MaxSharedMemoryPerBlockOptin", 48 * 1024))
+    return cb_plan.plan_staged(C, cb_build.DTYPES[dtype][1], n_in, int(dev.compute_capability), optin,
+                          **cb_staged.knobs(dtype)) is not None
+
+
+def _setup(monkeypatch, knobs=None):
+    h = _harness()
+    import cupy
+    monkeypatch.setenv("GPULOSS_CUPY_VARIANT", "staged")
+    monkeypatch.setenv("GPULOSS_CUPY_STAGED_CLUSTERS", "2")  # 13 rows on 2 clusters: buffers wrap
+    for k, v in (knobs or {}).items():
+        monkeypatch.setenv(k, v)
+    _poison_allocations(monkeypatch, cupy)
+    return h, cupy, _spy(monkeypatch)
+
+
+#: (C, dtype): cluster sizes 1, 2, 4, 8 on sm_90 at the default slice; ragged rows (C not a
+#: multiple of 16 bytes) in fp32 and fp16; fp64
+LAYOUTS = [(1003, "float32"), (32000, "bfloat16"), (32000, "float32"), (128256, "bfloat16"),
+           (262144, "bfloat16"), (4099, "float16"), (2048, "float64")]
+R_ = 13
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C,dtype", LAYOUTS)
+@pytest.mark.parametrize("knobs", [{}, {"GPULOSS_CUPY_STAGED_NBUF": "1"},
+                                   {"GPULOSS_CUPY_STAGED_NBUF": "2", "GPULOSS_CUPY_STAGED_THREADS": "256"}],
+                         ids=["default", "nbuf1", "nbuf2-t256"])
+def test_gpu_staged_softmax(monkeypatch, rng, C, dtype, knobs):
+    h, cupy, calls = _setup(monkeypatch, knobs)
+    x = _round_to(rng.standard_normal((R_, C)) * 4, dtype)
+    dy = _round_to(rng.standard_normal((R_, C)), dtype)
+    for log in (False, True):
+        y = prim(h.impl, "softmax_forward", _native(h, x, dtype), log=log)
+        yv = h.to_numpy(y)
+        np.testing.assert_allclose(yv, ref.log_softmax(x) if log else ref.softmax(x), err_msg=f"fwd log={log}",
+                                   **tol(dtype))
+        dx = prim(h.impl, "softmax_backward", _native(h, yv, dtype), _native(h, dy, dtype), log=log)
+        expect = ref.log_softmax_backward(yv, dy) if log else ref.softmax_backward(yv, dy)
+        np.testing.assert_allclose(h.to_numpy(dx), expect, err_msg=f"bwd log={log}", rtol=tol(dtype)["rtol"],
+                                   atol=max(tol(dtype)["atol"], 2e-5))
+    ran = [c is not None for c in calls]  # which calls ran staged (not the fallback)
+    assert ran == [_expect_staged(cupy, dtype, C, 1), _expect_staged(cupy, dtype, C, 2)] * 2, calls
+    assert any(ran) or int(cupy.cuda.Device().compute_capability) < 90
+    print("staged plans", C, dtype, calls)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("C,dtype", LAYOUTS)
+@pytest.mark.parametrize("tdtype", ["int64", "int32"])
+def test_gpu_staged_cross_entropy(monkeypatch, rng, C, dtype, tdtype):
+    h, cupy, calls = _setup(monkeypatch)
+    x = _round_to(rng.standard_normal((R_, C)) * 4, dtype)
+    t = rng.integers(0, C, R_)
+    t[3] = -100
+    w = rng.uniform(0.5, 2.0, C).astype(np.float32).astype(np.float64)
+    wdt = "float64" if dtype == "float64" else "float32"
+    cases = [dict(), dict(label_smoothing=0.1), dict(weight=w), dict(z_loss=1e-3), dict(softcap=20.0),
+             dict(label_smoothing=0.1, weight=w, z_loss=1e-4, softcap=30.0)]
+    for kw in cases:
+        for reduction in ("none", "mean"):
+            loss_ref = ref.cross_entropy(x, t, reduction=reduction, **kw)
+            grad_ref = ref.cross_entropy_grad(x, t, reduction=reduction, **kw)[0]
+            for mode in ("grad", "inplace", "loss"):
+                res = prim(h.impl, "cross_entropy", _native(h, x, dtype), cupy.asarray(t.astype(tdtype)),
+                                           weight=None if kw.get("weight") is None else h.asarray(w, wdt),
+                                           ignore_index=-100, label_smoothing=kw.get("label_smoothing", 0.0),
+                                           z_loss=kw.get("z_loss", 0.0), softcap=kw.get("softcap"),
+                                           reduction=reduction, want_grad=mode != "loss",
+                                           grad_inplace=mode == "inplace")
+                what = f"{sorted(kw)} {reduction} {mode}"
+                np.testing.assert_allclose(h.to_numpy(res.loss), loss_ref, err_msg=what,
+                                           **tol("float64" if dtype == "float64" else "float32"))
+                if mode != "loss":
+                    g = h.to_numpy(res.grad)
+                    assert np.isfinite(g).all(), what
+                    np.testing.assert_allclose(g, grad_ref, err_msg=what, **tol(dtype))
+    assert calls and all((c is not None) == _expect_staged(cupy, dtype, C, 1) for c in calls), calls
+    assert calls[0] is not None or int(cupy.cuda.Device().compute_capability) < 90
+
+
+@pytest.mark.gpu
+def test_gpu_staged_falls_back(monkeypatch, rng):
+    """Ops and rows the staged kernels do not take run on the row kernels: probability targets,
+    KL, NLL, unaligned rows."""
+    h = _harness()
+    import cupy
+    monkeypatch.setenv("GPULOSS_CUPY_VARIANT", "staged")
+    _poison_allocations(monkeypatch, cupy)
+    R, C = 5, 301  # 301 fp32 elements per row: rows not 16-byte aligned
+    x = rng.standard_normal((R, C)).astype(np.float32).astype(np.float64)
+    d = rng.dirichlet(np.ones(C), R).astype(np.float32).astype(np.float64)
+    res = prim(h.impl, "cross_entropy", h.asarray(x, "float32"), h.asarray(d, "float32"), weight=None, ignore_index=-100,
+                               label_smoothing=0.0, z_loss=0.0, softcap=None, reduction="none", want_grad=True)
+    np.testing.assert_allclose(h.to_numpy(res.grad), ref.cross_entropy_grad(x, d, reduction="none")[0],
+                               **tol("float32"))
+    y = prim(h.impl, "softmax_forward", h.asarray(x, "float32"), log=False)
+    np.testing.assert_allclose(h.to_numpy(y), ref.softmax(x), **tol("float32"))
+    res = prim(h.impl, "kl_div_logits", h.asarray(x, "float32"), h.asarray(x[::-1].copy(), "float32"), temperature=1.0,
+                               target_is_logits=True, reduction="none", want_grad=True)
+    np.testing.assert_allclose(h.to_numpy(res.loss), ref.kl_div_with_logits(x, x[::-1], reduction="none"),
+                               rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.gpu
+def test_gpu_staged_resident_clusters(monkeypatch):
+    """The driver's cluster occupancy answer is read (not the conservative fallback) and is
+    at least what the fallback would have used."""
+    _gpu()
+    import cupy
+    if int(cupy.cuda.Device().compute_capability) < 90:
+        pytest.skip("clusters need sm_90")
+    monkeypatch.delenv("GPULOSS_CUPY_STAGED_CLUSTERS", raising=False)
+    plan = cb_plan.plan_staged(262144, 2, 1, 90, int(cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]))
+    kern = cb_staged._kernel("cross_entropy", "bfloat16", plan.cluster, plan.smem_bytes)
+    exact = cb_staged._max_active_clusters(kern, plan)
+    sms = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+    print("max active clusters of", plan.cluster, "blocks:", exact, "on", sms, "SMs")
+    assert exact is not None and exact >= cb_plan.conservative_clusters(sms, 1, plan.cluster)
+    assert exact * plan.cluster <= sms * cb_plan.staged_blocks_per_sm(plan, kern.num_regs, 228 * 1024)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 
 #: directory of the .cu/.cuh sources (installed as gpuloss.kernels.cuda)
@@ -31,9 +31,13 @@ ACC_CTYPE = {"float32": "float", "float64": "double"}
 #: target index dtype -> C++ type
 INDEX_CTYPES = {"int32": "int", "int64": "long long"}
 
-VARIANTS = ("auto", "looped", "onchip")
-#: cluster sizes the onchip variant may use (portable cluster sizes on sm_90)
-CLUSTER_SIZES = (1, 2, 4, 8)
+#: "staged" (staged.cu) runs softmax forward / backward and class-index cross-entropy; every other
+#: op, and rows it cannot stage, run as "auto".  Not the default: it has not yet run on a GPU.
+VARIANTS = ("auto", "looped", "onchip", "staged")
+#: cluster sizes the onchip variant may use on sm_90.  Clusters of 4 and 8 lost to the looped
+#: kernel on the H200 (bench/RESULTS.md, 2026-11-26: 0.34-0.46 against 0.44-0.59 of the floor)
+#: and are no longer built; the staged variant is the design for rows split over clusters.
+CLUSTER_SIZES = (1, 2)
 #: (K, ONCHIP) combinations instantiated: looped, single-block onchip, then clusters on sm_90
 def _row_flavours(cc: int) -> List[Tuple[int, bool]]:
     flav = [(1, False), (1, True)]
@@ -50,9 +54,29 @@ OP_SOURCES = {
     "nll": "rows.cu",
     "kl_div_logits": "rows.cu",
     "elementwise": "elementwise.cu",
+    "staged": "staged.cu",
 }
 #: elementwise OP codes (see elementwise.cu)
 EW_OPS = {"mse": 0, "kl_div": 1, "kl_div_log_target": 2, "bce_with_logits": 3, "bce": 4}
+#: the ops staged.cu has kernels for
+STAGED_OPS = ("softmax_fwd", "softmax_bwd", "cross_entropy")
+STAGED_CLUSTER_SIZES = (1, 2, 4, 8)   #: portable cluster sizes; > 1 only on sm_90
+#: GPULOSS_STAGED_DTYPE codes in staged.cu
+STAGED_DTYPE_CODES = {"float32": 1, "float64": 2, "float16": 3, "bfloat16": 4}
+
+
+def staged_cluster_sizes(cc: int) -> Tuple[int, ...]:
+    return tuple(k for k in STAGED_CLUSTER_SIZES if k == 1 or cc >= 90)
+
+
+def staged_name(op: str, dtype: str, k: int) -> str:
+    """The extern "C" kernel of ``op`` at ``dtype`` over clusters of ``k`` blocks."""
+    return f"gpuloss_{op}_staged_k{k}_{DTYPES[dtype][0]}"
+
+
+def staged_options(cc: int, k: int, dtype: str) -> Tuple[str, ...]:
+    """The staged module of one cluster size and dtype: its 3 kernels (STAGED_OPS)."""
+    return (*nvrtc_options(cc), f"-DGPULOSS_STAGED_K={k}", f"-DGPULOSS_STAGED_DTYPE={STAGED_DTYPE_CODES[dtype]}")
 
 
 def nvrtc_options(cc: int) -> Tuple[str, ...]:
@@ -94,21 +118,28 @@ def name_expressions(op: str, dtype: str, cc: int) -> List[str]:
         out += [f"gpuloss_mean_divisor<{acc}, {ti}>" for ti in INDEX_CTYPES.values()]
     elif op == "elementwise":
         out = [f"gpuloss_elementwise<{tag}, {code}>" for code in sorted(set(EW_OPS.values()))]
+    elif op == "staged":
+        out = [staged_name(o, dtype, k) for k in staged_cluster_sizes(cc) for o in STAGED_OPS]
     else:
         raise ValueError(f"unknown op {op!r}")
     return out
 
 
-def read_source(filename: str) -> str:
-    """Source text with the local ``#include "x.cuh"`` lines expanded in place.
+def read_source(filename: str, _seen: Optional[set] = None) -> str:
+    """Source text with the local ``#include "x.cuh"`` lines expanded in place, each header
+    once (the headers' ``#pragma once``).
 
     Expanding here (rather than ``-I``) keeps CuPy's compile cache honest: its key is the
     source text and options, so an edit to a header changes the key."""
+    seen = set() if _seen is None else _seen
     out = []
     for line in (kernel_dir() / filename).read_text().splitlines():
         s = line.strip()
         if s.startswith("#include") and s.endswith('.cuh"'):
-            out.append(read_source(s.split('"')[1]))
+            header = s.split('"')[1]
+            if header not in seen:
+                seen.add(header)
+                out.append(read_source(header, seen))
         elif s == "#pragma once":
             continue
         else:

@@ -78,10 +78,17 @@ def row_launch(op: str, dtype: str, expr_fmt: str, R: int, C: int, args: Sequenc
                row_arrays: Sequence[Any], variant: Optional[str] = None) -> RowPlan:
     """Plan and launch a row kernel; ``expr_fmt`` has {vec}, {k}, {on} holes."""
     import cupy
-    _, cc, optin = B.device_info(cupy)
+    variant = variant or selected_variant()
     itemsize = B.DTYPES[dtype][1]
-    vec = B.vec_width(dtype) if aligned(row_arrays, itemsize) else 1
-    plan = plan_rows(R, C, itemsize, vec, cc, optin, variant or selected_variant())
+    is_aligned = aligned(row_arrays, itemsize)
+    if variant == "staged":
+        from . import staged
+        plan = staged.launch(op, dtype, R, C, args, row_arrays, is_aligned)
+        if plan is not None:
+            return plan
+    _, cc, optin = B.device_info(cupy)
+    vec = B.vec_width(dtype) if is_aligned else 1
+    plan = plan_rows(R, C, itemsize, vec, cc, optin, variant)
     if plan.grid == 0:
         return plan
     expr = expr_fmt.format(vec=plan.vec, k=plan.cluster, on="true" if plan.variant == "onchip" else "false")

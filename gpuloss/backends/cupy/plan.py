@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
-from .build import CLUSTER_SIZES, VARIANTS
+from .build import CLUSTER_SIZES, DTYPES, VARIANTS, staged_cluster_sizes
 
-MAX_THREADS = 1024          #: GL_MAX_THREADS in rows.cu (__launch_bounds__)
+MAX_THREADS = 512           #: GL_MAX_THREADS in rows.cu (__launch_bounds__)
 MIN_THREADS = 32
 VECS_PER_THREAD = 8         #: aim for ~8 16-byte vectors per thread: loads in flight, few blocks idle
 ONCHIP_TARGET_BYTES = 64 * 1024  #: per-block staged slice: 3 blocks per SM on sm_90 (227 KB)
 STATIC_SMEM_RESERVE = 2048  #: the reduction scratch and cluster slot (static shared memory)
 MAX_GRID_X = 2 ** 31 - 1
+MAX_COLS = 2 ** 31 - 1 - 65536  #: GL_MAX_COLS in rows.cu: column indices are 32-bit in a row
 EW_THREADS = 256            #: GL_EW_THREADS in elementwise.cu
 EW_MAX_BLOCKS = 4096        #: grid-stride beyond this; also bounds the partial-sum buffer
 
@@ -47,6 +48,10 @@ def plan_rows(R: int, C: int, itemsize: int, vec: int, cc: int, smem_optin: int,
     """
     if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r}; choose from {VARIANTS}")
+    if variant == "staged":  # what the staged kernels do not take runs as "auto"
+        variant = "auto"
+    if C > MAX_COLS:
+        raise ValueError(f"rows of {C} elements: the cupy backend takes at most {MAX_COLS} per row")
     budget = smem_optin - STATIC_SMEM_RESERVE
     chosen = None
     if variant in ("auto", "onchip") and C > 0:
@@ -78,6 +83,89 @@ def plan_rows(R: int, C: int, itemsize: int, vec: int, cc: int, smem_optin: int,
     threads = min(MAX_THREADS, max(MIN_THREADS, _pow2ceil(-(-vecs // VECS_PER_THREAD))))
     grid = min(R * k, (MAX_GRID_X // k) * k)
     return RowPlan(variant=name, vec=vec, cluster=k, threads=threads, smem_bytes=smem, grid=grid)
+
+
+# --------------------------------------------------------------------------------------------
+# The staged variant's sizing (staged.cu): pure functions of the shape and the device limits.
+# --------------------------------------------------------------------------------------------
+
+STAGED_MAX_BUF = 4                    #: GL_STAGED_MAX_BUF in staged.cu
+STAGED_SLICE_BYTES = 64 * 1024        #: preferred bytes per buffer (all staged inputs of one row slice)
+STAGED_STATIC_RESERVE = 4096          #: static shared memory: reduction scratch, barriers, cluster slots
+STAGED_MIN_THREADS = 128
+STAGED_VECS_PER_THREAD = 4            #: 16-byte vectors per thread per pass: ~4 keeps 32 warps busy
+
+
+def staged_max_threads(dtype: str) -> int:
+    """StagedThreads<D> in staged.cu: the launch bound (fp64 needs more registers)."""
+    return 512 if DTYPES[dtype][2] == "float64" else 1024
+
+
+@dataclass(frozen=True)
+class StagedPlan:
+    """How a staged kernel is launched (the grid follows from how many clusters fit at once)."""
+    cluster: int      # K blocks per row (a thread-block cluster when > 1)
+    chunk: int        # elements of a row per block (a multiple of 16 bytes)
+    nbuf: int         # row buffers per block: rows in flight
+    threads: int
+    smem_bytes: int   # dynamic shared memory per block
+
+
+def plan_staged(C: int, itemsize: int, n_inputs: int, cc: int, smem_optin: int, *, max_threads: int = 1024,
+                slice_bytes: int = STAGED_SLICE_BYTES, nbuf: Optional[int] = None,
+                threads: Optional[int] = None) -> Optional[StagedPlan]:
+    """Staged launch shape for rows of ``C`` elements of ``itemsize`` bytes with ``n_inputs``
+    staged inputs (2 for softmax backward), or None where the variant cannot run (before sm_80,
+    or a row too long to double-buffer even over 8 blocks).
+
+    The smallest cluster whose per-block buffer is at most ``slice_bytes`` (else the smallest
+    that double-buffers at all), as many buffers as fit up to STAGED_MAX_BUF (``nbuf``
+    overrides), ~STAGED_VECS_PER_THREAD 16-byte vectors per thread (``threads`` overrides).
+    """
+    if C <= 0 or C > MAX_COLS or cc < 80:
+        return None
+    vec = 16 // itemsize
+    budget = smem_optin - STAGED_STATIC_RESERVE
+    chosen = None
+    for k in staged_cluster_sizes(cc):
+        chunk = -(-(-(-C // k)) // vec) * vec
+        per_buf = chunk * itemsize * n_inputs
+        if 2 * per_buf > budget:
+            continue
+        if chosen is None or per_buf <= slice_bytes:
+            chosen = (k, chunk, per_buf)
+        if per_buf <= slice_bytes:
+            break
+    if chosen is None:
+        return None
+    k, chunk, per_buf = chosen
+    nb = max(1, min(STAGED_MAX_BUF, budget // per_buf, nbuf or STAGED_MAX_BUF))
+    vecs = chunk // vec
+    t = _pow2ceil(threads or -(-vecs // STAGED_VECS_PER_THREAD))  # whole warps: the block reduction
+    t = min(max_threads, max(STAGED_MIN_THREADS, t))
+    return StagedPlan(cluster=k, chunk=chunk, nbuf=nb, threads=t, smem_bytes=nb * per_buf)
+
+
+def staged_blocks_per_sm(plan: StagedPlan, regs: int, smem_per_sm: int, max_threads_per_sm: int = 2048) -> int:
+    """Resident blocks per SM (no cluster constraint): threads, registers, shared memory."""
+    by_threads = max_threads_per_sm // plan.threads
+    by_regs = 65536 // max(1, regs * plan.threads)
+    by_smem = smem_per_sm // (plan.smem_bytes + STAGED_STATIC_RESERVE + 1024)
+    return max(1, min(by_threads, by_regs, by_smem, 32))
+
+
+def staged_grid(R: int, cluster: int, resident_clusters: int) -> int:
+    """Persistent grid: one cluster per co-resident slot, never more clusters than rows.  More
+    clusters than fit at once would run after the others, doubling the time of their rows."""
+    return max(1, min(R, max(1, resident_clusters))) * cluster
+
+
+def conservative_clusters(sm_count: int, blocks_per_sm: int, cluster: int) -> int:
+    """Co-resident clusters without the driver's answer: clusters of 4 and 8 must sit in one GPC
+    (an H100 / H200 has GPCs of 16-18 SMs, and 132 SMs hold 32 clusters of 4, not 33), so
+    count 15/16 of the naive figure for them; pairs of SMs always fit."""
+    n = sm_count * blocks_per_sm // cluster
+    return n if cluster <= 2 else max(1, n * 15 // 16)
 
 
 def plan_elementwise(n: int) -> Tuple[int, int]:

@@ -323,11 +323,13 @@ _DTYPE_OF_ITEMSIZE = {8: "float64", 4: "float32", 2: "bfloat16"}
 def auto_design(kernel: Optional[str], dtype: str, n_cols: int, capability: Optional[Tuple[int, int]]):
     """The automatic design of a fused row kernel: the design table's
     verified entry for this architecture, or the safe default (see
-    :mod:`gpuloss.tuning`).  Its ``backend`` field is not read here."""
+    :mod:`gpuloss.tuning`).  An entry that names another backend (the
+    dispatcher's choice) says nothing of Triton's design: the safe default."""
     from gpuloss import tuning
     if kernel is None:
         return tuning.SAFE_DEFAULT
-    return tuning.lookup(capability, kernel, dtype, n_cols)
+    d = tuning.lookup(capability, kernel, dtype, n_cols)
+    return d if d.backend in (None, "triton") else tuning.SAFE_DEFAULT
 
 
 #: kernels whose "packed" launches upcast the 2-byte chunk afresh in each

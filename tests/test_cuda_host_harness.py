@@ -1,0 +1,185 @@
+"""The CUDA row kernels' arithmetic, run on the CPU.
+
+``tests/host/rows_harness.cpp`` compiles ``kernels/cuda/rowops.cuh`` (the per-row math every
+row kernel calls) with g++ and drives it in the engines' order: K blocks per row, T threads,
+VEC-element vectors, the warp butterfly, the cluster combine.  These tests compare it with the
+float64 reference where the precision of the formulation shows: logits sitting at a large
+shared offset (0, +-1e5, 1e30, +-1e37), where sums of raw logits lose the loss to cancellation
+or overflow fp32.  ``test_naive_sums_fail_here`` shows the inputs are sharp enough to catch that.
+
+What the harness cannot show: the GPU's FMA contraction and expf / ex2.approx's last bits (the
+GPU tests run the kernels themselves: tests/test_cupy_backend.py).
+"""
+from __future__ import annotations
+
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gpuloss import reference as ref
+
+from conftest import tol
+
+ROOT = Path(__file__).resolve().parents[1]
+HARNESS = ROOT / "tests" / "host" / "rows_harness.cpp"
+KERNELS = ROOT / "kernels" / "cuda"
+
+OPS = {"softmax_fwd": 0, "softmax_bwd": 1, "ce": 2, "ce_prob": 3, "kl_prob": 4, "kl_logits": 5}
+#: (K blocks per row, T threads per block, VEC): looped/unaligned, fp32 vectors, bf16-width
+#: vectors, a 2-block cluster, an 8-block cluster (the staged variant's longest split)
+LAYOUTS = [(1, 32, 1), (1, 64, 4), (1, 32, 8), (2, 32, 4), (8, 32, 8)]
+OFFSETS = [0.0, 1e5, -1e5, 1e30, 1e37, -1e37]
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    exe = tmp_path_factory.mktemp("harness") / "rows_harness"
+    proc = subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Wno-unknown-pragmas", "-Werror", f"-I{KERNELS}",
+                           str(HARNESS), "-o", str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return exe
+
+
+def run(exe, op, x, *, aux=None, t=None, w=None, K=1, T=32, VEC=1, log=False, eps=0.0, z_loss=0.0,
+        softcap=0.0, inv_t=1.0, fast=False):
+    R, C = x.shape
+    hdr = struct.pack("<9q4d", OPS[op], R, C, K, T, VEC, int(log), int(w is not None), int(fast),
+                      eps, z_loss, softcap, inv_t)
+    data = [hdr, np.ascontiguousarray(x, np.float32).tobytes()]
+    if aux is not None:
+        data.append(np.ascontiguousarray(aux, np.float32).tobytes())
+    if t is not None:
+        data.append(np.ascontiguousarray(t, np.int64).tobytes())
+    if w is not None:
+        data.append(np.ascontiguousarray(w, np.float32).tobytes())
+    proc = subprocess.run([str(exe)], input=b"".join(data), capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    out = np.frombuffer(proc.stdout, dtype=np.float32).astype(np.float64)
+    return out[:R], out[R:].reshape(R, C)
+
+
+def _logits(rng, R, C, offset):
+    """fp32 logits at ``offset``: rows of offset + N(0, 4) (all equal in fp32 beyond ~1e8) and
+    rows of offset * (1 + 1e-6 N(0, 1)) (a few ulps apart at any offset); as float64 copies of
+    the fp32 values the kernels see."""
+    x = np.empty((R, C))
+    x[: R // 2] = offset + 4 * rng.standard_normal((R // 2, C))
+    x[R // 2:] = (offset if offset else 1.0) * (1 + 1e-6 * rng.standard_normal((R - R // 2, C)))
+    return x.astype(np.float32).astype(np.float64)
+
+
+def _shifted(x):
+    """``x`` minus its row maxima, exactly (fp32 values differ by at most 25 significant bits).
+    Loss and gradient do not change under a shift, but the float64 reference does at 1e30: there
+    lse = 1e30 + log C rounds to 1e30 in float64 too, so it is given the shifted rows."""
+    return x - x.max(1, keepdims=True)
+
+
+def _close(actual, expected, what):
+    assert np.isfinite(actual).all(), f"{what}: non-finite values"
+    np.testing.assert_allclose(actual, expected, err_msg=what, **tol("float32"))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: "K%d-T%d-V%d" % l)
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_cross_entropy_at_offsets(harness, rng, layout, offset):
+    K, T, VEC = layout
+    R, C = 6, 1003  # ragged: C is no multiple of VEC or of K * VEC
+    x = _logits(rng, R, C, offset)
+    xs = _shifted(x)
+    t = rng.integers(0, C, R)
+    t[1] = -100  # an ignored row
+    t[4] = C - 1  # a target in the ragged tail
+    w = rng.uniform(0.5, 2.0, C).astype(np.float32).astype(np.float64)
+    for kw in (dict(eps=0.1), dict(eps=0.1, w=w), dict(), dict(fast=True), dict(eps=0.1, w=w, fast=True)):
+        loss, g = run(harness, "ce", x, t=t, K=K, T=T, VEC=VEC, **kw)
+        rkw = dict(label_smoothing=kw.get("eps", 0.0), weight=kw.get("w"))
+        _close(loss, ref.cross_entropy(xs, t, reduction="none", **rkw), f"loss {sorted(kw)}")
+        _close(g, ref.cross_entropy_grad(xs, t, reduction="none", **rkw)[0], f"grad {sorted(kw)}")
+    # probability targets (smoothed, weighted)
+    d = rng.dirichlet(np.ones(C), R).astype(np.float32).astype(np.float64)
+    loss, g = run(harness, "ce_prob", x, aux=d, w=w, K=K, T=T, VEC=VEC, eps=0.05)
+    _close(loss, ref.cross_entropy(xs, d, weight=w, label_smoothing=0.05, reduction="none"), "prob loss")
+    _close(g, ref.cross_entropy_grad(xs, d, weight=w, label_smoothing=0.05, reduction="none")[0], "prob grad")
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e5, -1e5])
+def test_z_loss_at_offsets(harness, rng, offset):
+    # z_loss lse^2 overflows fp32 (as it should) beyond |lse| ~ 1.8e19: moderate offsets only
+    R, C = 4, 777
+    x = _logits(rng, R, C, offset)
+    t = rng.integers(0, C, R)
+    loss, g = run(harness, "ce", x, t=t, K=2, T=32, VEC=4, eps=0.1, z_loss=1e-3)
+    _close(loss, ref.cross_entropy(x, t, label_smoothing=0.1, z_loss=1e-3, reduction="none"), "loss")
+    _close(g, ref.cross_entropy_grad(x, t, label_smoothing=0.1, z_loss=1e-3, reduction="none")[0], "grad")
+
+
+def test_no_z_loss_is_finite_at_huge_offsets(harness, rng):
+    """z_loss = 0 contributes nothing, not 0 * lse^2 = 0 * inf = nan."""
+    x = _logits(rng, 4, 100, 1e37)
+    t = rng.integers(0, 100, 4)
+    loss, _ = run(harness, "ce", x, t=t, K=1, T=32, VEC=4)
+    _close(loss, ref.cross_entropy(_shifted(x), t, reduction="none"), "loss")
+
+
+@pytest.mark.parametrize("layout", [(1, 32, 1), (2, 32, 4), (8, 32, 8)], ids=lambda l: "K%d-T%d-V%d" % l)
+@pytest.mark.parametrize("offset", OFFSETS)
+def test_kl_div_logits_at_offsets(harness, rng, layout, offset):
+    K, T, VEC = layout
+    R, C = 6, 1003
+    x = _logits(rng, R, C, offset)
+    # teacher logits near the student's (distillation), at the same offset
+    y = (x + rng.standard_normal((R, C)) * (4 if offset == 0 else abs(offset) * 1e-6)).astype(np.float32)
+    y = y.astype(np.float64)
+    xs, ys = _shifted(x), _shifted(y)
+    for temperature in (1.0, 2.0):
+        loss, g = run(harness, "kl_logits", x, aux=y, K=K, T=T, VEC=VEC, inv_t=1 / temperature)
+        _close(loss, ref.kl_div_with_logits(xs, ys, temperature, reduction="none"), "kl logits")
+        _close(g, ref.kl_div_with_logits_grad(xs, ys, temperature, reduction="none")[0], "kl logits grad")
+    d = rng.dirichlet(np.ones(C), R).astype(np.float32).astype(np.float64)
+    loss, g = run(harness, "kl_prob", x, aux=d, K=K, T=T, VEC=VEC)
+    _close(loss, ref.kl_div_with_logits(xs, d, reduction="none", target_is_logits=False), "kl prob")
+    _close(g, ref.kl_div_with_logits_grad(xs, d, reduction="none", target_is_logits=False)[0], "kl prob grad")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: "K%d-T%d-V%d" % l)
+@pytest.mark.parametrize("log", [False, True])
+def test_softmax_fwd_bwd(harness, rng, layout, log):
+    """The engines' order on the ops without max-relative sums (a check of the harness too)."""
+    K, T, VEC = layout
+    x = _logits(rng, 5, 517, 1e5)
+    for fast in (False, True):
+        _, y = run(harness, "softmax_fwd", x, K=K, T=T, VEC=VEC, log=log, fast=fast)
+        _close(y, ref.log_softmax(_shifted(x)) if log else ref.softmax(x), "forward")
+        y = y.astype(np.float32).astype(np.float64)
+        dy = rng.standard_normal(x.shape).astype(np.float32).astype(np.float64)
+        _, dx = run(harness, "softmax_bwd", y, aux=dy, K=K, T=T, VEC=VEC, log=log, fast=fast)
+        expect = ref.log_softmax_backward(y, dy) if log else ref.softmax_backward(y, dy)
+        np.testing.assert_allclose(dx, expect, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("offset", [1e5, 1e37])
+def test_naive_sums_fail_here(rng, offset):
+    """The smoothing term from raw-logit sums (eps/C (C lse - sum z), fp32, summed in order),
+    on the test's own inputs, misses the tolerance (1e5) or is not finite (1e37): the tests
+    above would catch a kernel that formed it that way."""
+    R, C, eps = 6, 1003, 0.1
+    x = _logits(rng, R, C, offset)
+    x32 = x.astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        m = x32.max(1)
+        lse = m + np.log(np.exp(x32 - m[:, None]).sum(1, dtype=np.float32))
+        naive = np.float32(eps / C) * (np.float32(C) * lse - np.cumsum(x32, 1, dtype=np.float32)[:, -1])
+    xs = _shifted(x)
+    exact = eps / C * (C * ref.logsumexp(xs) - xs.sum(1))
+    rtol = tol("float32")["rtol"]
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(naive) | (np.abs(naive - exact) > 10 * rtol * np.abs(exact))
+    assert bad.any()
