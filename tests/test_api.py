@@ -22,8 +22,10 @@ T32 = dict(rtol=2e-5, atol=2e-6)
 # ------------------------------------------------------------------ import
 
 def test_import_is_light():
-    """import gpuloss imports no torch, triton or cupy and touches no GPU."""
-    code = ("import sys, gpuloss; bad=[m for m in ('torch','triton','cupy') if m in sys.modules]; "
+    """import gpuloss imports no torch, triton, cupy or transformers and touches no GPU;
+    neither does import gpuloss.integrations (each integration is its own module)."""
+    code = ("import sys, gpuloss, gpuloss.integrations; "
+            "bad=[m for m in ('torch','triton','cupy','transformers') if m in sys.modules]; "
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
