@@ -561,3 +561,43 @@ def test_for_causal_lm_loss_compiles_fullgraph(rng):
     want = gt.ForCausalLMLoss(logits, labels, V, num_items_in_batch=n)
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(torch.autograd.grad(got, logits)[0], torch.autograd.grad(want, logits)[0])
+
+
+# ---------------------------------------------------------------- GPU
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("mode", MODES)
+def test_cuda_llama_matches_unpatched(rng, mode):
+    """On the GPU (Triton kernels, several chunks): three AdamW steps in fp32
+    equal the unpatched model's, and one bf16 step agrees at bf16 precision
+    with the loss in fp32."""
+    base = _model("llama").cuda()
+    batches = [tuple(t.cuda() for t in _batch(rng, b=4, t=32)) for _ in range(3)]
+    ref = _train(copy.deepcopy(base), batches)
+    got = _train(_patched(base, mode, chunk_size=48), batches)
+    _assert_same_training(ref, got)
+    half = base.to(torch.bfloat16)
+    ids, labels = batches[0]
+    ref_model, model = copy.deepcopy(half), _patched(half, mode, chunk_size=48)
+    want, out = ref_model(input_ids=ids, labels=labels), model(input_ids=ids, labels=labels)
+    assert out.loss.dtype == want.loss.dtype == torch.float32
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-2, atol=1e-2)
+    out.loss.backward()
+    want.loss.backward()
+    torch.testing.assert_close(model.lm_head.weight.grad.float(), ref_model.lm_head.weight.grad.float(),
+                               rtol=5e-2, atol=5e-3)
+
+
+def test_hf_step_bench_dry_run():
+    """bench/hf_step.py's CPU dry run (--device cpu --tiny): every variant runs
+    or says why not, and the losses agree."""
+    from gpuloss.bench import hf_step
+    result = hf_step.run("cpu", tiny=True, batch=1, seq=16, layers=2, steps=1,
+                         variants=["unpatched", "gpuloss", "gpuloss-ce", "liger"])
+    rows = {r["variant"]: r for r in result["rows"]}
+    assert [rows[v]["status"] for v in ("unpatched", "gpuloss", "gpuloss-ce")] == ["ok"] * 3
+    assert rows["liger"]["status"] == "ok" or rows["liger"]["status"].startswith("n/a")
+    assert rows["gpuloss"]["logits"] == "none" and rows["unpatched"]["logits"] == "kept"
+    assert rows["gpuloss"]["loss_rel_diff"] < 1e-5 and rows["gpuloss"]["grad_norm_rel_diff"] < 1e-5
+    assert "| gpuloss |" in hf_step.table(result)
