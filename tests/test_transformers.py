@@ -217,6 +217,23 @@ def test_loss_kwargs(rng, mode, case):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_moe_auxiliary_loss_is_kept(rng, mode):
+    """Mixtral with output_router_logits: the model's own forward still adds
+    its router loss to gpuloss's (fp32: its grouped expert matmul has no fp64)."""
+    torch.manual_seed(0)
+    cfg = transformers.MixtralConfig(**_COMMON, num_local_experts=4, num_experts_per_tok=2,
+                                     output_router_logits=True, router_aux_loss_coef=0.1)
+    base = transformers.AutoModelForCausalLM.from_config(cfg, attn_implementation="eager").train()
+    ids, labels = _batch(rng)
+    want = copy.deepcopy(base)(input_ids=ids, labels=labels)
+    out = _patched(base, mode)(input_ids=ids, labels=labels)
+    assert type(out) is transformers.modeling_outputs.MoeCausalLMOutputWithPast
+    assert float(out.aux_loss) > 0.1
+    torch.testing.assert_close(out.aux_loss, want.aux_loss)
+    torch.testing.assert_close(out.loss, want.loss, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_z_loss(rng, mode):
     """z_loss adds z * logsumexp(logits)**2 per scored token (0 is transformers' loss)."""
     base = _model("gemma2", dtype=torch.float64)  # on the capped logits

@@ -82,7 +82,10 @@ def _token_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_i
     name = dispatch.select_name("torch", device_of(logits, "torch"), backend)
     opts = dict(ignore_index=int(ignore_index), label_smoothing=0.0, z_loss=float(z_loss), softcap=softcap,
                 reduction=reduction, grad_inplace=False)
-    return torch_ops.apply(name, "cross_entropy", {"x": logits, "target": target, "weight": None}, opts).loss
+    loss = torch_ops.apply(name, "cross_entropy", {"x": logits, "target": target, "weight": None}, opts).loss
+    # the operator's loss is a view autograd forbids modifying in place, and
+    # models add auxiliary losses in place (Mixtral: loss += coef * aux_loss)
+    return loss.clone()
 
 
 def _linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, target: torch.Tensor,
