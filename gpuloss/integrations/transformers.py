@@ -182,10 +182,12 @@ def _fused_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: t
                           shift_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
     """:func:`ForCausalLMLoss` of ``head(hidden)`` (softcapped by ``opts.softcap``)
     without the logits."""
-    h = hidden.reshape(-1, hidden.shape[-1])
+    weight, bias = head.weight, head.bias
+    # lm_head's input as the model passed it: a device-placement hook (accelerate's
+    # device_map) would have moved it to the weight's device inside lm_head
+    h = hidden.reshape(-1, hidden.shape[-1]).to(weight.device)
     target = _flat_targets(_next_token_targets(labels, ignore_index, shift_labels), h.shape[0],
                            f"hidden states of shape {tuple(hidden.shape)}", h.device)
-    weight, bias = head.weight, head.bias
     kw = dict(ignore_index=ignore_index, reduction=_reduction(num_items_in_batch), z_loss=opts.z_loss,
               softcap=opts.softcap, chunk_size=opts.chunk_size, backend=opts.backend)
     device_type = h.device.type
@@ -350,8 +352,8 @@ def _check_causal_lm(model) -> None:
     name = type(model).__name__
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(f"apply_gpuloss takes a transformers PreTrainedModel (e.g. from "
-                        f"AutoModelForCausalLM), got {name}; for a PEFT model, apply it to the base model "
-                        f"before get_peft_model")
+                        f"AutoModelForCausalLM), got {name}; apply it to the model before torch.compile or "
+                        f"get_peft_model")
     loss_type = getattr(model, "loss_type", None)
     resolved = loss_type if loss_type in _hf_loss.LOSS_MAPPING else "ForCausalLM"
     if _hf_loss.LOSS_MAPPING.get(resolved) is not _hf_loss.ForCausalLMLoss:
