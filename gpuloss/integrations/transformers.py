@@ -48,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import transformers
@@ -115,7 +115,7 @@ def _next_token_targets(labels: torch.Tensor, ignore_index: int,
 
 
 def _flat_targets(targets: torch.Tensor, n_rows: int, what: str, device: torch.device) -> torch.Tensor:
-    if targets.is_floating_point() or targets.dtype in (torch.bool, torch.complex64, torch.complex128):
+    if targets.is_floating_point() or targets.is_complex() or targets.dtype == torch.bool:
         raise TypeError(f"labels must hold integer token ids, got {targets.dtype}")
     t = targets.reshape(-1)
     if t.shape[0] != n_rows:
