@@ -15,17 +15,21 @@
 # the benchmark's.  Time limits (seconds, environment overrides):
 #   CI_TEST_TIMEOUT  whole test suite        (default 150)
 #   CI_BENCH_BUDGET  benchmark rows started  (default 120; the run is stopped 60 s later)
-# Switches: CI_BENCH=0 skips the quick benchmark; CI_TUNE=1 adds the
-# configuration sweep (bench/tune.py, CI_TUNE_TIMEOUT default 240 s) and writes
-# the design table it implies to OUTDIR/tune/designs.json, its entries marked
-# verified by this run only if the test suite passed (the suite runs every
-# design the sweep can file: tests/test_triton_designs.py); review it, then
-# copy it over gpuloss/tuned/designs.json and log the run in bench/RESULTS.md.
+# Switches: CI_TESTS=0 skips the test suite, CI_BENCH=0 the quick benchmark;
+# CI_TUNE=1 adds the configuration sweep (bench/tune.py, CI_TUNE_TIMEOUT default
+# 240 s) and writes the design table it implies to OUTDIR/tune/designs.json, its
+# entries marked verified by this run only if the test suite passed (the suite
+# runs every design the sweep can file: tests/test_triton_designs.py); review it,
+# then copy it over gpuloss/tuned/designs.json and log the run in bench/RESULTS.md.
 # GPULOSS_COMMIT names the commit sent (the machine has no git metadata).
-# CI_LCE=1 adds the fused linear CE benchmark; CI_TEST_FILES chooses the test
+# CI_LCE=1 adds the fused linear CE benchmark; CI_HF=1 the transformers
+# integration (its GPU tests and bench/hf_step.py: a Llama training step
+# unpatched / gpuloss / Liger, into OUTDIR/hf); CI_TEST_FILES chooses the test
 # files (default: those that use the GPU).  The limits keep the script under
 # 6 minutes without CI_TUNE.  CI_SKIP_INSTALL=1 skips the installs (a dry run
 # of the script on a machine that already has them).
+# The transformers check alone (meant to take under two minutes):
+#   CI_TESTS=0 CI_BENCH=0 CI_HF=1 bash ci/gpu.sh OUTDIR
 set -u -o pipefail
 
 if [ $# -lt 1 ]; then
@@ -76,7 +80,8 @@ fi
 "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/env.log"
 import importlib, platform
 print("python", platform.python_version())
-for name in ("numpy", "scipy", "torch", "triton", "cupy", "liger_kernel", "pytest", "gpuloss"):
+for name in ("numpy", "scipy", "torch", "triton", "cupy", "liger_kernel", "transformers", "accelerate", "pytest",
+             "gpuloss"):
     try:
         m = importlib.import_module(name)
         print(f"{name:13s}", getattr(m, "__version__", "?"), getattr(m, "__file__", ""))
@@ -107,10 +112,15 @@ if "$PY" -c "import xdist" 2>/dev/null; then
     # kernels compile once per process (Triton's on-disk cache is shared): 8 workers
     PYTEST_ARGS+=(-n "${CI_TEST_WORKERS:-8}")
 fi
-echo "== pytest ${PYTEST_ARGS[*]} (limit ${TEST_TIMEOUT}s)" | tee "$OUT/tests.log"
 T1=$(date +%s)
-timeout --signal=INT --kill-after=15 "$TEST_TIMEOUT" "$PY" -m pytest "${PYTEST_ARGS[@]}" 2>&1 | tee -a "$OUT/tests.log"
-TESTS_RC=${PIPESTATUS[0]}
+if [ "${CI_TESTS:-1}" = 1 ]; then
+    echo "== pytest ${PYTEST_ARGS[*]} (limit ${TEST_TIMEOUT}s)" | tee "$OUT/tests.log"
+    timeout --signal=INT --kill-after=15 "$TEST_TIMEOUT" "$PY" -m pytest "${PYTEST_ARGS[@]}" 2>&1 | tee -a "$OUT/tests.log"
+    TESTS_RC=${PIPESTATUS[0]}
+else
+    echo "== test suite skipped (CI_TESTS=0)" | tee "$OUT/tests.log"
+    TESTS_RC=0
+fi
 T2=$(date +%s)
 if [ "$TESTS_RC" -eq 124 ] || [ "$TESTS_RC" -eq 137 ]; then
     echo "== tests stopped at the ${TEST_TIMEOUT}s limit" | tee -a "$OUT/tests.log"
@@ -153,11 +163,26 @@ if [ "${CI_LCE:-0}" = 1 ]; then
     timeout --signal=INT --kill-after=15 "${CI_LCE_TIMEOUT:-180}" \
         "$PY" -m gpuloss.bench.linear_ce --budget --out "$OUT/lce" ${CI_LCE_ARGS:-} 2>&1 | tee -a "$OUT/lce.log"
 fi
+if [ "${CI_HF:-0}" = 1 ]; then
+    echo "== transformers: pytest tests/test_transformers.py -m gpu; python -m gpuloss.bench.hf_step --out $OUT/hf" \
+        | tee "$OUT/hf.log"
+    timeout --signal=INT --kill-after=15 "${CI_HF_TEST_TIMEOUT:-60}" \
+        "$PY" -m pytest tests/test_transformers.py -m gpu -q -rs -p no:cacheprovider 2>&1 | tee -a "$OUT/hf.log"
+    HF_RC=${PIPESTATUS[0]}
+    timeout --signal=INT --kill-after=15 "${CI_HF_TIMEOUT:-100}" \
+        "$PY" -m gpuloss.bench.hf_step --out "$OUT/hf" ${CI_HF_ARGS:-} 2>&1 | tee -a "$OUT/hf.log"
+    HF_BENCH_RC=${PIPESTATUS[0]}
+    echo "== transformers: tests rc=$HF_RC, bench rc=$HF_BENCH_RC" | tee -a "$OUT/hf.log"
+    if [ "$TESTS_RC" -eq 0 ] && [ "$HF_RC" -ne 0 ]; then
+        TESTS_RC=$HF_RC
+    fi
+fi
 T3=$(date +%s)
 
 {
     echo "tests: rc=$TESTS_RC in $((T2 - T1)) s"
     echo "bench: rc=$BENCH_RC in $((T3 - T2)) s"
+    if [ "${CI_HF:-0}" = 1 ]; then echo "transformers: tests rc=$HF_RC, bench rc=$HF_BENCH_RC"; fi
     echo "total: $((T3 - T0)) s"
     grep -E "[0-9]+ (passed|failed|error)" "$OUT/tests.log" | tail -1
 } | tee "$OUT/summary.txt"

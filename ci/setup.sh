@@ -4,7 +4,8 @@
 #   GPULOSS_VENV   where the venv lives (default: .venv in the repo root)
 # torch is pinned to the CPU build 2.13.0 (the extras admit 2.11-2.14) and
 # triton to 3.6.0, the version on our GPU machines, so that the interpreter
-# tests here run the same Triton as the GPU suite there.
+# tests here run the same Triton as the GPU suite there; transformers likewise
+# (5.17, the GPU machines' version) with accelerate for its Trainer.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${GPULOSS_VENV:-$root/.venv}"
@@ -14,13 +15,15 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 pip_q() { "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
-stamp="$venv/.gpuloss-setup-v2"
+stamp="$venv/.gpuloss-setup-v3"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing dependencies (first run only)"
   pip_q --upgrade "pip>=23" "setuptools>=64" wheel
   pip_q "torch==2.13.0"
   pip_q "triton==3.6.0" "numpy>=1.26,<3" scipy "pytest>=7" "hypothesis>=6" "scikit-learn>=1.3" \
         "matplotlib>=3.7" tqdm build
+  # gpuloss[transformers]: the integration's tests (tests/test_transformers.py)
+  pip_q "transformers==5.17.*" "accelerate==1.15.*"
   # CuPy imports without a GPU: its host code (DLPack paths, compile options) is tested
   # here, and NVRTC compiles the CUDA sources exactly as CuPy will on the GPU
   pip_q "cupy-cuda13x>=14" "nvidia-cuda-nvrtc==13.0.*" \

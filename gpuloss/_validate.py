@@ -65,6 +65,28 @@ def check_same_dtype(n1: str, a: Any, n2: str, b: Any, kind: str) -> None:
         raise TypeError(f"{n1} must have {n2}'s dtype {dtype_name(b, kind)}, got {dtype_name(a, kind)}")
 
 
+def as_float_dtype(name: str, dtype: Any, kind: str):
+    """A floating dtype argument (torch's ``dtype=``): a torch.dtype for torch
+    tensors, a NumPy dtype or its name for NumPy and CuPy arrays; None stays
+    None."""
+    if dtype is None:
+        return None
+    if kind == "torch":
+        import torch
+        if not isinstance(dtype, torch.dtype):
+            raise TypeError(f"{name} must be a torch.dtype for torch.Tensor arguments, got {type(dtype).__name__}")
+        if not dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point dtype, got {dtype}")
+        return dtype
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"{name} must be a NumPy dtype or its name, got {dtype!r}") from None
+    if dt.kind != "f":
+        raise TypeError(f"{name} must be a floating-point dtype, got {dt}")
+    return dt
+
+
 def check_bool(name: str, v: Any) -> None:
     if not isinstance(v, (bool, np.bool_)):
         raise TypeError(f"{name} must be a bool, got {type(v).__name__}")

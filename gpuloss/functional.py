@@ -166,14 +166,15 @@ def _result(op: str, outs, inplace: bool, x=None, autograd: bool = False) -> Los
 
 
 def _finish(res: LossResult, return_grad, kind, input, layout, target_layout=None, loss_layout=None,
-            target_like=None, inplace: bool = False):
-    """The caller's result: the loss in input's dtype (PyTorch's rule); with
+            target_like=None, inplace: bool = False, loss_dtype=None):
+    """The caller's result: the loss in input's dtype (PyTorch's rule) or in
+    ``loss_dtype``, cast once from the accumulation dtype; with
     ``return_grad``, the gradient in input's dtype and shape (written into
     ``input`` itself for ``inplace``) and the target gradient in target's."""
     loss = res.loss
     if loss_layout is not None:
         loss = L.from_rows(loss, kind, loss_layout)
-    loss = L.cast_like(loss, input, kind)
+    loss = L.cast_like(loss, input, kind) if loss_dtype is None else L.astype(loss, loss_dtype, kind)
     if not return_grad:
         return loss
     grad = L.from_rows(res.grad, kind, layout)
@@ -194,23 +195,10 @@ def _cast_dtype(input, dtype, kind: str):
     """torch's ``dtype=`` of softmax/log_softmax: ``input`` cast to a
     floating ``dtype`` before the op (a torch.dtype for tensors; a NumPy
     dtype or its name for NumPy and CuPy arrays)."""
-    if dtype is None:
+    dt = V.as_float_dtype("dtype", dtype, kind)
+    if dt is None:
         return input
-    if kind == "torch":
-        import torch
-        if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"dtype must be a torch.dtype for a torch.Tensor input, got {type(dtype).__name__}")
-        if not dtype.is_floating_point:
-            raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")
-        return input.to(dtype)
-    import numpy as np
-    try:
-        dt = np.dtype(dtype)
-    except TypeError:
-        raise TypeError(f"dtype must be a NumPy dtype or its name, got {dtype!r}") from None
-    if dt.kind != "f":
-        raise TypeError(f"dtype must be a floating-point dtype, got {dt}")
-    return input.astype(dt, copy=False)
+    return input.to(dt) if kind == "torch" else input.astype(dt, copy=False)
 
 
 def _softmax_common(input, dim, dtype, backend, log: bool):
@@ -310,7 +298,7 @@ def _empty_class(kind, input, target, prob: bool, ignore_index: int, eps: float,
 def cross_entropy(input, target, weight=None, size_average=None, ignore_index: int = -100, reduce=None,
                   reduction: str = "mean", label_smoothing: float = 0.0, *, z_loss: float = 0.0,
                   softcap: Optional[float] = None, inplace_backward: bool = False,
-                  return_grad: Union[bool, str] = False, backend: Optional[str] = None):
+                  return_grad: Union[bool, str] = False, loss_dtype=None, backend: Optional[str] = None):
     """Cross-entropy from logits, as ``torch.nn.functional.cross_entropy``.
 
     Parameters
@@ -329,6 +317,10 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
         the logits are consumed).  ``input`` must be writable with no two
         elements sharing memory.
     return_grad : see the module docstring
+    loss_dtype : the loss's dtype (default: input's, torch's rule); e.g.
+        float32 for bf16 logits gives the loss as accumulated, without the
+        rounding to bf16 (as ``F.cross_entropy(logits.float(), ...)`` but with
+        no fp32 copy of the logits)
     backend : "numpy" | "triton" | "cupy" | None
 
     The math is written out in :func:`gpuloss.reference.cross_entropy`.  An
@@ -341,6 +333,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     V.check_ce_options(label_smoothing, z_loss, softcap)
     V.check_bool("inplace_backward", inplace_backward)
     _wants(return_grad)
+    loss_dtype = V.as_float_dtype("loss_dtype", loss_dtype, kind)
     if inplace_backward and _writes_gradient(input, kind, return_grad):
         V.check_inplace_ok("input", input, kind, return_grad)
     x = input
@@ -352,8 +345,12 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
         V.check_class_targets("target", target, kind, C, ignore_index)
     be = _backend(kind, device, backend, "cross_entropy", x, 1 if x.ndim >= 2 else 0)
     if L.numel(input, kind) == 0:
-        return _empty_class(kind, x, target, prob, ignore_index, float(label_smoothing), reduction,
-                            return_grad, float(z_loss))
+        out = _empty_class(kind, x, target, prob, ignore_index, float(label_smoothing), reduction,
+                           return_grad, float(z_loss))
+        if loss_dtype is None:
+            return out
+        return out._replace(loss=L.astype(out.loss, loss_dtype, kind)) if return_grad else \
+            L.astype(out, loss_dtype, kind)
     if x.ndim == 1:  # one unbatched row
         rows, layout = x.reshape(1, C), ("0d", (C,))
         t_rows = target.reshape(1, C) if prob else target.reshape(1)
@@ -372,7 +369,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     if w_term is not None:
         res = res._replace(loss=res.loss + w_term)
     out = _finish(res, return_grad, kind, x, layout, target_like=target if prob else None,
-                  inplace=bool(inplace_backward))
+                  inplace=bool(inplace_backward), loss_dtype=loss_dtype)
     if return_grad and x is not input:
         out = out._replace(grad=L.cast_like(out.grad, input, kind))
     return out

@@ -263,7 +263,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                          ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
                          z_loss: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None,
                          acc_dtype=None, allow_retain_graph: bool = False, return_grad: bool = False,
-                         backend: Optional[str] = None):
+                         loss_dtype=None, backend: Optional[str] = None):
     """``cross_entropy(linear(input, linear_weight, linear_bias), target)``
     computed in token chunks so that the ``N x C`` logits never exist; the
     arguments, defaults and results of ``torch.nn.functional.linear_cross_entropy``.
@@ -295,20 +295,27 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     return_grad : return :class:`LinearLossGrad` (the gradients of the loss,
         for "none" of the sum of the per-sample losses); without it NumPy/CuPy
         get the loss only and torch tensors a loss that backpropagates
+    loss_dtype : the loss's dtype (default: input's, torch's rule); float32
+        for bf16 operands gives the loss as accumulated, unrounded
     backend : "numpy" | "triton" | "cupy" | None (automatic)
 
     Returns
     -------
-    The loss in input's dtype (0-d, or target's per-sample shape for
-    "none"), or a :class:`LinearLossGrad`.
+    The loss in input's dtype or ``loss_dtype`` (0-d, or target's
+    per-sample shape for "none"), or a :class:`LinearLossGrad`.
     """
     if return_grad not in (False, True):
         raise ValueError(f"return_grad must be False or True, got {return_grad!r}")
     c, target, opts = _prepare(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                                label_smoothing, options, z_loss, softcap, chunk_size, acc_dtype, allow_retain_graph)
+    loss_dtype = VAL.as_float_dtype("loss_dtype", loss_dtype, c.kind)
     logits_shape = tuple(input.shape[:-1]) + (c.C,) + c.out_features
     if math.prod(logits_shape) == 0:
-        return _empty(c, input, linear_weight, linear_bias, target, opts, logits_shape, return_grad)
+        out = _empty(c, input, linear_weight, linear_bias, target, opts, logits_shape, return_grad)
+        if loss_dtype is None:
+            return out
+        return out._replace(loss=Lay.astype(out.loss, loss_dtype, c.kind)) if return_grad else \
+            Lay.astype(out, loss_dtype, c.kind)
     h, W, b, t = _to_op_layout(c, input, linear_weight, linear_bias, target)
     cw = None if weight is None else VAL.as_float_vector(weight, c.kind, linear_weight)
     arrays = [h, W, b, t, cw]
@@ -316,7 +323,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if c.kind == "torch":  # the backend chosen once, by name (see gpuloss.functional)
         be = select_name(c.kind, c.device, backend)
         if not return_grad:
-            return _autograd(be, arrays, opts, input, loss_shape)
+            return _autograd(be, arrays, opts, input, loss_shape, loss_dtype)
         import torch
         from . import torch_ops
         with torch.no_grad():
@@ -326,7 +333,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         want = LinearWant(True, True, b is not None) if return_grad else LinearWant()
         loss, gh, gw, gb = launch.run(select(c.kind, c.device, backend), "linear_cross_entropy", arrays, opts,
                                       want, c.kind)
-    loss = _loss_out(loss, c.kind, input, loss_shape, reduction)
+    loss = _loss_out(loss, c.kind, input, loss_shape, reduction, loss_dtype)
     if not return_grad:
         return loss
     gw, gb = _from_op_layout(c, gw, gb, linear_weight)
@@ -346,7 +353,7 @@ def _empty(c: _Call, input, linear_weight, linear_bias, target, opts: LinearCEOp
     return LinearLossGrad(loss, zero(input), zero(linear_weight), zero(linear_bias))
 
 
-def _autograd(be: str, arrays, opts: LinearCEOptions, input, loss_shape):
+def _autograd(be: str, arrays, opts: LinearCEOptions, input, loss_shape, loss_dtype=None):
     """torch tensors: the loss, differentiable into input, linear_weight and
     linear_bias through the custom operator's autograd formula."""
     import torch
@@ -357,14 +364,15 @@ def _autograd(be: str, arrays, opts: LinearCEOptions, input, loss_shape):
     if opts.reduction == "none":
         want = LinearWant()  # loss only now; backward recomputes with the per-sample upstream gradient
     outs = torch_ops.call("linear_cross_entropy", be, arrays, opts, want)
-    return _loss_out(outs[0], "torch", input, loss_shape, opts.reduction)
+    return _loss_out(outs[0], "torch", input, loss_shape, opts.reduction, loss_dtype)
 
 
-def _loss_out(loss, kind: str, input, loss_shape, reduction: str):
-    """The loss in input's dtype (torch returns the logits' dtype) and, for
-    "none", the per-sample shape."""
+def _loss_out(loss, kind: str, input, loss_shape, reduction: str, loss_dtype=None):
+    """The loss in input's dtype (torch returns the logits' dtype) or
+    ``loss_dtype`` and, for "none", the per-sample shape."""
     if reduction == "none":
         loss = loss.reshape(loss_shape)
+    dtype = input.dtype if loss_dtype is None else loss_dtype
     if kind == "torch":
-        return loss.to(input.dtype)
-    return Lay.xp(kind).asarray(loss, dtype=input.dtype)
+        return loss.to(dtype)
+    return Lay.xp(kind).asarray(loss, dtype=dtype)

@@ -172,7 +172,12 @@ def _canonical(spec: OpSpec, outputs: Sequence[str], res, arrays, opts, want) ->
         if shape is None or t is None:
             out.append(first.new_empty((0,), dtype=dtype))
         else:
-            out.append(t.to(device=first.device, dtype=dtype).reshape(shape).contiguous())
+            t = t.to(device=first.device, dtype=dtype).reshape(shape).contiguous()
+            # a view of a launcher's buffer (a reduced loss is often one) would
+            # reach the caller as a view made inside the autograd function,
+            # which torch forbids modifying in place (``loss += aux``): the
+            # same storage, without the view bookkeeping
+            out.append(t.detach() if t._is_view() else t)
     return tuple(out)
 
 

@@ -22,8 +22,10 @@ T32 = dict(rtol=2e-5, atol=2e-6)
 # ------------------------------------------------------------------ import
 
 def test_import_is_light():
-    """import gpuloss imports no torch, triton or cupy and touches no GPU."""
-    code = ("import sys, gpuloss; bad=[m for m in ('torch','triton','cupy') if m in sys.modules]; "
+    """import gpuloss imports no torch, triton, cupy or transformers and touches no GPU;
+    neither does import gpuloss.integrations (each integration is its own module)."""
+    code = ("import sys, gpuloss, gpuloss.integrations; "
+            "bad=[m for m in ('torch','triton','cupy','transformers') if m in sys.modules]; "
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
@@ -294,3 +296,41 @@ def test_gpu_value_checks_off_the_hot_path_by_default():
             gpuloss.cross_entropy(x, t)
     finally:
         gpuloss.set_value_checks(old)
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "linear_cross_entropy"])
+def test_loss_dtype_keeps_the_accumulated_loss(rng, fn):
+    """``loss_dtype=torch.float32`` on bf16 operands: the loss as accumulated
+    in fp32 (not rounded to bf16 first), the gradients unchanged; a
+    non-floating or wrong-kind dtype is a TypeError naming the argument."""
+    torch = pytest.importorskip("torch")
+    h = torch.tensor(rng.standard_normal((16, 8)), dtype=torch.bfloat16)
+    W = torch.tensor(rng.standard_normal((40, 8)), dtype=torch.bfloat16)
+    t = torch.tensor(rng.integers(0, 40, 16))
+    z = h @ W.T  # the bf16 logits both functions see (linear CE forms them chunk by chunk)
+    ref = float(torch.nn.functional.cross_entropy(z.double(), t))
+    if fn == "cross_entropy":
+        args = lambda: (z.clone().requires_grad_(),)  # noqa: E731
+    else:
+        args = lambda: (h.clone().requires_grad_(), W)  # noqa: E731
+    f = getattr(gpuloss, fn)
+    a32, a16 = args(), args()
+    l32 = f(*a32, t, loss_dtype=torch.float32)
+    l16 = f(*a16, t)
+    assert l32.dtype == torch.float32 and l16.dtype == torch.bfloat16
+    assert abs(float(l32) - ref) < 1e-4 * abs(ref)
+    assert float(l32) != float(l16)  # bf16 rounding is ~0.4%; fp32 keeps the digits
+    l32.backward(), l16.backward()
+    torch.testing.assert_close(a32[0].grad, a16[0].grad, rtol=0, atol=0)
+    none = f(*args(), t, reduction="none", loss_dtype=torch.float64)
+    assert none.dtype == torch.float64 and none.shape == (16,)
+    assert f(*args(), t, return_grad=True, loss_dtype=torch.float32).loss.dtype == torch.float32
+    with pytest.raises(TypeError, match="loss_dtype"):
+        f(*args(), t, loss_dtype=torch.int64)
+    with pytest.raises(TypeError, match="loss_dtype"):
+        f(*args(), t, loss_dtype="float32")
+    x = np.asarray(rng.standard_normal((4, 5)), dtype=np.float32)
+    if fn == "cross_entropy":
+        assert gpuloss.cross_entropy(x, np.array([0, 1, 2, 3]), loss_dtype="float64").dtype == np.float64
+        empty = gpuloss.cross_entropy(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), loss_dtype=torch.float64)
+        assert empty.dtype == torch.float64

@@ -34,6 +34,7 @@ def test_wheel_contains_kernels_and_bench(wheel):
     assert {Path(n).name for n in tr} == src_tr
     assert "gpuloss/bench/__init__.py" in names
     assert "gpuloss/reference.py" in names and "gpuloss/cli.py" in names
+    assert "gpuloss/integrations/transformers.py" in names
     assert not any(n.startswith(("kernels/", "bench/", "tests/")) for n in names)
 
 
@@ -50,7 +51,8 @@ def test_wheel_imports_in_clean_venv(wheel, tmp_path):
     code = ("import sys, gpuloss, numpy as np, importlib.resources as ir;"
             "import gpuloss.kernels.cuda as kc;"
             "assert any(p.name.endswith('.cu') for p in ir.files(kc).iterdir());"
-            "assert not any(m in sys.modules for m in ('torch','triton','cupy'));"
+            "import gpuloss.integrations;"
+            "assert not any(m in sys.modules for m in ('torch','triton','cupy','transformers'));"
             "out = gpuloss.cross_entropy(np.ones((2,3),np.float32), np.array([0,2]), return_grad=True);"
             "print(float(out.loss))")
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}

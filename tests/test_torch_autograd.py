@@ -443,3 +443,23 @@ def test_no_host_reads_in_forward_or_backward(rng, forbid_value_reads, reduction
     total.backward()
     for g in (x.grad, xi.grad, prob.grad, e_t.grad):
         assert g is not None
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("op", ["cross_entropy", "nll_loss", "kl_div_with_logits", "mse_loss",
+                                "binary_cross_entropy_with_logits", "linear_cross_entropy"])
+def test_loss_may_be_modified_in_place(rng, op, reduction):
+    """As with torch's losses, a model may add to the returned loss in place
+    (``loss += coef * aux_loss``) and still backpropagate through it."""
+    x = torch.tensor(rng.standard_normal((4, 6)), dtype=torch.float32, requires_grad=True)
+    t = torch.tensor(rng.integers(0, 6, 4))
+    args = {"cross_entropy": (x, t), "nll_loss": (x, t), "kl_div_with_logits": (x, x.detach().flip(0)),
+            "mse_loss": (x, x.detach() * 2), "binary_cross_entropy_with_logits": (x, torch.rand(4, 6)),
+            "linear_cross_entropy": (x, torch.randn(5, 6), t % 5)}[op]
+    ref_loss = getattr(gpuloss, op)(*args, reduction=reduction)
+    (g_ref,) = torch.autograd.grad(ref_loss.sum(), x)
+    loss = getattr(gpuloss, op)(*args, reduction=reduction)
+    loss += 1.0
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    torch.testing.assert_close(loss, ref_loss + 1.0)
+    torch.testing.assert_close(g, g_ref)
