@@ -38,153 +38,20 @@ computed in the forward pass is saved and reused by backward).
 """
 from __future__ import annotations
 
-import warnings
-from typing import Any, List, NamedTuple, Optional, Union
+from typing import Optional, Union
 
 from . import _layout as L
 from . import _validate as V
-from . import launch
 from ._arrays import classify
+from ._call import LossGrad, backend_for, finish, legacy_reduction, run, wants
 from .backends.base import LossResult
-from .dispatch import select, select_name
-from .ops import (OPS, CrossEntropyOptions, KlDivLogitsOptions, KlDivOptions, NllOptions, ReductionOptions,
-                  SoftmaxOptions, Want)
+from .ops import CrossEntropyOptions, KlDivLogitsOptions, KlDivOptions, NllOptions, ReductionOptions, SoftmaxOptions
 
 __all__ = [
     "LossGrad", "softmax", "log_softmax", "softmax_backward", "log_softmax_backward",
     "cross_entropy", "nll_loss", "kl_div", "kl_div_with_logits",
     "binary_cross_entropy_with_logits", "binary_cross_entropy", "mse_loss",
 ]
-
-
-class LossGrad(NamedTuple):
-    """A loss and its gradients from one fused pass.
-
-    loss:        the loss, reduced as asked, same kind/device/dtype as input
-    grad:        d loss / d input (input's shape and dtype)
-    grad_target: d loss / d target for floating targets with
-                 ``return_grad="all"``, else None
-    """
-    loss: Any
-    grad: Any
-    grad_target: Any = None
-
-
-# ---------------------------------------------------------------------------
-# one pass down
-# ---------------------------------------------------------------------------
-
-def _backend(kind: str, device: str, backend: Optional[str], op: Optional[str] = None, x=None, dim: int = -1):
-    """The backend of this call, chosen once: its name for torch tensors (what
-    the custom operators take; while torch.compile traces, the choice is made
-    once outside the traced code, :func:`gpuloss.dispatch.select_name`), the
-    instance for NumPy and CuPy arrays.  ``op`` and the row array ``x`` (rows
-    along ``dim``) let the design table choose among the backends on a GPU."""
-    hint = {}
-    if op is not None and x is not None and x.ndim:
-        n_cols = x.shape[dim]
-        if isinstance(n_cols, int):  # a symbolic size while tracing: no hint, no specialisation
-            hint = dict(op=op, dtype=str(x.dtype).replace("torch.", ""), n_cols=n_cols)
-    if kind == "torch":
-        return select_name(kind, device, backend, **hint)
-    return select(kind, device, backend, **hint)
-
-
-def _wants(return_grad: Union[bool, str]):
-    if return_grad not in (False, True, "all"):
-        raise ValueError(f"return_grad must be False, True or 'all', got {return_grad!r}")
-    return bool(return_grad), return_grad == "all"
-
-
-def _legacy_reduction(size_average, reduce, reduction: str) -> str:
-    """PyTorch's deprecated ``size_average``/``reduce`` arguments."""
-    if size_average is None and reduce is None:
-        return reduction
-    warnings.warn("size_average and reduce are deprecated, use reduction instead", UserWarning, stacklevel=3)
-    size_average = True if size_average is None else size_average
-    reduce = True if reduce is None else reduce
-    if not reduce:
-        return "none"
-    return "mean" if size_average else "sum"
-
-
-def _call(op: str, kind: str, be, arrays: List[Any], opts: Any, return_grad=False):
-    """Run ``op`` on 2-D row arrays of the caller's kind.  Losses give a
-    :class:`LossResult` of caller-kind arrays (torch without ``return_grad``:
-    only ``loss`` and ``lse``, the loss differentiable); softmax ops an array."""
-    spec = OPS[op]
-    if spec.want is None:
-        if kind == "torch":
-            from . import torch_ops
-            return torch_ops.call(op, be, arrays, opts)
-        return launch.run(be, op, arrays, opts, None, kind)
-    if kind == "torch" and not return_grad:
-        return _autograd_call(op, be, arrays, opts)
-    want_grad, want_all = _wants(return_grad)
-    target = arrays[1]
-    want = Want(want_grad, want_all and spec.target_grad and V.is_floating(target, kind))
-    if kind != "torch":
-        return launch.run(be, op, arrays, opts, want, kind)
-    import torch
-    from . import torch_ops
-    inplace = bool(getattr(opts, "grad_inplace", False))
-    with torch.no_grad():
-        outs = torch_ops.call(op, be, arrays, opts, want, inplace=inplace)
-    return _result(op, outs, inplace, arrays[0])
-
-
-def _autograd_call(op: str, be: str, arrays: List[Any], opts: Any) -> LossResult:
-    """torch tensors: the loss differentiable into the input and, where the op
-    gives that gradient, into a floating target."""
-    import torch
-    from . import torch_ops
-    spec = OPS[op]
-    x, target = arrays[0], arrays[1]
-    grad_on = torch.is_grad_enabled()
-    want = Want(grad_on and x.requires_grad,
-                grad_on and target.requires_grad and target.is_floating_point())
-    if want.grad_target and not spec.target_grad:
-        what = "teacher logits / target probabilities" if op == "kl_div_logits" else "target"
-        raise NotImplementedError(
-            f"gpuloss {op}: the gradient with respect to the {what} is not supported; detach the target "
-            f"(target.detach()) or use an op that differentiates it")
-    if getattr(opts, "grad_inplace", False) and want.grad:
-        return _result(op, torch_ops.call_inplace(op, be, arrays, opts, want), True, autograd=True)
-    return _result(op, torch_ops.call(op, be, arrays, opts, want), False, autograd=True)
-
-
-def _result(op: str, outs, inplace: bool, x=None, autograd: bool = False) -> LossResult:
-    """A custom operator's outputs as a LossResult: empty placeholders become
-    None; an in-place operator returns no gradient (it is ``x``, which it
-    wrote); under autograd only the loss and lse are the caller's."""
-    spec = OPS[op]
-    names = [o for o in spec.outputs if not (inplace and o == "grad")]
-    vals = {n: (None if n != "loss" and tuple(t.shape) == (0,) else t) for n, t in zip(names, outs)}
-    if autograd:
-        return LossResult(vals["loss"], None, None, vals.get("lse"))
-    return LossResult(vals["loss"], x if inplace else vals.get("grad"), vals.get("grad_target"), vals.get("lse"))
-
-
-def _finish(res: LossResult, return_grad, kind, input, layout, target_layout=None, loss_layout=None,
-            target_like=None, inplace: bool = False, loss_dtype=None):
-    """The caller's result: the loss in input's dtype (PyTorch's rule) or in
-    ``loss_dtype``, cast once from the accumulation dtype; with
-    ``return_grad``, the gradient in input's dtype and shape (written into
-    ``input`` itself for ``inplace``) and the target gradient in target's."""
-    loss = res.loss
-    if loss_layout is not None:
-        loss = L.from_rows(loss, kind, loss_layout)
-    loss = L.cast_like(loss, input, kind) if loss_dtype is None else L.astype(loss, loss_dtype, kind)
-    if not return_grad:
-        return loss
-    grad = L.from_rows(res.grad, kind, layout)
-    grad = L.write_back(grad, input, kind) if inplace else L.cast_like(grad, input, kind)
-    gt = None
-    if res.grad_target is not None:
-        gt = L.from_rows(res.grad_target, kind, target_layout or layout)
-        if target_like is not None:
-            gt = L.cast_like(gt, target_like, kind)
-    return LossGrad(loss, grad, gt)
 
 
 # ---------------------------------------------------------------------------
@@ -206,11 +73,11 @@ def _softmax_common(input, dim, dtype, backend, log: bool):
     input = _cast_dtype(input, dtype, kind)
     V.check_floating("input", input, kind)
     V.check_dim("dim", dim, input.ndim)
-    be = _backend(kind, device, backend, "softmax_forward", input, dim if input.ndim else -1)
+    be = backend_for(kind, device, backend, "softmax_forward", input, dim if input.ndim else -1)
     if L.numel(input, kind) == 0:  # nothing to normalise: an empty result, as torch
         return input.clone() if kind == "torch" else L.xp(kind).empty_like(input)  # clone: keeps autograd
     rows, layout = L.rows2d(input, kind, dim)
-    return L.from_rows(_call("softmax_forward", kind, be, [rows], SoftmaxOptions(log)), kind, layout)
+    return L.from_rows(run("softmax_forward", kind, be, [rows], SoftmaxOptions(log)), kind, layout)
 
 
 def softmax(input, dim: int = -1, *, dtype=None, backend: Optional[str] = None):
@@ -241,12 +108,12 @@ def _softmax_bwd_common(grad_output, output, dim, backend, log: bool):
     V.check_same_shape("grad_output", grad_output, "output", output)
     V.check_same_dtype("grad_output", grad_output, "output", output, kind)
     V.check_dim("dim", dim, output.ndim)
-    be = _backend(kind, device, backend, "softmax_backward", output, dim if output.ndim else -1)
+    be = backend_for(kind, device, backend, "softmax_backward", output, dim if output.ndim else -1)
     if L.numel(output, kind) == 0:
         return grad_output * output  # empty, and connected to autograd for torch
     y, layout = L.rows2d(output, kind, dim)
     dy, _ = L.rows2d(grad_output, kind, dim)
-    return L.from_rows(_call("softmax_backward", kind, be, [y, dy], SoftmaxOptions(log)), kind, layout)
+    return L.from_rows(run("softmax_backward", kind, be, [y, dy], SoftmaxOptions(log)), kind, layout)
 
 
 def softmax_backward(grad_output, output, dim: int = -1, *, backend: Optional[str] = None):
@@ -267,7 +134,7 @@ def log_softmax_backward(grad_output, output, dim: int = -1, *, backend: Optiona
 def _class_dim_call(input, target, weight, size_average, reduce, reduction: str, ignore_index):
     """The checks cross_entropy and nll_loss share: (reduction, kind, device,
     C, ignore_index) for logits with the class dimension 1 ((C,) unbatched)."""
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction)
     kind, device = classify([("input", input), ("target", target), ("weight", weight)], optional=("weight",))
     V.check_reduction(reduction)
     V.check_floating("input", input, kind)
@@ -332,7 +199,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     V.check_weight("weight", weight, kind, C, input, prob)
     V.check_ce_options(label_smoothing, z_loss, softcap)
     V.check_bool("inplace_backward", inplace_backward)
-    _wants(return_grad)
+    wants(return_grad)
     loss_dtype = V.as_float_dtype("loss_dtype", loss_dtype, kind)
     if inplace_backward and _writes_gradient(input, kind, return_grad):
         V.check_inplace_ok("input", input, kind, return_grad)
@@ -343,7 +210,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     else:
         target = V.as_index_target("target", target, kind)
         V.check_class_targets("target", target, kind, C, ignore_index)
-    be = _backend(kind, device, backend, "cross_entropy", x, 1 if x.ndim >= 2 else 0)
+    be = backend_for(kind, device, backend, "cross_entropy", x, 1 if x.ndim >= 2 else 0)
     if L.numel(input, kind) == 0:
         out = _empty_class(kind, x, target, prob, ignore_index, float(label_smoothing), reduction,
                            return_grad, float(z_loss))
@@ -363,12 +230,12 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     w_term = None  # formed before the call: with inplace_backward the call overwrites the logits
     if prob and kind == "torch" and weight is not None and weight.requires_grad and not return_grad:
         w_term = _class_weight_term(rows, t_rows, weight, opts, _row_loss_shape(x))
-    res = _call("cross_entropy", kind, be, [rows, t_rows, w], opts, return_grad)
+    res = run("cross_entropy", kind, be, [rows, t_rows, w], opts, return_grad)
     if reduction == "none":
         res = res._replace(loss=res.loss.reshape(_row_loss_shape(x)))
     if w_term is not None:
         res = res._replace(loss=res.loss + w_term)
-    out = _finish(res, return_grad, kind, x, layout, target_like=target if prob else None,
+    out = finish(res, return_grad, kind, x, layout, target_like=target if prob else None,
                   inplace=bool(inplace_backward), loss_dtype=loss_dtype)
     if return_grad and x is not input:
         out = out._replace(grad=L.cast_like(out.grad, input, kind))
@@ -415,19 +282,19 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = 
                                                               reduction, ignore_index)
     V.check_index_target("target", target, kind, input)
     V.check_weight("weight", weight, kind, C, input)
-    _wants(return_grad)
+    wants(return_grad)
     target = V.as_index_target("target", target, kind)
     V.check_class_targets("target", target, kind, C, ignore_index)
-    be = _backend(kind, device, backend)
+    be = backend_for(kind, device, backend)
     if L.numel(input, kind) == 0:
         return _empty_class(kind, input, target, False, ignore_index, 0.0, reduction, return_grad)
     rows, layout = L.rows2d(input, kind, 1) if input.ndim >= 2 else (input.reshape(1, C), ("0d", (C,)))
     w = None if weight is None else V.as_float_vector(weight, kind, input)
-    res = _call("nll_loss", kind, be, [rows, target.reshape(-1), w], NllOptions(ignore_index, reduction),
+    res = run("nll_loss", kind, be, [rows, target.reshape(-1), w], NllOptions(ignore_index, reduction),
                 return_grad)
     if reduction == "none":
         res = res._replace(loss=res.loss.reshape(_row_loss_shape(input)))
-    return _finish(res, return_grad, kind, input, layout)
+    return finish(res, return_grad, kind, input, layout)
 
 
 # ---------------------------------------------------------------------------
@@ -441,7 +308,7 @@ def kl_div(input, target, size_average=None, reduce=None, reduction: str = "mean
     (``exp(target) * (target - input)`` with ``log_target``).  Reductions
     "none", "mean" (over elements), "sum", "batchmean" (sum / input.shape[0]).
     input and target broadcast against each other, as in torch."""
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction)
     V.check_bool("log_target", log_target)
     return _elementwise("kl_div", input, target, reduction, return_grad, backend,
                         lambda red: KlDivOptions(bool(log_target), red), {}, broadcast=True, kl=True)
@@ -473,10 +340,10 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
     V.check_same_shape("input", input, "target", target)
     V.check_positive("temperature", temperature)
     V.check_bool("target_is_logits", target_is_logits)
-    _wants(return_grad)
+    wants(return_grad)
     if input.ndim == 0:
         raise ValueError("input must have at least 1 dimension, got a 0-d array")
-    be = _backend(kind, device, backend)
+    be = backend_for(kind, device, backend)
     x, layout = L.rows2d(input, kind, -1)
     if L.numel(input, kind) == 0:
         R = x.shape[0]
@@ -486,11 +353,11 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
         loss = L.connected(loss, kind, input)
         return LossGrad(loss, L.zeros(input, tuple(input.shape), kind)) if return_grad else loss
     t, _ = L.rows2d(target, kind, -1)
-    res = _call("kl_div_logits", kind, be, [x, t],
+    res = run("kl_div_logits", kind, be, [x, t],
                 KlDivLogitsOptions(float(temperature), bool(target_is_logits), reduction), return_grad)
     if reduction == "none":
         res = res._replace(loss=res.loss.reshape(input.shape[:-1]))
-    return _finish(res, return_grad, kind, input, layout)
+    return finish(res, return_grad, kind, input, layout)
 
 
 # ---------------------------------------------------------------------------
@@ -513,12 +380,12 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     for name, w in named_weights.items():
         V.check_broadcastable(name, w, kind, input)
         V.check_no_grad(name, w, kind, op)
-    _wants(return_grad)
+    wants(return_grad)
     if op == "bce":
         V.check_same_dtype("target", target, "input", input, kind)
         V.check_unit_interval("input", input, kind)
         V.check_unit_interval("target", target, kind)
-    be = _backend(kind, device, backend)
+    be = backend_for(kind, device, backend)
     # torch's dtypes: mse_loss and kl_div promote input and target; BCE with
     # logits computes in the target's dtype
     dt = target.dtype if op == "bce_with_logits" else L.result_dtype(kind, input, target)
@@ -531,7 +398,7 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
         x, layout = L.rows2d(xin, kind, -1)
         t, _ = L.rows2d(tin, kind, -1)
         arrays = [x, t] + [None if w is None else V.as_row_broadcast(w, kind, xin, x) for w in named_weights.values()]
-        res = _call(op, kind, be, arrays, make_opts(red), return_grad)
+        res = run(op, kind, be, arrays, make_opts(red), return_grad)
         unrow = lambda a: L.from_rows(a, kind, layout)  # noqa: E731
         res = LossResult(unrow(res.loss) if red == "none" else res.loss, unrow(res.grad), unrow(res.grad_target))
     if reduction == "batchmean":  # torch: sum / input.size(0)
@@ -540,7 +407,7 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
         res = res._replace(grad=L.sum_to(res.grad, tuple(input.shape), kind),
                            grad_target=L.sum_to(res.grad_target, tuple(target.shape), kind))
     res = res._replace(loss=L.astype(res.loss, dt, kind))  # the promoted dtype, not input's
-    out = _finish(res, return_grad, kind, xin, ("0d", tuple(input.shape)),
+    out = finish(res, return_grad, kind, xin, ("0d", tuple(input.shape)),
                   target_layout=("0d", tuple(target.shape)), target_like=target)
     return out._replace(grad=L.cast_like(out.grad, input, kind)) if return_grad else out
 
@@ -566,7 +433,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
 
     ``weight`` broadcasts against input; ``pos_weight`` along the last
     dimension.  Gradient w.r.t. x without pos_weight: ``weight (sigmoid(x) - t)``."""
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction)
     return _elementwise("bce_with_logits", input, target, reduction, return_grad, backend, ReductionOptions,
                         {"weight": weight, "pos_weight": pos_weight})
 
@@ -576,7 +443,7 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
     """Binary cross-entropy on probabilities, as
     ``torch.nn.functional.binary_cross_entropy`` (each log clamped at -100;
     input and target must lie in [0, 1])."""
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction)
     return _elementwise("bce", input, target, reduction, return_grad, backend, ReductionOptions,
                         {"weight": weight})
 
@@ -588,6 +455,6 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction: str = "me
 
     The lecture's L2 divergence ``1/2 ||Y - d||^2`` is
     ``mse_loss(Y, d, reduction="sum") / 2``, with gradient ``Y - d``."""
-    reduction = _legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction)
     return _elementwise("mse", input, target, reduction, return_grad, backend, ReductionOptions, {},
                         broadcast=True)
