@@ -111,6 +111,51 @@ class _Clock:
         return self.torch.cuda.max_memory_allocated(self.device), before
 
 
+def _measure(model, ids, labels, clock: "_Clock", steps: int) -> Dict[str, Any]:
+    """Median step time, peak memory, loss and gradient norm of training steps."""
+    import torch
+    model.train()
+    out: Dict[str, Any] = {}
+
+    def step():
+        # the previous step's gradients are freed first (set_to_none is
+        # host-only); nothing of a step outlives it but the loss
+        model.zero_grad(set_to_none=True)
+        o = model(input_ids=ids, labels=labels)
+        o.loss.backward()
+        out["loss"], out["logits_none"] = o.loss.detach(), o.logits is None
+
+    step()  # warm-up: kernels compiled, allocator primed
+    model.zero_grad(set_to_none=True)
+    peak, before = clock.peak(step)
+    times = [clock.time_ms(step) for _ in range(steps)]
+    gnorm = float(torch.linalg.vector_norm(
+        torch.stack([p.grad.float().norm() for p in model.parameters() if p.grad is not None])))
+    row = dict(status="ok", time_ms=statistics.median(times), loss=float(out["loss"].float()), grad_norm=gnorm,
+               logits="none" if out["logits_none"] else "kept")
+    if peak is not None:
+        row.update(peak_gib=peak / GIB, peak_over_weights_gib=(peak - before) / GIB)
+    return row
+
+
+def _meta(device_name: str, tiny: bool, batch: int, seq: int, steps: int, cfg, dtype) -> Dict[str, Any]:
+    import torch
+    import transformers
+    card = torch.cuda.get_device_name(torch.device(device_name)) if device_name.startswith("cuda") else "cpu"
+    meta = {"device": device_name, "card": card, "tiny": tiny, "batch": batch, "seq": seq,
+            "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
+            "dtype": str(dtype).replace("torch.", ""), "steps": steps,
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+            "torch": torch.__version__, "transformers": transformers.__version__}
+    try:
+        import liger_kernel  # noqa: F401
+        from importlib.metadata import version
+        meta["liger_kernel"] = version("liger-kernel")
+    except Exception:
+        meta["liger_kernel"] = None
+    return meta
+
+
 def run(device_name: str, tiny: bool, batch: int, seq: int, layers: int, steps: int,
         variants: List[str]) -> Dict[str, Any]:
     import torch
@@ -125,7 +170,7 @@ def run(device_name: str, tiny: bool, batch: int, seq: int, layers: int, steps: 
     labels[:, : seq // 16] = -100  # a prompt that is not scored
     state = None  # the first model's weights, loaded into every later one
     rows: List[Dict[str, Any]] = []
-    ref_loss = ref_gnorm = None
+    ref = None  # the unpatched model's row
     for name in variants:
         row: Dict[str, Any] = {"variant": name}
         model = None
@@ -139,37 +184,12 @@ def run(device_name: str, tiny: bool, batch: int, seq: int, layers: int, steps: 
             else:
                 model.load_state_dict(state)
             why = _patch(name, model)
-            if why is not None:
-                row["status"] = why
-                rows.append(row)
-                continue
-            model.train()
-            out: Dict[str, Any] = {}
-
-            def step():
-                # the previous step's gradients are freed first (set_to_none is
-                # host-only); nothing of a step outlives it but the loss
-                model.zero_grad(set_to_none=True)
-                o = model(input_ids=ids, labels=labels)
-                o.loss.backward()
-                out["loss"], out["logits_none"] = o.loss.detach(), o.logits is None
-
-            step()  # warm-up: kernels compiled, allocator primed
-            model.zero_grad(set_to_none=True)
-            peak, before = clock.peak(step)
-            times = [clock.time_ms(step) for _ in range(steps)]
-            loss = float(out["loss"].float())
-            gnorm = float(torch.linalg.vector_norm(
-                torch.stack([p.grad.float().norm() for p in model.parameters() if p.grad is not None])))
-            row.update(status="ok", time_ms=statistics.median(times), loss=loss, grad_norm=gnorm,
-                       logits="none" if out["logits_none"] else "kept")
-            if peak is not None:
-                row.update(peak_gib=peak / GIB, peak_over_weights_gib=(peak - before) / GIB)
-            if name == "unpatched":
-                ref_loss, ref_gnorm = loss, gnorm
-            elif ref_loss is not None:
-                row["loss_rel_diff"] = abs(loss - ref_loss) / abs(ref_loss)
-                row["grad_norm_rel_diff"] = abs(gnorm - ref_gnorm) / ref_gnorm
+            row.update({"status": why} if why is not None else _measure(model, ids, labels, clock, steps))
+            if name == "unpatched" and why is None:
+                ref = row
+            elif ref is not None and why is None:
+                row["loss_rel_diff"] = abs(row["loss"] - ref["loss"]) / abs(ref["loss"])
+                row["grad_norm_rel_diff"] = abs(row["grad_norm"] - ref["grad_norm"]) / ref["grad_norm"]
         except Exception as e:  # one failing variant must not lose the others
             row["status"] = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
         finally:
@@ -177,19 +197,7 @@ def run(device_name: str, tiny: bool, batch: int, seq: int, layers: int, steps: 
             if device.type == "cuda":
                 torch.cuda.empty_cache()
         rows.append(row)
-    card = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    meta = {"device": device_name, "card": card, "tiny": tiny, "batch": batch, "seq": seq,
-            "layers": cfg.num_hidden_layers, "hidden": cfg.hidden_size, "vocab": cfg.vocab_size,
-            "dtype": str(dtype).replace("torch.", ""), "steps": steps,
-            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
-            "torch": torch.__version__, "transformers": transformers.__version__}
-    try:
-        import liger_kernel  # noqa: F401
-        from importlib.metadata import version
-        meta["liger_kernel"] = version("liger-kernel")
-    except Exception:
-        meta["liger_kernel"] = None
-    return {"meta": meta, "rows": rows}
+    return {"meta": _meta(device_name, tiny, batch, seq, steps, cfg, dtype), "rows": rows}
 
 
 def table(result: Dict[str, Any]) -> str:

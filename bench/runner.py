@@ -297,10 +297,8 @@ def _check_impl_patterns(patterns: Optional[List[str]], reg: Dict[str, Impl]) ->
     return None
 
 
-def run_benchmark(args: argparse.Namespace, device) -> Tuple[Dict[str, Any], Dict[str, Any], List[Dict[str, Any]]]:
-    """Run the plan; returns (meta, implementations, rows)."""
-    import torch
-
+def _plan_axes(args: argparse.Namespace, device):
+    """(shapes, dtypes, op names, time budget) the arguments and the device's preset ask for."""
     preset = dict(PRESETS[device.kind]["quick" if args.quick else "full"])
     if args.sweep_v:
         preset["sweep_v"] = [int(v) for v in _csv(args.sweep_v)]
@@ -316,7 +314,96 @@ def run_benchmark(args: argparse.Namespace, device) -> Tuple[Dict[str, Any], Dic
         if o not in OPS:
             raise SystemExit(f"unknown op {o!r}; known: {', '.join(OPS)}")
     budget = args.budget_s if args.budget_s is not None else preset["budget_s"]
+    return shapes, dtypes, op_names, budget
 
+
+def _plan(shapes, dtypes, op_names, impls, quick: bool, device) -> list:
+    """(shape entry, dtype, op, implementations) for every measurement to make."""
+    plan = []
+    for se in shapes:
+        for dtype in dtypes:
+            for op_name in op_names:
+                if (se.ops is not None and op_name not in se.ops) or (se.dtypes is not None and dtype not in se.dtypes):
+                    continue
+                todo = [i for i in impls if op_name in i.builders and not (
+                    quick and device.is_gpu and i.name == "torch-compile"
+                    and (op_name not in QUICK_COMPILE_OPS or se.tag == "sweep"))]
+                if todo:
+                    plan.append((se, dtype, OPS[op_name], todo))
+    return plan
+
+
+class _Measure:
+    """The rows of a plan, measured in order within a time budget; an
+    interrupt (Ctrl-C, CI's time limit) keeps what was measured."""
+
+    def __init__(self, device, budget: Optional[float], total: int):
+        import torch
+        self.device, self.budget = device, budget
+        self.gen = torch.Generator(device=device.torch_device)
+        self.gen.manual_seed(int.from_bytes(os.urandom(4), "little"))
+        self.rows: List[Dict[str, Any]] = []
+        self.progress = _Progress(total)
+        self.t_start = time.monotonic()
+        self.interrupted = False
+
+    def spent(self) -> bool:
+        return self.budget is not None and time.monotonic() - self.t_start > self.budget
+
+    def entry(self, se, dtype: str, op, todo) -> None:
+        """Every implementation of one (op, shape, dtype) on one set of inputs."""
+        base = {"op": op.name, "shape": shape_str(se.shape), "dtype": dtype, "tag": se.tag,
+                "floor_bytes": int(op.floor_bytes(se.shape, dtype))}
+        inputs = None
+        if not (self.interrupted or self.spent()):
+            try:
+                inputs = op.make_inputs(se.shape, dtype, self.device.torch_device, self.gen)
+            except Exception as e:  # e.g. out of memory at the largest shapes
+                for impl in todo:
+                    self.rows.append({**base, "impl": impl.name, "group": impl.group,
+                                      "status": f"fails: making inputs: {_reason(e)}"})
+                    self.progress.step(f"{op.name} {base['shape']} {dtype} {impl.name}")
+                self.device.free()
+                return
+        cache: dict = {}
+        ctx = Ctx(device=self.device, dtype=dtype, shape=se.shape)
+        for impl in todo:
+            self.progress.step(f"{op.name} {base['shape']} {dtype} {impl.name}")
+            row = {**base, "impl": impl.name, "group": impl.group}
+            row.update(self._one(op, impl, inputs, ctx, cache))
+            self.rows.append(row)
+        del inputs, cache
+        self.device.free()
+
+    def _one(self, op, impl, inputs, ctx, cache) -> Dict[str, Any]:
+        if self.interrupted:
+            return {"status": "skipped: interrupted"}
+        if inputs is None or self.spent():
+            return {"status": f"skipped: time budget {self.budget:g} s spent"}
+        try:
+            return run_impl(op, impl, inputs, ctx, self.device, cache)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            print("interrupted: writing the rows measured so far", file=sys.stderr)
+            return {"status": "skipped: interrupted"}
+        except Exception as e:  # a runner bug must not lose the other rows
+            traceback.print_exc(file=sys.stderr)
+            return {"status": f"fails: runner error {_reason(e)}"}
+
+    def run(self, plan) -> None:
+        try:
+            for se, dtype, op, todo in plan:
+                self.entry(se, dtype, op, todo)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            print("interrupted: writing the rows measured so far", file=sys.stderr)
+        finally:
+            self.progress.close()
+
+
+def run_benchmark(args: argparse.Namespace, device) -> Tuple[Dict[str, Any], Dict[str, Any], List[Dict[str, Any]]]:
+    """Run the plan; returns (meta, implementations, rows)."""
+    shapes, dtypes, op_names, budget = _plan_axes(args, device)
     reg = build_registry(device)
     patterns = _csv(args.impls)
     err = _check_impl_patterns(patterns, reg)
@@ -331,74 +418,10 @@ def run_benchmark(args: argparse.Namespace, device) -> Tuple[Dict[str, Any], Dic
     copy_bw, copy_bytes = device.copy_bandwidth()
     print(f"copy bandwidth: {copy_bw / 1e9:.1f} GB/s (copy of {copy_bytes / 2**20:.0f} MiB, read+write)",
           file=sys.stderr)
-
-    plan = []
-    for se in shapes:
-        for dtype in dtypes:
-            for op_name in op_names:
-                if se.ops is not None and op_name not in se.ops:
-                    continue
-                if se.dtypes is not None and dtype not in se.dtypes:
-                    continue
-                todo = [i for i in impls if op_name in i.builders and not (
-                    args.quick and device.is_gpu and i.name == "torch-compile"
-                    and (op_name not in QUICK_COMPILE_OPS or se.tag == "sweep"))]
-                if todo:
-                    plan.append((se, dtype, OPS[op_name], todo))
-    total = sum(len(t) for *_, t in plan)
-
-    gen = torch.Generator(device=device.torch_device)
-    gen.manual_seed(int.from_bytes(os.urandom(4), "little"))
-    rows: List[Dict[str, Any]] = []
-    progress = _Progress(total)
-    t_start = time.monotonic()
-    interrupted = False
-    try:
-        for se, dtype, op, todo in plan:
-            shape = se.shape
-            base = {"op": op.name, "shape": shape_str(shape), "dtype": dtype, "tag": se.tag,
-                    "floor_bytes": int(op.floor_bytes(shape, dtype))}
-            over = interrupted or (budget is not None and time.monotonic() - t_start > budget)
-            inputs = None
-            if not over:
-                try:
-                    inputs = op.make_inputs(shape, dtype, device.torch_device, gen)
-                except Exception as e:  # e.g. out of memory at the largest shapes
-                    for impl in todo:
-                        rows.append({**base, "impl": impl.name, "group": impl.group,
-                                     "status": f"fails: making inputs: {_reason(e)}"})
-                        progress.step(f"{op.name} {base['shape']} {dtype} {impl.name}")
-                    device.free()
-                    continue
-            cache: dict = {}
-            ctx = Ctx(device=device, dtype=dtype, shape=shape)
-            for impl in todo:
-                progress.step(f"{op.name} {base['shape']} {dtype} {impl.name}")
-                row = {**base, "impl": impl.name, "group": impl.group}
-                if interrupted:
-                    row.update(status="skipped: interrupted")
-                elif inputs is None or (budget is not None and time.monotonic() - t_start > budget):
-                    row.update(status=f"skipped: time budget {budget:g} s spent")
-                else:
-                    try:
-                        row.update(run_impl(op, impl, inputs, ctx, device, cache))
-                    except KeyboardInterrupt:
-                        # Ctrl-C or CI's time limit (SIGINT): keep what was measured
-                        interrupted = True
-                        row.update(status="skipped: interrupted")
-                        print("interrupted: writing the rows measured so far", file=sys.stderr)
-                    except Exception as e:  # a runner bug must not lose the other rows
-                        row.update(status=f"fails: runner error {_reason(e)}")
-                        traceback.print_exc(file=sys.stderr)
-                rows.append(row)
-            del inputs, cache
-            device.free()
-    except KeyboardInterrupt:
-        interrupted = True
-        print("interrupted: writing the rows measured so far", file=sys.stderr)
-    finally:
-        progress.close()
-    add_derived(rows, copy_bw)
+    plan = _plan(shapes, dtypes, op_names, impls, bool(args.quick), device)
+    m = _Measure(device, budget, sum(len(t) for *_, t in plan))
+    m.run(plan)
+    add_derived(m.rows, copy_bw)
 
     meta = {
         **device.describe(),
@@ -411,16 +434,16 @@ def run_benchmark(args: argparse.Namespace, device) -> Tuple[Dict[str, Any], Dic
                    else "time.perf_counter median of repeated calls after one warm-up"),
         "memory_method": device.mem_method,
         "quick": bool(args.quick),
-        "interrupted": interrupted,
+        "interrupted": m.interrupted,
         "budget_s": budget,
-        "elapsed_s": round(time.monotonic() - t_start, 1),
+        "elapsed_s": round(time.monotonic() - m.t_start, 1),
         "args": vars(args),
         "check_tolerances": ops_mod.CHECK_TOLERANCES,
     }
     impl_info = {name: {"available": ok, "reason": why, "group": reg[name].group, "notes": reg[name].notes,
                         "selected": any(i.name == name for i in impls)}
                  for name, (ok, why) in avail.items()}
-    return meta, impl_info, rows
+    return meta, impl_info, m.rows
 
 
 def default_out_dir() -> str:

@@ -196,7 +196,7 @@ def _measure(op: str, backend: str, x, t, dy, ref, V: int) -> Tuple[Callable[[],
     """(timed function, max relative error of its check)."""
     import torch
     import gpuloss
-    sub, N = ref["sub"], x.shape[0]
+    sub = ref["sub"]
     rel = lambda a, b: float((a - b).abs().max() / b.abs().max())  # noqa: E731
     if op in ("ce_loss_grad", "ce_loss_grad_inplace"):
         inplace = op.endswith("inplace")
@@ -245,7 +245,7 @@ def cupy_staged_configs(available: bool) -> List[Tuple[str, str, Dict[str, Optio
     return [(f"cupy staged {name}", "cupy", {"GPULOSS_CUPY_VARIANT": "staged", **kv}) for name, kv in knobs]
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def _args(argv: Optional[List[str]]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="python -m gpuloss.bench.tune", description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default=None, help="folder for tune.json")
     ap.add_argument("--quick", action="store_true", help="two bf16 shapes only")
@@ -256,11 +256,83 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--verified", default=None,
                     help="run id to mark the written entries verified (only if the GPU suite passed in this run)")
     ap.add_argument("--suite", default="", help="what passed, for the table's runs record")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
 
-    import torch
+
+def _bench(fn: Callable[[], object]) -> float:
     import triton.testing
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
 
+
+def _copy_bandwidth(dev) -> float:
+    """Bytes read + written per second by a 1 GiB device-to-device copy."""
+    import torch
+    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()
+    dst = torch.empty_like(src)
+    copy_ms = _bench(lambda: dst.copy_(src))
+    return 2 * (1 << 30) / (copy_ms * 1e-3)  # the buffers are freed on return
+
+
+def _skip(op: str, name: str, V: int) -> bool:
+    if op == "ce_loss" and name.startswith("triton") and name != "triton twopass":
+        return True  # loss only: the looped kernel reads the row once whatever the variant
+    # longer rows fall back to the looped kernels; CE and backward spill
+    return name == "triton onchip whole-row" and (V > 32768 or op not in WHOLE_ROW_OPS)
+
+
+def _time_config(row: Dict[str, Any], op: str, backend: str, kv, data, tol: float, copy_bw: float) -> None:
+    """Check one configuration against the float32 references, then time it (fills ``row``)."""
+    x, t, dy, ref = data
+    N, V = x.shape
+    with env(**kv):
+        try:
+            fn, err = _measure(op, backend, x, t, dy, ref, V)
+            if not err <= tol:
+                row.update(status=f"WRONG (max rel err {err:.2e})")
+                return
+            ms = _bench(fn)
+            fb = _floor_bytes(op, N, V, x.element_size())
+            row.update(status="ok", ms=ms, err=err, gbps=fb / (ms * 1e-3) / 1e9, floor=(fb / copy_bw) / (ms * 1e-3))
+        except Exception as e:  # a config that cannot run is a result too
+            row.update(status=f"fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
+
+
+def _sweep(args, dev, card: str, copy_bw: float, t_start: float) -> List[Dict[str, Any]]:
+    import torch
+    rows: List[Dict[str, Any]] = []
+    cfgs = [c for c in configs() if fnmatch.fnmatch(c[0], args.configs)]
+    ops = [o for o in args.ops.split(",") if o]
+    for (N, V), dtname in (QUICK_SHAPES if args.quick else SHAPES):
+        torch.manual_seed(N + V)
+        x = (torch.randn(N, V, device=dev) * 2).to(getattr(torch, dtname))
+        t = torch.randint(0, V, (N,), device=dev)
+        dy = torch.randn(N, V, device=dev).to(x.dtype) if "softmax_bwd" in ops else None
+        data = (x, t, dy, _checks(x, t, N, V, dtname))
+        tol = 2e-2 if dtname == "bfloat16" else 1e-4
+        for op in ops:
+            if OPS[op] is not None and ((N, V), dtname) not in OPS[op]:
+                continue
+            for name, backend, kv in cfgs:
+                if _skip(op, name, V):
+                    continue
+                row = dict(op=op, shape=f"{N}x{V}", dtype=dtname, config=name, card=card)
+                if args.budget_s is not None and time.time() - t_start > args.budget_s:
+                    row.update(status="skipped: time budget")
+                else:
+                    _time_config(row, op, backend, kv, data, tol, copy_bw)
+                rows.append(row)
+                s = (f"{row['status']}" if row["status"] != "ok"
+                     else f"{row['ms']:8.3f} ms  {row['gbps']:7.0f} GB/s  floor {row['floor']:.3f}")
+                print(f"{op:20s} {row['shape']:>13s} {dtname:9s} {name:26s} {s}", flush=True)
+                torch.cuda.empty_cache()
+        del x, t, dy, data
+        torch.cuda.empty_cache()
+    return rows
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = _args(argv)
+    import torch
     if not torch.cuda.is_available():
         print("tune: needs a CUDA device", file=sys.stderr)
         return 2
@@ -268,62 +340,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     dev = torch.device("cuda")
     card = torch.cuda.get_device_name(dev)
     cap = torch.cuda.get_device_capability(dev)
-
-    def bench(fn: Callable[[], object]) -> float:
-        return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
-
-    src = torch.empty(1 << 30, dtype=torch.uint8, device=dev).random_()  # 1 GiB, read + write = 2 GiB
-    dst = torch.empty_like(src)
-    copy_ms = bench(lambda: dst.copy_(src))
-    copy_bw = 2 * src.numel() / (copy_ms * 1e-3)
-    del src, dst
+    copy_bw = _copy_bandwidth(dev)
     torch.cuda.empty_cache()
     print(f"{card}: copy bandwidth {copy_bw / 1e12:.3f} TB/s", flush=True)
-
-    rows: List[Dict[str, object]] = []
-    cfgs = [c for c in configs() if fnmatch.fnmatch(c[0], args.configs)]
-    ops = [o for o in args.ops.split(",") if o]
-    shapes = QUICK_SHAPES if args.quick else SHAPES
-    for (N, V), dtname in shapes:
-        dt = getattr(torch, dtname)
-        torch.manual_seed(N + V)
-        x = (torch.randn(N, V, device=dev) * 2).to(dt)
-        t = torch.randint(0, V, (N,), device=dev)
-        dy = torch.randn(N, V, device=dev).to(dt) if "softmax_bwd" in ops else None
-        ref = _checks(x, t, N, V, dtname)
-        tol = 2e-2 if dtname == "bfloat16" else 1e-4
-        for op in ops:
-            if OPS[op] is not None and ((N, V), dtname) not in OPS[op]:
-                continue
-            for name, backend, kv in cfgs:
-                if op == "ce_loss" and name.startswith("triton") and name != "triton twopass":
-                    continue  # loss only: the looped kernel reads the row once whatever the variant
-                if name == "triton onchip whole-row" and (V > 32768 or op not in WHOLE_ROW_OPS):
-                    continue  # longer rows fall back to the looped kernels; CE and backward spill
-                row = dict(op=op, shape=f"{N}x{V}", dtype=dtname, config=name, card=card)
-                if args.budget_s is not None and time.time() - t_start > args.budget_s:
-                    row.update(status="skipped: time budget")
-                    rows.append(row)
-                    continue
-                with env(**kv):
-                    try:
-                        fn, err = _measure(op, backend, x, t, dy, ref, V)
-                        if not err <= tol:
-                            row.update(status=f"WRONG (max rel err {err:.2e})")
-                        else:
-                            ms = bench(fn)
-                            fb = _floor_bytes(op, N, V, x.element_size())
-                            row.update(status="ok", ms=ms, err=err, gbps=fb / (ms * 1e-3) / 1e9,
-                                       floor=(fb / copy_bw) / (ms * 1e-3))
-                    except Exception as e:  # a config that cannot run is a result too
-                        row.update(status=f"fails: {type(e).__name__}: {str(e).splitlines()[0][:120]}")
-                rows.append(row)
-                s = (f"{row['status']}" if row["status"] != "ok"
-                     else f"{row['ms']:8.3f} ms  {row['gbps']:7.0f} GB/s  floor {row['floor']:.3f}")
-                print(f"{op:20s} {row['shape']:>13s} {dtname:9s} {name:26s} {s}", flush=True)
-                torch.cuda.empty_cache()
-        del x, t, dy
-        torch.cuda.empty_cache()
+    rows = _sweep(args, dev, card, copy_bw, t_start)
     date = time.strftime("%Y-%m-%d")
     if args.out:
         os.makedirs(args.out, exist_ok=True)

@@ -116,3 +116,24 @@ def test_dispatcher_puts_the_verified_backend_first(tmp_path, monkeypatch, fresh
     from gpuloss.backends.triton import config
     assert config.auto_design("softmax_backward", "bfloat16", 32000, (9, 0)) == tuning.SAFE_DEFAULT
     assert config.auto_design("softmax", "float32", 32000, (9, 0)).variant == "onchip"
+
+
+def test_sweep_checks_and_times_every_op_on_the_cpu(monkeypatch):
+    """bench/tune.py's sweep, run on CPU tensors with the NumPy backend at a
+    tiny shape (timing stubbed): every op's check passes, so a GPU session
+    does not find the sweep itself broken; a wrong result is reported, not timed."""
+    torch = pytest.importorskip("torch")
+    import time
+    from gpuloss.bench import tune
+    monkeypatch.setattr(tune, "SHAPES", [((8, 40), "float32")])
+    monkeypatch.setattr(tune, "OPS", {k: None for k in tune.OPS})
+    monkeypatch.setattr(tune, "_bench", lambda fn: (fn(), 1.0)[1])
+    monkeypatch.setattr(tune, "configs", lambda: [("numpy", "numpy", {})])
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    rows = tune._sweep(tune._args(["--ops", ",".join(tune.OPS)]), "cpu", "CPU", 1e9, time.time())
+    assert {r["op"] for r in rows} == set(tune.OPS)
+    assert all(r["status"] == "ok" and r["ms"] == 1.0 for r in rows), rows
+    real = tune._measure
+    monkeypatch.setattr(tune, "_measure", lambda *a: (real(*a)[0], 1.0))  # a check that fails
+    rows = tune._sweep(tune._args(["--ops", "ce_loss"]), "cpu", "CPU", 1e9, time.time())
+    assert rows and all(r["status"].startswith("WRONG") and "ms" not in r for r in rows)
