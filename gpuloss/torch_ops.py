@@ -101,7 +101,9 @@ def _schema(spec: OpSpec, outputs: Sequence[str], mutated: Optional[str] = None)
 
 
 def _pack(spec: OpSpec, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, want: Any) -> tuple:
-    return (*arrays, backend, *dataclasses.astuple(opts), *(() if want is None else tuple(want)))
+    # field by field: dataclasses.astuple deep-copies, which dynamo in torch 2.11 does not trace
+    fields = tuple(getattr(opts, f.name) for f in dataclasses.fields(opts))
+    return (*arrays, backend, *fields, *(() if want is None else tuple(want)))
 
 
 def _unpack(spec: OpSpec, args: tuple):

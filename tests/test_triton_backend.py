@@ -469,10 +469,10 @@ _AOT = textwrap.dedent("""
           "softcap": "fp32", "grad_scale": "fp32"}
     build(K.cross_entropy_onchip_kernel, ce, dict(CHUNK=8192, SPLIT=4, SPLIT_P2=4, PROB_TARGET=False,
           HAS_WEIGHT=True, HAS_SMOOTHING=True, HAS_Z_LOSS=True, HAS_SOFTCAP=True, DIV_ON_DEVICE=True,
-          WANT_GRAD_TARGET=False, ACC=tl.float32), 16)
+          WANT_GRAD_TARGET=False, ACC=tl.float32, PACKED=False), 16)
     sm = {"X_ptr": "*fp32", "X_row_stride": "i64", "Y_ptr": "*fp32", "Y_row_stride": "i64",
           "Scratch_ptr": "*fp32", "Counter_ptr": "*i32", "n_cols": "i32"}
-    build(S.softmax_fwd_onchip_kernel, sm, dict(CHUNK=8192, SPLIT=7, SPLIT_P2=8, LOG=False, ACC=tl.float32), 16)
+    build(S.softmax_fwd_onchip_kernel, sm, dict(CHUNK=8192, SPLIT=7, SPLIT_P2=8, LOG=False, ACC=tl.float32, PACKED=False), 16)
     print("ok")
 """)
 
