@@ -75,6 +75,21 @@ read, but a wrong value).  With ``validate=False`` and no ``vocab_sizes``, all
 ranks must keep their cache in step (a layout change must change ``V_local``
 on every rank); pass ``vocab_sizes`` to be independent of the cache.
 
+Custom operators, and torch.compile
+-----------------------------------
+Each public function checks its Python arguments and calls one
+``torch.library`` custom operator (``gpuloss::vocab_parallel_cross_entropy``,
+``gpuloss::vocab_parallel_linear_cross_entropy``; the linear form's "none"
+backward is ``gpuloss::vocab_parallel_linear_cross_entropy_backward``), which
+takes the process group by its name and the layout as plain ints.  The
+collectives, the validation all-gather with its host read and the layout
+cache all run inside the operators, whose fake implementations give the
+output shapes without any of them: ``torch.compile(fullgraph=True)`` traces a
+call, forward and backward, with no graph break, and a compiled call keeps
+the eager contract (the same collectives in the same order on every rank, the
+same ``ValueError`` on every rank).  The group's name is looked up once per
+compilation, guarded on the group object.
+
 Works with any backend that has all-gather and MAX/SUM all-reduce on the
 logits' device: NCCL on GPUs, gloo on CPUs.  Every rank must call with the
 same ``reduction``, options, targets and ``requires_grad`` settings, as for
@@ -87,11 +102,9 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from .layout import (VocabLayout, check_options, group_name, layout_arguments, require_target,  # noqa: F401
-                     resolve_layout, target_errors, ERR_DEVICE, ERR_WEIGHT_SHAPE, ERR_BIAS_SHAPE, ERR_DTYPE)
-from .linear import VocabParallelLinearCrossEntropy, default_chunk
-from .local import CEOptions
-from .ops import VocabParallelCrossEntropy
+from .layout import VocabLayout, check_options, group_name, layout_arguments, require_target
+from .linear import vocab_parallel_linear_cross_entropy_op
+from .ops import vocab_parallel_cross_entropy_op
 
 __all__ = ["VocabLayout", "vocab_parallel_cross_entropy", "vocab_parallel_linear_cross_entropy"]
 
@@ -148,15 +161,12 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=Non
     require_target(target)
     name = group_name(group)
     vocab_start, vocab_size, vocab_sizes = layout_arguments(vocab_start, vocab_size, vocab_sizes)
-    err = target_errors(target, tuple(local_logits.shape[:-1]))
-    if target.device != local_logits.device:
-        err |= ERR_DEVICE
-    pg, layout = resolve_layout(name, local_logits.device, local_logits.shape[-1], target, ignore_index,
-                                vocab_start, vocab_size, vocab_sizes, err, validate)
     want_grad = torch.is_grad_enabled() and local_logits.requires_grad
-    opts = CEOptions(ignore_index, reduction, float(label_smoothing), float(z_loss),
-                     None if softcap is None else float(softcap))
-    return VocabParallelCrossEntropy.apply(local_logits, target, layout, pg, opts, _CHUNK_ELEMENTS, want_grad)
+    loss, _ = vocab_parallel_cross_entropy_op(
+        local_logits, target, name, vocab_start, vocab_sizes, vocab_size, bool(validate), ignore_index, reduction,
+        float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), _CHUNK_ELEMENTS,
+        want_grad)
+    return loss
 
 
 def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, target: Tensor, group=None,
@@ -198,9 +208,9 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
     hidden/weight/bias require grad.
     """
     ignore_index = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
-    for name, t in (("hidden", hidden), ("local_weight", local_weight)):
+    for arg, t in (("hidden", hidden), ("local_weight", local_weight)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{name} must be a floating torch tensor")
+            raise TypeError(f"{arg} must be a floating torch tensor")
     if local_bias is not None and (not isinstance(local_bias, Tensor) or not local_bias.is_floating_point()):
         raise TypeError("local_bias must be None or a floating torch tensor")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
@@ -211,24 +221,11 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
     require_target(target)
     name = group_name(group)
     vocab_start, vocab_size, vocab_sizes = layout_arguments(vocab_start, vocab_size, vocab_sizes)
-    err = target_errors(target, tuple(hidden.shape[:-1]))
-    if local_weight.ndim != 2 or local_weight.shape[1] != hidden.shape[-1]:
-        err |= ERR_WEIGHT_SHAPE
-    v_local = local_weight.shape[0] if local_weight.ndim == 2 else 0
-    if local_bias is not None and tuple(local_bias.shape) != (v_local,):
-        err |= ERR_BIAS_SHAPE
-    if local_weight.dtype != hidden.dtype or (local_bias is not None and local_bias.dtype != hidden.dtype):
-        err |= ERR_DTYPE
-    devs = {t.device for t in (hidden, local_weight, target, local_bias) if t is not None}
-    if len(devs) > 1:
-        err |= ERR_DEVICE
-    pg, layout = resolve_layout(name, hidden.device, v_local, target, ignore_index, vocab_start, vocab_size,
-                                vocab_sizes, err, validate)
     grad_on = torch.is_grad_enabled()
     need = (grad_on and hidden.requires_grad, grad_on and local_weight.requires_grad,
             grad_on and local_bias is not None and local_bias.requires_grad)
-    opts = CEOptions(ignore_index, reduction, float(label_smoothing), float(z_loss),
-                     None if softcap is None else float(softcap))
-    chunk = default_chunk(layout, chunk_size, _CHUNK_ELEMENTS)
-    return VocabParallelLinearCrossEntropy.apply(hidden, local_weight, local_bias, target, layout, pg, opts, need,
-                                                 chunk)
+    loss, *_ = vocab_parallel_linear_cross_entropy_op(
+        hidden, local_weight, local_bias, target, name, vocab_start, vocab_sizes, vocab_size, bool(validate),
+        ignore_index, reduction, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
+        chunk_size, _CHUNK_ELEMENTS, *need)
+    return loss

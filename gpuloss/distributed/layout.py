@@ -132,6 +132,32 @@ def target_errors(target: Tensor, shape: tuple) -> int:
     return err
 
 
+def logits_errors(local_logits: Tensor, target: Tensor) -> int:
+    err = target_errors(target, tuple(local_logits.shape[:-1]))
+    if target.device != local_logits.device:
+        err |= ERR_DEVICE
+    return err
+
+
+def linear_errors(hidden: Tensor, local_weight: Tensor, local_bias: Optional[Tensor], target: Tensor) -> int:
+    err = target_errors(target, tuple(hidden.shape[:-1]))
+    if local_weight.ndim != 2 or local_weight.shape[1] != hidden.shape[-1]:
+        err |= ERR_WEIGHT_SHAPE
+    if local_bias is not None and tuple(local_bias.shape) != (local_rows(local_weight),):
+        err |= ERR_BIAS_SHAPE
+    if local_weight.dtype != hidden.dtype or (local_bias is not None and local_bias.dtype != hidden.dtype):
+        err |= ERR_DTYPE
+    if len({t.device for t in (hidden, local_weight, target, local_bias) if t is not None}) > 1:
+        err |= ERR_DEVICE
+    return err
+
+
+def local_rows(local_weight: Tensor) -> int:
+    """V_local of the linear form (0 for a weight that is not 2-D, an error
+    the validation reports)."""
+    return local_weight.shape[0] if local_weight.ndim == 2 else 0
+
+
 def layout_errors(world: int, vocab_start: Optional[int], vocab_size: Optional[int],
                   vocab_sizes: Optional[Sequence[int]]) -> int:
     err = 0

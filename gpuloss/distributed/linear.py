@@ -3,14 +3,15 @@ this rank's weight rows, one chunk of tokens at a time, never all at once."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from . import local as L
-from .layout import VocabLayout
+from .layout import VocabLayout, linear_errors, local_rows, resolve_layout
+from .ops import LAYOUT_ARGS, OPTION_ARGS
 
 Need = Tuple[bool, bool, bool]  # which of (hidden, weight, bias) want a gradient
 
@@ -117,45 +118,150 @@ def linear_backward(h2d: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor,
     return gh, gw, gb
 
 
-class VocabParallelLinearCrossEntropy(torch.autograd.Function):
-    """"mean"/"sum": the forward pass computes the loss and all gradients
-    chunk by chunk (three matmuls in all) and backward scales them by the
-    0-d ``grad_output``.  "none": the per-row upstream gradient is only known
-    in backward, so forward saves the per-row lse and backward recomputes the
-    logits chunk by chunk (no MAX/SUM all-reduces needed the second time)."""
+# ---------------------------------------------------------------------------
+# the operators: gpuloss::vocab_parallel_linear_cross_entropy and its backward
+# ---------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, hidden: Tensor, local_weight: Tensor, local_bias: Optional[Tensor], target: Tensor,
-                layout: VocabLayout, group, opts: L.CEOptions, need: Need, chunk: int) -> Tensor:
-        h2d = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
-        loss, lse, gh, gw, gb = linear_forward(h2d, local_weight, local_bias, target, layout, group, opts, need,
-                                               chunk)
-        fused = any(need) and opts.reduction != "none"
-        ctx.reduction, ctx.hshape, ctx.need = opts.reduction, hidden.shape, need
-        ctx.dtypes = (hidden.dtype, local_weight.dtype, None if local_bias is None else local_bias.dtype)
-        if fused:
-            ctx.save_for_backward(gh, gw, gb)
-        elif any(need):
-            ctx.layout, ctx.group, ctx.opts, ctx.chunk = layout, group, opts, chunk
-            ctx.save_for_backward(hidden, local_weight, local_bias, target, lse)
-        return loss
+def _placeholder(like: Tensor) -> Tensor:
+    """What an operator returns for a gradient it was not asked for."""
+    return like.new_empty((0,), dtype=L.compute_dtype(like.dtype))
 
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        if ctx.reduction != "none":
-            gh, gw, gb = ctx.saved_tensors
-            go = grad_output.to(gh.dtype if gh is not None else gw.dtype if gw is not None else torch.float32)
-            grads = [None if g is None else g * go for g in (gh, gw, gb)]
-        else:
-            hidden, w, b, target, lse = ctx.saved_tensors
-            h2d = hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
-            grads = list(linear_backward(h2d, w, b, target, lse, grad_output, ctx.layout, ctx.group, ctx.opts,
-                                         ctx.need, ctx.chunk))
-        gh, gw, gb = grads
-        if gh is not None:
-            gh = gh.to(ctx.dtypes[0]).reshape(ctx.hshape)
-        if gw is not None:
-            gw = gw.to(ctx.dtypes[1])
-        if gb is not None:
-            gb = gb.to(ctx.dtypes[2])
-        return gh, gw, gb, None, None, None, None, None, None
+
+def _grads_or_placeholders(hidden: Tensor, grads) -> Tuple[Tensor, Tensor, Tensor]:
+    return tuple(_placeholder(hidden) if g is None else g for g in grads)
+
+
+def _fake_grads(hidden: Tensor, local_weight: Tensor, local_bias: Optional[Tensor], need: Need):
+    """(gh, gw, gb) as the operators return them: the compute dtype, gh as
+    ``(R, H)``, placeholders where not needed."""
+    cdt = L.compute_dtype(hidden.dtype)
+    R = math.prod(hidden.shape[:-1])
+    gh = hidden.new_empty((R, hidden.shape[-1]), dtype=cdt) if need[0] else _placeholder(hidden)
+    gw = hidden.new_empty(tuple(local_weight.shape), dtype=cdt) if need[1] else _placeholder(hidden)
+    has_b = need[2] and local_bias is not None
+    gb = hidden.new_empty((local_weight.shape[0],), dtype=cdt) if has_b else _placeholder(hidden)
+    return gh, gw, gb
+
+
+def _flat(hidden: Tensor) -> Tensor:
+    return hidden.reshape(math.prod(hidden.shape[:-1]), hidden.shape[-1])
+
+
+@torch.library.custom_op(
+    "gpuloss::vocab_parallel_linear_cross_entropy", mutates_args=(),
+    schema=f"(Tensor hidden, Tensor local_weight, Tensor? local_bias, Tensor target, {LAYOUT_ARGS}, bool validate, "
+           f"{OPTION_ARGS}, int? chunk_size, int chunk_elements, bool want_hidden, bool want_weight, "
+           "bool want_bias) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def vocab_parallel_linear_cross_entropy_op(hidden: Tensor, local_weight: Tensor, local_bias: Optional[Tensor],
+                                           target: Tensor, group: str, vocab_start: Optional[int],
+                                           vocab_sizes: Optional[List[int]], vocab_size: Optional[int],
+                                           validate: bool, ignore_index: int, reduction: str,
+                                           label_smoothing: float, z_loss: float, softcap: Optional[float],
+                                           chunk_size: Optional[int], chunk_elements: int, want_hidden: bool,
+                                           want_weight: bool, want_bias: bool):
+    """(loss, per-row lse, gh, gw, gb): the gradients (compute dtype) only
+    for "mean"/"sum", where the forward pass forms them; placeholders else."""
+    err = linear_errors(hidden, local_weight, local_bias, target)
+    pg, layout = resolve_layout(group, hidden.device, local_rows(local_weight), target, ignore_index, vocab_start,
+                                vocab_size, vocab_sizes, err, validate)
+    opts = L.CEOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    chunk = default_chunk(layout, chunk_size, chunk_elements)
+    need = (want_hidden, want_weight, want_bias)
+    loss, lse, *grads = linear_forward(_flat(hidden), local_weight, local_bias, target, layout, pg, opts, need,
+                                       chunk)
+    return (L.not_a_view(loss), lse) + _grads_or_placeholders(hidden, grads)
+
+
+@vocab_parallel_linear_cross_entropy_op.register_fake
+def _(hidden, local_weight, local_bias, target, group, vocab_start, vocab_sizes, vocab_size, validate,
+      ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, chunk_elements, want_hidden,
+      want_weight, want_bias):
+    cdt = L.compute_dtype(hidden.dtype)
+    loss = hidden.new_empty(tuple(target.shape) if reduction == "none" else ())
+    lse = hidden.new_empty((math.prod(hidden.shape[:-1]),), dtype=cdt)
+    need = (want_hidden, want_weight, want_bias) if reduction != "none" else (False,) * 3
+    return (loss, lse) + _fake_grads(hidden, local_weight, local_bias, need)
+
+
+@torch.library.custom_op(
+    "gpuloss::vocab_parallel_linear_cross_entropy_backward", mutates_args=(),
+    schema=f"(Tensor hidden, Tensor local_weight, Tensor? local_bias, Tensor target, Tensor lse, Tensor grad_loss, "
+           f"{LAYOUT_ARGS}, {OPTION_ARGS}, int? chunk_size, int chunk_elements, bool want_hidden, "
+           "bool want_weight, bool want_bias) -> (Tensor, Tensor, Tensor)")
+def vocab_parallel_linear_cross_entropy_backward_op(hidden: Tensor, local_weight: Tensor,
+                                                    local_bias: Optional[Tensor], target: Tensor, lse: Tensor,
+                                                    grad_loss: Tensor, group: str, vocab_start: Optional[int],
+                                                    vocab_sizes: Optional[List[int]], vocab_size: Optional[int],
+                                                    ignore_index: int, reduction: str, label_smoothing: float,
+                                                    z_loss: float, softcap: Optional[float],
+                                                    chunk_size: Optional[int], chunk_elements: int,
+                                                    want_hidden: bool, want_weight: bool, want_bias: bool):
+    """(gh, gw, gb) for "none" from the saved per-row lse.  The forward
+    operator resolved (and validated) the layout with these arguments, so
+    it comes from ``vocab_sizes`` or the layout cache: no validation
+    collective, only the all-reduce of gh."""
+    pg, layout = resolve_layout(group, hidden.device, local_rows(local_weight), target, ignore_index, vocab_start,
+                                vocab_size, vocab_sizes, 0, validate=False)
+    opts = L.CEOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    chunk = default_chunk(layout, chunk_size, chunk_elements)
+    grads = linear_backward(_flat(hidden), local_weight, local_bias, target, lse, grad_loss, layout, pg, opts,
+                            (want_hidden, want_weight, want_bias), chunk)
+    return _grads_or_placeholders(hidden, grads)
+
+
+@vocab_parallel_linear_cross_entropy_backward_op.register_fake
+def _(hidden, local_weight, local_bias, target, lse, grad_loss, group, vocab_start, vocab_sizes, vocab_size,
+      ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, chunk_elements, want_hidden,
+      want_weight, want_bias):
+    return _fake_grads(hidden, local_weight, local_bias, (want_hidden, want_weight, want_bias))
+
+
+# ---------------------------------------------------------------------------
+# autograd
+# ---------------------------------------------------------------------------
+
+def _linear_setup(ctx, inputs, output) -> None:
+    """"mean"/"sum": save the gradients the forward pass formed.  "none":
+    the per-row upstream gradient is only known in backward, so save the
+    inputs and the per-row lse; backward recomputes the logits chunk by
+    chunk (no MAX/SUM all-reduces needed the second time)."""
+    hidden, local_weight, local_bias, target = inputs[:4]
+    ctx.n_inputs = len(inputs)
+    ctx.reduction = inputs[10]
+    ctx.need = (inputs[-3], inputs[-2], inputs[-1] and local_bias is not None)
+    ctx.hshape = hidden.shape
+    ctx.dtypes = (hidden.dtype, local_weight.dtype, None if local_bias is None else local_bias.dtype)
+    # the backward operator's arguments: the forward's, without validate
+    ctx.args = inputs[4:8] + inputs[9:]
+    if ctx.reduction != "none":
+        ctx.save_for_backward(*output[2:])
+    else:
+        ctx.save_for_backward(hidden, local_weight, local_bias, target, output[1])
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _linear_backward(ctx, grad_output: Tensor, *_unused):
+    """The gradients the forward asked for (``want_*``: the same on every
+    rank, so every rank issues the same all-reduce), as torch expects them:
+    in the inputs' dtypes, grad_hidden in hidden's shape."""
+    if ctx.reduction != "none":
+        go = grad_output.to(L.compute_dtype(ctx.dtypes[0]))
+        grads = [g * go if n else None for g, n in zip(ctx.saved_tensors, ctx.need)]
+    elif any(ctx.need):
+        hidden, w, b, target, lse = ctx.saved_tensors
+        grads = torch.ops.gpuloss.vocab_parallel_linear_cross_entropy_backward(
+            hidden, w, b, target, lse, grad_output, *ctx.args)
+        grads = [g if n else None for g, n in zip(grads, ctx.need)]
+    else:
+        grads = [None] * 3
+    gh, gw, gb = grads
+    if gh is not None:
+        gh = gh.to(ctx.dtypes[0]).reshape(ctx.hshape)
+    if gw is not None:
+        gw = gw.to(ctx.dtypes[1])
+    if gb is not None:
+        gb = gb.to(ctx.dtypes[2])
+    return (gh, gw, gb) + (None,) * (ctx.n_inputs - 3)
+
+
+vocab_parallel_linear_cross_entropy_op.register_autograd(_linear_backward, setup_context=_linear_setup)

@@ -34,6 +34,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def not_a_view(t: Tensor) -> Tensor:
+    """``t``, without the view bookkeeping when it is a view of a buffer made
+    inside an operator (a "none" loss reshaped from its rows): the caller may
+    modify the loss in place (``loss += aux``), which autograd forbids on a
+    view returned by a custom function."""
+    return t.detach() if t._is_view() else t
+
+
 def chunk_rows(v: int, chunk_elements: int) -> int:
     """Rows per chunk so that one chunk's fp32 temporaries hold at most
     ``chunk_elements`` values whatever N x V_local."""

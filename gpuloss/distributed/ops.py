@@ -1,16 +1,24 @@
-"""Vocabulary-parallel cross-entropy from logits: the per-rank forward pass
-(statistics, the two all-reduces, the loss and this rank's gradient slice)
-and its autograd."""
+"""Vocabulary-parallel cross-entropy from logits as the custom operator
+``gpuloss::vocab_parallel_cross_entropy``: the per-rank forward pass
+(statistics, the two all-reduces, the loss and this rank's gradient slice),
+its fake implementation and its autograd formula.
+
+The operator takes the process group by name and the layout as plain ints,
+so ``torch.compile(fullgraph=True)`` traces a call as one opaque node: the
+collectives and the host reads of validation run inside it, and the fake
+implementation gives the output shapes without any of them.  The gradient is
+an output of the forward operator (as in :mod:`gpuloss.torch_ops`): backward
+only scales it."""
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import local as L
-from .layout import VocabLayout
+from .layout import VocabLayout, logits_errors, resolve_layout
 
 
 def _stats_pass(x2d: Tensor, info: L.RowInfo, smoothing: bool, softcap: Optional[float], step: int,
@@ -69,27 +77,64 @@ def ce_forward(x2d: Tensor, target: Tensor, layout: VocabLayout, group, opts: L.
     return loss, _grad_pass(x2d, info, shift, log_s, scale, opts, layout.vocab, step, lt)
 
 
-class VocabParallelCrossEntropy(torch.autograd.Function):
-    """Forward computes the loss and this rank's gradient slice in one go;
-    backward scales the saved gradient by ``grad_output`` (a 0-d tensor, or
-    per row for "none"): no communication in backward."""
+# ---------------------------------------------------------------------------
+# the operator: gpuloss::vocab_parallel_cross_entropy
+# ---------------------------------------------------------------------------
 
-    @staticmethod
-    def forward(ctx, local_logits: Tensor, target: Tensor, layout: VocabLayout, group, opts: L.CEOptions,
-                chunk_elements: int, want_grad: bool) -> Tensor:
-        shape = local_logits.shape
-        x2d = local_logits.reshape(math.prod(shape[:-1]), shape[-1])  # explicit: V_local may be 0
-        loss, grad = ce_forward(x2d, target, layout, group, opts, chunk_elements, want_grad)
-        ctx.reduction = opts.reduction
-        ctx.shape = shape
-        if grad is not None:
-            ctx.save_for_backward(grad)
-        return loss
+#: the arguments every vocab-parallel operator takes after its tensors: the
+#: group by name, the layout as stated by the caller (resolved inside the
+#: operator), the loss options
+LAYOUT_ARGS = "str group, int? vocab_start, int[]? vocab_sizes, int? vocab_size"
+OPTION_ARGS = "int ignore_index, str reduction, float label_smoothing, float z_loss, float? softcap"
 
-    @staticmethod
-    def backward(ctx, grad_output: Tensor):
-        (grad,) = ctx.saved_tensors
+
+@torch.library.custom_op("gpuloss::vocab_parallel_cross_entropy", mutates_args=(),
+                         schema=f"(Tensor local_logits, Tensor target, {LAYOUT_ARGS}, bool validate, {OPTION_ARGS}, "
+                                "int chunk_elements, bool want_grad) -> (Tensor, Tensor)")
+def vocab_parallel_cross_entropy_op(local_logits: Tensor, target: Tensor, group: str, vocab_start: Optional[int],
+                                    vocab_sizes: Optional[List[int]], vocab_size: Optional[int], validate: bool,
+                                    ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
+                                    softcap: Optional[float], chunk_elements: int,
+                                    want_grad: bool) -> Tuple[Tensor, Tensor]:
+    """(loss, this rank's ``(R, V_local)`` gradient or an empty placeholder).
+    The layout is resolved here (validation's all-gather, or the cache), then
+    the forward pass and its collectives run: all of it opaque to dynamo."""
+    pg, layout = resolve_layout(group, local_logits.device, local_logits.shape[-1], target, ignore_index,
+                                vocab_start, vocab_size, vocab_sizes, logits_errors(local_logits, target), validate)
+    opts = L.CEOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    shape = local_logits.shape
+    x2d = local_logits.reshape(math.prod(shape[:-1]), shape[-1])  # explicit: V_local may be 0
+    loss, grad = ce_forward(x2d, target, layout, pg, opts, chunk_elements, want_grad)
+    return L.not_a_view(loss), grad if grad is not None else local_logits.new_empty((0,))
+
+
+@vocab_parallel_cross_entropy_op.register_fake
+def _(local_logits, target, group, vocab_start, vocab_sizes, vocab_size, validate, ignore_index, reduction,
+      label_smoothing, z_loss, softcap, chunk_elements, want_grad):
+    shape = local_logits.shape
+    loss = local_logits.new_empty(tuple(target.shape) if reduction == "none" else ())
+    grad = local_logits.new_empty((math.prod(shape[:-1]), shape[-1]) if want_grad else (0,))
+    return loss, grad
+
+
+def _ce_setup(ctx, inputs, output) -> None:
+    local_logits, reduction = inputs[0], inputs[8]
+    ctx.reduction, ctx.shape, ctx.n_inputs = reduction, local_logits.shape, len(inputs)
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _ce_backward(ctx, grad_output: Tensor, _unused):
+    """The gradient saved by the forward pass times ``grad_output`` (0-d, or
+    per row for "none"): no communication, the logits are not read again."""
+    (grad,) = ctx.saved_tensors
+    gx = None
+    if ctx.needs_input_grad[0]:
         cdt = L.compute_dtype(grad.dtype)
         go = grad_output.to(cdt)
         go = go.reshape(-1, 1) if ctx.reduction == "none" else go
-        return (grad.to(cdt) * go).to(grad.dtype).reshape(ctx.shape), None, None, None, None, None, None
+        gx = (grad.to(cdt) * go).to(grad.dtype).reshape(ctx.shape)
+    return (gx,) + (None,) * (ctx.n_inputs - 1)
+
+
+vocab_parallel_cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup)
