@@ -420,6 +420,8 @@ def _compile_checks(rank: int, world: int, sizes, seed: int, chk: Checker, devic
     chk.true("compiled calls pass each group's name", names == sorted({dist.group.WORLD.group_name,
                                                                        sub.group_name}), str(names))
 
+    _opcheck_checks(rank, world, sizes, seed, chk, sub)
+
     # a training step: a replicated body, this rank's rows of the output layer, both losses
     Xs = rng.standard_normal((3, N, 3))
     Ys = [_targets(rng, N, V) for _ in range(3)]
@@ -449,6 +451,47 @@ def _value_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device:
     _empty_slice_checks(rank, world, sizes, seed, chk, device)
     if world == 3:
         _subgroup_checks(rank, world, sizes, seed, chk, device)
+
+
+def _opcheck(chk: Checker, name: str, op, args) -> None:
+    """torch.library.opcheck: the schema, the autograd registration, the fake
+    implementation against the real one (shapes, dtypes, strides) and an
+    AOT-dispatch run with dynamic shapes.  Every rank makes the same calls,
+    so the operators' collectives stay in step."""
+    chk.checks += 1
+    try:
+        res = torch.library.opcheck(op, args)
+    except Exception as e:  # noqa: BLE001 - recorded, the other ranks go on alike
+        chk.failures.append(f"rank {chk.rank}: {name}: {e}")
+        return
+    if any(v != "SUCCESS" for v in res.values()):
+        chk.failures.append(f"rank {chk.rank}: {name}: {res}")
+
+
+def _opcheck_checks(rank: int, world: int, sizes, seed: int, chk: Checker, group) -> None:
+    """The three operators through opcheck, as the public functions call them
+    (and with a gradient not asked for)."""
+    ops = torch.ops.gpuloss
+    rng = np.random.default_rng(seed + 4)
+    V, (s, e) = sum(sizes), _bounds(sizes)[rank]
+    name = group.group_name
+    t = torch.from_numpy(_targets(rng, 6, V)).reshape(2, 3)
+    x = torch.tensor(rng.standard_normal((2, 3, V))[..., s:e], requires_grad=True)
+    h = torch.tensor(rng.standard_normal((2, 3, 4)), requires_grad=True)
+    w = torch.tensor(rng.standard_normal((V, 4))[s:e], requires_grad=True)
+    b = torch.tensor(rng.standard_normal(V)[s:e], requires_grad=True)
+    layout = (name, None, list(sizes), None)
+    for reduction, want in (("mean", True), ("none", True), ("sum", False)):
+        _opcheck(chk, f"opcheck ce {reduction} want_grad={want}", ops.vocab_parallel_cross_entropy,
+                 (x, t, *layout, True, -100, reduction, 0.1, 1e-2, 3.0, 1 << 24, want))
+    for reduction in ("sum", "none"):
+        _opcheck(chk, f"opcheck linear {reduction}", ops.vocab_parallel_linear_cross_entropy,
+                 (h, w, b, t, *layout, True, -100, reduction, 0.1, 0.0, None, 4, 1 << 24, True, True, True))
+    lse = torch.from_numpy(rng.standard_normal(6) + 3.0)
+    go = torch.from_numpy(rng.standard_normal((2, 3)))
+    _opcheck(chk, "opcheck linear backward", ops.vocab_parallel_linear_cross_entropy_backward,
+             (h.detach(), w.detach(), b.detach(), t, lse, go, *layout, -100, "none", 0.1, 0.0, None, 4, 1 << 24,
+              True, True, False))
 
 
 #: what a spawned group runs, by name (the name travels to the ranks)
@@ -544,7 +587,7 @@ def test_vocab_parallel_compile_gloo(rng, tmp_path):
     group and on a non-default group, and a compiled training step; every
     compiled result equal to eager."""
     seed = int(rng.integers(2**31))
-    _assert_results(_run_group((5, 4), seed, tmp_path, suite="compile"), min_checks=35)
+    _assert_results(_run_group((5, 4), seed, tmp_path, suite="compile"), min_checks=40)
 
 
 def _in_process(backend: str, device: str, rng) -> None:

@@ -118,18 +118,21 @@ def _(local_logits, target, group, vocab_start, vocab_sizes, vocab_size, validat
 
 
 def _ce_setup(ctx, inputs, output) -> None:
-    local_logits, reduction = inputs[0], inputs[8]
+    local_logits, reduction, want_grad = inputs[0], inputs[8], inputs[-1]
     ctx.reduction, ctx.shape, ctx.n_inputs = reduction, local_logits.shape, len(inputs)
+    ctx.want_grad = want_grad  # False: output[1] is the empty placeholder
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
 
 
 def _ce_backward(ctx, grad_output: Tensor, _unused):
     """The gradient saved by the forward pass times ``grad_output`` (0-d, or
-    per row for "none"): no communication, the logits are not read again."""
+    per row for "none"): no communication, the logits are not read again.
+    None when the forward was not asked for it (as the operators of
+    :mod:`gpuloss.torch_ops`)."""
     (grad,) = ctx.saved_tensors
     gx = None
-    if ctx.needs_input_grad[0]:
+    if ctx.want_grad and ctx.needs_input_grad[0]:
         cdt = L.compute_dtype(grad.dtype)
         go = grad_output.to(cdt)
         go = go.reshape(-1, 1) if ctx.reduction == "none" else go
