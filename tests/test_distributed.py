@@ -14,6 +14,7 @@ autograd graphs, no C++ compilation) against eager.
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import pickle
@@ -21,6 +22,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -340,7 +342,7 @@ def _subgroup_checks(rank: int, world: int, sizes, seed: int, chk: Checker, devi
         torch.tensor(X[:, s:e], device=device), torch.from_numpy(tb).to(device), group), f"class index {V}")
 
 
-def _compare_compiled(chk: Checker, name: str, fn, arrays, rest, explain: bool) -> None:
+def _compare_compiled(chk: Checker, name: str, fn, arrays, rest, explain: bool, backend: str) -> None:
     """``fn(*leaves, *rest)`` and its gradients, eager and under
     ``torch.compile(fullgraph=True)`` (which raises at a graph break), must
     agree; ``explain``: also count the graphs and breaks with dynamo's
@@ -348,7 +350,7 @@ def _compare_compiled(chk: Checker, name: str, fn, arrays, rest, explain: bool) 
     results = []
     for compiled in (False, True):
         leaves = [torch.tensor(a, requires_grad=True) for a in arrays]
-        f = torch.compile(fn, fullgraph=True, backend="aot_eager") if compiled else fn
+        f = torch.compile(fn, fullgraph=True, backend=backend) if compiled else fn
         loss = f(*leaves, *rest)
         loss.backward()
         results.append([loss] + [x.grad for x in leaves])
@@ -360,10 +362,11 @@ def _compare_compiled(chk: Checker, name: str, fn, arrays, rest, explain: bool) 
                  f"{ex.graph_count} graphs, breaks: {ex.break_reasons}")
 
 
-def _train(step, params, X, Y, group, compiled: bool):
-    """Three SGD steps; the losses and the parameters after them."""
+def _train(step, params, X, Y, group, backend: Optional[str]):
+    """Three SGD steps (compiled with ``backend`` unless None); the losses
+    and the parameters after them."""
     opt = torch.optim.SGD(params, lr=0.5)
-    f = torch.compile(step, fullgraph=True, backend="aot_eager") if compiled else step
+    f = torch.compile(step, fullgraph=True, backend=backend) if backend else step
     losses = []
     for x, y in zip(X, Y):
         opt.zero_grad()
@@ -374,7 +377,8 @@ def _train(step, params, X, Y, group, compiled: bool):
     return torch.stack(losses), [p.detach().clone() for p in params]
 
 
-def _compile_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: str) -> None:
+def _compile_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: str,
+                    backend: str = "aot_eager") -> None:
     """Both public functions under torch.compile(fullgraph=True), forward and
     backward, on the world group and on another group object over the same
     ranks (which the compiled code must pass on: a recompilation guarded on
@@ -409,11 +413,11 @@ def _compile_checks(rank: int, world: int, sizes, seed: int, chk: Checker, devic
     torch._dynamo.reset()
     for group, gname in ((None, "world"), (sub, "subgroup")):
         for name, fn, arrays in cases:
-            _compare_compiled(chk, f"{name}, {gname}", fn, arrays, (t, group), explain=group is None)
+            _compare_compiled(chk, f"{name}, {gname}", fn, arrays, (t, group), group is None, backend)
     # one compiled function, called with each group: the operator must get each one's name (the validating
     # call files its layout in the cache under the name it was given)
     layout._LAYOUT_CACHE.clear()
-    f = torch.compile(ce_mean, fullgraph=True, backend="aot_eager")
+    f = torch.compile(ce_mean, fullgraph=True, backend=backend)
     for group in (None, sub, None):
         f(torch.tensor(X[:, s:e]), t, group)
     names = sorted({k[0] for k in layout._LAYOUT_CACHE})
@@ -439,7 +443,7 @@ def _compile_checks(rank: int, world: int, sizes, seed: int, chk: Checker, devic
                         + D.vocab_parallel_cross_entropy(h @ w.t(), y, group, z_loss=1e-2, validate=False))
 
             torch._dynamo.reset()
-            runs.append(_train(step, [*body.parameters(), w, b], Xs, Ys, group, compiled))
+            runs.append(_train(step, [*body.parameters(), w, b], Xs, Ys, group, backend if compiled else None))
         (l0, p0), (l1, p1) = runs
         chk.close(f"training step, {gname}: compiled losses", _np(l1), _np(l0))
         for i, (a, c) in enumerate(zip(p1, p0)):
@@ -495,7 +499,8 @@ def _opcheck_checks(rank: int, world: int, sizes, seed: int, chk: Checker, group
 
 
 #: what a spawned group runs, by name (the name travels to the ranks)
-_SUITES = {"checks": _value_checks, "compile": _compile_checks}
+_SUITES = {"checks": _value_checks, "compile": _compile_checks,
+           "compile-inductor": functools.partial(_compile_checks, backend="inductor")}
 
 
 def _worker(rank: int, world: int, port: int, sizes, seed: int, outdir: str, suite: str = "checks") -> None:
@@ -581,13 +586,21 @@ def test_vocab_parallel_gloo(sizes, rng, tmp_path):
     _assert_results(_run_group(sizes, seed, tmp_path))
 
 
-def test_vocab_parallel_compile_gloo(rng, tmp_path):
+@pytest.mark.parametrize("backend", [
+    "aot_eager",
+    pytest.param("inductor", marks=[pytest.mark.slow, pytest.mark.skipif(
+        os.environ.get("GPULOSS_SLOW_TESTS") != "1", reason="inductor compile: set GPULOSS_SLOW_TESTS=1")]),
+])
+def test_vocab_parallel_compile_gloo(rng, tmp_path, backend):
     """torch.compile(fullgraph=True) on a 2-process gloo group: both public
     functions, forward and backward, one graph and no break, on the world
     group and on a non-default group, and a compiled training step; every
-    compiled result equal to eager."""
+    compiled result equal to eager.  ``aot_eager`` checks tracing and the
+    autograd graphs; inductor (opt-in: minutes of C++ compilation on two
+    cores) also the generated code around the operators."""
     seed = int(rng.integers(2**31))
-    _assert_results(_run_group((5, 4), seed, tmp_path, suite="compile"), min_checks=40)
+    suite = "compile" if backend == "aot_eager" else "compile-inductor"
+    _assert_results(_run_group((5, 4), seed, tmp_path, suite=suite), min_checks=40)
 
 
 def _in_process(backend: str, device: str, rng) -> None:
