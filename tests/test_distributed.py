@@ -382,11 +382,18 @@ def _compile_checks(rank: int, world: int, sizes, seed: int, chk: Checker, devic
     """Both public functions under torch.compile(fullgraph=True), forward and
     backward, on the world group and on another group object over the same
     ranks (which the compiled code must pass on: a recompilation guarded on
-    the group), and a compiled training step: compiled == eager."""
-    import gpuloss.distributed as D
-    from gpuloss.distributed import layout
+    the group), the operators through opcheck, and a compiled training
+    step: compiled == eager."""
     sub = dist.new_group(list(range(world)))
     rng = np.random.default_rng(seed)
+    _compiled_function_checks(rank, sizes, rng, chk, sub, backend)
+    _opcheck_checks(rank, world, sizes, seed, chk, sub)
+    _train_step_checks(rank, sizes, rng, seed, chk, sub, backend)
+
+
+def _compiled_function_checks(rank: int, sizes, rng, chk: Checker, sub, backend: str) -> None:
+    import gpuloss.distributed as D
+    from gpuloss.distributed import layout
     V, (s, e), N, H = sum(sizes), _bounds(sizes)[rank], 6, 5
     X, Hd = rng.standard_normal((N, V)) * 2.0, rng.standard_normal((N, H))
     W, B = rng.standard_normal((V, H)), rng.standard_normal(V)
@@ -424,9 +431,12 @@ def _compile_checks(rank: int, world: int, sizes, seed: int, chk: Checker, devic
     chk.true("compiled calls pass each group's name", names == sorted({dist.group.WORLD.group_name,
                                                                        sub.group_name}), str(names))
 
-    _opcheck_checks(rank, world, sizes, seed, chk, sub)
 
-    # a training step: a replicated body, this rank's rows of the output layer, both losses
+def _train_step_checks(rank: int, sizes, rng, seed: int, chk: Checker, sub, backend: str) -> None:
+    """Three SGD steps of a replicated body, this rank's rows of the output
+    layer and both losses, eager and compiled, on either group."""
+    import gpuloss.distributed as D
+    V, (s, e), N, H = sum(sizes), _bounds(sizes)[rank], 6, 5
     Xs = rng.standard_normal((3, N, 3))
     Ys = [_targets(rng, N, V) for _ in range(3)]
     W0, B0 = rng.standard_normal((V, H)) * 0.5, rng.standard_normal(V) * 0.1
