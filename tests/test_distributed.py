@@ -8,10 +8,13 @@ the seed the parent draws, takes its slice, and compares its loss and its
 gradient slice with ``gpuloss.reference``; failures and the number of checks
 run travel back through one pickle file per rank.  Joins are bounded, the
 process group has a 60 s timeout, and a hung group fails the test instead of
-hanging CI.
+hanging CI.  One more 2-process group runs both functions under
+``torch.compile(fullgraph=True)`` (``backend="aot_eager"``: tracing and the
+autograd graphs, no C++ compilation) against eager.
 """
 from __future__ import annotations
 
+import functools
 import multiprocessing as mp
 import os
 import pickle
@@ -19,6 +22,7 @@ import socket
 import time
 import traceback
 from datetime import timedelta
+from typing import Optional
 
 import numpy as np
 import pytest
@@ -122,14 +126,15 @@ def _ce_case(chk, name, X, T, rank, bounds, device, *, dtype="float64", upstream
     return loss
 
 
-def _linear_case(chk, name, Hd, W, B, T, rank, bounds, device, *, upstream=None, chunk_size=None, **opts):
+def _linear_case(chk, name, Hd, W, B, T, rank, bounds, device, *, upstream=None, chunk_size=None, group=None,
+                 **opts):
     from gpuloss.distributed import vocab_parallel_linear_cross_entropy
     s, e = bounds[rank]
     h = torch.tensor(Hd, device=device, requires_grad=True)
     w = torch.tensor(W[s:e], device=device, requires_grad=True)
     b = None if B is None else torch.tensor(B[s:e], device=device, requires_grad=True)
     t = torch.from_numpy(T).to(device)
-    loss = vocab_parallel_linear_cross_entropy(h, w, t, local_bias=b, chunk_size=chunk_size, **opts)
+    loss = vocab_parallel_linear_cross_entropy(h, w, t, group, local_bias=b, chunk_size=chunk_size, **opts)
     go = 1.0 if upstream is None else upstream
     loss.backward(torch.as_tensor(go, dtype=loss.dtype, device=device).expand_as(loss).clone())
     H = Hd.shape[-1]
@@ -302,7 +307,213 @@ def _empty_slice_checks(rank: int, world: int, sizes, seed: int, chk: Checker, d
                  label_smoothing=0.1)
 
 
-def _worker(rank: int, world: int, port: int, sizes, seed: int, outdir: str) -> None:
+def _subgroup_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: str) -> None:
+    """Process groups that are not the world: ranks {0, 2} and {1} of a
+    3-rank world, each rank in its own (global rank 2 is rank 1 of its
+    group).  Every rank creates both groups, runs the same checks in its
+    own, and the two groups run at the same time."""
+    import gpuloss.distributed as D
+    members = [[0, 2], [1]]
+    groups = [dist.new_group(m) for m in members]
+    mine = next(i for i, m in enumerate(members) if rank in m)
+    group, grank = groups[mine], members[mine].index(rank)
+    gsizes = [sizes[r] for r in members[mine]]
+    rng = np.random.default_rng(seed + 2 + mine)  # the same stream within a group
+    V, bounds, N = sum(gsizes), _bounds(gsizes), 6
+    X = rng.standard_normal((N, V)) * 2.0
+    T = _targets(rng, N, V)
+    g = dict(group=group)
+    _ce_case(chk, "subgroup mean", X, T, grank, bounds, device, layout_kwargs=g, label_smoothing=0.1, z_loss=1e-2)
+    _ce_case(chk, "subgroup none", X, T, grank, bounds, device, layout_kwargs=g, reduction="none",
+             upstream=rng.standard_normal(N), softcap=3.0)
+    _ce_case(chk, "subgroup validate=False from cache", X, T, grank, bounds, device, validate=False,
+             layout_kwargs=g, reduction="sum")
+    _ce_case(chk, "subgroup validate=False + vocab_sizes", X, T, grank, bounds, device, validate=False,
+             layout_kwargs=dict(group=group, vocab_sizes=gsizes), label_smoothing=0.2)
+    Hd, W, B = rng.standard_normal((N, 4)), rng.standard_normal((V, 4)), rng.standard_normal(V)
+    _linear_case(chk, "subgroup linear mean", Hd, W, B, T, grank, bounds, device, chunk_size=4, group=group,
+                 label_smoothing=0.1)
+    _linear_case(chk, "subgroup linear none", Hd, W, B, T, grank, bounds, device, chunk_size=4, group=group,
+                 reduction="none", upstream=rng.standard_normal(N))
+    s, e = bounds[grank]
+    tb = T.copy()
+    tb[1] = V
+    chk.raises("subgroup: target == V", lambda: D.vocab_parallel_cross_entropy(
+        torch.tensor(X[:, s:e], device=device), torch.from_numpy(tb).to(device), group), f"class index {V}")
+
+
+def _compare_compiled(chk: Checker, name: str, fn, arrays, rest, explain: bool, backend: str) -> None:
+    """``fn(*leaves, *rest)`` and its gradients, eager and under
+    ``torch.compile(fullgraph=True)`` (which raises at a graph break), must
+    agree; ``explain``: also count the graphs and breaks with dynamo's
+    explain."""
+    results = []
+    for compiled in (False, True):
+        leaves = [torch.tensor(a, requires_grad=True) for a in arrays]
+        f = torch.compile(fn, fullgraph=True, backend=backend) if compiled else fn
+        loss = f(*leaves, *rest)
+        loss.backward()
+        results.append([loss] + [x.grad for x in leaves])
+    for i, (got, want) in enumerate(zip(results[1], results[0])):
+        chk.close(f"{name}: compiled {'loss' if i == 0 else f'grad {i - 1}'}", _np(got), _np(want))
+    if explain:
+        ex = torch._dynamo.explain(fn)(*[torch.tensor(a, requires_grad=True) for a in arrays], *rest)
+        chk.true(f"{name}: one graph, no break", ex.graph_count == 1 and ex.graph_break_count == 0,
+                 f"{ex.graph_count} graphs, breaks: {ex.break_reasons}")
+
+
+def _train(step, params, X, Y, group, backend: Optional[str]):
+    """Three SGD steps (compiled with ``backend`` unless None); the losses
+    and the parameters after them."""
+    opt = torch.optim.SGD(params, lr=0.5)
+    f = torch.compile(step, fullgraph=True, backend=backend) if backend else step
+    losses = []
+    for x, y in zip(X, Y):
+        opt.zero_grad()
+        loss = f(torch.from_numpy(x), torch.from_numpy(y), group)
+        loss.backward()
+        opt.step()
+        losses.append(loss.detach())
+    return torch.stack(losses), [p.detach().clone() for p in params]
+
+
+def _compile_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: str,
+                    backend: str = "aot_eager") -> None:
+    """Both public functions under torch.compile(fullgraph=True), forward and
+    backward, on the world group and on another group object over the same
+    ranks (which the compiled code must pass on: a recompilation guarded on
+    the group), the operators through opcheck, and a compiled training
+    step: compiled == eager."""
+    sub = dist.new_group(list(range(world)))
+    rng = np.random.default_rng(seed)
+    _compiled_function_checks(rank, sizes, rng, chk, sub, backend)
+    _opcheck_checks(rank, world, sizes, seed, chk, sub)
+    _train_step_checks(rank, sizes, rng, seed, chk, sub, backend)
+
+
+def _compiled_function_checks(rank: int, sizes, rng, chk: Checker, sub, backend: str) -> None:
+    import gpuloss.distributed as D
+    from gpuloss.distributed import layout
+    V, (s, e), N, H = sum(sizes), _bounds(sizes)[rank], 6, 5
+    X, Hd = rng.standard_normal((N, V)) * 2.0, rng.standard_normal((N, H))
+    W, B = rng.standard_normal((V, H)), rng.standard_normal(V)
+    t = torch.from_numpy(_targets(rng, N, V))
+    up = torch.from_numpy(rng.standard_normal(N))
+
+    def ce_mean(x, t, group):
+        return D.vocab_parallel_cross_entropy(x, t, group, label_smoothing=0.1, z_loss=1e-2, softcap=3.0)
+
+    def ce_none(x, t, group):
+        return (D.vocab_parallel_cross_entropy(x, t, group, reduction="none", validate=False) * up).sum()
+
+    def linear_sum(h, w, b, t, group):
+        return D.vocab_parallel_linear_cross_entropy(h, w, t, group, local_bias=b, reduction="sum", chunk_size=4,
+                                                     label_smoothing=0.1, z_loss=1e-3)
+
+    def linear_none(h, w, b, t, group):
+        loss = D.vocab_parallel_linear_cross_entropy(h, w, t, group, local_bias=b, reduction="none", chunk_size=4,
+                                                     softcap=2.0)
+        return (loss * up).sum()
+
+    cases = [("ce mean", ce_mean, [X[:, s:e]]), ("ce none", ce_none, [X[:, s:e]]),
+             ("linear sum", linear_sum, [Hd, W[s:e], B[s:e]]), ("linear none", linear_none, [Hd, W[s:e], B[s:e]])]
+    torch._dynamo.reset()
+    for group, gname in ((None, "world"), (sub, "subgroup")):
+        for name, fn, arrays in cases:
+            _compare_compiled(chk, f"{name}, {gname}", fn, arrays, (t, group), group is None, backend)
+    # one compiled function, called with each group: the operator must get each one's name (the validating
+    # call files its layout in the cache under the name it was given)
+    layout._LAYOUT_CACHE.clear()
+    f = torch.compile(ce_mean, fullgraph=True, backend=backend)
+    for group in (None, sub, None):
+        f(torch.tensor(X[:, s:e]), t, group)
+    names = sorted({k[0] for k in layout._LAYOUT_CACHE})
+    chk.true("compiled calls pass each group's name", names == sorted({dist.group.WORLD.group_name,
+                                                                       sub.group_name}), str(names))
+
+
+def _train_step_checks(rank: int, sizes, rng, seed: int, chk: Checker, sub, backend: str) -> None:
+    """Three SGD steps of a replicated body, this rank's rows of the output
+    layer and both losses, eager and compiled, on either group."""
+    import gpuloss.distributed as D
+    V, (s, e), N, H = sum(sizes), _bounds(sizes)[rank], 6, 5
+    Xs = rng.standard_normal((3, N, 3))
+    Ys = [_targets(rng, N, V) for _ in range(3)]
+    W0, B0 = rng.standard_normal((V, H)) * 0.5, rng.standard_normal(V) * 0.1
+    for group, gname in ((None, "world"), (sub, "subgroup")):
+        runs = []
+        for compiled in (False, True):
+            torch.manual_seed(seed)  # the same body on every rank and in both runs
+            body = torch.nn.Sequential(torch.nn.Linear(3, H), torch.nn.Tanh()).double()
+            w, b = torch.nn.Parameter(torch.tensor(W0[s:e])), torch.nn.Parameter(torch.tensor(B0[s:e]))
+
+            def step(x, y, group):
+                h = body(x)
+                return (D.vocab_parallel_linear_cross_entropy(h, w, y, group, local_bias=b, label_smoothing=0.1)
+                        + D.vocab_parallel_cross_entropy(h @ w.t(), y, group, z_loss=1e-2, validate=False))
+
+            torch._dynamo.reset()
+            runs.append(_train(step, [*body.parameters(), w, b], Xs, Ys, group, backend if compiled else None))
+        (l0, p0), (l1, p1) = runs
+        chk.close(f"training step, {gname}: compiled losses", _np(l1), _np(l0))
+        for i, (a, c) in enumerate(zip(p1, p0)):
+            chk.close(f"training step, {gname}: compiled parameter {i}", _np(a), _np(c))
+
+
+def _value_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: str) -> None:
+    _all_checks(rank, world, sizes, seed, chk, device)
+    _empty_slice_checks(rank, world, sizes, seed, chk, device)
+    if world == 3:
+        _subgroup_checks(rank, world, sizes, seed, chk, device)
+
+
+def _opcheck(chk: Checker, name: str, op, args) -> None:
+    """torch.library.opcheck: the schema, the autograd registration, the fake
+    implementation against the real one (shapes, dtypes, strides) and an
+    AOT-dispatch run with dynamic shapes.  Every rank makes the same calls,
+    so the operators' collectives stay in step."""
+    chk.checks += 1
+    try:
+        res = torch.library.opcheck(op, args)
+    except Exception as e:  # noqa: BLE001 - recorded, the other ranks go on alike
+        chk.failures.append(f"rank {chk.rank}: {name}: {e}")
+        return
+    if any(v != "SUCCESS" for v in res.values()):
+        chk.failures.append(f"rank {chk.rank}: {name}: {res}")
+
+
+def _opcheck_checks(rank: int, world: int, sizes, seed: int, chk: Checker, group) -> None:
+    """The three operators through opcheck, as the public functions call them
+    (and with a gradient not asked for)."""
+    ops = torch.ops.gpuloss
+    rng = np.random.default_rng(seed + 4)
+    V, (s, e) = sum(sizes), _bounds(sizes)[rank]
+    name = group.group_name
+    t = torch.from_numpy(_targets(rng, 6, V)).reshape(2, 3)
+    x = torch.tensor(rng.standard_normal((2, 3, V))[..., s:e], requires_grad=True)
+    h = torch.tensor(rng.standard_normal((2, 3, 4)), requires_grad=True)
+    w = torch.tensor(rng.standard_normal((V, 4))[s:e], requires_grad=True)
+    b = torch.tensor(rng.standard_normal(V)[s:e], requires_grad=True)
+    layout = (name, None, list(sizes), None)
+    for reduction, want in (("mean", True), ("none", True), ("sum", False)):
+        _opcheck(chk, f"opcheck ce {reduction} want_grad={want}", ops.vocab_parallel_cross_entropy,
+                 (x, t, *layout, True, -100, reduction, 0.1, 1e-2, 3.0, 1 << 24, want))
+    for reduction in ("sum", "none"):
+        _opcheck(chk, f"opcheck linear {reduction}", ops.vocab_parallel_linear_cross_entropy,
+                 (h, w, b, t, *layout, True, -100, reduction, 0.1, 0.0, None, 4, 1 << 24, True, True, True))
+    lse = torch.from_numpy(rng.standard_normal(6) + 3.0)
+    go = torch.from_numpy(rng.standard_normal((2, 3)))
+    _opcheck(chk, "opcheck linear backward", ops.vocab_parallel_linear_cross_entropy_backward,
+             (h.detach(), w.detach(), b.detach(), t, lse, go, *layout, -100, "none", 0.1, 0.0, None, 4, 1 << 24,
+              True, True, False))
+
+
+#: what a spawned group runs, by name (the name travels to the ranks)
+_SUITES = {"checks": _value_checks, "compile": _compile_checks,
+           "compile-inductor": functools.partial(_compile_checks, backend="inductor")}
+
+
+def _worker(rank: int, world: int, port: int, sizes, seed: int, outdir: str, suite: str = "checks") -> None:
     result = {"checks": 0, "failures": [], "error": None}
     chk = Checker(rank)
     try:
@@ -310,8 +521,7 @@ def _worker(rank: int, world: int, port: int, sizes, seed: int, outdir: str) -> 
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=PG_TIMEOUT)
         try:
-            _all_checks(rank, world, sizes, seed, chk, "cpu")
-            _empty_slice_checks(rank, world, sizes, seed, chk, "cpu")
+            _SUITES[suite](rank, world, sizes, seed, chk, "cpu")
         finally:
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent
@@ -342,11 +552,11 @@ def _mp_context():
     return ctx
 
 
-def _run_group(sizes, seed: int, outdir) -> list:
+def _run_group(sizes, seed: int, outdir, suite: str = "checks") -> list:
     world = len(sizes)
     ctx = _mp_context()
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, world, port, tuple(sizes), seed, str(outdir)), daemon=True)
+    procs = [ctx.Process(target=_worker, args=(r, world, port, tuple(sizes), seed, str(outdir), suite), daemon=True)
              for r in range(world)]
     for p in procs:
         p.start()
@@ -367,23 +577,40 @@ def _run_group(sizes, seed: int, outdir) -> list:
     return results
 
 
-def _assert_results(results) -> None:
+def _assert_results(results, min_checks: int = 100) -> None:
     for r, res in enumerate(results):
         assert res["error"] is None, f"rank {r} raised:\n{res['error']}"
     failures = [f for res in results for f in res["failures"]]
     assert not failures, "\n".join(failures)
     counts = [res["checks"] for res in results]
-    assert len(set(counts)) == 1 and counts[0] > 100, f"checks run per rank: {counts}"
+    assert len(set(counts)) == 1 and counts[0] > min_checks, f"checks run per rank: {counts}"
 
 
 @pytest.mark.parametrize("sizes", [(6, 4), (7, 3, 5)], ids=["world2", "world3-uneven"])
 def test_vocab_parallel_gloo(sizes, rng, tmp_path):
     """Loss and gradient slices equal the float64 reference for every option,
     uneven slices, a rank with an empty slice, ranks without targets,
-    all-ignored batches, errors raised on every rank, and the vocab-parallel
-    linear cross-entropy."""
+    all-ignored batches, errors raised on every rank, the vocab-parallel
+    linear cross-entropy, and (3 ranks) groups that are not the world."""
     seed = int(rng.integers(2**31))
     _assert_results(_run_group(sizes, seed, tmp_path))
+
+
+@pytest.mark.parametrize("backend", [
+    "aot_eager",
+    pytest.param("inductor", marks=[pytest.mark.slow, pytest.mark.skipif(
+        os.environ.get("GPULOSS_SLOW_TESTS") != "1", reason="inductor compile: set GPULOSS_SLOW_TESTS=1")]),
+])
+def test_vocab_parallel_compile_gloo(rng, tmp_path, backend):
+    """torch.compile(fullgraph=True) on a 2-process gloo group: both public
+    functions, forward and backward, one graph and no break, on the world
+    group and on a non-default group, and a compiled training step; every
+    compiled result equal to eager.  ``aot_eager`` checks tracing and the
+    autograd graphs; inductor (opt-in: minutes of C++ compilation on two
+    cores) also the generated code around the operators."""
+    seed = int(rng.integers(2**31))
+    suite = "compile" if backend == "aot_eager" else "compile-inductor"
+    _assert_results(_run_group((5, 4), seed, tmp_path, suite=suite), min_checks=40)
 
 
 def _in_process(backend: str, device: str, rng) -> None:

@@ -35,6 +35,7 @@ def test_wheel_contains_kernels_and_bench(wheel):
     assert "gpuloss/bench/__init__.py" in names
     assert "gpuloss/reference.py" in names and "gpuloss/cli.py" in names
     assert "gpuloss/integrations/transformers.py" in names
+    assert {"gpuloss/distributed/__init__.py", "gpuloss/distributed/ops.py"} <= names
     assert not any(n.startswith(("kernels/", "bench/", "tests/")) for n in names)
 
 
