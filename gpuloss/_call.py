@@ -42,10 +42,13 @@ def backend_for(kind: str, device: str, backend: Optional[str], op: Optional[str
     along ``dim``) let the design table choose among the backends on a GPU."""
     hint = {}
     if op is not None and x is not None and x.ndim:
-        n_cols = x.shape[dim]
-        if isinstance(n_cols, int):  # a symbolic size while tracing: no hint, no specialisation
-            hint = dict(op=op, dtype=str(x.dtype).replace("torch.", ""), n_cols=n_cols)
+        hint = dict(op=op, dtype=str(x.dtype).replace("torch.", ""), n_cols=x.shape[dim])
     if kind == "torch":
+        import torch
+        if torch.compiler.is_compiling():
+            # sizes may be symbolic while dynamo traces, and the choice is a
+            # constant of the graph: the fixed order, whatever the row length
+            hint = {}
         return select_name(kind, device, backend, **hint)
     return select(kind, device, backend, **hint)
 

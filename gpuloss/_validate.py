@@ -98,8 +98,14 @@ def _number(name: str, v: Any) -> float:
     return float(v)
 
 
+def _finite(f: float) -> bool:
+    # comparisons, not math.isfinite: dynamo folds these on constants, while
+    # math.isfinite breaks the graph under torch.compile(dynamic=True)
+    return f == f and -math.inf < f < math.inf
+
+
 def check_finite_number(name: str, v: Any) -> None:
-    if not math.isfinite(_number(name, v)):
+    if not _finite(_number(name, v)):
         raise ValueError(f"{name} must be finite, got {v}")
 
 
@@ -111,7 +117,7 @@ def check_range(name: str, v: Any, lo: float, hi: float) -> None:
 
 def check_positive(name: str, v: Any) -> None:
     f = _number(name, v)
-    if not (f > 0 and math.isfinite(f)):
+    if not (f > 0 and _finite(f)):
         raise ValueError(f"{name} must be > 0 and finite, got {v}")
 
 

@@ -200,6 +200,33 @@ def test_public_functions_compile(rng):
     torch.testing.assert_close(grads[1][1], grads[0][1], **tol("float32"))
 
 
+def test_public_functions_compile_with_dynamic_shapes(rng):
+    """torch.compile(dynamic=True, fullgraph=True): symbolic batch sizes and
+    option floats reach gpuloss's checks and backend choice without a graph
+    break (math.isfinite and a size-dependent backend hint used to break
+    it), and the results equal eager at every batch size of one graph."""
+    W = torch.from_numpy(rng.standard_normal((7, C))).float()
+
+    def fwd(x, t):
+        p = torch.softmax(x.detach() * 0.5, 1)
+        return (gpuloss.cross_entropy(x, t, label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+                + gpuloss.cross_entropy(x, p)
+                + gpuloss.kl_div_with_logits(x, x.detach(), temperature=2.0)
+                + gpuloss.mse_loss(gpuloss.softmax(x, 1), p)
+                + gpuloss.nll_loss(gpuloss.log_softmax(x, 1), t)
+                + gpuloss.linear_cross_entropy(x, W, t % 7, label_smoothing=0.1))
+
+    torch._dynamo.reset()
+    f = torch.compile(fwd, dynamic=True, fullgraph=True, backend="aot_eager")
+    for n in (6, 3, 5):
+        x_np, t = rng.standard_normal((n, C)), torch.from_numpy(rng.integers(0, C, n))
+        xs = [torch.from_numpy(x_np).float().requires_grad_() for _ in range(2)]
+        got, want = f(xs[0], t), fwd(xs[1], t)
+        got.backward(), want.backward()
+        torch.testing.assert_close(got, want, **tol("float32"))
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, **tol("float32"))
+
+
 @pytest.mark.skipif(os.environ.get("GPULOSS_SLOW_TESTS") != "1", reason="inductor compile: set GPULOSS_SLOW_TESTS=1")
 @pytest.mark.slow
 def test_inductor_compiles_the_ops(rng):
