@@ -27,10 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import functools
 import importlib
 import os
-import sys
 import threading
 from typing import Dict, Iterator, List, Optional, Tuple
 
@@ -138,20 +136,6 @@ _TABLE_KERNELS = {"cross_entropy": "cross_entropy", "softmax_forward": "softmax"
                   "softmax_backward": "softmax_backward"}
 
 
-@functools.lru_cache(maxsize=None)
-def _capability(device: str) -> Optional[Tuple[int, int]]:
-    """(major, minor) of a CUDA device, through whichever library is loaded."""
-    index = int(device.split(":")[1]) if ":" in device else 0
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
-        return tuple(torch.cuda.get_device_capability(index))
-    cupy = sys.modules.get("cupy")
-    if cupy is not None:
-        cc = int(cupy.cuda.Device(index).compute_capability)
-        return cc // 10, cc % 10
-    return None
-
-
 def _auto_order(kind: str, device: str, op: Optional[str], dtype: Optional[str], n_cols: Optional[int]):
     """The automatic candidates, the design table's verified backend first
     for this (architecture, op, dtype, row length) where it names one."""
@@ -159,7 +143,7 @@ def _auto_order(kind: str, device: str, op: Optional[str], dtype: Optional[str],
     if not device.startswith("cuda") or op not in _TABLE_KERNELS or dtype is None or n_cols is None:
         return order
     from . import tuning
-    pick = tuning.lookup(_capability(device), _TABLE_KERNELS[op], dtype, n_cols).backend
+    pick = tuning.lookup(tuning.device_capability(device), _TABLE_KERNELS[op], dtype, n_cols).backend
     return (pick,) + tuple(c for c in order if c != pick) if pick in order else order
 
 

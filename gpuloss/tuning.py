@@ -79,6 +79,23 @@ class Design(NamedTuple):
 SAFE_DEFAULT = Design(backend=None, variant="twopass", config={}, verified=None, source="default")
 
 
+@functools.lru_cache(maxsize=None)
+def device_capability(device: str) -> Optional[Tuple[int, int]]:
+    """(major, minor) of the CUDA device ``device`` ("cuda" or "cuda:N"),
+    through whichever of torch and CuPy the caller has already imported
+    (None if neither sees it); read once per device."""
+    import sys
+    index = int(device.split(":")[1]) if ":" in device else 0
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        return tuple(torch.cuda.get_device_capability(index))
+    cupy = sys.modules.get("cupy")
+    if cupy is not None:
+        cc = int(cupy.cuda.Device(index).compute_capability)
+        return cc // 10, cc % 10
+    return None
+
+
 def arch_name(capability: Optional[Tuple[int, int]]) -> Optional[str]:
     """(9, 0) -> "sm_90"; None -> None."""
     if capability is None:

@@ -100,7 +100,7 @@ def test_dispatcher_puts_the_verified_backend_first(tmp_path, monkeypatch, fresh
     run = dict(card="NVIDIA H200", date="2026-12-01", commit="abc1234", suite="tests passed", record="-")
     write_table(ROWS, str(path), "sm_90", "h200-test-run", run)
     monkeypatch.setenv(tuning.TABLE_ENV, str(path))
-    monkeypatch.setattr(dispatch, "_capability", lambda device: (9, 0))
+    monkeypatch.setattr(tuning, "device_capability", lambda device: (9, 0))
     fixed = dispatch._PREFERENCE[("torch", "cuda")]
     assert fixed[0] == "triton"
     got = dispatch._auto_order("torch", "cuda:0", "softmax_backward", "bfloat16", 32000)
@@ -110,7 +110,7 @@ def test_dispatcher_puts_the_verified_backend_first(tmp_path, monkeypatch, fresh
     assert dispatch._auto_order("torch", "cuda:0", None, None, None) == fixed
     assert dispatch._auto_order("numpy", "cpu", "softmax_backward", "bfloat16", 32000) == \
         dispatch._PREFERENCE[("numpy", "cpu")]
-    monkeypatch.setattr(dispatch, "_capability", lambda device: (8, 0))
+    monkeypatch.setattr(tuning, "device_capability", lambda device: (8, 0))
     assert dispatch._auto_order("torch", "cuda:0", "softmax_backward", "bfloat16", 32000) == fixed
     # the Triton launcher does not take a cupy entry's variant as its own
     from gpuloss.backends.triton import config

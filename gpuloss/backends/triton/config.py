@@ -8,7 +8,6 @@ have passed the GPU test suite.
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import NamedTuple, Optional, Tuple
 
@@ -108,13 +107,6 @@ def interpreter_numpy_compat() -> None:
 
     _patch_lang_tensor._gpuloss_numpy_compat = True
     interpreter._patch_lang_tensor = _patch_lang_tensor
-
-
-@functools.lru_cache(maxsize=None)
-def device_capability(device_index: int) -> Tuple[int, int]:
-    """(major, minor) of a CUDA device, read on first launch only, cached."""
-    import torch
-    return torch.cuda.get_device_capability(device_index)
 
 
 class LaunchConfig(NamedTuple):
@@ -279,7 +271,8 @@ def launch_config(op: str, n_cols: int, *, variant: Optional[str] = None,
         max_block = int(env_block)
     cap_block = next_pow2(max_block) if max_block else None
     if capability is None and device_index is not None and not interpret():
-        capability = device_capability(device_index)
+        from gpuloss import tuning
+        capability = tuning.device_capability(f"cuda:{device_index}")
     # Hopper and later have 228 KiB of smem/L1 per SM: 3 stages pay for the
     # looped kernels; older parts keep 2.
     stages = 3 if capability is not None and capability[0] >= 9 else 2
