@@ -166,6 +166,16 @@ def astype(a, dtype, kind: str):
     return a.to(dtype) if kind == "torch" else a.astype(dtype)
 
 
+def loss_as(out, dtype, kind: str):
+    """A result whose loss is in ``dtype`` (None: as it is): ``out`` is the
+    loss itself, or a named tuple of results with a ``loss`` field."""
+    if dtype is None:
+        return out
+    if hasattr(out, "_replace"):
+        return out._replace(loss=astype(out.loss, dtype, kind))
+    return astype(out, dtype, kind)
+
+
 def connected(loss, kind: str, *arrays):
     """An empty-input result that stays in torch's autograd graph (its
     gradients are zeros of each array's shape)."""

@@ -212,12 +212,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
         V.check_class_targets("target", target, kind, C, ignore_index)
     be = backend_for(kind, device, backend, "cross_entropy", x, 1 if x.ndim >= 2 else 0)
     if L.numel(input, kind) == 0:
-        out = _empty_class(kind, x, target, prob, ignore_index, float(label_smoothing), reduction,
-                           return_grad, float(z_loss))
-        if loss_dtype is None:
-            return out
-        return out._replace(loss=L.astype(out.loss, loss_dtype, kind)) if return_grad else \
-            L.astype(out, loss_dtype, kind)
+        return L.loss_as(_empty_class(kind, x, target, prob, ignore_index, float(label_smoothing), reduction,
+                                      return_grad, float(z_loss)), loss_dtype, kind)
     if x.ndim == 1:  # one unbatched row
         rows, layout = x.reshape(1, C), ("0d", (C,))
         t_rows = target.reshape(1, C) if prob else target.reshape(1)

@@ -311,11 +311,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     loss_dtype = VAL.as_float_dtype("loss_dtype", loss_dtype, c.kind)
     logits_shape = tuple(input.shape[:-1]) + (c.C,) + c.out_features
     if math.prod(logits_shape) == 0:
-        out = _empty(c, input, linear_weight, linear_bias, target, opts, logits_shape, return_grad)
-        if loss_dtype is None:
-            return out
-        return out._replace(loss=Lay.astype(out.loss, loss_dtype, c.kind)) if return_grad else \
-            Lay.astype(out, loss_dtype, c.kind)
+        return Lay.loss_as(_empty(c, input, linear_weight, linear_bias, target, opts, logits_shape, return_grad),
+                           loss_dtype, c.kind)
     h, W, b, t = _to_op_layout(c, input, linear_weight, linear_bias, target)
     cw = None if weight is None else VAL.as_float_vector(weight, c.kind, linear_weight)
     arrays = [h, W, b, t, cw]

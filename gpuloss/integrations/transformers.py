@@ -70,8 +70,6 @@ def _token_cross_entropy(logits: torch.Tensor, target: torch.Tensor, *, ignore_i
     fp32 (fp64 for fp64 logits), as transformers computes it on
     ``logits.float()``: ``loss_dtype`` keeps the fused pass's fp32 sum
     instead of rounding it to the logits' dtype (torch's rule)."""
-    target = _validate.as_index_target("labels", target, "torch")  # errors name the model's argument
-    _validate.check_class_targets("labels", target, "torch", int(logits.shape[1]), int(ignore_index))
     loss_dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
     return gpuloss.cross_entropy(logits, target, ignore_index=int(ignore_index), reduction=reduction,
                                  z_loss=float(z_loss), softcap=softcap, loss_dtype=loss_dtype, backend=backend)
