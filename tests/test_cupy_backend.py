@@ -516,7 +516,7 @@ def test_gpu_staged_resident_clusters(monkeypatch):
         pytest.skip("clusters need sm_90")
     monkeypatch.delenv("GPULOSS_CUPY_STAGED_CLUSTERS", raising=False)
     plan = cb_plan.plan_staged(262144, 2, 1, 90, int(cupy.cuda.Device().attributes["MaxSharedMemoryPerBlockOptin"]))
-    kern = cb_staged._kernel("cross_entropy", "bfloat16", plan.cluster, plan.smem_bytes)
+    kern = cb_build.staged_kernel("cross_entropy", "bfloat16", plan.cluster, plan.smem_bytes)
     exact = cb_staged._max_active_clusters(kern, plan)
     sms = int(cupy.cuda.Device().attributes["MultiProcessorCount"])
     print("max active clusters of", plan.cluster, "blocks:", exact, "on", sms, "SMs")

@@ -159,6 +159,23 @@ def device_info(cupy) -> Tuple[int, int, int]:
     return dev.id, cc, optin
 
 
+def _cached_module(key, build):
+    """The RawModule cached under ``key``, compiled by ``build()`` on first use."""
+    with _cache_lock:
+        mod = _cache.get(key)
+        if mod is None:
+            mod = _cache[key] = build()
+    return mod
+
+
+def _with_smem(kern, smem: int):
+    """``kern`` allowed ``smem`` bytes of dynamic shared memory (above 48 KiB
+    a kernel must opt in)."""
+    if smem > 48 * 1024 and kern.max_dynamic_shared_size_bytes < smem:
+        kern.max_dynamic_shared_size_bytes = smem
+    return kern
+
+
 def get_module(op: str, dtype: str, expr: str):
     """The compiled RawModule holding the one instantiation ``expr`` of ``op`` at ``dtype`` on
     the current device (cached).  One instantiation per module: a call compiles only what it
@@ -167,22 +184,23 @@ def get_module(op: str, dtype: str, expr: str):
     dev, cc, _ = device_info(cupy)
     if expr not in name_expressions(op, dtype, cc):
         raise ValueError(f"{expr} is not an instantiation of {op} at {dtype} for sm_{cc}")
-    key = (dev, op, expr)
-    with _cache_lock:
-        mod = _cache.get(key)
-        if mod is None:
-            mod = cupy.RawModule(code=read_source(OP_SOURCES[op]),
-                                 options=nvrtc_options(cc),  # CuPy adds the architecture
-                                 name_expressions=[expr])
-            _cache[key] = mod
-    return mod
+    return _cached_module((dev, op, expr), lambda: cupy.RawModule(
+        code=read_source(OP_SOURCES[op]), options=nvrtc_options(cc),  # CuPy adds the architecture
+        name_expressions=[expr]))
 
 
 def kernel(op: str, dtype: str, expr: str, smem: int = 0):
-    k = get_module(op, dtype, expr).get_function(expr)
-    if smem > 48 * 1024 and k.max_dynamic_shared_size_bytes < smem:
-        k.max_dynamic_shared_size_bytes = smem
-    return k
+    return _with_smem(get_module(op, dtype, expr).get_function(expr), smem)
+
+
+def staged_kernel(op: str, dtype: str, k: int, smem: int):
+    """The staged kernel of ``op`` at ``dtype`` over clusters of ``k`` blocks: one module of
+    extern "C" kernels (fetched by name) per (device, cluster size, dtype)."""
+    import cupy
+    dev, cc, _ = device_info(cupy)
+    mod = _cached_module((dev, "staged", f"k{k} {dtype}"), lambda: cupy.RawModule(
+        code=read_source("staged.cu"), options=staged_options(cc, k, dtype)))
+    return _with_smem(mod.get_function(staged_name(op, dtype, k)), smem)
 
 
 def source_name_expressions(filename: str, cc: int) -> List[str]:

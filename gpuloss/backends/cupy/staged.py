@@ -8,29 +8,9 @@ import os
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 from . import build as B
+from .common import np_
 from .plan import (RowPlan, StagedPlan, conservative_clusters, plan_staged, staged_blocks_per_sm, staged_grid,
                    staged_max_threads)
-
-
-def _np():
-    import numpy
-    return numpy
-
-
-def _kernel(op: str, dtype: str, k: int, smem: int):
-    import cupy
-    dev, cc, _ = B.device_info(cupy)
-    key = (dev, "staged", f"k{k} {dtype}")
-    with B._cache_lock:
-        mod = B._cache.get(key)
-        if mod is None:
-            # extern "C" kernels: fetched by name, no name expressions needed
-            mod = cupy.RawModule(code=B.read_source("staged.cu"), options=B.staged_options(cc, k, dtype))
-            B._cache[key] = mod
-    kern = mod.get_function(B.staged_name(op, dtype, k))
-    if smem > 48 * 1024 and kern.max_dynamic_shared_size_bytes < smem:
-        kern.max_dynamic_shared_size_bytes = smem
-    return kern
 
 
 def _max_active_clusters(kern, plan: StagedPlan) -> Optional[int]:
@@ -94,7 +74,8 @@ def knobs(dtype: str) -> Dict[str, Any]:
 
 
 def _is_null(a) -> bool:
-    return isinstance(a, _np().integer) and int(a) == 0
+    """A null pointer argument (``common.null()``) rather than an array."""
+    return isinstance(a, np_().integer) and int(a) == 0
 
 
 def staged_args(op: str, args: Sequence[Any]) -> Optional[Tuple[Any, ...]]:
@@ -126,8 +107,8 @@ def launch(op: str, dtype: str, R: int, C: int, args: Sequence[Any], row_arrays:
     plan = plan_staged(C, itemsize, 2 if op == "softmax_bwd" else 1, cc, optin, **knobs(dtype))
     if plan is None:
         return None
-    kern = _kernel(op, dtype, plan.cluster, plan.smem_bytes)
+    kern = B.staged_kernel(op, dtype, plan.cluster, plan.smem_bytes)
     grid = staged_grid(R, plan.cluster, _resident_clusters(kern, plan))
-    kern((grid,), (plan.threads,), (*sargs, _np().int32(plan.nbuf)), shared_mem=plan.smem_bytes)
+    kern((grid,), (plan.threads,), (*sargs, np_().int32(plan.nbuf)), shared_mem=plan.smem_bytes)
     return RowPlan(variant="staged", vec=B.vec_width(dtype), cluster=plan.cluster, threads=plan.threads,
                    smem_bytes=plan.smem_bytes, grid=grid)
