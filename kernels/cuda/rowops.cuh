@@ -19,6 +19,21 @@
 
 template <class A> struct RowState { A m, s, a0, a1, a2; };
 
+// The slice [c0, c1) of a row of C columns that block `rank` of a K-block row handles: equal
+// chunks of whole VEC-element vectors (every slice start stays 16-byte aligned), the last one
+// short; nvec whole vectors in it, then the ragged rest.  Columns are 32-bit (the host admits
+// C <= GL_MAX_COLS); the host's shared-memory plans size buffers by the same chunk.
+struct RowSlice { int chunk, c0, c1, nvec; };
+
+template <int VEC> GL_HD RowSlice row_slice(i64 C, int K, int rank) {
+    RowSlice r;
+    r.chunk = (int)(((C + K - 1) / K + VEC - 1) / VEC * VEC);
+    r.c0 = rank * r.chunk;
+    r.c1 = r.c0 + r.chunk < C ? r.c0 + r.chunk : (int)C;
+    r.nvec = r.c1 > r.c0 ? (r.c1 - r.c0) / VEC : 0;
+    return r;
+}
+
 template <class A> GL_HD RowState<A> identity_state() {
     RowState<A> r;
     r.m = -gl_inf<A>(); r.s = (A)0; r.a0 = (A)0; r.a1 = (A)0; r.a2 = (A)0;

@@ -49,12 +49,9 @@ __device__ __forceinline__ void run_rows(Op& op, const typename D::store* __rest
 #else
     const unsigned rank = 0u;
 #endif
-    // this block's slice [c0, c1) of the row; slice starts are multiples of VEC (aligned).
-    // Columns are 32-bit (the host admits C <= GL_MAX_COLS); row offsets stay 64-bit.
-    const int chunk = (int)(((C + K - 1) / K + VEC - 1) / VEC * VEC);
-    const int c0 = (int)rank * chunk;
-    const int c1 = c0 + chunk < C ? c0 + chunk : (int)C;
-    const int nvec_end = c1 > c0 ? c0 + (c1 - c0) / VEC * VEC : c0;
+    // this block's slice [c0, c1) of the row (row offsets stay 64-bit)
+    const RowSlice sl = row_slice<VEC>(C, K, (int)rank);
+    const int c0 = sl.c0, c1 = sl.c1, nvec_end = sl.c0 + sl.nvec * VEC;
 
     for (i64 row = blockIdx.x / K; row < R; row += gridDim.x / K) {
         const S* xr = X_ptr + row * X_row_stride;

@@ -177,10 +177,8 @@ __device__ __forceinline__ void run_staged(Op& op, const typename D::store* __re
 #endif
     // this block's slice [c0, c1) of every row: whole 16-byte vectors staged, the ragged rest
     // (only at the row's end) read directly
-    const int chunk = (int)(((C + K - 1) / K + VEC - 1) / VEC * VEC);
-    const int c0 = (int)rank * chunk;
-    const int c1 = c0 + chunk < C ? c0 + chunk : (int)C;
-    const int nvec = c1 > c0 ? (c1 - c0) / VEC : 0;
+    const RowSlice sl = row_slice<VEC>(C, K, (int)rank);
+    const int chunk = sl.chunk, c0 = sl.c0, c1 = sl.c1, nvec = sl.nvec;
 #if GPULOSS_CC >= 90
     const unsigned bytes = (unsigned)nvec * 16u;  // one bulk copy per staged input
 #endif

@@ -56,16 +56,14 @@ static St block_reduce(const std::vector<St>& threads) {
 
 template <class Op, int VEC>
 static void run(Op& op, const float* X, const float* AUX, float* out, i64 R, i64 C, int K, int T) {
-    const int chunk = (int)(((C + K - 1) / K + VEC - 1) / VEC * VEC);
     for (i64 row = 0; row < R; ++row) {
         const float* xr = X + row * C;
         const float* ar = AUX ? AUX + row * C : 0;
         op.begin_row(row, xr);
         std::vector<St> ranks;
         for (int rank = 0; rank < K; ++rank) {
-            const int c0 = rank * chunk;
-            const int c1 = c0 + chunk < C ? c0 + chunk : (int)C;
-            const int nvec_end = c1 > c0 ? c0 + (c1 - c0) / VEC * VEC : c0;
+            const RowSlice sl = row_slice<VEC>(C, K, rank);
+            const int c0 = sl.c0, c1 = sl.c1, nvec_end = sl.c0 + sl.nvec * VEC;
             std::vector<St> threads(T, Op::identity());
             for (int tid = 0; tid < T; ++tid) {
                 St st = Op::identity();
@@ -93,9 +91,8 @@ static void run(Op& op, const float* X, const float* AUX, float* out, i64 R, i64
         op.finish(row, st, true);
         if (!op.has_phase2) continue;
         for (int rank = 0; rank < K; ++rank) {  // phase 2 as the engines run it: outputs() per vector
-            const int c0 = rank * chunk;
-            const int c1 = c0 + chunk < C ? c0 + chunk : (int)C;
-            const int nvec_end = c1 > c0 ? c0 + (c1 - c0) / VEC * VEC : c0;
+            const RowSlice sl = row_slice<VEC>(C, K, rank);
+            const int c0 = sl.c0, c1 = sl.c1, nvec_end = sl.c0 + sl.nvec * VEC;
             for (int c = c0; c < nvec_end; c += VEC) {
                 float v[VEC], aux[VEC], o[VEC];
                 for (int k = 0; k < VEC; ++k) {
