@@ -21,20 +21,13 @@ from gpuloss import reference as ref
 from conftest import tol
 from prims import prim
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
+from triton_env import DEV, HAS_CUDA, RUNS_HERE, TDT, torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available() and not INTERPRET
-DEV = "cuda" if HAS_CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (INTERPRET or HAS_CUDA),
-                                reason="needs a CUDA device or TRITON_INTERPRET=1")
+pytestmark = RUNS_HERE
 
 from gpuloss.backends.triton import TritonBackend  # noqa: E402
 from gpuloss.backends.triton.config import MAX_SPLIT, VARIANTS, launch_config  # noqa: E402
 
-TDT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-       "float64": torch.float64}
 # (variant, block cap): the row loop (C = 300 > 64), and the one-read designs
 DESIGNS = [("twopass", 64), ("onchip", None), ("packed", None)]
 

@@ -25,29 +25,20 @@ import pytest
 
 from gpuloss import reference as ref
 
-from conftest import tol
 from prims import prim
 from test_triton_offsets import _ref_ce, _row_shift, poisoned_outputs
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
+from triton_env import HAS_CUDA, TDT, as_f64, close_fp32, torch
 
 from gpuloss.bench.tune import triton_configs  # noqa: E402
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available() and not INTERPRET
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device (not the interpreter)")]
 
 #: every configuration the sweep can file in the table, and the automatic choice
 DESIGNS = [("auto (design table)", {})] + triton_configs()
-TDT = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 #: rows of one program, of several (split), ragged, and up to 32 programs
 COLS = (1000, 32000, 50257, 200003)
-
-
-def _np(t):
-    return t.detach().float().cpu().numpy().astype(np.float64)
 
 
 def _backend():
@@ -65,14 +56,7 @@ def _logits(rng, R, C, dtype, strided=False):
         buf = torch.full((R, C + 9), float("nan"), dtype=TDT[dtype], device="cuda")
         buf[:, 4:4 + C] = t
         t = buf[:, 4:4 + C]
-    return t, _np(t)
-
-
-def _close(got, want, dtype, what, grad=False):
-    want = np.asarray(want, dtype=np.float64).astype(np.float32).astype(np.float64)
-    t = tol(dtype)
-    atol = t["atol"] * (max(float(np.abs(want[np.isfinite(want)]).max(initial=0.0)), 1.0) if grad else 1.0)
-    np.testing.assert_allclose(_np(got), want, rtol=t["rtol"], atol=atol, err_msg=what)
+    return t, as_f64(t)
 
 
 def _check_cross_entropy(b, rng, dtype, C):
@@ -84,14 +68,14 @@ def _check_cross_entropy(b, rng, dtype, C):
         x, xr = _logits(rng, R, C, dtype, strided=i == 1)
         if o:  # -inf logits with smoothing make an inf loss (as the reference): plain case only
             x[0] = torch.from_numpy(rng.standard_normal(C)).to(x.dtype)
-            xr = _np(x)
+            xr = as_f64(x)
         prob = o.pop("prob", False)
-        w = _np(torch.from_numpy(rng.random(C) + 0.5).float()) if o.pop("weight", False) else None
+        w = as_f64(torch.from_numpy(rng.random(C) + 0.5).float()) if o.pop("weight", False) else None
         if prob:
             d = rng.random((R, C))
             d /= d.sum(1, keepdims=True)
             tt = torch.from_numpy(d).to(TDT[dtype]).cuda()
-            t = _np(tt)
+            t = as_f64(tt)
         else:
             t = rng.integers(0, C, R)
             t[0], t[3] = 1, -100
@@ -108,12 +92,12 @@ def _check_cross_entropy(b, rng, dtype, C):
                                    weight=None if w is None else torch.from_numpy(w).float().cuda(),
                                    ignore_index=-100, reduction="mean", want_grad=False, **kw)
         what = f"C={C} {dtype} case {i}"
-        _close(res.loss, want, "float32", "loss " + what)
-        _close(only.loss, want, "float32", "loss only " + what)
-        _close(res.grad, gx, dtype, "grad " + what, grad=True)
-        _close(res.lse, lse, "float32", "lse " + what)
+        close_fp32(res.loss, want, "float32", "loss " + what)
+        close_fp32(only.loss, want, "float32", "loss only " + what)
+        close_fp32(res.grad, gx, dtype, "grad " + what, grad=True)
+        close_fp32(res.lse, lse, "float32", "lse " + what)
         if prob:
-            _close(res.grad_target, gd, dtype, "grad target " + what, grad=True)
+            close_fp32(res.grad_target, gd, dtype, "grad target " + what, grad=True)
         torch.cuda.synchronize()
 
 
@@ -125,15 +109,15 @@ def _check_softmax(b, rng, dtype, C):
         want = ref.log_softmax(xs) if log else ref.softmax(xs)
         with poisoned_outputs():
             y = prim(b, "softmax_forward", x, log=log)
-        _close(y, want, dtype, f"forward log={log} C={C} {dtype}")
+        close_fp32(y, want, dtype, f"forward log={log} C={C} {dtype}")
         yw = np.where(np.isfinite(want), want, -1e4) if log else want
         yt = torch.from_numpy(yw).to(TDT[dtype]).cuda()
         dy = torch.from_numpy(rng.standard_normal((R, C))).to(TDT[dtype]).cuda()
-        yr, dyr = _np(yt), _np(dy)
+        yr, dyr = as_f64(yt), as_f64(dy)
         wantdx = ref.log_softmax_backward(yr, dyr) if log else ref.softmax_backward(yr, dyr)
         with poisoned_outputs():
             dx = prim(b, "softmax_backward", yt, dy, log=log)
-        _close(dx, wantdx, dtype, f"backward log={log} C={C} {dtype}", grad=True)
+        close_fp32(dx, wantdx, dtype, f"backward log={log} C={C} {dtype}", grad=True)
         torch.cuda.synchronize()
 
 
@@ -200,7 +184,7 @@ def test_gpu_concurrent_launches_from_threads(rng, variant):
         y = prim(b, "softmax_forward", x, log=False)
         for loss, grad, yy in results[i]:
             assert torch.equal(loss, res.loss) and torch.equal(grad, res.grad) and torch.equal(yy, y), i
-        xr = _np(x)
-        want, gx, _, _ = _ref_ce(xr, _np(t).astype(np.int64), reduction="mean", label_smoothing=0.1)
-        _close(res.loss, want, "float32", f"thread {i} loss")
-        _close(res.grad, gx, "bfloat16" if x.dtype == torch.bfloat16 else "float32", f"thread {i} grad", grad=True)
+        xr = as_f64(x)
+        want, gx, _, _ = _ref_ce(xr, as_f64(t).astype(np.int64), reduction="mean", label_smoothing=0.1)
+        close_fp32(res.loss, want, "float32", f"thread {i} loss")
+        close_fp32(res.grad, gx, "bfloat16" if x.dtype == torch.bfloat16 else "float32", f"thread {i} grad", grad=True)

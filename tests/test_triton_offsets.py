@@ -27,7 +27,6 @@ Triton's interpreter on the CPU (``TRITON_INTERPRET=1``) or a CUDA device.
 from __future__ import annotations
 
 import contextlib
-import os
 
 import numpy as np
 import pytest
@@ -37,14 +36,9 @@ from gpuloss import reference as ref
 from conftest import tol
 from prims import prim
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
+from triton_env import DEV, HAS_CUDA, INTERPRET, RUNS_HERE, as_f64, torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available() and not INTERPRET
-DEV = "cuda" if HAS_CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (INTERPRET or HAS_CUDA),
-                                reason="needs a CUDA device or TRITON_INTERPRET=1")
+pytestmark = RUNS_HERE
 
 from gpuloss.backends.triton import TritonBackend  # noqa: E402
 
@@ -82,14 +76,10 @@ def _t(a, dtype=None):
     return t.to(device=DEV, dtype=TDT[dtype] if dtype else None)
 
 
-def _np(t):
-    return t.detach().cpu().numpy().astype(np.float64)
-
-
 def _logits(rng, offset, dtype, n_rows=R):
     """randn + offset as stored in ``dtype``, and those values in float64."""
     x = _t(rng.standard_normal((n_rows, C)) + offset, dtype)
-    return x, _np(x)
+    return x, as_f64(x)
 
 
 def _expect(got, want, dtype, rtol=None, atol=None, what=""):
@@ -97,7 +87,7 @@ def _expect(got, want, dtype, rtol=None, atol=None, what=""):
     is inf in fp32 (z-loss at an offset of 1e30), and must be."""
     want = np.asarray(want, dtype=np.float64).astype(np.float32 if dtype == "float32" else np.float64)
     t = tol(dtype)
-    np.testing.assert_allclose(_np(got), want.astype(np.float64), err_msg=what,
+    np.testing.assert_allclose(as_f64(got), want.astype(np.float64), err_msg=what,
                                rtol=t["rtol"] if rtol is None else rtol,
                                atol=t["atol"] if atol is None else atol)
 
@@ -169,12 +159,12 @@ def _case(rng, name, offset, dtype):
         o["softcap"] = 4.0 * max(abs(offset), 1.0)
     w = rng.random(C) + 0.5 if o.pop("weight", False) else None
     if w is not None:
-        w = _np(_t(w, dtype))
+        w = as_f64(_t(w, dtype))
     if prob:
         d = rng.random((R, C))
         d /= d.sum(1, keepdims=True)
         target = _t(d, dtype)
-        t_np = _np(target)
+        t_np = as_f64(target)
     else:
         t_np = rng.integers(0, C, R)
         t_np[1] = -100
@@ -250,7 +240,7 @@ def test_kl_div_logits_offsets(rng, target_is_logits, dtype):
             d[0, :3] = 0.0
             d /= d.sum(1, keepdims=True)
             t = _t(d, dtype)
-            tr = _np(t)
+            tr = as_f64(t)
         for reduction in ("none", "batchmean"):
             kw = dict(temperature=2.0, target_is_logits=target_is_logits, reduction=reduction)
             with poisoned_outputs():
@@ -303,7 +293,7 @@ def test_vocab_parallel_offsets(rng, monkeypatch, per_rank):
                 for o in (dict(label_smoothing=0.1, z_loss=1e-3),
                           dict(label_smoothing=0.2, softcap=4.0 * max(abs(offset), 1.0))):
                     x = _t(rng.standard_normal((R, C)) + offset, dtype).cpu().requires_grad_(True)
-                    xr = _np(x)
+                    xr = as_f64(x)
                     t = rng.integers(0, C, R)
                     t[1] = -100
                     loss = vocab_parallel_cross_entropy(x, torch.from_numpy(t), reduction="mean", **o)
@@ -332,10 +322,10 @@ def test_gpu_split_rows_offsets(rng, variant):
     programs whose relative sums meet in ``split_row_combine``."""
     b = TritonBackend(variant=variant)
     n, v = 8, 50257
-    w = _np(_t(rng.random(v) + 0.5, "float32"))
+    w = as_f64(_t(rng.random(v) + 0.5, "float32"))
     for offset in (0.0, 1e5, -1e5, 3e37):
         x = _t(rng.standard_normal((n, v)) + offset, "float32")
-        xr = _np(x)
+        xr = as_f64(x)
         t = rng.integers(0, v, n)
         kw = dict(weight=w, label_smoothing=0.1, z_loss=1e-4, reduction="mean")
         want, gx, _, _ = _ref_ce(xr, t, **kw)

@@ -13,37 +13,25 @@ The GPU part (split rows, SPLIT > 1) is ``tests/test_triton_designs.py``.
 """
 from __future__ import annotations
 
-import os
 
 import numpy as np
 import pytest
 
 from gpuloss import reference as ref
 
-from conftest import tol
 from prims import prim
 from test_triton_offsets import _ref_ce, _row_shift, poisoned_outputs
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("triton")
+from triton_env import DEV, RUNS_HERE, TDT, as_f64, close_fp32, torch
 
-INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_CUDA = torch.cuda.is_available() and not INTERPRET
-DEV = "cuda" if HAS_CUDA else "cpu"
-pytestmark = pytest.mark.skipif(not (INTERPRET or HAS_CUDA),
-                                reason="needs a CUDA device or TRITON_INTERPRET=1")
+pytestmark = RUNS_HERE
 
 from gpuloss.backends.triton import TritonBackend  # noqa: E402
 from gpuloss.backends.triton.config import PACKED_MAX_SPLIT, launch_config  # noqa: E402
 
-TDT = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 DTYPES = ["bfloat16", "float16", "float32"]
 #: the largest finite magnitude used as an offset per dtype (fp16 tops out at 65504)
 BIG = {"bfloat16": 1e38, "float16": 6e4, "float32": 1e38}
-
-
-def _np(t):
-    return t.detach().float().cpu().numpy().astype(np.float64)
 
 
 def _logits(rng, R, C, dtype, strided=False):
@@ -60,15 +48,7 @@ def _logits(rng, R, C, dtype, strided=False):
         buf[:, 2:2 + C] = t
         t = buf[:, 2:2 + C]
     t = t.to(DEV)
-    return t, _np(t)
-
-
-def _close(got, want, dtype, what, grad=False):
-    """``want`` rounded to fp32 first (a z-loss of 1e72 is inf in the fp32 loss)."""
-    want = np.asarray(want, dtype=np.float64).astype(np.float32).astype(np.float64)
-    t = tol(dtype)
-    atol = t["atol"] * (max(float(np.abs(want[np.isfinite(want)]).max(initial=0.0)), 1.0) if grad else 1.0)
-    np.testing.assert_allclose(_np(got), want, rtol=t["rtol"], atol=atol, err_msg=what)
+    return t, as_f64(t)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -85,13 +65,13 @@ def test_packed_cross_entropy(rng, dtype, C):
         # -inf logits with smoothing make the loss inf (as the reference): keep them for the plain case
         if opts:
             x[0] = torch.from_numpy(rng.standard_normal(C) * 3).to(x.dtype)
-            xr = _np(x)
+            xr = as_f64(x)
         t = rng.integers(0, C, R)
         t[2] = -100
         t[0] = 1  # a finite target on the row with -inf entries (column 0 is -inf)
         w = None
         if opts.pop("weight", False):
-            w = _np(torch.from_numpy(rng.random(C) + 0.5).float())
+            w = as_f64(torch.from_numpy(rng.random(C) + 0.5).float())
         kw = dict(label_smoothing=opts.get("label_smoothing", 0.0), z_loss=opts.get("z_loss", 0.0),
                   softcap=opts.get("softcap"))
         want, gx, _, lse = _ref_ce(xr, t, weight=w, reduction="mean", **kw)
@@ -101,9 +81,9 @@ def test_packed_cross_entropy(rng, dtype, C):
                                   reduction="mean", want_grad=True, grad_inplace=inplace, **kw)
         what = f"{dtype} C={C} {opts} strided={strided} inplace={inplace}"
         assert (res.grad is x) == inplace
-        _close(res.loss, want, "float32", "loss " + what)
-        _close(res.grad, gx, dtype, "grad " + what, grad=True)
-        _close(res.lse, lse, "float32", "lse " + what)
+        close_fp32(res.loss, want, "float32", "loss " + what)
+        close_fp32(res.grad, gx, dtype, "grad " + what, grad=True)
+        close_fp32(res.lse, lse, "float32", "lse " + what)
     # one row, loss only (the looped kernel, one read) and loss + grad
     x, xr = _logits(rng, 1, C, dtype)
     t = rng.integers(0, C, 1)
@@ -113,8 +93,8 @@ def test_packed_cross_entropy(rng, dtype, C):
                                z_loss=0.0, softcap=None, reduction="sum", want_grad=False)
         res = prim(b, "cross_entropy", x, torch.from_numpy(t).to(DEV), weight=None, ignore_index=-100, label_smoothing=0.0,
                               z_loss=0.0, softcap=None, reduction="sum", want_grad=True)
-    _close(only.loss, want, "float32", f"loss only, one row, {dtype}")
-    _close(res.grad, gx, dtype, f"grad, one row, {dtype}", grad=True)
+    close_fp32(only.loss, want, "float32", f"loss only, one row, {dtype}")
+    close_fp32(res.grad, gx, dtype, f"grad, one row, {dtype}", grad=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -127,7 +107,7 @@ def test_packed_softmax_forward_backward(rng, dtype, log):
         want = ref.log_softmax(xs) if log else ref.softmax(xs)
         with poisoned_outputs():
             y = prim(b, "softmax_forward", x, log=log)
-        _close(y, want, dtype, f"forward {dtype} R={R} log={log}")
+        close_fp32(y, want, dtype, f"forward {dtype} R={R} log={log}")
         # backward from a stored output and a random upstream gradient
         yw = np.where(np.isfinite(want), want, -1e4) if log else want
         yt = torch.from_numpy(yw).to(TDT[dtype]).to(DEV)
@@ -136,11 +116,11 @@ def test_packed_softmax_forward_backward(rng, dtype, log):
             buf = torch.full((R, C + 3), float("nan"), dtype=TDT[dtype], device=DEV)
             buf[:, 1:1 + C] = dy
             dy = buf[:, 1:1 + C]
-        yr, dyr = _np(yt), _np(dy)
+        yr, dyr = as_f64(yt), as_f64(dy)
         wantdx = ref.log_softmax_backward(yr, dyr) if log else ref.softmax_backward(yr, dyr)
         with poisoned_outputs():
             dx = prim(b, "softmax_backward", yt, dy, log=log)
-        _close(dx, wantdx, dtype, f"backward {dtype} R={R} log={log}", grad=True)
+        close_fp32(dx, wantdx, dtype, f"backward {dtype} R={R} log={log}", grad=True)
 
 
 def test_packed_sizing(monkeypatch):
