@@ -17,13 +17,17 @@ KINDS = ("numpy", "torch", "cupy")
 def kind_of(a: Any) -> Optional[str]:
     """"numpy", "torch", "cupy", or None for anything that is not an array.
 
-    torch and CuPy are looked up in ``sys.modules``: an object can only be a
-    tensor of a library that is already imported."""
+    torch and CuPy are never imported for this: an object can only be an
+    array of a library that is already imported.  A torch tensor is
+    recognised by ``__torch_function__`` first, so that torch.compile,
+    which traces this, never has to trace ``sys.modules`` (a dict that an
+    import elsewhere may change while dynamo reads it)."""
     if isinstance(a, np.ndarray):
         return "numpy"
-    torch = sys.modules.get("torch")
-    if torch is not None and isinstance(a, torch.Tensor):
-        return "torch"
+    if hasattr(a, "__torch_function__"):
+        import torch  # imported already: the object's class comes from it or uses its protocol
+        if isinstance(a, torch.Tensor):
+            return "torch"
     cupy = sys.modules.get("cupy")
     if cupy is not None and isinstance(a, cupy.ndarray):
         return "cupy"
