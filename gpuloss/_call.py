@@ -40,17 +40,22 @@ def backend_for(kind: str, device: str, backend: Optional[str], op: Optional[str
     once outside the traced code, :func:`gpuloss.dispatch.select_name`), the
     instance for NumPy and CuPy arrays.  ``op`` and the row array ``x`` (rows
     along ``dim``) let the design table choose among the backends on a GPU."""
+    # The design table only orders backends for CUDA arrays.  While dynamo
+    # traces, sizes may be symbolic and the choice is a constant of the graph:
+    # the fixed order then, whatever the row length.
     hint = {}
-    if op is not None and x is not None and x.ndim:
+    if op is not None and x is not None and x.ndim and device.startswith("cuda") and not _compiling(kind):
         hint = dict(op=op, dtype=str(x.dtype).replace("torch.", ""), n_cols=x.shape[dim])
     if kind == "torch":
-        import torch
-        if torch.compiler.is_compiling():
-            # sizes may be symbolic while dynamo traces, and the choice is a
-            # constant of the graph: the fixed order, whatever the row length
-            hint = {}
         return select_name(kind, device, backend, **hint)
     return select(kind, device, backend, **hint)
+
+
+def _compiling(kind: str) -> bool:
+    if kind != "torch":
+        return False
+    import torch
+    return torch.compiler.is_compiling()
 
 
 def wants(return_grad: Union[bool, str]):
