@@ -1,8 +1,8 @@
 """Which array library an argument comes from, and where it lives.
 
 No array library other than NumPy is imported here: torch and CuPy arrays are
-recognised by their type's module name, so ``import gpuloss`` stays light and
-never touches a GPU.
+recognised only once their library is loaded (see :func:`kind_of`), so
+``import gpuloss`` stays light and never touches a GPU.
 """
 from __future__ import annotations
 
