@@ -128,8 +128,10 @@ def backend(request) -> BackendHarness:
 
 @pytest.fixture
 def rng(request):
-    """Fresh random data every run; the seed is printed on failure."""
-    seed = int.from_bytes(os.urandom(4), "little")
+    """Fresh random data every run; the seed is printed on failure, and
+    GPULOSS_TEST_SEED=<seed> replays it."""
+    fixed = os.environ.get("GPULOSS_TEST_SEED")
+    seed = int(fixed) if fixed else int.from_bytes(os.urandom(4), "little")
     request.node.user_properties.append(("seed", seed))
     print(f"rng seed {seed}")
     return np.random.default_rng(seed)
