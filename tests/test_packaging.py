@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -16,8 +17,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def wheel(tmp_path_factory):
     pytest.importorskip("setuptools")
     out = tmp_path_factory.mktemp("dist")
+    # built from a copy: setuptools writes build/ and *.egg-info into the
+    # source tree, which must stay as the caller left it (and two test runs
+    # in one checkout would race there)
+    src = tmp_path_factory.mktemp("src") / "gpuloss"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv*", "build", "dist", "*.egg-info",
+                                                             "__pycache__", ".pytest_cache", ".hypothesis",
+                                                             ".whl", ".out", "out"))
     r = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q",
-                        "-w", str(out), str(ROOT)], capture_output=True, text=True)
+                        "-w", str(out), str(src)], capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     wheels = list(out.glob("gpuloss-*.whl"))
     assert len(wheels) == 1, wheels
