@@ -384,17 +384,29 @@ class _Loop:
         return LinearOut(loss, self.gh, gw, gb)
 
 
+def _run(loop: _Loop) -> LinearOut:
+    """The loop with torch's autocast off on the arrays' device: its matmuls
+    run in the operands' dtypes and accumulate into fp32 as written (the
+    public function has already applied autocast's policy to the operands,
+    :mod:`gpuloss._autocast`)."""
+    if loop.kind != "torch":
+        return loop.run()
+    from ._autocast import disabled
+    with disabled(loop.W.device):
+        return loop.run()
+
+
 def forward(be, kind: str, arrays, opts: LinearCEOptions, want: LinearWant) -> LinearOut:
     """The ``linear_cross_entropy`` op: loss (0-d float64, or per token-position
     row for "none"), and the gradients asked for."""
-    return _Loop(be, kind, arrays, opts, want).run()
+    return _run(_Loop(be, kind, arrays, opts, want))
 
 
 def backward(be, kind: str, arrays, opts: LinearCEOptions, want: LinearWant) -> LinearGrads:
     """The ``linear_cross_entropy_backward`` op ("none"): the gradients of
     ``sum(row_grad * loss_rows)``, recomputing each chunk's logits."""
     *inputs, row_grad = arrays
-    out = _Loop(be, kind, inputs, opts, want, row_grad=row_grad).run()
+    out = _run(_Loop(be, kind, inputs, opts, want, row_grad=row_grad))
     return LinearGrads(out.grad_hidden, out.grad_weight, out.grad_bias)
 
 

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+from . import _autocast as AC
 from . import _layout as L
 from . import _validate as V
 from ._arrays import classify
@@ -70,7 +71,7 @@ def _cast_dtype(input, dtype, kind: str):
 
 def _softmax_common(input, dim, dtype, backend, log: bool):
     kind, device = classify([("input", input)])
-    input = _cast_dtype(input, dtype, kind)
+    input = _cast_dtype(input, AC.softmax_dtype(kind, device, input, dtype), kind)
     V.check_floating("input", input, kind)
     V.check_dim("dim", dim, input.ndim)
     be = backend_for(kind, device, backend, "softmax_forward", input, dim if input.ndim else -1)
@@ -130,6 +131,14 @@ def log_softmax_backward(grad_output, output, dim: int = -1, *, backend: Optiona
 # ---------------------------------------------------------------------------
 # cross-entropy and NLL
 # ---------------------------------------------------------------------------
+
+def _fp32_op(op: str, kind: str, device: str, **arrays):
+    """torch.autocast's float32 policy (:mod:`gpuloss._autocast`): the
+    arrays as the op computes them, in the order given, and float32 or None
+    for the loss."""
+    args, out = AC.fp32_op(op, kind, device, arrays)
+    return tuple(args.values()), out
+
 
 def _class_dim_call(input, target, weight, size_average, reduce, reduction: str, ignore_index):
     """The checks cross_entropy and nll_loss share: (reduction, kind, device,
@@ -195,12 +204,16 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     """
     reduction, kind, device, C, ignore_index = _class_dim_call(input, target, weight, size_average, reduce,
                                                               reduction, ignore_index)
+    caller_input = input
+    (input, target, weight), ac_dtype = _fp32_op("cross_entropy", kind, device, input=input, target=target,
+                                                         weight=weight)
     prob = V.check_ce_target("target", target, kind, input, ignore_index)
     V.check_weight("weight", weight, kind, C, input, prob)
     V.check_ce_options(label_smoothing, z_loss, softcap)
     V.check_bool("inplace_backward", inplace_backward)
     wants(return_grad)
     loss_dtype = V.as_float_dtype("loss_dtype", loss_dtype, kind)
+    loss_dtype = ac_dtype if loss_dtype is None else loss_dtype
     if inplace_backward and _writes_gradient(input, kind, return_grad):
         V.check_inplace_ok("input", input, kind, return_grad)
     x = input
@@ -233,8 +246,8 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
         res = res._replace(loss=res.loss + w_term)
     out = finish(res, return_grad, kind, x, layout, target_like=target if prob else None,
                   inplace=bool(inplace_backward), loss_dtype=loss_dtype)
-    if return_grad and x is not input:
-        out = out._replace(grad=L.cast_like(out.grad, input, kind))
+    if return_grad and x is not caller_input:
+        out = out._replace(grad=L.cast_like(out.grad, caller_input, kind))
     return out
 
 
@@ -276,6 +289,8 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = 
     "mean" divides by the sum of the weights of the non-ignored targets."""
     reduction, kind, device, C, ignore_index = _class_dim_call(input, target, weight, size_average, reduce,
                                                               reduction, ignore_index)
+    caller_input = input
+    (input, target, weight), ac_dtype = _fp32_op("nll_loss", kind, device, input=input, target=target, weight=weight)
     V.check_index_target("target", target, kind, input)
     V.check_weight("weight", weight, kind, C, input)
     wants(return_grad)
@@ -283,14 +298,18 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = 
     V.check_class_targets("target", target, kind, C, ignore_index)
     be = backend_for(kind, device, backend)
     if L.numel(input, kind) == 0:
-        return _empty_class(kind, input, target, False, ignore_index, 0.0, reduction, return_grad)
+        return L.loss_as(_empty_class(kind, input, target, False, ignore_index, 0.0, reduction, return_grad),
+                         ac_dtype, kind)
     rows, layout = L.rows2d(input, kind, 1) if input.ndim >= 2 else (input.reshape(1, C), ("0d", (C,)))
     w = None if weight is None else V.as_float_vector(weight, kind, input)
     res = run("nll_loss", kind, be, [rows, target.reshape(-1), w], NllOptions(ignore_index, reduction),
                 return_grad)
     if reduction == "none":
         res = res._replace(loss=res.loss.reshape(_row_loss_shape(input)))
-    return finish(res, return_grad, kind, input, layout)
+    out = finish(res, return_grad, kind, input, layout, loss_dtype=ac_dtype)
+    if return_grad and input is not caller_input:
+        out = out._replace(grad=L.cast_like(out.grad, caller_input, kind))
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -334,6 +353,8 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
     V.check_floating("input", input, kind)
     V.check_floating("target", target, kind)
     V.check_same_shape("input", input, "target", target)
+    caller = input, target
+    (input, target), ac_dtype = _fp32_op("kl_div_logits", kind, device, input=input, target=target)
     V.check_positive("temperature", temperature)
     V.check_bool("target_is_logits", target_is_logits)
     wants(return_grad)
@@ -346,14 +367,18 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
         rows = L.zeros(input, tuple(input.shape[:-1]), kind)
         div = {"none": 1, "sum": 1, "batchmean": R, "mean": 0}[reduction]
         loss = rows if reduction == "none" else rows.sum() * (1.0 / div if div else float("nan"))
-        loss = L.connected(loss, kind, input)
-        return LossGrad(loss, L.zeros(input, tuple(input.shape), kind)) if return_grad else loss
+        loss = L.loss_as(L.connected(loss, kind, input), ac_dtype, kind)
+        return LossGrad(loss, L.zeros(caller[0], tuple(input.shape), kind)) if return_grad else loss
     t, _ = L.rows2d(target, kind, -1)
     res = run("kl_div_logits", kind, be, [x, t],
                 KlDivLogitsOptions(float(temperature), bool(target_is_logits), reduction), return_grad)
     if reduction == "none":
         res = res._replace(loss=res.loss.reshape(input.shape[:-1]))
-    return finish(res, return_grad, kind, input, layout)
+    out = finish(res, return_grad, kind, input, layout, loss_dtype=ac_dtype)
+    if return_grad and input is not caller[0]:
+        out = out._replace(grad=L.cast_like(out.grad, caller[0], kind),
+                           grad_target=L.cast_like(out.grad_target, caller[1], kind))
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -368,6 +393,10 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     ``make_opts(reduction)`` builds the options record."""
     kind, device = classify([("input", input), ("target", target)] + list(named_weights.items()),
                             optional=named_weights)
+    caller_input, caller_target = input, target
+    args, ac_dtype = AC.fp32_op(op, kind, device, dict(input=input, target=target, **named_weights))
+    input, target = args.pop("input"), args.pop("target")
+    named_weights = args
     V.check_reduction(reduction, kl=kl)
     V.check_floating("input", input, kind)
     V.check_floating("target", target, kind)
@@ -402,10 +431,11 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     if return_grad and bshape is not None:
         res = res._replace(grad=L.sum_to(res.grad, tuple(input.shape), kind),
                            grad_target=L.sum_to(res.grad_target, tuple(target.shape), kind))
-    res = res._replace(loss=L.astype(res.loss, dt, kind))  # the promoted dtype, not input's
+    dt = ac_dtype or dt  # the promoted dtype, not input's; float32 under autocast
+    res = res._replace(loss=L.astype(res.loss, dt, kind))
     out = finish(res, return_grad, kind, xin, ("0d", tuple(input.shape)),
-                  target_layout=("0d", tuple(target.shape)), target_like=target)
-    return out._replace(grad=L.cast_like(out.grad, input, kind)) if return_grad else out
+                  target_layout=("0d", tuple(target.shape)), target_like=caller_target, loss_dtype=dt)
+    return out._replace(grad=L.cast_like(out.grad, caller_input, kind)) if return_grad else out
 
 
 def _empty_elementwise(kind: str, input, target, reduction: str) -> LossResult:

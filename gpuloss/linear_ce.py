@@ -39,6 +39,7 @@ import dataclasses
 import math
 from typing import Any, NamedTuple, Optional
 
+from . import _autocast as AC
 from . import _layout as Lay
 from . import _validate as VAL
 from . import launch
@@ -199,15 +200,13 @@ def _resolve_options(options, chunk_size, acc_dtype, n_tokens: int, H: int, voca
     return int(chunk_size), accumulate, retain
 
 
-def _prepare(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
-             options, z_loss, softcap, chunk_size, acc_dtype, allow_retain_graph):
-    kind, device = classify([("input", input), ("linear_weight", linear_weight), ("target", target),
-                             ("linear_bias", linear_bias), ("weight", weight)],
-                            optional=("linear_bias", "weight"))
+def _prepare(kind, device, input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+             label_smoothing, options, z_loss, softcap, chunk_size, acc_dtype, allow_retain_graph, autocast: bool):
     VAL.check_reduction(reduction)
     C, out = _check_shapes(input, linear_weight, linear_bias, kind)
     prob, ii = _check_target(target, input, C, out, ignore_index, kind)
-    VAL.check_weight("weight", weight, kind, C, input, prob)
+    # under autocast the cross-entropy runs in float32: any class-weight dtype
+    VAL.check_weight("weight", weight, kind, C, None if autocast else input, prob)
     VAL.check_ce_options(label_smoothing, z_loss, softcap)
     VAL.check_bool("allow_retain_graph", allow_retain_graph)
     P = math.prod(out)
@@ -306,9 +305,18 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     """
     if return_grad not in (False, True):
         raise ValueError(f"return_grad must be False or True, got {return_grad!r}")
-    c, target, opts = _prepare(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                               label_smoothing, options, z_loss, softcap, chunk_size, acc_dtype, allow_retain_graph)
+    kind, device = classify([("input", input), ("linear_weight", linear_weight), ("target", target),
+                             ("linear_bias", linear_bias), ("weight", weight)],
+                            optional=("linear_bias", "weight"))
+    # torch.autocast: F.linear's operands in autocast's dtype, the loss in float32
+    (input, linear_weight, linear_bias), autocast = AC.linear_operands(kind, device, input, linear_weight,
+                                                                       linear_bias)
+    c, target, opts = _prepare(kind, device, input, linear_weight, target, linear_bias, weight, reduction,
+                               ignore_index, label_smoothing, options, z_loss, softcap, chunk_size, acc_dtype,
+                               allow_retain_graph, autocast is not None)
     loss_dtype = VAL.as_float_dtype("loss_dtype", loss_dtype, c.kind)
+    if autocast is not None and loss_dtype is None:
+        loss_dtype = AC.fp32_op("cross_entropy", kind, device, {"logits": input})[1]
     logits_shape = tuple(input.shape[:-1]) + (c.C,) + c.out_features
     if math.prod(logits_shape) == 0:
         return Lay.loss_as(_empty(c, input, linear_weight, linear_bias, target, opts, logits_shape, return_grad),

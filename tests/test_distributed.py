@@ -150,6 +150,43 @@ def _linear_case(chk, name, Hd, W, B, T, rank, bounds, device, *, upstream=None,
         chk.close(f"{name}: grad_bias", _np(b.grad), gl.sum(0)[s:e])
 
 
+def _autocast_case(chk, X, T, rank, bounds, device) -> None:
+    """Under torch.autocast (bf16): bf16 logits give the loss in float32,
+    unrounded, as torch's cross_entropy does; the linear form runs its
+    projection in bf16 (as F.linear would) from float32 operands, the loss in
+    float32 and the gradients in the operands' float32."""
+    from gpuloss.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+    s, e = bounds[rank]
+    dev_type = torch.device(device).type
+    Xr = torch.from_numpy(X).to(torch.bfloat16)
+    x = Xr[..., s:e].to(device).clone().requires_grad_()
+    t = torch.from_numpy(T).to(device)
+    with torch.autocast(dev_type, dtype=torch.bfloat16):
+        loss = vocab_parallel_cross_entropy(x, t, label_smoothing=0.1)
+    loss.backward()
+    chk.true("autocast: loss dtype float32", loss.dtype == torch.float32, str(loss.dtype))
+    chk.true("autocast: grad dtype bf16", x.grad.dtype == torch.bfloat16, str(x.grad.dtype))
+    Xd = Xr.double().numpy()
+    chk.close("autocast: loss", _np(loss), R.cross_entropy(Xd, T, label_smoothing=0.1), "float32")
+    chk.close("autocast: grad", _np(x.grad), R.cross_entropy_grad(Xd, T, label_smoothing=0.1)[0][:, s:e], "bfloat16")
+    H = 8
+    g = torch.Generator().manual_seed(7)  # the same on every rank
+    Hd = torch.randn(X.shape[0], H, generator=g)
+    W = torch.randn(X.shape[1], H, generator=g) * 0.3
+    h, w = Hd.to(device).clone().requires_grad_(), W[s:e].to(device).clone().requires_grad_()
+    with torch.autocast(dev_type, dtype=torch.bfloat16):
+        loss = vocab_parallel_linear_cross_entropy(h, w, t, chunk_size=4)
+    loss.backward()
+    chk.true("autocast linear: loss dtype float32", loss.dtype == torch.float32, str(loss.dtype))
+    chk.true("autocast linear: grad dtypes float32", h.grad.dtype == w.grad.dtype == torch.float32)
+    hb, Wb = Hd.bfloat16().double().numpy(), W.bfloat16().double().numpy()
+    logits = torch.from_numpy(hb @ Wb.T).bfloat16().double().numpy()  # F.linear's bf16 output
+    chk.close("autocast linear: loss", _np(loss), R.cross_entropy(logits, T), "float32")
+    gl = R.cross_entropy_grad(logits, T)[0]
+    chk.close("autocast linear: grad_hidden", _np(h.grad), gl @ Wb, "bfloat16")
+    chk.close("autocast linear: grad_weight", _np(w.grad), (gl.T @ hb)[s:e], "bfloat16")
+
+
 def _all_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: str) -> None:
     """Every check, run on every rank of one group (also at world size 1)."""
     import gpuloss.distributed as D
@@ -195,6 +232,7 @@ def _all_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: s
     _ce_case(chk, "float32", X, T, rank, bounds, device, dtype="float32", label_smoothing=0.1, z_loss=1e-3,
              softcap=5.0, upstream=0.75)
     _ce_case(chk, "bfloat16", X, T, rank, bounds, device, dtype="bfloat16", reduction="sum", label_smoothing=0.1)
+    _autocast_case(chk, X, T, rank, bounds, device)
 
     # --- small chunks: the row loops run several times ----------------------
     saved = D._CHUNK_ELEMENTS

@@ -142,3 +142,44 @@ def test_inplace_gradient_needs_no_logits_sized_buffer(rng):
     out_of_place, in_place = run(False), run(True)
     assert out_of_place >= 0.9 * nbytes, out_of_place
     assert in_place < 0.1 * nbytes, (in_place, nbytes)
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_cuda_autocast_follows_torch(rng, name):
+    """torch.autocast("cuda", bf16): softmax/log_softmax and the losses give
+    torch's float32 results from bf16 inputs, binary_cross_entropy is refused
+    as torch refuses it, and the fused linear CE runs its matmuls in bf16
+    with an fp32 loss (gpuloss._autocast; the CPU policy is in
+    tests/test_autocast.py)."""
+    _need(name)
+    g = torch.Generator(device="cuda").manual_seed(int(rng.integers(2**31)))
+    x = (torch.randn(33, 1000, device="cuda", generator=g) * 3).bfloat16()
+    t = torch.randint(0, 1000, (33,), device="cuda", generator=g)
+    y = torch.rand(33, 1000, device="cuda", generator=g).bfloat16()
+    F = torch.nn.functional
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        for fn in ("softmax", "log_softmax"):
+            ours, theirs = getattr(gpuloss, fn)(x, -1, backend=name), getattr(F, fn)(x, -1)
+            assert ours.dtype == theirs.dtype == torch.float32
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        for ours, theirs in [(gpuloss.cross_entropy(x, t, backend=name), F.cross_entropy(x, t)),
+                             (gpuloss.mse_loss(x, y, backend=name), F.mse_loss(x, y)),
+                             (gpuloss.binary_cross_entropy_with_logits(x, y, backend=name),
+                              F.binary_cross_entropy_with_logits(x, y))]:
+            assert ours.dtype == theirs.dtype == torch.float32
+            torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+        with pytest.raises(RuntimeError, match="unsafe to autocast"):
+            F.binary_cross_entropy(torch.sigmoid(x), y)
+        with pytest.raises(RuntimeError, match="unsafe to autocast"):
+            gpuloss.binary_cross_entropy(torch.sigmoid(x), y, backend=name)
+        h = torch.randn(64, 128, device="cuda", generator=g, requires_grad=True)
+        W = (torch.randn(1000, 128, device="cuda", generator=g) * 0.1).requires_grad_()
+        tt = torch.randint(0, 1000, (64,), device="cuda", generator=g)
+        ours = gpuloss.linear_cross_entropy(h, W, tt, chunk_size=16, backend=name)
+        theirs = F.cross_entropy(F.linear(h, W), tt)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    (gh, gw), (th, tw) = torch.autograd.grad(ours, (h, W)), torch.autograd.grad(theirs, (h, W))
+    assert gh.dtype == th.dtype == torch.float32 and gw.dtype == tw.dtype == torch.float32
+    torch.testing.assert_close(gh, th, rtol=0, atol=2**-6 * float(th.abs().max()))
+    torch.testing.assert_close(gw, tw, rtol=0, atol=2**-6 * float(tw.abs().max()))

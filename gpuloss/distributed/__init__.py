@@ -102,6 +102,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from .. import _autocast as AC
 from .layout import VocabLayout, check_options, group_name, layout_arguments, require_target
 from .linear import vocab_parallel_linear_cross_entropy_op
 from .ops import vocab_parallel_cross_entropy_op
@@ -146,7 +147,8 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=Non
 
     Returns
     -------
-    The loss, the same on every rank, in the logits' dtype: 0-d for "mean"
+    The loss, the same on every rank, in the logits' dtype (float32 for
+    16-bit logits under ``torch.autocast``, as torch's): 0-d for "mean"
     and "sum" ("mean" divides by the number of non-ignored rows: nan when
     there are none), ``target``'s shape for "none".  Backpropagates into
     ``local_logits`` (this rank's slice of the exact gradient).
@@ -166,7 +168,15 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=Non
         local_logits, target, name, vocab_start, vocab_sizes, vocab_size, bool(validate), ignore_index, reduction,
         float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), _CHUNK_ELEMENTS,
         want_grad)
-    return loss
+    return _loss_dtype(loss, local_logits)
+
+
+def _loss_dtype(loss: Tensor, logits_like: Tensor) -> Tensor:
+    """The operator's loss (compute dtype) in the logits' dtype, as torch's
+    cross_entropy gives it; in float32 under torch.autocast for 16-bit
+    logits, as autocast gives torch's (gpuloss._autocast)."""
+    _, fp32 = AC.fp32_op("cross_entropy", "torch", str(logits_like.device), {"input": logits_like})
+    return loss.to(fp32 or logits_like.dtype)
 
 
 def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, target: Tensor, group=None,
@@ -221,6 +231,9 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
     require_target(target)
     name = group_name(group)
     vocab_start, vocab_size, vocab_sizes = layout_arguments(vocab_start, vocab_size, vocab_sizes)
+    # torch.autocast: the projection's operands in autocast's dtype, as F.linear's
+    (hidden, local_weight, local_bias), _ = AC.linear_operands("torch", str(hidden.device), hidden, local_weight,
+                                                               local_bias)
     grad_on = torch.is_grad_enabled()
     need = (grad_on and hidden.requires_grad, grad_on and local_weight.requires_grad,
             grad_on and local_bias is not None and local_bias.requires_grad)
@@ -228,4 +241,4 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
         hidden, local_weight, local_bias, target, name, vocab_start, vocab_sizes, vocab_size, bool(validate),
         ignore_index, reduction, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
         chunk_size, _CHUNK_ELEMENTS, *need)
-    return loss
+    return _loss_dtype(loss, hidden)

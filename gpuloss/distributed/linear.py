@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import _autocast as AC
 from . import local as L
 from .layout import VocabLayout, linear_errors, local_rows, resolve_layout
 from .ops import LAYOUT_ARGS, OPTION_ARGS
@@ -59,7 +60,7 @@ def default_chunk(layout: VocabLayout, chunk_size: Optional[int], chunk_elements
 
 def linear_forward(h2d: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, layout: VocabLayout, group,
                    opts: L.CEOptions, need: Need, chunk: int):
-    """(loss in hidden's dtype, per-row lse, gh, gw, gb).
+    """(loss in the compute dtype, per-row lse, gh, gw, gb).
 
     Per chunk: logits, local partials, the two all-reduces of this chunk,
     then (for "mean"/"sum", when any gradient is needed) the chunk's dlogits
@@ -87,7 +88,7 @@ def linear_forward(h2d: Tensor, w: Tensor, b: Optional[Tensor], target: Tensor, 
             _contract_chunk(dz, hc, w, gh, gw, gb, a, e)
     if gh is not None:
         dist.all_reduce(gh, op=dist.ReduceOp.SUM, group=group)
-    loss = L.reduce(losses, info, opts.reduction, target.shape).to(h2d.dtype)
+    loss = L.reduce(losses, info, opts.reduction, target.shape)
     return loss, lse, gh, gw, gb
 
 
@@ -167,8 +168,9 @@ def vocab_parallel_linear_cross_entropy_op(hidden: Tensor, local_weight: Tensor,
     opts = L.CEOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
     chunk = default_chunk(layout, chunk_size, chunk_elements)
     need = (want_hidden, want_weight, want_bias)
-    loss, lse, *grads = linear_forward(_flat(hidden), local_weight, local_bias, target, layout, pg, opts, need,
-                                       chunk)
+    with AC.disabled(hidden.device):  # the chunk matmuls in the operands' dtypes
+        loss, lse, *grads = linear_forward(_flat(hidden), local_weight, local_bias, target, layout, pg, opts,
+                                           need, chunk)
     return (L.not_a_view(loss), lse) + _grads_or_placeholders(hidden, grads)
 
 
@@ -177,7 +179,7 @@ def _(hidden, local_weight, local_bias, target, group, vocab_start, vocab_sizes,
       ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, chunk_elements, want_hidden,
       want_weight, want_bias):
     cdt = L.compute_dtype(hidden.dtype)
-    loss = hidden.new_empty(tuple(target.shape) if reduction == "none" else ())
+    loss = hidden.new_empty(tuple(target.shape) if reduction == "none" else (), dtype=cdt)
     lse = hidden.new_empty((math.prod(hidden.shape[:-1]),), dtype=cdt)
     need = (want_hidden, want_weight, want_bias) if reduction != "none" else (False,) * 3
     return (loss, lse) + _fake_grads(hidden, local_weight, local_bias, need)
@@ -204,8 +206,9 @@ def vocab_parallel_linear_cross_entropy_backward_op(hidden: Tensor, local_weight
                                 vocab_size, vocab_sizes, 0, validate=False)
     opts = L.CEOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
     chunk = default_chunk(layout, chunk_size, chunk_elements)
-    grads = linear_backward(_flat(hidden), local_weight, local_bias, target, lse, grad_loss, layout, pg, opts,
-                            (want_hidden, want_weight, want_bias), chunk)
+    with AC.disabled(hidden.device):
+        grads = linear_backward(_flat(hidden), local_weight, local_bias, target, lse, grad_loss, layout, pg,
+                                opts, (want_hidden, want_weight, want_bias), chunk)
     return _grads_or_placeholders(hidden, grads)
 
 

@@ -56,7 +56,7 @@ def _grad_pass(x2d: Tensor, info: L.RowInfo, shift: Tensor, log_s: Tensor, scale
 
 def ce_forward(x2d: Tensor, target: Tensor, layout: VocabLayout, group, opts: L.CEOptions, chunk_elements: int,
                want_grad: bool) -> Tuple[Tensor, Optional[Tensor]]:
-    """(loss in the logits' dtype, this rank's ``(R, V_local)`` gradient or
+    """(loss in the compute dtype, this rank's ``(R, V_local)`` gradient or
     None): the statistics pass, the two all-reduces, the loss, and (when
     asked) the gradient pass."""
     R, v = x2d.shape
@@ -70,7 +70,7 @@ def ce_forward(x2d: Tensor, target: Tensor, layout: VocabLayout, group, opts: L.
     m_r, stats = _stats_pass(x2d, info, opts.label_smoothing > 0, opts.softcap, step, lt)
     shift, log_s = L.global_lse(m_r, stats, group, info.owned, v)
     losses = L.loss_rows(shift, log_s, stats, info.valid, opts, layout.vocab)
-    loss = L.reduce(losses, info, opts.reduction, target.shape).to(x2d.dtype)
+    loss = L.reduce(losses, info, opts.reduction, target.shape)
     if not want_grad:
         return loss, None
     scale = L.row_scale(info, opts.reduction, L.compute_dtype(x2d.dtype))
@@ -96,7 +96,8 @@ def vocab_parallel_cross_entropy_op(local_logits: Tensor, target: Tensor, group:
                                     ignore_index: int, reduction: str, label_smoothing: float, z_loss: float,
                                     softcap: Optional[float], chunk_elements: int,
                                     want_grad: bool) -> Tuple[Tensor, Tensor]:
-    """(loss, this rank's ``(R, V_local)`` gradient or an empty placeholder).
+    """(loss in the compute dtype, this rank's ``(R, V_local)`` gradient or
+    an empty placeholder).
     The layout is resolved here (validation's all-gather, or the cache), then
     the forward pass and its collectives run: all of it opaque to dynamo."""
     pg, layout = resolve_layout(group, local_logits.device, local_logits.shape[-1], target, ignore_index,
@@ -112,7 +113,8 @@ def vocab_parallel_cross_entropy_op(local_logits: Tensor, target: Tensor, group:
 def _(local_logits, target, group, vocab_start, vocab_sizes, vocab_size, validate, ignore_index, reduction,
       label_smoothing, z_loss, softcap, chunk_elements, want_grad):
     shape = local_logits.shape
-    loss = local_logits.new_empty(tuple(target.shape) if reduction == "none" else ())
+    loss = local_logits.new_empty(tuple(target.shape) if reduction == "none" else (),
+                                  dtype=L.compute_dtype(local_logits.dtype))
     grad = local_logits.new_empty((math.prod(shape[:-1]), shape[-1]) if want_grad else (0,))
     return loss, grad
 

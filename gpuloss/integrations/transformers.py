@@ -179,17 +179,9 @@ def _fused_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: t
                            f"hidden states of shape {tuple(hidden.shape)}", h.device)
     kw = dict(ignore_index=ignore_index, reduction=_reduction(num_items_in_batch), z_loss=opts.z_loss,
               softcap=opts.softcap, chunk_size=opts.chunk_size, backend=opts.backend)
-    device_type = h.device.type
-    if torch.is_autocast_enabled(device_type):
-        # autocast would run lm_head's F.linear in its lower precision: the
-        # same operands here, then the chunk loop's own matmuls untouched
-        dt = torch.get_autocast_dtype(device_type)
-        h, weight = h.to(dt), weight.to(dt)
-        bias = None if bias is None else bias.to(dt)
-        with torch.autocast(device_type, enabled=False):
-            loss = _linear_cross_entropy(h, weight, target, bias, **kw)
-    else:
-        loss = _linear_cross_entropy(h, weight, target, bias, **kw)
+    # under autocast, gpuloss.linear_cross_entropy runs lm_head's matmul in
+    # autocast's dtype, as lm_head would (gpuloss._autocast)
+    loss = _linear_cross_entropy(h, weight, target, bias, **kw)
     return _per_item(loss, num_items_in_batch)
 
 
