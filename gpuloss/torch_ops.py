@@ -260,6 +260,42 @@ def _upstream(g: Tensor, like: Tensor) -> Tensor:
     return g.to(like.dtype)
 
 
+class _SecondOrderRefused(torch.autograd.Function):
+    """Marks a gradient that autograd was asked to differentiate again
+    (``create_graph=True``): the losses' backward multiplies a gradient saved
+    by the forward pass, which does not depend on the logits in autograd's
+    eyes, so a second derivative through it would silently miss the term
+    through the logits.  Differentiating it raises instead (as torch's own
+    chunked linear cross-entropy, which does not support higher-order
+    gradients either)."""
+
+    @staticmethod
+    def forward(ctx, name: str, g: Tensor, anchor: Tensor) -> Tensor:
+        # ``anchor``, a leaf that requires grad, makes the result require grad
+        # (the saved gradient and the upstream one need not)
+        ctx.name = name
+        return g.view_as(g)
+
+    @staticmethod
+    def backward(ctx, *unused):
+        raise RuntimeError(
+            f"gpuloss {ctx.name}: second derivatives are not implemented (a gradient computed with "
+            f"create_graph=True is being differentiated again through this loss, and the result would "
+            f"miss the loss's curvature); compute this loss with torch.nn.functional where higher-order "
+            f"gradients are needed")
+
+
+def first_order(name: str, grads):
+    """``grads`` as backward returns them; under ``create_graph=True`` each
+    one is marked so that differentiating it raises (see
+    :class:`_SecondOrderRefused`).  Nothing happens otherwise, nor while
+    torch.compile traces (it refuses double backward itself)."""
+    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return tuple(grads)
+    anchor = torch.zeros((), requires_grad=True)
+    return tuple(g if g is None else _SecondOrderRefused.apply(name, g, anchor) for g in grads)
+
+
 def _register_loss_autograd(spec: OpSpec, op) -> None:
     """backward = saved gradient * upstream, for every gradient output."""
     grad_outputs = [i for i, o in enumerate(spec.outputs) if o.startswith("grad")]
@@ -279,7 +315,7 @@ def _register_loss_autograd(spec: OpSpec, op) -> None:
         for pos, present, saved in zip(positions, ctx.present, ctx.saved_tensors):
             if present and ctx.needs_input_grad[pos]:
                 grads[pos] = saved * _upstream(g_loss, saved)
-        return tuple(grads)
+        return first_order(spec.name, grads)
 
     op.register_autograd(backward, setup_context=setup)
 
@@ -353,7 +389,7 @@ def _linear_bwd(ctx, g_loss: Tensor, *unused):
         want = OPS["linear_cross_entropy_backward"].want(need[0], need[1], need[2] and saved[2] is not None)
         out = call("linear_cross_entropy_backward", ctx.backend, saved + [g_loss.reshape(-1)], ctx.opts, want)
         grads[:3] = [g if n and g.shape != (0,) else None for g, n in zip(out, need)]
-        return tuple(grads)
+        return first_order("linear_cross_entropy", grads)
     if ctx.consumed:
         raise RuntimeError("linear_cross_entropy: backward through the same graph a second time needs "
                            "allow_retain_graph=True (by default the saved gradients are scaled in place "
@@ -364,7 +400,7 @@ def _linear_bwd(ctx, g_loss: Tensor, *unused):
         if n and tuple(g.shape) != (0,):
             u = g_loss.to(g.dtype)
             grads[i] = g.mul_(u) if inplace else g * u
-    return tuple(grads)
+    return first_order("linear_cross_entropy", grads)
 
 
 #: the derivative formulas that are not "saved gradient * upstream"
@@ -423,7 +459,7 @@ class _InplaceFn(torch.autograd.Function):
         # expects; any later in-place change to the buffer is caught on unpack
         ctx.save_for_backward(x, gt)
         ctx.want_gt = bool(want.grad_target)
-        ctx.n = len(arrays)
+        ctx.n, ctx.op = len(arrays), op
         ctx.mark_non_differentiable(*outs[1:])
         return outs
 
@@ -434,7 +470,7 @@ class _InplaceFn(torch.autograd.Function):
         # without a second N x C allocation
         gx = grad.mul_(_upstream(g_loss, grad)) if ctx.needs_input_grad[4] else None
         gtt = gt * _upstream(g_loss, gt) if (ctx.want_gt and ctx.needs_input_grad[5]) else None
-        return (None, None, None, None, gx, gtt) + (None,) * (ctx.n - 2)
+        return first_order(ctx.op, (None, None, None, None, gx, gtt) + (None,) * (ctx.n - 2))
 
 
 _LEAF_MSG = ("inplace_backward=True would overwrite the logits with their gradient, but they are (a view of) "

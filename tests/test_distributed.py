@@ -187,6 +187,26 @@ def _autocast_case(chk, X, T, rank, bounds, device) -> None:
     chk.close("autocast linear: grad_weight", _np(w.grad), (gl.T @ hb)[s:e], "bfloat16")
 
 
+def _second_order_case(chk, X, T, rank, bounds, device) -> None:
+    """Differentiating a gradient taken with create_graph=True raises (it would
+    miss the loss's curvature); no collective runs in either backward."""
+    from gpuloss.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+    s, e = bounds[rank]
+    t = torch.from_numpy(T).to(device)
+    x = torch.tensor(X[:, s:e], device=device, requires_grad=True)
+    h = torch.tensor(X[:, :4], device=device, requires_grad=True)
+    w = torch.tensor(X[:4, s:e].T.copy(), device=device, requires_grad=True)
+    for name, loss, wrt in (("vocab_parallel_cross_entropy", vocab_parallel_cross_entropy(x, t), x),
+                            ("vocab_parallel_linear_cross_entropy", vocab_parallel_linear_cross_entropy(h, w, t), h)):
+        (g,) = torch.autograd.grad(loss, wrt, create_graph=True)
+        try:
+            (g ** 2).sum().backward()
+            chk.true(f"{name}: second derivative raises", False, "no error")
+        except RuntimeError as err:
+            chk.true(f"{name}: second derivative raises", "second derivatives are not implemented" in str(err),
+                     str(err))
+
+
 def _all_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: str) -> None:
     """Every check, run on every rank of one group (also at world size 1)."""
     import gpuloss.distributed as D
@@ -233,6 +253,7 @@ def _all_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: s
              softcap=5.0, upstream=0.75)
     _ce_case(chk, "bfloat16", X, T, rank, bounds, device, dtype="bfloat16", reduction="sum", label_smoothing=0.1)
     _autocast_case(chk, X, T, rank, bounds, device)
+    _second_order_case(chk, X, T, rank, bounds, device)
 
     # --- small chunks: the row loops run several times ----------------------
     saved = D._CHUNK_ELEMENTS

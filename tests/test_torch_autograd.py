@@ -463,3 +463,42 @@ def test_loss_may_be_modified_in_place(rng, op, reduction):
     (g,) = torch.autograd.grad(loss.sum(), x)
     torch.testing.assert_close(loss, ref_loss + 1.0)
     torch.testing.assert_close(g, g_ref)
+
+
+# ---------------------------------------------------------------- second derivatives
+
+def _second_order_cases(rng):
+    x = torch.from_numpy(rng.standard_normal((5, 7)))
+    p = torch.softmax(torch.from_numpy(rng.standard_normal((5, 7))), -1)
+    t = torch.from_numpy(rng.integers(0, 7, 5))
+    h, W = torch.from_numpy(rng.standard_normal((5, 3))), torch.from_numpy(rng.standard_normal((7, 3)))
+    return {
+        "cross_entropy": (lambda a: gpuloss.cross_entropy(a, t, label_smoothing=0.1), x),
+        "cross_entropy inplace": (lambda a: gpuloss.cross_entropy(a * 1.0, t, inplace_backward=True), x),
+        "cross_entropy prob": (lambda a: gpuloss.cross_entropy(a, p), x),
+        "nll_loss": (lambda a: gpuloss.nll_loss(a, t), x),
+        "kl_div": (lambda a: gpuloss.kl_div(a, p, reduction="batchmean"), x),
+        "kl_div_with_logits": (lambda a: gpuloss.kl_div_with_logits(a, x), x),
+        "bce_with_logits": (lambda a: gpuloss.binary_cross_entropy_with_logits(a, p), x),
+        "bce": (lambda a: gpuloss.binary_cross_entropy(torch.sigmoid(a), p), x),
+        "mse": (lambda a: gpuloss.mse_loss(a, p, reduction="none"), x),
+        "linear_cross_entropy": (lambda a: gpuloss.linear_cross_entropy(a, W, t), h),
+        "linear_cross_entropy none": (lambda a: gpuloss.linear_cross_entropy(a, W, t, reduction="none"), h),
+    }
+
+
+@pytest.mark.parametrize("case", list(_second_order_cases(np.random.default_rng(0))))
+def test_second_derivatives_raise_instead_of_dropping_the_curvature(rng, case):
+    """A gradient taken with create_graph=True and differentiated again would
+    miss the loss's own curvature (backward scales a gradient saved by the
+    forward pass): it raises, naming the loss; first-order gradients and
+    create_graph=True itself are unaffected."""
+    fn, x0 = _second_order_cases(rng)[case]
+    x = x0.clone().requires_grad_()
+    (g,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+    assert g.requires_grad
+    with pytest.raises(RuntimeError, match="second derivatives are not implemented"):
+        (g ** 2).sum().backward()
+    x1 = x0.clone().requires_grad_()
+    (g1,) = torch.autograd.grad(fn(x1).sum(), x1)
+    torch.testing.assert_close(g1, g.detach())

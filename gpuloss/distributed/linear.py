@@ -10,6 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _autocast as AC
+from ..torch_ops import first_order
 from . import local as L
 from .layout import VocabLayout, linear_errors, local_rows, resolve_layout
 from .ops import LAYOUT_ARGS, OPTION_ARGS
@@ -264,7 +265,7 @@ def _linear_backward(ctx, grad_output: Tensor, *_unused):
         gw = gw.to(ctx.dtypes[1])
     if gb is not None:
         gb = gb.to(ctx.dtypes[2])
-    return (gh, gw, gb) + (None,) * (ctx.n_inputs - 3)
+    return first_order("vocab_parallel_linear_cross_entropy", (gh, gw, gb) + (None,) * (ctx.n_inputs - 3))
 
 
 vocab_parallel_linear_cross_entropy_op.register_autograd(_linear_backward, setup_context=_linear_setup)

@@ -17,6 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from ..torch_ops import first_order
 from . import local as L
 from .layout import VocabLayout, logits_errors, resolve_layout
 
@@ -139,7 +140,7 @@ def _ce_backward(ctx, grad_output: Tensor, _unused):
         go = grad_output.to(cdt)
         go = go.reshape(-1, 1) if ctx.reduction == "none" else go
         gx = (grad.to(cdt) * go).to(grad.dtype).reshape(ctx.shape)
-    return (gx,) + (None,) * (ctx.n_inputs - 1)
+    return first_order("vocab_parallel_cross_entropy", (gx,) + (None,) * (ctx.n_inputs - 1))
 
 
 vocab_parallel_cross_entropy_op.register_autograd(_ce_backward, setup_context=_ce_setup)
