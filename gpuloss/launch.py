@@ -49,13 +49,40 @@ def _detached(a: Any, kind: str) -> Any:
 
 
 def _native_context(be: Backend, kind: str, like: Any):
-    if kind != "torch":
-        return contextlib.nullcontext()
     stack = contextlib.ExitStack()
+    stack.enter_context(on_device(kind, like, torch_too=be.native == "torch"))
+    if kind != "torch":
+        return stack
     import torch
     stack.enter_context(torch.no_grad())
     stack.enter_context(_torch_stream(be, like))
     return stack
+
+
+def on_device(kind: str, like: Any, torch_too: bool = False):
+    """The arrays' GPU as the current device while the op runs.
+
+    Triton launches on torch's current device and stream, CuPy on its own
+    current device: with arrays on another GPU than the current one (a model
+    split over GPUs, e.g. transformers' ``device_map="auto"``, whose last
+    layers live on the last GPU), a kernel would run on the wrong GPU, reading
+    memory it cannot address (an illegal address kills the CUDA context) or,
+    with peer access, unordered with the work of the arrays' own stream.
+    ``torch_too``: CuPy arrays that a backend runs through torch (Triton) make
+    that GPU torch's current device as well."""
+    if kind == "torch":
+        if like.device.type != "cuda":
+            return contextlib.nullcontext()
+        import torch
+        return torch.cuda.device(like.device)
+    if kind == "cupy":
+        stack = contextlib.ExitStack()
+        stack.enter_context(like.device)  # cupy.cuda.Device
+        if torch_too:
+            import torch
+            stack.enter_context(torch.cuda.device(like.device.id))
+        return stack
+    return contextlib.nullcontext()
 
 
 @contextlib.contextmanager

@@ -334,3 +334,40 @@ def test_loss_dtype_keeps_the_accumulated_loss(rng, fn):
         assert gpuloss.cross_entropy(x, np.array([0, 1, 2, 3]), loss_dtype="float64").dtype == np.float64
         empty = gpuloss.cross_entropy(torch.zeros(0, 5), torch.zeros(0, dtype=torch.long), loss_dtype=torch.float64)
         assert empty.dtype == torch.float64
+
+
+def test_kernels_run_on_the_arrays_gpu(monkeypatch):
+    """launch.on_device makes the arrays' GPU current for the launch (Triton
+    and CuPy launch on the current device): checked on its wiring here; on
+    two GPUs in tests/test_torch_gpu.py."""
+    torch = pytest.importorskip("torch")
+    import contextlib
+    import types
+    from gpuloss import launch
+    entered = []
+
+    @contextlib.contextmanager
+    def fake_device(d):
+        entered.append(("torch", str(torch.device("cuda", d) if isinstance(d, int) else d)))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", fake_device)
+    with launch.on_device("torch", types.SimpleNamespace(device=torch.device("cuda", 1))):
+        pass
+    with launch.on_device("torch", torch.zeros(1)):  # a CPU tensor: nothing to switch
+        pass
+
+    class CupyDevice:
+        id = 2
+
+        def __enter__(self):
+            entered.append(("cupy", self.id))
+
+        def __exit__(self, *exc):
+            return False
+
+    with launch.on_device("cupy", types.SimpleNamespace(device=CupyDevice()), torch_too=True):
+        pass
+    with launch.on_device("numpy", np.zeros(1)):
+        pass
+    assert entered == [("torch", "cuda:1"), ("cupy", 2), ("torch", "cuda:2")]

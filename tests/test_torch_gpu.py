@@ -183,3 +183,21 @@ def test_cuda_autocast_follows_torch(rng, name):
     assert gh.dtype == th.dtype == torch.float32 and gw.dtype == tw.dtype == torch.float32
     torch.testing.assert_close(gh, th, rtol=0, atol=2**-6 * float(th.abs().max()))
     torch.testing.assert_close(gw, tw, rtol=0, atol=2**-6 * float(tw.abs().max()))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+def test_arrays_on_a_gpu_other_than_the_current_one(rng, name):
+    """A model split over GPUs puts its head on the last one while the current
+    device stays cuda:0: the kernels must run on the arrays' GPU."""
+    _need(name)
+    torch.cuda.set_device(0)
+    x = torch.from_numpy(rng.standard_normal((64, 3001))).to("cuda:1", torch.float32).requires_grad_()
+    t = torch.from_numpy(rng.integers(0, 3001, 64)).to("cuda:1")
+    loss = gpuloss.cross_entropy(x, t, backend=name)
+    loss.backward()
+    ref = torch.nn.functional.cross_entropy(x.detach().double(), t)
+    torch.testing.assert_close(loss.double(), ref, rtol=1e-5, atol=1e-6)
+    assert x.grad.device == x.device and torch.cuda.current_device() == 0
+    y = gpuloss.softmax(x.detach(), -1, backend=name)
+    torch.testing.assert_close(y, torch.softmax(x.detach(), -1), rtol=1e-5, atol=1e-7)

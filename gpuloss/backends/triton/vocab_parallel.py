@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+from ...launch import on_device
 from . import common as CM
 from .config import launch_config
 
@@ -17,11 +18,12 @@ def vocab_parallel_stats(x2d, local_target, softcap: Optional[float], smoothing:
     from gpuloss.kernels.triton import vocab_parallel as K
     cfg = launch_config("row", x2d.shape[1], itemsize=x2d.element_size())
     _, acc = CM.acc(torch, x2d.dtype)
-    K.vocab_parallel_stats_kernel[(x2d.shape[0],)](
-        x2d, x2d.stride(0), local_target, m_r, stats[0], stats[1], stats[2] if smoothing else m_r,
-        x2d.shape[1], CM.scalar(softcap if softcap is not None else 1.0, x2d),
-        BLOCK=cfg.block, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=smoothing, ACC=acc,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with on_device("torch", x2d):
+        K.vocab_parallel_stats_kernel[(x2d.shape[0],)](
+            x2d, x2d.stride(0), local_target, m_r, stats[0], stats[1], stats[2] if smoothing else m_r,
+            x2d.shape[1], CM.scalar(softcap if softcap is not None else 1.0, x2d),
+            BLOCK=cfg.block, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=smoothing, ACC=acc,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def vocab_parallel_grad(x2d, local_target, shift, log_s, scale, eps: float, vocab: int, z_loss: float,
@@ -34,9 +36,10 @@ def vocab_parallel_grad(x2d, local_target, shift, log_s, scale, eps: float, voca
     _, acc = CM.acc(torch, x2d.dtype)
     sc = lambda v: CM.scalar(v, x2d)  # noqa: E731  (fp64 launches get exact scalars)
     grad = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
-    K.vocab_parallel_grad_kernel[(x2d.shape[0],)](
-        x2d, x2d.stride(0), grad, grad.stride(0), local_target, shift, log_s, scale,
-        x2d.shape[1], sc(1.0 - eps), sc(eps / vocab), sc(z_loss), sc(softcap if softcap is not None else 1.0),
-        BLOCK=cfg.block, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=eps > 0, HAS_Z_LOSS=bool(z_loss),
-        ACC=acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+    with on_device("torch", x2d):
+        K.vocab_parallel_grad_kernel[(x2d.shape[0],)](
+            x2d, x2d.stride(0), grad, grad.stride(0), local_target, shift, log_s, scale,
+            x2d.shape[1], sc(1.0 - eps), sc(eps / vocab), sc(z_loss), sc(softcap if softcap is not None else 1.0),
+            BLOCK=cfg.block, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=eps > 0, HAS_Z_LOSS=bool(z_loss),
+            ACC=acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return grad
