@@ -394,6 +394,8 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     kind, device = classify([("input", input), ("target", target)] + list(named_weights.items()),
                             optional=named_weights)
     caller_input, caller_target = input, target
+    if op == "mse":  # torch promotes an integer or bool operand to the other's floating dtype
+        input, target = _integral_promoted(kind, input, target)
     args, ac_dtype = AC.fp32_op(op, kind, device, dict(input=input, target=target, **named_weights))
     input, target = args.pop("input"), args.pop("target")
     named_weights = args
@@ -433,9 +435,32 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
                            grad_target=L.sum_to(res.grad_target, tuple(target.shape), kind))
     dt = ac_dtype or dt  # the promoted dtype, not input's; float32 under autocast
     res = res._replace(loss=L.astype(res.loss, dt, kind))
+    if not V.is_floating(caller_target, kind):  # an integer target has no gradient
+        res = res._replace(grad_target=None)
     out = finish(res, return_grad, kind, xin, ("0d", tuple(input.shape)),
                   target_layout=("0d", tuple(target.shape)), target_like=caller_target, loss_dtype=dt)
-    return out._replace(grad=L.cast_like(out.grad, caller_input, kind)) if return_grad else out
+    if not return_grad:
+        return out
+    return out._replace(grad=L.cast_like(out.grad, caller_input if V.is_floating(caller_input, kind) else input, kind))
+
+
+def _integral_promoted(kind: str, input, target):
+    """mse_loss's operands as torch's type promotion gives them: an integer
+    or bool array next to a floating one takes the floating one's dtype
+    (torch's category rule, for NumPy and CuPy arrays too, where NumPy's own
+    would give float64 for float32 and int64).  Two integral operands stay
+    as they are (and are refused, as torch refuses them)."""
+    fx, ft = V.is_floating(input, kind), V.is_floating(target, kind)
+    if fx and not ft and _is_numeric(target, kind):
+        return input, L.astype(target, input.dtype, kind)
+    if ft and not fx and _is_numeric(input, kind):
+        return L.astype(input, target.dtype, kind), target
+    return input, target
+
+
+def _is_numeric(a, kind: str) -> bool:
+    """An integer or bool array (what torch promotes to a floating dtype)."""
+    return V.is_integer(a, kind) or str(a.dtype).replace("torch.", "") == "bool"
 
 
 def _empty_elementwise(kind: str, input, target, reduction: str) -> LossResult:

@@ -365,3 +365,26 @@ def test_softmax_dtype_keyword(backend, rng, fn):
     import gpuloss.nn as gnn
     mod = (gnn.Softmax if fn == "softmax" else gnn.LogSoftmax)(dim=1, dtype=torch.float64, backend=backend.name)
     assert mod(x).dtype == torch.float64
+
+
+# ------------------------------------------------------------ mse_loss promotes integral operands
+
+@pytest.mark.parametrize("tdtype", [torch.int64, torch.int32, torch.uint8, torch.bool])
+def test_mse_loss_promotes_an_integral_operand_as_torch(backend, rng, tdtype):
+    """torch's mse_loss takes an integer or bool target (or input) next to a
+    floating one, in the floating one's dtype; two integral operands are an
+    error.  NumPy arrays follow torch's rule (float32, not NumPy's float64)."""
+    x = _t(backend, rng.standard_normal((6, 5)), torch.float32, grad=True)
+    t = torch.from_numpy(rng.integers(0, 2, (6, 5))).to(tdtype).to(backend.device)
+    x_ref = x.detach().clone().requires_grad_()
+    _same(gpuloss.mse_loss(x, t, backend=backend.name), F.mse_loss(x_ref, t), rtol=1e-6, atol=1e-7)
+    gpuloss.mse_loss(x, t, reduction="sum", backend=backend.name).backward()
+    F.mse_loss(x_ref, t, reduction="sum").backward()
+    _same(x.grad, x_ref.grad, rtol=1e-6, atol=1e-6)
+    u = torch.rand(6, 5, dtype=torch.float32, device=backend.device)
+    _same(gpuloss.mse_loss(t, u, backend=backend.name), F.mse_loss(t, u), rtol=1e-6, atol=1e-7)
+    if backend.name == "numpy":
+        out = gpuloss.mse_loss(x.detach().numpy(), t.numpy(), return_grad="all")
+        assert out.loss.dtype == np.float32 and out.grad.dtype == np.float32 and out.grad_target is None
+    with pytest.raises(TypeError, match="input must be a floating"):
+        gpuloss.mse_loss(t, t, backend=backend.name)

@@ -230,8 +230,9 @@ BAD: List[Tuple[str, str, list]] = [
                                                      A(np.full((N, C), 2.0))]),
     ("binary_cross_entropy", "weight", OPTIONAL_NOT_ARRAYS + [A(np.ones(C + 1)), A(np.ones(C, np.int64))]),
     ("binary_cross_entropy", "reduction", BAD_REDUCTION),
-    ("mse_loss", "input", NOT_ARRAYS + [A(np.ones((N, C), np.int64))]),
-    ("mse_loss", "target", NOT_ARRAYS + [A(np.ones((N, C), np.int64)), A(np.ones((N, C + 1)))]),
+    # an integer or bool operand next to a floating one is promoted, as torch does
+    ("mse_loss", "input", NOT_ARRAYS + [A(np.ones((N, C), np.complex64))]),
+    ("mse_loss", "target", NOT_ARRAYS + [A(np.ones((N, C), np.complex64)), A(np.ones((N, C + 1)))]),
     ("mse_loss", "reduction", BAD_REDUCTION),
     ("mse_loss", "return_grad", BAD_RETURN_GRAD),
     ("linear_cross_entropy", "input", NOT_ARRAYS + [A(np.ones((N, H), np.int64)), A(np.ones((N, H + 1))),
