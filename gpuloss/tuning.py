@@ -111,12 +111,13 @@ def row_class(n_cols: int) -> Tuple[int, Optional[int]]:
     return ROW_CLASSES[0]
 
 
+_SHIPPED_TABLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned", "designs.json")
+
+
 def table_path() -> str:
     """The table in use: ``GPULOSS_DESIGN_TABLE`` or the shipped one."""
     env = os.environ.get(TABLE_ENV, "").strip()
-    if env:
-        return env
-    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned", "designs.json")
+    return env or _SHIPPED_TABLE
 
 
 def validate(table: Dict[str, Any]) -> List[str]:
@@ -167,6 +168,14 @@ def _load(path: str) -> Tuple[Dict[str, Any], Optional[str]]:
     return table, None
 
 
+def reload() -> None:
+    """Forget the tables read and the answers given (a table file changed on
+    disk; the cache is per path, so pointing ``GPULOSS_DESIGN_TABLE``
+    elsewhere needs no reload)."""
+    _load.cache_clear()
+    _lookup_in_use.cache_clear()
+
+
 def load_table() -> Dict[str, Any]:
     """The table in use (an empty one if it cannot be read or is invalid:
     then every lookup gives the safe default, and :func:`describe` says why)."""
@@ -188,7 +197,18 @@ def lookup(capability: Optional[Tuple[int, int]], kernel: str, dtype: str, n_col
     arch = arch_name(capability)
     if arch is None:
         return SAFE_DEFAULT
-    table = load_table() if table is None else table
+    if table is None:  # every CUDA call asks (the dispatcher, then the launcher): answered once per key
+        return _lookup_in_use(table_path(), arch, kernel, dtype, n_cols)
+    return _lookup(table, arch, kernel, dtype, n_cols)
+
+
+@functools.lru_cache(maxsize=4096)
+def _lookup_in_use(path: str, arch: str, kernel: str, dtype: str, n_cols: int) -> Design:
+    """:func:`_lookup` in the table at ``path`` (read once, see :func:`_load`)."""
+    return _lookup(_load(path)[0], arch, kernel, dtype, n_cols)
+
+
+def _lookup(table: Dict[str, Any], arch: str, kernel: str, dtype: str, n_cols: int) -> Design:
     runs = table.get("runs", {})
     best = None
     for e in table.get("entries", []):

@@ -37,9 +37,9 @@ ROWS = [
 @pytest.fixture
 def fresh_cache(monkeypatch):
     monkeypatch.delenv(tuning.TABLE_ENV, raising=False)
-    tuning._load.cache_clear()
+    tuning.reload()
     yield
-    tuning._load.cache_clear()
+    tuning.reload()
 
 
 def test_shipped_table_is_valid_and_conservative(fresh_cache):
@@ -137,3 +137,26 @@ def test_sweep_checks_and_times_every_op_on_the_cpu(monkeypatch):
     monkeypatch.setattr(tune, "_measure", lambda *a: (real(*a)[0], 1.0))  # a check that fails
     rows = tune._sweep(tune._args(["--ops", "ce_loss"]), "cpu", "CPU", 1e9, time.time())
     assert rows and all(r["status"].startswith("WRONG") and "ms" not in r for r in rows)
+
+
+def test_lookups_are_answered_once_per_key_and_follow_the_table_in_use(tmp_path, monkeypatch, fresh_cache):
+    """Every CUDA call looks its design up (dispatcher and launcher): the
+    answer is cached per (table, arch, kernel, dtype, C); another table
+    (GPULOSS_DESIGN_TABLE) answers from its own entries, and reload() forgets
+    a table that changed on disk."""
+    import json
+    shipped = tuning.lookup((9, 0), "cross_entropy", "bfloat16", 128256)
+    assert tuning.lookup((9, 0), "cross_entropy", "bfloat16", 128256) is shipped  # cached
+    table = {"format": tuning.FORMAT, "runs": {"r1": {"card": "test"}},
+             "entries": [{"arch": "sm_90", "kernel": "cross_entropy", "dtype": "bfloat16", "cols": [1, None],
+                          "backend": "triton", "variant": "packed", "config": {}, "verified": "r1"}]}
+    path = tmp_path / "designs.json"
+    path.write_text(json.dumps(table))
+    assert tuning.validate(table) == []
+    monkeypatch.setenv(tuning.TABLE_ENV, str(path))
+    assert tuning.lookup((9, 0), "cross_entropy", "bfloat16", 128256).variant == "packed"
+    table["entries"][0]["variant"] = "twopass"
+    path.write_text(json.dumps(table))
+    assert tuning.lookup((9, 0), "cross_entropy", "bfloat16", 128256).variant == "packed"  # as read
+    tuning.reload()
+    assert tuning.lookup((9, 0), "cross_entropy", "bfloat16", 128256).variant == "twopass"
