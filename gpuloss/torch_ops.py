@@ -249,15 +249,32 @@ def _single(fn, outputs):
 # autograd
 # ---------------------------------------------------------------------------
 
-def _upstream(g: Tensor, like: Tensor) -> Tensor:
-    """The upstream gradient of the loss, shaped to broadcast over a saved
-    ``(R, C)`` gradient: 0-d for reduced losses, ``(R, 1)`` for per-row
-    losses, ``(R, C)`` for per-element ones.  Cast to the gradient's dtype so
-    a bfloat16 gradient stays bfloat16 without an fp32 ``N x C`` temporary
-    (one extra rounding of the scale, within bf16's tolerance)."""
-    if g.dim() == 1 and like.dim() == 2:
+def _scaled(saved: Tensor, g: Tensor, inplace: bool = False) -> Tensor:
+    """``saved * g``: a gradient the forward pass saved (``(R, C)``) times the
+    loss's upstream gradient (0-d for reduced losses, ``(R,)`` per row,
+    ``(R, C)`` per element), in ``saved``'s dtype.
+
+    The product is formed in float32 and rounded once, as torch's own cast
+    backward would give it (a float32 loss of bf16/fp16 logits: autocast,
+    ``loss_dtype``): rounding ``g`` to a 16-bit dtype first would bias every
+    element by the scale's rounding (up to 2**-9 in bf16) and turn a
+    GradScaler scale of 65536 into inf in fp16.  Neither path allocates an
+    ``N x C`` float32 temporary: a 0-d ``g`` is given one dimension (0-d
+    tensors do not take part in type promotion, which would round it to
+    ``saved``'s dtype), the product is computed in float32 element by
+    element and stored into a tensor of ``saved``'s dtype (in place: into
+    ``saved`` itself)."""
+    if g.dim() == 1 and saved.dim() == 2:
         g = g.unsqueeze(-1)
-    return g.to(like.dtype)
+    elif g.dim() == 0:
+        g = g.reshape(1)
+    if g.dtype == saved.dtype:
+        return saved.mul_(g) if inplace else saved * g
+    if inplace:
+        return saved.mul_(g)
+    if torch.compiler.is_compiling():
+        return (saved * g).to(saved.dtype)  # one fused kernel once compiled
+    return torch.mul(saved, g, out=torch.empty_like(saved))
 
 
 class _SecondOrderRefused(torch.autograd.Function):
@@ -314,7 +331,7 @@ def _register_loss_autograd(spec: OpSpec, op) -> None:
         grads: List[Optional[Tensor]] = [None] * ctx.n_inputs
         for pos, present, saved in zip(positions, ctx.present, ctx.saved_tensors):
             if present and ctx.needs_input_grad[pos]:
-                grads[pos] = saved * _upstream(g_loss, saved)
+                grads[pos] = _scaled(saved, g_loss)
         return first_order(spec.name, grads)
 
     op.register_autograd(backward, setup_context=setup)
@@ -398,8 +415,7 @@ def _linear_bwd(ctx, g_loss: Tensor, *unused):
     ctx.consumed = inplace
     for i, (g, n) in enumerate(zip(ctx.saved_tensors, need)):
         if n and tuple(g.shape) != (0,):
-            u = g_loss.to(g.dtype)
-            grads[i] = g.mul_(u) if inplace else g * u
+            grads[i] = _scaled(g, g_loss, inplace=inplace)
     return first_order("linear_cross_entropy", grads)
 
 
@@ -468,8 +484,8 @@ class _InplaceFn(torch.autograd.Function):
         grad, gt = ctx.saved_tensors
         # scale in place: the buffer is ours now and the gradient is handed on
         # without a second N x C allocation
-        gx = grad.mul_(_upstream(g_loss, grad)) if ctx.needs_input_grad[4] else None
-        gtt = gt * _upstream(g_loss, gt) if (ctx.want_gt and ctx.needs_input_grad[5]) else None
+        gx = _scaled(grad, g_loss, inplace=True) if ctx.needs_input_grad[4] else None
+        gtt = _scaled(gt, g_loss) if (ctx.want_gt and ctx.needs_input_grad[5]) else None
         return first_order(ctx.op, (None, None, None, None, gx, gtt) + (None,) * (ctx.n - 2))
 
 

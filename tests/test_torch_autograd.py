@@ -502,3 +502,43 @@ def test_second_derivatives_raise_instead_of_dropping_the_curvature(rng, case):
     x1 = x0.clone().requires_grad_()
     (g1,) = torch.autograd.grad(fn(x1).sum(), x1)
     torch.testing.assert_close(g1, g.detach())
+
+
+# ---------------------------------------------------------------- upstream gradients in float32
+
+@pytest.mark.parametrize("case", ["mean", "none", "inplace", "mse none", "linear"])
+def test_float32_upstream_is_not_rounded_to_the_inputs_dtype(rng, case):
+    """A float32 loss of fp16 logits (autocast, loss_dtype) scaled by
+    GradScaler's initial 65536: the backward forms saved_grad * 65536 in
+    float32 and rounds once, as torch's cast backward does; rounding 65536 to
+    fp16 first made every gradient inf (NaN where the gradient is 0)."""
+    x0 = torch.from_numpy(rng.standard_normal((6, 7))).half()
+    t = torch.from_numpy(rng.integers(0, 7, 6))
+    scale = 65536.0
+    if case == "linear":
+        W0 = torch.from_numpy(rng.standard_normal((7, 7)) * 0.3).half()
+        h, W = x0.clone().requires_grad_(), W0.clone().requires_grad_()
+        (gpuloss.linear_cross_entropy(h, W, t, loss_dtype=torch.float32) * scale).backward()
+        h2, W2 = x0.clone().requires_grad_(), W0.clone().requires_grad_()
+        (torch.nn.functional.cross_entropy((h2 @ W2.t()).float(), t) * scale).backward()
+        for a, b in ((h.grad, h2.grad), (W.grad, W2.grad)):
+            assert torch.isfinite(a).all()
+            torch.testing.assert_close(a.float(), b.float(), rtol=4e-3, atol=4e-3 * float(b.abs().max()))
+        return
+    x, x2 = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    F = torch.nn.functional
+    with torch.autocast("cpu", dtype=torch.float16):
+        if case == "mse none":
+            # close to x: 2 |x - y| * 65536 stays inside fp16's range
+            y = (x0.float() + 0.05 * torch.from_numpy(rng.standard_normal((6, 7))).float()).half()
+            ours, theirs = gpuloss.mse_loss(x, y, reduction="none"), F.mse_loss(x2, y, reduction="none")
+        else:
+            kw = dict(reduction="none" if case == "none" else "mean")
+            src = (x * 1.0) if case == "inplace" else x
+            ours = gpuloss.cross_entropy(src, t, inplace_backward=case == "inplace", **kw)
+            theirs = F.cross_entropy(x2, t, **kw)
+    assert ours.dtype == theirs.dtype == torch.float32
+    (ours.sum() * scale).backward()
+    (theirs.sum() * scale).backward()
+    assert torch.isfinite(x.grad).all(), x.grad
+    torch.testing.assert_close(x.grad.float(), x2.grad.float(), rtol=2e-3, atol=1e-3)
