@@ -7,8 +7,10 @@
 
 Implementations (each one checked before it is timed):
 
-* ``gpuloss`` / ``gpuloss-acc-bf16``: :func:`gpuloss.linear_cross_entropy` through
-  autograd, fp32 (default) or in-GEMM bf16 accumulation of grad_weight (``acc_dtype``);
+* ``gpuloss`` / ``gpuloss-acc-bf16`` / ``gpuloss-acc-split``: :func:`gpuloss.linear_cross_entropy`
+  through autograd, fp32 (default), in-GEMM bf16, or the split float32 accumulation
+  (``acc_dtype="float32_split"``: the bf16 gradient plus a V x H int16 buffer, the
+  Triton GEMM of ``kernels/triton/linear_acc.py``) of grad_weight;
 * ``torch``: ``F.cross_entropy(F.linear(h, W), t)`` eager, and ``torch-compile`` of it;
 * ``torch-lce`` / ``torch-lce-chunked``: torch's own ``F.linear_cross_entropy``,
   unchunked (``options=None``) and chunked (``LinearCrossEntropyOptions()``), where the
@@ -47,11 +49,16 @@ def _impls(dtype) -> Dict[str, Callable[[], Optional[Callable]]]:
     import torch
     import torch.nn.functional as F
 
-    def gpuloss_fn(acc32: bool):
+    def gpuloss_fn(acc: str):
         def make():
             from gpuloss import linear_cross_entropy
-            return lambda h, W, t: linear_cross_entropy(h, W, t, acc_dtype=None if acc32 else W.dtype)
+            if acc == "split" and W_is_not_bf16:
+                return None
+            return lambda h, W, t: linear_cross_entropy(
+                h, W, t, acc_dtype={"fp32": None, "bf16": W.dtype, "split": "float32_split"}[acc])
         return make
+
+    W_is_not_bf16 = str(dtype).replace("torch.", "") != "bfloat16"
 
     def torch_eager():
         return lambda h, W, t: F.cross_entropy(F.linear(h, W), t)
@@ -76,7 +83,8 @@ def _impls(dtype) -> Dict[str, Callable[[], Optional[Callable]]]:
         # Liger's argument order: (input, weight, target, ...)
         return lambda h, W, t: LigerFusedLinearCrossEntropyFunction.apply(h, W, t)
 
-    return {"gpuloss": gpuloss_fn(True), "gpuloss-acc-bf16": gpuloss_fn(False), "torch": torch_eager,
+    return {"gpuloss": gpuloss_fn("fp32"), "gpuloss-acc-bf16": gpuloss_fn("bf16"),
+            "gpuloss-acc-split": gpuloss_fn("split"), "torch": torch_eager,
             "torch-compile": torch_compile, "torch-lce": torch_lce(False), "torch-lce-chunked": torch_lce(True),
             "liger": liger}
 

@@ -44,10 +44,11 @@ DEFAULT_COLS = (1000, 32000, 128256)
 PERF_SHAPES = (("bfloat16", 32000), ("bfloat16", 128256), ("bfloat16", 262144), ("float32", 32000))
 
 _FLOAT_SCALARS = {"eps", "z_loss", "softcap", "grad_scale", "inv_temp", "one_minus_eps", "eps_over_v", "scale"}
-_INT_SCALARS = {"n_cols", "n_rows", "ignore_index"}
+_INT_SCALARS = {"n_cols", "n_rows", "ignore_index", "n_tok", "n_v", "n_h"}
 _ACC_PTRS = {"Loss_ptr", "L_ptr", "Partial_ptr", "Div_ptr", "Scratch_ptr", "Max_ptr", "Sum_ptr", "Dt_ptr",
              "Dsum_ptr", "Shift_ptr", "LogS_ptr", "Scale_ptr", "W_ptr", "PW_ptr"}
-_STORAGE_PTRS = {"X_ptr", "Y_ptr", "G_ptr", "GT_ptr", "DY_ptr", "DX_ptr", "P_ptr"}
+_STORAGE_PTRS = {"X_ptr", "Y_ptr", "G_ptr", "GT_ptr", "DY_ptr", "DX_ptr", "P_ptr", "DZ_ptr", "H_ptr"}
+_INT16_PTRS = {"Hi_ptr", "Lo_ptr"}
 
 
 class Spec(NamedTuple):
@@ -93,14 +94,17 @@ def _signature(spec: Spec, fn) -> Tuple[Dict[str, str], Dict[Tuple[int], list]]:
             t = "*i32"
         elif name == "LT_ptr":
             t = "*i64"
-        elif name.endswith("_stride") or name in _INT_SCALARS:
+        elif name in _INT16_PTRS:
+            t = "*i16"
+        elif name.endswith("_stride") or "_stride_" in name or name in _INT_SCALARS:
             t = "i32"
         elif name in _FLOAT_SCALARS:
             t = "*fp64" if acc == "fp64" else "fp32"  # float64 launches pass scalars by pointer
         else:
             raise ValueError(f"{spec.kernel}: no type rule for argument {name!r}")
         sig[name] = t
-        aligned = t.startswith("*") or ((name.endswith("_stride") or name == "n_cols") and spec.cols % 16 == 0)
+        aligned = t.startswith("*") or ((name.endswith("_stride") or "_stride_" in name or name in ("n_cols", "n_h"))
+                                        and spec.cols % 16 == 0)
         if aligned and name != "ignore_index":
             attrs[(i,)] = [["tt.divisibility", 16]]
     return sig, attrs
@@ -307,6 +311,24 @@ def default_specs(arch: int, dtypes: Iterable[str] = tuple(DTYPES), cols: Iterab
     return _dedupe(specs)
 
 
+def linear_acc_specs(arch: int) -> List[Spec]:
+    """The split float32 accumulation of the fused linear CE's weight
+    gradient (``acc_dtype="float32_split"``, opt-in): its GEMM in the tiles
+    the launcher uses on sm_<arch>, adding to the halves and writing them
+    first, for bf16 operands with unit inner strides (what Triton's launch
+    specialises a stride of 1 to)."""
+    from gpuloss.backends.triton.linear_acc import TILES
+    t = TILES[90 if arch >= 90 else 80]
+    out = []
+    for first in (False, True):
+        cons = dict(FIRST=first, BLOCK_V=t["BLOCK_V"], BLOCK_H=t["BLOCK_H"], BLOCK_K=t["BLOCK_K"],
+                    GROUP_V=t["GROUP_V"], UPCAST=False, dz_stride_v=1, h_stride_h=1)
+        out.append(Spec("variant", "linear_acc.split_acc_matmul_kernel", "bfloat16",
+                        f"{'first' if first else 'add'} {t['BLOCK_V']}x{t['BLOCK_H']}x{t['BLOCK_K']}",
+                        tuple(sorted(cons.items())), t["num_warps"], t["num_stages"], 4096))
+    return out
+
+
 def _dedupe(specs: List[Spec]) -> List[Spec]:
     seen, out = set(), []
     for s in specs:
@@ -394,6 +416,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for arch in ARCHS:
             by_arch[arch] = default_specs(arch, ("bfloat16", "float32", "float64"), cols=(32000,), full=False)
         by_arch[90] = by_arch[90] + variant_specs(90)
+        for arch in ARCHS:
+            by_arch[arch] = by_arch[arch] + linear_acc_specs(arch)
     else:
         cols = [int(c) for c in args.cols.split(",")]
         for arch in (int(a) for a in args.arch.split(",")):
@@ -401,7 +425,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.group in ("default", "all"):
                 specs += default_specs(arch, args.dtypes.split(","), cols=cols, full=not args.rows_only)
             if args.group in ("variant", "all"):
-                specs += variant_specs(arch)
+                specs += variant_specs(arch) + linear_acc_specs(arch)
             by_arch[arch] = specs
     rows = run(by_arch)
     if args.json:

@@ -281,9 +281,14 @@ class _Loop:
         # the GEMM, rounded once); several chunks accumulate in an fp32 buffer
         # ("float32") or in the weight's dtype inside the GEMM ("weight")
         self.direct_w = self.need_w and 0 < self.N <= self.n
-        self.gw = None
-        if self.need_w and not self.direct_w:
-            acc = ops.acc_dtype(self.W) if opts.accumulate == "float32" else None
+        self.gw = self.lo = None
+        self.split = self.need_w and not self.direct_w and opts.accumulate == "split" and _split_ok(kind, be, self.W)
+        if self.split:  # float32 sums as two halves: gw (bf16, the upper ones) and lo
+            self.gw = ops.empty((self.VT, self.H), self.W)
+            self.lo = self.ops.torch.empty((self.VT, self.H), dtype=self.ops.torch.int16, device=self.W.device)
+            self.first_w = True
+        elif self.need_w and not self.direct_w:
+            acc = ops.acc_dtype(self.W) if opts.accumulate in ("float32", "split") else None
             self.gw = ops.zeros((self.VT, self.H), self.W, acc)
         self.gb = ops.zeros((self.VT,), self.W, ops.acc_dtype(self.W)) if self.need_b else None
         # rows of the slab temporary of NumPy/CuPy's accumulate: at most one logits chunk
@@ -328,6 +333,10 @@ class _Loop:
             hs = hc if g is None else ops.rowscale(hc, g)
             if self.direct_w:
                 self.gw = ops.mm(dz.T, hs)
+            elif self.split:
+                from .backends.triton.linear_acc import split_acc_matmul
+                split_acc_matmul(dz, hs, self.gw, self.lo, self.first_w)
+                self.first_w = False
             else:
                 ops.mm_acc(self.gw, dz.T, hs, self.slab)
         if self.gb is not None:
@@ -378,10 +387,25 @@ class _Loop:
                 ops.mul_(acc, scale)  # in fp32 for the fp32 accumulators, before the one cast
             return ops.cast(acc, like)
 
-        gw = done(self.gw, self.W) if self.need_w else None
+        if self.split:
+            from .backends.triton.linear_acc import split_acc_finish
+            gw = split_acc_finish(self.gw, self.lo, scale)
+            self.lo = None
+        else:
+            gw = done(self.gw, self.W) if self.need_w else None
         gb = done(self.gb, self.b) if self.need_b else None
         loss = self.loss_rows if self.loss_rows is not None else self.loss_sum
         return LinearOut(loss, self.gh, gw, gb)
+
+
+def _split_ok(kind: str, be, W) -> bool:
+    """Whether the split float32 accumulation can run: bf16 torch weights
+    whose chunks the Triton backend serves (on a GPU, or on the CPU in
+    Triton's interpreter)."""
+    if kind != "torch" or getattr(be, "name", None) != "triton":
+        return False
+    import torch
+    return W.dtype == torch.bfloat16
 
 
 def _run(loop: _Loop) -> LinearOut:

@@ -193,9 +193,9 @@ def _resolve_options(options, chunk_size, acc_dtype, n_tokens: int, H: int, voca
     accumulate = "weight" if getattr(options, "acc_policy", "auto") == "compact" and acc is None else "float32"
     if acc is not None:
         name = str(acc).replace("torch.", "")
-        if name not in ("float16", "bfloat16", "float32", "float64"):
-            raise ValueError(f"acc_dtype must be None or a floating dtype, got {acc!r}")
-        accumulate = "weight" if name == wname else "float32"
+        if name not in ("float16", "bfloat16", "float32", "float64", "float32_split"):
+            raise ValueError(f"acc_dtype must be None, a floating dtype or 'float32_split', got {acc!r}")
+        accumulate = "split" if name == "float32_split" else "weight" if name == wname else "float32"
     retain = allow_retain_graph or bool(getattr(options, "allow_retain_graph", False))
     return int(chunk_size), accumulate, retain
 
@@ -287,7 +287,11 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         on a GPU, 64 MiB on the CPU, or what ``options`` says)
     acc_dtype : the dtype grad_linear_weight / grad_linear_bias accumulate in
         across chunks: float32 (default for 16-bit weights) or the weight's
-        dtype (one rounding per chunk, ``V x H x 4`` bytes less memory)
+        dtype (one rounding per chunk, ``V x H x 4`` bytes less memory), or
+        "float32_split": the same float32 sums, held as the bf16 gradient
+        itself plus a ``V x H`` int16 buffer of their low halves (``V x H x 2``
+        bytes less than float32; bf16 weights on the Triton backend, else as
+        float32; not yet measured on a GPU, so not the default)
     allow_retain_graph : torch autograd, "mean"/"sum": backward scales the
         saved gradients by the upstream gradient in place, so it can run once
         per forward; True multiplies out of place so that it may run again

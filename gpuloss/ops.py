@@ -95,7 +95,9 @@ class LinearCEOptions:
     function);
     ``accumulate``: ``"float32"`` accumulates grad_weight / grad_bias across
     chunks in an fp32 buffer, ``"weight"`` in the weight's dtype inside the
-    GEMM (``beta = 1``, one rounding per chunk);
+    GEMM (``beta = 1``, one rounding per chunk), ``"split"`` grad_weight in
+    float32 held as the bf16 gradient plus an int16 buffer of the low halves
+    (bf16 weights on the Triton backend; else as ``"float32"``);
     ``allow_retain_graph``: backward scales the saved gradients out of place
     (so it may run twice) instead of in place."""
     ignore_index: int = -100
