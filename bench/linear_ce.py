@@ -197,6 +197,10 @@ def budget(N: int, H: int, V: int, dtype_name: str, chunk: Optional[int] = None)
     if hasattr(torch.ops.aten.addmm, "dtype_out"):
         parts["grad_weight GEMM, fp32 epilogue (dtype_out)"] = \
             lambda: torch.ops.aten.addmm.dtype_out(acc, z.t(), h, torch.float32, out=acc)
+    if dtype == torch.bfloat16:  # acc_dtype="float32_split": the Triton GEMM adding to the two halves
+        from gpuloss.backends.triton.linear_acc import split_acc_matmul
+        hi, lo = torch.zeros(V, H, device="cuda", dtype=dtype), torch.zeros(V, H, device="cuda", dtype=torch.int16)
+        parts["grad_weight GEMM + split fp32 accumulate (Triton)"] = lambda: split_acc_matmul(z, h, hi, lo, False)
     rows = [{"part": k, "ms_per_chunk": dev.time_ms(f), "chunks": chunks} for k, f in parts.items()]
     for r in rows:
         r["ms_total"] = r["ms_per_chunk"] * chunks

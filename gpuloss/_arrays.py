@@ -83,7 +83,29 @@ def classify(named: Iterable[Tuple[str, Any]], optional: Iterable[str] = ()) -> 
             raise ValueError(f"mixed devices: {first} is on {device} but {name} is on {d}")
     if first is None:
         raise TypeError("no array argument given")
+    if kind == "torch":
+        _refuse_functorch(named)
     return kind, device
+
+
+def _refuse_functorch(named) -> None:
+    """torch.func transforms (grad, vmap, jacrev, functional_call's grad...)
+    cannot run gpuloss's custom operators (their autograd formulas and
+    batching rules are torch.autograd's, not functorch's), and torch's own
+    error there names an internal class; say what to do instead."""
+    import torch
+    if torch.compiler.is_compiling():
+        return
+    wrapped = getattr(torch._C, "_functorch", None)
+    test = getattr(wrapped, "is_functorch_wrapped_tensor", None)
+    if test is None:
+        return
+    for name, a in named:
+        if a is not None and test(a):
+            raise NotImplementedError(
+                f"gpuloss does not support torch.func transforms (grad, vmap, jacrev, ...): {name} is a "
+                f"tensor being transformed; use torch.nn.functional inside torch.func, or torch.autograd "
+                f"(loss.backward(), torch.autograd.grad) with gpuloss")
 
 
 def dtype_name(a: Any, kind: str) -> str:

@@ -542,3 +542,19 @@ def test_float32_upstream_is_not_rounded_to_the_inputs_dtype(rng, case):
     (theirs.sum() * scale).backward()
     assert torch.isfinite(x.grad).all(), x.grad
     torch.testing.assert_close(x.grad.float(), x2.grad.float(), rtol=2e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("transform", ["grad", "vmap"])
+def test_torch_func_transforms_are_refused_clearly(rng, transform):
+    """torch.func cannot run gpuloss's custom operators; the error says so
+    (torch's own names an internal autograd.Function) before any work."""
+    x = torch.from_numpy(rng.standard_normal((3, 4, 5)))
+    t = torch.from_numpy(rng.integers(0, 5, (3, 4)))
+    if transform == "grad":
+        fn = torch.func.grad(lambda a: gpuloss.cross_entropy(a, t[0]))
+        arg = x[0]
+    else:
+        fn = torch.func.vmap(lambda a: gpuloss.softmax(a, -1))
+        arg = x
+    with pytest.raises(NotImplementedError, match="torch.func transforms"):
+        fn(arg)
