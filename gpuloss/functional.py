@@ -140,6 +140,41 @@ def _fp32_op(op: str, kind: str, device: str, **arrays):
     return tuple(args.values()), out
 
 
+def _fp16_mean(kind: str, reduction: str, return_grad, *arrays) -> bool:
+    """Whether this "mean" runs as a sum (or per-row losses) whose division
+    comes after the op: float16 torch tensors that autograd differentiates.
+
+    The op saves its gradient for backward in the input's dtype.  Divided by
+    the mean's divisor first (e.g. ``(p - y) / N``), fp16 flushes most of it
+    to zero (at N=8192, C=1000 four elements in five); a GradScaler's scale
+    that backward would multiply in comes too late.  Saved undivided, the
+    division joins the upstream gradient in float32 (one rounding, no
+    underflow: what torch's own fp16 backward does).  bfloat16 has float32's
+    range and keeps the one-rounding kernel path."""
+    if kind != "torch" or return_grad or reduction != "mean":
+        return False
+    import torch
+    return (torch.is_grad_enabled() and arrays[0].dtype == torch.float16
+            and any(a is not None and a.requires_grad for a in arrays))
+
+
+def _mean_of_rows(losses, t, w, ignore_index: int, C: int):
+    """"mean" from the per-row losses of a class-dimension loss (the
+    division after the op, :func:`_fp16_mean`), by :mod:`gpuloss.rules`'
+    contract: the divisor is the sum of ``w[t]`` over the valid rows (their
+    count without weights; every row for probability targets, ``t`` None);
+    a valid row's gradient scale is ``1 / divisor``, an ignored row's a
+    selected 0; a zero divisor gives a NaN loss."""
+    import torch
+    if t is None:
+        return losses.sum() * (1.0 / losses.shape[0])
+    valid = (t != ignore_index) & (t >= 0) & (t < C)
+    wt = valid.to(losses.dtype) if w is None else torch.where(valid, w[torch.where(valid, t, 0)].to(losses.dtype), 0.0)
+    div = wt.sum()
+    scale = torch.where(valid, 1.0 / div, 0.0)  # 1 / 0 = inf: a valid row's gradient becomes NaN, as torch's
+    return (losses * scale).sum() + torch.where(div == 0, float("nan"), 0.0)
+
+
 def _class_dim_call(input, target, weight, size_average, reduce, reduction: str, ignore_index):
     """The checks cross_entropy and nll_loss share: (reduction, kind, device,
     C, ignore_index) for logits with the class dimension 1 ((C,) unbatched)."""
@@ -234,13 +269,17 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
         rows, layout = L.rows2d(x, kind, 1)
         t_rows = L.rows2d(target, kind, 1)[0] if prob else target.reshape(-1)
     w = None if weight is None else V.as_float_vector(weight, kind, x)
-    opts = CrossEntropyOptions(ignore_index, reduction, float(label_smoothing), float(z_loss),
-                               None if softcap is None else float(softcap), bool(inplace_backward))
+    w_grad = prob and kind == "torch" and weight is not None and weight.requires_grad and not return_grad
+    rows_mean = not w_grad and _fp16_mean(kind, reduction, return_grad, x, target if prob else None)
+    opts = CrossEntropyOptions(ignore_index, "none" if rows_mean else reduction, float(label_smoothing),
+                               float(z_loss), None if softcap is None else float(softcap), bool(inplace_backward))
     w_term = None  # formed before the call: with inplace_backward the call overwrites the logits
-    if prob and kind == "torch" and weight is not None and weight.requires_grad and not return_grad:
+    if w_grad:
         w_term = _class_weight_term(rows, t_rows, weight, opts, _row_loss_shape(x))
     res = run("cross_entropy", kind, be, [rows, t_rows, w], opts, return_grad)
-    if reduction == "none":
+    if rows_mean:
+        res = res._replace(loss=_mean_of_rows(res.loss, None if prob else t_rows, w, ignore_index, C))
+    elif reduction == "none":
         res = res._replace(loss=res.loss.reshape(_row_loss_shape(x)))
     if w_term is not None:
         res = res._replace(loss=res.loss + w_term)
@@ -302,8 +341,11 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = 
                          ac_dtype, kind)
     rows, layout = L.rows2d(input, kind, 1) if input.ndim >= 2 else (input.reshape(1, C), ("0d", (C,)))
     w = None if weight is None else V.as_float_vector(weight, kind, input)
+    # (no float16 division after the op as in cross_entropy: the gradient is
+    # one entry per row, w[t] / divisor, inside fp16's range up to ~10**7
+    # rows, and torch makes only that entry NaN for a zero divisor)
     res = run("nll_loss", kind, be, [rows, target.reshape(-1), w], NllOptions(ignore_index, reduction),
-                return_grad)
+              return_grad)
     if reduction == "none":
         res = res._replace(loss=res.loss.reshape(_row_loss_shape(input)))
     out = finish(res, return_grad, kind, input, layout, loss_dtype=ac_dtype)
@@ -370,8 +412,12 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
         loss = L.loss_as(L.connected(loss, kind, input), ac_dtype, kind)
         return LossGrad(loss, L.zeros(caller[0], tuple(input.shape), kind)) if return_grad else loss
     t, _ = L.rows2d(target, kind, -1)
+    summed = reduction in ("mean", "batchmean") and _fp16_mean(kind, "mean", return_grad, input)
     res = run("kl_div_logits", kind, be, [x, t],
-                KlDivLogitsOptions(float(temperature), bool(target_is_logits), reduction), return_grad)
+              KlDivLogitsOptions(float(temperature), bool(target_is_logits), "sum" if summed else reduction),
+              return_grad)
+    if summed:
+        res = _batchmean(res, x.shape[0] * (x.shape[1] if reduction == "mean" else 1))
     if reduction == "none":
         res = res._replace(loss=res.loss.reshape(input.shape[:-1]))
     out = finish(res, return_grad, kind, input, layout, loss_dtype=ac_dtype)
@@ -418,7 +464,8 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     dt = target.dtype if op == "bce_with_logits" else L.result_dtype(kind, input, target)
     xin, tin = L.astype(input, dt, kind), L.astype(target, dt, kind)
     xin, tin, bshape = L.broadcast_pair(xin, tin, kind, warn=op == "mse") if broadcast else (xin, tin, None)
-    red = "sum" if reduction == "batchmean" else reduction
+    summed = reduction == "mean" and L.numel(xin, kind) > 0 and _fp16_mean(kind, "mean", return_grad, xin, tin)
+    red = "sum" if reduction == "batchmean" or summed else reduction
     if L.numel(xin, kind) == 0:
         res = _empty_elementwise(kind, xin, tin, red)
     else:
@@ -430,6 +477,8 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
         res = LossResult(unrow(res.loss) if red == "none" else res.loss, unrow(res.grad), unrow(res.grad_target))
     if reduction == "batchmean":  # torch: sum / input.size(0)
         res = _batchmean(res, input.shape[0] if input.ndim else 1)
+    elif summed:
+        res = _batchmean(res, L.numel(xin, kind))
     if return_grad and bshape is not None:
         res = res._replace(grad=L.sum_to(res.grad, tuple(input.shape), kind),
                            grad_target=L.sum_to(res.grad_target, tuple(target.shape), kind))

@@ -558,3 +558,75 @@ def test_torch_func_transforms_are_refused_clearly(rng, transform):
         arg = x
     with pytest.raises(NotImplementedError, match="torch.func transforms"):
         fn(arg)
+
+
+# ---------------------------------------------------------------- float16 "mean": the division after the op
+
+def _fp16_cases(rng):
+    F = torch.nn.functional
+    N, C = 512, 300
+    x = torch.from_numpy(rng.standard_normal((N, C)) * 3).half()
+    t = torch.from_numpy(rng.integers(0, C, N))
+    t[::7] = -100
+    w = torch.from_numpy(rng.uniform(0.5, 2.0, C)).half()
+    p = torch.softmax(torch.from_numpy(rng.standard_normal((N, C))), -1).half()
+    y = torch.from_numpy(rng.random((N, C))).half()
+    lp = torch.log_softmax(x.float(), -1).half()
+    s = torch.from_numpy(rng.standard_normal((N, C)) * 3).half()  # teacher logits
+    return {
+        "ce": (lambda a: gpuloss.cross_entropy(a, t, weight=w, label_smoothing=0.1),
+               lambda a: F.cross_entropy(a.float(), t, weight=w.float(), label_smoothing=0.1), x),
+        "ce prob": (lambda a: gpuloss.cross_entropy(a, p),
+                    lambda a: F.cross_entropy(a.float(), p.float()), x),
+        "mse": (lambda a: gpuloss.mse_loss(a, y), lambda a: F.mse_loss(a.float(), y.float()), x),
+        "bce_with_logits": (lambda a: gpuloss.binary_cross_entropy_with_logits(a, y),
+                            lambda a: F.binary_cross_entropy_with_logits(a.float(), y.float()), x),
+        "kl_div": (lambda a: gpuloss.kl_div(a, p, reduction="mean"),
+                   lambda a: F.kl_div(a.float(), p.float(), reduction="mean"), lp),
+        "kl_div_with_logits": (lambda a: gpuloss.kl_div_with_logits(a, s, reduction="mean"),
+                               lambda a: F.kl_div(F.log_softmax(a.float(), -1), F.log_softmax(s.float(), -1),
+                                                  reduction="sum", log_target=True) / x.numel(), x),
+    }
+
+
+@pytest.mark.parametrize("case", list(_fp16_cases(np.random.default_rng(0))))
+def test_float16_mean_gradients_survive_a_grad_scaler(rng, case):
+    """fp16 inputs, "mean", a GradScaler-sized upstream gradient (65536): the
+    gradient keeps what torch's float32 computation rounded once to fp16
+    keeps.  Divided by the mean's divisor before being saved in fp16, most of
+    it used to flush to zero first (at N=8192, C=1000 four elements in five,
+    and the column sums that grad_weight sees 8% off)."""
+    ours_fn, theirs_fn, x0 = _fp16_cases(rng)[case]
+    a, b = x0.clone().requires_grad_(), x0.clone().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.float16):  # as under GradScaler: the loss in float32
+        lo = ours_fn(a)
+    lt = theirs_fn(b)
+    assert lo.dtype == torch.float32
+    torch.testing.assert_close(lo, lt, rtol=1e-5, atol=1e-6)
+    (lo * 65536.0).backward()
+    (lt * 65536.0).backward()
+    ga, gb = a.grad.float(), b.grad.float()
+    assert torch.isfinite(ga).all()
+    lost = int(((ga == 0) & (gb != 0)).sum())
+    assert lost <= 0.05 * gb.numel(), lost  # elements below fp16's smallest subnormal before the scale
+    torch.testing.assert_close(ga, gb, rtol=2e-3, atol=2e-3 * float(gb.abs().max()))
+
+
+def test_float16_mean_edges_follow_torch():
+    """The division after the op keeps the "mean" contract: all rows ignored
+    gives a NaN loss and zero gradients; every valid row of class weight 0 a
+    NaN loss, NaN gradients in the valid rows and zeros in the ignored ones
+    (torch: NaN from nll_loss's target entry, spread over the row by
+    log_softmax's backward)."""
+    x = torch.randn(4, 5).half()
+    t = torch.tensor([1, -100, 3, -100])
+    a = x.clone().requires_grad_()
+    loss = gpuloss.cross_entropy(a, torch.full((4,), -100))
+    loss.backward()
+    assert loss.isnan() and torch.equal(a.grad, torch.zeros_like(a.grad))
+    w = torch.tensor([1.0, 0.0, 1.0, 0.0, 1.0]).half()
+    a = x.clone().requires_grad_()
+    loss = gpuloss.cross_entropy(a, t, weight=w)
+    loss.backward()
+    assert loss.isnan()
+    assert a.grad[[0, 2]].isnan().all() and torch.equal(a.grad[[1, 3]], torch.zeros(2, 5).half())
