@@ -91,6 +91,9 @@ class _XpOps:
     def cast(self, a, like):
         return a if a.dtype == like.dtype else a.astype(like.dtype)
 
+    def to_acc(self, a):
+        return a.astype(self.acc_dtype(a), copy=False)
+
     def logits(self, h, W, b, out):
         self.xp.matmul(h, W.T, out=out)
         if b is not None:
@@ -163,6 +166,9 @@ class _TorchOps:
 
     def cast(self, a, like):
         return a if a.dtype == like.dtype else a.to(like.dtype)
+
+    def to_acc(self, a):
+        return a.to(self.acc_dtype(a))
 
     def logits(self, h, W, b, out):
         if b is None:
@@ -276,7 +282,13 @@ class _Loop:
         self.loss_rows = ops.empty((self.N * self.P,), self.W, ops.acc_dtype(self.W)) \
             if opts.reduction == "none" else None
         self.loss_sum = None if opts.reduction == "none" else ops.zeros_scalar(self.W)
-        self.gh = ops.empty((self.N, self.H), self.h) if self.need_h else None
+        # float16 gradients formed here and scaled by backward stay float32 until
+        # then: divided by the "mean" divisor and stored in fp16, their small
+        # components would flush to zero before a GradScaler's scale reaches
+        # them (the op's outputs are float32 for float16 operands)
+        self.keep32 = row_grad is None and str(self.W.dtype).replace("torch.", "") == "float16"
+        self.gh = ops.empty((self.N, self.H), self.h, ops.acc_dtype(self.h) if self.keep32 else None) \
+            if self.need_h else None
         # grad_weight: a single chunk is one GEMM over every token (fp32 inside
         # the GEMM, rounded once); several chunks accumulate in an fp32 buffer
         # ("float32") or in the weight's dtype inside the GEMM ("weight")
@@ -325,7 +337,9 @@ class _Loop:
         """The chunk's share of the three gradients from dZ."""
         ops = self.ops
         if self.need_h:
-            if g is None:
+            if self.keep32:
+                self.gh[c0:c1] = ops.mm(dz, self.W)  # an fp16 product, unscaled: in range
+            elif g is None:
                 ops.mm(dz, self.W, out=self.gh[c0:c1])
             else:
                 self.gh[c0:c1] = ops.rowscale(ops.mm(dz, self.W), g)
@@ -383,9 +397,11 @@ class _Loop:
         def done(acc, like):
             if acc is None:
                 return None
+            if self.keep32:
+                acc = ops.to_acc(acc)
             if scale is not None:
                 ops.mul_(acc, scale)  # in fp32 for the fp32 accumulators, before the one cast
-            return ops.cast(acc, like)
+            return acc if self.keep32 else ops.cast(acc, like)
 
         if self.split:
             from .backends.triton.linear_acc import split_acc_finish

@@ -346,7 +346,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if not return_grad:
         return loss
     gw, gb = _from_op_layout(c, gw, gb, linear_weight)
-    return LinearLossGrad(loss, gh.reshape(tuple(input.shape)), gw, gb)
+    # (float32 from the op for float16 operands: see gpuloss._linear_chunks)
+    return LinearLossGrad(loss, Lay.cast_like(gh.reshape(tuple(input.shape)), input, c.kind),
+                          Lay.cast_like(gw, linear_weight, c.kind), Lay.cast_like(gb, linear_bias, c.kind))
 
 
 def _empty(c: _Call, input, linear_weight, linear_bias, target, opts: LinearCEOptions, logits_shape, return_grad):

@@ -147,6 +147,8 @@ def _output_meta(spec: OpSpec, name: str, arrays: Dict[str, Optional[Tensor]], o
     asked = getattr(want, name) if want is not None else True
     if src is None or not asked or (name == "grad_target" and not src.is_floating_point()):
         return (src if src is not None else first).dtype, None
+    if spec.name == "linear_cross_entropy" and arrays["weight"].dtype == torch.float16:
+        return torch.float32, tuple(src.shape)  # saved for backward's scale unrounded (_linear_chunks)
     return src.dtype, tuple(src.shape)
 
 
@@ -388,6 +390,7 @@ def _linear_setup(ctx, inputs, output) -> None:
     spec = OPS["linear_cross_entropy"]
     arrays, backend, opts, _ = _unpack(spec, inputs)
     ctx.backend, ctx.opts, ctx.n_inputs = backend, opts, len(inputs)
+    ctx.dtypes = [None if a is None else a.dtype for a in arrays[:3]]
     ctx.none = opts.reduction == "none"
     ctx.consumed = False
     ctx.save_for_backward(*(arrays if ctx.none else output[1:]))
@@ -415,7 +418,8 @@ def _linear_bwd(ctx, g_loss: Tensor, *unused):
     ctx.consumed = inplace
     for i, (g, n) in enumerate(zip(ctx.saved_tensors, need)):
         if n and tuple(g.shape) != (0,):
-            grads[i] = _scaled(g, g_loss, inplace=inplace)
+            # float32 for float16 operands (see _output_meta): scaled, then rounded once
+            grads[i] = _scaled(g, g_loss, inplace=inplace).to(ctx.dtypes[i])
     return first_order("linear_cross_entropy", grads)
 
 
