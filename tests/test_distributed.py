@@ -187,6 +187,31 @@ def _autocast_case(chk, X, T, rank, bounds, device) -> None:
     chk.close("autocast linear: grad_weight", _np(w.grad), (gl.T @ hb)[s:e], "bfloat16")
 
 
+def _float16_scaled_case(chk, T, rank, bounds, device, V) -> None:
+    """float16 logits, "mean", a GradScaler-sized upstream (65536): the
+    gradient is saved in float32 until backward multiplies the scale in.
+    With one logit 20 above the rest, p = e**-20 / 9 rows is ~2e-10, below
+    fp16's smallest subnormal; times 65536 it is ~1.6e-5 (representable)."""
+    from gpuloss.distributed import vocab_parallel_cross_entropy
+    s, e = bounds[rank]
+    N = len(T)
+    X = np.zeros((N, V))
+    X[np.arange(N), (np.where(T >= 0, T, 0) + 1) % V] = 20.0  # never the target (1 - p_t would round in fp32)
+    x = torch.tensor(X[:, s:e], dtype=torch.float16, device=device, requires_grad=True)
+    t = torch.from_numpy(T).to(device)
+    with torch.autocast(torch.device(device).type, dtype=torch.float16):  # the loss in float32
+        loss = vocab_parallel_cross_entropy(x, t)
+    chk.true("float16 scaled: loss float32", loss.dtype == torch.float32, str(loss.dtype))
+    (loss * 65536.0).backward()
+    g, _ = R.cross_entropy_grad(X, T, grad_output=65536.0)
+    want = torch.from_numpy(g[:, s:e]).to(torch.float16)
+    got = x.grad.cpu()
+    chk.true("float16 scaled: dtype", got.dtype == torch.float16)
+    chk.true("float16 scaled: nothing flushed", int(((got == 0) & (want != 0)).sum()) == 0,
+             f"{int(((got == 0) & (want != 0)).sum())} of {int((want != 0).sum())} zero")
+    chk.close("float16 scaled: grad", got.double().numpy(), want.double().numpy(), "float16")
+
+
 def _second_order_case(chk, X, T, rank, bounds, device) -> None:
     """Differentiating a gradient taken with create_graph=True raises (it would
     miss the loss's curvature); no collective runs in either backward."""
@@ -254,6 +279,7 @@ def _all_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: s
     _ce_case(chk, "bfloat16", X, T, rank, bounds, device, dtype="bfloat16", reduction="sum", label_smoothing=0.1)
     _autocast_case(chk, X, T, rank, bounds, device)
     _second_order_case(chk, X, T, rank, bounds, device)
+    _float16_scaled_case(chk, T, rank, bounds, device, sum(sizes))
 
     # --- small chunks: the row loops run several times ----------------------
     saved = D._CHUNK_ELEMENTS

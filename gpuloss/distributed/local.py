@@ -221,4 +221,12 @@ def kernel_grad(x2d: Tensor, lt: Tensor, shift: Tensor, log_s: Tensor, scale: Te
                 V: int) -> Tensor:
     from ..dispatch import get_backend
     return get_backend("triton").vocab_parallel_grad(x2d, lt, shift, log_s, scale, opts.label_smoothing, V,
-                                                     opts.z_loss, opts.softcap)
+                                                     opts.z_loss, opts.softcap, out_dtype=saved_dtype(x2d.dtype))
+
+
+def saved_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of the gradient the forward pass saves for backward: the
+    logits', except float32 for float16 logits: scaled by "mean"'s 1 / n and
+    stored in fp16, its small components would flush to zero before a
+    GradScaler's scale (applied by backward) reaches them."""
+    return torch.float32 if dtype == torch.float16 else dtype

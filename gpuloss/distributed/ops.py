@@ -42,12 +42,13 @@ def _stats_pass(x2d: Tensor, info: L.RowInfo, smoothing: bool, softcap: Optional
 def _grad_pass(x2d: Tensor, info: L.RowInfo, shift: Tensor, log_s: Tensor, scale: Tensor, opts: L.CEOptions,
                V: int, step: int, lt: Optional[Tensor]) -> Tensor:
     """Pass 2, a second read of the logits and one write of the gradient,
-    ``(R, V_local)`` in the logits' dtype."""
+    ``(R, V_local)`` in the logits' dtype (float32 for float16:
+    :func:`local.saved_dtype`)."""
     if lt is not None:
         return L.kernel_grad(x2d, lt, shift, log_s, scale, opts, V)
     R = x2d.shape[0]
     cdt = L.compute_dtype(x2d.dtype)
-    grad = torch.empty_like(x2d, memory_format=torch.contiguous_format)
+    grad = torch.empty(x2d.shape, dtype=L.saved_dtype(x2d.dtype), device=x2d.device)
     for a in range(0, R, step):
         b = min(R, a + step)
         z = L.capped(x2d[a:b], cdt, opts.softcap)
@@ -107,7 +108,8 @@ def vocab_parallel_cross_entropy_op(local_logits: Tensor, target: Tensor, group:
     shape = local_logits.shape
     x2d = local_logits.reshape(math.prod(shape[:-1]), shape[-1])  # explicit: V_local may be 0
     loss, grad = ce_forward(x2d, target, layout, pg, opts, chunk_elements, want_grad)
-    return L.not_a_view(loss), grad if grad is not None else local_logits.new_empty((0,))
+    return L.not_a_view(loss), grad if grad is not None else local_logits.new_empty(
+        (0,), dtype=L.saved_dtype(local_logits.dtype))
 
 
 @vocab_parallel_cross_entropy_op.register_fake
@@ -116,13 +118,15 @@ def _(local_logits, target, group, vocab_start, vocab_sizes, vocab_size, validat
     shape = local_logits.shape
     loss = local_logits.new_empty(tuple(target.shape) if reduction == "none" else (),
                                   dtype=L.compute_dtype(local_logits.dtype))
-    grad = local_logits.new_empty((math.prod(shape[:-1]), shape[-1]) if want_grad else (0,))
+    grad = local_logits.new_empty((math.prod(shape[:-1]), shape[-1]) if want_grad else (0,),
+                                  dtype=L.saved_dtype(local_logits.dtype))
     return loss, grad
 
 
 def _ce_setup(ctx, inputs, output) -> None:
     local_logits, reduction, want_grad = inputs[0], inputs[8], inputs[-1]
     ctx.reduction, ctx.shape, ctx.n_inputs = reduction, local_logits.shape, len(inputs)
+    ctx.dtype = local_logits.dtype
     ctx.want_grad = want_grad  # False: output[1] is the empty placeholder
     ctx.save_for_backward(output[1])
     ctx.mark_non_differentiable(output[1])
@@ -139,7 +143,7 @@ def _ce_backward(ctx, grad_output: Tensor, _unused):
         cdt = L.compute_dtype(grad.dtype)
         go = grad_output.to(cdt)
         go = go.reshape(-1, 1) if ctx.reduction == "none" else go
-        gx = (grad.to(cdt) * go).to(grad.dtype).reshape(ctx.shape)
+        gx = (grad.to(cdt) * go).to(ctx.dtype).reshape(ctx.shape)
     return first_order("vocab_parallel_cross_entropy", (gx,) + (None,) * (ctx.n_inputs - 1))
 
 

@@ -27,7 +27,7 @@ def vocab_parallel_stats(x2d, local_target, softcap: Optional[float], smoothing:
 
 
 def vocab_parallel_grad(x2d, local_target, shift, log_s, scale, eps: float, vocab: int, z_loss: float,
-                        softcap: Optional[float]):
+                        softcap: Optional[float], out_dtype=None):
     """This rank's slice of dL/dlogits in one more read and one write, with
     p = exp((z - shift) - log_s)."""
     import torch
@@ -35,7 +35,7 @@ def vocab_parallel_grad(x2d, local_target, shift, log_s, scale, eps: float, voca
     cfg = launch_config("row", x2d.shape[1], itemsize=x2d.element_size())
     _, acc = CM.acc(torch, x2d.dtype)
     sc = lambda v: CM.scalar(v, x2d)  # noqa: E731  (fp64 launches get exact scalars)
-    grad = torch.empty(x2d.shape, dtype=x2d.dtype, device=x2d.device)
+    grad = torch.empty(x2d.shape, dtype=out_dtype or x2d.dtype, device=x2d.device)
     with on_device("torch", x2d):
         K.vocab_parallel_grad_kernel[(x2d.shape[0],)](
             x2d, x2d.stride(0), grad, grad.stride(0), local_target, shift, log_s, scale,
