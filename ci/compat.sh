@@ -19,7 +19,7 @@ py="${PYTHON:-python3}"
 # newest first (installed with its dependencies), then the oldest; keep in step with the
 # torch and triton extras of pyproject.toml
 combos=${GPULOSS_COMPAT_COMBOS:-"torch==2.14.1,triton==3.9.0 torch==2.11.0,triton==3.6.0"}
-tests=${GPULOSS_COMPAT_TESTS:-"tests/test_triton_backend.py tests/test_triton_offsets.py tests/test_triton_packed.py tests/test_triton_resources.py tests/test_torch_compile.py tests/test_torch_autograd.py tests/test_torch_nn.py tests/test_torch_inplace.py tests/test_edges.py tests/test_linear_ce.py tests/test_linear_ce_torch_api.py tests/test_distributed.py"}
+tests=${GPULOSS_COMPAT_TESTS:-"tests/test_triton_backend.py tests/test_triton_offsets.py tests/test_triton_packed.py tests/test_triton_resources.py tests/test_torch_compile.py tests/test_torch_autograd.py tests/test_torch_nn.py tests/test_torch_inplace.py tests/test_edges.py tests/test_linear_ce.py tests/test_linear_ce_torch_api.py tests/test_distributed.py tests/test_autocast.py tests/test_linear_acc.py"}
 pip_q() { "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" ; return "${PIPESTATUS[0]}"; }
 
 stamp="$venv/.gpuloss-compat-v1"
