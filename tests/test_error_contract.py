@@ -15,7 +15,6 @@ Adding a function is one entry in VALID and its rows in BAD.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, Callable, Dict, List, Tuple
 
 import numpy as np

@@ -18,7 +18,6 @@ answer: torch does.
 """
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from dataclasses import dataclass, field, replace
