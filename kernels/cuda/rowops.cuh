@@ -221,6 +221,16 @@ template <class D, class TI, bool PROB, bool FAST = false> struct CrossEntropyOp
 
     GL_HD A ex(A d) const { return Exp<FAST>()(d); }
     GL_HD A ex_sum(A d) const { return ExpSum<FAST>()(d); }
+    // the loss options and what is derived from them, set in one place for every kernel
+    GL_HD void set_options(i64 n_classes, i64 ignore, A label_smoothing, A z_loss, A softcap) {
+        C = n_classes;
+        ignore_index = ignore;
+        eps = label_smoothing;
+        eps_c = label_smoothing / (A)n_classes;
+        zl = z_loss;
+        cap = softcap;
+        inv_cap = softcap > (A)0 ? (A)1 / softcap : (A)0;
+    }
     GL_HD void begin_row(i64 row, const S* xr) {
         if (PROB) {
             gtr = GT ? GT + row * C : (S*)0;

@@ -177,7 +177,6 @@ gpuloss_cross_entropy(const typename D::store* __restrict__ X_ptr, const TI* __r
                       i64 X_row_stride, i64 P_row_stride, i64 G_row_stride, i64 R, i64 C,
                       i64 ignore_index, typename D::acc label_smoothing, typename D::acc z_loss,
                       typename D::acc softcap) {
-    typedef typename D::acc A;
     CrossEntropyOp<D, TI, PROB> op;
     op.O = G_ptr;
     op.has_phase2 = G_ptr != 0 || (PROB && GT_ptr != 0);
@@ -189,13 +188,7 @@ gpuloss_cross_entropy(const typename D::store* __restrict__ X_ptr, const TI* __r
     op.Loss = Loss_ptr;
     op.Lse = Lse_ptr;
     op.GT = GT_ptr;
-    op.C = C;
-    op.ignore_index = ignore_index;
-    op.eps = label_smoothing;
-    op.eps_c = label_smoothing / (A)C;
-    op.zl = z_loss;
-    op.cap = softcap;
-    op.inv_cap = softcap > (A)0 ? (A)1 / softcap : (A)0;
+    op.set_options(C, ignore_index, label_smoothing, z_loss, softcap);
     run_rows<D, CrossEntropyOp<D, TI, PROB>, VEC, K, ONCHIP>(op, X_ptr, X_row_stride, G_ptr, G_row_stride, R, C);
 }
 

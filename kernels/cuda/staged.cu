@@ -346,7 +346,6 @@ __device__ __forceinline__ void staged_cross_entropy(
     const typename D::acc* __restrict__ W_ptr, const typename D::acc* __restrict__ Div_ptr, typename D::store* G_ptr,
     typename D::acc* Loss_ptr, float* Lse_ptr, i64 X_row_stride, i64 G_row_stride, i64 R, i64 C, i64 ignore_index,
     typename D::acc label_smoothing, typename D::acc z_loss, typename D::acc softcap, int nbuf) {
-    typedef typename D::acc A;
     typedef CrossEntropyOp<D, long long, false, true> Op;
     Op op;
     op.O = G_ptr;
@@ -359,13 +358,7 @@ __device__ __forceinline__ void staged_cross_entropy(
     op.Loss = Loss_ptr;
     op.Lse = Lse_ptr;
     op.GT = 0;
-    op.C = C;
-    op.ignore_index = ignore_index;
-    op.eps = label_smoothing;
-    op.eps_c = label_smoothing / (A)C;
-    op.zl = z_loss;
-    op.cap = softcap;
-    op.inv_cap = softcap > (A)0 ? (A)1 / softcap : (A)0;
+    op.set_options(C, ignore_index, label_smoothing, z_loss, softcap);
     run_staged<D, Op, K>(op, X_ptr, X_row_stride, G_ptr, G_row_stride, R, C, nbuf);
 }
 

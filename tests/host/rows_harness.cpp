@@ -167,9 +167,8 @@ int main() {
         auto setup = [&](auto& o) {
             o.has_phase2 = true; o.O = out.data();
             o.P = aux.data(); o.P_row_stride = C; o.W = has_w ? w.data() : 0; o.Div = 0;
-            o.Loss = loss.data(); o.Lse = lse.data(); o.GT = 0; o.C = C; o.ignore_index = -100;
-            o.eps = eps; o.eps_c = eps / (float)C; o.zl = zl; o.cap = cap;
-            o.inv_cap = cap > 0 ? 1.f / cap : 0.f;
+            o.Loss = loss.data(); o.Lse = lse.data(); o.GT = 0;
+            o.set_options(C, -100, eps, zl, cap);
         };
         if (op == 2 && fast) {
             CrossEntropyOp<f32, i64, false, true> o;
