@@ -107,7 +107,5 @@ def disabled(device):
     the policy to the operands)."""
     import contextlib
     import torch
-    dt = device.type
-    if dt not in ("cpu", "cuda") or not torch.is_autocast_enabled(dt):
-        return contextlib.nullcontext()
-    return torch.autocast(dt, enabled=False)
+    dt = device_type("torch", str(device))
+    return contextlib.nullcontext() if dt is None else torch.autocast(dt, enabled=False)

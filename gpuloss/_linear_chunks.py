@@ -45,7 +45,7 @@ from typing import Any, NamedTuple, Optional
 
 import numpy as np
 
-from . import launch
+from . import launch, rules
 from .ops import CrossEntropyOptions, LinearCEOptions, LinearWant, Want
 
 #: tests set this: every buffer this module allocates with ``empty`` is
@@ -126,9 +126,6 @@ class _XpOps:
 
     def zeros_scalar(self, like):
         return self.xp.zeros((), dtype=self.xp.float64)
-
-    def valid(self, t, ignore_index: int, C: int):
-        return (t != ignore_index) & (t >= 0) & (t < C)
 
     def divisor(self, ok, t, cw):
         xp = self.xp
@@ -235,9 +232,6 @@ class _TorchOps:
 
     def zeros_scalar(self, like):
         return self.torch.zeros((), dtype=self.torch.float64, device=like.device)
-
-    def valid(self, t, ignore_index: int, C: int):
-        return (t != ignore_index) & (t >= 0) & (t < C)
 
     def divisor(self, ok, t, cw):
         torch = self.torch
@@ -376,7 +370,7 @@ class _Loop:
             div = float(self.N * self.P)
             self.loss_sum = self.loss_sum / div
             return 1.0 / div, 1.0 / div
-        ok = ops.valid(self.t, self.opts.ignore_index, self.C)
+        ok = rules.valid_targets(self.t, self.opts.ignore_index, self.C)
         div = ops.divisor(ok, self.t, self.cw)
         with np.errstate(invalid="ignore", divide="ignore"):
             self.loss_sum = self.loss_sum / div  # 0/0 = nan for an all-ignored batch, as torch

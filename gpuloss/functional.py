@@ -43,6 +43,7 @@ from typing import Optional, Union
 from . import _autocast as AC
 from . import _layout as L
 from . import _validate as V
+from . import rules
 from ._arrays import classify
 from ._call import LossGrad, backend_for, finish, legacy_reduction, run, wants
 from .backends.base import LossResult
@@ -168,7 +169,7 @@ def _mean_of_rows(losses, t, w, ignore_index: int, C: int):
     import torch
     if t is None:
         return losses.sum() * (1.0 / losses.shape[0])
-    valid = (t != ignore_index) & (t >= 0) & (t < C)
+    valid = rules.valid_targets(t, ignore_index, C)
     wt = valid.to(losses.dtype) if w is None else torch.where(valid, w[torch.where(valid, t, 0)].to(losses.dtype), 0.0)
     div = wt.sum()
     scale = torch.where(valid, 1.0 / div, 0.0)  # 1 / 0 = inf: a valid row's gradient becomes NaN, as torch's

@@ -57,6 +57,13 @@ def acc_dtype_name(storage: str) -> str:
     return "float64" if storage == "float64" else "float32"
 
 
+def valid_targets(t, ignore_index: int, C: int):
+    """The valid rows' mask of class-index targets ``t`` (NumPy, CuPy or
+    torch): neither ignored nor out of range.  What counts in the "mean"
+    divisor, above."""
+    return (t != ignore_index) & (t >= 0) & (t < C)
+
+
 def mean_scale(divisor: float) -> float:
     """The gradient scale of a valid row under ``"mean"``: ``1 / divisor``,
     ``inf`` for a zero divisor (so a valid row's gradient becomes NaN, as in

@@ -75,7 +75,7 @@ class _CrossEntropy:
         ii = self.opts.ignore_index
         for r0 in range(0, self.R, T.ROW_CHUNK):
             t = self.target[r0:r0 + T.ROW_CHUNK].astype(np.int64, copy=False)
-            ok = (t != ii) & (t >= 0) & (t < self.C)
+            ok = rules.valid_targets(t, ii, self.C)
             divisor += float(ok.sum()) if self.w is None else float(self.w[t[ok]].sum(dtype=np.float64))
         return divisor
 
