@@ -251,7 +251,7 @@ def _single(fn, outputs):
 # autograd
 # ---------------------------------------------------------------------------
 
-def _scaled(saved: Tensor, g: Tensor, inplace: bool = False) -> Tensor:
+def scaled_grad(saved: Tensor, g: Tensor, inplace: bool = False) -> Tensor:
     """``saved * g``: a gradient the forward pass saved (``(R, C)``) times the
     loss's upstream gradient (0-d for reduced losses, ``(R,)`` per row,
     ``(R, C)`` per element), in ``saved``'s dtype.
@@ -270,10 +270,10 @@ def _scaled(saved: Tensor, g: Tensor, inplace: bool = False) -> Tensor:
         g = g.unsqueeze(-1)
     elif g.dim() == 0:
         g = g.reshape(1)
-    if g.dtype == saved.dtype:
-        return saved.mul_(g) if inplace else saved * g
     if inplace:
         return saved.mul_(g)
+    if g.dtype == saved.dtype:
+        return saved * g
     if torch.compiler.is_compiling():
         return (saved * g).to(saved.dtype)  # one fused kernel once compiled
     return torch.mul(saved, g, out=torch.empty_like(saved))
@@ -333,7 +333,7 @@ def _register_loss_autograd(spec: OpSpec, op) -> None:
         grads: List[Optional[Tensor]] = [None] * ctx.n_inputs
         for pos, present, saved in zip(positions, ctx.present, ctx.saved_tensors):
             if present and ctx.needs_input_grad[pos]:
-                grads[pos] = _scaled(saved, g_loss)
+                grads[pos] = scaled_grad(saved, g_loss)
         return first_order(spec.name, grads)
 
     op.register_autograd(backward, setup_context=setup)
@@ -419,7 +419,7 @@ def _linear_bwd(ctx, g_loss: Tensor, *unused):
     for i, (g, n) in enumerate(zip(ctx.saved_tensors, need)):
         if n and tuple(g.shape) != (0,):
             # float32 for float16 operands (see _output_meta): scaled, then rounded once
-            grads[i] = _scaled(g, g_loss, inplace=inplace).to(ctx.dtypes[i])
+            grads[i] = scaled_grad(g, g_loss, inplace=inplace).to(ctx.dtypes[i])
     return first_order("linear_cross_entropy", grads)
 
 
@@ -488,8 +488,8 @@ class _InplaceFn(torch.autograd.Function):
         grad, gt = ctx.saved_tensors
         # scale in place: the buffer is ours now and the gradient is handed on
         # without a second N x C allocation
-        gx = _scaled(grad, g_loss, inplace=True) if ctx.needs_input_grad[4] else None
-        gtt = _scaled(gt, g_loss) if (ctx.want_gt and ctx.needs_input_grad[5]) else None
+        gx = scaled_grad(grad, g_loss, inplace=True) if ctx.needs_input_grad[4] else None
+        gtt = scaled_grad(gt, g_loss) if (ctx.want_gt and ctx.needs_input_grad[5]) else None
         return first_order(ctx.op, (None, None, None, None, gx, gtt) + (None,) * (ctx.n - 2))
 
 

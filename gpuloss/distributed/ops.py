@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..torch_ops import first_order
+from ..torch_ops import first_order, scaled_grad
 from . import local as L
 from .layout import VocabLayout, logits_errors, resolve_layout
 
@@ -140,10 +140,10 @@ def _ce_backward(ctx, grad_output: Tensor, _unused):
     (grad,) = ctx.saved_tensors
     gx = None
     if ctx.want_grad and ctx.needs_input_grad[0]:
-        cdt = L.compute_dtype(grad.dtype)
-        go = grad_output.to(cdt)
-        go = go.reshape(-1, 1) if ctx.reduction == "none" else go
-        gx = (grad.to(cdt) * go).to(ctx.dtype).reshape(ctx.shape)
+        go = grad_output.to(L.compute_dtype(grad.dtype))
+        go = go.reshape(-1) if ctx.reduction == "none" else go
+        # the product in the compute dtype, rounded once, without a float32 copy of grad
+        gx = scaled_grad(grad, go).to(ctx.dtype).reshape(ctx.shape)
     return first_order("vocab_parallel_cross_entropy", (gx,) + (None,) * (ctx.n_inputs - 1))
 
 
