@@ -276,11 +276,10 @@ class _Loop:
         self.loss_rows = ops.empty((self.N * self.P,), self.W, ops.acc_dtype(self.W)) \
             if opts.reduction == "none" else None
         self.loss_sum = None if opts.reduction == "none" else ops.zeros_scalar(self.W)
-        # float16 gradients formed here and scaled by backward stay float32 until
-        # then: divided by the "mean" divisor and stored in fp16, their small
-        # components would flush to zero before a GradScaler's scale reaches
-        # them (the op's outputs are float32 for float16 operands)
-        self.keep32 = row_grad is None and str(self.W.dtype).replace("torch.", "") == "float16"
+        # gradients formed here and scaled by backward: float32 for float16
+        # operands until then (rules.saved_grad_dtype_name)
+        wname = str(self.W.dtype).replace("torch.", "")
+        self.keep32 = row_grad is None and rules.saved_grad_dtype_name(wname) != wname
         self.gh = ops.empty((self.N, self.H), self.h, ops.acc_dtype(self.h) if self.keep32 else None) \
             if self.need_h else None
         # grad_weight: a single chunk is one GEMM over every token (fp32 inside

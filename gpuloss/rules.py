@@ -64,6 +64,16 @@ def valid_targets(t, ignore_index: int, C: int):
     return (t != ignore_index) & (t >= 0) & (t < C)
 
 
+def saved_grad_dtype_name(storage: str) -> str:
+    """The dtype of a gradient a fused forward pass forms *before* backward
+    multiplies the upstream gradient in (the fused linear and the
+    vocabulary-parallel cross-entropy): the storage dtype, except float32
+    for float16.  Divided by "mean"'s divisor and stored in fp16, its small
+    components would flush to zero before a GradScaler's scale reaches them;
+    bfloat16 has float32's range."""
+    return "float32" if storage == "float16" else storage
+
+
 def mean_scale(divisor: float) -> float:
     """The gradient scale of a valid row under ``"mean"``: ``1 / divisor``,
     ``inf`` for a zero divisor (so a valid row's gradient becomes NaN, as in

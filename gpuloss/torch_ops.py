@@ -64,7 +64,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from . import launch
+from . import launch, rules
 from .dispatch import get_backend
 from .ops import OPS, OpSpec, Want
 
@@ -147,8 +147,8 @@ def _output_meta(spec: OpSpec, name: str, arrays: Dict[str, Optional[Tensor]], o
     asked = getattr(want, name) if want is not None else True
     if src is None or not asked or (name == "grad_target" and not src.is_floating_point()):
         return (src if src is not None else first).dtype, None
-    if spec.name == "linear_cross_entropy" and arrays["weight"].dtype == torch.float16:
-        return torch.float32, tuple(src.shape)  # saved for backward's scale unrounded (_linear_chunks)
+    if spec.name == "linear_cross_entropy":  # saved for backward's scale (rules.saved_grad_dtype_name)
+        return getattr(torch, rules.saved_grad_dtype_name(str(src.dtype).replace("torch.", ""))), tuple(src.shape)
     return src.dtype, tuple(src.shape)
 
 

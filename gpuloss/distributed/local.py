@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from .. import rules
 from .layout import VocabLayout
 
 
@@ -225,8 +226,6 @@ def kernel_grad(x2d: Tensor, lt: Tensor, shift: Tensor, log_s: Tensor, scale: Te
 
 
 def saved_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype of the gradient the forward pass saves for backward: the
-    logits', except float32 for float16 logits: scaled by "mean"'s 1 / n and
-    stored in fp16, its small components would flush to zero before a
-    GradScaler's scale (applied by backward) reaches them."""
-    return torch.float32 if dtype == torch.float16 else dtype
+    """The dtype of the gradient the forward pass saves for backward
+    (:func:`gpuloss.rules.saved_grad_dtype_name`)."""
+    return getattr(torch, rules.saved_grad_dtype_name(str(dtype).replace("torch.", "")))
