@@ -4,19 +4,19 @@ cross-entropy's weight gradient (``kernels/triton/linear_acc.py``), for
 
 The accumulator is the bf16 gradient buffer (upper halves of the float32
 sums) and an int16 buffer of the same shape (lower halves).  Not a default:
-opt-in until a GPU run has measured it (bench/RESULTS.md)."""
+opt-in until a GPU run has measured it (bench/RESULTS.md).  The chunk loop
+calls these inside :func:`gpuloss.launch.run`, on the arrays' device."""
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from ...launch import on_device
 from .config import interpret
 
 
 #: GEMM tiles per architecture (bf16 tensor cores, fp32 accumulation), sized
 #: offline so that nothing spills (``python -m gpuloss.bench.resources``):
-#: sm_90 128 x 256 x 64, 8 warps, 3 stages (246 registers, 112 KB shared);
-#: sm_80 128 x 128 x 64, 8 warps, 3 stages
+#: sm_90 128 x 256 x 64, 8 warps, 3 stages (254 registers, 112 KB shared);
+#: sm_80 128 x 128 x 64, 8 warps, 3 stages (220 registers)
 TILES = {90: dict(BLOCK_V=128, BLOCK_H=256, BLOCK_K=64, GROUP_V=8, num_warps=8, num_stages=3),
          80: dict(BLOCK_V=128, BLOCK_H=128, BLOCK_K=64, GROUP_V=8, num_warps=8, num_stages=3)}
 
@@ -41,10 +41,9 @@ def split_acc_matmul(dz: Any, h: Any, hi: Any, lo: Any, first: bool) -> None:
     assert hi.is_contiguous() and lo.is_contiguous() and hi.shape == lo.shape == (V, H)
     t = _tiles(dz)
     grid = (-(-V // t["BLOCK_V"]) * -(-H // t["BLOCK_H"]),)
-    with on_device("torch", dz):
-        K.split_acc_matmul_kernel[grid](
-            dz, dz.stride(0), dz.stride(1), h, h.stride(0), h.stride(1), hi.view(torch.int16), lo, H,
-            n, V, H, FIRST=bool(first), **t)
+    K.split_acc_matmul_kernel[grid](
+        dz, dz.stride(0), dz.stride(1), h, h.stride(0), h.stride(1), hi.view(torch.int16), lo, H,
+        n, V, H, FIRST=bool(first), **t)
 
 
 def split_acc_finish(hi: Any, lo: Any, scale: Optional[Any]) -> Any:
@@ -57,7 +56,6 @@ def split_acc_finish(hi: Any, lo: Any, scale: Optional[Any]) -> Any:
     if scale is not None:
         s = scale.reshape(1) if torch.is_tensor(scale) else torch.full((1,), float(scale), device=hi.device)
     BLOCK = 1024
-    with on_device("torch", hi):
-        K.split_acc_finish_kernel[(max(1, -(-n // BLOCK)),)](
-            hi.view(torch.int16), lo, s if s is not None else lo, n, HAS_SCALE=s is not None, BLOCK=BLOCK)
+    K.split_acc_finish_kernel[(max(1, -(-n // BLOCK)),)](
+        hi.view(torch.int16), lo, s if s is not None else lo, n, HAS_SCALE=s is not None, BLOCK=BLOCK)
     return hi
