@@ -141,9 +141,10 @@ def _fp32_op(op: str, kind: str, device: str, **arrays):
     return tuple(args.values()), out
 
 
-def _fp16_mean(kind: str, reduction: str, return_grad, *arrays) -> bool:
-    """Whether this "mean" runs as a sum (or per-row losses) whose division
-    comes after the op: float16 torch tensors that autograd differentiates.
+def _fp16_mean(kind: str, return_grad, *arrays) -> bool:
+    """Whether a "mean" (or "batchmean") runs as a sum (or per-row losses)
+    whose division comes after the op: float16 torch tensors that autograd
+    differentiates.
 
     The op saves its gradient for backward in the input's dtype.  Divided by
     the mean's divisor first (e.g. ``(p - y) / N``), fp16 flushes most of it
@@ -152,7 +153,7 @@ def _fp16_mean(kind: str, reduction: str, return_grad, *arrays) -> bool:
     division joins the upstream gradient in float32 (one rounding, no
     underflow: what torch's own fp16 backward does).  bfloat16 has float32's
     range and keeps the one-rounding kernel path."""
-    if kind != "torch" or return_grad or reduction != "mean":
+    if kind != "torch" or return_grad:
         return False
     import torch
     return (torch.is_grad_enabled() and arrays[0].dtype == torch.float16
@@ -271,7 +272,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
         t_rows = L.rows2d(target, kind, 1)[0] if prob else target.reshape(-1)
     w = None if weight is None else V.as_float_vector(weight, kind, x)
     w_grad = prob and kind == "torch" and weight is not None and weight.requires_grad and not return_grad
-    rows_mean = not w_grad and _fp16_mean(kind, reduction, return_grad, x, target if prob else None)
+    rows_mean = reduction == "mean" and not w_grad and _fp16_mean(kind, return_grad, x, target if prob else None)
     opts = CrossEntropyOptions(ignore_index, "none" if rows_mean else reduction, float(label_smoothing),
                                float(z_loss), None if softcap is None else float(softcap), bool(inplace_backward))
     w_term = None  # formed before the call: with inplace_backward the call overwrites the logits
@@ -413,7 +414,7 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
         loss = L.loss_as(L.connected(loss, kind, input), ac_dtype, kind)
         return LossGrad(loss, L.zeros(caller[0], tuple(input.shape), kind)) if return_grad else loss
     t, _ = L.rows2d(target, kind, -1)
-    summed = reduction in ("mean", "batchmean") and _fp16_mean(kind, "mean", return_grad, input)
+    summed = reduction in ("mean", "batchmean") and _fp16_mean(kind, return_grad, input)
     res = run("kl_div_logits", kind, be, [x, t],
               KlDivLogitsOptions(float(temperature), bool(target_is_logits), "sum" if summed else reduction),
               return_grad)
@@ -465,7 +466,7 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     dt = target.dtype if op == "bce_with_logits" else L.result_dtype(kind, input, target)
     xin, tin = L.astype(input, dt, kind), L.astype(target, dt, kind)
     xin, tin, bshape = L.broadcast_pair(xin, tin, kind, warn=op == "mse") if broadcast else (xin, tin, None)
-    summed = reduction == "mean" and L.numel(xin, kind) > 0 and _fp16_mean(kind, "mean", return_grad, xin, tin)
+    summed = reduction == "mean" and L.numel(xin, kind) > 0 and _fp16_mean(kind, return_grad, xin, tin)
     red = "sum" if reduction == "batchmean" or summed else reduction
     if L.numel(xin, kind) == 0:
         res = _empty_elementwise(kind, xin, tin, red)
