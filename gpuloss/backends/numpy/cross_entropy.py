@@ -35,7 +35,7 @@ from . import tiling as T
 _ERRS = dict(invalid="ignore", divide="ignore", over="ignore")
 
 
-class _CrossEntropy:
+class _CrossEntropy(T.RowResults):
     """One cross-entropy call: its set-up, then the named steps of the fused
     pass (:meth:`run`)."""
 
@@ -150,13 +150,6 @@ class _CrossEntropy:
         tsub = rs * ((1.0 - eps) * wt_)
         srow = rs * (eps / C) if eps else None
         return loss, coef.astype(self.cd, copy=False), tsub, srow
-
-    def record(self, i, r0, r1, lse, loss) -> None:
-        self.lse_out[r0:r1] = lse
-        if self.loss_rows is not None:
-            self.loss_rows[r0:r1] = loss
-        else:
-            self.psum[i] = loss.sum(dtype=np.float64)
 
     # ---- writing gradients ----------------------------------------------------
     def emit(self, r0, r1, c0, c1, z, e, coef, tsub, srow, ts, q) -> None:

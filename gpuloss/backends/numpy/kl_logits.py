@@ -20,7 +20,7 @@ from ..base import LossResult
 from . import tiling as T
 
 
-class _KlLogits:
+class _KlLogits(T.RowResults):
     """One kl_div_logits call: set-up, then the named steps of the pass."""
 
     def __init__(self, x: np.ndarray, target: np.ndarray, opts: KlDivLogitsOptions, want: Want):
@@ -102,13 +102,6 @@ class _KlLogits:
         if self.logits:
             return lse_x, A / Su - np.log(Su) + lsx, 1.0 / Su, np.ones_like(Su)
         return lse_x, A + Su * lsx, np.ones_like(Su), Su
-
-    def record(self, i, r0, r1, lse, kl) -> None:
-        self.lse_out[r0:r1] = lse
-        if self.loss_rows is not None:
-            self.loss_rows[r0:r1] = kl
-        else:
-            self.psum[i] = kl.sum(dtype=np.float64)
 
     def short_tile(self, i) -> None:
         r0, r1, c0, c1 = self.tiles[i]

@@ -148,6 +148,23 @@ def scratch(name: str, shape: Tuple[int, ...], dtype) -> np.ndarray:
     return buf[:nbytes].view(dtype).reshape(shape)
 
 
+class RowResults:
+    """What a row loss's tiles write (cross-entropy, the KL from logits):
+    ``lse_out`` per row, and the per-row losses into ``loss_rows`` for
+    "none", else their sum into tile ``i``'s slot of ``psum`` (summed in
+    float64 when the tiles are done)."""
+    lse_out: np.ndarray
+    loss_rows: "np.ndarray | None"
+    psum: np.ndarray
+
+    def record(self, i, r0, r1, lse, loss) -> None:
+        self.lse_out[r0:r1] = lse
+        if self.loss_rows is not None:
+            self.loss_rows[r0:r1] = loss
+        else:
+            self.psum[i] = loss.sum(dtype=np.float64)
+
+
 class Tiles:
     """Tiling of an ``(R, C)`` array into ~``block``-element tiles.
 
