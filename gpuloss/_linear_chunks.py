@@ -228,7 +228,10 @@ class _TorchOps:
         return (a * g[:, None]).to(a.dtype)
 
     def mul_(self, a, s):
-        return a.mul_(s)
+        """a *= s, the product in s's precision and rounded once into a's
+        dtype: a 0-d tensor takes no part in type promotion and would be
+        rounded to a bf16 ``a``'s dtype first, so it gets one dimension."""
+        return a.mul_(s.reshape(1) if self.torch.is_tensor(s) and s.dim() == 0 else s)
 
     def zeros_scalar(self, like):
         return self.torch.zeros((), dtype=self.torch.float64, device=like.device)
@@ -385,7 +388,7 @@ class _Loop:
             if isinstance(tok_scale, float):
                 ops.mul_(self.gh, tok_scale)
             else:
-                self.gh *= ops.cast(tok_scale, self.gh)[:, None]
+                ops.mul_(self.gh, tok_scale[:, None])  # per token, rounded once into gh's dtype
 
         def done(acc, like):
             if acc is None:
