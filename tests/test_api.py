@@ -371,3 +371,28 @@ def test_kernels_run_on_the_arrays_gpu(monkeypatch):
     with launch.on_device("numpy", np.zeros(1)):
         pass
     assert entered == [("torch", "cuda:1"), ("cupy", 2), ("torch", "cuda:2")]
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum", "batchmean"])
+@pytest.mark.parametrize("dtype", [np.float16, np.float32])
+def test_numpy_losses_come_back_as_arrays(rng, reduction, dtype):
+    """Arrays in, arrays out: every loss of NumPy arrays is an ndarray (0-d
+    when reduced), with or without its gradient; batchmean and float16 means
+    rescale a 0-d result, which NumPy's arithmetic turns into a scalar."""
+    lp = np.log(rng.dirichlet(np.ones(5), 4)).astype(dtype)
+    p = rng.dirichlet(np.ones(5), 4).astype(dtype)
+    x = rng.standard_normal((4, 5)).astype(dtype)
+    t = rng.integers(0, 5, 4)
+    calls = [lambda **k: gpuloss.kl_div(lp, p, reduction=reduction, **k),
+             lambda **k: gpuloss.kl_div_with_logits(x, x[::-1].copy(), reduction=reduction, **k)]
+    if reduction != "batchmean":
+        calls += [lambda **k: gpuloss.cross_entropy(x, t, reduction=reduction, **k),
+                  lambda **k: gpuloss.cross_entropy(x, p, reduction=reduction, **k),
+                  lambda **k: gpuloss.nll_loss(lp, t, reduction=reduction, **k),
+                  lambda **k: gpuloss.mse_loss(x, p, reduction=reduction, **k),
+                  lambda **k: gpuloss.binary_cross_entropy_with_logits(x, p, reduction=reduction, **k),
+                  lambda **k: gpuloss.binary_cross_entropy(p, p[::-1].copy(), reduction=reduction, **k)]
+    for call in calls:
+        for out in (call(), call(return_grad=True).loss):
+            assert isinstance(out, np.ndarray), type(out)
+            assert out.dtype == dtype and (out.ndim > 0) == (reduction == "none")
