@@ -106,6 +106,23 @@ def _refuse_functorch(named) -> None:
                 f"gpuloss does not support torch.func transforms (grad, vmap, jacrev, ...): {name} is a "
                 f"tensor being transformed; use torch.nn.functional inside torch.func, or torch.autograd "
                 f"(loss.backward(), torch.autograd.grad) with gpuloss")
+    _refuse_forward_ad(named)
+
+
+def _refuse_forward_ad(named) -> None:
+    """Forward-mode AD (``torch.autograd.forward_ad`` dual tensors, as
+    ``torch.func.jvp`` makes): gpuloss's operators have backward formulas
+    only, and torch would return the loss with no tangent at all (a silent
+    zero directional derivative); refuse instead."""
+    from torch.autograd import forward_ad
+    if getattr(forward_ad, "_current_level", -1) < 0:  # no dual level entered: no tangents exist
+        return
+    for name, a in named:
+        if a is not None and forward_ad.unpack_dual(a).tangent is not None:
+            raise NotImplementedError(
+                f"gpuloss does not support forward-mode AD: {name} carries a forward-mode tangent "
+                f"(torch.autograd.forward_ad / torch.func.jvp); use torch.nn.functional for forward-mode "
+                f"derivatives, or reverse mode (loss.backward(), torch.autograd.grad) with gpuloss")
 
 
 def dtype_name(a: Any, kind: str) -> str:

@@ -560,6 +560,29 @@ def test_torch_func_transforms_are_refused_clearly(rng, transform):
         fn(arg)
 
 
+@pytest.mark.parametrize("which", ["cross_entropy", "softmax", "mse_target", "linear_cross_entropy"])
+def test_forward_mode_ad_is_refused_clearly(rng, which):
+    """A forward-mode tangent on any argument is refused: the custom
+    operators have no forward-mode formula and torch returned the loss with
+    no tangent (a silent zero directional derivative)."""
+    import torch.autograd.forward_ad as fwAD
+    x = torch.from_numpy(rng.standard_normal((3, 5)))
+    t = torch.from_numpy(rng.integers(0, 5, 3))
+    w = torch.from_numpy(rng.standard_normal((5, 5)))
+    calls = {"cross_entropy": lambda d: gpuloss.cross_entropy(d, t),
+             "softmax": lambda d: gpuloss.softmax(d, -1),
+             "mse_target": lambda d: gpuloss.mse_loss(x, d),
+             "linear_cross_entropy": lambda d: gpuloss.linear_cross_entropy(x, d, t)}
+    arg = w if which == "linear_cross_entropy" else x
+    with fwAD.dual_level():
+        fn = calls[which]
+        fn(arg)  # no tangent anywhere: runs as usual
+        with pytest.raises(NotImplementedError, match="forward-mode AD"):
+            fn(fwAD.make_dual(arg, torch.ones_like(arg)))
+    with pytest.raises(NotImplementedError, match="torch.func transforms|forward-mode AD"):
+        torch.func.jvp(calls[which], (arg,), (torch.ones_like(arg),))
+
+
 # ---------------------------------------------------------------- float16 "mean": the division after the op
 
 def _fp16_cases(rng):
