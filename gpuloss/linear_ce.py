@@ -153,7 +153,6 @@ def _check_target(target, input, C: int, out: tuple, ignore_index, kind: str):
     if VAL.is_floating(target, kind) and tuple(target.shape) == logits_shape:
         if ignore_index is not None:
             raise ValueError("ignore_index cannot be specified when target contains probabilities")
-        VAL.check_no_grad("target", target, kind, "linear_cross_entropy")
         return True, -100
     want = tuple(input.shape[:-1]) + out
     if not VAL.is_integer(target, kind):
@@ -321,6 +320,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     loss_dtype = VAL.as_float_dtype("loss_dtype", loss_dtype, c.kind)
     if autocast is not None and loss_dtype is None:
         loss_dtype = AC.fp32_op("cross_entropy", kind, device, {"logits": input})[1]
+    if c.prob:
+        input, linear_weight, linear_bias, loss_dtype = _promoted(c.kind, input, linear_weight, linear_bias,
+                                                                  target, weight, loss_dtype)
     logits_shape = tuple(input.shape[:-1]) + (c.C,) + c.out_features
     if math.prod(logits_shape) == 0:
         return Lay.loss_as(_empty(c, input, linear_weight, linear_bias, target, opts, logits_shape, return_grad),
@@ -332,7 +334,10 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if c.kind == "torch":  # the backend chosen once, by name (see gpuloss.functional)
         be = select_name(c.kind, c.device, backend)
         if not return_grad:
-            return _autograd(be, arrays, opts, input, loss_shape, loss_dtype)
+            loss = _autograd(be, arrays, opts, input, loss_shape, loss_dtype)
+            if c.prob and torch_grad_of(target, weight):
+                loss = loss + _prob_target_term(c, h, W, b, t, weight, opts, loss_shape).to(loss.dtype)
+            return loss
         import torch
         from . import torch_ops
         with torch.no_grad():
@@ -349,6 +354,64 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     # (float32 from the op for float16 operands: see gpuloss._linear_chunks)
     return LinearLossGrad(loss, Lay.cast_like(gh.reshape(tuple(input.shape)), input, c.kind),
                           Lay.cast_like(gw, linear_weight, c.kind), Lay.cast_like(gb, linear_bias, c.kind))
+
+
+def _promoted(kind: str, input, linear_weight, linear_bias, target, weight, loss_dtype):
+    """Probability targets: torch promotes the logits, the probabilities and
+    the class weights to one dtype, the loss's.  16-bit operands with float32
+    probabilities keep their matmuls and give the loss as accumulated in
+    float32; float64 probabilities or weights make the whole computation
+    float64."""
+    dt = Lay.result_dtype(kind, *(a for a in (input, target, weight) if a is not None))
+    if dt == input.dtype:
+        return input, linear_weight, linear_bias, loss_dtype
+    if str(dt).replace("torch.", "") == "float64":
+        return (Lay.astype(input, dt, kind), Lay.astype(linear_weight, dt, kind),
+                Lay.astype(linear_bias, dt, kind), loss_dtype)
+    return input, linear_weight, linear_bias, dt if loss_dtype is None else loss_dtype
+
+
+def torch_grad_of(*tensors) -> bool:
+    """Whether autograd is to differentiate the loss into any of these."""
+    import torch
+    return torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in tensors)
+
+
+def _prob_target_term(c: _Call, h, W, b, t, weight, opts: LinearCEOptions, loss_shape):
+    """torch differentiates cross-entropy with probability targets with respect
+    to the probabilities and the class weights: with ``d~ = (1 - eps) d +
+    eps / C`` and ``a = -log_softmax(z)``, ``dL/dd_c = (1 - eps) w_c a_c`` and
+    ``dL/dw_c = d~_c a_c`` per row.  Added to the loss as a term whose value
+    is 0 and whose gradients are those (as gpuloss.functional does for
+    cross_entropy).  The ``a`` come from the logits recomputed chunk by chunk
+    with no graph: one more projection, and an ``N x C`` buffer the size of
+    the probabilities, only when one of them requires grad."""
+    import torch
+    rows = t.shape[0]
+    tokens = h.shape[0]
+    per_token = rows // tokens
+    dt = torch.float64 if torch.float64 in (t.dtype, W.dtype) else torch.float32
+    with torch.no_grad():
+        a = torch.empty((rows, c.C), dtype=dt, device=t.device)
+        for i in range(0, tokens, opts.chunk_size):
+            z = torch.nn.functional.linear(h[i:i + opts.chunk_size], W, b).to(dt).reshape(-1, c.C)
+            if opts.softcap is not None:
+                z = opts.softcap * torch.tanh(z / opts.softcap)
+            a[i * per_token:(i + opts.chunk_size) * per_token] = torch.log_softmax(z, -1).neg_()
+        a = torch.nan_to_num(a)  # a logit of -inf: a finite slope, and the term's value stays 0
+        eps = opts.label_smoothing
+        w = None if weight is None else weight.detach().to(dt)
+    per_row = torch.zeros((rows,), dtype=dt, device=t.device)
+    if t.requires_grad:
+        coef = a * (1 - eps) if w is None else a * (w * (1 - eps))
+        per_row = per_row + (coef * (t.to(dt) - t.detach().to(dt))).sum(-1)
+    if weight is not None and weight.requires_grad:
+        with torch.no_grad():
+            coef = a * (t.detach().to(dt) * (1 - eps) + eps / c.C)
+        per_row = per_row + (coef * (weight.to(dt) - w)).sum(-1)
+    if opts.reduction == "none":
+        return per_row.reshape(loss_shape)
+    return per_row.sum() / (rows if opts.reduction == "mean" else 1)
 
 
 def _empty(c: _Call, input, linear_weight, linear_bias, target, opts: LinearCEOptions, logits_shape, return_grad):

@@ -80,6 +80,57 @@ def test_matches_torch(rng, reduction, case):
         torch.testing.assert_close(g_o, g_t, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", [dict(), dict(out=(3,)), dict(unbatched=True), dict(label_smoothing=0.2)],
+                         ids=["plain", "kdim", "unbatched", "smoothed"])
+@pytest.mark.parametrize("which", ["target", "weight", "both"])
+def test_probability_targets_differentiate_target_and_class_weight(rng, reduction, case, which):
+    """As torch (and gpuloss.cross_entropy), the loss with probability targets
+    is differentiable with respect to the probabilities and the class
+    weights; they were refused (target) or silently left without a gradient
+    (weight)."""
+    case = dict(case)
+    kw = {k: case.pop(k) for k in ("label_smoothing",) if k in case}
+    N, H, C = 7, 5, 11
+    x, W, b, t = _case(rng, N, H, C, prob=True, **case)
+    w = torch.tensor(rng.uniform(0.3, 2.0, C))
+    t.requires_grad_(which in ("target", "both"))
+    w.requires_grad_(which in ("weight", "both"))
+    theirs = _theirs(x, W, t, linear_bias=b, weight=w, reduction=reduction, **kw)
+    ours = gpuloss.linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=reduction, chunk_size=3, **kw)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    go = torch.tensor(rng.standard_normal(tuple(theirs.shape)))
+    params = (x, W, b, t if t.requires_grad else None, w if w.requires_grad else None)
+    for g_o, g_t in zip(_grads(ours, params, go), _grads(theirs, params, go)):
+        torch.testing.assert_close(g_o, g_t, rtol=1e-9, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtypes", [("float32", "float64", None), ("float32", "float32", "float64"),
+                                    ("bfloat16", "float32", None), ("float16", "float16", "float32")])
+def test_probability_targets_promote_the_loss_dtype(rng, dtypes):
+    """torch promotes the logits, probability targets and class weights to
+    one dtype: float64 probabilities or weights make a float64 loss (the
+    computation in float64), float32 ones next to 16-bit operands a float32
+    loss.  The gradients come back in each operand's dtype."""
+    op, tp, wp = (getattr(torch, d) if d else None for d in dtypes)
+    x, W, b, t = _case(rng, 6, 8, 9, prob=True)
+    x, W, b = (a.detach().to(op).requires_grad_() for a in (x, W, b))
+    t = t.to(tp)
+    w = None if wp is None else torch.tensor(rng.uniform(0.5, 2.0, 9)).to(wp)
+    for reduction in ("mean", "none"):
+        ours = gpuloss.linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=reduction)
+        ref = _theirs(*(a.detach().double() for a in (x, W)), t.double(), linear_bias=b.detach().double(),
+                      weight=None if w is None else w.double(), reduction=reduction)
+        want = torch.promote_types(torch.promote_types(op, tp), wp or op)
+        assert ours.dtype == want, (ours.dtype, want)
+        if HAS_TORCH_LCE:
+            assert F.linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=reduction).dtype == want
+        tol = 1e-12 if want == torch.float64 and op != torch.float32 else 1e-5 if op == torch.float32 else 2e-2
+        torch.testing.assert_close(ours.double(), ref, rtol=tol, atol=tol)
+        gx, gW, gb = torch.autograd.grad(ours.sum(), (x, W, b))
+        assert (gx.dtype, gW.dtype, gb.dtype) == (op, op, op)
+
+
 def test_ignore_index_none_means_minus_100(rng):
     """None is -100 for class indices; another ignore_index makes -100 an
     out-of-range class, refused on the CPU (value checks)."""
