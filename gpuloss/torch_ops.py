@@ -279,40 +279,29 @@ def scaled_grad(saved: Tensor, g: Tensor, inplace: bool = False) -> Tensor:
     return torch.mul(saved, g, out=torch.empty_like(saved))
 
 
-class _SecondOrderRefused(torch.autograd.Function):
-    """Marks a gradient that autograd was asked to differentiate again
-    (``create_graph=True``): the losses' backward multiplies a gradient saved
-    by the forward pass, which does not depend on the logits in autograd's
-    eyes, so a second derivative through it would silently miss the term
-    through the logits.  Differentiating it raises instead (as torch's own
-    chunked linear cross-entropy, which does not support higher-order
-    gradients either)."""
-
-    @staticmethod
-    def forward(ctx, name: str, g: Tensor, anchor: Tensor) -> Tensor:
-        # ``anchor``, a leaf that requires grad, makes the result require grad
-        # (the saved gradient and the upstream one need not)
-        ctx.name = name
-        return g.view_as(g)
-
-    @staticmethod
-    def backward(ctx, *unused):
-        raise RuntimeError(
-            f"gpuloss {ctx.name}: second derivatives are not implemented (a gradient computed with "
-            f"create_graph=True is being differentiated again through this loss, and the result would "
-            f"miss the loss's curvature); compute this loss with torch.nn.functional where higher-order "
-            f"gradients are needed")
+class SecondOrderError(RuntimeError):
+    """A loss's gradient was asked for with ``create_graph=True``."""
 
 
 def first_order(name: str, grads):
-    """``grads`` as backward returns them; under ``create_graph=True`` each
-    one is marked so that differentiating it raises (see
-    :class:`_SecondOrderRefused`).  Nothing happens otherwise, nor while
-    torch.compile traces (it refuses double backward itself)."""
-    if not torch.is_grad_enabled() or torch.compiler.is_compiling():
-        return tuple(grads)
-    anchor = torch.zeros((), requires_grad=True)
-    return tuple(g if g is None else _SecondOrderRefused.apply(name, g, anchor) for g in grads)
+    """``grads`` as backward returns them.  Under ``create_graph=True`` (grad
+    mode on inside backward) this raises: the losses' backward multiplies a
+    gradient saved by the forward pass, which does not depend on the logits
+    in autograd's eyes, so any derivative taken through it would silently
+    miss the loss's curvature.  Marking the result and raising only when it
+    is differentiated again is not enough: ``torch.autograd.grad(outer,
+    params)`` runs only the nodes on a path to ``params``, and the marker's
+    path does not lead there, so MAML-style outer gradients and gradient
+    penalties came out silently first-order.  torch's own chunked linear
+    cross-entropy supports no higher-order gradients either.  Nothing happens
+    while torch.compile traces (it refuses double backward itself)."""
+    if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        raise SecondOrderError(
+            f"gpuloss {name}: second derivatives are not implemented: its gradient was asked for with "
+            f"create_graph=True (autograd.grad(..., create_graph=True), backward(create_graph=True), hvp, "
+            f"hessian, gradgradcheck), and any derivative of that gradient would miss the loss's curvature; "
+            f"compute this loss with torch.nn.functional where higher-order gradients are needed")
+    return tuple(grads)
 
 
 def _register_loss_autograd(spec: OpSpec, op) -> None:
@@ -402,6 +391,7 @@ def _linear_bwd(ctx, g_loss: Tensor, *unused):
     "mean"/"sum": saved gradient * upstream, in place (so a second backward
     through the same graph raises) unless ``allow_retain_graph`` or while
     torch.compile traces (where the guard cannot hold, as in torch's own)."""
+    first_order("linear_cross_entropy", ())  # before the saved gradients are scaled in place
     need = ctx.needs_input_grad[:3]
     grads: List[Optional[Tensor]] = [None] * ctx.n_inputs
     if ctx.none:

@@ -489,19 +489,27 @@ def _second_order_cases(rng):
 
 @pytest.mark.parametrize("case", list(_second_order_cases(np.random.default_rng(0))))
 def test_second_derivatives_raise_instead_of_dropping_the_curvature(rng, case):
-    """A gradient taken with create_graph=True and differentiated again would
-    miss the loss's own curvature (backward scales a gradient saved by the
-    forward pass): it raises, naming the loss; first-order gradients and
-    create_graph=True itself are unaffected."""
+    """A loss's gradient asked for with create_graph=True raises, naming the
+    loss: any derivative of it would miss the loss's own curvature (backward
+    scales a gradient saved by the forward pass).  Raising only when that
+    gradient was differentiated again let autograd.grad(outer, W), which
+    runs only the nodes on a path to W, come out silently first-order (a
+    gradient penalty, a MAML outer step).  First-order gradients are
+    unaffected."""
     fn, x0 = _second_order_cases(rng)[case]
     x = x0.clone().requires_grad_()
-    (g,) = torch.autograd.grad(fn(x).sum(), x, create_graph=True)
-    assert g.requires_grad
     with pytest.raises(RuntimeError, match="second derivatives are not implemented"):
-        (g ** 2).sum().backward()
+        torch.autograd.grad(fn(x).sum(), x, create_graph=True)
+    # the silent case: a penalty on the gradient, differentiated with respect to a parameter
+    W = torch.ones(x0.shape[-1], dtype=x0.dtype, requires_grad=True)
+    with pytest.raises(RuntimeError, match="second derivatives are not implemented"):
+        loss = fn(x0 * W).sum()
+        (g,) = torch.autograd.grad(loss, W, create_graph=True)
+        torch.autograd.grad(loss + (g ** 2).sum(), W)
     x1 = x0.clone().requires_grad_()
     (g1,) = torch.autograd.grad(fn(x1).sum(), x1)
-    torch.testing.assert_close(g1, g.detach())
+    ref = x0.clone().requires_grad_()
+    torch.testing.assert_close(g1, torch.autograd.grad(fn(ref).sum(), ref)[0])
 
 
 # ---------------------------------------------------------------- upstream gradients in float32
