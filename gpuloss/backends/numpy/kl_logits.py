@@ -67,6 +67,8 @@ class _KlLogits(T.RowResults):
             np.subtract(eu, xm, out=aux)
             np.exp(eu, out=eu)
             np.multiply(aux, eu, out=aux)
+            # a class the teacher gives no mass (logit -inf) adds nothing: 0 * -inf would be NaN
+            np.copyto(aux, 0, where=eu == 0)
             Su = T.rowsum(eu)
             A = T.rowsum(aux)
             Su[mu == -np.inf] = 0
