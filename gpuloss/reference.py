@@ -336,13 +336,14 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
         raise ValueError(f"temperature must be > 0, got {temperature}")
     x, t = _f64(input), _f64(target)
     logq = log_softmax(x / temperature, -1)
-    if target_is_logits:
-        logd = log_softmax(t / temperature, -1)
-        d = np.exp(logd)
-        row = np.sum(d * (logd - logq), axis=-1)
-    else:
-        d = t
-        row = np.sum(_xlogy(d, d) - d * logq, axis=-1)
+    with np.errstate(invalid="ignore"):  # 0 * -inf, dropped by _no_mass_no_term
+        if target_is_logits:
+            logd = log_softmax(t / temperature, -1)
+            d = np.exp(logd)
+            row = np.sum(_no_mass_no_term(d, d * (logd - logq)), axis=-1)
+        else:
+            d = t
+            row = np.sum(_xlogy(d, d) - _no_mass_no_term(d, d * logq), axis=-1)
     if reduction == "none":
         return row
     if reduction == "sum":
@@ -350,6 +351,13 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
     if reduction == "batchmean":
         return np.asarray(row.sum() / max(row.size, 0)) if row.size else np.asarray(np.nan)
     return np.asarray(row.sum() / x.size) if x.size else np.asarray(np.nan)
+
+
+def _no_mass_no_term(d: Array, terms: Array) -> Array:
+    """KL(d || q)'s convention 0 log(0 / q) = 0: a class the target gives no
+    probability adds nothing, even where the student's logit is -inf (a class
+    masked in both), where 0 * -inf would make the row NaN."""
+    return np.where(d == 0, 0.0, terms)
 
 
 # the public name used by gpuloss.functional and the backends
@@ -378,8 +386,9 @@ def kl_div_with_logits_grad(input, target, temperature: float = 1.0, reduction: 
     if target_is_logits:
         logd = log_softmax(t / T, -1)
         d = np.exp(logd)
-        kl = np.sum(d * (logd - logq), axis=-1, keepdims=True)
-        gt = s * d * (logd - logq - kl) / T
+        with np.errstate(invalid="ignore"):  # 0 * -inf, dropped by _no_mass_no_term
+            kl = np.sum(_no_mass_no_term(d, d * (logd - logq)), axis=-1, keepdims=True)
+            gt = s * _no_mass_no_term(d, d * (logd - logq - kl)) / T
     else:
         d = t
         with np.errstate(divide="ignore"):

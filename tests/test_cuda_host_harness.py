@@ -183,3 +183,26 @@ def test_naive_sums_fail_here(rng, offset):
     with np.errstate(invalid="ignore"):
         bad = ~np.isfinite(naive) | (np.abs(naive - exact) > 10 * rtol * np.abs(exact))
     assert bad.any()
+
+
+@pytest.mark.parametrize("layout", [(1, 32, 1), (2, 32, 4), (8, 32, 8)], ids=lambda l: "K%d-T%d-V%d" % l)
+def test_kl_div_logits_masked_teacher_classes(harness, rng, layout):
+    """A class the teacher gives no probability (logit -inf, or probability
+    0) adds nothing, also where the student's logit is -inf too: merging a
+    masked teacher logit into the running (max, sum) multiplied its -inf
+    term by exp(-inf) = 0, and a zero probability times the student's -inf
+    made the row NaN."""
+    K, T, VEC = layout
+    R, C = 4, 301
+    x = rng.standard_normal((R, C)).astype(np.float32).astype(np.float64)
+    y = rng.standard_normal((R, C)).astype(np.float32).astype(np.float64)
+    y[:, 1::3] = -np.inf
+    y[0, 0] = -np.inf  # the row's first element masked too
+    x[1, 1::6] = -np.inf  # the student's -inf where the teacher has no mass
+    d = ref.softmax(y)
+    for op, aux in (("kl_logits", y), ("kl_prob", d)):
+        loss, g = run(harness, op, x, aux=aux, K=K, T=T, VEC=VEC)
+        want = ref.kl_div_with_logits(x, aux, reduction="none", target_is_logits=op == "kl_logits")
+        assert np.isfinite(want).all() and np.isfinite(loss).all() and np.isfinite(g).all(), op
+        _close(loss, want, op)
+        _close(g, ref.softmax(x) - d, op + " grad")

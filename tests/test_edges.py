@@ -395,18 +395,21 @@ def test_mse_loss_promotes_an_integral_operand_as_torch(backend, rng, tdtype):
 
 @pytest.mark.parametrize("reduction", ["batchmean", "none"])
 def test_kl_div_with_logits_teacher_logits_of_minus_inf(backend, reduction):
-    """A masked teacher logit (-inf: the class has no probability) adds
-    nothing to the divergence, also where the student's logit is -inf too;
-    the NumPy backend gave NaN (0 * -inf) where Triton did not."""
+    """A masked teacher class (logit -inf, or probability 0) adds nothing to
+    the divergence, also where the student's logit is -inf too; the NumPy
+    backend gave NaN (0 * -inf) for teacher logits, every backend for
+    probabilities."""
     inf = float("inf")
     x = _t(backend, [[0.5, 1.0, -0.3, 2.0], [-inf, 1.0, 0.0, 2.0], [0.1, 0.2, 0.3, 0.4]], grad=True)
     t = _t(backend, [[-inf, 0.0, 1.0, 2.0], [-inf, 0.0, 1.0, -inf], [0.0, 0.0, 0.0, 0.0]])
-    ours = gpuloss.kl_div_with_logits(x, t, reduction=reduction, backend=backend.name)
     lp = F.log_softmax(x, -1)
     d = F.softmax(t, -1)
     per_row = torch.where(d > 0, torch.special.xlogy(d, d) - d * lp.where(d > 0, 0), 0).sum(-1)
     theirs = per_row.sum() / x.shape[0] if reduction == "batchmean" else per_row
-    assert torch.isfinite(ours).all()
-    _same(ours, theirs)
     g = torch.randn_like(theirs)
-    _same(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(theirs, x, g)[0])
+    for target, is_logits in ((t, True), (d, False)):
+        ours = gpuloss.kl_div_with_logits(x, target, reduction=reduction, target_is_logits=is_logits,
+                                          backend=backend.name)
+        assert torch.isfinite(ours).all(), is_logits
+        _same(ours, theirs)
+        _same(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(theirs, x, g, retain_graph=True)[0])

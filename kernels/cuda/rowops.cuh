@@ -415,7 +415,8 @@ template <class D, bool TLOGITS, bool FAST = false> struct KlLogitsOp {
         if (mn != -gl_inf<A>()) {
             A fa = ExpSum<FAST>()(a.a0 - mn), fb = ExpSum<FAST>()(b0 - mn);
             a.a1 = a.a1 * fa + b1 * fb;
-            a.a2 = a.a2 * fa + b2 * fb;
+            // a weight of 0 (a masked teacher class, y' = -inf) drops its term: -inf * 0 would be NaN
+            a.a2 = (fa == (A)0 ? (A)0 : a.a2 * fa) + (fb == (A)0 ? (A)0 : b2 * fb);
         }
         a.a0 = mn;
     }
@@ -436,7 +437,7 @@ template <class D, bool TLOGITS, bool FAST = false> struct KlLogitsOp {
             A yp = y * inv_t;
             merge_y(st, yp, (A)1, yp - zc);
         } else {
-            st.a0 += y * rel(zc, st.m);
+            if (y != (A)0) st.a0 += y * rel(zc, st.m);  // no probability, no term (z may be -inf)
             st.a1 += y;
             st.a2 += y == (A)0 ? (A)0 : y * gl_log(y);
         }

@@ -79,7 +79,8 @@ def kl_div_logits_kernel(
             F = F + tl.where(D == 0.0, 0.0, (bx_old - bx) * D)
             D += tl.sum(d, 0)
             E += tl.sum(tl.where(d == 0.0, 0.0, d * tl.log(d)), 0)
-            F += tl.sum(tl.where(mask, d * (x - bx), 0.0), 0)
+            # a class with no probability adds nothing, whatever the student's logit (-inf: 0 * -inf)
+            F += tl.sum(tl.where(mask & (d != 0.0), d * (x - bx), 0.0), 0)
     bx = tl.where(mx == float("-inf"), 0.0, mx)
     log_sx = tl.log(sx)
     if TARGET_IS_LOGITS:

@@ -79,6 +79,7 @@ class _KlLogits(T.RowResults):
         np.multiply(aux, u, out=aux)
         tmp = T.scratch("dot", u.shape, cd)
         np.multiply(u, xm, out=tmp)
+        np.copyto(tmp, 0, where=u == 0)  # no probability, no term, whatever the student's logit (-inf)
         np.subtract(aux, tmp, out=aux)
         return None, T.rowsum(u), T.rowsum(aux), u
 
