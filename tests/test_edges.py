@@ -413,3 +413,22 @@ def test_kl_div_with_logits_teacher_logits_of_minus_inf(backend, reduction):
         assert torch.isfinite(ours).all(), is_logits
         _same(ours, theirs)
         _same(torch.autograd.grad(ours, x, g)[0], torch.autograd.grad(theirs, x, g, retain_graph=True)[0])
+
+
+@pytest.mark.parametrize("kw", [{}, {"label_smoothing": 0.1}, {"reduction": "none"}, {"weight": True}],
+                         ids=["plain", "smoothed", "none", "weighted"])
+def test_probability_target_gradient_without_the_input_gradient(backend, rng, kw):
+    """The gradient with respect to probability targets when the logits need
+    none: the Triton two-pass kernel wrote the target's gradient only in the
+    pass it ran for the logits' gradient, and returned an uninitialised
+    buffer."""
+    kw = dict(kw)
+    x = _t(backend, rng.standard_normal((5, 37)))
+    t = _t(backend, rng.dirichlet(np.ones(37), 5), grad=True)
+    if kw.pop("weight", False):
+        kw["weight"] = _t(backend, rng.uniform(0.5, 2.0, 37))
+    ours = gpuloss.cross_entropy(x, t, backend=backend.name, **kw)
+    theirs = F.cross_entropy(x, t, **kw)
+    _same(ours, theirs)
+    g = torch.randn_like(theirs) if theirs.dim() else None
+    _same(torch.autograd.grad(ours, t, g)[0], torch.autograd.grad(theirs, t, g)[0])

@@ -187,29 +187,31 @@ def _row_coefs(t, z_t, w_t, m, ssum, A, B, s, n_cols, ignore_index, eps, z_loss,
 
 @triton.jit
 def _block_grads(x, z, p, cols, mask, d, W_ptr, cp, ct, cw, t, eps, n_cols, cap, shift, log_s, s,
-                 G_row, GT_row, WANT_GRAD_TARGET: tl.constexpr,
+                 G_row, GT_row, WANT_GRAD: tl.constexpr, WANT_GRAD_TARGET: tl.constexpr,
                  PROB_TARGET: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTHING: tl.constexpr,
                  HAS_SOFTCAP: tl.constexpr, ACC: tl.constexpr):
-    """Write dx (and dd) for one block of a row, in fp32/fp64, rounded at the
-    store.  z - lse is formed as (z - shift) - log S (see the module
-    docstring); the softcap factor sech(x / cap)**2 comes from x."""
-    g = cp * p
-    if PROB_TARGET or HAS_SMOOTHING:
-        if HAS_WEIGHT:
-            w = tl.load(W_ptr + cols, mask=mask, other=0.0).to(ACC)
-        else:
-            w = tl.full((), 1.0, ACC)
-        if PROB_TARGET:
-            if HAS_SMOOTHING:
-                w = w * (d * (1.0 - eps) + eps / n_cols)
+    """Write dx (WANT_GRAD) and dd (WANT_GRAD_TARGET) for one block of a
+    row, in fp32/fp64, rounded at the store.  z - lse is formed as
+    (z - shift) - log S (see the module docstring); the softcap factor
+    sech(x / cap)**2 comes from x."""
+    if WANT_GRAD:
+        g = cp * p
+        if PROB_TARGET or HAS_SMOOTHING:
+            if HAS_WEIGHT:
+                w = tl.load(W_ptr + cols, mask=mask, other=0.0).to(ACC)
             else:
-                w = w * d
-        g = g - cw * w
-    if not PROB_TARGET:
-        g = g - tl.where(cols == t, ct, 0.0)
-    if HAS_SOFTCAP:
-        g = g * softcap_grad_factor(x, cap, HAS_SOFTCAP)
-    tl.store(G_row + cols, g.to(G_row.dtype.element_ty), mask=mask)
+                w = tl.full((), 1.0, ACC)
+            if PROB_TARGET:
+                if HAS_SMOOTHING:
+                    w = w * (d * (1.0 - eps) + eps / n_cols)
+                else:
+                    w = w * d
+            g = g - cw * w
+        if not PROB_TARGET:
+            g = g - tl.where(cols == t, ct, 0.0)
+        if HAS_SOFTCAP:
+            g = g * softcap_grad_factor(x, cap, HAS_SOFTCAP)
+        tl.store(G_row + cols, g.to(G_row.dtype.element_ty), mask=mask)
     if PROB_TARGET and WANT_GRAD_TARGET:
         if HAS_WEIGHT:
             wc = tl.load(W_ptr + cols, mask=mask, other=0.0).to(ACC)
@@ -272,7 +274,7 @@ def cross_entropy_twopass_kernel(
                                   PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, ACC)
     tl.store(Loss_ptr + row, loss.to(Loss_ptr.dtype.element_ty))
     tl.store(Lse_ptr + row, lse.to(Lse_ptr.dtype.element_ty))
-    if WANT_GRAD:
+    if WANT_GRAD or WANT_GRAD_TARGET:  # the target's gradient is written in this pass too
         # p from (z - max) / sum, not z - lse: fp32 lse swallows log(sum)
         # when |max| >> log(sum)
         shift = tl.where(m == float("-inf"), 0.0, m)
@@ -291,7 +293,7 @@ def cross_entropy_twopass_kernel(
             if PROB_TARGET:
                 d = tl.load(T_row + cols, mask=mask, other=0.0).to(ACC)
             _block_grads(x, z, p, cols, mask, d, W_ptr, cp, ct, cw, t, eps, n_cols, softcap, shift, log_s, s,
-                         G_row, GT_row, WANT_GRAD_TARGET,
+                         G_row, GT_row, WANT_GRAD, WANT_GRAD_TARGET,
                          PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
 
 
@@ -366,7 +368,7 @@ def cross_entropy_onchip_kernel(
     z = softcap_logits(x, softcap, HAS_SOFTCAP)
     p = tl.exp(z - shift) / ssum
     _block_grads(x, z, p, cols, mask, d, W_ptr, cp, ct, cw, t, eps, n_cols, softcap, shift, tl.log(ssum), s,
-                 G_ptr + row * G_row_stride, GT_ptr + row * GT_row_stride, WANT_GRAD_TARGET,
+                 G_ptr + row * G_row_stride, GT_ptr + row * GT_row_stride, True, WANT_GRAD_TARGET,
                  PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_SOFTCAP, ACC)
 
 
