@@ -204,7 +204,9 @@ def as_index_target(name: str, target: Any, kind: str) -> Any:
 
 
 def _device_values_allowed(target: Any, kind: str) -> bool:
-    """Whether reading ``target``'s values is allowed now (gpuloss.config)."""
+    """Whether reading ``target``'s values on the host is allowed now
+    (gpuloss.config).  Not while torch.compile traces: there a CPU tensor's
+    check goes into the graph instead (:func:`_traced_check`)."""
     if kind == "numpy":
         return True
     if kind == "torch":
@@ -225,11 +227,16 @@ def check_class_targets(name: str, target: Any, kind: str, C: int, ignore_index:
     n = target.numel() if kind == "torch" else target.size
     if n == 0:
         return
-    if not _device_values_allowed(target, kind):
+    traced = _traced_check(target, kind)
+    if not traced and not _device_values_allowed(target, kind):
         return
     if dtype_name(target, kind) != "int64":  # compare in int64: an ignore_index beyond int32 must not wrap
         target = target.to(sys.modules["torch"].int64) if kind == "torch" else target.astype("int64")
     bad = ((target < 0) | (target >= C)) & (target != ignore_index)
+    if traced:
+        sys.modules["torch"]._assert_async(~bad.any(), f"{name} contains a class index outside [0, {C}) and "
+                                                      f"not ignore_index={ignore_index}")
+        return
     if bool(bad.any()):
         first = target[bad].reshape(-1)[0]
         first = int(first.item()) if hasattr(first, "item") else int(first)
@@ -237,14 +244,29 @@ def check_class_targets(name: str, target: Any, kind: str, C: int, ignore_index:
                          f"ignore_index={ignore_index}")
 
 
+def _traced_check(a: Any, kind: str) -> bool:
+    """A CPU tensor while torch.compile traces: its value check becomes an
+    assertion inside the graph (``torch._assert_async``, a RuntimeError at
+    run time), as torch's own kernels check CPU targets in compiled code.
+    Never on a GPU: a failed device-side assertion kills the CUDA context."""
+    if kind != "torch":
+        return False
+    import torch
+    return torch.compiler.is_compiling() and a.device.type == "cpu"
+
+
 def check_unit_interval(name: str, a: Any, kind: str) -> None:
     """Every value of ``a`` in [0, 1] (binary_cross_entropy's probabilities
     and targets, as torch checks them; NaN fails).  A value check: it follows
     ``gpuloss.config``'s mode on a GPU."""
     n = a.numel() if kind == "torch" else a.size
-    if n == 0 or not _device_values_allowed(a, kind):
+    traced = n > 0 and _traced_check(a, kind)
+    if n == 0 or not (traced or _device_values_allowed(a, kind)):
         return
     ok = (a >= 0) & (a <= 1)
+    if traced:
+        sys.modules["torch"]._assert_async(ok.all(), f"all elements of {name} should be between 0 and 1")
+        return
     if not bool(ok.all()):
         raise ValueError(f"all elements of {name} should be between 0 and 1")
 

@@ -200,6 +200,29 @@ def test_public_functions_compile(rng):
     torch.testing.assert_close(grads[1][1], grads[0][1], **tol("float32"))
 
 
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss", "linear_cross_entropy", "binary_cross_entropy"])
+def test_value_checks_of_cpu_tensors_hold_when_compiled(rng, fn):
+    """CPU tensors are always value-checked: compiled, the check is an
+    assertion inside the graph (no graph break), and a class index outside
+    [0, C) or a BCE probability outside [0, 1] raises instead of giving a
+    silent NaN."""
+    x = torch.from_numpy(rng.standard_normal((4, C))).float()
+    W = torch.from_numpy(rng.standard_normal((C, C))).float()
+    good, bad = torch.tensor([1, 0, 2, 3]), torch.tensor([1, 0, C + 4, 3])
+    calls = {"cross_entropy": lambda t: gpuloss.cross_entropy(x, t),
+             "nll_loss": lambda t: gpuloss.nll_loss(x, t),
+             "linear_cross_entropy": lambda t: gpuloss.linear_cross_entropy(x, W, t),
+             "binary_cross_entropy": lambda p: gpuloss.binary_cross_entropy(p, torch.full_like(p, 0.5))}
+    if fn == "binary_cross_entropy":
+        good, bad = torch.sigmoid(x), torch.sigmoid(x) + 1.0
+    call = calls[fn]
+    assert torch._dynamo.explain(call)(good).graph_break_count == 0
+    compiled = _compiled(call)
+    torch.testing.assert_close(compiled(good), call(good))
+    with pytest.raises(RuntimeError, match="class index outside|between 0 and 1"):
+        compiled(bad)
+
+
 def test_public_functions_compile_with_dynamic_shapes(rng):
     """torch.compile(dynamic=True, fullgraph=True): symbolic batch sizes and
     option floats reach gpuloss's checks and backend choice without a graph
