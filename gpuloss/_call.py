@@ -6,7 +6,6 @@ formed (:func:`finish`).  Shared by :mod:`gpuloss.functional`; nothing here
 validates arguments or knows an op's math."""
 from __future__ import annotations
 
-import warnings
 from typing import Any, List, NamedTuple, Optional, Union
 
 import numpy as np
@@ -66,16 +65,25 @@ def wants(return_grad: Union[bool, str]):
     return bool(return_grad), return_grad == "all"
 
 
+def deprecated_mean(reduction, stacklevel: int = 3):
+    """torch's old spelling of "mean" (``torch.nn._reduction.get_enum``)."""
+    if isinstance(reduction, str) and reduction == "elementwise_mean":
+        L.user_warning("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.", stacklevel)
+        return "mean"
+    return reduction
+
+
 def legacy_reduction(size_average, reduce, reduction: str) -> str:
-    """PyTorch's deprecated ``size_average``/``reduce`` arguments."""
+    """PyTorch's deprecated ``size_average``/``reduce`` arguments, and its
+    deprecated ``reduction="elementwise_mean"`` ("mean"), with its warnings."""
     if size_average is None and reduce is None:
-        return reduction
-    warnings.warn("size_average and reduce are deprecated, use reduction instead", UserWarning, stacklevel=3)
+        return deprecated_mean(reduction, stacklevel=4)
     size_average = True if size_average is None else size_average
     reduce = True if reduce is None else reduce
-    if not reduce:
-        return "none"
-    return "mean" if size_average else "sum"
+    reduction = "none" if not reduce else "mean" if size_average else "sum"
+    L.user_warning(f"size_average and reduce args will be deprecated, please use reduction='{reduction}' instead.",
+                   stacklevel=3)
+    return reduction
 
 
 def run(op: str, kind: str, be, arrays: List[Any], opts: Any, return_grad=False):

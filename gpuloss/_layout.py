@@ -108,6 +108,17 @@ def write_back(grad, input, kind: str):
     return input
 
 
+def user_warning(message: str, stacklevel: int) -> None:
+    """``warnings.warn`` (a UserWarning, ``stacklevel`` counted from the
+    caller of ``warn``), except while torch.compile traces: dynamo cannot
+    trace ``warnings.warn`` in user code, and the call would break the graph
+    (``fullgraph=True`` raises) where torch's own function compiles."""
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.compiler.is_compiling():
+        return
+    warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
+
+
 def broadcast_pair(input, target, kind: str, warn: bool):
     """``(input, target, shape)`` expanded to their common shape, as torch's
     ``mse_loss`` and ``kl_div`` broadcast them (``mse_loss`` with torch's
@@ -121,9 +132,10 @@ def broadcast_pair(input, target, kind: str, warn: bool):
         raise ValueError(f"target of shape {tuple(target.shape)} does not broadcast with input of shape "
                          f"{tuple(input.shape)}") from None
     if warn:
-        warnings.warn(f"Using a target size ({tuple(target.shape)}) that is different to the input size "
-                      f"({tuple(input.shape)}). This will likely lead to incorrect results due to broadcasting. "
-                      f"Please ensure they have the same size.", UserWarning, stacklevel=4)
+        shapes = (target.shape, input.shape) if kind == "torch" else (tuple(target.shape), tuple(input.shape))
+        user_warning(f"Using a target size ({shapes[0]}) that is different to the input size ({shapes[1]}). "
+                     f"This will likely lead to incorrect results due to broadcasting. "
+                     f"Please ensure they have the same size.", stacklevel=4)
     if kind == "torch":
         return input.expand(shape), target.expand(shape), shape
     return xp(kind).broadcast_to(input, shape), xp(kind).broadcast_to(target, shape), shape

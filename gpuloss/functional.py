@@ -70,8 +70,17 @@ def _cast_dtype(input, dtype, kind: str):
     return input.to(dt) if kind == "torch" else input.astype(dt, copy=False)
 
 
+def implicit_softmax_dim(name: str, ndim: int, stacklevel: int = 4) -> int:
+    """torch's rule for ``dim=None`` (deprecated there, with this warning)."""
+    L.user_warning(f"Implicit dimension choice for {name} has been deprecated. "
+                   f"Change the call to include dim=X as an argument.", stacklevel=stacklevel)
+    return 0 if ndim in (0, 1, 3) else 1
+
+
 def _softmax_common(input, dim, dtype, backend, log: bool):
     kind, device = classify([("input", input)])
+    if dim is None:
+        dim = implicit_softmax_dim("log_softmax" if log else "softmax", input.ndim)
     input = _cast_dtype(input, AC.softmax_dtype(kind, device, input, dtype), kind)
     V.check_floating("input", input, kind)
     V.check_dim("dim", dim, input.ndim)
@@ -82,15 +91,16 @@ def _softmax_common(input, dim, dtype, backend, log: bool):
     return L.from_rows(run("softmax_forward", kind, be, [rows], SoftmaxOptions(log)), kind, layout)
 
 
-def softmax(input, dim: int = -1, *, dtype=None, backend: Optional[str] = None):
+def softmax(input, dim: Optional[int] = None, *, dtype=None, backend: Optional[str] = None):
     """softmax along ``dim``: ``exp(x_i) / sum_k exp(x_k)``, computed as
     ``exp(x_i - max) / sum exp(x_k - max)`` in float32 (float64 for float64).
 
     Parameters
     ----------
     input : array (NumPy, CuPy or torch), floating, any shape
-    dim : the dimension to normalise (default: the last, unlike torch's
-        implicit-dim warning path)
+    dim : the dimension to normalise.  None (the default, as torch's) takes
+        torch's deprecated implicit choice with its warning: dimension 0 for
+        0-, 1- and 3-D input, else 1; pass ``dim`` (e.g. -1)
     dtype : as torch's: cast ``input`` to this floating dtype first (and
         return that dtype)
     backend : "numpy" | "triton" | "cupy" | None (automatic)
@@ -98,7 +108,7 @@ def softmax(input, dim: int = -1, *, dtype=None, backend: Optional[str] = None):
     return _softmax_common(input, dim, dtype, backend, log=False)
 
 
-def log_softmax(input, dim: int = -1, *, dtype=None, backend: Optional[str] = None):
+def log_softmax(input, dim: Optional[int] = None, *, dtype=None, backend: Optional[str] = None):
     """log_softmax along ``dim``: ``x_i - logsumexp(x)``; ``dtype`` as in :func:`softmax`."""
     return _softmax_common(input, dim, dtype, backend, log=True)
 
@@ -367,6 +377,10 @@ def kl_div(input, target, size_average=None, reduce=None, reduction: str = "mean
     (``exp(target) * (target - input)`` with ``log_target``).  Reductions
     "none", "mean" (over elements), "sum", "batchmean" (sum / input.shape[0]).
     input and target broadcast against each other, as in torch."""
+    if size_average is None and reduce is None and isinstance(reduction, str) and reduction == "mean":
+        L.user_warning("reduction: 'mean' divides the total loss by both the batch size and the support size."
+                       "'batchmean' divides only by the batch size, and aligns with the KL div math definition."
+                       "'mean' will be changed to behave the same as 'batchmean' in the next major release.", 2)
     reduction = legacy_reduction(size_average, reduce, reduction)
     V.check_bool("log_target", log_target)
     return _elementwise("kl_div", input, target, reduction, return_grad, backend,

@@ -44,6 +44,7 @@ from . import _layout as Lay
 from . import _validate as VAL
 from . import launch
 from ._arrays import classify, dtype_name
+from ._call import deprecated_mean
 from ._linear_chunks import default_chunk_size
 from .dispatch import select, select_name
 from .ops import LinearCEOptions, LinearWant
@@ -201,6 +202,7 @@ def _resolve_options(options, chunk_size, acc_dtype, n_tokens: int, H: int, voca
 
 def _prepare(kind, device, input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
              label_smoothing, options, z_loss, softcap, chunk_size, acc_dtype, allow_retain_graph, autocast: bool):
+    reduction = deprecated_mean(reduction, stacklevel=4)
     VAL.check_reduction(reduction)
     C, out = _check_shapes(input, linear_weight, linear_bias, kind)
     prob, ii = _check_target(target, input, C, out, ignore_index, kind)
@@ -347,7 +349,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         want = LinearWant(True, True, b is not None) if return_grad else LinearWant()
         loss, gh, gw, gb = launch.run(select(c.kind, c.device, backend), "linear_cross_entropy", arrays, opts,
                                       want, c.kind)
-    loss = _loss_out(loss, c.kind, input, loss_shape, reduction, loss_dtype)
+    loss = _loss_out(loss, c.kind, input, loss_shape, opts.reduction, loss_dtype)
     if not return_grad:
         return loss
     gw, gb = _from_op_layout(c, gw, gb, linear_weight)

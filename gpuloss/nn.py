@@ -19,7 +19,6 @@ Importing this module imports torch (``import gpuloss`` does not).
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Optional, Tuple
 
 import torch
@@ -160,13 +159,6 @@ class KLDivWithLogitsLoss(torch.nn.Module):
                 f"target_is_logits={self.target_is_logits}")
 
 
-def _implicit_softmax_dim(name: str, ndim: int) -> int:
-    """torch's rule for ``dim=None`` (deprecated there, with this warning)."""
-    warnings.warn(f"Implicit dimension choice for {name} has been deprecated. "
-                  f"Change the call to include dim=X as an argument.", stacklevel=3)
-    return 0 if ndim in (0, 1, 3) else 1
-
-
 class _SoftmaxOnGpuloss:
     """``torch.nn.Softmax`` / ``LogSoftmax`` with forward on gpuloss
     (differentiable through the backend's softmax_backward).  ``dim=None``
@@ -181,7 +173,7 @@ class _SoftmaxOnGpuloss:
         self.backend = backend
 
     def forward(self, input: Tensor) -> Tensor:
-        dim = self.dim if self.dim is not None else _implicit_softmax_dim(self._fn, input.dim())
+        dim = self.dim if self.dim is not None else F.implicit_softmax_dim(self._fn, input.dim(), 3)
         return getattr(F, self._fn)(input, dim, dtype=getattr(self, "dtype", None), backend=self.backend)
 
 

@@ -223,6 +223,52 @@ def test_value_checks_of_cpu_tensors_hold_when_compiled(rng, fn):
         compiled(bad)
 
 
+def _warning_calls(rng):
+    """Calls on which torch warns: (gpuloss's, torch's) for the same arguments."""
+    F = torch.nn.functional
+    x = torch.from_numpy(rng.standard_normal((3, 5, 2))).float()
+    t = torch.from_numpy(rng.integers(0, 5, (3, 2)))
+    col = torch.from_numpy(rng.standard_normal((3, 1, 2))).float()
+    p = torch.from_numpy(rng.dirichlet(np.ones(5), (3, 2))).float().movedim(-1, 1)
+    W = torch.from_numpy(rng.standard_normal((5, 2))).float()
+    return {
+        "mse broadcast": (lambda a: gpuloss.mse_loss(a, col), lambda a: F.mse_loss(a, col)),
+        "softmax dim=None": (lambda a: gpuloss.softmax(a), lambda a: F.softmax(a)),
+        "log_softmax dim=None": (lambda a: gpuloss.log_softmax(a[0]), lambda a: F.log_softmax(a[0])),
+        "nn.Softmax()": (lambda a: gnn.Softmax()(a), lambda a: torch.nn.Softmax()(a)),
+        "size_average": (lambda a: gpuloss.cross_entropy(a, t, size_average=False),
+                         lambda a: F.cross_entropy(a, t, size_average=False)),
+        "elementwise_mean": (lambda a: gpuloss.nll_loss(a, t, reduction="elementwise_mean"),
+                             lambda a: F.nll_loss(a, t, reduction="elementwise_mean")),
+        "kl_div mean": (lambda a: gpuloss.kl_div(a, p), lambda a: F.kl_div(a, p)),
+        "linear CE elementwise_mean": (
+            lambda a: gpuloss.linear_cross_entropy(a[:, 0], W, t[:, 0], reduction="elementwise_mean"),
+            lambda a: F.cross_entropy(a[:, 0] @ W.T, t[:, 0], reduction="elementwise_mean")),
+    }
+
+
+@pytest.mark.parametrize("case", list(_warning_calls(np.random.default_rng(0))))
+def test_calls_that_warn_give_torchs_result_and_warning_and_compile(rng, case):
+    """Where torch warns (deprecated arguments, implicit softmax dim, mse
+    broadcasting, kl_div "mean") gpuloss gives torch's result with torch's
+    warning, and compiles with fullgraph=True as torch does (dynamo cannot
+    trace warnings.warn: the warning is not raised while tracing)."""
+    import warnings
+    ours, theirs = _warning_calls(rng)[case]
+    x = torch.from_numpy(rng.standard_normal((3, 5, 2))).float()
+    with warnings.catch_warnings(record=True) as ours_w:
+        warnings.simplefilter("always")
+        got = ours(x)
+    with warnings.catch_warnings(record=True) as theirs_w:
+        warnings.simplefilter("always")
+        want = theirs(x)
+    torch.testing.assert_close(got, want, **tol("float32"))
+    assert {str(w.message) for w in theirs_w} <= {str(w.message) for w in ours_w}, \
+        ([str(w.message) for w in ours_w], [str(w.message) for w in theirs_w])
+    assert torch._dynamo.explain(ours)(x).graph_break_count == 0
+    torch.testing.assert_close(_compiled(ours)(x), want, **tol("float32"))
+
+
 def test_public_functions_compile_with_dynamic_shapes(rng):
     """torch.compile(dynamic=True, fullgraph=True): symbolic batch sizes and
     option floats reach gpuloss's checks and backend choice without a graph
