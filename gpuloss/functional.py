@@ -458,6 +458,7 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     caller_input, caller_target = input, target
     if op == "mse":  # torch promotes an integer or bool operand to the other's floating dtype
         input, target = _integral_promoted(kind, input, target)
+    named_weights = {name: _integral_weight(kind, name, w, input) for name, w in named_weights.items()}
     args, ac_dtype = AC.fp32_op(op, kind, device, dict(input=input, target=target, **named_weights))
     input, target = args.pop("input"), args.pop("target")
     named_weights = args
@@ -521,6 +522,18 @@ def _integral_promoted(kind: str, input, target):
     if ft and not fx and _is_numeric(input, kind):
         return L.astype(input, target.dtype, kind), target
     return input, target
+
+
+def _integral_weight(kind: str, name: str, w, input):
+    """The BCE losses' ``weight`` / ``pos_weight`` as torch takes them: an
+    integer (or, for ``weight``, bool) array in input's floating dtype.  A
+    bool ``pos_weight`` is refused, as torch refuses it (it subtracts 1)."""
+    if w is None or V.is_floating(w, kind) or not _is_numeric(w, kind) or not V.is_floating(input, kind):
+        return w
+    if name == "pos_weight" and str(w.dtype).replace("torch.", "") == "bool":
+        raise TypeError("pos_weight must be a floating-point or integer array, got bool (torch subtracts 1 "
+                        "from it, which a bool tensor does not support)")
+    return L.astype(w, input.dtype, kind)
 
 
 def _is_numeric(a, kind: str) -> bool:

@@ -432,3 +432,30 @@ def test_probability_target_gradient_without_the_input_gradient(backend, rng, kw
     _same(ours, theirs)
     g = torch.randn_like(theirs) if theirs.dim() else None
     _same(torch.autograd.grad(ours, t, g)[0], torch.autograd.grad(theirs, t, g)[0])
+
+
+@pytest.mark.parametrize("fn", ["bce_with_logits", "bce"])
+@pytest.mark.parametrize("wdtype", [torch.int64, torch.int32, torch.bool])
+def test_integer_and_bool_bce_weights_as_torch(backend, rng, fn, wdtype):
+    """torch takes integer or bool BCE weights (and an integer pos_weight) in
+    the input's dtype; gpuloss refused them.  A bool pos_weight is refused
+    by both."""
+    x = _t(backend, rng.standard_normal((4, 5)), torch.float32, grad=True)
+    y = _t(backend, rng.random((4, 5)), torch.float32)
+    w = _t(backend, rng.integers(0, 3, 5), wdtype)
+    ours_fn = gpuloss.binary_cross_entropy_with_logits if fn == "bce_with_logits" else gpuloss.binary_cross_entropy
+    theirs_fn = F.binary_cross_entropy_with_logits if fn == "bce_with_logits" else F.binary_cross_entropy
+    inp = x if fn == "bce_with_logits" else torch.sigmoid(x)
+    kw = {"weight": w}
+    if fn == "bce_with_logits" and wdtype != torch.bool:
+        kw["pos_weight"] = _t(backend, rng.integers(1, 4, 5), wdtype)
+    ours = ours_fn(inp, y, backend=backend.name, **kw)
+    theirs = theirs_fn(inp, y, **kw)
+    _same(ours, theirs, rtol=1e-6, atol=1e-6)
+    _same(torch.autograd.grad(ours, x, retain_graph=True)[0], torch.autograd.grad(theirs, x)[0], rtol=1e-6,
+          atol=1e-7)
+    if fn == "bce_with_logits" and wdtype == torch.bool:
+        with pytest.raises((TypeError, RuntimeError)):
+            theirs_fn(x, y, pos_weight=w)
+        with pytest.raises(TypeError, match="pos_weight"):
+            ours_fn(x, y, pos_weight=w, backend=backend.name)
