@@ -159,6 +159,14 @@ def _ce_target_shape(input: Any) -> tuple:
     return (input.shape[0],) + tuple(input.shape[2:])
 
 
+def unbatched_index_target(target: Any, kind: str, input_ndim: int) -> Any:
+    """torch takes a (1,) class-index target next to one unbatched row (input
+    (C,), or (H,) for the linear cross-entropy) as the row's (); so do we."""
+    if input_ndim == 1 and tuple(target.shape) == (1,) and is_integer(target, kind):
+        return target.reshape(())
+    return target
+
+
 def check_ce_target(name: str, target: Any, kind: str, input: Any, ignore_index: int = -100) -> bool:
     """True for probability targets, False for class indices; raises otherwise
     (probability targets take no ignore_index >= 0, as in torch)."""

@@ -254,6 +254,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     caller_input = input
     (input, target, weight), ac_dtype = _fp32_op("cross_entropy", kind, device, input=input, target=target,
                                                          weight=weight)
+    target = V.unbatched_index_target(target, kind, input.ndim)
     prob = V.check_ce_target("target", target, kind, input, ignore_index)
     V.check_weight("weight", weight, kind, C, input, prob)
     V.check_ce_options(label_smoothing, z_loss, softcap)
@@ -342,6 +343,7 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = 
                                                               reduction, ignore_index)
     caller_input = input
     (input, target, weight), ac_dtype = _fp32_op("nll_loss", kind, device, input=input, target=target, weight=weight)
+    target = V.unbatched_index_target(target, kind, input.ndim)
     V.check_index_target("target", target, kind, input)
     V.check_weight("weight", weight, kind, C, input)
     wants(return_grad)

@@ -149,13 +149,14 @@ def _check_shapes(input, linear_weight, linear_bias, kind: str):
 
 
 def _check_target(target, input, C: int, out: tuple, ignore_index, kind: str):
-    """(prob, ignore_index as an int)."""
+    """(target, prob, ignore_index as an int); target () for (1,) next to unbatched input."""
     logits_shape = tuple(input.shape[:-1]) + (C,) + out
     if VAL.is_floating(target, kind) and tuple(target.shape) == logits_shape:
         if ignore_index is not None:
             raise ValueError("ignore_index cannot be specified when target contains probabilities")
-        return True, -100
+        return target, True, -100
     want = tuple(input.shape[:-1]) + out
+    target = VAL.unbatched_index_target(target, kind, input.ndim)
     if not VAL.is_integer(target, kind):
         raise TypeError(f"target must hold integer class indices of shape {want}, or probabilities of the "
                         f"logits' shape {logits_shape}; got {dtype_name(target, kind)} of shape "
@@ -163,7 +164,7 @@ def _check_target(target, input, C: int, out: tuple, ignore_index, kind: str):
     if tuple(target.shape) != want:
         raise ValueError(f"target has shape {tuple(target.shape)} but class-index targets for input "
                          f"{tuple(input.shape)} and linear_weight {(C, *out, input.shape[-1])} need shape {want}")
-    return False, -100 if ignore_index is None else VAL.check_ignore_index("ignore_index", ignore_index)
+    return target, False, -100 if ignore_index is None else VAL.check_ignore_index("ignore_index", ignore_index)
 
 
 def _resolve_options(options, chunk_size, acc_dtype, n_tokens: int, H: int, vocab: int, weight, kind: str,
@@ -205,7 +206,7 @@ def _prepare(kind, device, input, linear_weight, target, linear_bias, weight, re
     reduction = deprecated_mean(reduction, stacklevel=4)
     VAL.check_reduction(reduction)
     C, out = _check_shapes(input, linear_weight, linear_bias, kind)
-    prob, ii = _check_target(target, input, C, out, ignore_index, kind)
+    target, prob, ii = _check_target(target, input, C, out, ignore_index, kind)
     # under autocast the cross-entropy runs in float32: any class-weight dtype
     VAL.check_weight("weight", weight, kind, C, None if autocast else input, prob)
     VAL.check_ce_options(label_smoothing, z_loss, softcap)

@@ -459,3 +459,23 @@ def test_integer_and_bool_bce_weights_as_torch(backend, rng, fn, wdtype):
             theirs_fn(x, y, pos_weight=w)
         with pytest.raises(TypeError, match="pos_weight"):
             ours_fn(x, y, pos_weight=w, backend=backend.name)
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss", "linear_cross_entropy"])
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_unbatched_row_takes_a_one_element_target(backend, rng, fn, reduction):
+    """One unbatched row ((C,) logits, (H,) hidden) with a (1,) class-index
+    target: torch takes it as the row's () target (a 0-d loss for every
+    reduction); gpuloss refused it."""
+    x = _t(backend, rng.standard_normal(6), grad=True)
+    W = _t(backend, rng.standard_normal((6, 6)))
+    t = _t(backend, [4], torch.int64)
+    if fn == "linear_cross_entropy":
+        ours = gpuloss.linear_cross_entropy(x, W, t, reduction=reduction, backend=backend.name)
+        theirs = F.cross_entropy(x @ W.T, t[0], reduction=reduction)
+    else:
+        ours = getattr(gpuloss, fn)(x, t, reduction=reduction, backend=backend.name)
+        _same(ours, getattr(F, fn)(x.detach(), t, reduction=reduction))
+        theirs = getattr(F, fn)(x, t[0], reduction=reduction)  # torch's own backward refuses the (1,) target
+    _same(ours, theirs)
+    _same(torch.autograd.grad(ours, x)[0], torch.autograd.grad(theirs, x)[0])
