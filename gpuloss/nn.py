@@ -211,16 +211,16 @@ class LinearCrossEntropyLoss(_LCE_BASE or torch.nn.modules.loss._WeightedLoss):
                  ignore_index: Optional[int] = None, label_smoothing: float = 0.0, options=None,
                  z_loss: float = 0.0, softcap: Optional[float] = None, chunk_size: Optional[int] = None,
                  acc_dtype=None, backend: Optional[str] = None) -> None:
-        out_features = tuple(out_features)
         if _LCE_BASE is not None:
             super().__init__(in_features, num_classes, out_features=out_features, bias=bias, device=device,
                              dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
                              label_smoothing=label_smoothing, options=options)
         else:
+            # torch's checks and errors (RuntimeError), as its module makes them
             if weight is not None and tuple(weight.shape) != (num_classes,):
-                raise ValueError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
-            if not 0.0 <= label_smoothing <= 1.0:
-                raise ValueError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+                raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+            if label_smoothing < 0 or label_smoothing > 1.0:
+                raise RuntimeError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
             super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
             self.num_classes = num_classes
             self.out_features = out_features
@@ -246,9 +246,12 @@ class LinearCrossEntropyLoss(_LCE_BASE or torch.nn.modules.loss._WeightedLoss):
             backend=self.backend)
 
     def extra_repr(self) -> str:
-        parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}"]
-        if self.out_features:
-            parts.append(f"out_features={self.out_features}")
+        """torch's (every attribute, whether or not the installed torch has
+        the module), then our extras where set."""
+        parts = [f"in_features={self.linear.in_features}", f"num_classes={self.num_classes}",
+                 f"out_features={self.out_features}", f"bias={self.linear.bias is not None}",
+                 f"reduction={self.reduction}", f"ignore_index={self.ignore_index}",
+                 f"label_smoothing={self.label_smoothing}", f"options={self.options}"]
         if self.z_loss:
             parts.append(f"z_loss={self.z_loss}")
         if self.softcap is not None:

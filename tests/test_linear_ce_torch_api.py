@@ -197,6 +197,26 @@ def test_module_structure_without_torch_class(rng, monkeypatch):
     assert m.linear.weight.grad is not None
 
 
+def test_module_repr_attributes_and_errors_are_torchs():
+    """repr lists torch's attributes (then our extras), out_features is kept
+    as given, and the constructor's checks raise torch's RuntimeError,
+    whether or not the installed torch has the class (the compat CI runs
+    this on a torch without it)."""
+    m = gnn.LinearCrossEntropyLoss(4, 7, out_features=[2, 3], bias=True, label_smoothing=0.1, z_loss=1e-3)
+    assert m.out_features == [2, 3]
+    assert m.extra_repr() == (
+        "in_features=4, num_classes=7, out_features=[2, 3], bias=True, reduction=mean, "
+        "ignore_index=None, label_smoothing=0.1, options=None, z_loss=0.001"), m.extra_repr()
+    if HAS_TORCH_LCE:
+        theirs = torch.nn.LinearCrossEntropyLoss(4, 7, out_features=[2, 3], bias=True, label_smoothing=0.1)
+        assert m.extra_repr().startswith(theirs.extra_repr())
+        assert repr(gnn.LinearCrossEntropyLoss(4, 7)) == repr(torch.nn.LinearCrossEntropyLoss(4, 7))
+    with pytest.raises(RuntimeError, match="label_smoothing"):
+        gnn.LinearCrossEntropyLoss(4, 7, label_smoothing=1.5)
+    with pytest.raises(RuntimeError, match="weight shape"):
+        gnn.LinearCrossEntropyLoss(4, 7, weight=torch.ones(6))
+
+
 def _count_breaks(fn, *args):
     torch._dynamo.reset()
     return torch._dynamo.explain(fn)(*args).graph_break_count
