@@ -330,6 +330,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     if math.prod(logits_shape) == 0:
         return Lay.loss_as(_empty(c, input, linear_weight, linear_bias, target, opts, logits_shape, return_grad),
                            loss_dtype, c.kind)
+    if input.shape[-1] == 0:
+        return _no_features(c, input, linear_weight, linear_bias, target, weight, opts, logits_shape, return_grad,
+                            loss_dtype, backend)
     h, W, b, t = _to_op_layout(c, input, linear_weight, linear_bias, target)
     cw = None if weight is None else VAL.as_float_vector(weight, c.kind, linear_weight)
     arrays = [h, W, b, t, cw]
@@ -428,6 +431,30 @@ def _empty(c: _Call, input, linear_weight, linear_bias, target, opts: LinearCEOp
         return loss
     zero = lambda a: None if a is None else Lay.zeros(a, tuple(a.shape), c.kind)  # noqa: E731
     return LinearLossGrad(loss, zero(input), zero(linear_weight), zero(linear_bias))
+
+
+def _no_features(c: _Call, input, linear_weight, linear_bias, target, weight, opts: LinearCEOptions, logits_shape,
+                 return_grad, loss_dtype, backend):
+    """in_features = 0: the logits are the bias (zeros without one), as
+    torch's linear gives them; their cross-entropy, differentiable into the
+    bias.  The logits are as small as the bias broadcast over the tokens."""
+    from .functional import cross_entropy
+    xp = Lay.xp(c.kind)
+    lead = tuple(input.shape[:-1])
+    bias = linear_bias if linear_bias is not None else Lay.zeros(linear_weight, logits_shape[len(lead):], c.kind)
+    logits = bias.expand(logits_shape) if c.kind == "torch" else xp.broadcast_to(bias, logits_shape)
+    if c.kind == "torch":  # connected to input and linear_weight (zero-size gradients) as F.linear's are
+        logits = logits + (input.sum() + linear_weight.sum()).to(logits.dtype)
+    kw = dict(weight=weight, ignore_index=opts.ignore_index, reduction=opts.reduction,
+              label_smoothing=opts.label_smoothing, z_loss=opts.z_loss, softcap=opts.softcap, loss_dtype=loss_dtype,
+              backend=backend)
+    if not return_grad:
+        return cross_entropy(logits, target, **kw)
+    out = cross_entropy(xp.ascontiguousarray(logits) if c.kind != "torch" else logits.contiguous(), target,
+                        return_grad=True, **kw)
+    zero = lambda a: None if a is None else Lay.zeros(a, tuple(a.shape), c.kind)  # noqa: E731
+    gb = None if linear_bias is None else out.grad.sum(0) if lead else out.grad
+    return LinearLossGrad(out.loss, zero(input), zero(linear_weight), Lay.cast_like(gb, linear_bias, c.kind))
 
 
 def _autograd(be: str, arrays, opts: LinearCEOptions, input, loss_shape, loss_dtype=None):

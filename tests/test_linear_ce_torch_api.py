@@ -131,6 +131,30 @@ def test_probability_targets_promote_the_loss_dtype(rng, dtypes):
         assert (gx.dtype, gW.dtype, gb.dtype) == (op, op, op)
 
 
+@pytest.mark.parametrize("case", [dict(), dict(bias=False), dict(out=(3,)), dict(prob=True), dict(unbatched=True)],
+                         ids=["plain", "no-bias", "kdim", "prob", "unbatched"])
+def test_no_input_features(rng, case):
+    """in_features = 0: the logits are the bias (zeros without one), as torch
+    gives them; gpuloss failed reshaping zero elements.  Loss, the bias's
+    gradient, zero-size gradients for input and weight, also as NumPy
+    arrays with return_grad."""
+    x, W, b, t = _case(rng, 5, 0, 7, **case)
+    for reduction in ("mean", "none"):
+        ours = gpuloss.linear_cross_entropy(x, W, t, linear_bias=b, reduction=reduction, label_smoothing=0.1)
+        theirs = _theirs(x, W, t, linear_bias=b, reduction=reduction, label_smoothing=0.1)
+        torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+        go = torch.tensor(rng.standard_normal(tuple(theirs.shape)))
+        for g_o, g_t in zip(_grads(ours, (x, W, b), go), _grads(theirs, (x, W, b), go)):
+            torch.testing.assert_close(g_o, g_t, rtol=1e-12, atol=1e-12)
+    if b is not None:
+        o = gpuloss.linear_cross_entropy(x.detach().numpy(), W.detach().numpy(), t.numpy(),
+                                         linear_bias=b.detach().numpy(), return_grad=True)
+        np.testing.assert_allclose(o.loss, _theirs(x, W, t, linear_bias=b).detach().numpy(), rtol=1e-12)
+        np.testing.assert_allclose(o.grad_linear_bias, _grads(_theirs(x, W, t, linear_bias=b), (b,))[0].numpy(),
+                                   rtol=1e-12, atol=1e-14)
+        assert o.grad_input.shape == tuple(x.shape) and o.grad_linear_weight.shape == tuple(W.shape)
+
+
 def test_ignore_index_none_means_minus_100(rng):
     """None is -100 for class indices; another ignore_index makes -100 an
     out-of-range class, refused on the CPU (value checks)."""
