@@ -29,7 +29,7 @@ def _theirs(input, linear_weight, target, **kw):
     kw.pop("options", None)
     bias = kw.pop("linear_bias", None)
     C, out, H = linear_weight.shape[0], tuple(linear_weight.shape[1:-1]), linear_weight.shape[-1]
-    logits = F.linear(input, linear_weight.reshape(-1, H), None if bias is None else bias.reshape(-1))
+    logits = F.linear(input, linear_weight.reshape(int(np.prod((C,) + out)), H), None if bias is None else bias.reshape(-1))
     logits = logits.reshape(tuple(input.shape[:-1]) + (C,) + out)
     if kw.get("ignore_index") is None:
         kw["ignore_index"] = -100
