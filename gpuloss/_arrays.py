@@ -11,6 +11,8 @@ from typing import Any, Iterable, Optional, Tuple
 
 import numpy as np
 
+from .errors import ArgumentTypeError, ArgumentValueError
+
 KINDS = ("numpy", "torch", "cupy")
 
 
@@ -47,7 +49,7 @@ def device_of(a: Any, kind: str) -> str:
         return f"{d.type}:{d.index if d.index is not None else 0}"
     if kind == "cupy":
         return f"cuda:{a.device.id}"
-    raise TypeError(f"not an array: {type(a).__name__}")
+    raise ArgumentTypeError(f"not an array: {type(a).__name__}")
 
 
 def classify(named: Iterable[Tuple[str, Any]], optional: Iterable[str] = ()) -> Tuple[str, str]:
@@ -66,23 +68,23 @@ def classify(named: Iterable[Tuple[str, Any]], optional: Iterable[str] = ()) -> 
         if a is None:
             if name in optional:
                 continue
-            raise TypeError(f"{name} must be a NumPy array, CuPy array or torch.Tensor, got None")
+            raise ArgumentTypeError(f"{name} must be a NumPy array, CuPy array or torch.Tensor, got None")
         k = kind_of(a)
         if k is None:
             if first is None:
-                raise TypeError(f"{name} must be a NumPy array, CuPy array or torch.Tensor, got {type(a).__name__}")
-            raise TypeError(f"{name} must be an array of the same kind as {first} ({kind}), got {type(a).__name__}")
+                raise ArgumentTypeError(f"{name} must be a NumPy array, CuPy array or torch.Tensor, got {type(a).__name__}")
+            raise ArgumentTypeError(f"{name} must be an array of the same kind as {first} ({kind}), got {type(a).__name__}")
         d = device_of(a, k)
         if first is None:
             first, kind, device = name, k, d
             continue
         if k != kind:
-            raise TypeError(f"mixed array kinds: {first} is a {kind} array but {name} is a {k} array; "
+            raise ArgumentTypeError(f"mixed array kinds: {first} is a {kind} array but {name} is a {k} array; "
                             f"convert them to one kind")
         if d != device:
-            raise ValueError(f"mixed devices: {first} is on {device} but {name} is on {d}")
+            raise ArgumentValueError(f"mixed devices: {first} is on {device} but {name} is on {d}")
     if first is None:
-        raise TypeError("no array argument given")
+        raise ArgumentTypeError("no array argument given")
     if kind == "torch":
         _refuse_functorch(named)
     return kind, device

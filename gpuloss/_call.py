@@ -15,6 +15,7 @@ from . import _validate as V
 from . import launch
 from .backends.base import LossResult
 from .dispatch import select, select_name
+from .errors import ArgumentValueError
 from .ops import OPS, Want
 
 
@@ -61,7 +62,7 @@ def _compiling(kind: str) -> bool:
 
 def wants(return_grad: Union[bool, str]):
     if return_grad not in (False, True, "all"):
-        raise ValueError(f"return_grad must be False, True or 'all', got {return_grad!r}")
+        raise ArgumentValueError(f"return_grad must be False, True or 'all', got {return_grad!r}")
     return bool(return_grad), return_grad == "all"
 
 

@@ -12,6 +12,8 @@ from typing import Any, Optional, Tuple
 
 import numpy as np
 
+from .errors import ArgumentValueError
+
 
 def xp(kind: str):
     """The array module of a NumPy or CuPy caller (None for torch)."""
@@ -129,7 +131,7 @@ def broadcast_pair(input, target, kind: str, warn: bool):
     try:
         shape = tuple(np.broadcast_shapes(tuple(input.shape), tuple(target.shape)))
     except ValueError:
-        raise ValueError(f"target of shape {tuple(target.shape)} does not broadcast with input of shape "
+        raise ArgumentValueError(f"target of shape {tuple(target.shape)} does not broadcast with input of shape "
                          f"{tuple(input.shape)}") from None
     if warn:
         shapes = (target.shape, input.shape) if kind == "torch" else (tuple(target.shape), tuple(input.shape))

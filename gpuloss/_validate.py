@@ -17,6 +17,7 @@ import numpy as np
 
 from . import config
 from ._arrays import dtype_name
+from .errors import ArgumentTypeError, ArgumentValueError, ClassIndexError
 
 _REDUCTIONS = ("none", "mean", "sum")
 _KL_REDUCTIONS = ("none", "mean", "sum", "batchmean")
@@ -37,32 +38,32 @@ def is_integer(a: Any, kind: str) -> bool:
 
 def check_floating(name: str, a: Any, kind: str) -> None:
     if not is_floating(a, kind):
-        raise TypeError(f"{name} must be a floating-point array (float16, bfloat16, float32 or float64), "
+        raise ArgumentTypeError(f"{name} must be a floating-point array (float16, bfloat16, float32 or float64), "
                         f"got {dtype_name(a, kind)}")
 
 
 def check_reduction(reduction: str, kl: bool = False) -> None:
     allowed = _KL_REDUCTIONS if kl else _REDUCTIONS
     if reduction not in allowed:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")
+        raise ArgumentValueError(f"reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")
 
 
 def check_dim(name: str, dim: Any, ndim: int) -> None:
     if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
-        raise TypeError(f"{name} must be an int, got {type(dim).__name__}")
+        raise ArgumentTypeError(f"{name} must be an int, got {type(dim).__name__}")
     n = max(ndim, 1)
     if not -n <= dim < n:
-        raise ValueError(f"{name}={dim} is out of range for an array with {ndim} dimension(s)")
+        raise ArgumentValueError(f"{name}={dim} is out of range for an array with {ndim} dimension(s)")
 
 
 def check_same_shape(n1: str, a: Any, n2: str, b: Any) -> None:
     if tuple(a.shape) != tuple(b.shape):
-        raise ValueError(f"{n1} and {n2} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        raise ArgumentValueError(f"{n1} and {n2} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
 
 
 def check_same_dtype(n1: str, a: Any, n2: str, b: Any, kind: str) -> None:
     if dtype_name(a, kind) != dtype_name(b, kind):
-        raise TypeError(f"{n1} must have {n2}'s dtype {dtype_name(b, kind)}, got {dtype_name(a, kind)}")
+        raise ArgumentTypeError(f"{n1} must have {n2}'s dtype {dtype_name(b, kind)}, got {dtype_name(a, kind)}")
 
 
 def as_float_dtype(name: str, dtype: Any, kind: str):
@@ -74,27 +75,27 @@ def as_float_dtype(name: str, dtype: Any, kind: str):
     if kind == "torch":
         import torch
         if not isinstance(dtype, torch.dtype):
-            raise TypeError(f"{name} must be a torch.dtype for torch.Tensor arguments, got {type(dtype).__name__}")
+            raise ArgumentTypeError(f"{name} must be a torch.dtype for torch.Tensor arguments, got {type(dtype).__name__}")
         if not dtype.is_floating_point:
-            raise TypeError(f"{name} must be a floating-point dtype, got {dtype}")
+            raise ArgumentTypeError(f"{name} must be a floating-point dtype, got {dtype}")
         return dtype
     try:
         dt = np.dtype(dtype)
     except TypeError:
-        raise TypeError(f"{name} must be a NumPy dtype or its name, got {dtype!r}") from None
+        raise ArgumentTypeError(f"{name} must be a NumPy dtype or its name, got {dtype!r}") from None
     if dt.kind != "f":
-        raise TypeError(f"{name} must be a floating-point dtype, got {dt}")
+        raise ArgumentTypeError(f"{name} must be a floating-point dtype, got {dt}")
     return dt
 
 
 def check_bool(name: str, v: Any) -> None:
     if not isinstance(v, (bool, np.bool_)):
-        raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+        raise ArgumentTypeError(f"{name} must be a bool, got {type(v).__name__}")
 
 
 def _number(name: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
-        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+        raise ArgumentTypeError(f"{name} must be a number, got {type(v).__name__}")
     return float(v)
 
 
@@ -106,19 +107,19 @@ def _finite(f: float) -> bool:
 
 def check_finite_number(name: str, v: Any) -> None:
     if not _finite(_number(name, v)):
-        raise ValueError(f"{name} must be finite, got {v}")
+        raise ArgumentValueError(f"{name} must be finite, got {v}")
 
 
 def check_range(name: str, v: Any, lo: float, hi: float) -> None:
     f = _number(name, v)
     if not lo <= f <= hi:
-        raise ValueError(f"{name} must be in [{lo}, {hi}], got {v}")
+        raise ArgumentValueError(f"{name} must be in [{lo}, {hi}], got {v}")
 
 
 def check_positive(name: str, v: Any) -> None:
     f = _number(name, v)
     if not (f > 0 and _finite(f)):
-        raise ValueError(f"{name} must be > 0 and finite, got {v}")
+        raise ArgumentValueError(f"{name} must be > 0 and finite, got {v}")
 
 
 def check_positive_or_none(name: str, v: Any) -> None:
@@ -132,7 +133,7 @@ def check_ce_options(label_smoothing: Any, z_loss: Any, softcap: Any) -> None:
     check_range("label_smoothing", label_smoothing, 0.0, 1.0)
     check_finite_number("z_loss", z_loss)
     if z_loss < 0:
-        raise ValueError(f"z_loss must be >= 0, got {z_loss}")
+        raise ArgumentValueError(f"z_loss must be >= 0, got {z_loss}")
     check_positive_or_none("softcap", softcap)
 
 
@@ -141,13 +142,13 @@ def check_ignore_index(name: str, v: Any) -> int:
     or anything with ``__index__``, as torch accepts); bools, floats, strings
     and None are refused as torch refuses them."""
     if isinstance(v, (bool, np.bool_)) or getattr(v, "dtype", None) is not None and "bool" in str(v.dtype):
-        raise TypeError(f"{name} must be an int, got bool")
+        raise ArgumentTypeError(f"{name} must be an int, got bool")
     try:
         i = operator.index(v)
     except TypeError:
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}") from None
+        raise ArgumentTypeError(f"{name} must be an int, got {type(v).__name__}") from None
     if not -(2 ** 63) <= i < 2 ** 63:
-        raise ValueError(f"{name}={i} is outside the int64 range")
+        raise ArgumentValueError(f"{name}={i} is outside the int64 range")
     return i
 
 
@@ -172,12 +173,12 @@ def check_ce_target(name: str, target: Any, kind: str, input: Any, ignore_index:
     (probability targets take no ignore_index >= 0, as in torch)."""
     if is_floating(target, kind):
         if tuple(target.shape) != tuple(input.shape):
-            raise TypeError(
+            raise ArgumentTypeError(
                 f"{name} is floating-point ({dtype_name(target, kind)}) with shape {tuple(target.shape)}: "
                 f"class-index targets must be integers of shape {_ce_target_shape(input)}, probability "
                 f"targets must have input's shape {tuple(input.shape)}")
         if ignore_index >= 0:
-            raise ValueError(f"ignore_index={ignore_index} is not supported for probability (floating-point) "
+            raise ArgumentValueError(f"ignore_index={ignore_index} is not supported for probability (floating-point) "
                              f"targets, as in torch")
         return True
     check_index_target(name, target, kind, input)
@@ -186,10 +187,10 @@ def check_ce_target(name: str, target: Any, kind: str, input: Any, ignore_index:
 
 def check_index_target(name: str, target: Any, kind: str, input: Any) -> None:
     if not is_integer(target, kind):
-        raise TypeError(f"{name} must hold integer class indices, got {dtype_name(target, kind)}")
+        raise ArgumentTypeError(f"{name} must hold integer class indices, got {dtype_name(target, kind)}")
     want = _ce_target_shape(input)
     if tuple(target.shape) != want:
-        raise ValueError(f"{name} has shape {tuple(target.shape)} but input of shape {tuple(input.shape)} "
+        raise ArgumentValueError(f"{name} has shape {tuple(target.shape)} but input of shape {tuple(input.shape)} "
                          f"needs class-index targets of shape {want}")
 
 
@@ -205,7 +206,7 @@ def as_index_target(name: str, target: Any, kind: str) -> Any:
     if kind == "torch":
         import torch
         if dt in ("uint16", "uint32", "uint64"):
-            raise TypeError(f"{name} must hold class indices of an integer dtype torch supports (int64, int32, "
+            raise ArgumentTypeError(f"{name} must hold class indices of an integer dtype torch supports (int64, int32, "
                             f"int16, int8 or uint8), got {dt}")
         return target.to(torch.int64)
     return target.astype("int64")
@@ -248,7 +249,7 @@ def check_class_targets(name: str, target: Any, kind: str, C: int, ignore_index:
     if bool(bad.any()):
         first = target[bad].reshape(-1)[0]
         first = int(first.item()) if hasattr(first, "item") else int(first)
-        raise ValueError(f"{name} contains class index {first}, outside [0, {C}) and not "
+        raise ClassIndexError(f"{name} contains class index {first}, outside [0, {C}) and not "
                          f"ignore_index={ignore_index}")
 
 
@@ -276,7 +277,7 @@ def check_unit_interval(name: str, a: Any, kind: str) -> None:
         sys.modules["torch"]._assert_async(ok.all(), f"all elements of {name} should be between 0 and 1")
         return
     if not bool(ok.all()):
-        raise ValueError(f"all elements of {name} should be between 0 and 1")
+        raise ArgumentValueError(f"all elements of {name} should be between 0 and 1")
 
 
 # ---------------------------------------------------------------- weights
@@ -289,7 +290,7 @@ def check_no_grad(name: str, a: Any, kind: str, what: str) -> None:
         return
     import torch
     if torch.is_grad_enabled():
-        raise ValueError(f"{name} requires grad, but {what} is not differentiable with respect to {name} "
+        raise ArgumentValueError(f"{name} requires grad, but {what} is not differentiable with respect to {name} "
                          f"(as in torch); pass {name}.detach()")
 
 
@@ -301,13 +302,13 @@ def check_weight(name: str, weight: Any, kind: str, C: int, input: Any = None, p
         return
     check_floating(name, weight, kind)
     if weight.ndim != 1 or weight.shape[0] != C:
-        raise ValueError(f"{name} must be a 1-D array of length C={C} (one weight per class), "
+        raise ArgumentValueError(f"{name} must be a 1-D array of length C={C} (one weight per class), "
                          f"got shape {tuple(weight.shape)}")
     if prob:
         return
     check_no_grad(name, weight, kind, "the loss")
     if input is not None and dtype_name(weight, kind) != dtype_name(input, kind):
-        raise TypeError(f"{name} must have input's dtype {dtype_name(input, kind)}, got {dtype_name(weight, kind)}")
+        raise ArgumentTypeError(f"{name} must have input's dtype {dtype_name(input, kind)}, got {dtype_name(weight, kind)}")
 
 
 def _compute_dtype(input: Any, kind: str):
@@ -333,7 +334,7 @@ def check_broadcastable(name: str, w: Any, kind: str, input: Any) -> None:
     except ValueError:
         out = None
     if out != tuple(input.shape):
-        raise ValueError(f"{name} of shape {tuple(w.shape)} does not broadcast to input's shape "
+        raise ArgumentValueError(f"{name} of shape {tuple(w.shape)} does not broadcast to input's shape "
                          f"{tuple(input.shape)}")
 
 
@@ -400,12 +401,12 @@ def check_inplace_ok(name: str, input: Any, kind: str, return_grad: Any) -> None
     tensor, a stride-0 or overlapping ``as_strided`` view), as for torch's
     own in-place operations.  Metadata only: nothing is read or written."""
     if kind == "numpy" and not input.flags.writeable:
-        raise ValueError(f"inplace_backward=True writes the gradient over {name}, but {name} is a read-only "
+        raise ArgumentValueError(f"inplace_backward=True writes the gradient over {name}, but {name} is a read-only "
                          f"array")
     if kind == "torch":
         import torch
         if return_grad and input.requires_grad:
-            raise ValueError(f"inplace_backward=True with return_grad would overwrite {name}, which requires "
+            raise ArgumentValueError(f"inplace_backward=True with return_grad would overwrite {name}, which requires "
                              f"grad; call it on a tensor that does not require grad, or use autograd "
                              f"(drop return_grad)")
         if torch.compiler.is_compiling():
@@ -416,6 +417,6 @@ def check_inplace_ok(name: str, input: Any, kind: str, return_grad: Any) -> None
     else:
         overlap = strides_overlap(tuple(input.shape), _elem_strides(input, kind))
     if overlap:
-        raise ValueError(f"inplace_backward=True writes the gradient over {name}, but elements of {name} share "
+        raise ArgumentValueError(f"inplace_backward=True writes the gradient over {name}, but elements of {name} share "
                          f"memory (an expanded, stride-0 or overlapping view); pass a contiguous copy "
                          f"or use inplace_backward=False")

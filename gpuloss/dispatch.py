@@ -33,6 +33,7 @@ import threading
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from .backends.base import Backend
+from .errors import ArgumentValueError
 
 #: name -> "module:Class" of the implementation (imported on first use)
 _REGISTRY: Dict[str, str] = {
@@ -76,7 +77,7 @@ def _load(name: str) -> Tuple[Optional[Backend], Tuple[bool, str]]:
         if name in _status:
             return _instances.get(name), _status[name]
         if name not in _REGISTRY:
-            raise ValueError(f"unknown backend {name!r}; registered: {', '.join(_REGISTRY)}")
+            raise ArgumentValueError(f"unknown backend {name!r}; registered: {', '.join(_REGISTRY)}")
         modname, _, clsname = _REGISTRY[name].partition(":")
         inst: Optional[Backend] = None
         try:
@@ -111,7 +112,7 @@ def use_backend(name: Optional[str]) -> Iterator[None]:
     """Use backend ``name`` for every gpuloss call in this block (``None``
     restores automatic choice).  Thread- and task-local."""
     if name is not None and name not in _REGISTRY:
-        raise ValueError(f"unknown backend {name!r}; registered: {', '.join(_REGISTRY)}")
+        raise ArgumentValueError(f"unknown backend {name!r}; registered: {', '.join(_REGISTRY)}")
     token = _override.set(name)
     try:
         yield
@@ -156,7 +157,7 @@ def select(kind: str, device: str, backend: Optional[str] = None, *, op: Optiona
     name, source = _requested(backend)
     if name is not None:
         if name not in _REGISTRY:
-            raise ValueError(f"unknown backend {name!r} (from {source}); registered: {', '.join(_REGISTRY)}")
+            raise ArgumentValueError(f"unknown backend {name!r} (from {source}); registered: {', '.join(_REGISTRY)}")
         inst = get_backend(name)
         if not inst.accepts(kind, device):
             raise BackendUnavailableError(

@@ -47,6 +47,7 @@ from . import rules
 from ._arrays import classify
 from ._call import LossGrad, backend_for, finish, legacy_reduction, run, wants
 from .backends.base import LossResult
+from .errors import ArgumentTypeError, ArgumentValueError
 from .ops import CrossEntropyOptions, KlDivLogitsOptions, KlDivOptions, NllOptions, ReductionOptions, SoftmaxOptions
 
 __all__ = [
@@ -195,7 +196,7 @@ def _class_dim_call(input, target, weight, size_average, reduce, reduction: str,
     V.check_reduction(reduction)
     V.check_floating("input", input, kind)
     if input.ndim == 0:
-        raise ValueError("input must have at least 1 dimension (C,), got a 0-d array")
+        raise ArgumentValueError("input must have at least 1 dimension (C,), got a 0-d array")
     ignore_index = V.check_ignore_index("ignore_index", ignore_index)
     C = input.shape[1] if input.ndim >= 2 else input.shape[0]
     return reduction, kind, device, C, ignore_index
@@ -419,7 +420,7 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
     V.check_bool("target_is_logits", target_is_logits)
     wants(return_grad)
     if input.ndim == 0:
-        raise ValueError("input must have at least 1 dimension, got a 0-d array")
+        raise ArgumentValueError("input must have at least 1 dimension, got a 0-d array")
     be = backend_for(kind, device, backend)
     x, layout = L.rows2d(input, kind, -1)
     if L.numel(input, kind) == 0:
@@ -533,7 +534,7 @@ def _integral_weight(kind: str, name: str, w, input):
     if w is None or V.is_floating(w, kind) or not _is_numeric(w, kind) or not V.is_floating(input, kind):
         return w
     if name == "pos_weight" and str(w.dtype).replace("torch.", "") == "bool":
-        raise TypeError("pos_weight must be a floating-point or integer array, got bool (torch subtracts 1 "
+        raise ArgumentTypeError("pos_weight must be a floating-point or integer array, got bool (torch subtracts 1 "
                         "from it, which a bool tensor does not support)")
     return L.astype(w, input.dtype, kind)
 

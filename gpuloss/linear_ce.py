@@ -47,6 +47,7 @@ from ._arrays import classify, dtype_name
 from ._call import deprecated_mean
 from ._linear_chunks import default_chunk_size
 from .dispatch import select, select_name
+from .errors import ArgumentTypeError, ArgumentValueError
 from .ops import LinearCEOptions, LinearWant
 
 __all__ = ["LinearLossGrad", "linear_cross_entropy", "default_chunk_size", "LinearCrossEntropyOptions"]
@@ -81,14 +82,14 @@ class _Options:
 
     def __post_init__(self):
         if self.acc_policy not in {"auto", "accurate", "balanced", "compact"}:
-            raise ValueError(f"invalid acc_policy: {self.acc_policy!r}")
+            raise ArgumentValueError(f"invalid acc_policy: {self.acc_policy!r}")
         if self.chunking_method is not None and self.chunking_method != "auto":
             name, sep, factor = self.chunking_method.partition(":")
             if not (name == "aspect_ratio" and (not sep or (factor.isdigit() and int(factor) > 0))):
-                raise ValueError(f"invalid chunking_method: {self.chunking_method!r}")
+                raise ArgumentValueError(f"invalid chunking_method: {self.chunking_method!r}")
         if not (self.batch_chunk_size is None or (isinstance(self.batch_chunk_size, int)
                                                   and self.batch_chunk_size > 0)):
-            raise ValueError(f"batch_chunk_size must be positive int or None, got {self.batch_chunk_size!r}")
+            raise ArgumentValueError(f"batch_chunk_size must be positive int or None, got {self.batch_chunk_size!r}")
 
 
 def __getattr__(name: str):
@@ -123,27 +124,27 @@ def _check_shapes(input, linear_weight, linear_bias, kind: str):
     VAL.check_floating("input", input, kind)
     VAL.check_floating("linear_weight", linear_weight, kind)
     if input.ndim not in (1, 2):
-        raise ValueError(f"input must be 1-D (in_features,) or 2-D (N, in_features), as in torch's "
+        raise ArgumentValueError(f"input must be 1-D (in_features,) or 2-D (N, in_features), as in torch's "
                          f"linear_cross_entropy, got shape {tuple(input.shape)}; flatten leading dimensions first")
     if linear_weight.ndim < 2:
-        raise ValueError(f"linear_weight must have at least 2 dimensions (C, ..., in_features), got shape "
+        raise ArgumentValueError(f"linear_weight must have at least 2 dimensions (C, ..., in_features), got shape "
                          f"{tuple(linear_weight.shape)}")
     if input.shape[-1] != linear_weight.shape[-1]:
-        raise ValueError(f"input's last dimension {input.shape[-1]} does not match linear_weight's in_features "
+        raise ArgumentValueError(f"input's last dimension {input.shape[-1]} does not match linear_weight's in_features "
                          f"{linear_weight.shape[-1]}")
     if dtype_name(input, kind) != dtype_name(linear_weight, kind):
-        raise TypeError(f"input and linear_weight must have the same dtype, got {dtype_name(input, kind)} and "
+        raise ArgumentTypeError(f"input and linear_weight must have the same dtype, got {dtype_name(input, kind)} and "
                         f"{dtype_name(linear_weight, kind)}")
     C, out = int(linear_weight.shape[0]), tuple(int(d) for d in linear_weight.shape[1:-1])
     if out and input.ndim == 1:
-        raise ValueError(f"a K-dimensional loss (linear_weight of shape {tuple(linear_weight.shape)}) needs "
+        raise ArgumentValueError(f"a K-dimensional loss (linear_weight of shape {tuple(linear_weight.shape)}) needs "
                          f"batched input (N, in_features), got shape {tuple(input.shape)}")
     if linear_bias is not None:
         VAL.check_floating("linear_bias", linear_bias, kind)
         if tuple(linear_bias.shape) != (C, *out):
-            raise ValueError(f"linear_bias must have shape {(C, *out)}, got {tuple(linear_bias.shape)}")
+            raise ArgumentValueError(f"linear_bias must have shape {(C, *out)}, got {tuple(linear_bias.shape)}")
         if dtype_name(linear_bias, kind) != dtype_name(linear_weight, kind):
-            raise TypeError(f"linear_bias must have linear_weight's dtype {dtype_name(linear_weight, kind)}, got "
+            raise ArgumentTypeError(f"linear_bias must have linear_weight's dtype {dtype_name(linear_weight, kind)}, got "
                             f"{dtype_name(linear_bias, kind)}")
     return C, out
 
@@ -153,16 +154,16 @@ def _check_target(target, input, C: int, out: tuple, ignore_index, kind: str):
     logits_shape = tuple(input.shape[:-1]) + (C,) + out
     if VAL.is_floating(target, kind) and tuple(target.shape) == logits_shape:
         if ignore_index is not None:
-            raise ValueError("ignore_index cannot be specified when target contains probabilities")
+            raise ArgumentValueError("ignore_index cannot be specified when target contains probabilities")
         return target, True, -100
     want = tuple(input.shape[:-1]) + out
     target = VAL.unbatched_index_target(target, kind, input.ndim)
     if not VAL.is_integer(target, kind):
-        raise TypeError(f"target must hold integer class indices of shape {want}, or probabilities of the "
+        raise ArgumentTypeError(f"target must hold integer class indices of shape {want}, or probabilities of the "
                         f"logits' shape {logits_shape}; got {dtype_name(target, kind)} of shape "
                         f"{tuple(target.shape)}")
     if tuple(target.shape) != want:
-        raise ValueError(f"target has shape {tuple(target.shape)} but class-index targets for input "
+        raise ArgumentValueError(f"target has shape {tuple(target.shape)} but class-index targets for input "
                          f"{tuple(input.shape)} and linear_weight {(C, *out, input.shape[-1])} need shape {want}")
     return target, False, -100 if ignore_index is None else VAL.check_ignore_index("ignore_index", ignore_index)
 
@@ -173,12 +174,12 @@ def _resolve_options(options, chunk_size, acc_dtype, n_tokens: int, H: int, voca
     if options is not None:
         for f in ("batch_chunk_size", "chunking_method", "acc_policy", "acc_dtype", "allow_retain_graph"):
             if not hasattr(options, f):
-                raise TypeError(f"options must be a LinearCrossEntropyOptions, got {type(options).__name__}")
+                raise ArgumentTypeError(f"options must be a LinearCrossEntropyOptions, got {type(options).__name__}")
     if chunk_size is not None:
         if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
+            raise ArgumentTypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
         if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+            raise ArgumentValueError(f"chunk_size must be >= 1, got {chunk_size}")
     method = getattr(options, "chunking_method", None)
     if chunk_size is None and options is not None and options.batch_chunk_size is not None:
         chunk_size = options.batch_chunk_size
@@ -195,7 +196,7 @@ def _resolve_options(options, chunk_size, acc_dtype, n_tokens: int, H: int, voca
     if acc is not None:
         name = str(acc).replace("torch.", "")
         if name not in ("float16", "bfloat16", "float32", "float64", "float32_split"):
-            raise ValueError(f"acc_dtype must be None, a floating dtype or 'float32_split', got {acc!r}")
+            raise ArgumentValueError(f"acc_dtype must be None, a floating dtype or 'float32_split', got {acc!r}")
         accumulate = "split" if name == "float32_split" else "weight" if name == wname else "float32"
     retain = allow_retain_graph or bool(getattr(options, "allow_retain_graph", False))
     return int(chunk_size), accumulate, retain
@@ -310,7 +311,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     per-sample shape for "none"), or a :class:`LinearLossGrad`.
     """
     if return_grad not in (False, True):
-        raise ValueError(f"return_grad must be False or True, got {return_grad!r}")
+        raise ArgumentValueError(f"return_grad must be False or True, got {return_grad!r}")
     kind, device = classify([("input", input), ("linear_weight", linear_weight), ("target", target),
                              ("linear_bias", linear_bias), ("weight", weight)],
                             optional=("linear_bias", "weight"))

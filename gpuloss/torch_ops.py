@@ -66,6 +66,7 @@ from torch import Tensor
 
 from . import launch, rules
 from .dispatch import get_backend
+from .errors import ArgumentValueError
 from .ops import OPS, OpSpec, Want
 
 __all__ = ["call", "call_inplace"]
@@ -496,12 +497,12 @@ def _check_inplace_target(x: Tensor) -> None:
         # can observe it) and dynamo cannot inspect grad_fn: only the leaf
         # rule applies.
         if x.is_leaf and x.requires_grad:
-            raise ValueError(_LEAF_MSG)
+            raise ArgumentValueError(_LEAF_MSG)
         return
     t: Optional[Tensor] = x
     while t is not None:
         if t.is_leaf and t.requires_grad:
-            raise ValueError(_LEAF_MSG)
+            raise ArgumentValueError(_LEAF_MSG)
         t = t._base
     fn = x.grad_fn
     if fn is None:
@@ -515,7 +516,7 @@ def _check_inplace_target(x: Tensor) -> None:
         except RuntimeError:
             continue
         if isinstance(v, Tensor) and v.untyped_storage().data_ptr() == storage:
-            raise ValueError(
+            raise ArgumentValueError(
                 f"inplace_backward=True would overwrite the logits, but {fn.name()} (the operation that "
                 f"produced them) saved them for its own backward; its gradient would be computed from the "
                 f"overwritten values.  Use inplace_backward=False here")

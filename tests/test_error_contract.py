@@ -280,6 +280,9 @@ def test_bad_argument_raises_naming_it_and_modifies_nothing(case, path):
     except (TypeError, ValueError) as e:
         assert arg in str(e), f"{row}({arg}={bad!r}) on {kind}/{backend}: the {type(e).__name__} does not name " \
                               f"{arg!r}: {e}"
+        # also the RuntimeError torch raises for most bad arguments, so torch-style handlers catch it
+        assert isinstance(e, RuntimeError), f"{row}({arg}={bad!r}) on {kind}/{backend}: {type(e).__name__} " \
+                                            f"is not a RuntimeError: {e}"
     except Exception as e:  # noqa: BLE001
         pytest.fail(f"{row}({arg}={bad!r}) on {kind}/{backend}: raised {type(e).__name__}: {e}; the README "
                     f"promises TypeError or ValueError naming {arg!r}")
@@ -452,3 +455,15 @@ def test_nan_padding_around_strided_views_does_not_leak(row, path):
 
 def _tuple(out):
     return tuple(out) if isinstance(out, tuple) else (out,)
+
+
+def test_out_of_range_class_index_is_also_torchs_index_error():
+    """torch's CPU kernels raise IndexError for a class index out of bounds;
+    gpuloss's error is that too (and a ValueError, and a RuntimeError)."""
+    import gpuloss
+    x = np.zeros((3, 4), np.float32)
+    with pytest.raises(IndexError, match="class index 9"):
+        gpuloss.cross_entropy(x, np.array([0, 9, 1]))
+    with pytest.raises(gpuloss.ClassIndexError) as info:
+        gpuloss.nll_loss(x, np.array([0, -3, 1]))
+    assert isinstance(info.value, (ValueError)) and isinstance(info.value, RuntimeError)

@@ -103,6 +103,7 @@ import torch
 from torch import Tensor
 
 from .. import _autocast as AC
+from ..errors import ArgumentTypeError, ArgumentValueError
 from .layout import VocabLayout, check_options, group_name, layout_arguments, require_target
 from .linear import vocab_parallel_linear_cross_entropy_op
 from .ops import vocab_parallel_cross_entropy_op
@@ -159,7 +160,7 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=Non
     """
     ignore_index = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     if not isinstance(local_logits, Tensor) or not local_logits.is_floating_point() or local_logits.ndim < 1:
-        raise TypeError("local_logits must be a floating torch tensor with at least one dimension")
+        raise ArgumentTypeError("local_logits must be a floating torch tensor with at least one dimension")
     require_target(target)
     name = group_name(group)
     vocab_start, vocab_size, vocab_sizes = layout_arguments(vocab_start, vocab_size, vocab_sizes)
@@ -220,14 +221,14 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
     ignore_index = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     for arg, t in (("hidden", hidden), ("local_weight", local_weight)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
-            raise TypeError(f"{arg} must be a floating torch tensor")
+            raise ArgumentTypeError(f"{arg} must be a floating torch tensor")
     if local_bias is not None and (not isinstance(local_bias, Tensor) or not local_bias.is_floating_point()):
-        raise TypeError("local_bias must be None or a floating torch tensor")
+        raise ArgumentTypeError("local_bias must be None or a floating torch tensor")
     if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
                                    or chunk_size < 1):
-        raise ValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+        raise ArgumentValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
     if hidden.ndim < 1:
-        raise ValueError("hidden must be (..., H)")
+        raise ArgumentValueError("hidden must be (..., H)")
     require_target(target)
     name = group_name(group)
     vocab_start, vocab_size, vocab_sizes = layout_arguments(vocab_start, vocab_size, vocab_sizes)

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _validate as V
+from ..errors import ArgumentTypeError, ArgumentValueError
 
 
 @dataclass(frozen=True)
@@ -98,14 +99,14 @@ def require_target(target) -> None:
     """A non-tensor target is refused at once; its other problems travel
     as error bits (:func:`target_errors`)."""
     if not isinstance(target, Tensor):
-        raise TypeError("target must be a torch tensor")
+        raise ArgumentTypeError("target must be a torch tensor")
 
 
 def as_int_or_none(name: str, v) -> Optional[int]:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int or None, got {v!r}")
+        raise ArgumentTypeError(f"{name} must be an int or None, got {v!r}")
     return int(v)
 
 
@@ -282,7 +283,7 @@ def gather_and_decide(group, rank: int, world: int, device, v_local: int, vocab_
                 local_err)
     problems = _argument_problems(G)
     if problems:
-        raise ValueError("vocab-parallel cross-entropy: bad arguments (raised on every rank):\n  "
+        raise ArgumentValueError("vocab-parallel cross-entropy: bad arguments (raised on every rank):\n  "
                          + "\n  ".join(problems))
     sizes = [row[_F_VLOCAL] for row in G]
     problems = _agreement_problems(G, sizes)
@@ -290,7 +291,7 @@ def gather_and_decide(group, rank: int, world: int, device, v_local: int, vocab_
     if not problems:
         problems = _target_range_problems(G, sum(sizes), ignore_index)
     if problems:
-        raise ValueError("vocab-parallel cross-entropy: inconsistent layout or targets "
+        raise ArgumentValueError("vocab-parallel cross-entropy: inconsistent layout or targets "
                          "(raised on every rank):\n  " + "\n  ".join(problems))
     return VocabLayout(start=starts[rank], size=v_local, vocab=sum(sizes), sizes=tuple(sizes))
 
@@ -312,7 +313,7 @@ def resolve_layout(name: str, device, v_local: int, target: Tensor, ignore_index
     # hot path: no host read; a local problem can only be raised here
     for bit, text in _ERR_TEXT.items():
         if local_err & bit:
-            raise ValueError(f"vocab-parallel cross-entropy (rank {rank}): {text}")
+            raise ArgumentValueError(f"vocab-parallel cross-entropy (rank {rank}): {text}")
     if vocab_sizes is not None:
         start = vocab_start if vocab_start is not None else sum(vocab_sizes[:rank])
         return group, VocabLayout(start=start, size=v_local, vocab=sum(vocab_sizes), sizes=tuple(vocab_sizes))

@@ -1,0 +1,24 @@
+"""gpuloss's exceptions for bad arguments.
+
+Each is the Python exception the problem calls for (``ValueError``,
+``TypeError``) and also a ``RuntimeError``, the class torch raises for most
+bad arguments, so that code written for torch (``except RuntimeError``,
+``pytest.raises(RuntimeError)``) catches gpuloss's errors too.  A class
+index outside ``[0, C)`` is also an ``IndexError``, as torch's CPU kernels
+raise it ("Target ... is out of bounds").
+"""
+from __future__ import annotations
+
+__all__ = ["ArgumentValueError", "ArgumentTypeError", "ClassIndexError"]
+
+
+class ArgumentValueError(ValueError, RuntimeError):
+    """An argument with a bad value or shape (the message names it)."""
+
+
+class ArgumentTypeError(TypeError, RuntimeError):
+    """An argument of a bad type or dtype (the message names it)."""
+
+
+class ClassIndexError(ArgumentValueError, IndexError):
+    """A class-index target outside ``[0, C)`` that is not ``ignore_index``."""
