@@ -252,6 +252,124 @@ def test_z_loss(rng, mode):
     torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-12, atol=1e-12)
 
 
+# ---------------------------------------------------------------- logit transforms
+
+_SMALL = dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=1, initializer_range=0.2)
+
+
+class _TransformedLlama(transformers.LlamaForCausalLM):
+    """Every form the fused path recognises at once: a scale on the head's
+    output, a neutral call, an in-place scale, tanh, a scale after it
+    (2 * tanh(z / 6): softcap 2, hidden scale 1/3)."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        hidden = self.model(input_ids=input_ids).last_hidden_state
+        logits = self.lm_head(hidden).contiguous() * 0.5
+        logits /= 3.0
+        logits = torch.tanh(logits)
+        logits = 2.0 * logits
+        loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def _transformed(kind: str):
+    """Tiny models whose forward does something to lm_head's output before the
+    loss (or, for gemma3_vlm, a config that says so while the forward does not)."""
+    t = transformers
+    torch.manual_seed(0)
+    if kind == "recurrent_gemma":  # nn.functional.tanh(logits / cap) * cap, cap = config.logits_soft_cap
+        cfg = t.RecurrentGemmaConfig(**{k: v for k, v in _SMALL.items() if k != "num_key_value_heads"},
+                                     lru_width=16, attention_window_size=8, block_types=["attention"],
+                                     logits_soft_cap=1.0)
+    elif kind == "falcon_h1":  # lm_head(h) * self.model.lm_head_multiplier
+        cfg = t.FalconH1Config(**_SMALL, head_dim=8, mamba_d_ssm=16, mamba_n_heads=2, mamba_d_head=8,
+                               mamba_d_state=8, mamba_n_groups=1, mamba_d_conv=4, mamba_chunk_size=8,
+                               lm_head_multiplier=0.25)
+    elif kind == "cohere":  # logits * self.logit_scale
+        cfg = t.CohereConfig(**_SMALL, logit_scale=0.3, eos_token_id=2)
+    elif kind == "granite":  # logits / config.logits_scaling
+        cfg = t.GraniteConfig(**_SMALL, logits_scaling=0.25)
+    elif kind == "gemma3_vlm":  # text_config.final_logit_softcapping, which this forward never applies
+        vision = t.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=16, patch_size=4)
+        cfg = t.Gemma3Config(text_config=dict(_SMALL, head_dim=8, final_logit_softcapping=0.5),
+                             vision_config=vision.to_dict(), mm_tokens_per_image=4, image_token_index=V - 1,
+                             boi_token_index=V - 3, eoi_token_index=V - 2)
+        return t.Gemma3ForConditionalGeneration(cfg).double().train()
+    elif kind == "custom":
+        return _TransformedLlama(t.LlamaConfig(**_SMALL)).double().train()
+    else:
+        raise AssertionError(kind)
+    return t.AutoModelForCausalLM.from_config(cfg).double().train()
+
+
+@pytest.mark.parametrize("kind, scale, softcap", [
+    ("recurrent_gemma", 1.0, 1.0), ("falcon_h1", 0.25, None), ("cohere", 0.3, None), ("granite", 4.0, None),
+    ("gemma3_vlm", 1.0, None), ("custom", 0.5 / 3.0 * 2.0, 2.0)])
+def test_logit_transforms_are_read_from_the_forward(rng, kind, scale, softcap):
+    """What the forward does to lm_head's output before its loss is read from
+    its source, not guessed from the config: the fused loss and gradients equal
+    torch's cross-entropy on the unpatched model's logits in fp64 (a soft-cap
+    the forward does not apply, as in Gemma 3's VLM, is not applied)."""
+    base = _transformed(kind)
+    ids, labels = _batch(rng)
+    ids = ids % (V - 3)  # no image tokens
+    ref_model = copy.deepcopy(base)
+    ref = _ref_loss(ref_model(input_ids=ids).logits, labels)
+    ref.backward()
+    model = gt.apply_gpuloss(copy.deepcopy(base))
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    t = model._gpuloss.options.transform
+    assert t.softcap == softcap and t.scale == pytest.approx(scale, rel=1e-15)
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{n}: {m}")
+
+
+_UNKNOWN_TRANSFORMS = {  # kind: (the line after lm_head, what the error names)
+    "slice": ("logits = logits[..., :-3]", r"`logits = logits\[\.\.\., :-3\]`: logits\[\.\.\., :-3\]"),
+    "bias": ("logits = logits + 1.0", r"`logits = logits \+ 1\.0`"),
+    "in_place": ("logits.div_(2.0)", r"`logits\.div_\(2\.0\)`"),
+    "training": ("if self.training:\n            logits = logits * 2.0", r"`logits = logits \* 2\.0`: self\.training"),
+    "tensor_scale": ("logits = logits * self.model.embed_tokens.weight[0, 0]", r"`logits = logits \* self\.model\.embed_tokens\.weight\[0, 0\]`"),
+}
+
+
+def _unknown_transform_model(kind: str):
+    src = f"""
+def forward(self, input_ids=None, labels=None, **kwargs):
+        logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)
+        {_UNKNOWN_TRANSFORMS[kind][0]}
+        loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+"""
+    ns = {"transformers": transformers}
+    exec(compile(src, f"<{kind}>", "exec"), ns)  # no source file: patched in below for inspect
+    cls = type(f"Llama_{kind}", (transformers.LlamaForCausalLM,), {"forward": ns["forward"]})
+    torch.manual_seed(0)
+    return cls(transformers.LlamaConfig(**_SMALL)), src
+
+
+@pytest.mark.parametrize("kind", sorted(_UNKNOWN_TRANSFORMS))
+def test_unknown_logit_transform_is_refused(monkeypatch, kind):
+    """Anything else the forward does to the logits before the loss refuses the
+    fused path (naming the line) instead of training on another loss; so does
+    a forward whose source cannot be read.  fused_linear=False works."""
+    model, src = _unknown_transform_model(kind)
+    with pytest.raises(ValueError, match="cannot tell what .*forward does.*source of .*forward cannot be read.*fused_linear=False"):
+        gt.apply_gpuloss(model)
+    real = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda obj: src if getattr(obj, "__name__", "") == "forward"
+                        and obj.__code__.co_filename == f"<{kind}>" else real(obj))
+    with pytest.raises(ValueError, match=f"at: {_UNKNOWN_TRANSFORMS[kind][1]}.*fused_linear=False"):
+        gt.apply_gpuloss(model)
+    gt.apply_gpuloss(model, fused_linear=False)
+
+
 # ---------------------------------------------------------------- behaviour
 
 def test_fused_training_has_no_logits_and_eval_is_unchanged(rng):
@@ -423,10 +541,6 @@ def test_clear_errors():
     model.base_model_prefix = "decoder"
     with pytest.raises(ValueError, match="no base model.*'decoder'"):
         gt.apply_gpuloss(model)
-    cohere = transformers.AutoModelForCausalLM.from_config(transformers.CohereConfig(**_COMMON))
-    with pytest.raises(ValueError, match="logit_scale.*fused_linear=False"):
-        gt.apply_gpuloss(cohere)
-    gt.apply_gpuloss(cohere, fused_linear=False)
     model = _model("llama")
     model.loss_function = lambda *a, **k: 0.0
     with pytest.raises(ValueError, match="already has its own loss_function"):

@@ -34,20 +34,28 @@ two things are intercepted, both on the instance:
 2. ``model.loss_function``, which the model calls with its labels and loss
    kwargs (``num_items_in_batch``, ``ignore_index``, ``shift_labels``),
    computes the fused loss from the recorded hidden states, ``lm_head.weight``
-   (tied or not) and ``lm_head.bias``, with the config's
-   ``final_logit_softcapping`` as gpuloss's ``softcap``.
+   (tied or not) and ``lm_head.bias``.
 
-A model whose logits go through another transformation between ``lm_head`` and
-the loss (Cohere's ``logit_scale``, Granite's ``logits_scaling``) is refused with
-``fused_linear=True`` rather than trained on a different loss.
+What the forward does to the logits between ``lm_head`` and the loss is read
+from its source when the patch is applied, not assumed from the config: a
+soft-cap (Gemma 2's ``final_logit_softcapping``, RecurrentGemma's
+``logits_soft_cap``) becomes gpuloss's ``softcap``, a scale by a number
+(Cohere's ``logit_scale``, Granite's ``logits_scaling``, FalconH1's
+``lm_head_multiplier``) scales the hidden states and bias.  Any other
+transformation (a slice of the vocabulary, a bias added, masked tokens), or a
+forward whose source cannot be read, is refused with ``fused_linear=True``
+rather than trained on a different loss.
 
 Importing this module imports torch and transformers; ``import gpuloss`` does not.
 """
 from __future__ import annotations
 
+import ast
+import contextlib
 import dataclasses
 import functools
 import inspect
+import textwrap
 from typing import Optional
 
 import torch
@@ -169,16 +177,21 @@ def ForCausalLMLoss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
 def _fused_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, opts: "_Options",
                           num_items_in_batch=None, ignore_index: int = -100,
                           shift_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """:func:`ForCausalLMLoss` of ``head(hidden)`` (softcapped by ``opts.softcap``)
-    without the logits."""
+    """:func:`ForCausalLMLoss` of ``head(hidden)`` transformed as the model's
+    forward transforms it (``opts.transform``) without the logits."""
     weight, bias = head.weight, head.bias
     # lm_head's input as the model passed it: a device-placement hook (accelerate's
     # device_map) would have moved it to the weight's device inside lm_head
     h = hidden.reshape(-1, hidden.shape[-1]).to(weight.device)
+    scale, softcap = opts.transform.scale, opts.transform.softcap
+    if scale != 1.0:
+        # s * (h @ W.T + b) as (s * h) @ W.T + s * b: N x H and V elements, not N x V
+        h = h * scale
+        bias = None if bias is None else bias * scale
     target = _flat_targets(_next_token_targets(labels, ignore_index, shift_labels), h.shape[0],
                            f"hidden states of shape {tuple(hidden.shape)}", h.device)
     kw = dict(ignore_index=ignore_index, reduction=_reduction(num_items_in_batch), z_loss=opts.z_loss,
-              softcap=opts.softcap, chunk_size=opts.chunk_size, backend=opts.backend)
+              softcap=softcap, chunk_size=opts.chunk_size, backend=opts.backend)
     # under autocast, gpuloss.linear_cross_entropy runs lm_head's matmul in
     # autocast's dtype, as lm_head would (gpuloss._autocast)
     loss = _linear_cross_entropy(h, weight, target, bias, **kw)
@@ -195,7 +208,7 @@ class _Options:
     z_loss: float
     chunk_size: Optional[int]
     backend: Optional[str]
-    softcap: Optional[float]  # the config's final_logit_softcapping, for the fused path
+    transform: "_Transform"  # what the model's forward does to lm_head's output, for the fused path
 
 
 class _State:
@@ -301,32 +314,6 @@ def _unwrap(module: torch.nn.Module, impl) -> None:
 # what a model must have
 # ---------------------------------------------------------------------------
 
-#: config attributes that transform the logits between lm_head and the loss
-#: (a value of 1 or None is no transformation)
-_LOGIT_TRANSFORMS = {
-    "logit_scale": "multiplies its logits by config.logit_scale",
-    "logits_scaling": "divides its logits by config.logits_scaling",
-    "output_multiplier": "multiplies its logits by config.output_multiplier",
-}
-
-
-def _configs(model) -> list:
-    cfg = model.config
-    out = [cfg]
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    if text is not cfg:
-        out.append(text)
-    return out
-
-
-def _softcap(model) -> Optional[float]:
-    for cfg in _configs(model):
-        cap = getattr(cfg, "final_logit_softcapping", None)
-        if cap is not None:
-            return float(cap)
-    return None
-
-
 def _check_causal_lm(model) -> None:
     name = type(model).__name__
     if not isinstance(model, transformers.PreTrainedModel):
@@ -383,15 +370,6 @@ def _check_fused_layout(model) -> torch.nn.Linear:
                          f"fused_linear=False works with any head")
     if not head.weight.is_floating_point():
         raise ValueError(f"apply_gpuloss(fused_linear=True): lm_head.weight is {head.weight.dtype}, not floating")
-    for cfg in _configs(model):
-        for attr, what in _LOGIT_TRANSFORMS.items():
-            v = getattr(cfg, attr, None)
-            if v is not None and v != 1:
-                raise ValueError(f"apply_gpuloss(fused_linear=True): {name} {what} (= {v}) after lm_head, which "
-                                 f"the fused loss does not apply; use fused_linear=False")
-    if getattr(model, "final_logits_bias", None) is not None:
-        raise ValueError(f"apply_gpuloss(fused_linear=True): {name} adds final_logits_bias to its logits after "
-                         f"lm_head, which the fused loss does not apply; use fused_linear=False")
     return head
 
 
@@ -407,6 +385,295 @@ def _check_options(fused_linear, z_loss, chunk_size, backend) -> None:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if backend is not None and backend not in dispatch.registered():
         raise ValueError(f"unknown backend {backend!r}; registered: {', '.join(dispatch.registered())}")
+
+
+# ---------------------------------------------------------------------------
+# what the model does to lm_head's output before its loss, read from its source
+# ---------------------------------------------------------------------------
+
+class _Unknown(Exception):
+    """A piece of forward source that :func:`_logit_transform` cannot read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Transform:
+    """``logits = softcap * tanh(scale * z / softcap)`` of lm_head's output ``z``
+    (no tanh: ``scale * z``), which the fused loss applies as a hidden-state
+    scale and gpuloss's ``softcap``."""
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+
+#: calls on the logits that do not change the loss: the fused loss is computed
+#: in fp32 (fp64 for fp64 operands) whatever the logits' dtype would have been
+_NEUTRAL_METHODS = {"float", "contiguous"}
+
+
+def _function_ast(fn) -> Optional[ast.FunctionDef]:
+    try:
+        src = inspect.getsource(inspect.unwrap(fn))
+    except (OSError, TypeError):
+        return None
+    tree = ast.parse(textwrap.dedent(src))
+    node = tree.body[0] if tree.body else None
+    return node if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+
+
+def _statements(body, conds=(), loop=False, out=None) -> list:
+    """The function's simple statements in source order, each with the ``if``
+    tests it runs under ``(test, taken)`` and whether it is inside a loop;
+    a compound statement's header counts as a statement of its own."""
+    out = [] if out is None else out
+    for s in body:
+        if isinstance(s, ast.If):
+            out.append((s.test, conds, loop))
+            _statements(s.body, conds + ((s.test, True),), loop, out)
+            _statements(s.orelse, conds + ((s.test, False),), loop, out)
+        elif isinstance(s, (ast.For, ast.AsyncFor, ast.While)):
+            out.append((s.iter if isinstance(s, (ast.For, ast.AsyncFor)) else s.test, conds, loop))
+            _statements(s.body + s.orelse, conds, True, out)
+        elif isinstance(s, (ast.With, ast.AsyncWith)):
+            out.append((ast.Tuple([i.context_expr for i in s.items], ast.Load()), conds, loop))
+            _statements(s.body, conds, loop, out)
+        elif isinstance(s, ast.Try):
+            _statements(s.body + s.orelse + s.finalbody, conds, loop, out)
+            for h in s.handlers:
+                _statements(h.body, conds, True, out)  # may or may not run
+        elif isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        else:
+            out.append((s, conds, loop))
+    return out
+
+
+def _is_self_call(node, attr: str) -> bool:
+    f = node.func if isinstance(node, ast.Call) else None
+    return (isinstance(f, ast.Attribute) and f.attr == attr and isinstance(f.value, ast.Name)
+            and f.value.id == "self")
+
+
+def _mentions(node, name: str) -> bool:
+    return any(isinstance(n, ast.Name) and n.id == name for n in ast.walk(node))
+
+
+def _static(node, owner, env: dict):
+    """The value of a side-effect-free expression of ``self`` (attributes, the
+    ``get_*()`` accessors, numbers, ``is (not) None``), evaluated now; raises
+    :class:`_Unknown` for anything else.  ``training`` is refused: it can
+    change between this call and the forward's."""
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (int, float))):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id == "self":
+            return owner
+        if node.id in env:
+            return _static(env[node.id], owner, env)
+    elif isinstance(node, ast.NamedExpr):
+        return _static(node.value, owner, env)
+    elif isinstance(node, ast.Attribute) and node.attr != "training":
+        try:
+            return getattr(_static(node.value, owner, env), node.attr)
+        except AttributeError:
+            pass
+    elif (isinstance(node, ast.Call) and not node.args and not node.keywords
+          and isinstance(node.func, ast.Attribute) and node.func.attr.startswith("get_")):
+        return getattr(_static(node.func.value, owner, env), node.func.attr)()
+    elif isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.comparators[0], ast.Constant) \
+            and node.comparators[0].value is None and isinstance(node.ops[0], (ast.Is, ast.IsNot)):
+        v = _static(node.left, owner, env)
+        return (v is None) == isinstance(node.ops[0], ast.Is)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
+        v = _static(node.operand, owner, env)
+        return -v if isinstance(node.op, ast.USub) else not v
+    raise _Unknown(ast.unparse(node))
+
+
+def _number(node, owner, env) -> float:
+    v = _static(node, owner, env)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _Unknown(f"{ast.unparse(node)} (= {v!r}, not a number)")
+    return float(v)
+
+
+def _ops(expr, is_base, owner, env) -> list:
+    """What ``expr`` does to its base (lm_head's output), as a list of
+    ``("scale", s)`` / ``("tanh",)``; raises :class:`_Unknown` for anything
+    that is not one of those."""
+    if is_base(expr):
+        return []
+    if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute):
+        f = expr.func
+        if f.attr in _NEUTRAL_METHODS and not expr.args and not expr.keywords:
+            return _ops(f.value, is_base, owner, env)
+        if f.attr == "tanh" and not expr.keywords:
+            if not expr.args:  # z.tanh()
+                return _ops(f.value, is_base, owner, env) + [("tanh",)]
+            if len(expr.args) == 1:  # torch.tanh(z), nn.functional.tanh(z), F.tanh(z)
+                return _ops(expr.args[0], is_base, owner, env) + [("tanh",)]
+    if isinstance(expr, ast.BinOp) and isinstance(expr.op, (ast.Mult, ast.Div)):
+        has = [any(is_base(n) for n in ast.walk(side)) for side in (expr.left, expr.right)]
+        if has == [True, False]:
+            s = _number(expr.right, owner, env)
+            return _ops(expr.left, is_base, owner, env) + [("scale", s if isinstance(expr.op, ast.Mult) else 1 / s)]
+        if has == [False, True] and isinstance(expr.op, ast.Mult):
+            return _ops(expr.right, is_base, owner, env) + [("scale", _number(expr.left, owner, env))]
+    raise _Unknown(ast.unparse(expr))
+
+
+def _follow(fdef, owner, call_attr: str, sink) -> list:
+    """The ops between the one statement of ``fdef`` that calls
+    ``self.<call_attr>(...)`` and the first statement ``sink`` accepts, which
+    returns the expression that receives the result (or None)."""
+    stmts = _statements(fdef.body)
+    env = {}
+    for node in ast.walk(fdef):  # simple local bindings (cap = self.config.x) and walruses
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            env.setdefault(node.targets[0].id, node.value)
+        elif isinstance(node, ast.NamedExpr):
+            env.setdefault(node.target.id, node.value)
+    at = [i for i, (s, _, _) in enumerate(stmts) if any(_is_self_call(n, call_attr) for n in ast.walk(s))]
+    if len(at) != 1:
+        raise _Unknown(f"self.{call_attr}(...) is called {len(at) or 'nowhere'} times, not once")
+    s0, conds0, loop0 = stmts[at[0]]
+    if loop0:
+        raise _Unknown(f"self.{call_attr}(...) is called in a loop")
+
+    def is_call(n):
+        return _is_self_call(n, call_attr)
+
+    with _at(s0):
+        if isinstance(s0, ast.Return):
+            return _ops(s0.value, is_call, owner, env)
+        if not (isinstance(s0, ast.Assign) and len(s0.targets) == 1 and isinstance(s0.targets[0], ast.Name)):
+            raise _Unknown("not assigned to a name")
+        z = s0.targets[0].id
+        ops = _ops(s0.value, is_call, owner, env)
+
+    def is_z(n):
+        return isinstance(n, ast.Name) and n.id == z
+
+    for s, conds, loop in stmts[at[0] + 1:]:
+        with _at(s):
+            received = sink(s)
+            if received is not None:
+                return ops + _ops(received, is_z, owner, env)
+            if not _mentions(s, z):
+                continue
+            if loop or not (isinstance(s, (ast.Assign, ast.AugAssign)) and _is_z_target(s, z)):
+                raise _Unknown("")
+            if not all(bool(_static(t, owner, env)) == taken for t, taken in conds):
+                continue  # under an if that is not taken (e.g. a softcap of None)
+            if isinstance(s, ast.AugAssign):
+                s = ast.Assign([ast.Name(z, ast.Store())], ast.BinOp(ast.Name(z, ast.Load()), s.op, s.value))
+            ops += _ops(s.value, is_z, owner, env)
+    raise _Unknown(f"the result of self.{call_attr}(...) does not reach the loss")
+
+
+@contextlib.contextmanager
+def _at(stmt):
+    """Name the source line in a :class:`_Unknown` raised while reading it."""
+    try:
+        yield
+    except _Unknown as e:
+        line = ast.unparse(stmt).splitlines()[0]
+        raise _Unknown(f"`{line}`" + (f": {e}" if str(e) else "")) from None
+
+
+def _is_z_target(s, z: str) -> bool:
+    t = s.targets[0] if isinstance(s, ast.Assign) and len(s.targets) == 1 else getattr(s, "target", None)
+    return isinstance(t, ast.Name) and t.id == z
+
+
+def _loss_logits(s):
+    """The expression a ``... self.loss_function(logits, ...)`` statement scores."""
+    for n in ast.walk(s):
+        if _is_self_call(n, "loss_function"):
+            for k in n.keywords:
+                if k.arg == "logits":
+                    return k.value
+            if n.args:
+                return n.args[0]
+            raise _Unknown(ast.unparse(n))
+    return None
+
+
+def _returned(s):
+    return s.value if isinstance(s, ast.Return) and s.value is not None else None
+
+
+def _class_forward(module, what: str):
+    """The AST of the forward that ``module``'s class runs, following
+    ``super().forward(...)`` overrides."""
+    for cls in type(module).__mro__:
+        fn = cls.__dict__.get("forward")
+        if fn is None:
+            continue
+        fdef = _function_ast(fn)
+        if fdef is None:
+            raise _Unknown(f"the source of {cls.__name__}.forward cannot be read")
+        yield cls, fdef
+    raise _Unknown(f"no forward calls {what}")
+
+
+def _module_ops(module, path: list, sink, what: str) -> list:
+    """Ops from the output of ``module.<path>`` (a dotted child path) to what
+    ``module``'s forward hands ``sink``."""
+    for cls, fdef in _class_forward(module, what):
+        if not any(_is_self_call(n, path[0]) for n in ast.walk(fdef)):
+            if "super" in {n.id for n in ast.walk(fdef) if isinstance(n, ast.Name)}:
+                continue  # an override that calls the parent's forward
+            raise _Unknown(f"{cls.__name__}.forward does not call self.{path[0]}(...)")
+        inner = []
+        if len(path) > 1:  # the head is inside self.<path[0]>: what that module returns of it
+            inner = _module_ops(getattr(module, path[0]), path[1:], _returned, what)
+        return inner + _follow(fdef, module, path[0], sink)
+
+
+def _logit_transform(model, head) -> _Transform:
+    """What ``model``'s forward does to ``head``'s output before passing it to
+    ``self.loss_function``, read from the source of the forward (and of the
+    modules between it and the head): the fused loss must apply the same.
+    Soft-capping and scaling by a number are recognised (Gemma 2's
+    ``final_logit_softcapping``, RecurrentGemma's ``logits_soft_cap``, Cohere's
+    ``logit_scale``, Granite's ``logits_scaling``, FalconH1's
+    ``lm_head_multiplier``, ``.float()``); the fused path is refused for
+    anything else (a slice of the vocabulary, a bias added, masked tokens) and
+    for a forward whose source cannot be read.  The numbers are read now: a
+    config changed afterwards needs ``apply_gpuloss`` again."""
+    name = type(model).__name__
+    path = next((p for p, m in model.named_modules() if m is head), None)
+    try:
+        if not path:
+            raise _Unknown("the output embedding is not a submodule of the model")
+        ops = _module_ops(model, path.split("."), _loss_logits, f"self.{path}")
+    except _Unknown as e:
+        raise ValueError(f"apply_gpuloss(fused_linear=True) cannot tell what {name}.forward does to the output of "
+                         f"{path or 'lm_head'} before its loss (at: {e}); the fused loss would not apply it. "
+                         f"Use fused_linear=False") from None
+    return _canonical(ops, name)
+
+
+def _canonical(ops: list, name: str) -> _Transform:
+    """``ops`` as ``softcap * tanh(scale * z / softcap)``: scales, then at most
+    one tanh, then scales (``q * tanh(p * z)`` is softcap ``q``, scale ``p * q``)."""
+    pre = post = 1.0
+    tanh = False
+    for op in ops:
+        if op[0] == "tanh":
+            if tanh:
+                raise ValueError(f"apply_gpuloss(fused_linear=True): {name} applies tanh to its logits twice, which "
+                                 f"the fused loss cannot; use fused_linear=False")
+            tanh = True
+        elif tanh:
+            post *= op[1]
+        else:
+            pre *= op[1]
+    if not tanh:
+        return _Transform(scale=pre)
+    if not post > 0:
+        raise ValueError(f"apply_gpuloss(fused_linear=True): {name} soft-caps its logits with a cap of {post}, "
+                         f"not > 0; use fused_linear=False")
+    return _Transform(scale=pre * post, softcap=post)
 
 
 # ---------------------------------------------------------------------------
@@ -435,14 +702,16 @@ def apply_gpuloss(model, *, fused_linear: bool = True, z_loss: float = 0.0, chun
     Only this instance changes: its ``forward``, its ``lm_head.forward`` (both
     instance attributes) and ``loss_function``; never a class or
     ``transformers``' ``LOSS_MAPPING``.  Calling it again replaces the options
-    (idempotent for the same ones); the config's ``final_logit_softcapping``
-    becomes gpuloss's ``softcap`` on the fused path.
+    (idempotent for the same ones).  What the forward does to ``lm_head``'s
+    output before its loss (soft-capping, scaling by a number) is read from
+    its source and applied by the fused loss; anything else is refused
+    (:func:`_logit_transform`).
     """
     _check_options(fused_linear, z_loss, chunk_size, backend)
     _check_causal_lm(model)
     head = _check_fused_layout(model) if fused_linear else None
     options = _Options(bool(fused_linear), float(z_loss), chunk_size, backend,
-                       _softcap(model) if fused_linear else None)
+                       _logit_transform(model, head) if fused_linear else _Transform())
     state = model.__dict__.get("_gpuloss")
     if not isinstance(state, _State):
         state = _State(options, *_forward_layout(model))
