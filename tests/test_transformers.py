@@ -560,11 +560,69 @@ def test_errors_at_call_time(rng):
         model(input_ids=ids, labels=labels, logits_to_keep=3)
     with pytest.raises(ValueError, match="outside \\[0, 67\\)"):
         model(input_ids=ids, labels=torch.full_like(labels, V))
-    model.lm_head = torch.nn.Linear(32, V, bias=False)  # replaced after apply_gpuloss
-    with pytest.raises(RuntimeError, match="apply_gpuloss\\(model\\) again"):
+    model.lm_head = torch.nn.Sequential(torch.nn.Linear(32, V))  # replaced after apply_gpuloss
+    with pytest.raises(ValueError, match="torch.nn.Linear.*Sequential"):
         model(input_ids=ids, labels=labels)
-    gt.apply_gpuloss(model)
-    assert model(input_ids=ids, labels=labels).logits is None
+
+
+@pytest.mark.parametrize("how", ["resize_token_embeddings", "set_output_embeddings"])
+def test_head_replaced_after_apply_is_followed(rng, how):
+    """The head is looked up at each fused call (get_output_embeddings()): one
+    that resize_token_embeddings (untied) or set_output_embeddings put in
+    after apply_gpuloss trains as in the unpatched model, in fp64; the old one
+    is left as it was."""
+    base = _model("llama", dtype=torch.float64)
+    ids, labels = _batch(rng)
+    ref_model, model = copy.deepcopy(base), _patched(base, "fused")
+    old = model.lm_head
+    for m in (ref_model, model):
+        torch.manual_seed(1)  # the same new rows
+        if how == "resize_token_embeddings":
+            m.resize_token_embeddings(V + 5, mean_resizing=False)
+        else:
+            m.set_output_embeddings(torch.nn.Linear(32, V, bias=True, dtype=torch.float64))
+    assert model.lm_head is not old
+    ref = _ref_loss(ref_model(input_ids=ids).logits, labels)
+    ref.backward()
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{n}: {m}")
+    assert old(torch.ones(1, 32, dtype=torch.float64)).shape == (1, V)
+
+
+def _replica(module, memo, scale: float):
+    """torch.nn.parallel.replicate without devices: each module's
+    _replicate_for_data_parallel (a shallow copy of __dict__), given its own
+    parameters (here the original's times ``scale``)."""
+    r = module._replicate_for_data_parallel()
+    memo[module] = r
+    for k, p in module._parameters.items():
+        r._parameters[k] = None if p is None else (p.detach() * scale).requires_grad_()
+    for k, c in module._modules.items():
+        if c is not None:
+            r._modules[k] = memo[c] if c in memo else _replica(c, memo, scale)
+    return r
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_data_parallel_replica_runs_its_own_weights(rng, train):
+    """nn.DataParallel's replicas copy each module's __dict__, gpuloss's
+    forwards included: a replica must run its own forward on its own weights
+    (and hand over in its own state: replicas run in threads at once), as the
+    unpatched model's replica does."""
+    base = _model("llama", dtype=torch.float64).train(train)
+    ids, labels = _batch(rng)
+    model = _patched(base, "fused").train(train)
+    want = _ref_loss(_replica(base, {}, 0.5)(input_ids=ids).logits, labels)
+    rep = _replica(model, {}, 0.5)
+    out = rep(input_ids=ids, labels=labels)
+    assert (out.logits is None) == train
+    torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=1e-12)
+    assert rep._gpuloss is not model._gpuloss and model._gpuloss.head is model.lm_head
+    assert model(input_ids=ids, labels=labels).loss.item() != pytest.approx(out.loss.item())
 
 
 # ---------------------------------------------------------------- Trainer

@@ -56,6 +56,7 @@ import dataclasses
 import functools
 import inspect
 import textwrap
+import types
 from typing import Optional
 
 import torch
@@ -213,17 +214,23 @@ class _Options:
 
 class _State:
     """What :func:`apply_gpuloss` keeps on a model (``model._gpuloss``): the
-    options, and the hand-over from ``lm_head`` to ``loss_function`` during one
-    fused forward call."""
+    options, the output embedding wired to this state (``head``), and the
+    hand-over from it to ``loss_function`` during one fused forward call."""
 
     def __init__(self, options: _Options, labels_position: Optional[int], return_dict_ok: bool):
         self.options = options
         self.labels_position = labels_position
         self.return_dict_ok = return_dict_ok
+        self.head: Optional[torch.nn.Module] = None
         self.capturing = False
         self.hidden: Optional[torch.Tensor] = None
-        self.head: Optional[torch.nn.Module] = None
+        self.captured_head: Optional[torch.nn.Module] = None
         self.loss_done = False
+
+    def fresh(self) -> "_State":
+        """The same options with a hand-over of its own (a replica's: DataParallel
+        runs its replicas in threads at once)."""
+        return _State(self.options, self.labels_position, self.return_dict_ok)
 
 
 def _model_loss(state: _State, logits, labels, vocab_size, num_items_in_batch=None, ignore_index: int = -100,
@@ -236,11 +243,11 @@ def _model_loss(state: _State, logits, labels, vocab_size, num_items_in_batch=No
         return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels,
                                z_loss=o.z_loss, backend=o.backend)
     if state.hidden is None:
-        raise RuntimeError("gpuloss: the model computed its loss without calling lm_head through gpuloss; was "
-                           "lm_head replaced after apply_gpuloss (resize_token_embeddings, set_output_embeddings)? "
-                           "Call apply_gpuloss(model) again")
-    hidden, head = state.hidden, state.head
-    state.hidden, state.head, state.loss_done = None, None, True
+        raise RuntimeError("gpuloss: the model computed its loss without calling its output embedding "
+                           "(get_output_embeddings()) in this forward call; apply_gpuloss(model, "
+                           "fused_linear=False) keeps its logits")
+    hidden, head = state.hidden, state.captured_head
+    state.hidden, state.captured_head, state.loss_done = None, None, True
     return _fused_causal_lm_loss(hidden, head, labels, o, num_items_in_batch, ignore_index, shift_labels)
 
 
@@ -249,7 +256,7 @@ def _head_forward(head: torch.nn.Module, state: _State, orig_forward, input: tor
     states kept for the loss and an empty ``(..., 0)`` tensor in their place."""
     if not state.capturing:
         return orig_forward(input)
-    state.hidden, state.head = input, head
+    state.hidden, state.captured_head = input, head
     return input.new_empty((*input.shape[:-1], 0))
 
 
@@ -262,6 +269,11 @@ def _forward(model, state: _State, orig_forward, *args, **kwargs):
         labels = args[pos]
     if not (state.options.fused_linear and labels is not None and model.training and torch.is_grad_enabled()):
         return orig_forward(*args, **kwargs)
+    # the head the model calls now: one set by resize_token_embeddings or
+    # set_output_embeddings after apply_gpuloss, or a DataParallel replica's
+    head = model.get_output_embeddings()
+    if head is not state.head:
+        _attach_head(model, state, head)
     # transformers' can_return_tuple rule, applied here so the output can be
     # rebuilt without its placeholder logits first
     return_dict = kwargs.pop("return_dict", None)
@@ -269,11 +281,11 @@ def _forward(model, state: _State, orig_forward, *args, **kwargs):
         return_dict = getattr(model.config, "return_dict", True)
     if state.return_dict_ok:
         kwargs["return_dict"] = True
-    state.capturing, state.hidden, state.head, state.loss_done = True, None, None, False
+    state.capturing, state.hidden, state.captured_head, state.loss_done = True, None, None, False
     try:
         out = orig_forward(*args, **kwargs)
     finally:
-        state.capturing, state.hidden, state.head = False, None, None
+        state.capturing, state.hidden, state.captured_head = False, None, None
     if not state.loss_done:
         raise RuntimeError(f"gpuloss: {type(model).__name__}.forward returned without calling "
                            f"self.loss_function; apply_gpuloss(model, fused_linear=False) keeps its logits")
@@ -287,27 +299,76 @@ def _is_ours(fn, impl) -> bool:
     return isinstance(fn, functools.partial) and fn.func is impl
 
 
-def _wrap(module: torch.nn.Module, impl, *front) -> None:
-    """``module.forward = impl(*front, original forward, ...)`` on the instance,
-    once.  ``functools.update_wrapper`` keeps the original signature visible
+def _rebind(orig, old: torch.nn.Module, new: torch.nn.Module):
+    """``orig`` (a forward of ``old``) as ``new``'s: a method bound to ``old``
+    is bound to ``new`` instead; any other callable is kept."""
+    if inspect.ismethod(orig) and orig.__self__ is old:
+        return types.MethodType(orig.__func__, new)
+    return orig
+
+
+def _bind(module: torch.nn.Module, impl, state: _State, orig) -> None:
+    """``module.forward = impl(module, state, orig, ...)`` on the instance.
+    ``functools.update_wrapper`` keeps the original signature visible
     (``inspect.signature`` follows ``__wrapped__``: Trainer inspects it), and a
     partial of module-level functions is copied along with the model by
-    ``copy.deepcopy`` and pickled by ``torch.save``."""
-    if _is_ours(module.__dict__.get("forward"), impl):
-        return
-    orig = module.forward
-    module.forward = functools.update_wrapper(functools.partial(impl, *front, orig), orig)
+    ``copy.deepcopy`` and pickled by ``torch.save``.  DataParallel's replicas
+    copy ``module.__dict__`` (this forward included, bound to ``module``):
+    ``_replicate_for_data_parallel`` is overridden on the instance to bind
+    the replica's forward to the replica."""
+    module.forward = functools.update_wrapper(functools.partial(impl, module, state, orig), orig)
+    module._replicate_for_data_parallel = functools.partial(_replicate, module)
+
+
+def _wrap(module: torch.nn.Module, impl, state: _State) -> None:
+    """Wrap ``module``'s forward in ``impl`` for ``state``, once: a forward of
+    ours for another module (a copy's) or state is rebound, not wrapped twice."""
+    fn = module.__dict__.get("forward")
+    if _is_ours(fn, impl):
+        if fn.args[0] is module and fn.args[1] is state:
+            return
+        _bind(module, impl, state, _rebind(fn.args[2], fn.args[0], module))
+    else:
+        _bind(module, impl, state, module.forward)
 
 
 def _unwrap(module: torch.nn.Module, impl) -> None:
     fn = module.__dict__.get("forward")
     if not _is_ours(fn, impl):
         return
-    orig = fn.args[-1]
+    orig = _rebind(fn.args[2], fn.args[0], module)
+    module.__dict__.pop("_replicate_for_data_parallel", None)
     if getattr(orig, "__self__", None) is module and getattr(orig, "__func__", None) is type(module).forward:
         del module.forward  # it was the class's own forward
     else:
         module.forward = orig
+
+
+def _replicate(module: torch.nn.Module) -> torch.nn.Module:
+    """``module._replicate_for_data_parallel()``: the class's replica (a shallow
+    copy of ``__dict__`` with its own parameters), with gpuloss's forward
+    bound to the replica rather than to ``module``, so that it runs the
+    replica's weights on the replica's device; a model's replica gets its own
+    hand-over state."""
+    replica = type(module)._replicate_for_data_parallel(module)
+    state = replica.__dict__.get("_gpuloss")
+    if isinstance(state, _State):
+        state = state.fresh()
+        replica._gpuloss = state
+        replica.loss_function = functools.partial(_model_loss, state)
+    for impl in (_forward, _head_forward):
+        fn = replica.__dict__.get("forward")
+        if _is_ours(fn, impl):
+            # a head keeps its model's state until the model's replica wires it to its own
+            _bind(replica, impl, state if impl is _forward else fn.args[1], _rebind(fn.args[2], module, replica))
+    return replica
+
+
+def _attach_head(model, state: _State, head) -> None:
+    """Wire ``head`` (the model's output embedding now) to ``state``."""
+    _check_head(model, head)
+    _wrap(head, _head_forward, state)
+    state.head = head
 
 
 # ---------------------------------------------------------------------------
@@ -361,6 +422,13 @@ def _check_fused_layout(model) -> torch.nn.Linear:
         raise ValueError(f"apply_gpuloss(fused_linear=True) needs a base model and an lm_head; {name} has no base "
                          f"model (base_model_prefix={prefix!r} names no submodule)")
     head = model.get_output_embeddings()
+    _check_head(model, head)
+    return head
+
+
+def _check_head(model, head) -> None:
+    """The output embedding (at apply time or a forward call's) is one the fused loss computes."""
+    name = type(model).__name__
     if head is None:
         raise ValueError(f"apply_gpuloss(fused_linear=True) needs a base model and an lm_head; {name} has no "
                          f"output embedding (get_output_embeddings() is None)")
@@ -370,7 +438,6 @@ def _check_fused_layout(model) -> torch.nn.Linear:
                          f"fused_linear=False works with any head")
     if not head.weight.is_floating_point():
         raise ValueError(f"apply_gpuloss(fused_linear=True): lm_head.weight is {head.weight.dtype}, not floating")
-    return head
 
 
 def _check_options(fused_linear, z_loss, chunk_size, backend) -> None:
@@ -700,7 +767,9 @@ def apply_gpuloss(model, *, fused_linear: bool = True, z_loss: float = 0.0, chun
     backend : gpuloss backend name, or None for the automatic choice
 
     Only this instance changes: its ``forward``, its ``lm_head.forward`` (both
-    instance attributes) and ``loss_function``; never a class or
+    instance attributes; a head set later by ``resize_token_embeddings`` or
+    ``set_output_embeddings`` is wrapped at its first fused call) and
+    ``loss_function``; never a class or
     ``transformers``' ``LOSS_MAPPING``.  Calling it again replaces the options
     (idempotent for the same ones).  What the forward does to ``lm_head``'s
     output before its loss (soft-capping, scaling by a number) is read from
@@ -718,14 +787,15 @@ def apply_gpuloss(model, *, fused_linear: bool = True, z_loss: float = 0.0, chun
         model._gpuloss = state
         model.loss_function = functools.partial(_model_loss, state)
     state.options = options
-    old_head = model.get_output_embeddings()
     if fused_linear:
-        _wrap(model, _forward, model, state)
-        _wrap(head, _head_forward, head, state)
+        _wrap(model, _forward, state)
+        _attach_head(model, state, head)
     else:
         _unwrap(model, _forward)
-        if isinstance(old_head, torch.nn.Module):
-            _unwrap(old_head, _head_forward)
+        for old in (state.head, model.get_output_embeddings()):
+            if isinstance(old, torch.nn.Module):
+                _unwrap(old, _head_forward)
+        state.head = None
     return model
 
 
