@@ -625,6 +625,39 @@ def test_data_parallel_replica_runs_its_own_weights(rng, train):
     assert model(input_ids=ids, labels=labels).loss.item() != pytest.approx(out.loss.item())
 
 
+def test_accelerate_unwrap_model_without_fp32_wrapper(rng):
+    """accelerate's prepare(mixed_precision=...) wraps model.forward in its
+    autocast / fp32-output wrappers; unwrap_model(keep_fp32_wrapper=False)
+    follows __wrapped__ down to gpuloss's forward and binds it as a method of
+    the model (the model arrives as an extra first argument): training,
+    eval and generate still work, and apply_gpuloss restores the forward."""
+    pytest.importorskip("accelerate")
+    from accelerate.utils import convert_outputs_to_fp32, extract_model_from_parallel
+
+    base = _model("llama")
+    ids, labels = _batch(rng)
+    model = _patched(base, "fused")
+    sig = inspect.signature(model.forward)
+    # Accelerator.prepare's wrapping of a forward without __func__ (accelerator.py, native_amp)
+    model._original_forward = model.forward
+    model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = copy.deepcopy(base)(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, want, rtol=1e-6, atol=1e-6)
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    assert inspect.ismethod(model.__dict__["forward"])  # what accelerate leaves
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, copy.deepcopy(base)(input_ids=ids, labels=labels).loss,
+                               rtol=2e-6, atol=2e-6)
+    out = model(ids, None, None, None, None, labels)  # positional labels
+    assert out.logits is None
+    model.eval()
+    model.generate(ids[:1, :3], max_new_tokens=2, do_sample=False)
+    gt.apply_gpuloss(model)
+    assert not inspect.ismethod(model.__dict__["forward"]) and inspect.signature(model.forward) == sig
+
+
 # ---------------------------------------------------------------- Trainer
 
 def _trainer_run(model, tmp_path, rng_seed: int):

@@ -263,6 +263,10 @@ def _head_forward(head: torch.nn.Module, state: _State, orig_forward, input: tor
 def _forward(model, state: _State, orig_forward, *args, **kwargs):
     """``model.forward``: the model's own forward; during training with labels,
     with the loss from the hidden states and ``outputs.logits = None``."""
+    if args and args[0] is model:
+        # bound again as a method of the model: accelerate's unwrap_model(keep_fp32_wrapper=False)
+        # follows __wrapped__ down to this partial and sets model.forward = MethodType(partial, model)
+        args = args[1:]
     labels = kwargs.get("labels")
     pos = state.labels_position
     if labels is None and pos is not None and len(args) > pos:
@@ -299,6 +303,15 @@ def _is_ours(fn, impl) -> bool:
     return isinstance(fn, functools.partial) and fn.func is impl
 
 
+def _ours(module: torch.nn.Module, impl):
+    """``module``'s forward if it is ``impl``'s partial, as set by :func:`_bind`
+    or bound again as a method of ``module`` (accelerate's unwrap_model), else None."""
+    fn = module.__dict__.get("forward")
+    if inspect.ismethod(fn) and fn.__self__ is module:
+        fn = fn.__func__
+    return fn if _is_ours(fn, impl) else None
+
+
 def _rebind(orig, old: torch.nn.Module, new: torch.nn.Module):
     """``orig`` (a forward of ``old``) as ``new``'s: a method bound to ``old``
     is bound to ``new`` instead; any other callable is kept."""
@@ -315,7 +328,10 @@ def _bind(module: torch.nn.Module, impl, state: _State, orig) -> None:
     ``copy.deepcopy`` and pickled by ``torch.save``.  DataParallel's replicas
     copy ``module.__dict__`` (this forward included, bound to ``module``):
     ``_replicate_for_data_parallel`` is overridden on the instance to bind
-    the replica's forward to the replica."""
+    the replica's forward to the replica.  A partial with ``__wrapped__`` is
+    what accelerate's ``unwrap_model(keep_fp32_wrapper=False)`` stops at and
+    binds as a method of the model: :func:`_forward` then drops the model
+    passed first, and :func:`_wrap` puts the partial back."""
     module.forward = functools.update_wrapper(functools.partial(impl, module, state, orig), orig)
     module._replicate_for_data_parallel = functools.partial(_replicate, module)
 
@@ -323,9 +339,9 @@ def _bind(module: torch.nn.Module, impl, state: _State, orig) -> None:
 def _wrap(module: torch.nn.Module, impl, state: _State) -> None:
     """Wrap ``module``'s forward in ``impl`` for ``state``, once: a forward of
     ours for another module (a copy's) or state is rebound, not wrapped twice."""
-    fn = module.__dict__.get("forward")
-    if _is_ours(fn, impl):
-        if fn.args[0] is module and fn.args[1] is state:
+    fn = _ours(module, impl)
+    if fn is not None:
+        if fn.args[0] is module and fn.args[1] is state and module.__dict__["forward"] is fn:
             return
         _bind(module, impl, state, _rebind(fn.args[2], fn.args[0], module))
     else:
@@ -333,8 +349,8 @@ def _wrap(module: torch.nn.Module, impl, state: _State) -> None:
 
 
 def _unwrap(module: torch.nn.Module, impl) -> None:
-    fn = module.__dict__.get("forward")
-    if not _is_ours(fn, impl):
+    fn = _ours(module, impl)
+    if fn is None:
         return
     orig = _rebind(fn.args[2], fn.args[0], module)
     module.__dict__.pop("_replicate_for_data_parallel", None)
@@ -357,8 +373,8 @@ def _replicate(module: torch.nn.Module) -> torch.nn.Module:
         replica._gpuloss = state
         replica.loss_function = functools.partial(_model_loss, state)
     for impl in (_forward, _head_forward):
-        fn = replica.__dict__.get("forward")
-        if _is_ours(fn, impl):
+        fn = _ours(module, impl)  # the replica's too: a copy of module.__dict__
+        if fn is not None:
             # a head keeps its model's state until the model's replica wires it to its own
             _bind(replica, impl, state if impl is _forward else fn.args[1], _rebind(fn.args[2], module, replica))
     return replica
