@@ -658,6 +658,42 @@ def test_accelerate_unwrap_model_without_fp32_wrapper(rng):
     assert not inspect.ismethod(model.__dict__["forward"]) and inspect.signature(model.forward) == sig
 
 
+def test_fsdp2_head_as_its_own_unit_is_refused(rng, tmp_path):
+    """FSDP2 (gloo, one process): with lm_head in the root's unit the fused
+    loss and gradients equal the unpatched model's; with lm_head sharded as
+    a unit of its own (its weight resharded before the loss reads it) the
+    fused call says how to shard instead of failing inside the loss."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    from torch.distributed.fsdp import fully_shard
+
+    ids, labels = _batch(rng)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        for split_head in (False, True):
+            ref, model = _model("llama"), _patched(_model("llama"), "fused")
+            for m in (ref, model):
+                for layer in m.model.layers:
+                    fully_shard(layer)
+                if split_head:
+                    fully_shard(m.lm_head)
+                fully_shard(m)
+            if split_head:
+                with pytest.raises(RuntimeError, match="FSDP unit of its own.*not fully_shard\\(model.lm_head\\)"):
+                    model(input_ids=ids, labels=labels)
+                gt.apply_gpuloss(model, fused_linear=False)
+            want, out = ref(input_ids=ids, labels=labels), model(input_ids=ids, labels=labels)
+            want.loss.backward()
+            out.loss.backward()
+            torch.testing.assert_close(out.loss, want.loss, rtol=2e-6, atol=2e-6)
+            for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(p.grad.full_tensor(), q.grad.full_tensor(), rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"{n}: {m}")
+    finally:
+        dist.destroy_process_group()
+
+
 # ---------------------------------------------------------------- Trainer
 
 def _trainer_run(model, tmp_path, rng_seed: int):

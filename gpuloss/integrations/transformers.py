@@ -278,6 +278,9 @@ def _forward(model, state: _State, orig_forward, *args, **kwargs):
     head = model.get_output_embeddings()
     if head is not state.head:
         _attach_head(model, state, head)
+    if _FSDPModule is not None and isinstance(head, _FSDPModule):
+        # checked per call: fully_shard usually comes after apply_gpuloss
+        raise RuntimeError(_FSDP_HEAD_ERROR.format(name=type(model).__name__))
     # transformers' can_return_tuple rule, applied here so the output can be
     # rebuilt without its placeholder logits first
     return_dict = kwargs.pop("return_dict", None)
@@ -297,6 +300,27 @@ def _forward(model, state: _State, orig_forward, *args, **kwargs):
         raise RuntimeError(f"gpuloss: {type(model).__name__}.forward returned a tuple with return_dict=True")
     out = type(out)(**{k: v for k, v in out.items() if k != "logits"})
     return out if return_dict else out.to_tuple()
+
+
+def _fsdp_module_class():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without torch.distributed
+        return None
+    return FSDPModule
+
+
+_FSDPModule = _fsdp_module_class()
+
+#: why a head sharded as its own FSDP2 unit is refused rather than handled:
+#: FSDP reshards its weight in its post-forward hook, before the loss reads it,
+#: and gathers it again for backward (and reduce-scatters its gradient) from
+#: hooks on the head's output, which the fused loss never uses
+_FSDP_HEAD_ERROR = (
+    "gpuloss: {name}'s output embedding is an FSDP unit of its own (fully_shard(model.lm_head)); FSDP "
+    "reshards its weight right after its forward and gathers it for backward from its output, which the "
+    "fused loss does not use. Leave lm_head in the root's unit (fully_shard each decoder layer, then "
+    "fully_shard(model), not fully_shard(model.lm_head)), or apply_gpuloss(model, fused_linear=False)")
 
 
 def _is_ours(fn, impl) -> bool:
