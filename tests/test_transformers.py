@@ -380,7 +380,10 @@ def test_fused_training_has_no_logits_and_eval_is_unchanged(rng):
     assert type(out) is transformers.modeling_outputs.CausalLMOutputWithPast
     assert out.logits is None and "logits" not in out.keys() and out.loss.dtype == torch.float32
     tup = model(input_ids=ids, labels=labels, return_dict=False)
-    assert isinstance(tup, tuple)
+    want_tup = copy.deepcopy(base)(input_ids=ids, labels=labels, return_dict=False)
+    # the unpatched model's positions, (loss, logits, past_key_values), with None for the logits
+    assert isinstance(tup, tuple) and len(tup) == len(want_tup) == 3 and tup[1] is None
+    assert [type(x) for x in tup[2:]] == [type(x) for x in want_tup[2:]]
     torch.testing.assert_close(tup[0], out.loss)
     # without labels, in eval mode or without gradients: the model's own forward, logits included
     ref = copy.deepcopy(base)

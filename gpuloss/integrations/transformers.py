@@ -298,8 +298,12 @@ def _forward(model, state: _State, orig_forward, *args, **kwargs):
                            f"self.loss_function; apply_gpuloss(model, fused_linear=False) keeps its logits")
     if isinstance(out, tuple):
         raise RuntimeError(f"gpuloss: {type(model).__name__}.forward returned a tuple with return_dict=True")
-    out = type(out)(**{k: v for k, v in out.items() if k != "logits"})
-    return out if return_dict else out.to_tuple()
+    if return_dict:
+        return type(out)(**{k: v for k, v in out.items() if k != "logits"})
+    # to_tuple() skips None fields: the logits' slot is kept (as None) so that
+    # out[1:] is what it is for the unpatched model, e.g. (loss, None, past_key_values)
+    return tuple(None if f.name == "logits" else getattr(out, f.name) for f in dataclasses.fields(out)
+                 if f.name == "logits" or getattr(out, f.name) is not None)
 
 
 def _fsdp_module_class():
