@@ -290,6 +290,8 @@ def _transformed(kind: str):
         cfg = t.CohereConfig(**_SMALL, logit_scale=0.3, eos_token_id=2)
     elif kind == "granite":  # logits / config.logits_scaling
         cfg = t.GraniteConfig(**_SMALL, logits_scaling=0.25)
+    elif kind == "hyperclovax":  # lm_head(h) * config.logits_scaling: the same name, multiplied
+        cfg = t.HyperCLOVAXConfig(**_SMALL, logits_scaling=0.5)
     elif kind == "gemma3_vlm":  # text_config.final_logit_softcapping, which this forward never applies
         vision = t.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, image_size=16, patch_size=4)
@@ -306,7 +308,7 @@ def _transformed(kind: str):
 
 @pytest.mark.parametrize("kind, scale, softcap", [
     ("recurrent_gemma", 1.0, 1.0), ("falcon_h1", 0.25, None), ("cohere", 0.3, None), ("granite", 4.0, None),
-    ("gemma3_vlm", 1.0, None), ("custom", 0.5 / 3.0 * 2.0, 2.0)])
+    ("hyperclovax", 0.5, None), ("gemma3_vlm", 1.0, None), ("custom", 0.5 / 3.0 * 2.0, 2.0)])
 def test_logit_transforms_are_read_from_the_forward(rng, kind, scale, softcap):
     """What the forward does to lm_head's output before its loss is read from
     its source, not guessed from the config: the fused loss and gradients equal
