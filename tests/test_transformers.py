@@ -252,6 +252,126 @@ def test_z_loss(rng, mode):
     torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-12, atol=1e-12)
 
 
+# ---------------------------------------------------------------- logit transforms
+
+_SMALL = dict(vocab_size=V, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2,
+              num_key_value_heads=1, initializer_range=0.2)
+
+
+class _TransformedLlama(transformers.LlamaForCausalLM):
+    """Every form the fused path recognises at once: a scale on the head's
+    output, a neutral call, an in-place scale, tanh, a scale after it
+    (2 * tanh(z / 6): softcap 2, hidden scale 1/3)."""
+
+    def forward(self, input_ids=None, labels=None, **kwargs):
+        hidden = self.model(input_ids=input_ids).last_hidden_state
+        logits = self.lm_head(hidden).contiguous() * 0.5
+        logits /= 3.0
+        logits = torch.tanh(logits)
+        logits = 2.0 * logits
+        loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def _transformed(kind: str):
+    """Tiny models whose forward does something to lm_head's output before the
+    loss (or, for gemma3_vlm, a config that says so while the forward does not)."""
+    t = transformers
+    torch.manual_seed(0)
+    if kind == "recurrent_gemma":  # nn.functional.tanh(logits / cap) * cap, cap = config.logits_soft_cap
+        cfg = t.RecurrentGemmaConfig(**{k: v for k, v in _SMALL.items() if k != "num_key_value_heads"},
+                                     lru_width=16, attention_window_size=8, block_types=["attention"],
+                                     logits_soft_cap=1.0)
+    elif kind == "falcon_h1":  # lm_head(h) * self.model.lm_head_multiplier
+        cfg = t.FalconH1Config(**_SMALL, head_dim=8, mamba_d_ssm=16, mamba_n_heads=2, mamba_d_head=8,
+                               mamba_d_state=8, mamba_n_groups=1, mamba_d_conv=4, mamba_chunk_size=8,
+                               lm_head_multiplier=0.25)
+    elif kind == "cohere":  # logits * self.logit_scale
+        cfg = t.CohereConfig(**_SMALL, logit_scale=0.3, eos_token_id=2)
+    elif kind == "granite":  # logits / config.logits_scaling
+        cfg = t.GraniteConfig(**_SMALL, logits_scaling=0.25)
+    elif kind == "hyperclovax":  # lm_head(h) * config.logits_scaling: the same name, multiplied
+        cfg = t.HyperCLOVAXConfig(**_SMALL, logits_scaling=0.5)
+    elif kind == "gemma3_vlm":  # text_config.final_logit_softcapping, which this forward never applies
+        vision = t.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                      num_attention_heads=2, image_size=16, patch_size=4)
+        cfg = t.Gemma3Config(text_config=dict(_SMALL, head_dim=8, final_logit_softcapping=0.5),
+                             vision_config=vision.to_dict(), mm_tokens_per_image=4, image_token_index=V - 1,
+                             boi_token_index=V - 3, eoi_token_index=V - 2)
+        return t.Gemma3ForConditionalGeneration(cfg).double().train()
+    elif kind == "custom":
+        return _TransformedLlama(t.LlamaConfig(**_SMALL)).double().train()
+    else:
+        raise AssertionError(kind)
+    return t.AutoModelForCausalLM.from_config(cfg).double().train()
+
+
+@pytest.mark.parametrize("kind, scale, softcap", [
+    ("recurrent_gemma", 1.0, 1.0), ("falcon_h1", 0.25, None), ("cohere", 0.3, None), ("granite", 4.0, None),
+    ("hyperclovax", 0.5, None), ("gemma3_vlm", 1.0, None), ("custom", 0.5 / 3.0 * 2.0, 2.0)])
+def test_logit_transforms_are_read_from_the_forward(rng, kind, scale, softcap):
+    """What the forward does to lm_head's output before its loss is read from
+    its source, not guessed from the config: the fused loss and gradients equal
+    torch's cross-entropy on the unpatched model's logits in fp64 (a soft-cap
+    the forward does not apply, as in Gemma 3's VLM, is not applied)."""
+    base = _transformed(kind)
+    ids, labels = _batch(rng)
+    ids = ids % (V - 3)  # no image tokens
+    ref_model = copy.deepcopy(base)
+    ref = _ref_loss(ref_model(input_ids=ids).logits, labels)
+    ref.backward()
+    model = gt.apply_gpuloss(copy.deepcopy(base))
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    t = model._gpuloss.options.transform
+    assert t.softcap == softcap and t.scale == pytest.approx(scale, rel=1e-15)
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        if q.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{n}: {m}")
+
+
+_UNKNOWN_TRANSFORMS = {  # kind: (the line after lm_head, what the error names)
+    "slice": ("logits = logits[..., :-3]", r"`logits = logits\[\.\.\., :-3\]`: logits\[\.\.\., :-3\]"),
+    "bias": ("logits = logits + 1.0", r"`logits = logits \+ 1\.0`"),
+    "in_place": ("logits.div_(2.0)", r"`logits\.div_\(2\.0\)`"),
+    "training": ("if self.training:\n            logits = logits * 2.0", r"`logits = logits \* 2\.0`: self\.training"),
+    "tensor_scale": ("logits = logits * self.model.embed_tokens.weight[0, 0]", r"`logits = logits \* self\.model\.embed_tokens\.weight\[0, 0\]`"),
+}
+
+
+def _unknown_transform_model(kind: str):
+    src = f"""
+def forward(self, input_ids=None, labels=None, **kwargs):
+        logits = self.lm_head(self.model(input_ids=input_ids).last_hidden_state)
+        {_UNKNOWN_TRANSFORMS[kind][0]}
+        loss = None if labels is None else self.loss_function(logits, labels, self.config.vocab_size, **kwargs)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+"""
+    ns = {"transformers": transformers}
+    exec(compile(src, f"<{kind}>", "exec"), ns)  # no source file: patched in below for inspect
+    cls = type(f"Llama_{kind}", (transformers.LlamaForCausalLM,), {"forward": ns["forward"]})
+    torch.manual_seed(0)
+    return cls(transformers.LlamaConfig(**_SMALL)), src
+
+
+@pytest.mark.parametrize("kind", sorted(_UNKNOWN_TRANSFORMS))
+def test_unknown_logit_transform_is_refused(monkeypatch, kind):
+    """Anything else the forward does to the logits before the loss refuses the
+    fused path (naming the line) instead of training on another loss; so does
+    a forward whose source cannot be read.  fused_linear=False works."""
+    model, src = _unknown_transform_model(kind)
+    with pytest.raises(ValueError, match="cannot tell what .*forward does.*source of .*forward cannot be read.*fused_linear=False"):
+        gt.apply_gpuloss(model)
+    real = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda obj: src if getattr(obj, "__name__", "") == "forward"
+                        and obj.__code__.co_filename == f"<{kind}>" else real(obj))
+    with pytest.raises(ValueError, match=f"at: {_UNKNOWN_TRANSFORMS[kind][1]}.*fused_linear=False"):
+        gt.apply_gpuloss(model)
+    gt.apply_gpuloss(model, fused_linear=False)
+
+
 # ---------------------------------------------------------------- behaviour
 
 def test_fused_training_has_no_logits_and_eval_is_unchanged(rng):
@@ -262,7 +382,10 @@ def test_fused_training_has_no_logits_and_eval_is_unchanged(rng):
     assert type(out) is transformers.modeling_outputs.CausalLMOutputWithPast
     assert out.logits is None and "logits" not in out.keys() and out.loss.dtype == torch.float32
     tup = model(input_ids=ids, labels=labels, return_dict=False)
-    assert isinstance(tup, tuple)
+    want_tup = copy.deepcopy(base)(input_ids=ids, labels=labels, return_dict=False)
+    # the unpatched model's positions, (loss, logits, past_key_values), with None for the logits
+    assert isinstance(tup, tuple) and len(tup) == len(want_tup) == 3 and tup[1] is None
+    assert [type(x) for x in tup[2:]] == [type(x) for x in want_tup[2:]]
     torch.testing.assert_close(tup[0], out.loss)
     # without labels, in eval mode or without gradients: the model's own forward, logits included
     ref = copy.deepcopy(base)
@@ -423,10 +546,6 @@ def test_clear_errors():
     model.base_model_prefix = "decoder"
     with pytest.raises(ValueError, match="no base model.*'decoder'"):
         gt.apply_gpuloss(model)
-    cohere = transformers.AutoModelForCausalLM.from_config(transformers.CohereConfig(**_COMMON))
-    with pytest.raises(ValueError, match="logit_scale.*fused_linear=False"):
-        gt.apply_gpuloss(cohere)
-    gt.apply_gpuloss(cohere, fused_linear=False)
     model = _model("llama")
     model.loss_function = lambda *a, **k: 0.0
     with pytest.raises(ValueError, match="already has its own loss_function"):
@@ -446,11 +565,138 @@ def test_errors_at_call_time(rng):
         model(input_ids=ids, labels=labels, logits_to_keep=3)
     with pytest.raises(ValueError, match="outside \\[0, 67\\)"):
         model(input_ids=ids, labels=torch.full_like(labels, V))
-    model.lm_head = torch.nn.Linear(32, V, bias=False)  # replaced after apply_gpuloss
-    with pytest.raises(RuntimeError, match="apply_gpuloss\\(model\\) again"):
+    model.lm_head = torch.nn.Sequential(torch.nn.Linear(32, V))  # replaced after apply_gpuloss
+    with pytest.raises(ValueError, match="torch.nn.Linear.*Sequential"):
         model(input_ids=ids, labels=labels)
+
+
+@pytest.mark.parametrize("how", ["resize_token_embeddings", "set_output_embeddings"])
+def test_head_replaced_after_apply_is_followed(rng, how):
+    """The head is looked up at each fused call (get_output_embeddings()): one
+    that resize_token_embeddings (untied) or set_output_embeddings put in
+    after apply_gpuloss trains as in the unpatched model, in fp64; the old one
+    is left as it was."""
+    base = _model("llama", dtype=torch.float64)
+    ids, labels = _batch(rng)
+    ref_model, model = copy.deepcopy(base), _patched(base, "fused")
+    old = model.lm_head
+    for m in (ref_model, model):
+        torch.manual_seed(1)  # the same new rows
+        if how == "resize_token_embeddings":
+            m.resize_token_embeddings(V + 5, mean_resizing=False)
+        else:
+            m.set_output_embeddings(torch.nn.Linear(32, V, bias=True, dtype=torch.float64))
+    assert model.lm_head is not old
+    ref = _ref_loss(ref_model(input_ids=ids).logits, labels)
+    ref.backward()
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-12, atol=1e-12)
+    for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{n}: {m}")
+    assert old(torch.ones(1, 32, dtype=torch.float64)).shape == (1, V)
+
+
+def _replica(module, memo, scale: float):
+    """torch.nn.parallel.replicate without devices: each module's
+    _replicate_for_data_parallel (a shallow copy of __dict__), given its own
+    parameters (here the original's times ``scale``)."""
+    r = module._replicate_for_data_parallel()
+    memo[module] = r
+    for k, p in module._parameters.items():
+        r._parameters[k] = None if p is None else (p.detach() * scale).requires_grad_()
+    for k, c in module._modules.items():
+        if c is not None:
+            r._modules[k] = memo[c] if c in memo else _replica(c, memo, scale)
+    return r
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_data_parallel_replica_runs_its_own_weights(rng, train):
+    """nn.DataParallel's replicas copy each module's __dict__, gpuloss's
+    forwards included: a replica must run its own forward on its own weights
+    (and hand over in its own state: replicas run in threads at once), as the
+    unpatched model's replica does."""
+    base = _model("llama", dtype=torch.float64).train(train)
+    ids, labels = _batch(rng)
+    model = _patched(base, "fused").train(train)
+    want = _ref_loss(_replica(base, {}, 0.5)(input_ids=ids).logits, labels)
+    rep = _replica(model, {}, 0.5)
+    out = rep(input_ids=ids, labels=labels)
+    assert (out.logits is None) == train
+    torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=1e-12)
+    assert rep._gpuloss is not model._gpuloss and model._gpuloss.head is model.lm_head
+    assert model(input_ids=ids, labels=labels).loss.item() != pytest.approx(out.loss.item())
+
+
+def test_accelerate_unwrap_model_without_fp32_wrapper(rng):
+    """accelerate's prepare(mixed_precision=...) wraps model.forward in its
+    autocast / fp32-output wrappers; unwrap_model(keep_fp32_wrapper=False)
+    follows __wrapped__ down to gpuloss's forward and binds it as a method of
+    the model (the model arrives as an extra first argument): training,
+    eval and generate still work, and apply_gpuloss restores the forward."""
+    pytest.importorskip("accelerate")
+    from accelerate.utils import convert_outputs_to_fp32, extract_model_from_parallel
+
+    base = _model("llama")
+    ids, labels = _batch(rng)
+    model = _patched(base, "fused")
+    sig = inspect.signature(model.forward)
+    # Accelerator.prepare's wrapping of a forward without __func__ (accelerator.py, native_amp)
+    model._original_forward = model.forward
+    model.forward = convert_outputs_to_fp32(torch.autocast("cpu", dtype=torch.bfloat16)(model.forward))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want = copy.deepcopy(base)(input_ids=ids, labels=labels).loss
+    torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, want, rtol=1e-6, atol=1e-6)
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    assert inspect.ismethod(model.__dict__["forward"])  # what accelerate leaves
+    out = model(input_ids=ids, labels=labels)
+    assert out.logits is None
+    torch.testing.assert_close(out.loss, copy.deepcopy(base)(input_ids=ids, labels=labels).loss,
+                               rtol=2e-6, atol=2e-6)
+    out = model(ids, None, None, None, None, labels)  # positional labels
+    assert out.logits is None
+    model.eval()
+    model.generate(ids[:1, :3], max_new_tokens=2, do_sample=False)
     gt.apply_gpuloss(model)
-    assert model(input_ids=ids, labels=labels).logits is None
+    assert not inspect.ismethod(model.__dict__["forward"]) and inspect.signature(model.forward) == sig
+
+
+def test_fsdp2_head_as_its_own_unit_is_refused(rng, tmp_path):
+    """FSDP2 (gloo, one process): with lm_head in the root's unit the fused
+    loss and gradients equal the unpatched model's; with lm_head sharded as
+    a unit of its own (its weight resharded before the loss reads it) the
+    fused call says how to shard instead of failing inside the loss."""
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    from torch.distributed.fsdp import fully_shard
+
+    ids, labels = _batch(rng)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/pg", rank=0, world_size=1)
+    try:
+        for split_head in (False, True):
+            ref, model = _model("llama"), _patched(_model("llama"), "fused")
+            for m in (ref, model):
+                for layer in m.model.layers:
+                    fully_shard(layer)
+                if split_head:
+                    fully_shard(m.lm_head)
+                fully_shard(m)
+            if split_head:
+                with pytest.raises(RuntimeError, match="FSDP unit of its own.*not fully_shard\\(model.lm_head\\)"):
+                    model(input_ids=ids, labels=labels)
+                gt.apply_gpuloss(model, fused_linear=False)
+            want, out = ref(input_ids=ids, labels=labels), model(input_ids=ids, labels=labels)
+            want.loss.backward()
+            out.loss.backward()
+            torch.testing.assert_close(out.loss, want.loss, rtol=2e-6, atol=2e-6)
+            for (n, p), q in zip(model.named_parameters(), ref.parameters()):
+                torch.testing.assert_close(p.grad.full_tensor(), q.grad.full_tensor(), rtol=1e-5, atol=1e-6,
+                                           msg=lambda m: f"{n}: {m}")
+    finally:
+        dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------- Trainer

@@ -34,20 +34,29 @@ two things are intercepted, both on the instance:
 2. ``model.loss_function``, which the model calls with its labels and loss
    kwargs (``num_items_in_batch``, ``ignore_index``, ``shift_labels``),
    computes the fused loss from the recorded hidden states, ``lm_head.weight``
-   (tied or not) and ``lm_head.bias``, with the config's
-   ``final_logit_softcapping`` as gpuloss's ``softcap``.
+   (tied or not) and ``lm_head.bias``.
 
-A model whose logits go through another transformation between ``lm_head`` and
-the loss (Cohere's ``logit_scale``, Granite's ``logits_scaling``) is refused with
-``fused_linear=True`` rather than trained on a different loss.
+What the forward does to the logits between ``lm_head`` and the loss is read
+from its source when the patch is applied, not assumed from the config: a
+soft-cap (Gemma 2's ``final_logit_softcapping``, RecurrentGemma's
+``logits_soft_cap``) becomes gpuloss's ``softcap``, a scale by a number
+(Cohere's ``logit_scale``, Granite's ``logits_scaling``, FalconH1's
+``lm_head_multiplier``) scales the hidden states and bias.  Any other
+transformation (a slice of the vocabulary, a bias added, masked tokens), or a
+forward whose source cannot be read, is refused with ``fused_linear=True``
+rather than trained on a different loss.
 
 Importing this module imports torch and transformers; ``import gpuloss`` does not.
 """
 from __future__ import annotations
 
+import ast
+import contextlib
 import dataclasses
 import functools
 import inspect
+import textwrap
+import types
 from typing import Optional
 
 import torch
@@ -169,16 +178,21 @@ def ForCausalLMLoss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
 def _fused_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, opts: "_Options",
                           num_items_in_batch=None, ignore_index: int = -100,
                           shift_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """:func:`ForCausalLMLoss` of ``head(hidden)`` (softcapped by ``opts.softcap``)
-    without the logits."""
+    """:func:`ForCausalLMLoss` of ``head(hidden)`` transformed as the model's
+    forward transforms it (``opts.transform``) without the logits."""
     weight, bias = head.weight, head.bias
     # lm_head's input as the model passed it: a device-placement hook (accelerate's
     # device_map) would have moved it to the weight's device inside lm_head
     h = hidden.reshape(-1, hidden.shape[-1]).to(weight.device)
+    scale, softcap = opts.transform.scale, opts.transform.softcap
+    if scale != 1.0:
+        # s * (h @ W.T + b) as (s * h) @ W.T + s * b: N x H and V elements, not N x V
+        h = h * scale
+        bias = None if bias is None else bias * scale
     target = _flat_targets(_next_token_targets(labels, ignore_index, shift_labels), h.shape[0],
                            f"hidden states of shape {tuple(hidden.shape)}", h.device)
     kw = dict(ignore_index=ignore_index, reduction=_reduction(num_items_in_batch), z_loss=opts.z_loss,
-              softcap=opts.softcap, chunk_size=opts.chunk_size, backend=opts.backend)
+              softcap=softcap, chunk_size=opts.chunk_size, backend=opts.backend)
     # under autocast, gpuloss.linear_cross_entropy runs lm_head's matmul in
     # autocast's dtype, as lm_head would (gpuloss._autocast)
     loss = _linear_cross_entropy(h, weight, target, bias, **kw)
@@ -195,22 +209,28 @@ class _Options:
     z_loss: float
     chunk_size: Optional[int]
     backend: Optional[str]
-    softcap: Optional[float]  # the config's final_logit_softcapping, for the fused path
+    transform: "_Transform"  # what the model's forward does to lm_head's output, for the fused path
 
 
 class _State:
     """What :func:`apply_gpuloss` keeps on a model (``model._gpuloss``): the
-    options, and the hand-over from ``lm_head`` to ``loss_function`` during one
-    fused forward call."""
+    options, the output embedding wired to this state (``head``), and the
+    hand-over from it to ``loss_function`` during one fused forward call."""
 
     def __init__(self, options: _Options, labels_position: Optional[int], return_dict_ok: bool):
         self.options = options
         self.labels_position = labels_position
         self.return_dict_ok = return_dict_ok
+        self.head: Optional[torch.nn.Module] = None
         self.capturing = False
         self.hidden: Optional[torch.Tensor] = None
-        self.head: Optional[torch.nn.Module] = None
+        self.captured_head: Optional[torch.nn.Module] = None
         self.loss_done = False
+
+    def fresh(self) -> "_State":
+        """The same options with a hand-over of its own (a replica's: DataParallel
+        runs its replicas in threads at once)."""
+        return _State(self.options, self.labels_position, self.return_dict_ok)
 
 
 def _model_loss(state: _State, logits, labels, vocab_size, num_items_in_batch=None, ignore_index: int = -100,
@@ -223,11 +243,11 @@ def _model_loss(state: _State, logits, labels, vocab_size, num_items_in_batch=No
         return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels,
                                z_loss=o.z_loss, backend=o.backend)
     if state.hidden is None:
-        raise RuntimeError("gpuloss: the model computed its loss without calling lm_head through gpuloss; was "
-                           "lm_head replaced after apply_gpuloss (resize_token_embeddings, set_output_embeddings)? "
-                           "Call apply_gpuloss(model) again")
-    hidden, head = state.hidden, state.head
-    state.hidden, state.head, state.loss_done = None, None, True
+        raise RuntimeError("gpuloss: the model computed its loss without calling its output embedding "
+                           "(get_output_embeddings()) in this forward call; apply_gpuloss(model, "
+                           "fused_linear=False) keeps its logits")
+    hidden, head = state.hidden, state.captured_head
+    state.hidden, state.captured_head, state.loss_done = None, None, True
     return _fused_causal_lm_loss(hidden, head, labels, o, num_items_in_batch, ignore_index, shift_labels)
 
 
@@ -236,19 +256,31 @@ def _head_forward(head: torch.nn.Module, state: _State, orig_forward, input: tor
     states kept for the loss and an empty ``(..., 0)`` tensor in their place."""
     if not state.capturing:
         return orig_forward(input)
-    state.hidden, state.head = input, head
+    state.hidden, state.captured_head = input, head
     return input.new_empty((*input.shape[:-1], 0))
 
 
 def _forward(model, state: _State, orig_forward, *args, **kwargs):
     """``model.forward``: the model's own forward; during training with labels,
     with the loss from the hidden states and ``outputs.logits = None``."""
+    if args and args[0] is model:
+        # bound again as a method of the model: accelerate's unwrap_model(keep_fp32_wrapper=False)
+        # follows __wrapped__ down to this partial and sets model.forward = MethodType(partial, model)
+        args = args[1:]
     labels = kwargs.get("labels")
     pos = state.labels_position
     if labels is None and pos is not None and len(args) > pos:
         labels = args[pos]
     if not (state.options.fused_linear and labels is not None and model.training and torch.is_grad_enabled()):
         return orig_forward(*args, **kwargs)
+    # the head the model calls now: one set by resize_token_embeddings or
+    # set_output_embeddings after apply_gpuloss, or a DataParallel replica's
+    head = model.get_output_embeddings()
+    if head is not state.head:
+        _attach_head(model, state, head)
+    if _FSDPModule is not None and isinstance(head, _FSDPModule):
+        # checked per call: fully_shard usually comes after apply_gpuloss
+        raise RuntimeError(_FSDP_HEAD_ERROR.format(name=type(model).__name__))
     # transformers' can_return_tuple rule, applied here so the output can be
     # rebuilt without its placeholder logits first
     return_dict = kwargs.pop("return_dict", None)
@@ -256,76 +288,136 @@ def _forward(model, state: _State, orig_forward, *args, **kwargs):
         return_dict = getattr(model.config, "return_dict", True)
     if state.return_dict_ok:
         kwargs["return_dict"] = True
-    state.capturing, state.hidden, state.head, state.loss_done = True, None, None, False
+    state.capturing, state.hidden, state.captured_head, state.loss_done = True, None, None, False
     try:
         out = orig_forward(*args, **kwargs)
     finally:
-        state.capturing, state.hidden, state.head = False, None, None
+        state.capturing, state.hidden, state.captured_head = False, None, None
     if not state.loss_done:
         raise RuntimeError(f"gpuloss: {type(model).__name__}.forward returned without calling "
                            f"self.loss_function; apply_gpuloss(model, fused_linear=False) keeps its logits")
     if isinstance(out, tuple):
         raise RuntimeError(f"gpuloss: {type(model).__name__}.forward returned a tuple with return_dict=True")
-    out = type(out)(**{k: v for k, v in out.items() if k != "logits"})
-    return out if return_dict else out.to_tuple()
+    if return_dict:
+        return type(out)(**{k: v for k, v in out.items() if k != "logits"})
+    # to_tuple() skips None fields: the logits' slot is kept (as None) so that
+    # out[1:] is what it is for the unpatched model, e.g. (loss, None, past_key_values)
+    return tuple(None if f.name == "logits" else getattr(out, f.name) for f in dataclasses.fields(out)
+                 if f.name == "logits" or getattr(out, f.name) is not None)
+
+
+def _fsdp_module_class():
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without torch.distributed
+        return None
+    return FSDPModule
+
+
+_FSDPModule = _fsdp_module_class()
+
+#: why a head sharded as its own FSDP2 unit is refused rather than handled:
+#: FSDP reshards its weight in its post-forward hook, before the loss reads it,
+#: and gathers it again for backward (and reduce-scatters its gradient) from
+#: hooks on the head's output, which the fused loss never uses
+_FSDP_HEAD_ERROR = (
+    "gpuloss: {name}'s output embedding is an FSDP unit of its own (fully_shard(model.lm_head)); FSDP "
+    "reshards its weight right after its forward and gathers it for backward from its output, which the "
+    "fused loss does not use. Leave lm_head in the root's unit (fully_shard each decoder layer, then "
+    "fully_shard(model), not fully_shard(model.lm_head)), or apply_gpuloss(model, fused_linear=False)")
 
 
 def _is_ours(fn, impl) -> bool:
     return isinstance(fn, functools.partial) and fn.func is impl
 
 
-def _wrap(module: torch.nn.Module, impl, *front) -> None:
-    """``module.forward = impl(*front, original forward, ...)`` on the instance,
-    once.  ``functools.update_wrapper`` keeps the original signature visible
+def _ours(module: torch.nn.Module, impl):
+    """``module``'s forward if it is ``impl``'s partial, as set by :func:`_bind`
+    or bound again as a method of ``module`` (accelerate's unwrap_model), else None."""
+    fn = module.__dict__.get("forward")
+    if inspect.ismethod(fn) and fn.__self__ is module:
+        fn = fn.__func__
+    return fn if _is_ours(fn, impl) else None
+
+
+def _rebind(orig, old: torch.nn.Module, new: torch.nn.Module):
+    """``orig`` (a forward of ``old``) as ``new``'s: a method bound to ``old``
+    is bound to ``new`` instead; any other callable is kept."""
+    if inspect.ismethod(orig) and orig.__self__ is old:
+        return types.MethodType(orig.__func__, new)
+    return orig
+
+
+def _bind(module: torch.nn.Module, impl, state: _State, orig) -> None:
+    """``module.forward = impl(module, state, orig, ...)`` on the instance.
+    ``functools.update_wrapper`` keeps the original signature visible
     (``inspect.signature`` follows ``__wrapped__``: Trainer inspects it), and a
     partial of module-level functions is copied along with the model by
-    ``copy.deepcopy`` and pickled by ``torch.save``."""
-    if _is_ours(module.__dict__.get("forward"), impl):
-        return
-    orig = module.forward
-    module.forward = functools.update_wrapper(functools.partial(impl, *front, orig), orig)
+    ``copy.deepcopy`` and pickled by ``torch.save``.  DataParallel's replicas
+    copy ``module.__dict__`` (this forward included, bound to ``module``):
+    ``_replicate_for_data_parallel`` is overridden on the instance to bind
+    the replica's forward to the replica.  A partial with ``__wrapped__`` is
+    what accelerate's ``unwrap_model(keep_fp32_wrapper=False)`` stops at and
+    binds as a method of the model: :func:`_forward` then drops the model
+    passed first, and :func:`_wrap` puts the partial back."""
+    module.forward = functools.update_wrapper(functools.partial(impl, module, state, orig), orig)
+    module._replicate_for_data_parallel = functools.partial(_replicate, module)
+
+
+def _wrap(module: torch.nn.Module, impl, state: _State) -> None:
+    """Wrap ``module``'s forward in ``impl`` for ``state``, once: a forward of
+    ours for another module (a copy's) or state is rebound, not wrapped twice."""
+    fn = _ours(module, impl)
+    if fn is not None:
+        if fn.args[0] is module and fn.args[1] is state and module.__dict__["forward"] is fn:
+            return
+        _bind(module, impl, state, _rebind(fn.args[2], fn.args[0], module))
+    else:
+        _bind(module, impl, state, module.forward)
 
 
 def _unwrap(module: torch.nn.Module, impl) -> None:
-    fn = module.__dict__.get("forward")
-    if not _is_ours(fn, impl):
+    fn = _ours(module, impl)
+    if fn is None:
         return
-    orig = fn.args[-1]
+    orig = _rebind(fn.args[2], fn.args[0], module)
+    module.__dict__.pop("_replicate_for_data_parallel", None)
     if getattr(orig, "__self__", None) is module and getattr(orig, "__func__", None) is type(module).forward:
         del module.forward  # it was the class's own forward
     else:
         module.forward = orig
 
 
+def _replicate(module: torch.nn.Module) -> torch.nn.Module:
+    """``module._replicate_for_data_parallel()``: the class's replica (a shallow
+    copy of ``__dict__`` with its own parameters), with gpuloss's forward
+    bound to the replica rather than to ``module``, so that it runs the
+    replica's weights on the replica's device; a model's replica gets its own
+    hand-over state."""
+    replica = type(module)._replicate_for_data_parallel(module)
+    state = replica.__dict__.get("_gpuloss")
+    if isinstance(state, _State):
+        state = state.fresh()
+        replica._gpuloss = state
+        replica.loss_function = functools.partial(_model_loss, state)
+    for impl in (_forward, _head_forward):
+        fn = _ours(module, impl)  # the replica's too: a copy of module.__dict__
+        if fn is not None:
+            # a head keeps its model's state until the model's replica wires it to its own
+            _bind(replica, impl, state if impl is _forward else fn.args[1], _rebind(fn.args[2], module, replica))
+    return replica
+
+
+def _attach_head(model, state: _State, head) -> None:
+    """Wire ``head`` (the model's output embedding now) to ``state``."""
+    _check_head(model, head)
+    _wrap(head, _head_forward, state)
+    state.head = head
+
+
 # ---------------------------------------------------------------------------
 # what a model must have
 # ---------------------------------------------------------------------------
-
-#: config attributes that transform the logits between lm_head and the loss
-#: (a value of 1 or None is no transformation)
-_LOGIT_TRANSFORMS = {
-    "logit_scale": "multiplies its logits by config.logit_scale",
-    "logits_scaling": "divides its logits by config.logits_scaling",
-    "output_multiplier": "multiplies its logits by config.output_multiplier",
-}
-
-
-def _configs(model) -> list:
-    cfg = model.config
-    out = [cfg]
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    if text is not cfg:
-        out.append(text)
-    return out
-
-
-def _softcap(model) -> Optional[float]:
-    for cfg in _configs(model):
-        cap = getattr(cfg, "final_logit_softcapping", None)
-        if cap is not None:
-            return float(cap)
-    return None
-
 
 def _check_causal_lm(model) -> None:
     name = type(model).__name__
@@ -374,6 +466,13 @@ def _check_fused_layout(model) -> torch.nn.Linear:
         raise ValueError(f"apply_gpuloss(fused_linear=True) needs a base model and an lm_head; {name} has no base "
                          f"model (base_model_prefix={prefix!r} names no submodule)")
     head = model.get_output_embeddings()
+    _check_head(model, head)
+    return head
+
+
+def _check_head(model, head) -> None:
+    """The output embedding (at apply time or a forward call's) is one the fused loss computes."""
+    name = type(model).__name__
     if head is None:
         raise ValueError(f"apply_gpuloss(fused_linear=True) needs a base model and an lm_head; {name} has no "
                          f"output embedding (get_output_embeddings() is None)")
@@ -383,16 +482,6 @@ def _check_fused_layout(model) -> torch.nn.Linear:
                          f"fused_linear=False works with any head")
     if not head.weight.is_floating_point():
         raise ValueError(f"apply_gpuloss(fused_linear=True): lm_head.weight is {head.weight.dtype}, not floating")
-    for cfg in _configs(model):
-        for attr, what in _LOGIT_TRANSFORMS.items():
-            v = getattr(cfg, attr, None)
-            if v is not None and v != 1:
-                raise ValueError(f"apply_gpuloss(fused_linear=True): {name} {what} (= {v}) after lm_head, which "
-                                 f"the fused loss does not apply; use fused_linear=False")
-    if getattr(model, "final_logits_bias", None) is not None:
-        raise ValueError(f"apply_gpuloss(fused_linear=True): {name} adds final_logits_bias to its logits after "
-                         f"lm_head, which the fused loss does not apply; use fused_linear=False")
-    return head
 
 
 def _check_options(fused_linear, z_loss, chunk_size, backend) -> None:
@@ -407,6 +496,295 @@ def _check_options(fused_linear, z_loss, chunk_size, backend) -> None:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if backend is not None and backend not in dispatch.registered():
         raise ValueError(f"unknown backend {backend!r}; registered: {', '.join(dispatch.registered())}")
+
+
+# ---------------------------------------------------------------------------
+# what the model does to lm_head's output before its loss, read from its source
+# ---------------------------------------------------------------------------
+
+class _Unknown(Exception):
+    """A piece of forward source that :func:`_logit_transform` cannot read."""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Transform:
+    """``logits = softcap * tanh(scale * z / softcap)`` of lm_head's output ``z``
+    (no tanh: ``scale * z``), which the fused loss applies as a hidden-state
+    scale and gpuloss's ``softcap``."""
+    scale: float = 1.0
+    softcap: Optional[float] = None
+
+
+#: calls on the logits that do not change the loss: the fused loss is computed
+#: in fp32 (fp64 for fp64 operands) whatever the logits' dtype would have been
+_NEUTRAL_METHODS = {"float", "contiguous"}
+
+
+def _function_ast(fn) -> Optional[ast.FunctionDef]:
+    try:
+        src = inspect.getsource(inspect.unwrap(fn))
+    except (OSError, TypeError):
+        return None
+    tree = ast.parse(textwrap.dedent(src))
+    node = tree.body[0] if tree.body else None
+    return node if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) else None
+
+
+def _statements(body, conds=(), loop=False, out=None) -> list:
+    """The function's simple statements in source order, each with the ``if``
+    tests it runs under ``(test, taken)`` and whether it is inside a loop;
+    a compound statement's header counts as a statement of its own."""
+    out = [] if out is None else out
+    for s in body:
+        if isinstance(s, ast.If):
+            out.append((s.test, conds, loop))
+            _statements(s.body, conds + ((s.test, True),), loop, out)
+            _statements(s.orelse, conds + ((s.test, False),), loop, out)
+        elif isinstance(s, (ast.For, ast.AsyncFor, ast.While)):
+            out.append((s.iter if isinstance(s, (ast.For, ast.AsyncFor)) else s.test, conds, loop))
+            _statements(s.body + s.orelse, conds, True, out)
+        elif isinstance(s, (ast.With, ast.AsyncWith)):
+            out.append((ast.Tuple([i.context_expr for i in s.items], ast.Load()), conds, loop))
+            _statements(s.body, conds, loop, out)
+        elif isinstance(s, ast.Try):
+            _statements(s.body + s.orelse + s.finalbody, conds, loop, out)
+            for h in s.handlers:
+                _statements(h.body, conds, True, out)  # may or may not run
+        elif isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            continue
+        else:
+            out.append((s, conds, loop))
+    return out
+
+
+def _is_self_call(node, attr: str) -> bool:
+    f = node.func if isinstance(node, ast.Call) else None
+    return (isinstance(f, ast.Attribute) and f.attr == attr and isinstance(f.value, ast.Name)
+            and f.value.id == "self")
+
+
+def _mentions(node, name: str) -> bool:
+    return any(isinstance(n, ast.Name) and n.id == name for n in ast.walk(node))
+
+
+def _static(node, owner, env: dict):
+    """The value of a side-effect-free expression of ``self`` (attributes, the
+    ``get_*()`` accessors, numbers, ``is (not) None``), evaluated now; raises
+    :class:`_Unknown` for anything else.  ``training`` is refused: it can
+    change between this call and the forward's."""
+    if isinstance(node, ast.Constant) and (node.value is None or isinstance(node.value, (int, float))):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id == "self":
+            return owner
+        if node.id in env:
+            return _static(env[node.id], owner, env)
+    elif isinstance(node, ast.NamedExpr):
+        return _static(node.value, owner, env)
+    elif isinstance(node, ast.Attribute) and node.attr != "training":
+        try:
+            return getattr(_static(node.value, owner, env), node.attr)
+        except AttributeError:
+            pass
+    elif (isinstance(node, ast.Call) and not node.args and not node.keywords
+          and isinstance(node.func, ast.Attribute) and node.func.attr.startswith("get_")):
+        return getattr(_static(node.func.value, owner, env), node.func.attr)()
+    elif isinstance(node, ast.Compare) and len(node.ops) == 1 and isinstance(node.comparators[0], ast.Constant) \
+            and node.comparators[0].value is None and isinstance(node.ops[0], (ast.Is, ast.IsNot)):
+        v = _static(node.left, owner, env)
+        return (v is None) == isinstance(node.ops[0], ast.Is)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.Not)):
+        v = _static(node.operand, owner, env)
+        return -v if isinstance(node.op, ast.USub) else not v
+    raise _Unknown(ast.unparse(node))
+
+
+def _number(node, owner, env) -> float:
+    v = _static(node, owner, env)
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise _Unknown(f"{ast.unparse(node)} (= {v!r}, not a number)")
+    return float(v)
+
+
+def _ops(expr, is_base, owner, env) -> list:
+    """What ``expr`` does to its base (lm_head's output), as a list of
+    ``("scale", s)`` / ``("tanh",)``; raises :class:`_Unknown` for anything
+    that is not one of those."""
+    if is_base(expr):
+        return []
+    if isinstance(expr, ast.Call) and isinstance(expr.func, ast.Attribute):
+        f = expr.func
+        if f.attr in _NEUTRAL_METHODS and not expr.args and not expr.keywords:
+            return _ops(f.value, is_base, owner, env)
+        if f.attr == "tanh" and not expr.keywords:
+            if not expr.args:  # z.tanh()
+                return _ops(f.value, is_base, owner, env) + [("tanh",)]
+            if len(expr.args) == 1:  # torch.tanh(z), nn.functional.tanh(z), F.tanh(z)
+                return _ops(expr.args[0], is_base, owner, env) + [("tanh",)]
+    if isinstance(expr, ast.BinOp) and isinstance(expr.op, (ast.Mult, ast.Div)):
+        has = [any(is_base(n) for n in ast.walk(side)) for side in (expr.left, expr.right)]
+        if has == [True, False]:
+            s = _number(expr.right, owner, env)
+            return _ops(expr.left, is_base, owner, env) + [("scale", s if isinstance(expr.op, ast.Mult) else 1 / s)]
+        if has == [False, True] and isinstance(expr.op, ast.Mult):
+            return _ops(expr.right, is_base, owner, env) + [("scale", _number(expr.left, owner, env))]
+    raise _Unknown(ast.unparse(expr))
+
+
+def _follow(fdef, owner, call_attr: str, sink) -> list:
+    """The ops between the one statement of ``fdef`` that calls
+    ``self.<call_attr>(...)`` and the first statement ``sink`` accepts, which
+    returns the expression that receives the result (or None)."""
+    stmts = _statements(fdef.body)
+    env = {}
+    for node in ast.walk(fdef):  # simple local bindings (cap = self.config.x) and walruses
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            env.setdefault(node.targets[0].id, node.value)
+        elif isinstance(node, ast.NamedExpr):
+            env.setdefault(node.target.id, node.value)
+    at = [i for i, (s, _, _) in enumerate(stmts) if any(_is_self_call(n, call_attr) for n in ast.walk(s))]
+    if len(at) != 1:
+        raise _Unknown(f"self.{call_attr}(...) is called {len(at) or 'nowhere'} times, not once")
+    s0, conds0, loop0 = stmts[at[0]]
+    if loop0:
+        raise _Unknown(f"self.{call_attr}(...) is called in a loop")
+
+    def is_call(n):
+        return _is_self_call(n, call_attr)
+
+    with _at(s0):
+        if isinstance(s0, ast.Return):
+            return _ops(s0.value, is_call, owner, env)
+        if not (isinstance(s0, ast.Assign) and len(s0.targets) == 1 and isinstance(s0.targets[0], ast.Name)):
+            raise _Unknown("not assigned to a name")
+        z = s0.targets[0].id
+        ops = _ops(s0.value, is_call, owner, env)
+
+    def is_z(n):
+        return isinstance(n, ast.Name) and n.id == z
+
+    for s, conds, loop in stmts[at[0] + 1:]:
+        with _at(s):
+            received = sink(s)
+            if received is not None:
+                return ops + _ops(received, is_z, owner, env)
+            if not _mentions(s, z):
+                continue
+            if loop or not (isinstance(s, (ast.Assign, ast.AugAssign)) and _is_z_target(s, z)):
+                raise _Unknown("")
+            if not all(bool(_static(t, owner, env)) == taken for t, taken in conds):
+                continue  # under an if that is not taken (e.g. a softcap of None)
+            if isinstance(s, ast.AugAssign):
+                s = ast.Assign([ast.Name(z, ast.Store())], ast.BinOp(ast.Name(z, ast.Load()), s.op, s.value))
+            ops += _ops(s.value, is_z, owner, env)
+    raise _Unknown(f"the result of self.{call_attr}(...) does not reach the loss")
+
+
+@contextlib.contextmanager
+def _at(stmt):
+    """Name the source line in a :class:`_Unknown` raised while reading it."""
+    try:
+        yield
+    except _Unknown as e:
+        line = ast.unparse(stmt).splitlines()[0]
+        raise _Unknown(f"`{line}`" + (f": {e}" if str(e) else "")) from None
+
+
+def _is_z_target(s, z: str) -> bool:
+    t = s.targets[0] if isinstance(s, ast.Assign) and len(s.targets) == 1 else getattr(s, "target", None)
+    return isinstance(t, ast.Name) and t.id == z
+
+
+def _loss_logits(s):
+    """The expression a ``... self.loss_function(logits, ...)`` statement scores."""
+    for n in ast.walk(s):
+        if _is_self_call(n, "loss_function"):
+            for k in n.keywords:
+                if k.arg == "logits":
+                    return k.value
+            if n.args:
+                return n.args[0]
+            raise _Unknown(ast.unparse(n))
+    return None
+
+
+def _returned(s):
+    return s.value if isinstance(s, ast.Return) and s.value is not None else None
+
+
+def _class_forward(module, what: str):
+    """The AST of the forward that ``module``'s class runs, following
+    ``super().forward(...)`` overrides."""
+    for cls in type(module).__mro__:
+        fn = cls.__dict__.get("forward")
+        if fn is None:
+            continue
+        fdef = _function_ast(fn)
+        if fdef is None:
+            raise _Unknown(f"the source of {cls.__name__}.forward cannot be read")
+        yield cls, fdef
+    raise _Unknown(f"no forward calls {what}")
+
+
+def _module_ops(module, path: list, sink, what: str) -> list:
+    """Ops from the output of ``module.<path>`` (a dotted child path) to what
+    ``module``'s forward hands ``sink``."""
+    for cls, fdef in _class_forward(module, what):
+        if not any(_is_self_call(n, path[0]) for n in ast.walk(fdef)):
+            if "super" in {n.id for n in ast.walk(fdef) if isinstance(n, ast.Name)}:
+                continue  # an override that calls the parent's forward
+            raise _Unknown(f"{cls.__name__}.forward does not call self.{path[0]}(...)")
+        inner = []
+        if len(path) > 1:  # the head is inside self.<path[0]>: what that module returns of it
+            inner = _module_ops(getattr(module, path[0]), path[1:], _returned, what)
+        return inner + _follow(fdef, module, path[0], sink)
+
+
+def _logit_transform(model, head) -> _Transform:
+    """What ``model``'s forward does to ``head``'s output before passing it to
+    ``self.loss_function``, read from the source of the forward (and of the
+    modules between it and the head): the fused loss must apply the same.
+    Soft-capping and scaling by a number are recognised (Gemma 2's
+    ``final_logit_softcapping``, RecurrentGemma's ``logits_soft_cap``, Cohere's
+    ``logit_scale``, Granite's ``logits_scaling``, FalconH1's
+    ``lm_head_multiplier``, ``.float()``); the fused path is refused for
+    anything else (a slice of the vocabulary, a bias added, masked tokens) and
+    for a forward whose source cannot be read.  The numbers are read now: a
+    config changed afterwards needs ``apply_gpuloss`` again."""
+    name = type(model).__name__
+    path = next((p for p, m in model.named_modules() if m is head), None)
+    try:
+        if not path:
+            raise _Unknown("the output embedding is not a submodule of the model")
+        ops = _module_ops(model, path.split("."), _loss_logits, f"self.{path}")
+    except _Unknown as e:
+        raise ValueError(f"apply_gpuloss(fused_linear=True) cannot tell what {name}.forward does to the output of "
+                         f"{path or 'lm_head'} before its loss (at: {e}); the fused loss would not apply it. "
+                         f"Use fused_linear=False") from None
+    return _canonical(ops, name)
+
+
+def _canonical(ops: list, name: str) -> _Transform:
+    """``ops`` as ``softcap * tanh(scale * z / softcap)``: scales, then at most
+    one tanh, then scales (``q * tanh(p * z)`` is softcap ``q``, scale ``p * q``)."""
+    pre = post = 1.0
+    tanh = False
+    for op in ops:
+        if op[0] == "tanh":
+            if tanh:
+                raise ValueError(f"apply_gpuloss(fused_linear=True): {name} applies tanh to its logits twice, which "
+                                 f"the fused loss cannot; use fused_linear=False")
+            tanh = True
+        elif tanh:
+            post *= op[1]
+        else:
+            pre *= op[1]
+    if not tanh:
+        return _Transform(scale=pre)
+    if not post > 0:
+        raise ValueError(f"apply_gpuloss(fused_linear=True): {name} soft-caps its logits with a cap of {post}, "
+                         f"not > 0; use fused_linear=False")
+    return _Transform(scale=pre * post, softcap=post)
 
 
 # ---------------------------------------------------------------------------
@@ -433,30 +811,35 @@ def apply_gpuloss(model, *, fused_linear: bool = True, z_loss: float = 0.0, chun
     backend : gpuloss backend name, or None for the automatic choice
 
     Only this instance changes: its ``forward``, its ``lm_head.forward`` (both
-    instance attributes) and ``loss_function``; never a class or
+    instance attributes; a head set later by ``resize_token_embeddings`` or
+    ``set_output_embeddings`` is wrapped at its first fused call) and
+    ``loss_function``; never a class or
     ``transformers``' ``LOSS_MAPPING``.  Calling it again replaces the options
-    (idempotent for the same ones); the config's ``final_logit_softcapping``
-    becomes gpuloss's ``softcap`` on the fused path.
+    (idempotent for the same ones).  What the forward does to ``lm_head``'s
+    output before its loss (soft-capping, scaling by a number) is read from
+    its source and applied by the fused loss; anything else is refused
+    (:func:`_logit_transform`).
     """
     _check_options(fused_linear, z_loss, chunk_size, backend)
     _check_causal_lm(model)
     head = _check_fused_layout(model) if fused_linear else None
     options = _Options(bool(fused_linear), float(z_loss), chunk_size, backend,
-                       _softcap(model) if fused_linear else None)
+                       _logit_transform(model, head) if fused_linear else _Transform())
     state = model.__dict__.get("_gpuloss")
     if not isinstance(state, _State):
         state = _State(options, *_forward_layout(model))
         model._gpuloss = state
         model.loss_function = functools.partial(_model_loss, state)
     state.options = options
-    old_head = model.get_output_embeddings()
     if fused_linear:
-        _wrap(model, _forward, model, state)
-        _wrap(head, _head_forward, head, state)
+        _wrap(model, _forward, state)
+        _attach_head(model, state, head)
     else:
         _unwrap(model, _forward)
-        if isinstance(old_head, torch.nn.Module):
-            _unwrap(old_head, _head_forward)
+        for old in (state.head, model.get_output_embeddings()):
+            if isinstance(old, torch.nn.Module):
+                _unwrap(old, _head_forward)
+        state.head = None
     return model
 
 
