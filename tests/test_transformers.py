@@ -292,6 +292,10 @@ def _transformed(kind: str):
         cfg = t.GraniteConfig(**_SMALL, logits_scaling=0.25)
     elif kind == "hyperclovax":  # lm_head(h) * config.logits_scaling: the same name, multiplied
         cfg = t.HyperCLOVAXConfig(**_SMALL, logits_scaling=0.5)
+    elif kind == "llama4":  # no transformation; base_model_prefix "language_model" names no submodule (.model)
+        cfg = t.Llama4TextConfig(**_SMALL, head_dim=8, num_local_experts=2, num_experts_per_tok=1,
+                                 intermediate_size_mlp=32, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+        return t.Llama4ForCausalLM(cfg).double().train()
     elif kind == "gemma3_vlm":  # text_config.final_logit_softcapping, which this forward never applies
         vision = t.SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                                       num_attention_heads=2, image_size=16, patch_size=4)
@@ -308,7 +312,7 @@ def _transformed(kind: str):
 
 @pytest.mark.parametrize("kind, scale, softcap", [
     ("recurrent_gemma", 1.0, 1.0), ("falcon_h1", 0.25, None), ("cohere", 0.3, None), ("granite", 4.0, None),
-    ("hyperclovax", 0.5, None), ("gemma3_vlm", 1.0, None), ("custom", 0.5 / 3.0 * 2.0, 2.0)])
+    ("hyperclovax", 0.5, None), ("gemma3_vlm", 1.0, None), ("custom", 0.5 / 3.0 * 2.0, 2.0), ("llama4", 1.0, None)])
 def test_logit_transforms_are_read_from_the_forward(rng, kind, scale, softcap):
     """What the forward does to lm_head's output before its loss is read from
     its source, not guessed from the config: the fused loss and gradients equal
@@ -544,6 +548,8 @@ def test_clear_errors():
     gt.apply_gpuloss(model, fused_linear=False)  # any head works without the fused path
     model = _model("llama")
     model.base_model_prefix = "decoder"
+    model.backbone = model.model
+    del model.model
     with pytest.raises(ValueError, match="no base model.*'decoder'"):
         gt.apply_gpuloss(model)
     model = _model("llama")

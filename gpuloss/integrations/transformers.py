@@ -463,8 +463,11 @@ def _check_fused_layout(model) -> torch.nn.Linear:
     prefix = getattr(model, "base_model_prefix", "")
     base = getattr(model, prefix, None) if prefix else None
     if not isinstance(base, torch.nn.Module) or base is model:
+        # a prefix the causal-LM class does not use (Llama4ForCausalLM's "language_model": its base is .model)
+        base = getattr(model, "model", None)
+    if not isinstance(base, torch.nn.Module) or base is model:
         raise ValueError(f"apply_gpuloss(fused_linear=True) needs a base model and an lm_head; {name} has no base "
-                         f"model (base_model_prefix={prefix!r} names no submodule)")
+                         f"model (base_model_prefix={prefix!r} names no submodule, nor has it a .model)")
     head = model.get_output_embeddings()
     _check_head(model, head)
     return head
