@@ -329,7 +329,8 @@ def _class_weight_term(rows, t_rows, weight, opts: CrossEntropyOptions, loss_sha
             z = opts.softcap * torch.tanh(z / opts.softcap)
         eps, C = opts.label_smoothing, rows.shape[-1]
         coef = torch.nan_to_num((t_rows.to(z.dtype) * (1 - eps) + eps / C) * -torch.log_softmax(z, -1))
-    per_row = (coef * (weight - weight.detach())).sum(-1)
+    from .torch_ops import zero_with_grad
+    per_row = (coef * zero_with_grad(weight)).sum(-1)
     if opts.reduction == "none":
         return per_row.reshape(loss_shape)
     return per_row.sum() / (rows.shape[0] if opts.reduction == "mean" else 1)

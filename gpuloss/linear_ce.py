@@ -394,6 +394,7 @@ def _prob_target_term(c: _Call, h, W, b, t, weight, opts: LinearCEOptions, loss_
     with no graph: one more projection, and an ``N x C`` buffer the size of
     the probabilities, only when one of them requires grad."""
     import torch
+    from .torch_ops import zero_with_grad
     rows = t.shape[0]
     tokens = h.shape[0]
     per_token = rows // tokens
@@ -411,11 +412,11 @@ def _prob_target_term(c: _Call, h, W, b, t, weight, opts: LinearCEOptions, loss_
     per_row = torch.zeros((rows,), dtype=dt, device=t.device)
     if t.requires_grad:
         coef = a * (1 - eps) if w is None else a * (w * (1 - eps))
-        per_row = per_row + (coef * (t.to(dt) - t.detach().to(dt))).sum(-1)
+        per_row = per_row + (coef * zero_with_grad(t.to(dt))).sum(-1)
     if weight is not None and weight.requires_grad:
         with torch.no_grad():
             coef = a * (t.detach().to(dt) * (1 - eps) + eps / c.C)
-        per_row = per_row + (coef * (weight.to(dt) - w)).sum(-1)
+        per_row = per_row + (coef * zero_with_grad(weight.to(dt))).sum(-1)
     if opts.reduction == "none":
         return per_row.reshape(loss_shape)
     return per_row.sum() / (rows if opts.reduction == "mean" else 1)

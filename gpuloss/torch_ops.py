@@ -280,6 +280,25 @@ def scaled_grad(saved: Tensor, g: Tensor, inplace: bool = False) -> Tensor:
     return torch.mul(saved, g, out=torch.empty_like(saved))
 
 
+class _ZeroWithGrad(torch.autograd.Function):
+    """0 in value, the identity in gradient: ``coef * zero_with_grad(w)``
+    adds nothing to a loss and ``coef`` to ``w``'s gradient, also where ``w``
+    is infinite (``w - w.detach()`` is then NaN)."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor) -> Tensor:
+        return torch.zeros_like(a)
+
+    @staticmethod
+    def backward(ctx, g: Tensor) -> Tensor:
+        return g
+
+
+def zero_with_grad(a: Tensor) -> Tensor:
+    """See :class:`_ZeroWithGrad`."""
+    return _ZeroWithGrad.apply(a)
+
+
 class SecondOrderError(RuntimeError):
     """A loss's gradient was asked for with ``create_graph=True``."""
 

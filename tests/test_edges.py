@@ -479,3 +479,29 @@ def test_unbatched_row_takes_a_one_element_target(backend, rng, fn, reduction):
         theirs = getattr(F, fn)(x, t[0], reduction=reduction)  # torch's own backward refuses the (1,) target
     _same(ours, theirs)
     _same(torch.autograd.grad(ours, x)[0], torch.autograd.grad(theirs, x)[0])
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "linear_cross_entropy"])
+def test_infinite_class_weight_that_requires_grad(backend, rng, fn):
+    """Probability targets with a class weight that requires grad and holds
+    inf: the term that carries the weight's gradient adds exactly nothing to
+    the loss (it was w - w.detach() = inf - inf: NaN), and the gradient is
+    finite and torch's."""
+    p = _t(backend, rng.dirichlet(np.ones(4), 3))
+    x = _t(backend, rng.standard_normal((3, 4)))
+    W = _t(backend, rng.standard_normal((4, 4)))
+    w0 = [1.0, float("inf"), 2.0, 0.5]
+    ours_w, theirs_w = _t(backend, w0, grad=True), _t(backend, w0, grad=True)
+    if fn == "cross_entropy":
+        call = lambda w: gpuloss.cross_entropy(x, p, weight=w, reduction="none", backend=backend.name)  # noqa: E731
+        theirs = F.cross_entropy(x, p, weight=theirs_w, reduction="none")
+    else:
+        call = lambda w: gpuloss.linear_cross_entropy(x, W, p, weight=w, reduction="none",  # noqa: E731
+                                                      backend=backend.name)
+        theirs = F.cross_entropy(x @ W.T, p, weight=theirs_w, reduction="none")
+    ours = call(ours_w)
+    _same(ours, call(ours_w.detach()))
+    ours.sum().backward()
+    theirs.sum().backward()
+    assert torch.isfinite(ours_w.grad).all()
+    _same(ours_w.grad, theirs_w.grad)
