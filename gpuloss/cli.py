@@ -123,7 +123,7 @@ def _cases(rng) -> List[Tuple[str, Callable]]:
         def run(to, back, dt, be):
             x = _rounded(rng.standard_normal((N, C)) * 4, dt)
             f = gpuloss.log_softmax if log else gpuloss.softmax
-            return [(back(f(to(x, dt), backend=be)), (R.log_softmax if log else R.softmax)(x))]
+            return [(back(f(to(x, dt), -1, backend=be)), (R.log_softmax if log else R.softmax)(x))]
         return run
 
     def elementwise(name, fn, rfn, rgrad, make_t):
