@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any, List, NamedTuple, Optional, Union
 
-import numpy as np
-
 from . import _layout as L
 from . import _validate as V
 from . import launch
@@ -154,8 +152,7 @@ def finish(res: LossResult, return_grad, kind, input, layout, target_layout=None
     if loss_layout is not None:
         loss = L.from_rows(loss, kind, loss_layout)
     loss = L.cast_like(loss, input, kind) if loss_dtype is None else L.astype(loss, loss_dtype, kind)
-    if kind == "numpy":  # arithmetic on a 0-d array gives a NumPy scalar: arrays in, arrays out
-        loss = np.asarray(loss)
+    loss = L.as_array(loss, kind)
     if not return_grad:
         return loss
     grad = L.from_rows(res.grad, kind, layout)

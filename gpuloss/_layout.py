@@ -172,6 +172,12 @@ def result_dtype(kind: str, *arrays):
     return np.result_type(*arrays)
 
 
+def as_array(a, kind: str):
+    """A NumPy loss as a 0-d ndarray, not the NumPy scalar arithmetic on a
+    0-d array gives (arrays in, arrays out); other kinds as they are."""
+    return np.asarray(a) if kind == "numpy" else a
+
+
 def astype(a, dtype, kind: str):
     """``a`` in ``dtype`` (differentiable for torch: its gradient comes back
     in ``a``'s own dtype); ``a`` itself when it already is."""

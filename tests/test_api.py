@@ -392,6 +392,9 @@ def test_numpy_losses_come_back_as_arrays(rng, reduction, dtype):
                   lambda **k: gpuloss.mse_loss(x, p, reduction=reduction, **k),
                   lambda **k: gpuloss.binary_cross_entropy_with_logits(x, p, reduction=reduction, **k),
                   lambda **k: gpuloss.binary_cross_entropy(p, p[::-1].copy(), reduction=reduction, **k)]
+    e = np.zeros((0, 5), dtype)
+    calls += [lambda **k: gpuloss.kl_div_with_logits(e, e, reduction=reduction, **k),  # no rows
+              lambda **k: gpuloss.kl_div(e, e, reduction=reduction, **k)]
     for call in calls:
         for out in (call(), call(return_grad=True).loss):
             assert isinstance(out, np.ndarray), type(out)
