@@ -511,7 +511,9 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
                   target_layout=("0d", tuple(target.shape)), target_like=caller_target, loss_dtype=dt)
     if not return_grad:
         return out
-    return out._replace(grad=L.cast_like(out.grad, caller_input if V.is_floating(caller_input, kind) else input, kind))
+    if not V.is_floating(caller_input, kind):  # an integer or bool input has no gradient (as the target)
+        return out._replace(grad=None)
+    return out._replace(grad=L.cast_like(out.grad, caller_input, kind))
 
 
 def _integral_promoted(kind: str, input, target):

@@ -389,6 +389,9 @@ def test_mse_loss_promotes_an_integral_operand_as_torch(backend, rng, tdtype):
     if backend.name == "numpy":
         out = gpuloss.mse_loss(x.detach().numpy(), t.numpy(), return_grad="all")
         assert out.loss.dtype == np.float32 and out.grad.dtype == np.float32 and out.grad_target is None
+        # the integer operand has no gradient, as input too (it had one in the promoted dtype)
+        out = gpuloss.mse_loss(t.numpy(), x.detach().numpy(), return_grad="all")
+        assert out.grad is None and out.grad_target.dtype == np.float32
     with pytest.raises(TypeError, match="input must be a floating"):
         gpuloss.mse_loss(t, t, backend=backend.name)
 
