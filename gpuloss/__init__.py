@@ -20,5 +20,6 @@ __all__ = [
     "softmax", "log_softmax", "softmax_backward", "log_softmax_backward", "cross_entropy", "nll_loss",
     "kl_div", "kl_div_with_logits", "binary_cross_entropy_with_logits", "binary_cross_entropy", "mse_loss",
     "linear_cross_entropy", "LinearLossGrad", "LossGrad", "use_backend", "backend_status", "get_backend", "register", "BackendUnavailableError",
-    "set_value_checks", "value_checks", "ArgumentValueError", "ArgumentTypeError", "ClassIndexError",
+    "set_value_checks", "value_checks",
+    "ArgumentValueError", "ArgumentTypeError", "ClassIndexError",
 ]

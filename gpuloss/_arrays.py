@@ -72,15 +72,17 @@ def classify(named: Iterable[Tuple[str, Any]], optional: Iterable[str] = ()) -> 
         k = kind_of(a)
         if k is None:
             if first is None:
-                raise ArgumentTypeError(f"{name} must be a NumPy array, CuPy array or torch.Tensor, got {type(a).__name__}")
-            raise ArgumentTypeError(f"{name} must be an array of the same kind as {first} ({kind}), got {type(a).__name__}")
+                raise ArgumentTypeError(f"{name} must be a NumPy array, CuPy array or torch.Tensor, got "
+                                        f"{type(a).__name__}")
+            raise ArgumentTypeError(f"{name} must be an array of the same kind as {first} ({kind}), got "
+                                    f"{type(a).__name__}")
         d = device_of(a, k)
         if first is None:
             first, kind, device = name, k, d
             continue
         if k != kind:
             raise ArgumentTypeError(f"mixed array kinds: {first} is a {kind} array but {name} is a {k} array; "
-                            f"convert them to one kind")
+                                    f"convert them to one kind")
         if d != device:
             raise ArgumentValueError(f"mixed devices: {first} is on {device} but {name} is on {d}")
     if first is None:

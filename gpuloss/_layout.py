@@ -132,7 +132,7 @@ def broadcast_pair(input, target, kind: str, warn: bool):
         shape = tuple(np.broadcast_shapes(tuple(input.shape), tuple(target.shape)))
     except ValueError:
         raise ArgumentValueError(f"target of shape {tuple(target.shape)} does not broadcast with input of shape "
-                         f"{tuple(input.shape)}") from None
+                                 f"{tuple(input.shape)}") from None
     if warn:
         shapes = (target.shape, input.shape) if kind == "torch" else (tuple(target.shape), tuple(input.shape))
         user_warning(f"Using a target size ({shapes[0]}) that is different to the input size ({shapes[1]}). "

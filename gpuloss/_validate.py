@@ -39,7 +39,7 @@ def is_integer(a: Any, kind: str) -> bool:
 def check_floating(name: str, a: Any, kind: str) -> None:
     if not is_floating(a, kind):
         raise ArgumentTypeError(f"{name} must be a floating-point array (float16, bfloat16, float32 or float64), "
-                        f"got {dtype_name(a, kind)}")
+                                f"got {dtype_name(a, kind)}")
 
 
 def check_reduction(reduction: str, kl: bool = False) -> None:
@@ -75,7 +75,8 @@ def as_float_dtype(name: str, dtype: Any, kind: str):
     if kind == "torch":
         import torch
         if not isinstance(dtype, torch.dtype):
-            raise ArgumentTypeError(f"{name} must be a torch.dtype for torch.Tensor arguments, got {type(dtype).__name__}")
+            raise ArgumentTypeError(f"{name} must be a torch.dtype for torch.Tensor arguments, got "
+                                    f"{type(dtype).__name__}")
         if not dtype.is_floating_point:
             raise ArgumentTypeError(f"{name} must be a floating-point dtype, got {dtype}")
         return dtype
@@ -179,7 +180,7 @@ def check_ce_target(name: str, target: Any, kind: str, input: Any, ignore_index:
                 f"targets must have input's shape {tuple(input.shape)}")
         if ignore_index >= 0:
             raise ArgumentValueError(f"ignore_index={ignore_index} is not supported for probability (floating-point) "
-                             f"targets, as in torch")
+                                     f"targets, as in torch")
         return True
     check_index_target(name, target, kind, input)
     return False
@@ -191,7 +192,7 @@ def check_index_target(name: str, target: Any, kind: str, input: Any) -> None:
     want = _ce_target_shape(input)
     if tuple(target.shape) != want:
         raise ArgumentValueError(f"{name} has shape {tuple(target.shape)} but input of shape {tuple(input.shape)} "
-                         f"needs class-index targets of shape {want}")
+                                 f"needs class-index targets of shape {want}")
 
 
 def as_index_target(name: str, target: Any, kind: str) -> Any:
@@ -207,7 +208,7 @@ def as_index_target(name: str, target: Any, kind: str) -> Any:
         import torch
         if dt in ("uint16", "uint32", "uint64"):
             raise ArgumentTypeError(f"{name} must hold class indices of an integer dtype torch supports (int64, int32, "
-                            f"int16, int8 or uint8), got {dt}")
+                                    f"int16, int8 or uint8), got {dt}")
         return target.to(torch.int64)
     return target.astype("int64")
 
@@ -291,7 +292,7 @@ def check_no_grad(name: str, a: Any, kind: str, what: str) -> None:
     import torch
     if torch.is_grad_enabled():
         raise ArgumentValueError(f"{name} requires grad, but {what} is not differentiable with respect to {name} "
-                         f"(as in torch); pass {name}.detach()")
+                                 f"(as in torch); pass {name}.detach()")
 
 
 def check_weight(name: str, weight: Any, kind: str, C: int, input: Any = None, prob: bool = False) -> None:
@@ -303,12 +304,13 @@ def check_weight(name: str, weight: Any, kind: str, C: int, input: Any = None, p
     check_floating(name, weight, kind)
     if weight.ndim != 1 or weight.shape[0] != C:
         raise ArgumentValueError(f"{name} must be a 1-D array of length C={C} (one weight per class), "
-                         f"got shape {tuple(weight.shape)}")
+                                 f"got shape {tuple(weight.shape)}")
     if prob:
         return
     check_no_grad(name, weight, kind, "the loss")
     if input is not None and dtype_name(weight, kind) != dtype_name(input, kind):
-        raise ArgumentTypeError(f"{name} must have input's dtype {dtype_name(input, kind)}, got {dtype_name(weight, kind)}")
+        raise ArgumentTypeError(f"{name} must have input's dtype {dtype_name(input, kind)}, got "
+                                f"{dtype_name(weight, kind)}")
 
 
 def _compute_dtype(input: Any, kind: str):
@@ -335,7 +337,7 @@ def check_broadcastable(name: str, w: Any, kind: str, input: Any) -> None:
         out = None
     if out != tuple(input.shape):
         raise ArgumentValueError(f"{name} of shape {tuple(w.shape)} does not broadcast to input's shape "
-                         f"{tuple(input.shape)}")
+                                 f"{tuple(input.shape)}")
 
 
 def as_row_broadcast(w: Any, kind: str, input: Any, rows: Any) -> Any:
@@ -402,13 +404,13 @@ def check_inplace_ok(name: str, input: Any, kind: str, return_grad: Any) -> None
     own in-place operations.  Metadata only: nothing is read or written."""
     if kind == "numpy" and not input.flags.writeable:
         raise ArgumentValueError(f"inplace_backward=True writes the gradient over {name}, but {name} is a read-only "
-                         f"array")
+                                 f"array")
     if kind == "torch":
         import torch
         if return_grad and input.requires_grad:
             raise ArgumentValueError(f"inplace_backward=True with return_grad would overwrite {name}, which requires "
-                             f"grad; call it on a tensor that does not require grad, or use autograd "
-                             f"(drop return_grad)")
+                                     f"grad; call it on a tensor that does not require grad, or use autograd "
+                                     f"(drop return_grad)")
         if torch.compiler.is_compiling():
             return  # traced: the mutation is functionalized, and dynamo cannot trace the overlap query
         verdict = torch._debug_has_internal_overlap(input) if hasattr(torch, "_debug_has_internal_overlap") \
@@ -418,5 +420,5 @@ def check_inplace_ok(name: str, input: Any, kind: str, return_grad: Any) -> None
         overlap = strides_overlap(tuple(input.shape), _elem_strides(input, kind))
     if overlap:
         raise ArgumentValueError(f"inplace_backward=True writes the gradient over {name}, but elements of {name} share "
-                         f"memory (an expanded, stride-0 or overlapping view); pass a contiguous copy "
-                         f"or use inplace_backward=False")
+                                 f"memory (an expanded, stride-0 or overlapping view); pass a contiguous copy "
+                                 f"or use inplace_backward=False")

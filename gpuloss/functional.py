@@ -538,7 +538,7 @@ def _integral_weight(kind: str, name: str, w, input):
         return w
     if name == "pos_weight" and str(w.dtype).replace("torch.", "") == "bool":
         raise ArgumentTypeError("pos_weight must be a floating-point or integer array, got bool (torch subtracts 1 "
-                        "from it, which a bool tensor does not support)")
+                                "from it, which a bool tensor does not support)")
     return L.astype(w, input.dtype, kind)
 
 

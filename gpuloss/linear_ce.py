@@ -125,27 +125,28 @@ def _check_shapes(input, linear_weight, linear_bias, kind: str):
     VAL.check_floating("linear_weight", linear_weight, kind)
     if input.ndim not in (1, 2):
         raise ArgumentValueError(f"input must be 1-D (in_features,) or 2-D (N, in_features), as in torch's "
-                         f"linear_cross_entropy, got shape {tuple(input.shape)}; flatten leading dimensions first")
+                                 f"linear_cross_entropy, got shape {tuple(input.shape)}; flatten leading "
+                                 f"dimensions first")
     if linear_weight.ndim < 2:
         raise ArgumentValueError(f"linear_weight must have at least 2 dimensions (C, ..., in_features), got shape "
-                         f"{tuple(linear_weight.shape)}")
+                                 f"{tuple(linear_weight.shape)}")
     if input.shape[-1] != linear_weight.shape[-1]:
         raise ArgumentValueError(f"input's last dimension {input.shape[-1]} does not match linear_weight's in_features "
-                         f"{linear_weight.shape[-1]}")
+                                 f"{linear_weight.shape[-1]}")
     if dtype_name(input, kind) != dtype_name(linear_weight, kind):
         raise ArgumentTypeError(f"input and linear_weight must have the same dtype, got {dtype_name(input, kind)} and "
-                        f"{dtype_name(linear_weight, kind)}")
+                                f"{dtype_name(linear_weight, kind)}")
     C, out = int(linear_weight.shape[0]), tuple(int(d) for d in linear_weight.shape[1:-1])
     if out and input.ndim == 1:
         raise ArgumentValueError(f"a K-dimensional loss (linear_weight of shape {tuple(linear_weight.shape)}) needs "
-                         f"batched input (N, in_features), got shape {tuple(input.shape)}")
+                                 f"batched input (N, in_features), got shape {tuple(input.shape)}")
     if linear_bias is not None:
         VAL.check_floating("linear_bias", linear_bias, kind)
         if tuple(linear_bias.shape) != (C, *out):
             raise ArgumentValueError(f"linear_bias must have shape {(C, *out)}, got {tuple(linear_bias.shape)}")
         if dtype_name(linear_bias, kind) != dtype_name(linear_weight, kind):
-            raise ArgumentTypeError(f"linear_bias must have linear_weight's dtype {dtype_name(linear_weight, kind)}, got "
-                            f"{dtype_name(linear_bias, kind)}")
+            raise ArgumentTypeError(f"linear_bias must have linear_weight's dtype {dtype_name(linear_weight, kind)}, "
+                                    f"got {dtype_name(linear_bias, kind)}")
     return C, out
 
 
@@ -160,11 +161,12 @@ def _check_target(target, input, C: int, out: tuple, ignore_index, kind: str):
     target = VAL.unbatched_index_target(target, kind, input.ndim)
     if not VAL.is_integer(target, kind):
         raise ArgumentTypeError(f"target must hold integer class indices of shape {want}, or probabilities of the "
-                        f"logits' shape {logits_shape}; got {dtype_name(target, kind)} of shape "
-                        f"{tuple(target.shape)}")
+                                f"logits' shape {logits_shape}; got {dtype_name(target, kind)} of shape "
+                                f"{tuple(target.shape)}")
     if tuple(target.shape) != want:
         raise ArgumentValueError(f"target has shape {tuple(target.shape)} but class-index targets for input "
-                         f"{tuple(input.shape)} and linear_weight {(C, *out, input.shape[-1])} need shape {want}")
+                                 f"{tuple(input.shape)} and linear_weight {(C, *out, input.shape[-1])} need shape "
+                                 f"{want}")
     return target, False, -100 if ignore_index is None else VAL.check_ignore_index("ignore_index", ignore_index)
 
 

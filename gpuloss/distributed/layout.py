@@ -284,7 +284,7 @@ def gather_and_decide(group, rank: int, world: int, device, v_local: int, vocab_
     problems = _argument_problems(G)
     if problems:
         raise ArgumentValueError("vocab-parallel cross-entropy: bad arguments (raised on every rank):\n  "
-                         + "\n  ".join(problems))
+                                 + "\n  ".join(problems))
     sizes = [row[_F_VLOCAL] for row in G]
     problems = _agreement_problems(G, sizes)
     starts = _slice_starts(G, sizes, problems)
@@ -292,7 +292,7 @@ def gather_and_decide(group, rank: int, world: int, device, v_local: int, vocab_
         problems = _target_range_problems(G, sum(sizes), ignore_index)
     if problems:
         raise ArgumentValueError("vocab-parallel cross-entropy: inconsistent layout or targets "
-                         "(raised on every rank):\n  " + "\n  ".join(problems))
+                                 "(raised on every rank):\n  " + "\n  ".join(problems))
     return VocabLayout(start=starts[rank], size=v_local, vocab=sum(sizes), sizes=tuple(sizes))
 
 
