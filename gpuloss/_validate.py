@@ -199,8 +199,9 @@ def as_index_target(name: str, target: Any, kind: str) -> Any:
     """int32/int64 pass through; int8, int16 and uint8 become int64.  torch
     tensors of uint16/32/64 are refused, as torch refuses them (it has no
     kernels to compare them); NumPy and CuPy arrays of those become int64,
-    where a uint64 value beyond int64's range turns negative and is then
-    reported as out of range by the value check."""
+    after a uint64 value beyond int64's range (which would turn negative,
+    even into ignore_index) is reported as out of range, wherever values are
+    checked."""
     dt = dtype_name(target, kind)
     if dt in ("int32", "int64"):
         return target
@@ -210,6 +211,11 @@ def as_index_target(name: str, target: Any, kind: str) -> Any:
             raise ArgumentTypeError(f"{name} must hold class indices of an integer dtype torch supports (int64, int32, "
                                     f"int16, int8 or uint8), got {dt}")
         return target.to(torch.int64)
+    if dt == "uint64" and target.size and _device_values_allowed(target, kind):
+        top = int(target.max())
+        if top > np.iinfo(np.int64).max:
+            raise ClassIndexError(f"{name} contains class index {top}, beyond int64 and so outside any class "
+                                  f"range")
     return target.astype("int64")
 
 

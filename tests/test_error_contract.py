@@ -467,3 +467,18 @@ def test_out_of_range_class_index_is_also_torchs_index_error():
     with pytest.raises(gpuloss.ClassIndexError) as info:
         gpuloss.nll_loss(x, np.array([0, -3, 1]))
     assert isinstance(info.value, (ValueError)) and isinstance(info.value, RuntimeError)
+
+
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss", "linear_cross_entropy"])
+def test_uint64_class_index_beyond_int64_is_out_of_range(fn):
+    """A NumPy uint64 class index of 2**63 or more is out of range: widened to
+    int64 it turned negative, even into ignore_index (-1 here), and the row
+    was silently ignored."""
+    import gpuloss
+    x = np.zeros((2, 4), np.float32)
+    t = np.array([1, 2 ** 64 - 1], np.uint64)
+    call = {"cross_entropy": lambda: gpuloss.cross_entropy(x, t, ignore_index=-1),
+            "nll_loss": lambda: gpuloss.nll_loss(x, t, ignore_index=-1),
+            "linear_cross_entropy": lambda: gpuloss.linear_cross_entropy(x, x, t, ignore_index=-1)}[fn]
+    with pytest.raises(gpuloss.ClassIndexError, match="18446744073709551615"):
+        call()
