@@ -99,6 +99,8 @@ def run(op: str, kind: str, be, arrays: List[Any], opts: Any, return_grad=False)
         return autograd_run(op, be, arrays, opts)
     want_grad, want_all = wants(return_grad)
     target = arrays[1]
+    if want_all and V.is_floating(target, kind) and not spec.target_grad:
+        raise _no_target_grad(op)  # grad_target would silently come back None
     want = Want(want_grad, want_all and spec.target_grad and V.is_floating(target, kind))
     if kind != "torch":
         return launch.run(be, op, arrays, opts, want, kind)
@@ -108,6 +110,14 @@ def run(op: str, kind: str, be, arrays: List[Any], opts: Any, return_grad=False)
     with torch.no_grad():
         outs = torch_ops.call(op, be, arrays, opts, want, inplace=inplace)
     return result(op, outs, inplace, arrays[0])
+
+
+def _no_target_grad(op: str) -> NotImplementedError:
+    what = "teacher logits / target probabilities" if op == "kl_div_logits" else "target"
+    return NotImplementedError(
+        f"gpuloss {op}: the gradient with respect to the {what} is not supported (autograd, or "
+        f"return_grad='all'); detach the target (target.detach()), use return_grad=True, or use an op that "
+        f"differentiates it")
 
 
 def autograd_run(op: str, be: str, arrays: List[Any], opts: Any) -> LossResult:
@@ -121,10 +131,7 @@ def autograd_run(op: str, be: str, arrays: List[Any], opts: Any) -> LossResult:
     want = Want(grad_on and x.requires_grad,
                 grad_on and target.requires_grad and target.is_floating_point())
     if want.grad_target and not spec.target_grad:
-        what = "teacher logits / target probabilities" if op == "kl_div_logits" else "target"
-        raise NotImplementedError(
-            f"gpuloss {op}: the gradient with respect to the {what} is not supported; detach the target "
-            f"(target.detach()) or use an op that differentiates it")
+        raise _no_target_grad(op)
     if getattr(opts, "grad_inplace", False) and want.grad:
         return result(op, torch_ops.call_inplace(op, be, arrays, opts, want), True, autograd=True)
     return result(op, torch_ops.call(op, be, arrays, opts, want), False, autograd=True)

@@ -399,3 +399,15 @@ def test_numpy_losses_come_back_as_arrays(rng, reduction, dtype):
         for out in (call(), call(return_grad=True).loss):
             assert isinstance(out, np.ndarray), type(out)
             assert out.dtype == dtype and (out.ndim > 0) == (reduction == "none")
+
+
+def test_return_grad_all_where_the_target_has_no_gradient(rng):
+    """kl_div_with_logits gives no gradient for its target (teacher logits or
+    probabilities): return_grad="all" says so, as autograd does for torch
+    tensors, instead of a silent grad_target=None."""
+    x = rng.standard_normal((3, 5)).astype(np.float32)
+    with pytest.raises(NotImplementedError, match="teacher logits"):
+        gpuloss.kl_div_with_logits(x, x[::-1].copy(), return_grad="all")
+    assert gpuloss.kl_div_with_logits(x, x[::-1].copy(), return_grad=True).grad_target is None
+    # floating targets of ops that have the gradient still get it
+    assert gpuloss.mse_loss(x, x[::-1].copy(), return_grad="all").grad_target is not None
