@@ -144,6 +144,18 @@ def plot(histories: Dict[str, Dict[str, List[float]]], path: str) -> bool:
     return True
 
 
+def _verdict(ce_epochs, l2_epochs, level: float) -> str:
+    """What the epochs each loss took to reach ``level`` (None: never) say
+    about the lecture's claim."""
+    if ce_epochs is None and l2_epochs is None:
+        return f"neither reached {level:.0%} test accuracy: train longer (--epochs) to test the lecture's claim"
+    if ce_epochs is not None and (l2_epochs is None or ce_epochs < l2_epochs):
+        return "supports the lecture: cross-entropy (KL) converges faster than L2 here"
+    if ce_epochs == l2_epochs:
+        return "a tie at this level: the lecture's claim is not shown here"
+    return "does NOT support the lecture's claim here: L2 got there first"
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="gpuloss demo", description=__doc__.split("\n\n")[0])
     ap.add_argument("--epochs", type=int, default=30)
@@ -199,12 +211,7 @@ def main(argv=None) -> int:
     level = 0.9
     ce_e, l2_e = first_reaching(histories["ce"], level), first_reaching(histories["l2"], level)
     print(f"\nepochs to reach {level:.0%} test accuracy: cross-entropy {ce_e or 'never'}, L2 {l2_e or 'never'}")
-    if ce_e is not None and (l2_e is None or ce_e < l2_e):
-        verdict = "supports the lecture: cross-entropy (KL) converges faster than L2 here"
-    elif ce_e is not None and l2_e is not None and ce_e == l2_e:
-        verdict = "a tie at this level: the lecture's claim is not shown here"
-    else:
-        verdict = "does NOT support the lecture's claim here: L2 got there first"
+    verdict = _verdict(ce_e, l2_e, level)
     print(f"final test accuracy: cross-entropy {histories['ce']['test_acc'][-1]:.3f}, "
           f"L2 {histories['l2']['test_acc'][-1]:.3f}\nverdict: {verdict}")
     if plot(histories, args.out):

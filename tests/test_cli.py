@@ -57,3 +57,13 @@ def test_demo_pieces_on_numpy():
     Y = R.softmax(z.astype(np.float64), 1)
     np.testing.assert_allclose(L, 0.5 * np.sum((Y - d) ** 2) / 5, rtol=1e-5)
     np.testing.assert_allclose(dz, R.softmax_backward(Y, (Y - d) / 5, 1), rtol=1e-4, atol=1e-7)
+
+
+def test_demo_verdict_when_neither_loss_reaches_the_level():
+    """Neither run reaching the accuracy level says so; it was reported as
+    L2 reaching it first (a claim against the lecture that nothing showed)."""
+    from gpuloss.demo import _verdict
+    assert "neither reached 90%" in _verdict(None, None, 0.9)
+    assert _verdict(3, None, 0.9).startswith("supports")
+    assert _verdict(None, 4, 0.9).startswith("does NOT")
+    assert _verdict(5, 5, 0.9).startswith("a tie")
