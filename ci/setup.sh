@@ -15,13 +15,14 @@ if [ ! -x "$venv/bin/python" ]; then
   "$py" -m venv "$venv"
 fi
 pip_q() { "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
-stamp="$venv/.gpuloss-setup-v3"
+stamp="$venv/.gpuloss-setup-v4"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing dependencies (first run only)"
   pip_q --upgrade "pip>=23" "setuptools>=64" wheel
   pip_q "torch==2.13.0"
+  # ml_dtypes: NumPy bfloat16 arrays, which gpuloss takes as NumPy arrays (tests/test_numpy_backend.py)
   pip_q "triton==3.6.0" "numpy>=1.26,<3" scipy "pytest>=7" "hypothesis>=6" "scikit-learn>=1.3" \
-        "matplotlib>=3.7" tqdm build
+        "matplotlib>=3.7" tqdm build ml_dtypes
   # gpuloss[transformers]: the integration's tests (tests/test_transformers.py)
   pip_q "transformers==5.17.*" "accelerate==1.15.*"
   # CuPy imports without a GPU: its host code (DLPack paths, compile options) is tested

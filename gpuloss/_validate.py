@@ -80,11 +80,16 @@ def as_float_dtype(name: str, dtype: Any, kind: str):
         if not dtype.is_floating_point:
             raise ArgumentTypeError(f"{name} must be a floating-point dtype, got {dtype}")
         return dtype
+    if isinstance(dtype, str) and dtype == "bfloat16":
+        try:
+            import ml_dtypes  # noqa: F401  (registers NumPy's bfloat16)
+        except ImportError:
+            raise ArgumentTypeError(f"{name}='bfloat16' for NumPy arrays needs the ml_dtypes package") from None
     try:
         dt = np.dtype(dtype)
     except TypeError:
         raise ArgumentTypeError(f"{name} must be a NumPy dtype or its name, got {dtype!r}") from None
-    if dt.kind != "f":
+    if dt.kind != "f" and dt.name != "bfloat16":
         raise ArgumentTypeError(f"{name} must be a floating-point dtype, got {dt}")
     return dt
 

@@ -345,3 +345,28 @@ def test_kl_nonnegative(x, seed, T):
     probs = ref.softmax(tg / T)
     res2 = prim(B, "kl_div_logits", x, probs, temperature=T, target_is_logits=False, reduction="none", want_grad=False)
     np.testing.assert_allclose(res2.loss, res.loss, rtol=1e-9, atol=1e-12)
+
+
+def test_bfloat16_numpy_arrays(rng):
+    """NumPy bfloat16 arrays (ml_dtypes) are NumPy arrays: probability
+    targets were taken for class indices (bfloat16 is not np.floating) and
+    failed inside the kernel; dtype='bfloat16' was refused as not floating."""
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    import gpuloss as gpuloss_pkg
+    bf = ml_dtypes.bfloat16
+    x = rng.standard_normal((5, 7)).astype(np.float32)
+    p = rng.dirichlet(np.ones(7), 5).astype(np.float32)
+    xb, pb = x.astype(bf), p.astype(bf)
+    xr, pr = xb.astype(np.float64), pb.astype(np.float64)
+    out = gpuloss_pkg.cross_entropy(xb, pb, label_smoothing=0.1, return_grad=True)
+    assert out.loss.dtype == bf and out.grad.dtype == bf
+    np.testing.assert_allclose(out.loss.astype(np.float64), ref.cross_entropy(xr, pr, label_smoothing=0.1), rtol=1e-2)
+    np.testing.assert_allclose(out.grad.astype(np.float64), ref.cross_entropy_grad(xr, pr, label_smoothing=0.1)[0],
+                               rtol=2e-2, atol=2e-3)
+    h, W = x[:, :4].astype(bf), rng.standard_normal((7, 4)).astype(bf)
+    lce = gpuloss_pkg.linear_cross_entropy(h, W, pb)
+    want = ref.cross_entropy(h.astype(np.float64) @ W.astype(np.float64).T, pr)
+    np.testing.assert_allclose(np.float64(lce.astype(np.float64)), want, rtol=2e-2)
+    y = gpuloss_pkg.softmax(x, 1, dtype="bfloat16")
+    assert y.dtype == bf
+    np.testing.assert_allclose(y.astype(np.float64), ref.softmax(xr), rtol=1e-2, atol=1e-3)

@@ -43,7 +43,7 @@ class _CrossEntropy(T.RowResults):
                  opts: CrossEntropyOptions, want: Want):
         self.x, self.target, self.opts = x, target, opts
         self.R, self.C = R, C = x.shape
-        self.prob = np.issubdtype(target.dtype, np.floating)
+        self.prob = not np.issubdtype(target.dtype, np.integer)  # floating, bfloat16 (ml_dtypes) included
         self.cd = cd = T.compute_dtype(x, target if self.prob else None)
         self.ld = T.loss_dtype(cd)
         self.eps = float(opts.label_smoothing)
