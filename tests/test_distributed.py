@@ -339,6 +339,17 @@ def _all_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: s
                    "every rank or on none")
         if min(sizes) > 0:
             chk.raises("overlapping slices", lambda: f(x, t, vocab_start=0), "do not tile")
+        # a dtype or options that differ between ranks: collectives of different sizes (a process abort in
+        # gloo) or different losses on each rank, before validation compared them
+        chk.raises("dtype on one rank", lambda: f(x.float() if rank == 1 else x, t), "rank 1's tensors are float32")
+        for name, opt in (("label_smoothing", dict(label_smoothing=0.1)), ("ignore_index", dict(ignore_index=3)),
+                          ("reduction", dict(reduction="sum"))):
+            chk.raises(f"{name} on one rank", lambda: f(x, t, **(opt if rank == 1 else {})),
+                       "rank 1 was given other options")
+        hd = torch.tensor(rng.standard_normal((4, 3)), device=device)
+        wd = torch.randn(sizes[rank], 3, dtype=torch.float64, device=device)
+        chk.raises("linear: chunk_size on one rank", lambda: D.vocab_parallel_linear_cross_entropy(
+            hd, wd, t[:4], chunk_size=2 if rank == 1 else 3), "rank 1 was given other options")
     chk.raises("a gap before the first slice", lambda: f(x, t, vocab_start=1 + sum(sizes[:rank])), "do not tile")
     # linear: weight of the wrong width on one rank
     Hd0 = rng.standard_normal((4, 3))

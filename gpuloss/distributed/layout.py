@@ -10,6 +10,7 @@ inside the custom operators' implementations.
 """
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -57,8 +58,10 @@ _ERR_TEXT = {
 }
 
 # fields of the gathered vector
-_F_VLOCAL, _F_START, _F_VTOTAL, _F_ROWS, _F_TMIN, _F_TMAX, _F_ERR, _F_SUM1, _F_SUM2, _F_HAS_SIZES = range(10)
-_NFIELDS = 10
+(_F_VLOCAL, _F_START, _F_VTOTAL, _F_ROWS, _F_TMIN, _F_TMAX, _F_ERR, _F_SUM1, _F_SUM2, _F_HAS_SIZES, _F_DTYPE,
+ _F_OPTS) = range(12)
+_NFIELDS = 12
+_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _BIG = torch.iinfo(torch.int64).max
 
 #: layouts found by a validating call, reused by ``validate=False`` calls;
@@ -172,6 +175,18 @@ def layout_errors(world: int, vocab_start: Optional[int], vocab_size: Optional[i
     return err
 
 
+def agreement(dtype, *options) -> Tuple[int, int]:
+    """What every rank must pass alike, as two integers for validation's
+    all-gather: the floating dtype's code and a CRC of the options (their
+    repr: no per-process hash seed).  Ranks that disagree would run
+    collectives of different sizes (a dtype, a hidden size: a process abort
+    in the backend) or compute different losses (ignore_index, reduction,
+    label smoothing, ...)."""
+    name = str(dtype).replace("torch.", "")
+    return (_DTYPES.index(name) if name in _DTYPES else len(_DTYPES),
+            zlib.crc32(repr(options).encode()) & 0x7FFFFFFF)
+
+
 def process_group(name: str):
     """(group, rank in it, its size) from the name the operators take."""
     group = dist.distributed_c10d._resolve_process_group(name)
@@ -199,11 +214,11 @@ def _target_stats(t: Tensor, ignore_index: int) -> Tensor:
 
 def _gather(group, world: int, device, v_local: int, vocab_start: Optional[int], vocab_size: Optional[int],
             vocab_sizes: Optional[Sequence[int]], rows: int, target: Optional[Tensor], ignore_index: int,
-            local_err: int) -> List[List[int]]:
+            local_err: int, agreed: Tuple[int, int]) -> List[List[int]]:
     """Every rank's facts as one int64 row, all-gathered and read to the host."""
     vec = torch.full((_NFIELDS + world,), -1, dtype=torch.int64, device=device)
     head = [v_local, -1 if vocab_start is None else vocab_start, -1 if vocab_size is None else vocab_size,
-            rows, _BIG, -1, local_err, 0, 0, 0 if vocab_sizes is None else 1]
+            rows, _BIG, -1, local_err, 0, 0, 0 if vocab_sizes is None else 1, agreed[0], agreed[1]]
     vec[:_NFIELDS] = torch.tensor(head, dtype=torch.int64, device=device)
     if vocab_sizes is not None and len(vocab_sizes) == world:
         vec[_NFIELDS:] = torch.tensor([int(s) for s in vocab_sizes], dtype=torch.int64, device=device)
@@ -221,10 +236,19 @@ def _argument_problems(G: List[List[int]]) -> List[str]:
 
 
 def _agreement_problems(G: List[List[int]], sizes: List[int]) -> List[str]:
-    """The stated sizes, the row counts and the targets, against the ranks'."""
+    """The stated sizes, the row counts, the targets, the dtype and the
+    options, against the ranks'."""
     problems = []
     total = sum(sizes)
     for r, row in enumerate(G):
+        if row[_F_DTYPE] != G[0][_F_DTYPE]:
+            name = lambda code: _DTYPES[code] if code < len(_DTYPES) else "not floating"  # noqa: E731
+            problems.append(f"rank {r}'s tensors are {name(row[_F_DTYPE])}, rank 0's {name(G[0][_F_DTYPE])} "
+                            f"(every rank must pass one dtype)")
+        if row[_F_OPTS] != G[0][_F_OPTS]:
+            problems.append(f"rank {r} was given other options than rank 0 (ignore_index, reduction, "
+                            f"label_smoothing, z_loss, softcap, chunk_size or the hidden size; they must be the "
+                            f"same on every rank)")
         if row[_F_HAS_SIZES] and row[_NFIELDS:] != sizes:
             problems.append(f"rank {r} was given vocab_sizes={row[_NFIELDS:]} but the ranks' local "
                             f"vocabulary sizes are {sizes}")
@@ -273,14 +297,15 @@ def _target_range_problems(G: List[List[int]], total: int, ignore_index: int) ->
 
 def gather_and_decide(group, rank: int, world: int, device, v_local: int, vocab_start: Optional[int],
                       vocab_size: Optional[int], vocab_sizes: Optional[Sequence[int]], rows: int,
-                      target: Optional[Tensor], ignore_index: int, local_err: int) -> VocabLayout:
+                      target: Optional[Tensor], ignore_index: int, local_err: int,
+                      agreed: Tuple[int, int] = (0, 0)) -> VocabLayout:
     """One all-gather of every rank's facts, one host read, one decision.
 
     Every rank sees the same gathered matrix and runs the same code on it, so
     either every rank returns a consistent layout or every rank raises the
     same ``ValueError``: none is left waiting in a later collective."""
     G = _gather(group, world, device, v_local, vocab_start, vocab_size, vocab_sizes, rows, target, ignore_index,
-                local_err)
+                local_err, agreed)
     problems = _argument_problems(G)
     if problems:
         raise ArgumentValueError("vocab-parallel cross-entropy: bad arguments (raised on every rank):\n  "
@@ -298,16 +323,17 @@ def gather_and_decide(group, rank: int, world: int, device, v_local: int, vocab_
 
 def resolve_layout(name: str, device, v_local: int, target: Tensor, ignore_index: int,
                    vocab_start: Optional[int], vocab_size: Optional[int], vocab_sizes: Optional[Sequence[int]],
-                   local_err: int, validate: bool):
+                   local_err: int, validate: bool, agreed: Tuple[int, int] = (0, 0)):
     """(group, layout): validated by one all-gather, or (``validate=False``)
     from ``vocab_sizes`` or the per-process cache.  ``local_err``: the
-    caller's tensor error bits (target dtype/shape, devices, shapes)."""
+    caller's tensor error bits (target dtype/shape, devices, shapes);
+    ``agreed``: :func:`agreement` of the dtype and options."""
     group, rank, world = process_group(name)
     local_err |= layout_errors(world, vocab_start, vocab_size, vocab_sizes)
     key = (name, rank, world, v_local, vocab_start, vocab_size)
     if validate:
         layout = gather_and_decide(group, rank, world, device, v_local, vocab_start, vocab_size, vocab_sizes,
-                                   target.numel(), None if local_err else target, ignore_index, local_err)
+                                   target.numel(), None if local_err else target, ignore_index, local_err, agreed)
         _LAYOUT_CACHE[key] = layout
         return group, layout
     # hot path: no host read; a local problem can only be raised here
@@ -321,5 +347,5 @@ def resolve_layout(name: str, device, v_local: int, target: Tensor, ignore_index
         return group, VocabLayout(start=vocab_start or 0, size=v_local, vocab=v_local, sizes=(v_local,))
     if key not in _LAYOUT_CACHE:  # first call with this layout: one small collective
         _LAYOUT_CACHE[key] = gather_and_decide(group, rank, world, device, v_local, vocab_start, vocab_size,
-                                               None, target.numel(), None, ignore_index, 0)
+                                               None, target.numel(), None, ignore_index, 0, agreed)
     return group, _LAYOUT_CACHE[key]
