@@ -328,6 +328,11 @@ def _all_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: s
     tb[0] = -5
     chk.raises("target < 0", lambda: f(x, tb), "class index -5")
     chk.raises("float target", lambda: f(x, t.double()), "integer class indices")
+    try:  # a local argument error: before any collective, so raised alone
+        f(x, t, group="x")
+        chk.true("group of a bad type", False, "no error")
+    except TypeError as e:
+        chk.true("group of a bad type", "group must be a torch.distributed ProcessGroup" in str(e), str(e))
     if world > 1:
         tb = t.clone()
         if rank == 1:

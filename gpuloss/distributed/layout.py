@@ -82,7 +82,11 @@ def group_name(group) -> str:
     and the default-group lookup are host state dynamo does not trace."""
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
-    return (dist.group.WORLD if group is None else group).group_name
+    pg = dist.group.WORLD if group is None else group
+    if not isinstance(pg, dist.ProcessGroup):
+        raise ArgumentTypeError(f"group must be a torch.distributed ProcessGroup or None (the default group), got "
+                                f"{type(group).__name__}")
+    return pg.group_name
 
 
 group_name._dynamo_marked_constant = True  # type: ignore[attr-defined]
