@@ -456,11 +456,20 @@ def default_chunk_size(n_tokens: int, vocab: int, itemsize: int, device_type: st
     Larger chunks mean fewer accumulations of ``grad_weight`` (each one reads
     and writes ``V x H`` accumulator elements in the GEMM's epilogue); smaller
     chunks mean less memory.  256 MiB is 1024 tokens at V = 128256 bf16."""
+    return int(max(1, min(max(n_tokens, 1), chunk_rows(vocab, itemsize, device_type, budget_bytes))))
+
+
+def chunk_rows(vocab: int, itemsize: int, device_type: str = "cuda", budget_bytes: Optional[int] = None) -> int:
+    """:func:`default_chunk_size` before the bound by the token count: what
+    the public function passes to the op, which bounds it by the tokens it
+    is given.  Not bounding it there keeps the token count out of the
+    options, so torch.compile does not specialise a graph (and export a
+    program) on the number of tokens."""
     budget = budget_bytes if budget_bytes is not None else CHUNK_BYTES.get(device_type, CHUNK_BYTES["cuda"])
     rows = budget // max(1, vocab * itemsize)
     if rows >= 2 * CHUNK_ALIGN:
         rows = rows // CHUNK_ALIGN * CHUNK_ALIGN
-    return int(max(1, min(max(n_tokens, 1), rows)))
+    return int(max(1, rows))
 
 
 #: bytes of one logits chunk (n x V in the weight's dtype), per device type;

@@ -255,8 +255,9 @@ def check_class_targets(name: str, target: Any, kind: str, C: int, ignore_index:
         target = target.to(sys.modules["torch"].int64) if kind == "torch" else target.astype("int64")
     bad = ((target < 0) | (target >= C)) & (target != ignore_index)
     if traced:
-        sys.modules["torch"]._assert_async(~bad.any(), f"{name} contains a class index outside [0, {C}) and "
-                                                      f"not ignore_index={ignore_index}")
+        # C is not formatted into the message: that would specialise the graph on the class count
+        sys.modules["torch"]._assert_async(~bad.any(), f"{name} contains a class index outside [0, C) (C: the "
+                                                      f"number of classes) and not ignore_index={ignore_index}")
         return
     if bool(bad.any()):
         first = target[bad].reshape(-1)[0]

@@ -45,7 +45,7 @@ from . import _validate as VAL
 from . import launch
 from ._arrays import classify, dtype_name
 from ._call import deprecated_mean
-from ._linear_chunks import default_chunk_size
+from ._linear_chunks import chunk_rows, default_chunk_size
 from .dispatch import select, select_name
 from .errors import ArgumentTypeError, ArgumentValueError
 from .ops import LinearCEOptions, LinearWant
@@ -189,9 +189,9 @@ def _resolve_options(options, chunk_size, acc_dtype, n_tokens: int, H: int, voca
         factor = int(method.split(":", 1)[1]) if ":" in method else 1
         target = -(-n_tokens // -(-vocab // max(H, 1)))
         chunk_size = max(1, min((1 << max(0, (target - 1).bit_length())) // factor, n_tokens))
-    if chunk_size is None:
+    if chunk_size is None:  # the op bounds it by the tokens (see chunk_rows)
         itemsize = {"float16": 2, "bfloat16": 2, "float64": 8}.get(dtype_name(weight, kind), 4)
-        chunk_size = default_chunk_size(n_tokens, vocab, itemsize, "cpu" if device == "cpu" else "cuda")
+        chunk_size = chunk_rows(vocab, itemsize, "cpu" if device == "cpu" else "cuda")
     acc = acc_dtype if acc_dtype is not None else getattr(options, "acc_dtype", None)
     wname = dtype_name(weight, kind)
     accumulate = "weight" if getattr(options, "acc_policy", "auto") == "compact" and acc is None else "float32"

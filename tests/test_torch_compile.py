@@ -269,6 +269,47 @@ def test_calls_that_warn_give_torchs_result_and_warning_and_compile(rng, case):
     torch.testing.assert_close(_compiled(ours)(x), want, **tol("float32"))
 
 
+def _graphs_over(fn, shapes):
+    """Graphs torch.compile(fullgraph=True) makes over calls of these shapes
+    (torch itself: two, the first static, then one dynamic)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    for args in shapes:
+        out = compiled(*args)
+        if out.requires_grad:
+            out.sum().backward()
+    return counters["stats"]["unique_graphs"]
+
+
+def test_token_and_class_counts_are_not_specialised(rng):
+    """A new token count (linear cross-entropy: the default chunk was bounded
+    by it) or class count (cross_entropy: the class count formatted into the
+    compiled value check's message) made a new graph each time, until
+    fullgraph=True failed at the recompile limit; as torch, two graphs."""
+    W = torch.randn(50, 8, requires_grad=True)
+    lce = [(torch.randn(n, 8, requires_grad=True), torch.randint(0, 50, (n,))) for n in range(10, 20)]
+    assert _graphs_over(lambda h, t: gpuloss.linear_cross_entropy(h, W, t), lce) <= 2
+    head = gnn.LinearCrossEntropyLoss(8, 50)
+    assert _graphs_over(lambda h, t: head(h, t), lce) <= 2
+    ce = [(torch.randn(4, c, requires_grad=True), torch.randint(0, c, (4,))) for c in range(10, 20)]
+    assert _graphs_over(lambda x, t: gpuloss.cross_entropy(x, t), ce) <= 2
+    assert _graphs_over(lambda x, t: gpuloss.nll_loss(x, t), ce) <= 2
+
+
+def test_export_with_a_dynamic_token_count():
+    """torch.export of the linear cross-entropy module with a dynamic batch
+    (the default chunk size fixed the token count: a constraint violation),
+    run at another batch size."""
+    head = gnn.LinearCrossEntropyLoss(6, 7)
+    n = torch.export.Dim("n")
+    ep = torch.export.export(head, (torch.randn(5, 6), torch.randint(0, 7, (5,))),
+                             dynamic_shapes={"input": {0: n}, "target": {0: n}})
+    h, t = torch.randn(9, 6), torch.randint(0, 7, (9,))
+    torch.testing.assert_close(ep.module()(h, t), head(h, t))
+
+
 def test_public_functions_compile_with_dynamic_shapes(rng):
     """torch.compile(dynamic=True, fullgraph=True): symbolic batch sizes and
     option floats reach gpuloss's checks and backend choice without a graph
