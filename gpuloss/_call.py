@@ -64,24 +64,25 @@ def wants(return_grad: Union[bool, str]):
     return bool(return_grad), return_grad == "all"
 
 
-def deprecated_mean(reduction, stacklevel: int = 3):
+def deprecated_mean(reduction, stacklevel: int, like):
     """torch's old spelling of "mean" (``torch.nn._reduction.get_enum``)."""
     if isinstance(reduction, str) and reduction == "elementwise_mean":
-        L.user_warning("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.", stacklevel)
+        L.user_warning("reduction='elementwise_mean' is deprecated. Please use reduction='mean' instead.", stacklevel,
+                       like)
         return "mean"
     return reduction
 
 
-def legacy_reduction(size_average, reduce, reduction: str) -> str:
+def legacy_reduction(size_average, reduce, reduction: str, like) -> str:
     """PyTorch's deprecated ``size_average``/``reduce`` arguments, and its
     deprecated ``reduction="elementwise_mean"`` ("mean"), with its warnings."""
     if size_average is None and reduce is None:
-        return deprecated_mean(reduction, stacklevel=4)
+        return deprecated_mean(reduction, 4, like)
     size_average = True if size_average is None else size_average
     reduce = True if reduce is None else reduce
     reduction = "none" if not reduce else "mean" if size_average else "sum"
     L.user_warning(f"size_average and reduce args will be deprecated, please use reduction='{reduction}' instead.",
-                   stacklevel=3)
+                   3, like)
     return reduction
 
 

@@ -110,15 +110,27 @@ def write_back(grad, input, kind: str):
     return input
 
 
-def user_warning(message: str, stacklevel: int) -> None:
+def user_warning(message: str, stacklevel: int, like: Any) -> None:
     """``warnings.warn`` (a UserWarning, ``stacklevel`` counted from the
     caller of ``warn``), except while torch.compile traces: dynamo cannot
     trace ``warnings.warn`` in user code, and the call would break the graph
-    (``fullgraph=True`` raises) where torch's own function compiles."""
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.compiler.is_compiling():
+    (``fullgraph=True`` raises) where torch's own function compiles.
+    ``like``: the call's array (a tensor only where torch can be compiling;
+    see :func:`torch_tracing`)."""
+    if torch_tracing(like, "compile"):
         return
     warnings.warn(message, UserWarning, stacklevel=stacklevel + 1)
+
+
+def torch_tracing(like: Any, how: str) -> bool:
+    """Whether torch traces now (``how``: "compile" for torch.compile, "jit"
+    for torch.jit.trace), asked only for a torch tensor ``like``: torch is
+    imported already then, and nothing reads ``sys.modules``, a dict that
+    dynamo would trace while an import elsewhere may change it."""
+    if not hasattr(like, "__torch_function__"):
+        return False
+    import torch
+    return torch.compiler.is_compiling() if how == "compile" else torch.jit.is_tracing()
 
 
 def broadcast_pair(input, target, kind: str, warn: bool):
@@ -137,7 +149,7 @@ def broadcast_pair(input, target, kind: str, warn: bool):
         shapes = (target.shape, input.shape) if kind == "torch" else (tuple(target.shape), tuple(input.shape))
         user_warning(f"Using a target size ({shapes[0]}) that is different to the input size ({shapes[1]}). "
                      f"This will likely lead to incorrect results due to broadcasting. "
-                     f"Please ensure they have the same size.", stacklevel=4)
+                     f"Please ensure they have the same size.", stacklevel=4, like=input)
     if kind == "torch":
         return input.expand(shape), target.expand(shape), shape
     return xp(kind).broadcast_to(input, shape), xp(kind).broadcast_to(target, shape), shape

@@ -8,6 +8,7 @@ training step need not synchronise.
 """
 from __future__ import annotations
 
+import importlib
 import math
 import operator
 import sys
@@ -82,7 +83,7 @@ def as_float_dtype(name: str, dtype: Any, kind: str):
         return dtype
     if isinstance(dtype, str) and dtype == "bfloat16":
         try:
-            import ml_dtypes  # noqa: F401  (registers NumPy's bfloat16)
+            importlib.import_module("ml_dtypes")  # registers NumPy's bfloat16
         except ImportError:
             raise ArgumentTypeError(f"{name}='bfloat16' for NumPy arrays needs the ml_dtypes package") from None
     try:
@@ -252,12 +253,13 @@ def check_class_targets(name: str, target: Any, kind: str, C: int, ignore_index:
     if not traced and not _device_values_allowed(target, kind):
         return
     if dtype_name(target, kind) != "int64":  # compare in int64: an ignore_index beyond int32 must not wrap
-        target = target.to(sys.modules["torch"].int64) if kind == "torch" else target.astype("int64")
+        target = target.long() if kind == "torch" else target.astype("int64")
     bad = ((target < 0) | (target >= C)) & (target != ignore_index)
     if traced:
+        import torch  # a tensor: imported already (no sys.modules lookup while dynamo traces)
         # C is not formatted into the message: that would specialise the graph on the class count
-        sys.modules["torch"]._assert_async(~bad.any(), f"{name} contains a class index outside [0, C) (C: the "
-                                                      f"number of classes) and not ignore_index={ignore_index}")
+        torch._assert_async(~bad.any(), f"{name} contains a class index outside [0, C) (C: the number of "
+                                        f"classes) and not ignore_index={ignore_index}")
         return
     if bool(bad.any()):
         first = target[bad].reshape(-1)[0]
@@ -287,7 +289,8 @@ def check_unit_interval(name: str, a: Any, kind: str) -> None:
         return
     ok = (a >= 0) & (a <= 1)
     if traced:
-        sys.modules["torch"]._assert_async(ok.all(), f"all elements of {name} should be between 0 and 1")
+        import torch  # a tensor: imported already
+        torch._assert_async(ok.all(), f"all elements of {name} should be between 0 and 1")
         return
     if not bool(ok.all()):
         raise ArgumentValueError(f"all elements of {name} should be between 0 and 1")

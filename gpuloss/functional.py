@@ -42,6 +42,7 @@ from typing import Optional, Union
 
 from . import _autocast as AC
 from . import _layout as L
+from . import _traced as TR
 from . import _validate as V
 from . import rules
 from ._arrays import classify
@@ -71,17 +72,17 @@ def _cast_dtype(input, dtype, kind: str):
     return input.to(dt) if kind == "torch" else input.astype(dt, copy=False)
 
 
-def implicit_softmax_dim(name: str, ndim: int, stacklevel: int = 4) -> int:
+def implicit_softmax_dim(name: str, input, stacklevel: int = 4) -> int:
     """torch's rule for ``dim=None`` (deprecated there, with this warning)."""
     L.user_warning(f"Implicit dimension choice for {name} has been deprecated. "
-                   f"Change the call to include dim=X as an argument.", stacklevel=stacklevel)
-    return 0 if ndim in (0, 1, 3) else 1
+                   f"Change the call to include dim=X as an argument.", stacklevel, input)
+    return 0 if input.ndim in (0, 1, 3) else 1
 
 
 def _softmax_common(input, dim, dtype, backend, log: bool):
     kind, device = classify([("input", input)])
     if dim is None:
-        dim = implicit_softmax_dim("log_softmax" if log else "softmax", input.ndim)
+        dim = implicit_softmax_dim("log_softmax" if log else "softmax", input)
     input = _cast_dtype(input, AC.softmax_dtype(kind, device, input, dtype), kind)
     V.check_floating("input", input, kind)
     V.check_dim("dim", dim, input.ndim)
@@ -106,11 +107,15 @@ def softmax(input, dim: Optional[int] = None, *, dtype=None, backend: Optional[s
         return that dtype)
     backend : "numpy" | "triton" | "cupy" | None (automatic)
     """
+    if TR.active(input):
+        return TR.softmax("softmax", input, dim, dtype)
     return _softmax_common(input, dim, dtype, backend, log=False)
 
 
 def log_softmax(input, dim: Optional[int] = None, *, dtype=None, backend: Optional[str] = None):
     """log_softmax along ``dim``: ``x_i - logsumexp(x)``; ``dtype`` as in :func:`softmax`."""
+    if TR.active(input):
+        return TR.softmax("log_softmax", input, dim, dtype)
     return _softmax_common(input, dim, dtype, backend, log=True)
 
 
@@ -132,11 +137,15 @@ def _softmax_bwd_common(grad_output, output, dim, backend, log: bool):
 def softmax_backward(grad_output, output, dim: int = -1, *, backend: Optional[str] = None):
     """Gradient of softmax w.r.t. its input, from its output ``y`` and the
     upstream gradient ``dy``: ``y * (dy - sum(dy * y))`` along ``dim``."""
+    if TR.active(input):
+        return TR.softmax_backward(grad_output, output, dim, log=False)
     return _softmax_bwd_common(grad_output, output, dim, backend, log=False)
 
 
 def log_softmax_backward(grad_output, output, dim: int = -1, *, backend: Optional[str] = None):
     """Gradient of log_softmax w.r.t. its input: ``dy - exp(y) * sum(dy)``."""
+    if TR.active(input):
+        return TR.softmax_backward(grad_output, output, dim, log=True)
     return _softmax_bwd_common(grad_output, output, dim, backend, log=True)
 
 
@@ -191,7 +200,7 @@ def _mean_of_rows(losses, t, w, ignore_index: int, C: int):
 def _class_dim_call(input, target, weight, size_average, reduce, reduction: str, ignore_index):
     """The checks cross_entropy and nll_loss share: (reduction, kind, device,
     C, ignore_index) for logits with the class dimension 1 ((C,) unbatched)."""
-    reduction = legacy_reduction(size_average, reduce, reduction)
+    reduction = legacy_reduction(size_average, reduce, reduction, input)
     kind, device = classify([("input", input), ("target", target), ("weight", weight)], optional=("weight",))
     V.check_reduction(reduction)
     V.check_floating("input", input, kind)
@@ -250,6 +259,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     The math is written out in :func:`gpuloss.reference.cross_entropy`.  An
     empty batch or an all-ignored batch gives nan for "mean", as PyTorch.
     """
+    if TR.active(input):
+        return TR.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
+                                label_smoothing, z_loss, softcap, inplace_backward, return_grad, loss_dtype)
     reduction, kind, device, C, ignore_index = _class_dim_call(input, target, weight, size_average, reduce,
                                                               reduction, ignore_index)
     caller_input = input
@@ -341,6 +353,8 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = 
     """Negative log-likelihood on log-probabilities, as
     ``torch.nn.functional.nll_loss``: ``loss_i = -weight[t_i] * input[i, t_i]``;
     "mean" divides by the sum of the weights of the non-ignored targets."""
+    if TR.active(input):
+        return TR.nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction, return_grad)
     reduction, kind, device, C, ignore_index = _class_dim_call(input, target, weight, size_average, reduce,
                                                               reduction, ignore_index)
     caller_input = input
@@ -381,11 +395,15 @@ def kl_div(input, target, size_average=None, reduce=None, reduction: str = "mean
     (``exp(target) * (target - input)`` with ``log_target``).  Reductions
     "none", "mean" (over elements), "sum", "batchmean" (sum / input.shape[0]).
     input and target broadcast against each other, as in torch."""
+    if TR.active(input):
+        return TR.elementwise("kl_div", input, target, size_average, reduce, reduction, log_target,
+                              return_grad=return_grad)
     if size_average is None and reduce is None and isinstance(reduction, str) and reduction == "mean":
         L.user_warning("reduction: 'mean' divides the total loss by both the batch size and the support size."
                        "'batchmean' divides only by the batch size, and aligns with the KL div math definition."
-                       "'mean' will be changed to behave the same as 'batchmean' in the next major release.", 2)
-    reduction = legacy_reduction(size_average, reduce, reduction)
+                       "'mean' will be changed to behave the same as 'batchmean' in the next major release.", 2,
+                       input)
+    reduction = legacy_reduction(size_average, reduce, reduction, input)
     V.check_bool("log_target", log_target)
     return _elementwise("kl_div", input, target, reduction, return_grad, backend,
                         lambda red: KlDivOptions(bool(log_target), red), {}, broadcast=True, kl=True)
@@ -410,6 +428,8 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
     2-D inputs), "sum", "mean" (sum / elements), "none" (one value per row).
     No ``T**2`` factor is applied.  No elements: each row's divergence is 0
     (an empty sum), "mean" NaN, "batchmean" NaN without rows."""
+    if TR.active(input):
+        return TR.kl_div_with_logits(input, target, temperature, reduction, target_is_logits, return_grad)
     kind, device = classify([("input", input), ("target", target)])
     V.check_reduction(reduction, kl=True)
     V.check_floating("input", input, kind)
@@ -568,7 +588,10 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
 
     ``weight`` broadcasts against input; ``pos_weight`` along the last
     dimension.  Gradient w.r.t. x without pos_weight: ``weight (sigmoid(x) - t)``."""
-    reduction = legacy_reduction(size_average, reduce, reduction)
+    if TR.active(input):
+        return TR.elementwise("binary_cross_entropy_with_logits", input, target, weight, size_average, reduce,
+                              reduction, pos_weight, return_grad=return_grad)
+    reduction = legacy_reduction(size_average, reduce, reduction, input)
     return _elementwise("bce_with_logits", input, target, reduction, return_grad, backend, ReductionOptions,
                         {"weight": weight, "pos_weight": pos_weight})
 
@@ -578,7 +601,10 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
     """Binary cross-entropy on probabilities, as
     ``torch.nn.functional.binary_cross_entropy`` (each log clamped at -100;
     input and target must lie in [0, 1])."""
-    reduction = legacy_reduction(size_average, reduce, reduction)
+    if TR.active(input):
+        return TR.elementwise("binary_cross_entropy", input, target, weight, size_average, reduce, reduction,
+                              return_grad=return_grad)
+    reduction = legacy_reduction(size_average, reduce, reduction, input)
     return _elementwise("bce", input, target, reduction, return_grad, backend, ReductionOptions,
                         {"weight": weight})
 
@@ -590,6 +616,8 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction: str = "me
 
     The lecture's L2 divergence ``1/2 ||Y - d||^2`` is
     ``mse_loss(Y, d, reduction="sum") / 2``, with gradient ``Y - d``."""
-    reduction = legacy_reduction(size_average, reduce, reduction)
+    if TR.active(input):
+        return TR.elementwise("mse_loss", input, target, size_average, reduce, reduction, return_grad=return_grad)
+    reduction = legacy_reduction(size_average, reduce, reduction, input)
     return _elementwise("mse", input, target, reduction, return_grad, backend, ReductionOptions, {},
                         broadcast=True)

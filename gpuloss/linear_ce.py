@@ -41,6 +41,7 @@ from typing import Any, NamedTuple, Optional
 
 from . import _autocast as AC
 from . import _layout as Lay
+from . import _traced as TR
 from . import _validate as VAL
 from . import launch
 from ._arrays import classify, dtype_name
@@ -206,7 +207,7 @@ def _resolve_options(options, chunk_size, acc_dtype, n_tokens: int, H: int, voca
 
 def _prepare(kind, device, input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
              label_smoothing, options, z_loss, softcap, chunk_size, acc_dtype, allow_retain_graph, autocast: bool):
-    reduction = deprecated_mean(reduction, stacklevel=4)
+    reduction = deprecated_mean(reduction, 4, input)
     VAL.check_reduction(reduction)
     C, out = _check_shapes(input, linear_weight, linear_bias, kind)
     target, prob, ii = _check_target(target, input, C, out, ignore_index, kind)
@@ -314,6 +315,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     """
     if return_grad not in (False, True):
         raise ArgumentValueError(f"return_grad must be False or True, got {return_grad!r}")
+    if TR.active(input):
+        return TR.linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                       label_smoothing, z_loss, softcap, return_grad, loss_dtype)
     kind, device = classify([("input", input), ("linear_weight", linear_weight), ("target", target),
                              ("linear_bias", linear_bias), ("weight", weight)],
                             optional=("linear_bias", "weight"))

@@ -173,7 +173,7 @@ class _SoftmaxOnGpuloss:
         self.backend = backend
 
     def forward(self, input: Tensor) -> Tensor:
-        dim = self.dim if self.dim is not None else F.implicit_softmax_dim(self._fn, input.dim(), 3)
+        dim = self.dim if self.dim is not None else F.implicit_softmax_dim(self._fn, input, 3)
         return getattr(F, self._fn)(input, dim, dtype=getattr(self, "dtype", None), backend=self.backend)
 
 

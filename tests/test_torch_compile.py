@@ -357,3 +357,65 @@ def test_inductor_compiles_the_ops(rng):
     torch.testing.assert_close(results[1][0], results[0][0], **tol("float32"))
     for a, b in zip(results[1][1], results[0][1]):
         torch.testing.assert_close(a, b, **tol("float32"))
+
+
+def _traced_cases(rng):
+    F = torch.nn.functional
+    p = torch.softmax(torch.from_numpy(rng.standard_normal((3, 5))).float(), -1)
+    t = torch.tensor([0, 4, 2])
+    W = torch.from_numpy(rng.standard_normal((5, 5))).float()
+    return {
+        "CrossEntropyLoss": (gnn.CrossEntropyLoss(label_smoothing=0.1), lambda z: F.cross_entropy(z, t, label_smoothing=0.1), t),
+        "cross_entropy prob": (lambda z, d: gpuloss.cross_entropy(z, d), lambda z: F.cross_entropy(z, p), p),
+        "NLLLoss": (lambda z, tt: gnn.NLLLoss()(torch.log_softmax(z, -1), tt),
+                    lambda z: F.nll_loss(torch.log_softmax(z, -1), t), t),
+        "BCEWithLogitsLoss": (gnn.BCEWithLogitsLoss(), lambda z: F.binary_cross_entropy_with_logits(z, p), p),
+        "MSELoss": (gnn.MSELoss(), lambda z: F.mse_loss(z, p), p),
+        "KLDivLoss": (lambda z, d: gnn.KLDivLoss(reduction="batchmean")(torch.log_softmax(z, -1), d),
+                      lambda z: F.kl_div(torch.log_softmax(z, -1), p, reduction="batchmean"), p),
+        "kl_div_with_logits": (lambda z, d: gpuloss.kl_div_with_logits(z, d * 2.0, temperature=2.0),
+                               lambda z: gpuloss.kl_div_with_logits(z, p * 2.0, temperature=2.0), p),
+        "LogSoftmax": (lambda z, d: gnn.LogSoftmax(1)(z).mul(d).sum(), lambda z: (torch.log_softmax(z, 1) * p).sum(), p),
+        "linear_cross_entropy": (lambda z, tt: gpuloss.linear_cross_entropy(z, W, tt),
+                                 lambda z: F.cross_entropy(z @ W.T, t), t),
+    }
+
+
+@pytest.mark.parametrize("case", list(_traced_cases(np.random.default_rng(0))))
+def test_jit_trace_records_torchs_operations(rng, case):
+    """torch.jit.trace of a model with a gpuloss loss: the trace check passed
+    not (the custom operators replayed one call's decisions), and a trace
+    taken under no_grad never gave a gradient again.  While tracing gpuloss
+    runs torch's own operations: the traced model's loss and gradients are
+    eager torch's, at other inputs too."""
+    import warnings
+    loss_fn, theirs_fn, target = _traced_cases(rng)[case]
+
+    class M(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(4, 5)
+
+        def forward(self, x, t):
+            return loss_fn(self.lin(x), t)
+
+    m = M()
+    x = torch.from_numpy(rng.standard_normal((3, 4))).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(m, (x, target))
+        with torch.no_grad():
+            traced_nograd = torch.jit.trace(m, (x, target), check_trace=False)
+    x2 = torch.from_numpy(rng.standard_normal((3, 4))).float()
+    want = theirs_fn(m.lin(x2))
+    (gw,) = torch.autograd.grad(want, m.lin.weight)
+    for tr in (traced, traced_nograd):
+        got = tr(x2, target)
+        torch.testing.assert_close(got, want)
+        torch.testing.assert_close(torch.autograd.grad(got, m.lin.weight)[0], gw)
+
+
+def test_jit_trace_refuses_what_torch_has_no_operation_for():
+    x, t = torch.randn(3, 5), torch.tensor([0, 1, 2])
+    with pytest.raises(ValueError, match="z_loss"):
+        torch.jit.trace(lambda a: gpuloss.cross_entropy(a, t, z_loss=1e-3), (x,))

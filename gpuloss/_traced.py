@@ -1,0 +1,136 @@
+"""The public functions under ``torch.jit.trace``: torch's own operations.
+
+``torch.jit.trace`` records tensor operations and bakes in every Python
+decision as a constant.  gpuloss's calls decide at call time which gradients
+the forward pass forms (from ``requires_grad`` and grad mode) and read target
+values for their checks, so a traced gpuloss loss would replay one call's
+decisions: traced under ``torch.no_grad()`` it never gives a gradient again,
+and the default trace check fails ("Graphs differed across invocations").
+While tracing, each public function computes its result with
+``torch.nn.functional`` (the same semantics: gpuloss's are torch's), as
+torch's own chunked ``linear_cross_entropy`` falls back to its reference path
+under tracing; the extras torch has no operation for (``z_loss``,
+``softcap``, ``inplace_backward``, ``return_grad``) are refused.
+
+Nothing here runs unless torch is tracing (:func:`active`).
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+from . import _layout as L
+from .errors import ArgumentValueError
+
+_WARNED = set()
+
+
+def active(input) -> bool:
+    """Whether ``torch.jit.trace`` is recording now, asked only when ``input``
+    is a tensor (see :func:`gpuloss._layout.torch_tracing`)."""
+    return L.torch_tracing(input, "jit")
+
+
+def _note(name: str) -> None:
+    if name not in _WARNED:
+        _WARNED.add(name)
+        warnings.warn(f"gpuloss.{name} under torch.jit.trace records torch.nn.functional's operations, not "
+                      f"gpuloss's kernels (a trace would fix the gradients gpuloss forms to this call's); "
+                      f"torch.compile runs gpuloss's kernels", UserWarning, stacklevel=4)
+
+
+def _refuse(name: str, **extras) -> None:
+    used = [k for k, v in extras.items() if v]
+    if used:
+        raise ArgumentValueError(f"gpuloss.{name} under torch.jit.trace runs torch's own operations, which have no "
+                                 f"{', '.join(used)}; use torch.compile, or trace without them")
+
+
+def _index(target):
+    """Class indices as torch's losses take them (gpuloss also takes int8/16/32)."""
+    import torch
+    if not target.is_floating_point() and target.dtype not in (torch.int64, torch.uint8):
+        return target.to(torch.int64)
+    return target
+
+
+def _dtype(loss, loss_dtype):
+    return loss if loss_dtype is None else loss.to(loss_dtype)
+
+
+def cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing, z_loss,
+                  softcap, inplace_backward, return_grad, loss_dtype):
+    import torch.nn.functional as F
+    _refuse("cross_entropy", z_loss=z_loss, softcap=softcap is not None, inplace_backward=inplace_backward,
+            return_grad=return_grad)
+    _note("cross_entropy")
+    return _dtype(F.cross_entropy(input, _index(target), weight, size_average, ignore_index, reduce, reduction,
+                                  label_smoothing), loss_dtype)
+
+
+def nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction, return_grad):
+    import torch.nn.functional as F
+    _refuse("nll_loss", return_grad=return_grad)
+    _note("nll_loss")
+    return F.nll_loss(input, _index(target), weight, size_average, ignore_index, reduce, reduction)
+
+
+def elementwise(name: str, *args, return_grad, **kwargs):
+    """kl_div, binary_cross_entropy(_with_logits), mse_loss: torch's function of the same name."""
+    import torch.nn.functional as F
+    _refuse(name, return_grad=return_grad)
+    _note(name)
+    return getattr(F, name)(*args, **kwargs)
+
+
+def softmax(name: str, input, dim, dtype):
+    import torch.nn.functional as F
+    _note(name)
+    return getattr(F, name)(input, dim, dtype=dtype)
+
+
+def softmax_backward(grad_output, output, dim: int, log: bool):
+    import torch
+    _note("log_softmax_backward" if log else "softmax_backward")
+    fn = torch._log_softmax_backward_data if log else torch._softmax_backward_data
+    return fn(grad_output, output, dim, output.dtype)
+
+
+def kl_div_with_logits(input, target, temperature, reduction, target_is_logits, return_grad):
+    """KL(d || softmax(input / T)) per row, gpuloss.reference's definition."""
+    import torch
+    _refuse("kl_div_with_logits", return_grad=return_grad)
+    _note("kl_div_with_logits")
+    lq = torch.log_softmax(input / temperature, -1)
+    if target_is_logits:
+        ld = torch.log_softmax(target / temperature, -1)
+        d = ld.exp()
+    else:
+        d = target
+        ld = torch.where(d > 0, d, 1).log()
+    rows = torch.where(d == 0, 0, d * (ld - lq)).sum(-1)
+    if reduction == "none":
+        return rows
+    total = rows.sum()
+    if reduction == "sum":
+        return total
+    n = rows.numel() if reduction == "batchmean" else input.numel()
+    return total / n if n else total * math.nan
+
+
+def linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                         label_smoothing, z_loss, softcap, return_grad, loss_dtype):
+    """torch's reference definition: cross_entropy(linear(...))."""
+    import torch.nn.functional as F
+    _refuse("linear_cross_entropy", z_loss=z_loss, softcap=softcap is not None, return_grad=return_grad)
+    _note("linear_cross_entropy")
+    C, out, H = linear_weight.shape[0], tuple(linear_weight.shape[1:-1]), linear_weight.shape[-1]
+    logits = F.linear(input, linear_weight.reshape(C * math.prod(out), H),
+                      None if linear_bias is None else linear_bias.reshape(-1))
+    logits = logits.reshape(tuple(input.shape[:-1]) + (C,) + out)
+    prob = target.is_floating_point() and tuple(target.shape) == tuple(logits.shape)
+    if prob and ignore_index is not None:
+        raise ArgumentValueError("ignore_index cannot be specified when target contains probabilities")
+    ii = -100 if ignore_index is None else ignore_index
+    return _dtype(F.cross_entropy(logits, target if prob else _index(target), weight, ignore_index=ii,
+                                  reduction=reduction, label_smoothing=label_smoothing), loss_dtype)
