@@ -173,10 +173,18 @@ def zeros(like, shape, kind: str, dtype: Optional[Any] = None):
     return xp(kind).zeros(shape, dtype=dtype or like.dtype)
 
 
-def result_dtype(kind: str, *arrays):
-    """The dtype torch's type promotion gives these floating arrays."""
+def result_dtype(kind: str, *arrays, zero_dim_rule: bool = False):
+    """The dtype torch's type promotion gives these floating arrays.  With
+    ``zero_dim_rule`` (two arrays), its rule that a 0-d tensor does not raise
+    a dimensioned one's dtype within a category (float32 (3,) with float64
+    () is float32), as an element-wise operation on them gives; without, as
+    when they were broadcast to one shape first (mse_loss)."""
     if kind == "torch":
         import torch
+        if zero_dim_rule and len(arrays) == 2 and (arrays[0].dim() == 0) != (arrays[1].dim() == 0):
+            # floating both (one category): the dimensioned one's dtype (torch.result_type
+            # would break the graph under torch.compile: it returns a dtype)
+            return (arrays[1] if arrays[0].dim() == 0 else arrays[0]).dtype
         dt = arrays[0].dtype
         for a in arrays[1:]:
             dt = torch.promote_types(dt, a.dtype)

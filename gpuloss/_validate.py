@@ -134,6 +134,19 @@ def check_positive_or_none(name: str, v: Any) -> None:
         check_positive(name, v)
 
 
+def as_number(v: Any) -> Any:
+    """A float option as torch takes it: a bool (True is 1.0) or a one-element
+    tensor or array is its Python float; anything else as it is (for the
+    checks to name)."""
+    if isinstance(v, (bool, np.bool_)):
+        return float(v)
+    if isinstance(v, (int, float)):  # (also what torch.compile makes of a float under dynamic shapes)
+        return v
+    if getattr(v, "shape", None) is not None and getattr(v, "ndim", None) == 0 and hasattr(v, "item"):
+        return float(v.item())
+    return v
+
+
 def check_ce_options(label_smoothing: Any, z_loss: Any, softcap: Any) -> None:
     """The cross-entropy options every CE entry point shares (cross_entropy,
     the fused linear CE, the vocabulary-parallel loss)."""

@@ -93,7 +93,7 @@ def _softmax_common(input, dim, dtype, backend, log: bool):
     return L.from_rows(run("softmax_forward", kind, be, [rows], SoftmaxOptions(log)), kind, layout)
 
 
-def softmax(input, dim: Optional[int] = None, *, dtype=None, backend: Optional[str] = None):
+def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None, *, backend: Optional[str] = None):
     """softmax along ``dim``: ``exp(x_i) / sum_k exp(x_k)``, computed as
     ``exp(x_i - max) / sum exp(x_k - max)`` in float32 (float64 for float64).
 
@@ -103,6 +103,8 @@ def softmax(input, dim: Optional[int] = None, *, dtype=None, backend: Optional[s
     dim : the dimension to normalise.  None (the default, as torch's) takes
         torch's deprecated implicit choice with its warning: dimension 0 for
         0-, 1- and 3-D input, else 1; pass ``dim`` (e.g. -1)
+    _stacklevel : torch's positional placeholder, ignored (so that ``dtype``
+        is the fourth positional argument, as in ``F.softmax``)
     dtype : as torch's: cast ``input`` to this floating dtype first (and
         return that dtype)
     backend : "numpy" | "triton" | "cupy" | None (automatic)
@@ -112,7 +114,8 @@ def softmax(input, dim: Optional[int] = None, *, dtype=None, backend: Optional[s
     return _softmax_common(input, dim, dtype, backend, log=False)
 
 
-def log_softmax(input, dim: Optional[int] = None, *, dtype=None, backend: Optional[str] = None):
+def log_softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None, *,
+                backend: Optional[str] = None):
     """log_softmax along ``dim``: ``x_i - logsumexp(x)``; ``dtype`` as in :func:`softmax`."""
     if TR.active(input):
         return TR.softmax("log_softmax", input, dim, dtype)
@@ -270,6 +273,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     target = V.unbatched_index_target(target, kind, input.ndim)
     prob = V.check_ce_target("target", target, kind, input, ignore_index)
     V.check_weight("weight", weight, kind, C, input, prob)
+    label_smoothing = V.as_number(label_smoothing)  # torch also takes a bool or a 0-d tensor
     V.check_ce_options(label_smoothing, z_loss, softcap)
     V.check_bool("inplace_backward", inplace_backward)
     wants(return_grad)
@@ -502,7 +506,8 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     be = backend_for(kind, device, backend)
     # torch's dtypes: mse_loss and kl_div promote input and target; BCE with
     # logits computes in the target's dtype
-    dt = target.dtype if op == "bce_with_logits" else L.result_dtype(kind, input, target)
+    # (mse_loss broadcasts first, so a 0-d operand counts as dimensioned; kl_div does not)
+    dt = target.dtype if op == "bce_with_logits" else L.result_dtype(kind, input, target, zero_dim_rule=op != "mse")
     xin, tin = L.astype(input, dt, kind), L.astype(target, dt, kind)
     xin, tin, bshape = L.broadcast_pair(xin, tin, kind, warn=op == "mse") if broadcast else (xin, tin, None)
     summed = reduction == "mean" and L.numel(xin, kind) > 0 and _fp16_mean(kind, return_grad, xin, tin)

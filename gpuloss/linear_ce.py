@@ -213,6 +213,7 @@ def _prepare(kind, device, input, linear_weight, target, linear_bias, weight, re
     target, prob, ii = _check_target(target, input, C, out, ignore_index, kind)
     # under autocast the cross-entropy runs in float32: any class-weight dtype
     VAL.check_weight("weight", weight, kind, C, None if autocast else input, prob)
+    label_smoothing = VAL.as_number(label_smoothing)  # torch also takes a bool or a 0-d tensor
     VAL.check_ce_options(label_smoothing, z_loss, softcap)
     VAL.check_bool("allow_retain_graph", allow_retain_graph)
     P = math.prod(out)

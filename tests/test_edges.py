@@ -508,3 +508,26 @@ def test_infinite_class_weight_that_requires_grad(backend, rng, fn):
     theirs.sum().backward()
     assert torch.isfinite(ours_w.grad).all()
     _same(ours_w.grad, theirs_w.grad)
+
+
+def test_torch_argument_forms(backend, rng):
+    """Argument forms torch takes that gpuloss refused: softmax's positional
+    (input, dim, _stacklevel, dtype); label_smoothing as a bool or a 0-d
+    tensor; and kl_div's dtype where one operand is 0-d (torch's 0-d rule: a
+    0-d float64 does not make a float32 (n,) result float64; mse_loss, which
+    broadcasts first, does promote)."""
+    x = _t(backend, rng.standard_normal((3, 5)), torch.float32)
+    _same(gpuloss.softmax(x, 1, 3, torch.float64, backend=backend.name), F.softmax(x, 1, 3, torch.float64))
+    _same(gpuloss.log_softmax(x, 1, 3, torch.float64, backend=backend.name), F.log_softmax(x, 1, 3, torch.float64))
+    t = _t(backend, [0, 4, 2], torch.int64)
+    for ls in (torch.tensor(0.1), True, np.float64(0.2)):
+        _same(gpuloss.cross_entropy(x, t, label_smoothing=ls, backend=backend.name),
+              F.cross_entropy(x, t, label_smoothing=ls), rtol=1e-6, atol=1e-6)
+    W = _t(backend, rng.standard_normal((5, 5)), torch.float32)
+    _same(gpuloss.linear_cross_entropy(x, W, t, label_smoothing=torch.tensor(0.1), backend=backend.name),
+          F.cross_entropy(x @ W.T, t, label_smoothing=0.1), rtol=1e-5, atol=1e-5)
+    zero_d = _t(backend, -0.7, torch.float64)
+    p = _t(backend, [0.2, 0.3], torch.float32)
+    for a, b in ((zero_d, p), (p.log(), _t(backend, 0.3, torch.float64))):
+        assert gpuloss.kl_div(a, b, reduction="sum", backend=backend.name).dtype == F.kl_div(a, b, reduction="sum").dtype
+        assert gpuloss.mse_loss(a, b, backend=backend.name).dtype == F.mse_loss(a, b).dtype
