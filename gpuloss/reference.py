@@ -81,8 +81,15 @@ def softmax(x, dim: int = -1) -> Array:
 
 
 def log_softmax(x, dim: int = -1) -> Array:
+    """``(x - max) - log(sum exp(x - max))``: formed relative to the row's
+    maximum, not as ``x - lse``, whose ``max + log(sum)`` drops ``log(sum)``
+    next to logits near 1e16 and beyond (softmax of ``[0, 1, 2] + 1e30``
+    would be ``[1, 1, 1]``, its cross-entropy 0 instead of log 3)."""
     x = _f64(x)
-    return x - np.expand_dims(logsumexp(x, dim), dim)
+    m = np.max(x, axis=dim, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):  # all -inf rows: nan, as torch's
+        return (x - m) - np.log(np.sum(np.exp(x - m), axis=dim, keepdims=True))
 
 
 def softmax_backward(y, dy, dim: int = -1) -> Array:
@@ -147,7 +154,7 @@ def _ce_parts(input, target, weight, ignore_index, label_smoothing, z_loss, soft
     M, C = rows.shape
     z = softcap * np.tanh(rows / softcap) if softcap is not None else rows
     lse = logsumexp(z, -1)
-    logp = z - lse[:, None]
+    logp = log_softmax(z, -1)  # max-relative: exact next to large offsets, where z - lse is not
     w = np.ones(C) if weight is None else _f64(weight)
     prob = np.issubdtype(np.asarray(target).dtype, np.floating)
     eps = float(label_smoothing)

@@ -307,3 +307,20 @@ def test_lecture_gradient_softmax_minus_target(rng):
     d = np.eye(6)[t]
     gi, _ = R.cross_entropy_grad(z, t, reduction="sum")
     np.testing.assert_allclose(gi, R.softmax(z) - d, rtol=1e-13, atol=1e-15)
+
+
+@pytest.mark.parametrize("offset", [1e16, 1e30, -1e30])
+def test_large_shared_offset_is_exact(rng, offset):
+    """The reference's softmax, log_softmax and cross-entropy of logits with
+    a large shared offset (exactly representable differences) equal those of
+    the unshifted logits: x - lse with lse = max + log(sum) dropped log(sum)
+    there (softmax of [0, 1, 2] + 1e30 was [1, 1, 1], its cross-entropy 0)."""
+    x = rng.integers(-4, 5, (4, 6)).astype(np.float64)  # exact next to 1e16 (spacing 2)
+    if abs(offset) > 1e20:  # spacing 1.4e14 there: rows of equal logits, softmax 1/C, loss log C
+        x = np.zeros((4, 6))
+    t = rng.integers(0, 6, 4)
+    shifted = x + offset
+    np.testing.assert_allclose(R.softmax(shifted), R.softmax(shifted - offset), rtol=1e-12, atol=1e-300)
+    np.testing.assert_allclose(R.log_softmax(shifted), R.log_softmax(shifted - offset), rtol=1e-12)
+    np.testing.assert_allclose(R.cross_entropy(shifted, t, label_smoothing=0.1),
+                               R.cross_entropy(shifted - offset, t, label_smoothing=0.1), rtol=1e-12)
