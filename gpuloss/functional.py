@@ -140,14 +140,14 @@ def _softmax_bwd_common(grad_output, output, dim, backend, log: bool):
 def softmax_backward(grad_output, output, dim: int = -1, *, backend: Optional[str] = None):
     """Gradient of softmax w.r.t. its input, from its output ``y`` and the
     upstream gradient ``dy``: ``y * (dy - sum(dy * y))`` along ``dim``."""
-    if TR.active(input):
+    if TR.active(output):
         return TR.softmax_backward(grad_output, output, dim, log=False)
     return _softmax_bwd_common(grad_output, output, dim, backend, log=False)
 
 
 def log_softmax_backward(grad_output, output, dim: int = -1, *, backend: Optional[str] = None):
     """Gradient of log_softmax w.r.t. its input: ``dy - exp(y) * sum(dy)``."""
-    if TR.active(input):
+    if TR.active(output):
         return TR.softmax_backward(grad_output, output, dim, log=True)
     return _softmax_bwd_common(grad_output, output, dim, backend, log=True)
 

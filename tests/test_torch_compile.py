@@ -415,6 +415,25 @@ def test_jit_trace_records_torchs_operations(rng, case):
         torch.testing.assert_close(torch.autograd.grad(got, m.lin.weight)[0], gw)
 
 
+@pytest.mark.parametrize("log", [False, True])
+def test_jit_trace_of_softmax_backward(rng, log):
+    """softmax_backward / log_softmax_backward under torch.jit.trace record
+    torch's backward operation, as the losses do (the check looked at the
+    builtin ``input`` instead of the call's tensor, so it never took)."""
+    import warnings
+    fn = gpuloss.log_softmax_backward if log else gpuloss.softmax_backward
+    y = torch.softmax(torch.from_numpy(rng.standard_normal((3, 5))), -1)
+    y = y.log() if log else y
+    dy = torch.from_numpy(rng.standard_normal((3, 5)))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        traced = torch.jit.trace(lambda g, o: fn(g, o, -1), (dy, y))
+    assert any("torch.jit.trace records" in str(w.message) for w in caught)
+    y2 = torch.softmax(torch.from_numpy(rng.standard_normal((3, 5))), -1)
+    y2 = y2.log() if log else y2
+    torch.testing.assert_close(traced(dy, y2), fn(dy, y2, -1))
+
+
 def test_jit_trace_refuses_what_torch_has_no_operation_for():
     x, t = torch.randn(3, 5), torch.tensor([0, 1, 2])
     with pytest.raises(ValueError, match="z_loss"):
