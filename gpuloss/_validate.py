@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from . import _layout as L
 from . import config
 from ._arrays import dtype_name
 from .errors import ArgumentTypeError, ArgumentValueError, ClassIndexError
@@ -278,7 +279,7 @@ def check_class_targets(name: str, target: Any, kind: str, C: int, ignore_index:
         first = target[bad].reshape(-1)[0]
         first = int(first.item()) if hasattr(first, "item") else int(first)
         raise ClassIndexError(f"{name} contains class index {first}, outside [0, {C}) and not "
-                         f"ignore_index={ignore_index}")
+                              f"ignore_index={ignore_index}")
 
 
 def _traced_check(a: Any, kind: str) -> bool:
@@ -286,10 +287,7 @@ def _traced_check(a: Any, kind: str) -> bool:
     assertion inside the graph (``torch._assert_async``, a RuntimeError at
     run time), as torch's own kernels check CPU targets in compiled code.
     Never on a GPU: a failed device-side assertion kills the CUDA context."""
-    if kind != "torch":
-        return False
-    import torch
-    return torch.compiler.is_compiling() and a.device.type == "cpu"
+    return kind == "torch" and L.torch_tracing(a, "compile") and a.device.type == "cpu"
 
 
 def check_unit_interval(name: str, a: Any, kind: str) -> None:

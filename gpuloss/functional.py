@@ -45,7 +45,7 @@ from . import _layout as L
 from . import _traced as TR
 from . import _validate as V
 from . import rules
-from ._arrays import classify
+from ._arrays import classify, dtype_name
 from ._call import LossGrad, backend_for, finish, legacy_reduction, run, wants
 from .backends.base import LossResult
 from .errors import ArgumentTypeError, ArgumentValueError
@@ -561,7 +561,7 @@ def _integral_weight(kind: str, name: str, w, input):
     bool ``pos_weight`` is refused, as torch refuses it (it subtracts 1)."""
     if w is None or V.is_floating(w, kind) or not _is_numeric(w, kind) or not V.is_floating(input, kind):
         return w
-    if name == "pos_weight" and str(w.dtype).replace("torch.", "") == "bool":
+    if name == "pos_weight" and dtype_name(w, kind) == "bool":
         raise ArgumentTypeError("pos_weight must be a floating-point or integer array, got bool (torch subtracts 1 "
                                 "from it, which a bool tensor does not support)")
     return L.astype(w, input.dtype, kind)
@@ -569,7 +569,7 @@ def _integral_weight(kind: str, name: str, w, input):
 
 def _is_numeric(a, kind: str) -> bool:
     """An integer or bool array (what torch promotes to a floating dtype)."""
-    return V.is_integer(a, kind) or str(a.dtype).replace("torch.", "") == "bool"
+    return V.is_integer(a, kind) or dtype_name(a, kind) == "bool"
 
 
 def _empty_elementwise(kind: str, input, target, reduction: str) -> LossResult:
