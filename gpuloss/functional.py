@@ -334,22 +334,50 @@ def _writes_gradient(input, kind: str, return_grad) -> bool:
 
 def _class_weight_term(rows, t_rows, weight, opts: CrossEntropyOptions, loss_shape):
     """torch differentiates cross-entropy with probability targets with respect
-    to the class weights: dL/dw_c = sum_i s_i d~_ic (lse_i - z_ic), the smoothed
-    targets times the negative log-probabilities.  Added to the loss as a term
-    whose value is 0 and whose gradient is that: an extra pass over the rows,
-    taken only when a weight requires grad."""
+    to the class weights (the op gives the targets' gradient itself): an extra
+    pass over the rows, taken only when a weight requires grad."""
     import torch
     with torch.no_grad():
-        z = rows.to(weight.dtype)
-        if opts.softcap is not None:
-            z = opts.softcap * torch.tanh(z / opts.softcap)
-        eps, C = opts.label_smoothing, rows.shape[-1]
-        coef = torch.nan_to_num((t_rows.to(z.dtype) * (1 - eps) + eps / C) * -torch.log_softmax(z, -1))
+        neg_logp = neg_log_softmax(rows.to(weight.dtype), opts.softcap)
+    return prob_target_term(neg_logp, t_rows, weight, opts.label_smoothing, opts.reduction, loss_shape,
+                            target_grad=False)
+
+
+def neg_log_softmax(z, softcap: Optional[float]):
+    """``-log_softmax`` of the (soft-capped) logits ``z`` along the last
+    dimension: the ``a`` of :func:`prob_target_term`."""
+    import torch
+    if softcap is not None:
+        z = softcap * torch.tanh(z / softcap)
+    return torch.log_softmax(z, -1).neg_()
+
+
+def prob_target_term(neg_logp, t_rows, weight, eps: float, reduction: str, loss_shape, target_grad: bool):
+    """torch differentiates cross-entropy with probability targets with respect
+    to the probabilities and the class weights: with ``a = -log p`` (rows of
+    ``neg_logp``, no graph) and ``d~ = (1 - eps) d + eps / C``, per row
+    ``dL/dd_c = (1 - eps) w_c a_c`` (with ``target_grad``) and ``dL/dw_c =
+    d~_c a_c`` (when ``weight`` requires grad).  The result is a term whose
+    value is 0 and whose gradients are those, to add to the loss (reduced
+    as it is: "mean" over the rows).  Shared by :func:`cross_entropy` and the
+    fused linear cross-entropy."""
+    import torch
     from .torch_ops import zero_with_grad
-    per_row = (coef * zero_with_grad(weight)).sum(-1)
-    if opts.reduction == "none":
+    a, dt, C = neg_logp, neg_logp.dtype, neg_logp.shape[-1]
+    per_row = torch.zeros(a.shape[:-1], dtype=dt, device=a.device)
+    with torch.no_grad():
+        w = None if weight is None else weight.detach().to(dt)
+    if target_grad:
+        with torch.no_grad():
+            coef = torch.nan_to_num(a * (1 - eps) if w is None else a * (w * (1 - eps)))
+        per_row = per_row + (coef * zero_with_grad(t_rows.to(dt))).sum(-1)
+    if weight is not None and weight.requires_grad:
+        with torch.no_grad():
+            coef = torch.nan_to_num((t_rows.detach().to(dt) * (1 - eps) + eps / C) * a)
+        per_row = per_row + (coef * zero_with_grad(weight.to(dt))).sum(-1)
+    if reduction == "none":
         return per_row.reshape(loss_shape)
-    return per_row.sum() / (rows.shape[0] if opts.reduction == "mean" else 1)
+    return per_row.sum() / (a.shape[0] if reduction == "mean" else 1)
 
 
 def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = -100, reduce=None,

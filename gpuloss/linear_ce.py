@@ -392,41 +392,23 @@ def torch_grad_of(*tensors) -> bool:
 
 
 def _prob_target_term(c: _Call, h, W, b, t, weight, opts: LinearCEOptions, loss_shape):
-    """torch differentiates cross-entropy with probability targets with respect
-    to the probabilities and the class weights: with ``d~ = (1 - eps) d +
-    eps / C`` and ``a = -log_softmax(z)``, ``dL/dd_c = (1 - eps) w_c a_c`` and
-    ``dL/dw_c = d~_c a_c`` per row.  Added to the loss as a term whose value
-    is 0 and whose gradients are those (as gpuloss.functional does for
-    cross_entropy).  The ``a`` come from the logits recomputed chunk by chunk
-    with no graph: one more projection, and an ``N x C`` buffer the size of
-    the probabilities, only when one of them requires grad."""
+    """The probabilities' and class weights' gradients (torch's), as
+    :func:`gpuloss.functional.prob_target_term` forms them for
+    cross_entropy, from the logits recomputed chunk by chunk with no graph:
+    one more projection, and an ``N x C`` buffer the size of the
+    probabilities, only when one of them requires grad."""
     import torch
-    from .torch_ops import zero_with_grad
-    rows = t.shape[0]
-    tokens = h.shape[0]
+    from .functional import neg_log_softmax, prob_target_term
+    rows, tokens = t.shape[0], h.shape[0]
     per_token = rows // tokens
     dt = torch.float64 if torch.float64 in (t.dtype, W.dtype) else torch.float32
     with torch.no_grad():
         a = torch.empty((rows, c.C), dtype=dt, device=t.device)
         for i in range(0, tokens, opts.chunk_size):
             z = torch.nn.functional.linear(h[i:i + opts.chunk_size], W, b).to(dt).reshape(-1, c.C)
-            if opts.softcap is not None:
-                z = opts.softcap * torch.tanh(z / opts.softcap)
-            a[i * per_token:(i + opts.chunk_size) * per_token] = torch.log_softmax(z, -1).neg_()
-        a = torch.nan_to_num(a)  # a logit of -inf: a finite slope, and the term's value stays 0
-        eps = opts.label_smoothing
-        w = None if weight is None else weight.detach().to(dt)
-    per_row = torch.zeros((rows,), dtype=dt, device=t.device)
-    if t.requires_grad:
-        coef = a * (1 - eps) if w is None else a * (w * (1 - eps))
-        per_row = per_row + (coef * zero_with_grad(t.to(dt))).sum(-1)
-    if weight is not None and weight.requires_grad:
-        with torch.no_grad():
-            coef = a * (t.detach().to(dt) * (1 - eps) + eps / c.C)
-        per_row = per_row + (coef * zero_with_grad(weight.to(dt))).sum(-1)
-    if opts.reduction == "none":
-        return per_row.reshape(loss_shape)
-    return per_row.sum() / (rows if opts.reduction == "mean" else 1)
+            a[i * per_token:(i + opts.chunk_size) * per_token] = neg_log_softmax(z, opts.softcap)
+    return prob_target_term(a, t, weight, opts.label_smoothing, opts.reduction, loss_shape,
+                            target_grad=t.requires_grad)
 
 
 def _empty(c: _Call, input, linear_weight, linear_bias, target, opts: LinearCEOptions, logits_shape, return_grad):
