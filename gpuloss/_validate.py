@@ -135,6 +135,16 @@ def check_positive_or_none(name: str, v: Any) -> None:
         check_positive(name, v)
 
 
+def check_chunk_size(name: str, v: Any) -> None:
+    """Tokens per chunk: a positive int, or None for the default."""
+    if v is None:
+        return
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise ArgumentTypeError(f"{name} must be a positive int or None, got {type(v).__name__}")
+    if v < 1:
+        raise ArgumentValueError(f"{name} must be >= 1, got {v}")
+
+
 def as_number(v: Any) -> Any:
     """A float option as torch takes it: a bool (True is 1.0) or a one-element
     tensor or array is its Python float; anything else as it is (for the

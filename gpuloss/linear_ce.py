@@ -178,11 +178,7 @@ def _resolve_options(options, chunk_size, acc_dtype, n_tokens: int, H: int, voca
         for f in ("batch_chunk_size", "chunking_method", "acc_policy", "acc_dtype", "allow_retain_graph"):
             if not hasattr(options, f):
                 raise ArgumentTypeError(f"options must be a LinearCrossEntropyOptions, got {type(options).__name__}")
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise ArgumentTypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
-        if chunk_size < 1:
-            raise ArgumentValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    VAL.check_chunk_size("chunk_size", chunk_size)
     method = getattr(options, "chunking_method", None)
     if chunk_size is None and options is not None and options.batch_chunk_size is not None:
         chunk_size = options.batch_chunk_size

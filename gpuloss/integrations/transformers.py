@@ -492,11 +492,7 @@ def _check_options(fused_linear, z_loss, chunk_size, backend) -> None:
     _validate.check_finite_number("z_loss", z_loss)
     if z_loss < 0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
-    if chunk_size is not None:
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int):
-            raise TypeError(f"chunk_size must be a positive int or None, got {type(chunk_size).__name__}")
-        if chunk_size < 1:
-            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    _validate.check_chunk_size("chunk_size", chunk_size)
     if backend is not None and backend not in dispatch.registered():
         raise ValueError(f"unknown backend {backend!r}; registered: {', '.join(dispatch.registered())}")
 
