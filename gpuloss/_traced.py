@@ -1,4 +1,4 @@
-"""The public functions under ``torch.jit.trace``: torch's own operations.
+"""The public functions under ``torch.jit.trace`` and ``torch.func``: torch's own operations.
 
 ``torch.jit.trace`` records tensor operations and bakes in every Python
 decision as a constant.  gpuloss's calls decide at call time which gradients
@@ -12,7 +12,15 @@ torch's own chunked ``linear_cross_entropy`` falls back to its reference path
 under tracing; the extras torch has no operation for (``z_loss``,
 ``softcap``, ``inplace_backward``, ``return_grad``) are refused.
 
-Nothing here runs unless torch is tracing (:func:`active`).
+The same holds inside ``torch.func`` transforms (``grad``, ``vmap``,
+``jacrev``, ``jvp``, ``hessian``...) and under forward-mode AD
+(``torch.autograd.forward_ad``): gpuloss's custom operators carry reverse-mode
+formulas for torch.autograd only, so there each function computes with
+``torch.nn.functional``, whose operations every transform knows
+(per-sample gradients with ``vmap(grad(...))``, Jacobians, tangents), without
+a warning: the results are torch's.
+
+Nothing here runs unless one of those is active (:func:`active`).
 """
 from __future__ import annotations
 
@@ -25,14 +33,45 @@ from .errors import ArgumentValueError
 _WARNED = set()
 
 
-def active(input) -> bool:
-    """Whether ``torch.jit.trace`` is recording now, asked only when ``input``
-    is a tensor (see :func:`gpuloss._layout.torch_tracing`)."""
-    return L.torch_tracing(input, "jit")
+def active(input, *others) -> bool:
+    """Whether torch's own operations must compute this call: ``torch.jit.trace``
+    is recording, or one of the tensors is being transformed by ``torch.func``
+    or carries a forward-mode tangent.  Asked only when ``input`` is a tensor
+    (see :func:`gpuloss._layout.torch_tracing`); never while torch.compile
+    traces (it runs gpuloss's operators)."""
+    if L.torch_tracing(input, "jit"):
+        return True
+    if not hasattr(input, "__torch_function__"):
+        return False
+    import torch
+    if torch.compiler.is_compiling():
+        return False
+    return _transformed((input,) + others)
+
+
+def _transformed(arrays) -> bool:
+    """A torch.func transform's wrapped tensor, or a forward-mode dual tensor, among ``arrays``."""
+    import torch
+    from torch.autograd import forward_ad
+    wrapped = getattr(getattr(torch._C, "_functorch", None), "is_functorch_wrapped_tensor", None)
+    dual = getattr(forward_ad, "_current_level", -1) >= 0  # a dual level is entered: tangents may exist
+    for a in arrays:
+        if not isinstance(a, torch.Tensor):
+            continue
+        if wrapped is not None and wrapped(a):
+            return True
+        if dual and forward_ad.unpack_dual(a).tangent is not None:
+            return True
+    return False
+
+
+def _jit() -> bool:
+    import torch
+    return torch.jit.is_tracing()
 
 
 def _note(name: str) -> None:
-    if name not in _WARNED:
+    if _jit() and name not in _WARNED:
         _WARNED.add(name)
         warnings.warn(f"gpuloss.{name} under torch.jit.trace records torch.nn.functional's operations, not "
                       f"gpuloss's kernels (a trace would fix the gradients gpuloss forms to this call's); "
@@ -42,8 +81,12 @@ def _note(name: str) -> None:
 def _refuse(name: str, **extras) -> None:
     used = [k for k, v in extras.items() if v]
     if used:
-        raise ArgumentValueError(f"gpuloss.{name} under torch.jit.trace runs torch's own operations, which have no "
-                                 f"{', '.join(used)}; use torch.compile, or trace without them")
+        if _jit():
+            raise ArgumentValueError(f"gpuloss.{name} under torch.jit.trace runs torch's own operations, which have "
+                                     f"no {', '.join(used)}; use torch.compile, or trace without them")
+        raise ArgumentValueError(f"gpuloss.{name} inside a torch.func transform or forward-mode AD runs torch's own "
+                                 f"operations, which have no {', '.join(used)}; leave them out there, or use "
+                                 f"torch.autograd (loss.backward(), torch.autograd.grad)")
 
 
 def _index(target):

@@ -140,14 +140,14 @@ def _softmax_bwd_common(grad_output, output, dim, backend, log: bool):
 def softmax_backward(grad_output, output, dim: int = -1, *, backend: Optional[str] = None):
     """Gradient of softmax w.r.t. its input, from its output ``y`` and the
     upstream gradient ``dy``: ``y * (dy - sum(dy * y))`` along ``dim``."""
-    if TR.active(output):
+    if TR.active(output, grad_output):
         return TR.softmax_backward(grad_output, output, dim, log=False)
     return _softmax_bwd_common(grad_output, output, dim, backend, log=False)
 
 
 def log_softmax_backward(grad_output, output, dim: int = -1, *, backend: Optional[str] = None):
     """Gradient of log_softmax w.r.t. its input: ``dy - exp(y) * sum(dy)``."""
-    if TR.active(output):
+    if TR.active(output, grad_output):
         return TR.softmax_backward(grad_output, output, dim, log=True)
     return _softmax_bwd_common(grad_output, output, dim, backend, log=True)
 
@@ -262,7 +262,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     The math is written out in :func:`gpuloss.reference.cross_entropy`.  An
     empty batch or an all-ignored batch gives nan for "mean", as PyTorch.
     """
-    if TR.active(input):
+    if TR.active(input, target, weight):
         return TR.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
                                 label_smoothing, z_loss, softcap, inplace_backward, return_grad, loss_dtype)
     reduction, kind, device, C, ignore_index = _class_dim_call(input, target, weight, size_average, reduce,
@@ -385,7 +385,7 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = 
     """Negative log-likelihood on log-probabilities, as
     ``torch.nn.functional.nll_loss``: ``loss_i = -weight[t_i] * input[i, t_i]``;
     "mean" divides by the sum of the weights of the non-ignored targets."""
-    if TR.active(input):
+    if TR.active(input, target, weight):
         return TR.nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction, return_grad)
     reduction, kind, device, C, ignore_index = _class_dim_call(input, target, weight, size_average, reduce,
                                                               reduction, ignore_index)
@@ -427,7 +427,7 @@ def kl_div(input, target, size_average=None, reduce=None, reduction: str = "mean
     (``exp(target) * (target - input)`` with ``log_target``).  Reductions
     "none", "mean" (over elements), "sum", "batchmean" (sum / input.shape[0]).
     input and target broadcast against each other, as in torch."""
-    if TR.active(input):
+    if TR.active(input, target):
         return TR.elementwise("kl_div", input, target, size_average, reduce, reduction, log_target,
                               return_grad=return_grad)
     if size_average is None and reduce is None and isinstance(reduction, str) and reduction == "mean":
@@ -460,7 +460,7 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
     2-D inputs), "sum", "mean" (sum / elements), "none" (one value per row).
     No ``T**2`` factor is applied.  No elements: each row's divergence is 0
     (an empty sum), "mean" NaN, "batchmean" NaN without rows."""
-    if TR.active(input):
+    if TR.active(input, target):
         return TR.kl_div_with_logits(input, target, temperature, reduction, target_is_logits, return_grad)
     kind, device = classify([("input", input), ("target", target)])
     V.check_reduction(reduction, kl=True)
@@ -621,7 +621,7 @@ def binary_cross_entropy_with_logits(input, target, weight=None, size_average=No
 
     ``weight`` broadcasts against input; ``pos_weight`` along the last
     dimension.  Gradient w.r.t. x without pos_weight: ``weight (sigmoid(x) - t)``."""
-    if TR.active(input):
+    if TR.active(input, target, weight, pos_weight):
         return TR.elementwise("binary_cross_entropy_with_logits", input, target, weight, size_average, reduce,
                               reduction, pos_weight, return_grad=return_grad)
     reduction = legacy_reduction(size_average, reduce, reduction, input)
@@ -634,7 +634,7 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
     """Binary cross-entropy on probabilities, as
     ``torch.nn.functional.binary_cross_entropy`` (each log clamped at -100;
     input and target must lie in [0, 1])."""
-    if TR.active(input):
+    if TR.active(input, target, weight):
         return TR.elementwise("binary_cross_entropy", input, target, weight, size_average, reduce, reduction,
                               return_grad=return_grad)
     reduction = legacy_reduction(size_average, reduce, reduction, input)
@@ -649,7 +649,7 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction: str = "me
 
     The lecture's L2 divergence ``1/2 ||Y - d||^2`` is
     ``mse_loss(Y, d, reduction="sum") / 2``, with gradient ``Y - d``."""
-    if TR.active(input):
+    if TR.active(input, target):
         return TR.elementwise("mse_loss", input, target, size_average, reduce, reduction, return_grad=return_grad)
     reduction = legacy_reduction(size_average, reduce, reduction, input)
     return _elementwise("mse", input, target, reduction, return_grad, backend, ReductionOptions, {},

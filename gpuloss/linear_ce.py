@@ -312,7 +312,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     """
     if return_grad not in (False, True):
         raise ArgumentValueError(f"return_grad must be False or True, got {return_grad!r}")
-    if TR.active(input):
+    if TR.active(input, linear_weight, target, linear_bias, weight):
         return TR.linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                                        label_smoothing, z_loss, softcap, return_grad, loss_dtype)
     kind, device = classify([("input", input), ("linear_weight", linear_weight), ("target", target),

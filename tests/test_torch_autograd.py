@@ -552,43 +552,108 @@ def test_float32_upstream_is_not_rounded_to_the_inputs_dtype(rng, case):
     torch.testing.assert_close(x.grad.float(), x2.grad.float(), rtol=2e-3, atol=1e-3)
 
 
-@pytest.mark.parametrize("transform", ["grad", "vmap"])
-def test_torch_func_transforms_are_refused_clearly(rng, transform):
-    """torch.func cannot run gpuloss's custom operators; the error says so
-    (torch's own names an internal autograd.Function) before any work."""
-    x = torch.from_numpy(rng.standard_normal((3, 4, 5)))
-    t = torch.from_numpy(rng.integers(0, 5, (3, 4)))
-    if transform == "grad":
-        fn = torch.func.grad(lambda a: gpuloss.cross_entropy(a, t[0]))
-        arg = x[0]
-    else:
-        fn = torch.func.vmap(lambda a: gpuloss.softmax(a, -1))
-        arg = x
-    with pytest.raises(NotImplementedError, match="torch.func transforms"):
-        fn(arg)
+_FUNC_CALLS = {
+    "cross_entropy": lambda m, x, t, p: m.cross_entropy(x, t, weight=torch.linspace(0.5, 2, 5, dtype=x.dtype),
+                                                        ignore_index=2, label_smoothing=0.1),
+    "cross_entropy_prob": lambda m, x, t, p: m.cross_entropy(x, p, label_smoothing=0.2),
+    "nll_loss": lambda m, x, t, p: m.nll_loss(torch.log_softmax(x, -1), t, reduction="sum"),
+    "kl_div": lambda m, x, t, p: m.kl_div(torch.log_softmax(x, -1), p, reduction="batchmean"),
+    "binary_cross_entropy_with_logits": lambda m, x, t, p: m.binary_cross_entropy_with_logits(
+        x, p, pos_weight=torch.linspace(0.5, 2, 5, dtype=x.dtype)),
+    "binary_cross_entropy": lambda m, x, t, p: m.binary_cross_entropy(torch.sigmoid(x), p),
+    "mse_loss": lambda m, x, t, p: m.mse_loss(x, p, reduction="sum"),
+    "softmax": lambda m, x, t, p: (m.softmax(x, -1) * p).sum(),
+    "log_softmax": lambda m, x, t, p: (m.log_softmax(x, -1) * p).sum(),
+}
 
 
-@pytest.mark.parametrize("which", ["cross_entropy", "softmax", "mse_target", "linear_cross_entropy"])
-def test_forward_mode_ad_is_refused_clearly(rng, which):
-    """A forward-mode tangent on any argument is refused: the custom
-    operators have no forward-mode formula and torch returned the loss with
-    no tangent (a silent zero directional derivative)."""
+@pytest.mark.parametrize("name", sorted(_FUNC_CALLS))
+def test_torch_func_transforms_give_torchs_results(rng, name):
+    """Inside torch.func transforms each function computes with torch's own
+    operations: per-sample gradients (vmap over grad of functional_call),
+    Jacobians and Hessians equal torch.nn.functional's (they were refused)."""
+    model = torch.nn.Linear(4, 5).double()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    X = torch.from_numpy(rng.standard_normal((6, 4)))
+    T = torch.from_numpy(rng.integers(0, 5, 6))
+    P = torch.softmax(torch.from_numpy(rng.standard_normal((6, 5))), -1)
+    call = _FUNC_CALLS[name]
+
+    def per_sample(m):
+        def loss(p, x, t, q):
+            return call(m, torch.func.functional_call(model, p, (x,)), t, q)
+        return torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, 0))(params, X, T, P)
+
+    ours, theirs = per_sample(gpuloss), per_sample(torch.nn.functional)
+    for k in params:
+        torch.testing.assert_close(ours[k], theirs[k], rtol=1e-12, atol=1e-12)
+    x = torch.from_numpy(rng.standard_normal((3, 5)))
+    t, p = T[:3], P[:3]
+    ours = torch.func.hessian(lambda z: call(gpuloss, z, t, p))(x)
+    theirs = torch.func.hessian(lambda z: call(torch.nn.functional, z, t, p))(x)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    assert ours.abs().sum() > 0
+
+
+def test_torch_func_linear_and_distillation(rng):
+    """The fused linear cross-entropy (gradient of the projection weight) and
+    the distillation loss (gradient of the student logits and the teacher's)
+    under torch.func: torch's definitions, and the extras torch has no
+    operation for refused naming them."""
+    X = torch.from_numpy(rng.standard_normal((6, 4)))
+    W = torch.from_numpy(rng.standard_normal((5, 4)))
+    T = torch.from_numpy(rng.integers(0, 5, 6))
+    ours = torch.func.grad(lambda w: gpuloss.linear_cross_entropy(X, w, T, reduction="sum"))(W)
+    theirs = torch.func.grad(lambda w: torch.nn.functional.cross_entropy(X @ w.T, T, reduction="sum"))(W)
+    torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
+    s, tch = torch.from_numpy(rng.standard_normal((2, 3, 5))).unbind(0)
+
+    def kd_torch(a, b):  # KL(softmax(b / T) || softmax(a / T)), "batchmean"
+        ld = torch.log_softmax(b / 2, -1)
+        return (ld.exp() * (ld - torch.log_softmax(a / 2, -1))).sum(-1).mean()
+
+    ours = torch.func.grad(lambda a, b: gpuloss.kl_div_with_logits(a, b, temperature=2.0), argnums=(0, 1))(s, tch)
+    for a, b in zip(ours, torch.func.grad(kd_torch, argnums=(0, 1))(s, tch)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="torch.func.*z_loss"):
+        torch.func.grad(lambda z: gpuloss.cross_entropy(z, T, z_loss=1e-4))(X @ W.T)
+    with pytest.raises(ValueError, match="torch.func.*return_grad"):
+        torch.func.grad(lambda z: gpuloss.mse_loss(z, z.detach(), return_grad=True).loss)(X)
+
+
+@pytest.mark.parametrize("which", ["cross_entropy", "softmax", "mse_target", "linear_cross_entropy",
+                                   "softmax_backward"])
+def test_forward_mode_ad_gives_torchs_tangent(rng, which):
+    """A forward-mode tangent on any argument (torch.autograd.forward_ad,
+    torch.func.jvp) gets torch's tangent: the custom operators have no
+    forward-mode formula, and torch returned the loss with no tangent at all
+    (a silent zero directional derivative) before gpuloss refused it; now
+    torch's own operations compute such calls."""
     import torch.autograd.forward_ad as fwAD
+    F = torch.nn.functional
     x = torch.from_numpy(rng.standard_normal((3, 5)))
     t = torch.from_numpy(rng.integers(0, 5, 3))
     w = torch.from_numpy(rng.standard_normal((5, 5)))
-    calls = {"cross_entropy": lambda d: gpuloss.cross_entropy(d, t),
-             "softmax": lambda d: gpuloss.softmax(d, -1),
-             "mse_target": lambda d: gpuloss.mse_loss(x, d),
-             "linear_cross_entropy": lambda d: gpuloss.linear_cross_entropy(x, d, t)}
+    y = torch.softmax(x, -1)
+    calls = {"cross_entropy": (lambda m: lambda d: m.cross_entropy(d, t)),
+             "softmax": (lambda m: lambda d: m.softmax(d, -1)),
+             "mse_target": (lambda m: lambda d: m.mse_loss(x, d)),
+             "linear_cross_entropy": (lambda m: lambda d: m.cross_entropy(x @ d.T, t) if m is F
+                                      else m.linear_cross_entropy(x, d, t)),
+             "softmax_backward": (lambda m: lambda d: m.softmax_backward(d, y, -1) if m is gpuloss
+                                  else torch._softmax_backward_data(d, y, -1, y.dtype))}
     arg = w if which == "linear_cross_entropy" else x
+    tangent = torch.from_numpy(rng.standard_normal(arg.shape))
+    ours, theirs = calls[which](gpuloss), calls[which](F)
     with fwAD.dual_level():
-        fn = calls[which]
-        fn(arg)  # no tangent anywhere: runs as usual
-        with pytest.raises(NotImplementedError, match="forward-mode AD"):
-            fn(fwAD.make_dual(arg, torch.ones_like(arg)))
-    with pytest.raises(NotImplementedError, match="torch.func transforms|forward-mode AD"):
-        torch.func.jvp(calls[which], (arg,), (torch.ones_like(arg),))
+        ours(arg)  # no tangent anywhere: runs as usual
+        got = fwAD.unpack_dual(ours(fwAD.make_dual(arg, tangent)))
+        want = fwAD.unpack_dual(theirs(fwAD.make_dual(arg, tangent)))
+    assert got.tangent is not None
+    torch.testing.assert_close(got.primal, want.primal, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got.tangent, want.tangent, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.func.jvp(ours, (arg,), (tangent,)), torch.func.jvp(theirs, (arg,), (tangent,))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 # ---------------------------------------------------------------- float16 "mean": the division after the op
