@@ -158,14 +158,19 @@ def as_number(v: Any) -> Any:
     return v
 
 
-def check_ce_options(label_smoothing: Any, z_loss: Any, softcap: Any) -> None:
+def check_ce_options(label_smoothing: Any, z_loss: Any, softcap: Any) -> float:
     """The cross-entropy options every CE entry point shares (cross_entropy,
-    the fused linear CE, the vocabulary-parallel loss)."""
-    check_range("label_smoothing", label_smoothing, 0.0, 1.0)
+    the fused linear CE, the vocabulary-parallel loss).  Returns the label
+    smoothing to apply, as torch applies it: a value above 1 is refused, and
+    one that is not above 0 (negative, NaN) smooths nothing."""
+    label_smoothing = _number("label_smoothing", as_number(label_smoothing))
+    if label_smoothing > 1.0:
+        raise ArgumentValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     check_finite_number("z_loss", z_loss)
     if z_loss < 0:
         raise ArgumentValueError(f"z_loss must be >= 0, got {z_loss}")
     check_positive_or_none("softcap", softcap)
+    return label_smoothing if label_smoothing > 0.0 else 0.0
 
 
 def check_ignore_index(name: str, v: Any) -> int:

@@ -246,7 +246,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     ignore_index : class-index targets equal to it contribute nothing (an
         int; anything else is a TypeError, as in torch)
     reduction : "none" | "mean" | "sum"
-    label_smoothing : in [0, 1]
+    label_smoothing : at most 1 (as torch: a negative or NaN value smooths nothing)
     z_loss : adds ``z_loss * logsumexp(z)**2`` per (non-ignored) row (PaLM)
     softcap : if set, logits become ``softcap * tanh(z / softcap)`` first (Gemma 2)
     inplace_backward : write the gradient over ``input`` (saves N x C memory;
@@ -273,8 +273,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     target = V.unbatched_index_target(target, kind, input.ndim)
     prob = V.check_ce_target("target", target, kind, input, ignore_index)
     V.check_weight("weight", weight, kind, C, input, prob)
-    label_smoothing = V.as_number(label_smoothing)  # torch also takes a bool or a 0-d tensor
-    V.check_ce_options(label_smoothing, z_loss, softcap)
+    label_smoothing = V.check_ce_options(label_smoothing, z_loss, softcap)  # also a bool or 0-d tensor, as torch
     V.check_bool("inplace_backward", inplace_backward)
     wants(return_grad)
     loss_dtype = V.as_float_dtype("loss_dtype", loss_dtype, kind)

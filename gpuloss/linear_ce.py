@@ -209,8 +209,7 @@ def _prepare(kind, device, input, linear_weight, target, linear_bias, weight, re
     target, prob, ii = _check_target(target, input, C, out, ignore_index, kind)
     # under autocast the cross-entropy runs in float32: any class-weight dtype
     VAL.check_weight("weight", weight, kind, C, None if autocast else input, prob)
-    label_smoothing = VAL.as_number(label_smoothing)  # torch also takes a bool or a 0-d tensor
-    VAL.check_ce_options(label_smoothing, z_loss, softcap)
+    label_smoothing = VAL.check_ce_options(label_smoothing, z_loss, softcap)  # also a bool or 0-d tensor, as torch
     VAL.check_bool("allow_retain_graph", allow_retain_graph)
     P = math.prod(out)
     n_tokens = input.shape[0] if input.ndim == 2 else 1
@@ -283,7 +282,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         targets), "sum", or "none"
     ignore_index : class index that contributes nothing; None means -100
         (and must be None for probability targets), as in torch
-    label_smoothing : in [0, 1]
+    label_smoothing : at most 1 (as torch: a negative or NaN value smooths nothing)
     options : torch's ``LinearCrossEntropyOptions`` (see the module docstring)
     z_loss, softcap : as in :func:`gpuloss.cross_entropy`
     chunk_size : tokens per chunk (default: one logits chunk of at most 256 MiB

@@ -767,6 +767,8 @@ def test_bad_options_raise_before_any_collective():
         vocab_parallel_cross_entropy(x, t, softcap=0.0)
     with pytest.raises(ValueError, match="chunk_size"):
         vocab_parallel_linear_cross_entropy(x, torch.randn(5, 4, dtype=torch.float64), t, chunk_size=0)
+    with pytest.raises(TypeError, match="chunk_size"):  # as the linear cross-entropy's own check
+        vocab_parallel_linear_cross_entropy(x, torch.randn(5, 4, dtype=torch.float64), t, chunk_size=1.5)
 
 
 def test_vocab_parallel_fused_kernels_world_size_1(rng, monkeypatch):

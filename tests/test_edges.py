@@ -8,6 +8,7 @@ the NumPy-array path is checked where it has its own code.
 """
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
@@ -531,3 +532,37 @@ def test_torch_argument_forms(backend, rng):
     for a, b in ((zero_d, p), (p.log(), _t(backend, 0.3, torch.float64))):
         assert gpuloss.kl_div(a, b, reduction="sum", backend=backend.name).dtype == F.kl_div(a, b, reduction="sum").dtype
         assert gpuloss.mse_loss(a, b, backend=backend.name).dtype == F.mse_loss(a, b).dtype
+
+
+def test_label_smoothing_values_as_torch(backend, rng):
+    """torch refuses only a label smoothing above 1 (inf included); a
+    negative or NaN one smooths nothing.  gpuloss refused those, so code that
+    runs on torch broke: now the same on every CE entry point (function,
+    module, fused linear CE, vocabulary-parallel checks)."""
+    import gpuloss.nn
+    from gpuloss.distributed.layout import check_options
+    x = _t(backend, rng.standard_normal((4, 5)), grad=True)
+    t = _t(backend, [0, 4, 2, -100], torch.int64)
+    p = _t(backend, rng.dirichlet(np.ones(5), 4))
+    W = _t(backend, rng.standard_normal((5, 5)))
+    for ls in (-0.1, -math.inf, math.nan, 1.0, torch.tensor(-2.0)):
+        for target in (t, p):
+            _same(gpuloss.cross_entropy(x, target, label_smoothing=ls, backend=backend.name),
+                  F.cross_entropy(x, target, label_smoothing=float(ls)))
+            _same(gpuloss.nn.CrossEntropyLoss(label_smoothing=ls)(x, target),
+                  torch.nn.CrossEntropyLoss(label_smoothing=float(ls))(x, target))
+        _same(gpuloss.linear_cross_entropy(x, W, t, label_smoothing=ls, backend=backend.name),
+              F.cross_entropy(x @ W.T, t, label_smoothing=float(ls)))
+        assert check_options(-100, "mean", ls, 0.0, None) == (-100, float(ls) if float(ls) > 0 else 0.0)
+    g_ours, = torch.autograd.grad(gpuloss.cross_entropy(x, t, label_smoothing=-0.5, backend=backend.name), x)
+    g_torch, = torch.autograd.grad(F.cross_entropy(x, t), x)
+    _same(g_ours, g_torch)
+    for ls in (1.5, math.inf):
+        with pytest.raises(RuntimeError, match="label_smoothing must be between 0.0 and 1.0"):
+            F.cross_entropy(x, t, label_smoothing=ls)
+        with pytest.raises(ValueError, match="label_smoothing must be between 0.0 and 1.0"):
+            gpuloss.cross_entropy(x, t, label_smoothing=ls, backend=backend.name)
+        with pytest.raises(ValueError, match="label_smoothing"):
+            gpuloss.linear_cross_entropy(x, W, t, label_smoothing=ls, backend=backend.name)
+        with pytest.raises(ValueError, match="label_smoothing"):
+            check_options(-100, "mean", ls, 0.0, None)

@@ -103,6 +103,7 @@ import torch
 from torch import Tensor
 
 from .. import _autocast as AC
+from .. import _validate as V
 from ..errors import ArgumentTypeError, ArgumentValueError
 from .layout import VocabLayout, check_options, group_name, layout_arguments, require_target
 from .linear import vocab_parallel_linear_cross_entropy_op
@@ -158,7 +159,7 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=Non
     ``(2, N)`` (``(3, N)`` with label smoothing), plus the validation
     all-gather when ``validate``.
     """
-    ignore_index = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ignore_index, label_smoothing = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     if not isinstance(local_logits, Tensor) or not local_logits.is_floating_point() or local_logits.ndim < 1:
         raise ArgumentTypeError("local_logits must be a floating torch tensor with at least one dimension")
     require_target(target)
@@ -218,15 +219,13 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
     logits from the saved per-row lse).  All ranks must agree on which of
     hidden/weight/bias require grad.
     """
-    ignore_index = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
+    ignore_index, label_smoothing = check_options(ignore_index, reduction, label_smoothing, z_loss, softcap)
     for arg, t in (("hidden", hidden), ("local_weight", local_weight)):
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise ArgumentTypeError(f"{arg} must be a floating torch tensor")
     if local_bias is not None and (not isinstance(local_bias, Tensor) or not local_bias.is_floating_point()):
         raise ArgumentTypeError("local_bias must be None or a floating torch tensor")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int)
-                                   or chunk_size < 1):
-        raise ArgumentValueError(f"chunk_size must be None or a positive int, got {chunk_size!r}")
+    V.check_chunk_size("chunk_size", chunk_size)
     if hidden.ndim < 1:
         raise ArgumentValueError("hidden must be (..., H)")
     require_target(target)

@@ -92,14 +92,14 @@ def group_name(group) -> str:
 group_name._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
-def check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> int:
+def check_options(ignore_index, reduction, label_smoothing, z_loss, softcap) -> Tuple[int, float]:
     """Pure-argument checks (the same validators as every public function):
     every rank runs the same code with the same options, so these raise
     before any collective on every rank alike.  Returns ``ignore_index`` as
-    an int."""
+    an int and the label smoothing to apply."""
     V.check_reduction(reduction)
-    V.check_ce_options(label_smoothing, z_loss, softcap)
-    return V.check_ignore_index("ignore_index", ignore_index)
+    label_smoothing = V.check_ce_options(label_smoothing, z_loss, softcap)
+    return V.check_ignore_index("ignore_index", ignore_index), label_smoothing
 
 
 def require_target(target) -> None:
