@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _layout as L
 from . import config
-from ._arrays import dtype_name
+from ._arrays import INT_DTYPES, dtype_name
 from .errors import ArgumentTypeError, ArgumentValueError, ClassIndexError
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -339,10 +339,12 @@ def check_no_grad(name: str, a: Any, kind: str, what: str) -> None:
 def check_weight(name: str, weight: Any, kind: str, C: int, input: Any = None, prob: bool = False) -> None:
     """Class weights: floating, (C,), and (class-index targets, as torch)
     of ``input``'s dtype and not requiring grad.  With probability targets
-    torch promotes their dtype and differentiates them."""
+    torch promotes their dtype (an integer or bool weight too: it takes the
+    logits' floating dtype) and differentiates them."""
     if weight is None:
         return
-    check_floating(name, weight, kind)
+    if not (prob and (dtype_name(weight, kind) in INT_DTYPES or dtype_name(weight, kind) == "bool")):
+        check_floating(name, weight, kind)
     if weight.ndim != 1 or weight.shape[0] != C:
         raise ArgumentValueError(f"{name} must be a 1-D array of length C={C} (one weight per class), "
                                  f"got shape {tuple(weight.shape)}")

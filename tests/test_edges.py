@@ -566,3 +566,27 @@ def test_label_smoothing_values_as_torch(backend, rng):
             gpuloss.linear_cross_entropy(x, W, t, label_smoothing=ls, backend=backend.name)
         with pytest.raises(ValueError, match="label_smoothing"):
             check_options(-100, "mean", ls, 0.0, None)
+
+
+def test_integer_class_weight_with_probability_targets(backend, rng):
+    """torch promotes an integer or bool class weight with probability targets
+    (the loss keeps the logits' floating dtype; class-index targets still need
+    the input's dtype, as torch); gpuloss refused it as not floating."""
+    import gpuloss.nn
+    x = _t(backend, rng.standard_normal((4, 5)), grad=True)
+    p = _t(backend, rng.dirichlet(np.ones(5), 4))
+    W = _t(backend, rng.standard_normal((5, 5)))
+    for w in ([1, 2, 0, 1, 3], [True, False, True, True, True]):
+        for dt in ((torch.int64, torch.uint8, torch.int32) if w[1] is not False else (torch.bool,)):
+            wt = torch.tensor(w, dtype=dt, device=x.device)
+            for red in ("mean", "none"):
+                ours = gpuloss.cross_entropy(x, p, weight=wt, reduction=red, label_smoothing=0.1, backend=backend.name)
+                theirs = F.cross_entropy(x, p, weight=wt, reduction=red, label_smoothing=0.1)
+                _same(ours, theirs)
+                _same(torch.autograd.grad(ours.sum(), x)[0], torch.autograd.grad(theirs.sum(), x)[0])
+            _same(gpuloss.nn.CrossEntropyLoss(weight=wt)(x, p), torch.nn.CrossEntropyLoss(weight=wt)(x, p))
+            _same(gpuloss.linear_cross_entropy(x, W, p, weight=wt, backend=backend.name),
+                  F.cross_entropy(x @ W.T, p, weight=wt))
+    t = _t(backend, [0, 4, 2, 1], torch.int64)
+    with pytest.raises(TypeError, match="weight"):  # class indices: torch refuses it too
+        gpuloss.cross_entropy(x, t, weight=torch.tensor([1, 2, 0, 1, 3], device=x.device), backend=backend.name)
