@@ -18,7 +18,8 @@ The same holds inside ``torch.func`` transforms (``grad``, ``vmap``,
 formulas for torch.autograd only, so there each function computes with
 ``torch.nn.functional``, whose operations every transform knows
 (per-sample gradients with ``vmap(grad(...))``, Jacobians, tangents), without
-a warning: the results are torch's.
+a warning: the results are torch's.  Meta tensors (shapes and dtypes, no
+values: ``device="meta"`` models, shape inference) take the same path.
 
 Nothing here runs unless one of those is active (:func:`active`).
 """
@@ -46,6 +47,8 @@ def active(input, *others) -> bool:
     import torch
     if torch.compiler.is_compiling():
         return False
+    if input.is_meta:  # no values: torch's operations give the shapes and dtypes (no gpuloss backend serves meta)
+        return True
     return _transformed((input,) + others)
 
 
@@ -78,7 +81,12 @@ def _note(name: str) -> None:
                       f"torch.compile runs gpuloss's kernels", UserWarning, stacklevel=4)
 
 
-def _refuse(name: str, **extras) -> None:
+def _refuse(name: str, like, **extras) -> None:
+    if like.is_meta:  # shapes and dtypes only: the extras change values, none of which exist
+        if extras.get("return_grad"):
+            raise ArgumentValueError(f"gpuloss.{name}: return_grad is not available for meta tensors; "
+                                     f"call .backward() on the loss")
+        return
     used = [k for k, v in extras.items() if v]
     if used:
         if _jit():
@@ -104,7 +112,7 @@ def _dtype(loss, loss_dtype):
 def cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing, z_loss,
                   softcap, inplace_backward, return_grad, loss_dtype):
     import torch.nn.functional as F
-    _refuse("cross_entropy", z_loss=z_loss, softcap=softcap is not None, inplace_backward=inplace_backward,
+    _refuse("cross_entropy", input, z_loss=z_loss, softcap=softcap is not None, inplace_backward=inplace_backward,
             return_grad=return_grad)
     _note("cross_entropy")
     return _dtype(F.cross_entropy(input, _index(target), weight, size_average, ignore_index, reduce, reduction,
@@ -113,7 +121,7 @@ def cross_entropy(input, target, weight, size_average, ignore_index, reduce, red
 
 def nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction, return_grad):
     import torch.nn.functional as F
-    _refuse("nll_loss", return_grad=return_grad)
+    _refuse("nll_loss", input, return_grad=return_grad)
     _note("nll_loss")
     return F.nll_loss(input, _index(target), weight, size_average, ignore_index, reduce, reduction)
 
@@ -121,7 +129,7 @@ def nll_loss(input, target, weight, size_average, ignore_index, reduce, reductio
 def elementwise(name: str, *args, return_grad, **kwargs):
     """kl_div, binary_cross_entropy(_with_logits), mse_loss: torch's function of the same name."""
     import torch.nn.functional as F
-    _refuse(name, return_grad=return_grad)
+    _refuse(name, args[0], return_grad=return_grad)
     _note(name)
     return getattr(F, name)(*args, **kwargs)
 
@@ -142,7 +150,7 @@ def softmax_backward(grad_output, output, dim: int, log: bool):
 def kl_div_with_logits(input, target, temperature, reduction, target_is_logits, return_grad):
     """KL(d || softmax(input / T)) per row, gpuloss.reference's definition."""
     import torch
-    _refuse("kl_div_with_logits", return_grad=return_grad)
+    _refuse("kl_div_with_logits", input, return_grad=return_grad)
     _note("kl_div_with_logits")
     lq = torch.log_softmax(input / temperature, -1)
     if target_is_logits:
@@ -165,7 +173,7 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias, weight, redu
                          label_smoothing, z_loss, softcap, return_grad, loss_dtype):
     """torch's reference definition: cross_entropy(linear(...))."""
     import torch.nn.functional as F
-    _refuse("linear_cross_entropy", z_loss=z_loss, softcap=softcap is not None, return_grad=return_grad)
+    _refuse("linear_cross_entropy", input, z_loss=z_loss, softcap=softcap is not None, return_grad=return_grad)
     _note("linear_cross_entropy")
     C, out, H = linear_weight.shape[0], tuple(linear_weight.shape[1:-1]), linear_weight.shape[-1]
     logits = F.linear(input, linear_weight.reshape(C * math.prod(out), H),

@@ -590,3 +590,46 @@ def test_integer_class_weight_with_probability_targets(backend, rng):
     t = _t(backend, [0, 4, 2, 1], torch.int64)
     with pytest.raises(TypeError, match="weight"):  # class indices: torch refuses it too
         gpuloss.cross_entropy(x, t, weight=torch.tensor([1, 2, 0, 1, 3], device=x.device), backend=backend.name)
+
+
+def test_meta_tensors_give_torchs_shapes():
+    """Meta tensors (device="meta" models, shape inference) get torch's
+    result shapes and dtypes, forward and backward, from every function and
+    module; no backend serves "meta", and gpuloss raised."""
+    import gpuloss.nn
+    m = dict(device="meta")
+    x = torch.empty(4, 6, 3, requires_grad=True, **m)
+    t = torch.empty(4, 3, dtype=torch.int64, **m)
+    p = torch.empty(4, 6, 3, **m)
+    h, W = torch.empty(4, 8, requires_grad=True, **m), torch.empty(6, 8, requires_grad=True, **m)
+    w = torch.empty(6, **m)
+    calls = [
+        (lambda g: g.cross_entropy(x, t, weight=w, reduction="none"), {}),
+        (lambda g: g.cross_entropy(x, p, label_smoothing=0.1), {}),
+        (lambda g: g.cross_entropy(x.bfloat16(), t, z_loss=1e-4, softcap=30.0) if g is gpuloss
+         else g.cross_entropy(x.bfloat16(), t), {}),
+        (lambda g: g.nll_loss(x, t, reduction="sum"), {}),
+        (lambda g: g.kl_div(x, p, reduction="batchmean"), {}),
+        (lambda g: g.binary_cross_entropy_with_logits(x, p, pos_weight=torch.empty(3, **m)), {}),
+        (lambda g: g.binary_cross_entropy(x, p, reduction="none"), {}),
+        (lambda g: g.mse_loss(x, p[:1]), {}),
+        (lambda g: g.softmax(x, 1, dtype=torch.float64), {}),
+        (lambda g: g.log_softmax(x.half(), -1), {}),
+        (lambda g: g.linear_cross_entropy(h, W, t[:, 0]) if g is gpuloss else g.cross_entropy(h @ W.T, t[:, 0]), {}),
+    ]
+    for call, _ in calls:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            ours, theirs = call(gpuloss), call(F)
+        assert ours.device.type == "meta" and ours.shape == theirs.shape and ours.dtype == theirs.dtype
+    loss = gpuloss.kl_div_with_logits(x.flatten(1), p.flatten(1), temperature=2.0)
+    assert loss.is_meta and loss.shape == ()
+    y = torch.empty(4, 6, **m)
+    assert gpuloss.softmax_backward(y, y, 1).shape == (4, 6)
+    gx, gW = torch.autograd.grad(gpuloss.linear_cross_entropy(h, W, t[:, 0], label_smoothing=0.1), (h, W))
+    assert gx.is_meta and gx.shape == h.shape and gW.shape == W.shape
+    mod = gpuloss.nn.LinearCrossEntropyLoss(8, 6, bias=True, device="meta")
+    assert mod(h, t[:, 0]).is_meta
+    assert gpuloss.nn.CrossEntropyLoss(weight=w)(x, t).is_meta
+    with pytest.raises(ValueError, match="return_grad.*meta"):
+        gpuloss.cross_entropy(x, t, return_grad=True)
