@@ -24,7 +24,8 @@ for class indices (and refused with probabilities); ``options`` (a
 :class:`LinearCrossEntropyOptions`) is honoured where it has a meaning here:
 ``batch_chunk_size`` and ``chunking_method`` size the chunks, ``acc_policy``
 "compact" and ``acc_dtype`` choose the accumulation of the weight gradient,
-``allow_retain_graph`` lets backward run twice.  Our extras are keyword-only:
+``allow_retain_graph`` keeps the saved gradients (a backward with
+``retain_graph=True`` keeps them anyway).  Our extras are keyword-only:
 ``z_loss``, ``softcap``, ``chunk_size``, ``acc_dtype``, ``backend``,
 ``return_grad``.  Unlike torch's reference path (``options=None``), every
 call runs chunked.
@@ -295,8 +296,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         bytes less than float32; bf16 weights on the Triton backend, else as
         float32; not yet measured on a GPU, so not the default)
     allow_retain_graph : torch autograd, "mean"/"sum": backward scales the
-        saved gradients by the upstream gradient in place, so it can run once
-        per forward; True multiplies out of place so that it may run again
+        saved gradients by the upstream gradient in place unless it keeps the
+        graph (``retain_graph=True``); True always multiplies out of place
     return_grad : return :class:`LinearLossGrad` (the gradients of the loss,
         for "none" of the sum of the per-sample losses); without it NumPy/CuPy
         get the loss only and torch tensors a loss that backpropagates

@@ -409,8 +409,10 @@ def _linear_setup(ctx, inputs, output) -> None:
 def _linear_bwd(ctx, g_loss: Tensor, *unused):
     """"none": the chunk loop again with the per-token upstream gradient.
     "mean"/"sum": saved gradient * upstream, in place (so a second backward
-    through the same graph raises) unless ``allow_retain_graph`` or while
-    torch.compile traces (where the guard cannot hold, as in torch's own)."""
+    through the same graph raises) unless this backward keeps the graph
+    (``retain_graph=True``: one gradient-sized allocation then, as torch's
+    reference path), ``allow_retain_graph``, or while torch.compile traces
+    (where the guard cannot hold, as in torch's own)."""
     first_order("linear_cross_entropy", ())  # before the saved gradients are scaled in place
     need = ctx.needs_input_grad[:3]
     grads: List[Optional[Tensor]] = [None] * ctx.n_inputs
@@ -421,16 +423,24 @@ def _linear_bwd(ctx, g_loss: Tensor, *unused):
         grads[:3] = [g if n and g.shape != (0,) else None for g, n in zip(out, need)]
         return first_order("linear_cross_entropy", grads)
     if ctx.consumed:
-        raise RuntimeError("linear_cross_entropy: backward through the same graph a second time needs "
-                           "allow_retain_graph=True (by default the saved gradients are scaled in place "
-                           "by the upstream gradient, which saves one gradient-sized allocation)")
-    inplace = not ctx.opts.allow_retain_graph and not torch.compiler.is_compiling()
+        raise RuntimeError("linear_cross_entropy: trying to backward through the graph a second time; specify "
+                           "retain_graph=True the first time (or allow_retain_graph=True): without it the saved "
+                           "gradients are scaled in place by the upstream gradient, which saves one "
+                           "gradient-sized allocation")
+    inplace = not ctx.opts.allow_retain_graph and not torch.compiler.is_compiling() and not _keeps_graph()
     ctx.consumed = inplace
     for i, (g, n) in enumerate(zip(ctx.saved_tensors, need)):
         if n and tuple(g.shape) != (0,):
             # float32 for float16 operands (see _output_meta): scaled, then rounded once
             grads[i] = scaled_grad(g, g_loss, inplace=inplace).to(ctx.dtypes[i])
     return first_order("linear_cross_entropy", grads)
+
+
+def _keeps_graph() -> bool:
+    """Whether the running backward was asked to keep the graph (``retain_graph``
+    or ``create_graph``): then the saved tensors must come out of it unchanged."""
+    keep = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return bool(keep()) if keep is not None else True
 
 
 #: the derivative formulas that are not "saved gradient * upstream"

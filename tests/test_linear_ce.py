@@ -289,17 +289,32 @@ def test_torch_autograd_none_random_upstream(rng):
     _close(tb.grad.numpy(), ref[3], "float64", "bias.grad")
 
 
-def test_torch_second_backward_raises(rng):
+def test_torch_retain_graph_as_torch(rng):
+    """backward(retain_graph=True) then backward again works as it does on
+    torch's reference path (the saved gradients are scaled out of place while
+    the graph is kept; it raised before unless allow_retain_graph); a second
+    backward after one that freed the graph raises, as torch's."""
     _, (th, tW, tb, tt) = _torch_problem(rng, 6, 4, 9)
-    loss = L.linear_cross_entropy(th, tW, tt, linear_bias=tb, chunk_size=4)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="allow_retain_graph"):
+    for reduction in ("mean", "sum"):
+        ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(th, tW, tb), tt, reduction=reduction)
+        want = torch.autograd.grad(ref, (th, tW, tb))
+        loss = L.linear_cross_entropy(th, tW, tt, linear_bias=tb, chunk_size=4, reduction=reduction)
+        got = torch.autograd.grad(loss, (th, tW, tb), grad_outputs=torch.tensor(0.5, dtype=loss.dtype),
+                                  retain_graph=True)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, 0.5 * w)
+        loss.backward(retain_graph=True)
+        first = tW.grad.clone()
         loss.backward()
-    th.grad = tW.grad = tb.grad = None
+        torch.testing.assert_close(tW.grad, 2 * first)
+        torch.testing.assert_close(first, want[1])
+        with pytest.raises(RuntimeError, match="second time"):
+            loss.backward()
+        th.grad = tW.grad = tb.grad = None
     loss = L.linear_cross_entropy(th, tW, tt, linear_bias=tb, chunk_size=4, allow_retain_graph=True)
     loss.backward(retain_graph=True)
     first = tW.grad.clone()
-    loss.backward()
+    loss.backward()  # allow_retain_graph: the saved gradients are never scaled in place
     torch.testing.assert_close(tW.grad, 2 * first)
 
 
