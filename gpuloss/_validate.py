@@ -19,7 +19,7 @@ import numpy as np
 from . import _layout as L
 from . import config
 from ._arrays import INT_DTYPES, dtype_name
-from .errors import ArgumentTypeError, ArgumentValueError, ClassIndexError
+from .errors import ArgumentTypeError, ArgumentValueError, ClassIndexError, DimensionError
 
 _REDUCTIONS = ("none", "mean", "sum")
 _KL_REDUCTIONS = ("none", "mean", "sum", "batchmean")
@@ -55,7 +55,8 @@ def check_dim(name: str, dim: Any, ndim: int) -> None:
         raise ArgumentTypeError(f"{name} must be an int, got {type(dim).__name__}")
     n = max(ndim, 1)
     if not -n <= dim < n:
-        raise ArgumentValueError(f"{name}={dim} is out of range for an array with {ndim} dimension(s)")
+        raise DimensionError(f"{name}={dim} is out of range for an array with {ndim} dimension(s) "
+                             f"(expected to be in range of [{-n}, {n - 1}])")
 
 
 def check_same_shape(n1: str, a: Any, n2: str, b: Any) -> None:

@@ -5,11 +5,12 @@ Each is the Python exception the problem calls for (``ValueError``,
 bad arguments, so that code written for torch (``except RuntimeError``,
 ``pytest.raises(RuntimeError)``) catches gpuloss's errors too.  A class
 index outside ``[0, C)`` is also an ``IndexError``, as torch's CPU kernels
-raise it ("Target ... is out of bounds").
+raise it ("Target ... is out of bounds"), and so is a dimension out of
+range (torch's "Dimension out of range").
 """
 from __future__ import annotations
 
-__all__ = ["ArgumentValueError", "ArgumentTypeError", "ClassIndexError"]
+__all__ = ["ArgumentValueError", "ArgumentTypeError", "ClassIndexError", "DimensionError"]
 
 
 class ArgumentValueError(ValueError, RuntimeError):
@@ -22,3 +23,7 @@ class ArgumentTypeError(TypeError, RuntimeError):
 
 class ClassIndexError(ArgumentValueError, IndexError):
     """A class-index target outside ``[0, C)`` that is not ``ignore_index``."""
+
+
+class DimensionError(ArgumentValueError, IndexError):
+    """A ``dim`` argument outside ``[-ndim, ndim)``."""

@@ -469,6 +469,23 @@ def test_out_of_range_class_index_is_also_torchs_index_error():
     assert isinstance(info.value, (ValueError)) and isinstance(info.value, RuntimeError)
 
 
+def test_dim_out_of_range_is_also_torchs_index_error():
+    """torch raises IndexError ("Dimension out of range") for a bad dim;
+    gpuloss's error is that too (and a ValueError, and a RuntimeError)."""
+    import gpuloss
+    import torch
+    import gpuloss.nn
+    x = np.zeros((3, 4), np.float32)
+    for call in (lambda: gpuloss.softmax(x, 2), lambda: gpuloss.log_softmax(x, -3),
+                 lambda: gpuloss.softmax_backward(x, x, 5), lambda: gpuloss.nn.LogSoftmax(2)(torch.zeros(3, 4))):
+        with pytest.raises(IndexError, match=r"out of range.*\[-2, 1\]") as info:
+            call()
+        assert isinstance(info.value, gpuloss.DimensionError) and isinstance(info.value, ValueError)
+        assert isinstance(info.value, RuntimeError)
+    with pytest.raises(IndexError, match="Dimension out of range"):
+        torch.nn.LogSoftmax(2)(torch.zeros(3, 4))
+
+
 @pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss", "linear_cross_entropy"])
 def test_uint64_class_index_beyond_int64_is_out_of_range(fn):
     """A NumPy uint64 class index of 2**63 or more is out of range: widened to
