@@ -18,6 +18,7 @@ Importing this module imports torch (``import gpuloss`` does not).
 """
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Optional, Tuple
 
@@ -99,6 +100,23 @@ class _OnGpuloss:
     def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         self.backend = backend
+
+    def __init_subclass__(cls, **kwargs) -> None:
+        """Each subclass shows its torch base's constructor signature plus
+        ``backend`` (``inspect.signature``, help(), config tools that check
+        arguments against it), not ``(*args, backend=None, **kwargs)``."""
+        super().__init_subclass__(**kwargs)
+        base = next(b for b in cls.__mro__ if b.__module__.startswith("torch.nn"))
+        sig = inspect.signature(base.__init__)
+        backend = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None,
+                                    annotation=Optional[str])
+
+        def __init__(self, *args, backend: Optional[str] = None, **kwargs) -> None:
+            _OnGpuloss.__init__(self, *args, backend=backend, **kwargs)
+
+        __init__.__signature__ = sig.replace(parameters=list(sig.parameters.values()) + [backend])
+        __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+        cls.__init__ = __init__
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return getattr(F, self._fn)(input, target, backend=self.backend, **{k: getattr(self, k) for k in self._keys})

@@ -239,3 +239,20 @@ def test_training_run_matches_torch(rng, case):
     for a, b in zip(p_ours, p_theirs):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
     assert not torch.equal(p_ours[0], _mlp(seed, C)[0].weight.detach())  # it did train
+
+
+@pytest.mark.parametrize("name", ["NLLLoss", "KLDivLoss", "BCEWithLogitsLoss", "BCELoss", "MSELoss",
+                                  "CrossEntropyLoss"])
+def test_module_signature_is_torchs_plus_extras(name):
+    """inspect.signature (help(), config tools that check arguments) shows
+    torch's constructor parameters, in torch's order with torch's defaults,
+    then gpuloss's keyword-only extras; it showed (*args, backend, **kwargs)."""
+    import inspect
+    ours = list(inspect.signature(getattr(gnn, name)).parameters.values())
+    theirs = list(inspect.signature(getattr(torch.nn, name)).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in ours[:len(theirs)]] == \
+        [(p.name, p.kind, p.default) for p in theirs]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs):])
+    assert ours[-1].name == "backend"
+    m = getattr(gnn, name)(backend="numpy")
+    assert m.backend == "numpy" and type(m).__init__.__qualname__ == f"{name}.__init__"
