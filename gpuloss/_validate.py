@@ -337,14 +337,16 @@ def check_no_grad(name: str, a: Any, kind: str, what: str) -> None:
                                  f"(as in torch); pass {name}.detach()")
 
 
-def check_weight(name: str, weight: Any, kind: str, C: int, input: Any = None, prob: bool = False) -> None:
+def check_weight(name: str, weight: Any, kind: str, C: int, input: Any = None, prob: bool = False,
+                 any_dtype: bool = False) -> None:
     """Class weights: floating, (C,), and (class-index targets, as torch)
     of ``input``'s dtype and not requiring grad.  With probability targets
     torch promotes their dtype (an integer or bool weight too: it takes the
-    logits' floating dtype) and differentiates them."""
+    logits' floating dtype) and differentiates them.  ``any_dtype``: any
+    floating, integer or bool dtype (torch's chunked linear cross-entropy)."""
     if weight is None:
         return
-    if not (prob and (dtype_name(weight, kind) in INT_DTYPES or dtype_name(weight, kind) == "bool")):
+    if not ((prob or any_dtype) and (dtype_name(weight, kind) in INT_DTYPES or dtype_name(weight, kind) == "bool")):
         check_floating(name, weight, kind)
     if weight.ndim != 1 or weight.shape[0] != C:
         raise ArgumentValueError(f"{name} must be a 1-D array of length C={C} (one weight per class), "
@@ -352,7 +354,7 @@ def check_weight(name: str, weight: Any, kind: str, C: int, input: Any = None, p
     if prob:
         return
     check_no_grad(name, weight, kind, "the loss")
-    if input is not None and dtype_name(weight, kind) != dtype_name(input, kind):
+    if input is not None and not any_dtype and dtype_name(weight, kind) != dtype_name(input, kind):
         raise ArgumentTypeError(f"{name} must have input's dtype {dtype_name(input, kind)}, got "
                                 f"{dtype_name(weight, kind)}")
 

@@ -208,9 +208,12 @@ def _prepare(kind, device, input, linear_weight, target, linear_bias, weight, re
     VAL.check_reduction(reduction)
     C, out = _check_shapes(input, linear_weight, linear_bias, kind)
     target, prob, ii = _check_target(target, input, C, out, ignore_index, kind)
-    # under autocast the cross-entropy runs in float32: any class-weight dtype
-    VAL.check_weight("weight", weight, kind, C, None if autocast else input, prob)
     label_smoothing = VAL.check_ce_options(label_smoothing, z_loss, softcap)  # also a bool or 0-d tensor, as torch
+    # under autocast the cross-entropy runs in float32: any floating class-weight dtype; with
+    # ``options`` where torch's chunked op takes the call, any dtype (it converts the weight)
+    chunked = (options is not None and reduction in ("mean", "sum", "none") and not label_smoothing and not prob
+               and not out and dtype_name(target, kind) == "int64")
+    VAL.check_weight("weight", weight, kind, C, None if autocast else input, prob, any_dtype=chunked)
     VAL.check_bool("allow_retain_graph", allow_retain_graph)
     P = math.prod(out)
     n_tokens = input.shape[0] if input.ndim == 2 else 1

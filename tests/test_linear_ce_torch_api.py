@@ -316,3 +316,32 @@ def test_accuracy_float32_at_torch_level(rng):
         e_o = (o.double() - r).abs().max().item()
         e_t = (th.double() - r).abs().max().item()
         assert e_o <= 2 * e_t + 1e-6 * r.abs().max().item(), (e_o, e_t)
+
+
+@pytest.mark.skipif(not HAS_TORCH_LCE, reason="the installed torch has no linear_cross_entropy")
+def test_options_take_a_class_weight_of_any_dtype_as_torchs_chunked_path():
+    """With ``options``, torch's chunked operator takes a class weight of any
+    dtype (float64 or int64 next to float32 operands) and converts it; its
+    reference path (no options, or label smoothing) refuses one that is not
+    the input's dtype.  gpuloss refused both."""
+    import warnings
+    x = torch.randn(5, 4, dtype=torch.float32, requires_grad=True)
+    W = torch.randn(6, 4, dtype=torch.float32, requires_grad=True)
+    t = torch.tensor([0, 5, 2, -100, 3])
+    opts = torch.nn.LinearCrossEntropyOptions()
+    for w in (torch.rand(6, dtype=torch.float64), torch.tensor([1, 2, 3, 1, 0, 1]), torch.ones(6, dtype=torch.bool)):
+        for reduction in ("mean", "sum", "none"):
+            ours = gpuloss.linear_cross_entropy(x, W, t, weight=w, reduction=reduction, options=opts)
+            theirs = F.linear_cross_entropy(x, W, t, weight=w, reduction=reduction, options=opts)
+            assert ours.dtype == theirs.dtype == torch.float32
+            torch.testing.assert_close(ours, theirs)
+            for a, b in zip(torch.autograd.grad(ours.sum(), (x, W)), torch.autograd.grad(theirs.sum(), (x, W))):
+                torch.testing.assert_close(a, b)
+        assert gnn.LinearCrossEntropyLoss(4, 6, weight=w, options=opts)(x, t).dtype == torch.float32
+        for kw in (dict(), dict(options=opts, label_smoothing=0.1)):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                with pytest.raises(RuntimeError):
+                    F.linear_cross_entropy(x, W, t, weight=w, **kw)
+                with pytest.raises(TypeError, match="weight"):
+                    gpuloss.linear_cross_entropy(x, W, t, weight=w, **kw)
