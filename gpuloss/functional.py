@@ -532,9 +532,12 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
         V.check_unit_interval("target", target, kind)
     be = backend_for(kind, device, backend)
     # torch's dtypes: mse_loss and kl_div promote input and target; BCE with
-    # logits computes in the target's dtype
+    # logits gives its loss in the target's dtype, but its gradient from the
+    # logits at their own precision: computed in the promoted dtype here, the
+    # loss rounded to the target's after
     # (mse_loss broadcasts first, so a 0-d operand counts as dimensioned; kl_div does not)
-    dt = target.dtype if op == "bce_with_logits" else L.result_dtype(kind, input, target, zero_dim_rule=op != "mse")
+    dt = L.result_dtype(kind, input, target, zero_dim_rule=op != "mse")
+    loss_dt = target.dtype if op == "bce_with_logits" else dt
     xin, tin = L.astype(input, dt, kind), L.astype(target, dt, kind)
     xin, tin, bshape = L.broadcast_pair(xin, tin, kind, warn=op == "mse") if broadcast else (xin, tin, None)
     summed = reduction == "mean" and L.numel(xin, kind) > 0 and _fp16_mean(kind, return_grad, xin, tin)
@@ -555,7 +558,7 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     if return_grad and bshape is not None:
         res = res._replace(grad=L.sum_to(res.grad, tuple(input.shape), kind),
                            grad_target=L.sum_to(res.grad_target, tuple(target.shape), kind))
-    dt = ac_dtype or dt  # the promoted dtype, not input's; float32 under autocast
+    dt = ac_dtype or loss_dt  # the promoted dtype (BCE with logits: target's), not input's; float32 under autocast
     res = res._replace(loss=L.astype(res.loss, dt, kind))
     if not V.is_floating(caller_target, kind):  # an integer target has no gradient
         res = res._replace(grad_target=None)
