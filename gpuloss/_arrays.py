@@ -76,6 +76,8 @@ def classify(named: Iterable[Tuple[str, Any]], optional: Iterable[str] = ()) -> 
                                         f"{type(a).__name__}")
             raise ArgumentTypeError(f"{name} must be an array of the same kind as {first} ({kind}), got "
                                     f"{type(a).__name__}")
+        if k == "numpy" and type(a) is not np.ndarray:
+            _check_ndarray_subclass(name, a)
         d = device_of(a, k)
         if first is None:
             first, kind, device = name, k, d
@@ -90,6 +92,17 @@ def classify(named: Iterable[Tuple[str, Any]], optional: Iterable[str] = ()) -> 
     if kind == "torch":
         _refuse_functorch(named)
     return kind, device
+
+
+def _check_ndarray_subclass(name: str, a) -> None:
+    """NumPy's masked arrays (the kernels would read the masked values as if
+    they were data) and matrices (always 2-D: row slices stay 2-D) are
+    refused; other ndarray subclasses (memmap, ...) are plain data."""
+    if isinstance(a, np.ma.MaskedArray):
+        raise ArgumentTypeError(f"{name} is a NumPy masked array, whose mask gpuloss would ignore; pass "
+                                f"{name}.filled(value) or select the unmasked elements first")
+    if isinstance(a, np.matrix):
+        raise ArgumentTypeError(f"{name} is a numpy.matrix; pass np.asarray({name})")
 
 
 def _refuse_functorch(named) -> None:

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _layout as L
 from . import config
-from ._arrays import INT_DTYPES, dtype_name
+from ._arrays import FLOAT_DTYPES, INT_DTYPES, dtype_name
 from .errors import ArgumentTypeError, ArgumentValueError, ClassIndexError, DimensionError
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -26,9 +26,13 @@ _KL_REDUCTIONS = ("none", "mean", "sum", "batchmean")
 
 
 def is_floating(a: Any, kind: str) -> bool:
+    """One of the floating dtypes gpuloss computes on: float16, bfloat16,
+    float32, float64 (not float8, nor NumPy's longdouble, which the kernels
+    would silently compute in float32)."""
     if kind == "torch":
-        return a.dtype.is_floating_point
-    return np.issubdtype(a.dtype, np.floating) or dtype_name(a, kind) == "bfloat16"
+        import torch
+        return a.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+    return dtype_name(a, kind) in FLOAT_DTYPES
 
 
 def is_integer(a: Any, kind: str) -> bool:

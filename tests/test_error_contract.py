@@ -499,3 +499,41 @@ def test_uint64_class_index_beyond_int64_is_out_of_range(fn):
             "linear_cross_entropy": lambda: gpuloss.linear_cross_entropy(x, x, t, ignore_index=-1)}[fn]
     with pytest.raises(gpuloss.ClassIndexError, match="18446744073709551615"):
         call()
+
+
+def test_unsupported_floating_dtypes_are_refused_by_name():
+    """float8 (torch) and longdouble (NumPy) are floating dtypes gpuloss does
+    not compute on: refused naming the argument.  The Triton backend took
+    float8 and returned a float8 loss whose backward crashed in torch; the
+    NumPy backend took longdouble, computed in float32 and returned float128."""
+    import gpuloss
+    import torch
+    for x in [torch.randn(3, 5).to(dt) for dt in (torch.float8_e4m3fn, torch.float8_e5m2)] + \
+            [np.ones((3, 5), np.longdouble)]:
+        t = np.array([0, 4, 1]) if isinstance(x, np.ndarray) else torch.tensor([0, 4, 1])
+        for backend in ("numpy", "triton", None):
+            for call in (lambda: gpuloss.cross_entropy(x, t, backend=backend),
+                         lambda: gpuloss.softmax(x, -1, backend=backend),
+                         lambda: gpuloss.mse_loss(x, x, backend=backend)):
+                with pytest.raises(TypeError, match="input must be a floating-point array.*got (float8|float128)"):
+                    call()
+
+
+def test_numpy_masked_arrays_and_matrices_are_refused():
+    """A masked array's mask would be ignored (its masked values read as
+    data) and np.matrix failed with an internal broadcasting error; both are
+    refused naming the argument.  Other ndarray subclasses work."""
+    import gpuloss
+    x = np.random.default_rng(0).standard_normal((4, 6))
+    with pytest.raises(TypeError, match="input is a NumPy masked array"):
+        gpuloss.softmax(np.ma.masked_array(x, mask=x > 1), -1)
+    with pytest.raises(TypeError, match="target is a NumPy masked array"):
+        gpuloss.mse_loss(x, np.ma.masked_array(x))
+    with pytest.raises(TypeError, match="input is a numpy.matrix"):
+        gpuloss.cross_entropy(np.matrix(x), np.array([0, 1, 2, 3]))
+
+    class Tagged(np.ndarray):
+        pass
+
+    ours = gpuloss.cross_entropy(x.view(Tagged), np.array([0, 1, 2, 3]))
+    assert ours == gpuloss.cross_entropy(x, np.array([0, 1, 2, 3]))
