@@ -73,6 +73,18 @@ def from_rows(rows, kind: str, layout):
     return out if cd == nd - 1 else movedim(out, kind, -1, cd)
 
 
+def contiguous_like(out, like, kind: str):
+    """``out`` contiguous where ``like`` (the input it has the shape of) is: a
+    result formed along a dimension other than the last comes back from the
+    rows as a permuted view, where torch's is contiguous (``.view`` on it
+    would fail).  Otherwise as it is."""
+    if kind == "torch":
+        return out.contiguous() if like.is_contiguous() and not out.is_contiguous() else out
+    if like.flags.c_contiguous and not out.flags.c_contiguous:
+        return xp(kind).ascontiguousarray(out)
+    return out
+
+
 def cast_like(a, like, kind: str):
     """``a`` in ``like``'s dtype (losses come back from a backend in the
     accumulation dtype; PyTorch returns the input's dtype)."""

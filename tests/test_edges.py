@@ -659,3 +659,20 @@ def test_bce_with_logits_gradient_keeps_the_logits_precision(backend, rng):
             eps = torch.finfo(xd).eps
             for g in (g_ours,) if pw is not None else (g_ours, g_theirs):
                 torch.testing.assert_close(g.double(), exact, rtol=16 * eps, atol=16 * eps * float(exact.abs().max()))
+
+
+def test_softmax_along_a_leading_dim_is_contiguous(backend, rng):
+    """Along a dimension other than the last, softmax, log_softmax and their
+    backward returned a permuted view of the row-major result; torch's is
+    contiguous for a contiguous input, and code calls .view on it."""
+    for shape, dim in (((4, 6), 0), ((3, 4, 5, 2), 1), ((3, 4, 5), -2)):
+        x = _t(backend, rng.standard_normal(shape))
+        for name in ("softmax", "log_softmax"):
+            ours = getattr(gpuloss, name)(x, dim, backend=backend.name)
+            assert ours.is_contiguous() and ours.stride() == getattr(F, name)(x, dim).stride()
+            ours.view(-1)
+            back = getattr(gpuloss, name + "_backward")(x, ours, dim, backend=backend.name)
+            assert back.is_contiguous()
+        a = rng.standard_normal(shape)
+        got = gpuloss.softmax(a, dim, backend=backend.name if backend.name == "numpy" else None)
+        assert got.flags.c_contiguous
