@@ -282,7 +282,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     loss_dtype = ac_dtype if loss_dtype is None else loss_dtype
     if inplace_backward and _writes_gradient(input, kind, return_grad):
         V.check_inplace_ok("input", input, kind, return_grad)
-    x = input
+    x, caller_target = input, target
     if prob:  # torch promotes logits, probabilities and class weights to one dtype
         dt = L.result_dtype(kind, *(a for a in (input, target, weight) if a is not None and V.is_floating(a, kind)))
         x, target = L.astype(input, dt, kind), L.astype(target, dt, kind)
@@ -314,7 +314,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
         res = res._replace(loss=res.loss.reshape(_row_loss_shape(x)))
     if w_term is not None:
         res = res._replace(loss=res.loss + w_term)
-    out = finish(res, return_grad, kind, x, layout, target_like=target if prob else None,
+    out = finish(res, return_grad, kind, x, layout, target_like=caller_target if prob else None,
                   inplace=bool(inplace_backward), loss_dtype=loss_dtype)
     if return_grad and x is not caller_input:
         out = out._replace(grad=L.cast_like(out.grad, caller_input, kind))

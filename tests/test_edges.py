@@ -676,3 +676,19 @@ def test_softmax_along_a_leading_dim_is_contiguous(backend, rng):
         a = rng.standard_normal(shape)
         got = gpuloss.softmax(a, dim, backend=backend.name if backend.name == "numpy" else None)
         assert got.flags.c_contiguous
+
+
+def test_return_grad_all_gives_grad_target_in_the_targets_dtype(backend, rng):
+    """cross_entropy(return_grad="all") with probabilities of a dtype other
+    than the logits' gave grad_target in the promoted dtype; autograd's
+    target.grad (and every other loss's grad_target) is in the target's."""
+    for xd, td in ((torch.float64, torch.float32), (torch.float32, torch.float16)):
+        x = _t(backend, rng.standard_normal((3, 5)), xd)
+        p = _t(backend, rng.dirichlet(np.ones(5), 3), td, grad=True)
+        out = gpuloss.cross_entropy(x, p, return_grad="all", backend=backend.name)
+        assert out.grad.dtype == xd and out.grad_target.dtype == td
+        F.cross_entropy(x, p).backward()
+        torch.testing.assert_close(out.grad_target, p.grad, rtol=1e-3, atol=1e-4)
+    a = rng.standard_normal((3, 5))
+    out = gpuloss.cross_entropy(a, rng.dirichlet(np.ones(5), 3).astype(np.float32), return_grad="all")
+    assert out.grad.dtype == np.float64 and out.grad_target.dtype == np.float32
