@@ -258,5 +258,8 @@ def empty_class_loss(kind: str, logits, target, prob: bool, ignore_index: int, e
             rows = rows * nan
     elif z_loss > 0 and logits.ndim and logits.shape[1 if logits.ndim >= 2 else 0] == 0:
         rows = rows + float("inf")
-    loss = rows if reduction == "none" else rows.sum() * (nan if reduction == "mean" else 1.0)
+    C = logits.shape[1 if logits.ndim >= 2 else 0] if logits.ndim else 1
+    # "sum" with smoothing over C = 0 classes: torch's 0 * (eps / C), NaN even without rows
+    smooth_nan = not prob and eps > 0 and C == 0
+    loss = rows if reduction == "none" else rows.sum() * (nan if reduction == "mean" or smooth_nan else 1.0)
     return cast_like(loss, logits, kind) if kind == "torch" else xp(kind).asarray(loss, dtype=logits.dtype)

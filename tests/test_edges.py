@@ -102,7 +102,8 @@ def test_inplace_writes_into_input_when_rows_are_a_copy(backend, rng):
 
 # ------------------------------------------------------------ 3. empty shapes
 
-CE_EMPTY = [((3, 0), (3,)), ((0, 5), (0,)), ((0,), ()), ((2, 4, 0), (2, 0)), ((0, 4, 3), (0, 3))]
+CE_EMPTY = [((3, 0), (3,)), ((0, 5), (0,)), ((0,), ()), ((2, 4, 0), (2, 0)), ((0, 4, 3), (0, 3)), ((0, 0), (0,)),
+            ((0, 0, 2), (0, 2))]
 
 
 @pytest.mark.parametrize("shape,tshape", CE_EMPTY)
