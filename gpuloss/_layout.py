@@ -73,16 +73,14 @@ def from_rows(rows, kind: str, layout):
     return out if cd == nd - 1 else movedim(out, kind, -1, cd)
 
 
-def contiguous_like(out, like, kind: str):
-    """``out`` contiguous where ``like`` (the input it has the shape of) is: a
-    result formed along a dimension other than the last comes back from the
-    rows as a permuted view, where torch's is contiguous (``.view`` on it
-    would fail).  Otherwise as it is."""
+def contiguous(out, kind: str):
+    """``out`` contiguous, as torch's softmax / log_softmax (and backward)
+    always return their result whatever the input's layout: one formed along a
+    dimension other than the last comes back from the rows as a permuted view
+    (``.view`` on it would fail).  A copy only then."""
     if kind == "torch":
-        return out.contiguous() if like.is_contiguous() and not out.is_contiguous() else out
-    if like.flags.c_contiguous and not out.flags.c_contiguous:
-        return xp(kind).ascontiguousarray(out)
-    return out
+        return out.contiguous()
+    return out if out.flags.c_contiguous else xp(kind).ascontiguousarray(out)
 
 
 def cast_like(a, like, kind: str):

@@ -90,8 +90,7 @@ def _softmax_common(input, dim, dtype, backend, log: bool):
     if L.numel(input, kind) == 0:  # nothing to normalise: an empty result, as torch
         return input.clone() if kind == "torch" else L.xp(kind).empty_like(input)  # clone: keeps autograd
     rows, layout = L.rows2d(input, kind, dim)
-    return L.contiguous_like(L.from_rows(run("softmax_forward", kind, be, [rows], SoftmaxOptions(log)), kind, layout),
-                             input, kind)
+    return L.contiguous(L.from_rows(run("softmax_forward", kind, be, [rows], SoftmaxOptions(log)), kind, layout), kind)
 
 
 def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None, *, backend: Optional[str] = None):
@@ -135,8 +134,8 @@ def _softmax_bwd_common(grad_output, output, dim, backend, log: bool):
         return grad_output * output  # empty, and connected to autograd for torch
     y, layout = L.rows2d(output, kind, dim)
     dy, _ = L.rows2d(grad_output, kind, dim)
-    return L.contiguous_like(L.from_rows(run("softmax_backward", kind, be, [y, dy], SoftmaxOptions(log)), kind,
-                                         layout), output, kind)
+    return L.contiguous(L.from_rows(run("softmax_backward", kind, be, [y, dy], SoftmaxOptions(log)), kind, layout),
+                        kind)
 
 
 def softmax_backward(grad_output, output, dim: int = -1, *, backend: Optional[str] = None):

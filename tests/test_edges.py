@@ -665,16 +665,19 @@ def test_bce_with_logits_gradient_keeps_the_logits_precision(backend, rng):
 def test_softmax_along_a_leading_dim_is_contiguous(backend, rng):
     """Along a dimension other than the last, softmax, log_softmax and their
     backward returned a permuted view of the row-major result; torch's is
-    contiguous for a contiguous input, and code calls .view on it."""
-    for shape, dim in (((4, 6), 0), ((3, 4, 5, 2), 1), ((3, 4, 5), -2)):
+    always contiguous, and code calls .view on it."""
+    for shape, dim, perm in (((4, 6), 0, None), ((3, 4, 5, 2), 1, None), ((3, 4, 5), -2, None),
+                             ((4, 6), 0, (1, 0)), ((3, 4, 5, 2), 1, (0, 2, 3, 1)), ((3, 4, 5), 0, (2, 0, 1))):
         x = _t(backend, rng.standard_normal(shape))
+        if perm is not None:  # torch's result is contiguous whatever the input's layout
+            x = x.permute(perm)
         for name in ("softmax", "log_softmax"):
             ours = getattr(gpuloss, name)(x, dim, backend=backend.name)
             assert ours.is_contiguous() and ours.stride() == getattr(F, name)(x, dim).stride()
             ours.view(-1)
             back = getattr(gpuloss, name + "_backward")(x, ours, dim, backend=backend.name)
             assert back.is_contiguous()
-        a = rng.standard_normal(shape)
+        a = rng.standard_normal(shape) if perm is None else rng.standard_normal(shape).transpose(perm)
         got = gpuloss.softmax(a, dim, backend=backend.name if backend.name == "numpy" else None)
         assert got.flags.c_contiguous
 
