@@ -696,3 +696,19 @@ def test_return_grad_all_gives_grad_target_in_the_targets_dtype(backend, rng):
     a = rng.standard_normal((3, 5))
     out = gpuloss.cross_entropy(a, rng.dirichlet(np.ones(5), 3).astype(np.float32), return_grad="all")
     assert out.grad.dtype == np.float64 and out.grad_target.dtype == np.float32
+
+
+def test_nll_loss_ignored_rows_with_non_finite_values(backend):
+    """An ignored row contributes 0 whatever its values: the NumPy backend
+    read a placeholder class of such a row and formed 0 * inf = NaN, which
+    spoiled "sum" and "mean" (also with an in-range ignore_index)."""
+    inf, nan = math.inf, math.nan
+    x = _t(backend, [[-inf, -1.9, -1.0], [-0.5, -1.0, -2.0], [nan, -1.0, -inf]])
+    w = _t(backend, [1.0, 0.5, 2.0])
+    for t, ii in (([-100, 0, -100], -100), ([0, 1, 0], 0)):
+        t = _t(backend, t, torch.int64)
+        for reduction in ("none", "sum", "mean"):
+            for weight in (None, w):
+                _same(gpuloss.nll_loss(x, t, weight=weight, ignore_index=ii, reduction=reduction,
+                                       backend=backend.name),
+                      F.nll_loss(x, t, weight=weight, ignore_index=ii, reduction=reduction))

@@ -341,7 +341,8 @@ def nll_loss(logp: np.ndarray, target: np.ndarray, weight: Optional[np.ndarray],
             r1 = min(R, r0 + T.ROW_CHUNK)
             ts, ign, bad, ok, wt = T.class_rows(target[r0:r1], C, opts.ignore_index, w)
             wt_ = np.where(ok, np.ones(r1 - r0, cd) if wt is None else wt, 0.0)
-            loss = -logp[np.arange(r0, r1), ts].astype(cd) * wt_
+            # ignored rows read a placeholder class: 0, not 0 * an infinite log-probability
+            loss = np.where(ok, -logp[np.arange(r0, r1), ts].astype(cd) * wt_, 0.0).astype(cd, copy=False)
             loss[bad] = np.nan
             if loss_rows is not None:
                 loss_rows[r0:r1] = loss
