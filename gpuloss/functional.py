@@ -362,19 +362,19 @@ def prob_target_term(neg_logp, t_rows, weight, eps: float, reduction: str, loss_
     as it is: "mean" over the rows).  Shared by :func:`cross_entropy` and the
     fused linear cross-entropy."""
     import torch
-    from .torch_ops import zero_with_grad
+    from .torch_ops import row_grad_term
     a, dt, C = neg_logp, neg_logp.dtype, neg_logp.shape[-1]
     per_row = torch.zeros(a.shape[:-1], dtype=dt, device=a.device)
     with torch.no_grad():
         w = None if weight is None else weight.detach().to(dt)
     if target_grad:
         with torch.no_grad():
-            coef = torch.nan_to_num(a * (1 - eps) if w is None else a * (w * (1 - eps)))
-        per_row = per_row + (coef * zero_with_grad(t_rows.to(dt))).sum(-1)
+            coef = a * (1 - eps) if w is None else a * (w * (1 - eps))
+        per_row = per_row + row_grad_term(t_rows, coef)
     if weight is not None and weight.requires_grad:
         with torch.no_grad():
-            coef = torch.nan_to_num((t_rows.detach().to(dt) * (1 - eps) + eps / C) * a)
-        per_row = per_row + (coef * zero_with_grad(weight.to(dt))).sum(-1)
+            coef = (t_rows.detach().to(dt) * (1 - eps) + eps / C) * a
+        per_row = per_row + row_grad_term(weight, coef)
     if reduction == "none":
         return per_row.reshape(loss_shape)
     return per_row.sum() / (a.shape[0] if reduction == "mean" else 1)

@@ -280,23 +280,33 @@ def scaled_grad(saved: Tensor, g: Tensor, inplace: bool = False) -> Tensor:
     return torch.mul(saved, g, out=torch.empty_like(saved))
 
 
-class _ZeroWithGrad(torch.autograd.Function):
-    """0 in value, the identity in gradient: ``coef * zero_with_grad(w)``
-    adds nothing to a loss and ``coef`` to ``w``'s gradient, also where ``w``
-    is infinite (``w - w.detach()`` is then NaN)."""
+class _RowGradTerm(torch.autograd.Function):
+    """Per row 0 in value; in gradient, ``a`` gets ``g[r] * coef[r, c]``
+    (summed to ``a``'s shape where ``a`` broadcasts, as a class weight
+    does): a term to add to a loss, giving ``a`` torch's gradient where the
+    kernels give none.  A product with ``a - a.detach()`` would be NaN in
+    value where ``a`` or ``coef`` is infinite (0 * inf); here an infinite or
+    NaN slope reaches the gradient as it is, as torch's does, and the loss
+    is untouched."""
 
     @staticmethod
-    def forward(ctx, a: Tensor) -> Tensor:
-        return torch.zeros_like(a)
+    def forward(ctx, a: Tensor, coef: Tensor) -> Tensor:
+        ctx.save_for_backward(coef)
+        ctx.shape, ctx.dtype = tuple(a.shape), a.dtype
+        return coef.new_zeros(coef.shape[:-1])
 
     @staticmethod
-    def backward(ctx, g: Tensor) -> Tensor:
-        return g
+    def backward(ctx, g: Tensor):
+        (coef,) = ctx.saved_tensors
+        ga = g.unsqueeze(-1) * coef
+        if tuple(ga.shape) != ctx.shape:
+            ga = ga.sum_to_size(ctx.shape)
+        return ga.to(ctx.dtype), None
 
 
-def zero_with_grad(a: Tensor) -> Tensor:
-    """See :class:`_ZeroWithGrad`."""
-    return _ZeroWithGrad.apply(a)
+def row_grad_term(a: Tensor, coef: Tensor) -> Tensor:
+    """See :class:`_RowGradTerm` (``coef`` carries no graph)."""
+    return _RowGradTerm.apply(a, coef)
 
 
 class SecondOrderError(RuntimeError):

@@ -8,6 +8,7 @@ the NumPy-array path is checked where it has its own code.
 """
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 
@@ -712,3 +713,24 @@ def test_nll_loss_ignored_rows_with_non_finite_values(backend):
                 _same(gpuloss.nll_loss(x, t, weight=weight, ignore_index=ii, reduction=reduction,
                                        backend=backend.name),
                       F.nll_loss(x, t, weight=weight, ignore_index=ii, reduction=reduction))
+
+
+def test_probability_target_gradients_keep_infinite_and_nan_slopes(backend):
+    """The class weight's and the probabilities' gradients with probability
+    targets were clamped to finite numbers (nan_to_num, to keep the loss's
+    value free of 0 * inf): a -inf logit gave the largest float where torch
+    gives inf, a NaN row finite numbers where torch gives NaN."""
+    inf, nan = math.inf, math.nan
+    for rows in ([[-inf, 1.0, 2.0], [nan, 0.1, 0.2]], [[-inf, 1.0, 2.0], [0.0, 0.1, 0.2]]):
+        x = _t(backend, rows)
+        for reduction in ("sum", "mean", "none"):
+            got = []
+            for fn in (F.cross_entropy, functools.partial(gpuloss.cross_entropy, backend=backend.name)):
+                w = _t(backend, [0.5, 1.0, 1.5], grad=True)
+                p = _t(backend, [[0.2, 0.3, 0.5], [0.3, 0.3, 0.4]], grad=True)
+                loss = fn(x, p, weight=w, reduction=reduction, label_smoothing=0.1)
+                loss.sum().backward()
+                got.append((loss, w.grad, p.grad))
+            for a, b in zip(got[1], got[0]):
+                _same(a, b)
+            assert not torch.isfinite(got[1][1]).all()
