@@ -347,7 +347,8 @@ def check_weight(name: str, weight: Any, kind: str, C: int, input: Any = None, p
     of ``input``'s dtype and not requiring grad.  With probability targets
     torch promotes their dtype (an integer or bool weight too: it takes the
     logits' floating dtype) and differentiates them.  ``any_dtype``: any
-    floating, integer or bool dtype (torch's chunked linear cross-entropy)."""
+    floating, integer or bool dtype, requiring grad or not (torch's chunked
+    linear cross-entropy)."""
     if weight is None:
         return
     if not ((prob or any_dtype) and (dtype_name(weight, kind) in INT_DTYPES or dtype_name(weight, kind) == "bool")):
@@ -357,7 +358,8 @@ def check_weight(name: str, weight: Any, kind: str, C: int, input: Any = None, p
                                  f"got shape {tuple(weight.shape)}")
     if prob:
         return
-    check_no_grad(name, weight, kind, "the loss")
+    if not any_dtype:  # torch's chunked operator takes one that requires grad (and leaves its grad None)
+        check_no_grad(name, weight, kind, "the loss")
     if input is not None and not any_dtype and dtype_name(weight, kind) != dtype_name(input, kind):
         raise ArgumentTypeError(f"{name} must have input's dtype {dtype_name(input, kind)}, got "
                                 f"{dtype_name(weight, kind)}")

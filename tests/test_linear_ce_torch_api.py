@@ -323,7 +323,8 @@ def test_options_take_a_class_weight_of_any_dtype_as_torchs_chunked_path():
     """With ``options``, torch's chunked operator takes a class weight of any
     dtype (float64 or int64 next to float32 operands) and converts it; its
     reference path (no options, or label smoothing) refuses one that is not
-    the input's dtype.  gpuloss refused both."""
+    the input's dtype.  gpuloss refused both, and a weight that requires grad
+    (torch's chunked operator takes it and leaves its gradient None)."""
     import warnings
     x = torch.randn(5, 4, dtype=torch.float32, requires_grad=True)
     W = torch.randn(6, 4, dtype=torch.float32, requires_grad=True)
@@ -338,6 +339,11 @@ def test_options_take_a_class_weight_of_any_dtype_as_torchs_chunked_path():
             for a, b in zip(torch.autograd.grad(ours.sum(), (x, W)), torch.autograd.grad(theirs.sum(), (x, W))):
                 torch.testing.assert_close(a, b)
         assert gnn.LinearCrossEntropyLoss(4, 6, weight=w, options=opts)(x, t).dtype == torch.float32
+        if w.is_floating_point():  # one that requires grad: taken, its grad left None (torch's chunked op)
+            wg = w.clone().requires_grad_()
+            for fn in (gpuloss.linear_cross_entropy, F.linear_cross_entropy):
+                fn(x, W, t, weight=wg, options=opts).backward()
+            assert wg.grad is None
         for kw in (dict(), dict(options=opts, label_smoothing=0.1)):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
