@@ -214,6 +214,11 @@ def check_ce_target(name: str, target: Any, kind: str, input: Any, ignore_index:
     (probability targets take no ignore_index >= 0, as in torch)."""
     if is_floating(target, kind):
         if tuple(target.shape) != tuple(input.shape):
+            if input.ndim >= 2 and target.ndim >= 1 and target.shape[0] != input.shape[0]:
+                # torch's check, and its error class (ValueError), come first
+                raise ArgumentValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                                         f"({target.shape[0]}): {name} of shape {tuple(target.shape)} for input of "
+                                         f"shape {tuple(input.shape)}")
             raise ArgumentTypeError(
                 f"{name} is floating-point ({dtype_name(target, kind)}) with shape {tuple(target.shape)}: "
                 f"class-index targets must be integers of shape {_ce_target_shape(input)}, probability "

@@ -537,3 +537,18 @@ def test_numpy_masked_arrays_and_matrices_are_refused():
 
     ours = gpuloss.cross_entropy(x.view(Tagged), np.array([0, 1, 2, 3]))
     assert ours == gpuloss.cross_entropy(x, np.array([0, 1, 2, 3]))
+
+
+def test_floating_target_batch_mismatch_is_torchs_value_error():
+    """A floating target whose batch size differs from the input's: torch
+    raises ValueError ("Expected input batch_size ... to match target
+    batch_size"); gpuloss raised a TypeError (about the target's dtype)."""
+    import gpuloss
+    import torch
+    for t in (torch.rand(3), torch.rand(3, 5)):
+        with pytest.raises(ValueError, match="Expected input batch_size"):
+            torch.nn.functional.cross_entropy(torch.randn(2, 5), t)
+        with pytest.raises(ValueError, match=r"Expected input batch_size \(2\) to match target batch_size \(3\)"):
+            gpuloss.cross_entropy(torch.randn(2, 5), t)
+    with pytest.raises(TypeError, match="probability targets must have input's shape"):
+        gpuloss.cross_entropy(torch.randn(2, 5), torch.rand(2, 4))  # same batch: torch's message is about shape
