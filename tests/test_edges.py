@@ -734,3 +734,20 @@ def test_probability_target_gradients_keep_infinite_and_nan_slopes(backend):
             for a, b in zip(got[1], got[0]):
                 _same(a, b)
             assert not torch.isfinite(got[1][1]).all()
+
+
+def test_bce_with_logits_target_gradient_at_infinite_logits(backend):
+    """With pos_weight the target's gradient is pw sp(-x) - sp(x); formed as
+    -x + (pw - 1) sp(-x) it was inf - inf = NaN at x = -inf, where torch
+    gives +inf (and pw < 1)."""
+    inf = math.inf
+    x = _t(backend, [[-inf, -50.0, -1.0, 0.0, 3.0, inf]], grad=True)
+    for pw in (0.86, 2.5):
+        got = []
+        for fn in (F.binary_cross_entropy_with_logits,
+                   functools.partial(gpuloss.binary_cross_entropy_with_logits, backend=backend.name)):
+            t = _t(backend, [[0.94, 0.1, 0.5, 1.0, 0.0, 0.2]], grad=True)
+            loss = fn(x, t, pos_weight=_t(backend, [pw] * 6), reduction="sum")
+            got.append(torch.autograd.grad(loss, t)[0])
+        _same(got[1], got[0])
+        assert got[1][0, 0] == inf

@@ -3,7 +3,7 @@
 //   OP 1  KL (prob target)    l = xlogy(t, t) - t x           dx = -t,         dt = log t + 1 - x (NaN at 0)
 //   OP 2  KL (log target)     l = e^t (t - x)                 dx = -e^t,       dt = e^t (t - x + 1)
 //   OP 3  BCE with logits     l = w ((1-t) x + lw sp(-x)),  lw = 1 + (pw - 1) t,  sp = softplus
-//                             dx = w ((1 - t) - lw sigmoid(-x)),  dt = w (-x + (pw - 1) sp(-x))
+//                             dx = w ((1 - t) - lw sigmoid(-x)),  dt = w (pw sp(-x) - sp(x))
 //   OP 4  BCE on probs        l = -w (t max(log p, -100) + (1-t) max(log(1-p), -100))
 //                             dp = w (p - t) / max(p (1 - p), 1e-12),  dt = -w (lp - l1p)
 // Every gradient is multiplied by ``scale`` (1, or 1/divisor for mean-like reductions, which
@@ -57,11 +57,12 @@ gpuloss_elementwise(const typename D::store* __restrict__ X_ptr, const typename 
             const A pw = ew_aux(PW_ptr, pw_mode, PW_row_stride, r, c);
             const A lw = 1 + (pw - 1) * t;
             const A e = gl_exp(-gl_abs(x));                    // in (0, 1]: no overflow
-            const A sp = gl_log1p(e) + gl_max(-x, (A)0);         // softplus(-x)
+            const A l1 = gl_log1p(e);
+            const A sp = l1 + gl_max(-x, (A)0);                  // softplus(-x)
             const A sig_neg = x >= (A)0 ? e / (1 + e) : 1 / (1 + e);  // sigmoid(-x)
             l = w * ((1 - t) * x + lw * sp);
             gx = w * ((1 - t) - lw * sig_neg);
-            gt = w * (-x + (pw - 1) * sp);
+            gt = w * (pw * sp - (l1 + gl_max(x, (A)0)));        // -x + (pw - 1) sp, no inf - inf at x = -inf
         } else {
             const A w = ew_aux(W_ptr, w_mode, W_row_stride, r, c);
             const A lp = gl_max(gl_log(x), (A)-100);

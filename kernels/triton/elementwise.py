@@ -103,17 +103,18 @@ def bce_with_logits_kernel(
 ):
     """sp = log(1 + e^-x) (stable), lw = 1 + (pw - 1) t:
     loss = w ((1 - t) x + lw sp), dx = w ((1 - t) - lw sigmoid(-x)),
-    dt = w (-x + (pw - 1) sp)."""
+    dt = w (-x + (pw - 1) sp), formed as w (pw sp - softplus(x)) (no inf - inf at x = -inf)."""
     pid, rows, cols, mask = _tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
     scale = scalar_acc(scale, ACC)
     x = tl.load(X_ptr + rows * X_row_stride + cols, mask=mask, other=0.0).to(ACC)
     t = tl.load(T_ptr + rows * T_row_stride + cols, mask=mask, other=0.0).to(ACC)
-    sp = log1p(tl.exp(-tl.abs(x))) + tl.maximum(-x, 0.0)
+    l1 = log1p(tl.exp(-tl.abs(x)))
+    sp = l1 + tl.maximum(-x, 0.0)
     sig_neg = 1.0 / (1.0 + tl.exp(x))
     if HAS_POS_WEIGHT:
         pwm1 = tl.load(PW_ptr + rows * PW_row_stride + cols, mask=mask, other=1.0).to(ACC) - 1.0
         lw = 1.0 + pwm1 * t
-        gt = -x + pwm1 * sp
+        gt = (pwm1 + 1.0) * sp - (l1 + tl.maximum(x, 0.0))
     else:
         lw = 1.0
         gt = -x

@@ -114,7 +114,7 @@ def bce_with_logits(x: np.ndarray, target: np.ndarray, weight: Optional[np.ndarr
 
         loss = w ((1 - t) x + lw sp)
         dx   = w ((1 - t) - lw sigmoid(-x))
-        dt   = w (-x + (pw - 1) sp)
+        dt   = w (-x + (pw - 1) sp) = w (pw sp - softplus(x))
     """
     cd = T.compute_dtype(x, target)
 
@@ -147,12 +147,14 @@ def bce_with_logits(x: np.ndarray, target: np.ndarray, weight: Optional[np.ndarr
             np.add(loss, tmp, out=loss)
         else:
             np.add(loss, sp, out=loss)
-        if gt is not None:  # w (-x + (pw - 1) sp)
+        if gt is not None:  # w (-x + (pw - 1) sp), with pos_weight as w (pw sp - softplus(x)): finite at x = -inf
             tmp = T.scratch("dot", xs.shape, cd)
             if pw is not None:
-                np.subtract(pw, 1.0, out=tmp, dtype=cd, casting="unsafe")
-                np.multiply(tmp, sp, out=tmp)
-                np.subtract(tmp, xs, out=tmp)
+                np.multiply(pw, sp, out=tmp, dtype=cd, casting="unsafe")
+                spx = T.scratch("spx", xs.shape, cd)
+                np.log1p(en, out=spx)
+                np.add(spx, np.maximum(xs, 0.0, dtype=cd), out=spx)
+                np.subtract(tmp, spx, out=tmp)
             else:
                 np.negative(xs, out=tmp)
             if wb is not None:
