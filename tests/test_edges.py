@@ -751,3 +751,18 @@ def test_bce_with_logits_target_gradient_at_infinite_logits(backend):
             got.append(torch.autograd.grad(loss, t)[0])
         _same(got[1], got[0])
         assert got[1][0, 0] == inf
+
+
+def test_ignored_row_gradient_with_inf_or_nan_logits(backend):
+    """torch's gradient of an ignored row is 0, or NaN across the row where
+    its softmax is NaN (a NaN or +inf logit, or every logit -inf); the NumPy
+    backend gave NaN only at the +inf entries and 0 elsewhere."""
+    inf, nan = math.inf, math.nan
+    for row in ([inf, 3.95, 1.0], [inf, inf, 1.0], [nan, 1.0, 2.0], [-inf, 1.0, 2.0], [-inf, -inf, -inf]):
+        for ls in (0.0, 0.1):
+            got = []
+            for fn in (F.cross_entropy, functools.partial(gpuloss.cross_entropy, backend=backend.name)):
+                x = _t(backend, [row, [1.0, 2.0, 0.0]], grad=True)
+                fn(x, _t(backend, [-100, 0], torch.int64), reduction="sum", label_smoothing=ls).backward()
+                got.append(x.grad)
+            _same(got[1], got[0], rtol=1e-6, atol=1e-7)

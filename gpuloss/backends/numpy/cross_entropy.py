@@ -146,7 +146,8 @@ class _CrossEntropy(T.RowResults):
         a = (1.0 - eps) * wt_ + (eps / C) * self.Wsum
         if zl:
             a = a + 2.0 * zl * lse
-        coef = np.where(ign, 0.0, rs * a / s)
+        # an ignored row's gradient is 0, or NaN where its softmax is (a NaN or +inf logit: s is NaN), as torch's
+        coef = np.where(ign, 0.0 * s, rs * a / s)
         tsub = rs * ((1.0 - eps) * wt_)
         srow = rs * (eps / C) if eps else None
         return loss, coef.astype(self.cd, copy=False), tsub, srow
