@@ -221,11 +221,12 @@ def _row_loss_shape(input) -> tuple:
 
 
 def _empty_class(kind, input, target, prob: bool, ignore_index: int, eps: float, reduction: str, return_grad,
-                 z_loss: float = 0.0):
+                 z_loss: float = 0.0, weight=None):
     """cross_entropy / nll_loss over logits that hold no element (torch's
-    result, :func:`gpuloss._layout.empty_class_loss`)."""
+    result, :func:`gpuloss._layout.empty_class_loss`); in autograd's graph of
+    the logits, and with probability targets of them and the class weight."""
     loss = L.empty_class_loss(kind, input, target, prob, ignore_index, eps, reduction, z_loss)
-    loss = L.connected(loss, kind, input, target if prob else None)
+    loss = L.connected(loss, kind, input, *((target, weight) if prob else ()))
     if not return_grad:
         return loss
     gt = L.zeros(target, tuple(target.shape), kind) if (prob and return_grad == "all") else None
@@ -291,7 +292,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     be = backend_for(kind, device, backend, "cross_entropy", x, 1 if x.ndim >= 2 else 0)
     if L.numel(input, kind) == 0:
         return L.loss_as(_empty_class(kind, x, target, prob, ignore_index, float(label_smoothing), reduction,
-                                      return_grad, float(z_loss)), loss_dtype, kind)
+                                      return_grad, float(z_loss), weight), loss_dtype, kind)
     if x.ndim == 1:  # one unbatched row
         rows, layout = x.reshape(1, C), ("0d", (C,))
         t_rows = target.reshape(1, C) if prob else target.reshape(1)

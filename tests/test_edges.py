@@ -766,3 +766,20 @@ def test_ignored_row_gradient_with_inf_or_nan_logits(backend):
                 fn(x, _t(backend, [-100, 0], torch.int64), reduction="sum", label_smoothing=ls).backward()
                 got.append(x.grad)
             _same(got[1], got[0], rtol=1e-6, atol=1e-7)
+
+
+def test_empty_probability_targets_keep_the_class_weight_in_the_graph(backend):
+    """An empty batch with probability targets and a class weight that
+    requires grad: torch's loss backpropagates (zero gradients); gpuloss's
+    loss was cut off from the weight (and did not require grad without other
+    inputs that do), so backward() raised."""
+    for reduction in ("mean", "sum", "none"):
+        w = _t(backend, [1.0, 2.0, 3.0], grad=True)
+        loss = gpuloss.cross_entropy(_t(backend, np.zeros((0, 3))), _t(backend, np.zeros((0, 3))), weight=w,
+                                     reduction=reduction, backend=backend.name)
+        theirs = F.cross_entropy(_t(backend, np.zeros((0, 3))), _t(backend, np.zeros((0, 3))), weight=w,
+                                 reduction=reduction)
+        assert loss.requires_grad and theirs.requires_grad
+        _same(loss, theirs)
+        loss.sum().backward()
+        _same(w.grad, torch.zeros_like(w))
