@@ -546,6 +546,16 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="torch.nn.Linear.*Sequential"):
         gt.apply_gpuloss(model)
     gt.apply_gpuloss(model, fused_linear=False)  # any head works without the fused path
+
+    class AdapterLinear(torch.nn.Linear):  # as peft's LoRA layer on lm_head: a Linear with its own forward
+        def forward(self, x):
+            return super().forward(x) * 2
+
+    model = _model("llama")
+    model.lm_head = AdapterLinear(32, V, bias=False)
+    with pytest.raises(ValueError, match=r"plain torch.nn.Linear.*test_transformers.*AdapterLinear \(a torch.nn.Linear "
+                                         r"subclass with its own forward"):
+        gt.apply_gpuloss(model)
     model = _model("llama")
     model.base_model_prefix = "decoder"
     model.backbone = model.model

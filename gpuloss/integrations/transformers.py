@@ -480,8 +480,12 @@ def _check_head(model, head) -> None:
         raise ValueError(f"apply_gpuloss(fused_linear=True) needs a base model and an lm_head; {name} has no "
                          f"output embedding (get_output_embeddings() is None)")
     if not isinstance(head, torch.nn.Linear) or type(head).forward is not torch.nn.Linear.forward:
-        raise ValueError(f"apply_gpuloss(fused_linear=True) needs lm_head to be a torch.nn.Linear (logits = "
-                         f"F.linear(hidden, weight, bias)); {name}'s is a {type(head).__name__}. "
+        kind = type(head)
+        what = f"{kind.__module__}.{kind.__qualname__}"
+        if isinstance(head, torch.nn.Linear):
+            what += " (a torch.nn.Linear subclass with its own forward, e.g. an adapter such as LoRA)"
+        raise ValueError(f"apply_gpuloss(fused_linear=True) needs lm_head to be a plain torch.nn.Linear (logits = "
+                         f"F.linear(hidden, weight, bias)); {name}'s is a {what}. "
                          f"fused_linear=False works with any head")
     if not head.weight.is_floating_point():
         raise ValueError(f"apply_gpuloss(fused_linear=True): lm_head.weight is {head.weight.dtype}, not floating")
