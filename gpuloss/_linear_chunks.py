@@ -323,14 +323,18 @@ class _Loop:
         # dZ over z (a float32 copy only where the backend could not write in
         # place, e.g. bf16 CPU tensors served by NumPy): back to W's dtype
         dz = ops.cast(res.grad, self.W).reshape(m, self.VT)
+        # the bias gradient is a column sum: from the float32 dZ where there is one, not from dZ rounded to
+        # a 16-bit W's dtype (the matmuls' operand), whose per-element roundings it would add up
+        dz_b = res.grad.reshape(m, self.VT) if self.gb is not None and res.grad.dtype != dz.dtype else None
         g = None if self.row_grad is None else self.row_grad[c0 * P:c1 * P]
         if g is not None and P > 1:  # per-position upstream gradient: scale dZ itself
             dz = ops.rowscale(dz.reshape(m * P, C), g).reshape(m, self.VT)
-            g = None
-        self.contract(c0, c1, hc, dz, g)
+            g, dz_b = None, None
+        self.contract(c0, c1, hc, dz, g, dz_b)
 
-    def contract(self, c0: int, c1: int, hc, dz, g) -> None:
-        """The chunk's share of the three gradients from dZ."""
+    def contract(self, c0: int, c1: int, hc, dz, g, dz_b=None) -> None:
+        """The chunk's share of the three gradients from dZ (``dz_b``: a
+        higher-precision dZ for the bias gradient, when there is one)."""
         ops = self.ops
         if self.need_h:
             if self.keep32:
@@ -350,10 +354,11 @@ class _Loop:
             else:
                 ops.mm_acc(self.gw, dz.T, hs, self.slab)
         if self.gb is not None:
+            db = dz if dz_b is None else dz_b
             if g is None:
-                ops.colsum_acc(self.gb, dz)
+                ops.colsum_acc(self.gb, db)
             else:
-                ops.mv_acc(self.gb, dz.T, g)
+                ops.mv_acc(self.gb, db.T, g)
 
     def run(self) -> LinearOut:
         ce_opts = self.ce_options()
