@@ -10,7 +10,8 @@ __version__ = "0.1.0"
 from .config import set_value_checks, value_checks  # noqa: F401
 from .dispatch import (BackendUnavailableError, backend_status, get_backend, register,  # noqa: F401
                        use_backend)
-from .errors import ArgumentTypeError, ArgumentValueError, ClassIndexError, DimensionError  # noqa: F401
+from .errors import (ArgumentDtypeError, ArgumentTypeError, ArgumentValueError, ClassIndexError,  # noqa: F401
+                     DimensionError)
 from .functional import (LossGrad, binary_cross_entropy, binary_cross_entropy_with_logits,  # noqa: F401
                          cross_entropy, kl_div, kl_div_with_logits, log_softmax, log_softmax_backward,
                          mse_loss, nll_loss, softmax, softmax_backward)
@@ -21,5 +22,5 @@ __all__ = [
     "kl_div", "kl_div_with_logits", "binary_cross_entropy_with_logits", "binary_cross_entropy", "mse_loss",
     "linear_cross_entropy", "LinearLossGrad", "LossGrad", "use_backend", "backend_status", "get_backend", "register", "BackendUnavailableError",
     "set_value_checks", "value_checks",
-    "ArgumentValueError", "ArgumentTypeError", "ClassIndexError", "DimensionError",
+    "ArgumentValueError", "ArgumentTypeError", "ArgumentDtypeError", "ClassIndexError", "DimensionError",
 ]

@@ -19,7 +19,7 @@ import numpy as np
 from . import _layout as L
 from . import config
 from ._arrays import FLOAT_DTYPES, INT_DTYPES, dtype_name
-from .errors import ArgumentTypeError, ArgumentValueError, ClassIndexError, DimensionError
+from .errors import ArgumentDtypeError, ArgumentTypeError, ArgumentValueError, ClassIndexError, DimensionError
 
 _REDUCTIONS = ("none", "mean", "sum")
 _KL_REDUCTIONS = ("none", "mean", "sum", "batchmean")
@@ -44,7 +44,7 @@ def is_integer(a: Any, kind: str) -> bool:
 
 def check_floating(name: str, a: Any, kind: str) -> None:
     if not is_floating(a, kind):
-        raise ArgumentTypeError(f"{name} must be a floating-point array (float16, bfloat16, float32 or float64), "
+        raise ArgumentDtypeError(f"{name} must be a floating-point array (float16, bfloat16, float32 or float64), "
                                 f"got {dtype_name(a, kind)}")
 
 

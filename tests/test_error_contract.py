@@ -552,3 +552,22 @@ def test_floating_target_batch_mismatch_is_torchs_value_error():
             gpuloss.cross_entropy(torch.randn(2, 5), t)
     with pytest.raises(TypeError, match="probability targets must have input's shape"):
         gpuloss.cross_entropy(torch.randn(2, 5), torch.rand(2, 4))  # same batch: torch's message is about shape
+
+
+def test_integer_input_is_also_torchs_not_implemented_error():
+    """torch's kernels raise NotImplementedError ("... not implemented for
+    'Long'") for integer input; gpuloss's dtype error is that too (and a
+    TypeError, and a RuntimeError)."""
+    import gpuloss
+    import torch
+    import torch.nn.functional as F
+    xi = torch.ones(3, 5, dtype=torch.int64)
+    t = torch.tensor([0, 1, 2])
+    for name, args in (("softmax", (xi, -1)), ("log_softmax", (xi, -1)), ("cross_entropy", (xi, t)),
+                       ("nll_loss", (xi, t)), ("mse_loss", (xi, xi)), ("binary_cross_entropy_with_logits", (xi, xi))):
+        with pytest.raises(NotImplementedError):
+            getattr(F, name)(*args)
+        with pytest.raises(NotImplementedError, match="must be a floating-point array") as info:
+            getattr(gpuloss, name)(*args)
+        assert isinstance(info.value, gpuloss.ArgumentDtypeError) and isinstance(info.value, TypeError)
+        assert isinstance(info.value, RuntimeError)
