@@ -89,8 +89,6 @@ def classify(named: Iterable[Tuple[str, Any]], optional: Iterable[str] = ()) -> 
             raise ArgumentValueError(f"mixed devices: {first} is on {device} but {name} is on {d}")
     if first is None:
         raise ArgumentTypeError("no array argument given")
-    if kind == "torch":
-        _refuse_functorch(named)
     return kind, device
 
 
@@ -103,43 +101,6 @@ def _check_ndarray_subclass(name: str, a) -> None:
                                 f"{name}.filled(value) or select the unmasked elements first")
     if isinstance(a, np.matrix):
         raise ArgumentTypeError(f"{name} is a numpy.matrix; pass np.asarray({name})")
-
-
-def _refuse_functorch(named) -> None:
-    """torch.func transforms (grad, vmap, jacrev, functional_call's grad...)
-    cannot run gpuloss's custom operators (their autograd formulas and
-    batching rules are torch.autograd's, not functorch's), and torch's own
-    error there names an internal class; say what to do instead."""
-    import torch
-    if torch.compiler.is_compiling():
-        return
-    wrapped = getattr(torch._C, "_functorch", None)
-    test = getattr(wrapped, "is_functorch_wrapped_tensor", None)
-    if test is None:
-        return
-    for name, a in named:
-        if a is not None and test(a):
-            raise NotImplementedError(
-                f"gpuloss does not support torch.func transforms (grad, vmap, jacrev, ...): {name} is a "
-                f"tensor being transformed; use torch.nn.functional inside torch.func, or torch.autograd "
-                f"(loss.backward(), torch.autograd.grad) with gpuloss")
-    _refuse_forward_ad(named)
-
-
-def _refuse_forward_ad(named) -> None:
-    """Forward-mode AD (``torch.autograd.forward_ad`` dual tensors, as
-    ``torch.func.jvp`` makes): gpuloss's operators have backward formulas
-    only, and torch would return the loss with no tangent at all (a silent
-    zero directional derivative); refuse instead."""
-    from torch.autograd import forward_ad
-    if getattr(forward_ad, "_current_level", -1) < 0:  # no dual level entered: no tangents exist
-        return
-    for name, a in named:
-        if a is not None and forward_ad.unpack_dual(a).tangent is not None:
-            raise NotImplementedError(
-                f"gpuloss does not support forward-mode AD: {name} carries a forward-mode tangent "
-                f"(torch.autograd.forward_ad / torch.func.jvp); use torch.nn.functional for forward-mode "
-                f"derivatives, or reverse mode (loss.backward(), torch.autograd.grad) with gpuloss")
 
 
 def dtype_name(a: Any, kind: str) -> str:

@@ -28,7 +28,6 @@ from __future__ import annotations
 import math
 import warnings
 
-from . import _layout as L
 from .errors import ArgumentValueError
 
 _WARNED = set()
@@ -36,15 +35,16 @@ _WARNED = set()
 
 def active(input, *others) -> bool:
     """Whether torch's own operations must compute this call: ``torch.jit.trace``
-    is recording, or one of the tensors is being transformed by ``torch.func``
-    or carries a forward-mode tangent.  Asked only when ``input`` is a tensor
-    (see :func:`gpuloss._layout.torch_tracing`); never while torch.compile
-    traces (it runs gpuloss's operators)."""
-    if L.torch_tracing(input, "jit"):
-        return True
+    is recording, one of the tensors is being transformed by ``torch.func``
+    or carries a forward-mode tangent, or ``input`` is a meta tensor.  Asked
+    only when ``input`` is a tensor (torch is imported then: see
+    :func:`gpuloss._layout.torch_tracing`); never while torch.compile traces
+    (it runs gpuloss's operators)."""
     if not hasattr(input, "__torch_function__"):
         return False
     import torch
+    if torch.jit.is_tracing():
+        return True
     if torch.compiler.is_compiling():
         return False
     if input.is_meta:  # no values: torch's operations give the shapes and dtypes (no gpuloss backend serves meta)
