@@ -68,6 +68,19 @@ def _transformed(arrays) -> bool:
     return False
 
 
+def refuse_transformed(name: str, *arrays) -> None:
+    """For the functions with no torch-operations form (the vocabulary-parallel
+    losses, whose collectives sit inside their operators): a transformed or
+    dual tensor among ``arrays`` is refused by name, where torch would raise
+    about an internal autograd.Function (torch.func) or return the loss with
+    no tangent at all (forward-mode AD)."""
+    import torch
+    if not torch.compiler.is_compiling() and _transformed(arrays):
+        raise NotImplementedError(f"gpuloss.distributed.{name} does not support torch.func transforms (grad, vmap, "
+                                  f"jacrev, jvp, ...) or forward-mode AD; use torch.autograd (loss.backward(), "
+                                  f"torch.autograd.grad)")
+
+
 def _jit() -> bool:
     import torch
     return torch.jit.is_tracing()

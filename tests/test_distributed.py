@@ -752,6 +752,27 @@ def test_not_initialised_is_an_error():
         vocab_parallel_cross_entropy(x, torch.tensor([0, 1, 2]))
 
 
+def test_transforms_are_refused_before_any_collective():
+    """torch.func transforms and forward-mode tangents are refused by name (no
+    process group needed): torch raised about an internal autograd.Function
+    under torch.func, and a dual tensor gave the loss with no tangent at all."""
+    import torch.autograd.forward_ad as fwAD
+    from gpuloss.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy
+    x = torch.randn(3, 4, dtype=torch.float64)
+    W = torch.randn(5, 4, dtype=torch.float64)
+    t = torch.tensor([0, 1, 2])
+    calls = {"vocab_parallel_cross_entropy": lambda a: vocab_parallel_cross_entropy(a, t),
+             "vocab_parallel_linear_cross_entropy": lambda a: vocab_parallel_linear_cross_entropy(a, W, t)}
+    for name, call in calls.items():
+        with pytest.raises(NotImplementedError, match=f"{name} does not support torch.func"):
+            torch.func.grad(call)(x)
+        with pytest.raises(NotImplementedError, match=f"{name} does not support torch.func"):
+            torch.func.vmap(call)(x[None])
+        with fwAD.dual_level():
+            with pytest.raises(NotImplementedError, match="forward-mode AD"):
+                call(fwAD.make_dual(x, torch.ones_like(x)))
+
+
 def test_bad_options_raise_before_any_collective():
     """Option errors are raised before the process group is even needed."""
     from gpuloss.distributed import vocab_parallel_cross_entropy, vocab_parallel_linear_cross_entropy

@@ -103,6 +103,7 @@ import torch
 from torch import Tensor
 
 from .. import _autocast as AC
+from .. import _traced as TR
 from .. import _validate as V
 from ..errors import ArgumentTypeError, ArgumentValueError
 from .layout import VocabLayout, check_options, group_name, layout_arguments, require_target
@@ -163,6 +164,7 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=Non
     if not isinstance(local_logits, Tensor) or not local_logits.is_floating_point() or local_logits.ndim < 1:
         raise ArgumentTypeError("local_logits must be a floating torch tensor with at least one dimension")
     require_target(target)
+    TR.refuse_transformed("vocab_parallel_cross_entropy", local_logits, target)
     name = group_name(group)
     vocab_start, vocab_size, vocab_sizes = layout_arguments(vocab_start, vocab_size, vocab_sizes)
     want_grad = torch.is_grad_enabled() and local_logits.requires_grad
@@ -229,6 +231,7 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
     if hidden.ndim < 1:
         raise ArgumentValueError("hidden must be (..., H)")
     require_target(target)
+    TR.refuse_transformed("vocab_parallel_linear_cross_entropy", hidden, local_weight, target, local_bias)
     name = group_name(group)
     vocab_start, vocab_size, vocab_sizes = layout_arguments(vocab_start, vocab_size, vocab_sizes)
     # torch.autocast: the projection's operands in autocast's dtype, as F.linear's
