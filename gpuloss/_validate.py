@@ -18,7 +18,7 @@ import numpy as np
 
 from . import _layout as L
 from . import config
-from ._arrays import FLOAT_DTYPES, INT_DTYPES, dtype_name
+from ._arrays import FLOAT_DTYPES, dtype_name
 from .errors import ArgumentDtypeError, ArgumentTypeError, ArgumentValueError, ClassIndexError, DimensionError
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -40,6 +40,11 @@ def is_integer(a: Any, kind: str) -> bool:
         import torch
         return not a.dtype.is_floating_point and not a.dtype.is_complex and a.dtype != torch.bool
     return np.issubdtype(a.dtype, np.integer)
+
+
+def is_integral(a: Any, kind: str) -> bool:
+    """An integer or bool array (what torch promotes to a floating dtype)."""
+    return is_integer(a, kind) or dtype_name(a, kind) == "bool"
 
 
 def check_floating(name: str, a: Any, kind: str) -> None:
@@ -356,7 +361,7 @@ def check_weight(name: str, weight: Any, kind: str, C: int, input: Any = None, p
     linear cross-entropy)."""
     if weight is None:
         return
-    if not ((prob or any_dtype) and (dtype_name(weight, kind) in INT_DTYPES or dtype_name(weight, kind) == "bool")):
+    if not ((prob or any_dtype) and is_integral(weight, kind)):
         check_floating(name, weight, kind)
     if weight.ndim != 1 or weight.shape[0] != C:
         raise ArgumentValueError(f"{name} must be a 1-D array of length C={C} (one weight per class), "

@@ -580,9 +580,9 @@ def _integral_promoted(kind: str, input, target):
     would give float64 for float32 and int64).  Two integral operands stay
     as they are (and are refused, as torch refuses them)."""
     fx, ft = V.is_floating(input, kind), V.is_floating(target, kind)
-    if fx and not ft and _is_numeric(target, kind):
+    if fx and not ft and V.is_integral(target, kind):
         return input, L.astype(target, input.dtype, kind)
-    if ft and not fx and _is_numeric(input, kind):
+    if ft and not fx and V.is_integral(input, kind):
         return L.astype(input, target.dtype, kind), target
     return input, target
 
@@ -591,17 +591,12 @@ def _integral_weight(kind: str, name: str, w, input):
     """The BCE losses' ``weight`` / ``pos_weight`` as torch takes them: an
     integer (or, for ``weight``, bool) array in input's floating dtype.  A
     bool ``pos_weight`` is refused, as torch refuses it (it subtracts 1)."""
-    if w is None or V.is_floating(w, kind) or not _is_numeric(w, kind) or not V.is_floating(input, kind):
+    if w is None or V.is_floating(w, kind) or not V.is_integral(w, kind) or not V.is_floating(input, kind):
         return w
     if name == "pos_weight" and dtype_name(w, kind) == "bool":
         raise ArgumentTypeError("pos_weight must be a floating-point or integer array, got bool (torch subtracts 1 "
                                 "from it, which a bool tensor does not support)")
     return L.astype(w, input.dtype, kind)
-
-
-def _is_numeric(a, kind: str) -> bool:
-    """An integer or bool array (what torch promotes to a floating dtype)."""
-    return V.is_integer(a, kind) or dtype_name(a, kind) == "bool"
 
 
 def _empty_elementwise(kind: str, input, target, reduction: str) -> LossResult:
