@@ -47,6 +47,13 @@ def is_integral(a: Any, kind: str) -> bool:
     return is_integer(a, kind) or dtype_name(a, kind) == "bool"
 
 
+def floating_result_dtype(kind: str, *arrays) -> Any:
+    """torch's promoted dtype of the floating arrays among ``arrays`` (None
+    and integer/bool arrays, which take a floating dtype, take no part): the
+    dtype of cross-entropy with probability targets and a class weight."""
+    return L.result_dtype(kind, *(a for a in arrays if a is not None and is_floating(a, kind)))
+
+
 def check_floating(name: str, a: Any, kind: str) -> None:
     if not is_floating(a, kind):
         raise ArgumentDtypeError(f"{name} must be a floating-point array (float16, bfloat16, float32 or float64), "

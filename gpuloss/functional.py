@@ -284,7 +284,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
         V.check_inplace_ok("input", input, kind, return_grad)
     x, caller_target = input, target
     if prob:  # torch promotes logits, probabilities and class weights to one dtype
-        dt = L.result_dtype(kind, *(a for a in (input, target, weight) if a is not None and V.is_floating(a, kind)))
+        dt = V.floating_result_dtype(kind, input, target, weight)
         x, target = L.astype(input, dt, kind), L.astype(target, dt, kind)
     else:
         target = V.as_index_target("target", target, kind)

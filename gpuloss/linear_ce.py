@@ -375,7 +375,7 @@ def _promoted(kind: str, input, linear_weight, linear_bias, target, weight, loss
     probabilities keep their matmuls and give the loss as accumulated in
     float32; float64 probabilities or weights make the whole computation
     float64."""
-    dt = Lay.result_dtype(kind, *(a for a in (input, target, weight) if a is not None and VAL.is_floating(a, kind)))
+    dt = VAL.floating_result_dtype(kind, input, target, weight)
     if dt == input.dtype:
         return input, linear_weight, linear_bias, loss_dtype
     if str(dt).replace("torch.", "") == "float64":
