@@ -19,6 +19,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _validate as V
+from .._arrays import FLOAT_DTYPES
 from ..errors import ArgumentTypeError, ArgumentValueError
 
 
@@ -61,7 +62,6 @@ _ERR_TEXT = {
 (_F_VLOCAL, _F_START, _F_VTOTAL, _F_ROWS, _F_TMIN, _F_TMAX, _F_ERR, _F_SUM1, _F_SUM2, _F_HAS_SIZES, _F_DTYPE,
  _F_OPTS) = range(12)
 _NFIELDS = 12
-_DTYPES = ("float16", "bfloat16", "float32", "float64")
 _BIG = torch.iinfo(torch.int64).max
 
 #: layouts found by a validating call, reused by ``validate=False`` calls;
@@ -187,7 +187,7 @@ def agreement(dtype, *options) -> Tuple[int, int]:
     in the backend) or compute different losses (ignore_index, reduction,
     label smoothing, ...)."""
     name = str(dtype).replace("torch.", "")
-    return (_DTYPES.index(name) if name in _DTYPES else len(_DTYPES),
+    return (FLOAT_DTYPES.index(name) if name in FLOAT_DTYPES else len(FLOAT_DTYPES),
             zlib.crc32(repr(options).encode()) & 0x7FFFFFFF)
 
 
@@ -246,7 +246,7 @@ def _agreement_problems(G: List[List[int]], sizes: List[int]) -> List[str]:
     total = sum(sizes)
     for r, row in enumerate(G):
         if row[_F_DTYPE] != G[0][_F_DTYPE]:
-            name = lambda code: _DTYPES[code] if code < len(_DTYPES) else "not floating"  # noqa: E731
+            name = lambda code: FLOAT_DTYPES[code] if code < len(FLOAT_DTYPES) else "not floating"  # noqa: E731
             problems.append(f"rank {r}'s tensors are {name(row[_F_DTYPE])}, rank 0's {name(G[0][_F_DTYPE])} "
                             f"(every rank must pass one dtype)")
         if row[_F_OPTS] != G[0][_F_OPTS]:
@@ -327,17 +327,20 @@ def gather_and_decide(group, rank: int, world: int, device, v_local: int, vocab_
 
 def resolve_layout(name: str, device, v_local: int, target: Tensor, ignore_index: int,
                    vocab_start: Optional[int], vocab_size: Optional[int], vocab_sizes: Optional[Sequence[int]],
-                   local_err: int, validate: bool, agreed: Tuple[int, int] = (0, 0)):
+                   local_err: int, validate: bool, agree_on: tuple = ()):
     """(group, layout): validated by one all-gather, or (``validate=False``)
     from ``vocab_sizes`` or the per-process cache.  ``local_err``: the
     caller's tensor error bits (target dtype/shape, devices, shapes);
-    ``agreed``: :func:`agreement` of the dtype and options."""
+    ``agree_on``: the dtype and the options every rank must pass alike,
+    reduced by :func:`agreement` only where they are gathered (not on the
+    cached hot path)."""
     group, rank, world = process_group(name)
     local_err |= layout_errors(world, vocab_start, vocab_size, vocab_sizes)
     key = (name, rank, world, v_local, vocab_start, vocab_size)
     if validate:
         layout = gather_and_decide(group, rank, world, device, v_local, vocab_start, vocab_size, vocab_sizes,
-                                   target.numel(), None if local_err else target, ignore_index, local_err, agreed)
+                                   target.numel(), None if local_err else target, ignore_index, local_err,
+                                   agreement(*agree_on) if agree_on else (0, 0))
         _LAYOUT_CACHE[key] = layout
         return group, layout
     # hot path: no host read; a local problem can only be raised here
@@ -351,5 +354,6 @@ def resolve_layout(name: str, device, v_local: int, target: Tensor, ignore_index
         return group, VocabLayout(start=vocab_start or 0, size=v_local, vocab=v_local, sizes=(v_local,))
     if key not in _LAYOUT_CACHE:  # first call with this layout: one small collective
         _LAYOUT_CACHE[key] = gather_and_decide(group, rank, world, device, v_local, vocab_start, vocab_size,
-                                               None, target.numel(), None, ignore_index, 0, agreed)
+                                               None, target.numel(), None, ignore_index, 0,
+                                               agreement(*agree_on) if agree_on else (0, 0))
     return group, _LAYOUT_CACHE[key]

@@ -12,7 +12,7 @@ from torch import Tensor
 from .. import _autocast as AC
 from ..torch_ops import first_order
 from . import local as L
-from .layout import VocabLayout, agreement, linear_errors, local_rows, resolve_layout
+from .layout import VocabLayout, linear_errors, local_rows, resolve_layout
 from .ops import LAYOUT_ARGS, OPTION_ARGS
 
 Need = Tuple[bool, bool, bool]  # which of (hidden, weight, bias) want a gradient
@@ -166,8 +166,8 @@ def vocab_parallel_linear_cross_entropy_op(hidden: Tensor, local_weight: Tensor,
     err = linear_errors(hidden, local_weight, local_bias, target)
     pg, layout = resolve_layout(group, hidden.device, local_rows(local_weight), target, ignore_index, vocab_start,
                                 vocab_size, vocab_sizes, err, validate,
-                                agreement(hidden.dtype, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                                          chunk_size, hidden.shape[-1], local_bias is not None))
+                                (hidden.dtype, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size,
+                                 hidden.shape[-1], local_bias is not None))
     opts = L.CEOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
     chunk = default_chunk(layout, chunk_size, chunk_elements)
     need = (want_hidden, want_weight, want_bias)

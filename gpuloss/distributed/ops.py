@@ -19,7 +19,7 @@ from torch import Tensor
 
 from ..torch_ops import first_order, scaled_grad
 from . import local as L
-from .layout import VocabLayout, agreement, logits_errors, resolve_layout
+from .layout import VocabLayout, logits_errors, resolve_layout
 
 
 def _stats_pass(x2d: Tensor, info: L.RowInfo, smoothing: bool, softcap: Optional[float], step: int,
@@ -104,8 +104,7 @@ def vocab_parallel_cross_entropy_op(local_logits: Tensor, target: Tensor, group:
     the forward pass and its collectives run: all of it opaque to dynamo."""
     pg, layout = resolve_layout(group, local_logits.device, local_logits.shape[-1], target, ignore_index,
                                 vocab_start, vocab_size, vocab_sizes, logits_errors(local_logits, target), validate,
-                                agreement(local_logits.dtype, ignore_index, reduction, label_smoothing, z_loss,
-                                          softcap))
+                                (local_logits.dtype, ignore_index, reduction, label_smoothing, z_loss, softcap))
     opts = L.CEOptions(ignore_index, reduction, label_smoothing, z_loss, softcap)
     shape = local_logits.shape
     x2d = local_logits.reshape(math.prod(shape[:-1]), shape[-1])  # explicit: V_local may be 0
