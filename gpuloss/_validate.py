@@ -375,9 +375,10 @@ def check_weight(name: str, weight: Any, kind: str, C: int, input: Any = None, p
                                  f"got shape {tuple(weight.shape)}")
     if prob:
         return
-    if not any_dtype:  # torch's chunked operator takes one that requires grad (and leaves its grad None)
-        check_no_grad(name, weight, kind, "the loss")
-    if input is not None and not any_dtype and dtype_name(weight, kind) != dtype_name(input, kind):
+    if any_dtype:  # torch's chunked operator converts it, and takes one that requires grad (its grad left None)
+        return
+    check_no_grad(name, weight, kind, "the loss")
+    if input is not None and dtype_name(weight, kind) != dtype_name(input, kind):
         raise ArgumentTypeError(f"{name} must have input's dtype {dtype_name(input, kind)}, got "
                                 f"{dtype_name(weight, kind)}")
 
