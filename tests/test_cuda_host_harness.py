@@ -206,3 +206,42 @@ def test_kl_div_logits_masked_teacher_classes(harness, rng, layout):
         assert np.isfinite(want).all() and np.isfinite(loss).all() and np.isfinite(g).all(), op
         _close(loss, want, op)
         _close(g, ref.softmax(x) - d, op + " grad")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS, ids=lambda l: "K%d-T%d-V%d" % l)
+@pytest.mark.parametrize("where", ["first", "first-vector", "middle"])
+def test_nan_logit_propagates(harness, rng, layout, where):
+    """A NaN logit makes its row's loss and every output NaN, as torch's: also when it is the
+    first thing a thread folds, where the running max is still -inf and fmaxf(-inf, NaN) = -inf
+    (the row's other values must not hide it).  Rows 1 and 3 stay finite."""
+    K, T, VEC = layout
+    R, C = 4, 301
+    x = rng.standard_normal((R, C)).astype(np.float32).astype(np.float64)
+    cols = {"first": [0], "first-vector": list(range(VEC)), "middle": [C // 2]}[where]
+    for r in (0, 2):
+        x[r, cols] = np.nan
+    x[2, :C // 3] = -np.inf  # a NaN among -inf: the running max stays -inf past it
+    x[2, C // 3:C // 3 + 3] = rng.standard_normal(3)
+    if where != "middle":
+        x[2, cols] = np.nan
+    nan_rows = np.array([True, False, True, False])
+    t = np.array([5, 6, 7, -100])  # the target never at the NaN: the NaN reaches the loss via lse
+    y = rng.standard_normal((R, C))
+    y_nan = y.copy()
+    y_nan[0, cols] = np.nan
+    checks = [("ce", dict(t=t)), ("ce", dict(t=t, eps=0.1)), ("softmax_fwd", {}), ("softmax_fwd", dict(log=True)),
+              ("kl_logits", dict(aux=y))]
+    for op, kw in checks:
+        loss, out = run(harness, op, x, K=K, T=T, VEC=VEC, **kw)
+        what = f"{op} {sorted(kw)}"
+        assert np.isnan(out[nan_rows]).all(), what
+        assert np.isfinite(out[~nan_rows]).all(), what
+        if op != "softmax_fwd":
+            assert np.isnan(loss[nan_rows]).all() and np.isfinite(loss[~nan_rows]).all(), what
+    # a NaN teacher logit (student finite): that row's KL and gradient are NaN, as torch's
+    xf = np.where(np.isnan(x), 0.0, x)
+    xf[2] = rng.standard_normal(C)
+    for temperature in (1.0, 2.0):
+        loss, g = run(harness, "kl_logits", xf, aux=y_nan, K=K, T=T, VEC=VEC, inv_t=1 / temperature)
+        assert np.isnan(loss[0]) and np.isnan(g[0]).all(), "NaN teacher"
+        assert np.isfinite(loss[1:]).all() and np.isfinite(g[1:]).all(), "NaN teacher"

@@ -93,6 +93,11 @@ GL_HD void absorb(const Op& op, RowState<A>& st, int c, const A (&v)[VEC], const
             for (int k = 0; k < VEC; ++k) s += op.ex_sum(z[k] - mn);
             st.s = s;
             st.m = mn;
+        } else {
+            // every z so far is -inf or NaN, and gl_max (fmaxf) dropped the NaN: it must still
+            // reach s, or the row's loss and outputs come out finite where torch's are NaN
+#pragma unroll
+            for (int k = 0; k < VEC; ++k) st.s += z[k] != z[k] ? z[k] : (A)0;
         }
     }
 #pragma unroll
@@ -417,6 +422,10 @@ template <class D, bool TLOGITS, bool FAST = false> struct KlLogitsOp {
             a.a1 = a.a1 * fa + b1 * fb;
             // a weight of 0 (a masked teacher class, y' = -inf) drops its term: -inf * 0 would be NaN
             a.a2 = (fa == (A)0 ? (A)0 : a.a2 * fa) + (fb == (A)0 ? (A)0 : b2 * fb);
+        } else if (b0 != b0 || b1 != b1) {
+            // only masked (-inf) teacher logits so far and a NaN one, which fmaxf dropped from
+            // the max: the row's teacher distribution is NaN, as torch's softmax of it
+            a.a1 = gl_nan<A>();
         }
         a.a0 = mn;
     }
