@@ -341,6 +341,31 @@ def test_cross_entropy_strided_rows(backend, rng):
     np.testing.assert_array_equal(_np(backend, xb), big)
 
 
+def test_class_targets_strided(backend, rng):
+    """Class-index targets that are a column of a wider integer array (``labels[:, 0]``): every
+    row reads its own target, and "mean" divides by the weights of those targets."""
+    R, C = 9, 40
+    x = _round(rng.standard_normal((R, C)) * 2, "float32")
+    t = _class_targets(rng, R, C, 2)
+    other = rng.integers(0, C, R)
+    other[t == -100] = 3  # the neighbours differ: reading them gives another loss
+    wide = np.stack([t, other, -100 + 0 * other], axis=1)
+    for tdtype in ("int64", "int32"):
+        ts = backend.asarray(wide.astype(tdtype))[:, 0]
+        w_nat, w_ref = _weight(backend, rng.uniform(0.2, 3, C), "float32")
+        for reduction in REDUCTIONS:
+            res = _ce(backend, backend.asarray(x, "float32"), ts, weight=w_nat, reduction=reduction)
+            _check_loss(backend, res.loss, ref.cross_entropy(x, t, w_ref, reduction=reduction), "float32",
+                        reduction)
+            _check(backend, res.grad, ref.cross_entropy_grad(x, t, w_ref, reduction=reduction)[0], "float32",
+                   "grad")
+            logp = _round(ref.log_softmax(x), "float32")
+            res = prim(backend.impl, "nll_loss", backend.asarray(logp, "float32"), ts, weight=w_nat,
+                       ignore_index=-100, reduction=reduction, want_grad=True)
+            _check_loss(backend, res.loss, ref.nll_loss(logp, t, w_ref, reduction=reduction), "float32", reduction)
+            _check(backend, res.grad, ref.nll_loss_grad(logp, t, w_ref, reduction=reduction)[0], "float32", "grad")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("prob", [False, True])
 def test_cross_entropy_grad_inplace(backend, rng, dtype, prob):

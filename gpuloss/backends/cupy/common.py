@@ -45,6 +45,14 @@ def index_dtype(a: Any) -> str:
     return name
 
 
+def class_targets(t: Any) -> Any:
+    """Class-index targets as the kernels index them, ``t[row]``: contiguous (a RawKernel gets
+    a bare pointer, so a strided view such as ``labels[:, 0]`` would be read as its base)."""
+    import cupy
+    index_dtype(t)
+    return cupy.ascontiguousarray(t)
+
+
 def acc(dtype: str):
     """The NumPy scalar type of the accumulation dtype (:mod:`gpuloss.rules`)."""
     return getattr(np_(), rules.acc_dtype_name(B.DTYPES[dtype][2]))

@@ -58,8 +58,10 @@ def cross_entropy(x: Any, target: Any, weight: Optional[Any], opts: CrossEntropy
             target = target.astype(x.dtype)
         if opts.reduction == "mean":
             div = cupy.full((1,), float(R), dtype=acc)
-    elif opts.reduction == "mean":
-        div = CM.mean_divisor("cross_entropy", target, w, R, C, opts.ignore_index, dt)
+    else:
+        target = CM.class_targets(target)
+        if opts.reduction == "mean":
+            div = CM.mean_divisor("cross_entropy", target, w, R, C, opts.ignore_index, dt)
     loss_rows = cupy.empty((R,), dtype=acc)
     lse = cupy.empty((R,), dtype=cupy.float32)
     grad = (x if opts.grad_inplace else cupy.empty((R, C), dtype=x.dtype)) if want.grad else None
@@ -84,6 +86,7 @@ def nll_loss(logp: Any, target: Any, weight: Optional[Any], opts: NllOptions, wa
     dt = CM.storage_dtype(logp)
     R, C = logp.shape
     w = CM.weight_vector(weight, dt)
+    target = CM.class_targets(target)
     div = CM.mean_divisor("nll", target, w, R, C, opts.ignore_index, dt) if opts.reduction == "mean" else None
     loss_rows = cupy.empty((R,), dtype=CM.acc(dt))
     grad = cupy.empty((R, C), dtype=logp.dtype) if want.grad else None
