@@ -142,19 +142,24 @@ def _res_usage(cubin: bytes) -> Dict[str, int]:
     return {k: int(fields[k]) for k in ("REG", "STACK", "SHARED", "LOCAL")}
 
 
-def compile_spec(spec: Spec, arch: int) -> Dict[str, Any]:
-    """Compile ``spec`` for sm_<arch>; its resource use (or the error)."""
+def compile_triton(spec: Spec, arch: int):
+    """Triton's compilation of ``spec`` for sm_<arch> (``.asm`` holds ttgir, ptx, cubin)."""
     import triton
     from triton.backends.compiler import GPUTarget
     fn = _fn(spec.kernel)
     sig, attrs = _signature(spec, fn)
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=dict(spec.constexprs), attrs=attrs)
+    opts = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
+    if spec.maxnreg:
+        opts["maxnreg"] = spec.maxnreg
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+
+
+def compile_spec(spec: Spec, arch: int) -> Dict[str, Any]:
+    """Compile ``spec`` for sm_<arch>; its resource use (or the error)."""
     row = dict(spec._asdict(), constexprs=dict(spec.constexprs), arch=f"sm_{arch}")
     try:
-        opts = {"num_warps": spec.num_warps, "num_stages": spec.num_stages}
-        if spec.maxnreg:
-            opts["maxnreg"] = spec.maxnreg
-        c = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=opts)
+        c = compile_triton(spec, arch)
     except Exception as e:  # a configuration that does not compile is a result too
         row.update(error=f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
         return row

@@ -37,3 +37,33 @@ def test_default_and_swept_configurations_do_not_spill():
     assert out.returncode == 0 and not spilling, "\n".join(spilling) or report[-3000:]
     assert " 0 that spill or fail" in out.stdout, report[-3000:]
     assert "sm_80" in out.stdout and "sm_90" in out.stdout and "packed" in out.stdout
+
+
+def _ptx_after_last_barrier(kernel: str, constexprs: dict, num_warps: int) -> list:
+    pytest.importorskip("triton")
+    import triton.language as tl
+    from gpuloss.bench import resources as R
+    cons = dict(PROB_TARGET=False, HAS_WEIGHT=False, HAS_SMOOTHING=False, HAS_Z_LOSS=False, HAS_SOFTCAP=False,
+                DIV_ON_DEVICE=False, WANT_GRAD_TARGET=False, ACC=tl.float32, **constexprs)
+    spec = R.Spec("test", kernel, "float32", "in place", tuple(sorted(cons.items())), num_warps, 1, 32000)
+    ptx = R.compile_triton(spec, 90).asm["ptx"].splitlines()
+    last = max(i for i, ln in enumerate(ptx) if "bar.sync" in ln or "barrier.sync" in ln)
+    return [ln.strip() for ln in ptx[last + 1:] if "ld.global" in ln]
+
+
+def test_in_place_cross_entropy_reads_the_target_logit_before_a_barrier():
+    """In place (gradient over the logits) every thread reads the target logit x_t before a
+    block-wide barrier that precedes all gradient stores: after the last barrier, the only loads
+    are a thread's own pass-2 elements (two-pass) or none (one read, whole row in registers).
+    Read after it, x_t could already hold another warp's gradient for column t, and the row's
+    loss would be computed from it.  Compiled for sm_90 offline."""
+    import re
+    block, warps = 1024, 4
+    loads = _ptx_after_last_barrier("cross_entropy.cross_entropy_twopass_kernel",
+                                    dict(BLOCK=block, WANT_GRAD=True, REVERSE=True), warps)
+    elems = sum(int((re.search(r"\.v(\d)\.", ln) or [0, 1])[1]) for ln in loads)
+    assert not [ln for ln in loads if ".b64" in ln], loads  # the target index
+    assert elems == block // (32 * warps), loads  # pass 2's own elements, and not x_t
+    loads = _ptx_after_last_barrier("cross_entropy.cross_entropy_onchip_kernel",
+                                    dict(CHUNK=8192, SPLIT=1, SPLIT_P2=1, PACKED=False), 16)
+    assert loads == [], loads

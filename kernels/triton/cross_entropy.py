@@ -234,7 +234,10 @@ def cross_entropy_twopass_kernel(
     """One program per row.  Pass 1 (read C): online max / sum exp and the
     row sums A, B.  Pass 2, only WANT_GRAD (read C, write C): the gradient.
     G may alias X (in place): every element is read before it is written by
-    the same program, and x_t is read in pass 1.  REVERSE walks pass 2 from
+    the same program, and x_t is read before pass 1, so that pass 1's
+    reductions (block-wide barriers) separate every thread's read of x_t from
+    the gradient stores of pass 2: one of those may be column t, written by
+    another warp than the one storing the loss.  REVERSE walks pass 2 from
     the end of the row back, so it starts on the blocks pass 1 read last
     (the likeliest still in L1/L2)."""
     # Python floats arrive as fp32 scalars; do the arithmetic in ACC
@@ -251,6 +254,8 @@ def cross_entropy_twopass_kernel(
     A = tl.zeros((), ACC)
     B = tl.zeros((), ACC)
     d = tl.zeros((BLOCK,), ACC)
+    t, z_t, w_t = _load_target(X_row, T_row, W_ptr, n_cols, ignore_index, softcap,
+                               PROB_TARGET, HAS_WEIGHT, HAS_SOFTCAP, ACC)
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         mask = cols < n_cols
@@ -268,8 +273,6 @@ def cross_entropy_twopass_kernel(
             B += b
     lse = finish_lse(m, ssum)
     s = _row_scale(Div_ptr, grad_scale, DIV_ON_DEVICE, ACC)
-    t, z_t, w_t = _load_target(X_row, T_row, W_ptr, n_cols, ignore_index, softcap,
-                               PROB_TARGET, HAS_WEIGHT, HAS_SOFTCAP, ACC)
     loss, cp, ct, cw = _row_coefs(t, z_t, w_t, m, ssum, A, B, s, n_cols, ignore_index, eps, z_loss,
                                   PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, ACC)
     tl.store(Loss_ptr + row, loss.to(Loss_ptr.dtype.element_ty))
@@ -314,7 +317,9 @@ def cross_entropy_onchip_kernel(
     gradient from registers.  Read R C, write R C (+ 32 SPLIT bytes of scratch
     per row).  In place is safe: a program writes only its own chunk, and only
     after every program of the row has loaded its chunk and x_t (each reads
-    x_t before it publishes)."""
+    x_t before it publishes), and every thread of a program reads x_t before
+    the chunk's reductions (block-wide barriers), so no warp's gradient store
+    can overwrite column t before another warp has read it."""
     # Python floats arrive as fp32 scalars; do the arithmetic in ACC
     eps = scalar_acc(eps, ACC)
     z_loss = scalar_acc(z_loss, ACC)
@@ -325,6 +330,10 @@ def cross_entropy_onchip_kernel(
     T_row = T_ptr + row * T_row_stride
     cols = part * CHUNK + tl.arange(0, CHUNK)
     mask = cols < n_cols
+    # x_t before any barrier: after the last one (SPLIT == 1: the chunk's
+    # reductions; SPLIT > 1: the rendezvous) column t may be written in place
+    t, z_t, w_t = _load_target(X_row, T_row, W_ptr, n_cols, ignore_index, softcap,
+                               PROB_TARGET, HAS_WEIGHT, HAS_SOFTCAP, ACC)
     # the only read of the chunk: kept in registers, in its storage dtype
     # when PACKED (see ``unpack``)
     xs = tl.load(X_row + cols, mask=mask, other=float("-inf"))
@@ -347,10 +356,6 @@ def cross_entropy_onchip_kernel(
         A, B = _block_sums(z, shift, mask, cols, W_ptr, d, eps, n_cols,
                            PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, ACC)
     s = _row_scale(Div_ptr, grad_scale, DIV_ON_DEVICE, ACC)
-    # x_t must be read before the rendezvous: after it, a sibling program may
-    # already be writing its chunk (which may hold column t) in place.
-    t, z_t, w_t = _load_target(X_row, T_row, W_ptr, n_cols, ignore_index, softcap,
-                               PROB_TARGET, HAS_WEIGHT, HAS_SOFTCAP, ACC)
     if SPLIT > 1:
         m, ssum, A, B = split_row_combine(Scratch_ptr, Counter_ptr + 1, row, part, m, ssum, A, B,
                                           SPLIT, SPLIT_P2, 4)
