@@ -190,6 +190,56 @@ def test_thread_pool_used_and_deterministic(monkeypatch, rng):
                                **tol("float32"))
 
 
+def test_thread_count_changed_by_another_thread_mid_call(monkeypatch, rng):
+    """Another thread changing GPULOSS_NUM_THREADS between this call's taking the pool and its
+    submitting work replaces the shared pool; the call still runs on the pool it took (it was
+    shut down under it: "cannot schedule new futures after shutdown")."""
+    x = rng.standard_normal((64, 5000)).astype(np.float32)
+    t = rng.integers(0, 5000, 64)
+    monkeypatch.setenv("GPULOSS_NUM_THREADS", "1")
+    want = _ce(x, t)
+    orig = nb._get_pool
+
+    def racing(workers):
+        pool = orig(workers)
+        orig(workers + 1)  # what the other thread's call does meanwhile
+        return pool
+
+    monkeypatch.setattr(nb, "_get_pool", racing)
+    monkeypatch.setenv("GPULOSS_NUM_THREADS", "2")
+    got = _ce(x, t)
+    np.testing.assert_array_equal(got.loss, want.loss)
+    np.testing.assert_array_equal(got.grad, want.grad)
+
+
+def _ce_in_child(x, t, q):
+    q.put(float(_ce(x, t).loss))
+
+
+def test_forked_child_runs_on_its_own_pool(monkeypatch, rng):
+    """A process forked after a threaded call (a DataLoader worker, multiprocessing "fork")
+    inherits the pool object without its threads: the child's call must not wait on them."""
+    import multiprocessing as mp
+    if "fork" not in mp.get_all_start_methods():
+        pytest.skip("no fork on this platform")
+    x = rng.standard_normal((64, 5000)).astype(np.float32)
+    t = rng.integers(0, 5000, 64)
+    monkeypatch.setenv("GPULOSS_NUM_THREADS", "2")
+    want = float(_ce(x, t).loss)  # the pool exists now
+    assert nb._pool is not None
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_ce_in_child, args=(x, t, q))
+    p.start()
+    p.join(30)
+    if p.is_alive():
+        p.kill()
+        p.join()
+        pytest.fail("the forked child's call hung")
+    assert p.exitcode == 0
+    assert q.get(timeout=10) == want
+
+
 def test_num_threads_env(monkeypatch):
     monkeypatch.setenv("GPULOSS_NUM_THREADS", "5")
     assert nb.num_threads() == 5

@@ -78,16 +78,29 @@ def num_threads() -> int:
 
 
 def _get_pool(workers: int) -> ThreadPoolExecutor:
-    """The shared pool with ``workers`` threads (re-created if the count changed)."""
+    """The shared pool with ``workers`` threads (re-created if the count changed).
+
+    A replaced pool is not shut down: a call on another thread may still be
+    submitting to it (``GPULOSS_NUM_THREADS`` changed meanwhile); its threads
+    exit once the last call holding it is done and it is collected."""
     global _pool, _pool_size
     with _pool_lock:
         if _pool is None or _pool_size != workers:
-            old = _pool
             _pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gpuloss-numpy")
             _pool_size = workers
-            if old is not None:
-                old.shutdown(wait=False)
         return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    """In a forked child (a DataLoader worker, multiprocessing's "fork"):
+    the parent's pool object came along without its threads, so work submitted
+    to it would never run; the child starts its own on first use."""
+    global _pool, _pool_size, _pool_lock
+    _pool, _pool_size, _pool_lock = None, 0, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
 def parallel_for(n: int, fn: Callable[[int], None], elems: int) -> None:
