@@ -483,6 +483,11 @@ def check_inplace_ok(name: str, input: Any, kind: str, return_grad: Any) -> None
                                      f"(drop return_grad)")
         if torch.compiler.is_compiling():
             return  # traced: the mutation is functionalized, and dynamo cannot trace the overlap query
+        if input.is_inference() and not torch.is_inference_mode_enabled():
+            raise ArgumentValueError(f"inplace_backward=True writes the gradient over {name}, but {name} is an "
+                                     f"inference tensor (made under torch.inference_mode), which torch allows no "
+                                     f"in-place update outside inference mode; pass a clone or use "
+                                     f"inplace_backward=False")
         verdict = torch._debug_has_internal_overlap(input) if hasattr(torch, "_debug_has_internal_overlap") \
             else 2
         overlap = verdict == 1 or (verdict == 2 and strides_overlap(tuple(input.shape), _elem_strides(input, kind)))

@@ -51,7 +51,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     inplace_backward : bool, keyword-only
         write the gradient over the logits in the forward pass (no ``N x C``
         gradient allocation).  The logits tensor is consumed: after the call
-        it holds ``dL/dlogits``.  It must not be a leaf that requires grad,
+        it holds ``dL/dlogits`` (float16 logits with "mean" under autograd:
+        before the division by the mean's divisor, which backward applies
+        with ``grad_output`` in float32).  It must not be a leaf that requires grad,
         nor be needed by another autograd node (see :mod:`gpuloss.torch_ops`).
     backend : str or None, keyword-only
 

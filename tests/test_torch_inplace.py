@@ -103,6 +103,22 @@ def test_leaf_that_requires_grad_is_refused(rng):
     assert torch.equal(x.detach(), before)
 
 
+def test_inference_tensor_outside_inference_mode_is_refused(rng):
+    """torch allows no in-place update of an inference tensor outside inference_mode."""
+    with torch.inference_mode():
+        x = torch.from_numpy(rng.standard_normal((N, C)))
+    before = x.clone()
+    t = torch.from_numpy(rng.integers(0, C, N))
+    with pytest.raises(RuntimeError):
+        x.mul_(1.0)
+    with pytest.raises(ValueError, match="inference tensor"):
+        gpuloss.cross_entropy(x, t, inplace_backward=True, return_grad=True)
+    assert torch.equal(x, before)
+    with torch.inference_mode():  # inside it, as torch's own in-place operations
+        res = gpuloss.cross_entropy(x, t, inplace_backward=True, return_grad=True)
+        assert res.grad.data_ptr() == x.data_ptr()
+
+
 def test_logits_saved_by_their_producer_are_refused(rng):
     h, W, t = _setup(rng)
     logits = torch.tanh(torch.nn.functional.linear(h, W))  # tanh saves its output for backward
