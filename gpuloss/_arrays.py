@@ -78,6 +78,9 @@ def classify(named: Iterable[Tuple[str, Any]], optional: Iterable[str] = ()) -> 
                                     f"{type(a).__name__}")
         if k == "numpy" and type(a) is not np.ndarray:
             _check_ndarray_subclass(name, a)
+        if k == "torch" and a.layout != _torch_strided():
+            raise ArgumentTypeError(f"{name} is a tensor of layout {a.layout}; gpuloss takes dense (strided) "
+                                    f"tensors: pass {name}.to_dense()")
         d = device_of(a, k)
         if first is None:
             first, kind, device = name, k, d
@@ -90,6 +93,11 @@ def classify(named: Iterable[Tuple[str, Any]], optional: Iterable[str] = ()) -> 
     if first is None:
         raise ArgumentTypeError("no array argument given")
     return kind, device
+
+
+def _torch_strided():
+    import torch
+    return torch.strided
 
 
 def _check_ndarray_subclass(name: str, a) -> None:

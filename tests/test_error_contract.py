@@ -539,6 +539,24 @@ def test_numpy_masked_arrays_and_matrices_are_refused():
     assert ours == gpuloss.cross_entropy(x, np.array([0, 1, 2, 3]))
 
 
+def test_sparse_and_mkldnn_tensors_are_refused_by_name():
+    """Non-strided layouts failed deep inside with errors naming neither the argument nor the
+    layout ("unsupported memory format option", "can't convert Mkldnn layout tensor")."""
+    torch = pytest.importorskip("torch")
+    x, p, t = torch.randn(4, 6), torch.rand(4, 6), torch.tensor([0, 1, 2, 3])
+    calls = [
+        ("input", "sparse_coo", lambda: gpuloss.kl_div(x.to_sparse(), p, reduction="sum")),
+        ("input", "sparse_coo", lambda: gpuloss.cross_entropy(x.to_sparse(), t)),
+        ("target", "sparse_coo", lambda: gpuloss.mse_loss(x, p.to_sparse())),
+        ("input", "sparse_csr", lambda: gpuloss.linear_cross_entropy(x.to_sparse_csr(), torch.eye(6), t)),
+        ("linear_weight", "sparse_coo", lambda: gpuloss.linear_cross_entropy(x, torch.eye(6).to_sparse(), t)),
+        ("input", "_mkldnn", lambda: gpuloss.softmax(x.to_mkldnn(), 1)),
+    ]
+    for name, layout, call in calls:
+        with pytest.raises(TypeError, match=f"{name} is a tensor of layout torch.{layout}"):
+            call()
+
+
 def test_floating_target_batch_mismatch_is_torchs_value_error():
     """A floating target whose batch size differs from the input's: torch
     raises ValueError ("Expected input batch_size ... to match target
