@@ -334,6 +334,27 @@ def first_order(name: str, grads):
     return tuple(grads)
 
 
+def _ignored_rows(spec: OpSpec, arrays, opts) -> Tuple[Optional[int], Optional[Tensor]]:
+    """(ignore_index, class-index targets) of a per-row ("none") loss with
+    class-index targets, whose backward must give an ignored row no gradient
+    whatever its upstream gradient; (None, None) otherwise."""
+    if "target" not in spec.arrays:
+        return None, None
+    t = arrays[spec.arrays.index("target")]
+    if getattr(opts, "reduction", None) != "none" or not hasattr(opts, "ignore_index") or t is None \
+            or t.is_floating_point():
+        return None, None
+    return opts.ignore_index, t
+
+
+def kept_rows(g: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """The per-row upstream gradient with ignored rows set to 0: torch's
+    nll_loss backward skips them, so a NaN or inf upstream there (``loss / n``
+    with ``n = 0`` on padding rows) leaves their gradient 0; saved gradient
+    (0) times it would be NaN."""
+    return torch.where(target.reshape(g.shape) != ignore_index, g, 0)
+
+
 def _register_loss_autograd(spec: OpSpec, op) -> None:
     """backward = saved gradient * upstream, for every gradient output."""
     grad_outputs = [i for i, o in enumerate(spec.outputs) if o.startswith("grad")]
@@ -345,14 +366,19 @@ def _register_loss_autograd(spec: OpSpec, op) -> None:
         # placeholder is the 1-D empty tensor: a shape test, not a value read
         ctx.present = [tuple(s.shape) != (0,) for s in saved]
         ctx.n_inputs = len(inputs)
-        ctx.save_for_backward(*saved)
+        arrays, _, opts, _ = _unpack(spec, inputs)
+        ctx.ignore_index, target = _ignored_rows(spec, arrays, opts)
+        ctx.save_for_backward(*saved, *([] if target is None else [target]))
         ctx.mark_non_differentiable(*output[1:])
 
     def backward(ctx, g_loss, *unused):
         grads: List[Optional[Tensor]] = [None] * ctx.n_inputs
-        for pos, present, saved in zip(positions, ctx.present, ctx.saved_tensors):
+        saved = ctx.saved_tensors
+        if ctx.ignore_index is not None:
+            g_loss = kept_rows(g_loss, saved[-1], ctx.ignore_index)
+        for pos, present, s in zip(positions, ctx.present, saved):
             if present and ctx.needs_input_grad[pos]:
-                grads[pos] = scaled_grad(saved, g_loss)
+                grads[pos] = scaled_grad(s, g_loss)
         return first_order(spec.name, grads)
 
     op.register_autograd(backward, setup_context=setup)
@@ -429,7 +455,11 @@ def _linear_bwd(ctx, g_loss: Tensor, *unused):
     if ctx.none:
         saved = list(ctx.saved_tensors)
         want = OPS["linear_cross_entropy_backward"].want(need[0], need[1], need[2] and saved[2] is not None)
-        out = call("linear_cross_entropy_backward", ctx.backend, saved + [g_loss.reshape(-1)], ctx.opts, want)
+        g_rows = g_loss.reshape(-1)
+        t = saved[OPS["linear_cross_entropy"].arrays.index("target")]
+        if not t.is_floating_point():  # class-index targets: ignored rows take no upstream gradient
+            g_rows = kept_rows(g_rows, t, ctx.opts.ignore_index)
+        out = call("linear_cross_entropy_backward", ctx.backend, saved + [g_rows], ctx.opts, want)
         grads[:3] = [g if n and g.shape != (0,) else None for g, n in zip(out, need)]
         return first_order("linear_cross_entropy", grads)
     if ctx.consumed:
@@ -507,7 +537,8 @@ class _InplaceFn(torch.autograd.Function):
         gt = outs[names.index("grad_target")] if "grad_target" in names else x.new_empty((0,))
         # x is saved *after* the write: its version now is the one backward
         # expects; any later in-place change to the buffer is caught on unpack
-        ctx.save_for_backward(x, gt)
+        ctx.ignore_index, target = _ignored_rows(spec, arrays, opts)
+        ctx.save_for_backward(x, gt, *([] if target is None else [target]))
         ctx.want_gt = bool(want.grad_target)
         ctx.n, ctx.op = len(arrays), op
         ctx.mark_non_differentiable(*outs[1:])
@@ -515,7 +546,9 @@ class _InplaceFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_loss: Tensor, *unused):
-        grad, gt = ctx.saved_tensors
+        grad, gt = ctx.saved_tensors[:2]
+        if ctx.ignore_index is not None:
+            g_loss = kept_rows(g_loss, ctx.saved_tensors[2], ctx.ignore_index)
         # scale in place: the buffer is ours now and the gradient is handed on
         # without a second N x C allocation
         gx = scaled_grad(grad, g_loss, inplace=True) if ctx.needs_input_grad[4] else None

@@ -261,6 +261,19 @@ def _all_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: s
              z_loss=1e-3)
     _ce_case(chk, "3-d mean", X3, T3, rank, bounds, device, label_smoothing=0.05, softcap=4.0)
 
+    # --- "none": NaN upstream at ignored rows leaves their gradient 0 --------
+    # (torch's nll_loss backward skips them; e.g. loss / n with n = 0 on padding)
+    T = _targets(rng, N, V)
+    T[[1, 5]] = -100
+    up = rng.standard_normal(N)
+    up[T == -100] = np.nan
+    s, e = bounds[rank]
+    x = torch.tensor(X[:, s:e], device=device, requires_grad=True)
+    D.vocab_parallel_cross_entropy(x, torch.from_numpy(T).to(device), reduction="none", label_smoothing=0.1) \
+        .backward(torch.from_numpy(up).to(device))
+    gref = R.cross_entropy_grad(X, T, reduction="none", label_smoothing=0.1, grad_output=np.where(T == -100, 0, up))[0]
+    chk.close("none, NaN upstream at ignored rows: grad", _np(x.grad), gref[:, s:e], "float64")
+
     # --- targets all in the first slice: the other ranks own none ----------
     T = rng.integers(0, sizes[0], size=N)
     _ce_case(chk, "targets in slice 0 only", X, T, rank, bounds, device, label_smoothing=0.1, z_loss=1e-2)

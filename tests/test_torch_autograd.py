@@ -316,6 +316,42 @@ def test_autograd_on_every_backend(backend, rng):
 
 # ------------------------------------------------------------------ behaviour
 
+def test_nan_upstream_at_ignored_rows_leaves_their_gradient_zero(backend, rng):
+    """reduction="none" with an upstream gradient that is NaN or inf at ignored rows (``loss / n``
+    with ``n = 0`` on padding): torch's nll_loss backward skips those rows, so their gradient is
+    0, not saved gradient (0) times NaN.  Every class-index loss, in place and fused linear too."""
+    import torch.nn.functional as F
+    dev = backend.device
+    N, C, H = 6, 11, 5
+    x_np = rng.standard_normal((N, C))
+    t_np = rng.integers(0, C, N)
+    t_np[[1, 4]] = -100
+    go = rng.standard_normal(N)
+    go[1], go[4] = np.nan, np.inf
+    t, g = T(t_np, device=dev), T(go, device=dev)
+    w = T(rng.uniform(0.5, 1.5, C), device=dev)
+    h_np, lw_np = rng.standard_normal((N, H)), rng.standard_normal((C, H))
+    kw = dict(reduction="none", backend=backend.name)
+    cases = [
+        ("cross_entropy", lambda x: gpuloss.cross_entropy(x, t, w, label_smoothing=0.1, **kw),
+         lambda x: F.cross_entropy(x, t, w, label_smoothing=0.1, reduction="none")),
+        ("in place", lambda x: gpuloss.cross_entropy(x * 1, t, inplace_backward=True, **kw),
+         lambda x: F.cross_entropy(x * 1, t, reduction="none")),
+        ("nll_loss", lambda x: gpuloss.nll_loss(x, t, w, **kw), lambda x: F.nll_loss(x, t, w, reduction="none")),
+        ("linear", lambda x: gpuloss.linear_cross_entropy(x, T(lw_np, device=dev), t, **kw),
+         lambda x: F.cross_entropy(F.linear(x, T(lw_np, device=dev)), t, reduction="none")),
+    ]
+    for name, ours, theirs in cases:
+        src = h_np if name == "linear" else x_np
+        a = T(src, device=dev, requires_grad=True)
+        b = T(src, device=dev, requires_grad=True)
+        ours(a).backward(g)
+        theirs(b).backward(g)
+        assert torch.isfinite(a.grad).all(), name
+        np.testing.assert_allclose(a.grad.cpu().numpy(), b.grad.cpu().numpy(), rtol=1e-12, atol=1e-12,
+                                   err_msg=name)
+
+
 def test_repeated_runs_are_identical(rng):
     x_np = rng.standard_normal((8, 50)) * 3
     t_np = rng.integers(0, 50, 8)

@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..torch_ops import first_order, scaled_grad
+from ..torch_ops import first_order, kept_rows, scaled_grad
 from . import local as L
 from .layout import VocabLayout, logits_errors, resolve_layout
 
@@ -129,7 +129,9 @@ def _ce_setup(ctx, inputs, output) -> None:
     ctx.reduction, ctx.shape, ctx.n_inputs = reduction, local_logits.shape, len(inputs)
     ctx.dtype = local_logits.dtype
     ctx.want_grad = want_grad  # False: output[1] is the empty placeholder
-    ctx.save_for_backward(output[1])
+    ctx.ignore_index = inputs[7]
+    # "none": the targets too, whose ignored rows take no upstream gradient
+    ctx.save_for_backward(output[1], *([inputs[1]] if reduction == "none" else []))
     ctx.mark_non_differentiable(output[1])
 
 
@@ -138,11 +140,12 @@ def _ce_backward(ctx, grad_output: Tensor, _unused):
     per row for "none"): no communication, the logits are not read again.
     None when the forward was not asked for it (as the operators of
     :mod:`gpuloss.torch_ops`)."""
-    (grad,) = ctx.saved_tensors
+    grad = ctx.saved_tensors[0]
     gx = None
     if ctx.want_grad and ctx.needs_input_grad[0]:
         go = grad_output.to(L.compute_dtype(grad.dtype))
-        go = go.reshape(-1) if ctx.reduction == "none" else go
+        if ctx.reduction == "none":
+            go = kept_rows(go.reshape(-1), ctx.saved_tensors[1], ctx.ignore_index)
         # the product in the compute dtype, rounded once, without a float32 copy of grad
         gx = scaled_grad(grad, go).to(ctx.dtype).reshape(ctx.shape)
     return first_order("vocab_parallel_cross_entropy", (gx,) + (None,) * (ctx.n_inputs - 1))
