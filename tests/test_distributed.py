@@ -340,6 +340,9 @@ def _all_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: s
     tb = t.clone()
     tb[0] = -5
     chk.raises("target < 0", lambda: f(x, tb), "class index -5")
+    tb = torch.full_like(t, -1)  # every valid target negative (padding as -1, ignore_index -100)
+    tb[0] = -100
+    chk.raises("all targets < 0", lambda: f(x, tb), "class index -1")
     chk.raises("float target", lambda: f(x, t.double()), "integer class indices")
     try:  # a local argument error: before any collective, so raised alone
         f(x, t, group="x")
@@ -351,6 +354,9 @@ def _all_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: s
         if rank == 1:
             tb[1] = (int(t[1]) + 1) % V
         chk.raises("targets differ between ranks", lambda: f(x, tb), "targets differ")
+        tb = t.clone()
+        tb[:3] = torch.tensor([3, 0, 3] if rank == 1 else [2, 2, 2])  # offsets +1 -2 +1: the same plain sum
+        chk.raises("targets differ by offsetting rows", lambda: f(x, tb), "targets differ")
         tshape = t if rank != 1 else t[:-1]
         chk.raises("target shape on one rank", lambda: f(x, tshape), "rank 1: target's shape")
         chk.raises("vocab_start on one rank", lambda: f(x, t, vocab_start=0 if rank == 0 else None),

@@ -206,14 +206,19 @@ def _target_stats(t: Tensor, ignore_index: int) -> Tensor:
 
     min/max are over non-ignored rows (sentinels when there are none); the
     checksums cover every row so that targets differing between ranks (a
-    silent wrong answer otherwise) are caught."""
+    silent wrong answer otherwise) are caught: the plain sum, and a sum
+    weighted by a hash of the row index (odd multiplier modulo 2**31: a
+    different weight for every row, so swapped or offsetting targets do not
+    cancel as they did under periodic weights), each term reduced modulo the
+    prime 2**31 - 1 so that no sum can overflow."""
     t = t.reshape(-1).to(torch.int64)
     valid = t != ignore_index
     sentinel = t.new_tensor([_BIG])
     tmin = torch.cat([torch.where(valid, t, _BIG), sentinel]).amin()
     tmax = torch.cat([torch.where(valid, t, -1), -sentinel]).amax()
-    pos = torch.arange(t.numel(), device=t.device, dtype=torch.int64) % 1021 + 1
-    return torch.stack([tmin, tmax, t.sum(), (t * pos).sum()])
+    p = 2 ** 31 - 1
+    pos = torch.arange(t.numel(), device=t.device, dtype=torch.int64) * 2654435761 % 2 ** 31 + 1
+    return torch.stack([tmin, tmax, t.sum(), (t.remainder(p) * pos % p).sum()])
 
 
 def _gather(group, world: int, device, v_local: int, vocab_start: Optional[int], vocab_size: Optional[int],
@@ -292,7 +297,7 @@ def _slice_starts(G: List[List[int]], sizes: List[int], problems: List[str]) -> 
 def _target_range_problems(G: List[List[int]], total: int, ignore_index: int) -> List[str]:
     tmin = min(row[_F_TMIN] for row in G)
     tmax = max(row[_F_TMAX] for row in G)
-    if tmax >= 0 and (tmin < 0 or tmax >= total):
+    if tmin != _BIG and (tmin < 0 or tmax >= total):  # tmin == _BIG: no row to check
         bad = tmin if tmin < 0 else tmax
         return [f"target holds class index {bad}, outside the vocabulary [0, {total}) "
                 f"(and not ignore_index={ignore_index})"]
