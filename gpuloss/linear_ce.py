@@ -335,8 +335,8 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
                                                                   target, weight, loss_dtype)
     logits_shape = tuple(input.shape[:-1]) + (c.C,) + c.out_features
     if math.prod(logits_shape) == 0:
-        return Lay.loss_as(_empty(c, input, linear_weight, linear_bias, target, opts, logits_shape, return_grad),
-                           loss_dtype, c.kind)
+        return Lay.loss_as(_empty(c, input, linear_weight, linear_bias, target, weight, opts, logits_shape,
+                                  return_grad), loss_dtype, c.kind)
     if input.shape[-1] == 0:
         return _no_features(c, input, linear_weight, linear_bias, target, weight, opts, logits_shape, return_grad,
                             loss_dtype, backend)
@@ -410,13 +410,15 @@ def _prob_target_term(c: _Call, h, W, b, t, weight, opts: LinearCEOptions, loss_
                             target_grad=t.requires_grad)
 
 
-def _empty(c: _Call, input, linear_weight, linear_bias, target, opts: LinearCEOptions, logits_shape, return_grad):
+def _empty(c: _Call, input, linear_weight, linear_bias, target, weight, opts: LinearCEOptions, logits_shape,
+           return_grad):
     """Logits that hold no element (no tokens, or C = 0): torch's result, as
-    cross-entropy gives it on empty logits; zero gradients."""
+    cross-entropy gives it on empty logits; zero gradients (probability
+    targets and the class weight with them are in the graph too, as torch's)."""
     logits = Lay.zeros(input, logits_shape, c.kind)
     loss = Lay.empty_class_loss(c.kind, logits, target, c.prob, opts.ignore_index, opts.label_smoothing,
                                 opts.reduction)
-    loss = Lay.connected(loss, c.kind, input, linear_weight, linear_bias)
+    loss = Lay.connected(loss, c.kind, input, linear_weight, linear_bias, *((target, weight) if c.prob else ()))
     if not return_grad:
         return loss
     zero = lambda a: None if a is None else Lay.zeros(a, tuple(a.shape), c.kind)  # noqa: E731

@@ -81,24 +81,25 @@ def test_matches_torch(rng, reduction, case):
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("case", [dict(), dict(out=(3,)), dict(unbatched=True), dict(label_smoothing=0.2)],
-                         ids=["plain", "kdim", "unbatched", "smoothed"])
+@pytest.mark.parametrize("case", [dict(), dict(out=(3,)), dict(unbatched=True), dict(label_smoothing=0.2),
+                                  dict(empty=True)],
+                         ids=["plain", "kdim", "unbatched", "smoothed", "empty"])
 @pytest.mark.parametrize("which", ["target", "weight", "both"])
 def test_probability_targets_differentiate_target_and_class_weight(rng, reduction, case, which):
     """As torch (and gpuloss.cross_entropy), the loss with probability targets
     is differentiable with respect to the probabilities and the class
     weights; they were refused (target) or silently left without a gradient
-    (weight)."""
+    (weight), and with no tokens the loss was not in their graph at all."""
     case = dict(case)
     kw = {k: case.pop(k) for k in ("label_smoothing",) if k in case}
-    N, H, C = 7, 5, 11
+    N, H, C = 0 if case.pop("empty", False) else 7, 5, 11
     x, W, b, t = _case(rng, N, H, C, prob=True, **case)
     w = torch.tensor(rng.uniform(0.3, 2.0, C))
     t.requires_grad_(which in ("target", "both"))
     w.requires_grad_(which in ("weight", "both"))
     theirs = _theirs(x, W, t, linear_bias=b, weight=w, reduction=reduction, **kw)
     ours = gpuloss.linear_cross_entropy(x, W, t, linear_bias=b, weight=w, reduction=reduction, chunk_size=3, **kw)
-    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(ours, theirs, rtol=1e-10, atol=1e-12, equal_nan=True)  # empty "mean": NaN
     go = torch.tensor(rng.standard_normal(tuple(theirs.shape)))
     params = (x, W, b, t if t.requires_grad else None, w if w.requires_grad else None)
     for g_o, g_t in zip(_grads(ours, params, go), _grads(theirs, params, go)):
