@@ -380,7 +380,8 @@ class _Loop:
         ok = rules.valid_targets(self.t, self.opts.ignore_index, self.C)
         div = ops.divisor(ok, self.t, self.cw)
         with np.errstate(invalid="ignore", divide="ignore"):
-            self.loss_sum = self.loss_sum / div  # 0/0 = nan for an all-ignored batch, as torch
+            # nan for a zero divisor (all ignored, or zero weights), as torch (gpuloss.rules)
+            self.loss_sum = ops.where(div != 0, self.loss_sum / div, float("nan"))
             n_valid = ok.sum()
             inv = 1.0 / ops.where(div != 0, div, 1.0)
             scale = ops.where(div != 0, inv, ops.where(n_valid > 0, float("nan"), 0.0))

@@ -32,8 +32,9 @@ count without class weights); out-of-range rows are not counted.  The
 gradient scale of a valid row is ``1 / divisor`` (:func:`mean_scale`), of an
 ignored row exactly 0 (selected, never multiplied).  A zero divisor (every
 row ignored, or every valid row of weight 0) follows torch: the loss is
-``0 / 0 = nan``; ignored rows keep zero gradients and the valid rows' are
-``0 * inf = nan``.
+NaN (``0 / 0``; also with label smoothing, whose sum may be nonzero: torch
+adds it to the NaN mean of the NLL term); ignored rows keep zero gradients
+and the valid rows' are ``0 * inf = nan``.
 
 Empty inputs
 ------------

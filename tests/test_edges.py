@@ -215,20 +215,31 @@ def test_every_integer_target_dtype(backend, dtype, rng):
 # ------------------------------------------------------------ 5. zero class weights
 
 @pytest.mark.parametrize("ls", [0.0, 0.3])
-@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss"])
-def test_all_zero_weights_under_mean_follow_torch(backend, rng, ls, fn):
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss", "linear_cross_entropy"])
+@pytest.mark.parametrize("zeros", ["all", "targets"])
+def test_all_zero_weights_under_mean_follow_torch(backend, rng, ls, fn, zeros):
+    """A zero "mean" divisor (every valid target's class weight 0) gives NaN, also where the
+    other classes' weights leave a nonzero smoothing sum (it was inf: sum / 0)."""
     if fn == "nll_loss" and ls:
         pytest.skip("nll_loss has no label smoothing")
     x0 = rng.standard_normal((4, 5))
     t = torch.tensor([0, -100, 2, 3], device=backend.device)
     w = torch.zeros(5, dtype=torch.float64, device=backend.device)
+    if zeros == "targets":
+        w[[1, 4]] = 1.0  # classes no valid row targets
     kw = dict(label_smoothing=ls) if ls else {}
+    if fn == "linear_cross_entropy":  # the identity projection: the logits are the input
+        eye = torch.eye(5, dtype=torch.float64, device=backend.device)
+        fn, ours_fn = "cross_entropy", lambda x, t, **k: gpuloss.linear_cross_entropy(x, eye, t, **k)
+    else:
+        ours_fn = getattr(gpuloss, fn)
     xr = _t(backend, x0, grad=True)
     theirs = getattr(F, fn)(xr, t, weight=w, **kw)
     (gt,) = torch.autograd.grad(theirs, xr)
     xo = _t(backend, x0, grad=True)
-    ours = getattr(gpuloss, fn)(xo, t, weight=w, backend=backend.name, **kw)
+    ours = ours_fn(xo, t, weight=w, backend=backend.name, **kw)
     (go,) = torch.autograd.grad(ours, xo)
+    assert theirs.isnan()
     _same(ours, theirs)
     _same(go, gt)  # NaN in the valid rows (CE: whole rows; NLL: the target entries), zeros in the ignored one
     assert go[1].eq(0).all() and (go[0].isnan().all() if fn == "cross_entropy" else go[0, 0].isnan())

@@ -252,11 +252,12 @@ def loss_dtype(cd: np.dtype) -> np.dtype:
 
 def finish_loss(total: float, reduction: str, divisor: float, ld: np.dtype) -> np.ndarray:
     """0-d loss array from a float64 sum: "sum" -> total, "mean" -> total/divisor
-    (nan for a zero divisor, as PyTorch)."""
+    (nan for a zero divisor, as PyTorch, also where label smoothing left the
+    sum nonzero: see :mod:`gpuloss.rules`)."""
     if reduction == "sum":
         return np.array(total, dtype=ld)
     with np.errstate(invalid="ignore", divide="ignore"):
-        return np.array(np.float64(total) / np.float64(divisor), dtype=ld)
+        return np.array(np.float64(total) / np.float64(divisor) if divisor != 0 else np.nan, dtype=ld)
 
 
 def class_rows(t: np.ndarray, C: int, ignore_index: int, w: Optional[np.ndarray]):
