@@ -221,16 +221,21 @@ def unbatched_index_target(target: Any, kind: str, input_ndim: int) -> Any:
     return target
 
 
+def check_float_target_batch(name: str, target: Any, input: Any) -> None:
+    """torch's first check of a floating (probability) target next to batched
+    logits, with its error class (ValueError): the same batch size."""
+    if input.ndim >= 2 and target.ndim >= 1 and target.shape[0] != input.shape[0]:
+        raise ArgumentValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
+                                 f"({target.shape[0]}): {name} of shape {tuple(target.shape)} for input of "
+                                 f"shape {tuple(input.shape)}")
+
+
 def check_ce_target(name: str, target: Any, kind: str, input: Any, ignore_index: int = -100) -> bool:
     """True for probability targets, False for class indices; raises otherwise
     (probability targets take no ignore_index >= 0, as in torch)."""
     if is_floating(target, kind):
         if tuple(target.shape) != tuple(input.shape):
-            if input.ndim >= 2 and target.ndim >= 1 and target.shape[0] != input.shape[0]:
-                # torch's check, and its error class (ValueError), come first
-                raise ArgumentValueError(f"Expected input batch_size ({input.shape[0]}) to match target batch_size "
-                                         f"({target.shape[0]}): {name} of shape {tuple(target.shape)} for input of "
-                                         f"shape {tuple(input.shape)}")
+            check_float_target_batch(name, target, input)
             raise ArgumentTypeError(
                 f"{name} is floating-point ({dtype_name(target, kind)}) with shape {tuple(target.shape)}: "
                 f"class-index targets must be integers of shape {_ce_target_shape(input)}, probability "

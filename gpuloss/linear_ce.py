@@ -155,7 +155,10 @@ def _check_shapes(input, linear_weight, linear_bias, kind: str):
 def _check_target(target, input, C: int, out: tuple, ignore_index, kind: str):
     """(target, prob, ignore_index as an int); target () for (1,) next to unbatched input."""
     logits_shape = tuple(input.shape[:-1]) + (C,) + out
-    if VAL.is_floating(target, kind) and tuple(target.shape) == logits_shape:
+    floating = VAL.is_floating(target, kind)
+    if floating:
+        VAL.check_float_target_batch("target", target, input)
+    if floating and tuple(target.shape) == logits_shape:
         if ignore_index is not None:
             raise ArgumentValueError("ignore_index cannot be specified when target contains probabilities")
         return target, True, -100

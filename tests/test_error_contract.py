@@ -570,6 +570,10 @@ def test_floating_target_batch_mismatch_is_torchs_value_error():
             gpuloss.cross_entropy(torch.randn(2, 5), t)
     with pytest.raises(TypeError, match="probability targets must have input's shape"):
         gpuloss.cross_entropy(torch.randn(2, 5), torch.rand(2, 4))  # same batch: torch's message is about shape
+    # the fused linear CE too (it raised a TypeError), also K-dimensional
+    for W, t in ((torch.randn(5, 4), torch.rand(3, 5)), (torch.randn(5, 2, 4), torch.rand(3, 5, 2))):
+        with pytest.raises(ValueError, match=r"Expected input batch_size \(2\) to match target batch_size \(3\)"):
+            gpuloss.linear_cross_entropy(torch.randn(2, 4), W, t)
 
 
 def test_integer_input_is_also_torchs_not_implemented_error():
