@@ -648,6 +648,28 @@ def test_meta_tensors_give_torchs_shapes():
         gpuloss.cross_entropy(x, t, return_grad=True)
 
 
+def test_fake_tensor_mode_gives_torchs_shapes():
+    """Under a FakeTensorMode (shape and memory estimation, outside torch.compile) the calls
+    that read target values for their checks raised DataDependentOutputException; they now
+    give torch's shapes and dtypes, forward and backward, as for meta tensors."""
+    import gpuloss.nn
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode():
+        x = torch.empty(4, 6, requires_grad=True)
+        t = torch.zeros(4, dtype=torch.int64)
+        h, W = torch.empty(4, 8, requires_grad=True), torch.empty(6, 8, requires_grad=True)
+        for ours, theirs in (
+                (gpuloss.cross_entropy(x, t, label_smoothing=0.1, reduction="none"),
+                 F.cross_entropy(x, t, label_smoothing=0.1, reduction="none")),
+                (gpuloss.nll_loss(x, t), F.nll_loss(x, t)),
+                (gpuloss.nn.CrossEntropyLoss()(x.bfloat16(), t), F.cross_entropy(x.bfloat16(), t)),
+                (gpuloss.linear_cross_entropy(h, W, t), F.cross_entropy(h @ W.T, t)),
+                (gpuloss.nn.LinearCrossEntropyLoss(8, 6)(h, t), F.cross_entropy(h @ W.T, t))):
+            assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
+        gx, gW = torch.autograd.grad(gpuloss.linear_cross_entropy(h, W, t), (h, W))
+        assert gx.shape == h.shape and gW.shape == W.shape
+
+
 def test_bce_with_logits_gradient_keeps_the_logits_precision(backend, rng):
     """BCE with logits gives its loss in the target's dtype (torch's), but
     torch's gradient of float32/float64 logits next to a 16-bit (or float32)
