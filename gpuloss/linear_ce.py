@@ -92,6 +92,11 @@ class _Options:
         if not (self.batch_chunk_size is None or (isinstance(self.batch_chunk_size, int)
                                                   and self.batch_chunk_size > 0)):
             raise ArgumentValueError(f"batch_chunk_size must be positive int or None, got {self.batch_chunk_size!r}")
+        if self.acc_dtype is not None and str(self.acc_dtype).replace("torch.", "") not in (
+                "float16", "bfloat16", "float32", "float64"):
+            raise ArgumentValueError(f"acc_dtype must be one of {{None, torch.float16, torch.bfloat16, torch.float32, "
+                                     f"torch.float64}}, got {self.acc_dtype!r}. Pass acc_dtype=None to let the op "
+                                     f"pick automatically.")
 
 
 def __getattr__(name: str):
@@ -175,6 +180,35 @@ def _check_target(target, input, C: int, out: tuple, ignore_index, kind: str):
     return target, False, -100 if ignore_index is None else VAL.check_ignore_index("ignore_index", ignore_index)
 
 
+def _aspect_ratio_chunk(method: str, n_tokens: int, H: int, vocab: int) -> int:
+    """torch's ``chunking_method="aspect_ratio[:N]"`` chunk size (before its clamp to >= 1)."""
+    factor = int(method.split(":", 1)[1]) if ":" in method else 1
+    target = -(-n_tokens // -(-vocab // max(H, 1)))
+    return min((1 << max(0, (target - 1).bit_length())) // factor, n_tokens)
+
+
+def _check_chunked_options(options, acc_dtype, n_tokens: int, H: int, C: int, input_dtype: str) -> None:
+    """What torch's chunked path refuses in ``options`` where it takes the
+    call (class indices, no smoothing, no out_features): a batch_chunk_size
+    that its chunking_method contradicts (ValueError), and an acc_dtype other
+    than the input's except float32 for 16-bit inputs (RuntimeError; ours is
+    both).  gpuloss's own ``acc_dtype`` argument takes precedence and is not
+    bound by it."""
+    method = options.chunking_method
+    if options.batch_chunk_size is not None and method not in (None, "auto"):
+        size = _aspect_ratio_chunk(method, n_tokens, H, C)
+        if size != options.batch_chunk_size:
+            raise ArgumentValueError(f"batch_chunk_size (={options.batch_chunk_size}) and chunking_method "
+                                     f"('{method}') give different chunk sizes ({options.batch_chunk_size} vs "
+                                     f"{size}); pass only one.")
+    acc = options.acc_dtype
+    if acc_dtype is None and acc is not None:
+        acc = str(acc).replace("torch.", "")
+        if acc != input_dtype and not (input_dtype in ("float16", "bfloat16") and acc == "float32"):
+            raise ArgumentValueError(f"linear_cross_entropy supports float32 acc_dtype with float16/bfloat16 "
+                                     f"inputs, but got torch.{acc} acc_dtype and torch.{input_dtype} inputs.")
+
+
 def _resolve_options(options, chunk_size, acc_dtype, n_tokens: int, H: int, vocab: int, weight, kind: str,
                      device: str, allow_retain_graph: bool):
     """(chunk tokens, accumulate, allow_retain_graph) from torch's options and our extras."""
@@ -187,9 +221,7 @@ def _resolve_options(options, chunk_size, acc_dtype, n_tokens: int, H: int, voca
     if chunk_size is None and options is not None and options.batch_chunk_size is not None:
         chunk_size = options.batch_chunk_size
     elif chunk_size is None and method not in (None, "auto"):
-        factor = int(method.split(":", 1)[1]) if ":" in method else 1
-        target = -(-n_tokens // -(-vocab // max(H, 1)))
-        chunk_size = max(1, min((1 << max(0, (target - 1).bit_length())) // factor, n_tokens))
+        chunk_size = max(1, _aspect_ratio_chunk(method, n_tokens, H, vocab))
     if chunk_size is None:  # the op bounds it by the tokens (see chunk_rows)
         itemsize = {"float16": 2, "bfloat16": 2, "float64": 8}.get(dtype_name(weight, kind), 4)
         chunk_size = chunk_rows(vocab, itemsize, "cpu" if device == "cpu" else "cuda")
@@ -220,6 +252,8 @@ def _prepare(kind, device, input, linear_weight, target, linear_bias, weight, re
     VAL.check_bool("allow_retain_graph", allow_retain_graph)
     P = math.prod(out)
     n_tokens = input.shape[0] if input.ndim == 2 else 1
+    if chunked and not autocast:
+        _check_chunked_options(options, acc_dtype, n_tokens, input.shape[-1], C, dtype_name(input, kind))
     chunk, accumulate, retain = _resolve_options(options, chunk_size, acc_dtype, n_tokens, input.shape[-1], C * P,
                                                  linear_weight, kind, device, allow_retain_graph)
     if not prob:

@@ -191,6 +191,38 @@ def test_options_are_honoured(rng):
     torch.testing.assert_close(torch.autograd.grad(loss, W2)[0], g1)
 
 
+def test_options_torch_refuses_are_refused(rng):
+    """Where torch's chunked path takes the call, it refuses options whose batch_chunk_size
+    its chunking_method contradicts (ValueError) and an acc_dtype other than the input's
+    but float32 for 16-bit inputs (RuntimeError); gpuloss used batch_chunk_size / ignored
+    acc_dtype.  Where torch falls back to its reference path (label smoothing) both pass.
+    The options class gpuloss ships for a torch without one checks acc_dtype as torch's."""
+    import warnings
+    from gpuloss.linear_ce import _Options
+    Opt = gnn.LinearCrossEntropyOptions
+    x, W, b, t = _case(rng, 64, 8, 100)
+    refused = [(Opt(batch_chunk_size=3, chunking_method="aspect_ratio"), ValueError, "give different chunk sizes"),
+               (Opt(acc_dtype=torch.float32), RuntimeError, "supports float32 acc_dtype"),  # float64 input
+               (Opt(acc_dtype=torch.bfloat16, acc_policy="compact"), RuntimeError, "supports float32 acc_dtype")]
+    for opt, err, msg in refused:
+        with pytest.raises(err, match=msg):
+            gpuloss.linear_cross_entropy(x, W, t, options=opt)
+        if HAS_TORCH_LCE:
+            with pytest.raises(err, match=msg):
+                F.linear_cross_entropy(x, W, t, options=opt)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch: "options ignored" (smoothing)
+            ours = gpuloss.linear_cross_entropy(x, W, t, options=opt, label_smoothing=0.1)
+            torch.testing.assert_close(ours, _theirs(x, W, t, options=opt, label_smoothing=0.1))
+    agree = Opt(batch_chunk_size=8, chunking_method="aspect_ratio")  # both give 8 here: accepted
+    torch.testing.assert_close(gpuloss.linear_cross_entropy(x, W, t, options=agree), _theirs(x, W, t))
+    same = Opt(acc_dtype=torch.float32)  # the input's own dtype
+    torch.testing.assert_close(gpuloss.linear_cross_entropy(x.float(), W.float(), t, options=same),
+                               _theirs(x.float(), W.float(), t))
+    with pytest.raises(ValueError, match="acc_dtype must be one of"):
+        _Options(acc_dtype=torch.int32)
+
+
 @pytest.mark.skipif(not HAS_TORCH_LCE, reason="the installed torch has no nn.LinearCrossEntropyLoss")
 def test_module_state_dict_loads_both_ways(rng):
     kw = dict(out_features=(2,), bias=True, dtype=torch.float64, weight=torch.rand(6, dtype=torch.float64),
