@@ -459,6 +459,14 @@ def _subgroup_checks(rank: int, world: int, sizes, seed: int, chk: Checker, devi
     tb[1] = V
     chk.raises("subgroup: target == V", lambda: D.vocab_parallel_cross_entropy(
         torch.tensor(X[:, s:e], device=device), torch.from_numpy(tb).to(device), group), f"class index {V}")
+    other = groups[1 - mine]  # new_group's placeholder on the ranks it leaves out: named, before any collective
+    try:
+        D.vocab_parallel_cross_entropy(torch.tensor(X[:, s:e], device=device), torch.from_numpy(T).to(device), other)
+        chk.true("not a member of the group", False, "no error")
+    except ValueError as ex:
+        chk.true("not a member of the group", "is not a member of group" in str(ex), str(ex))
+    _ce_case(chk, "subgroup NumPy-integer vocab_sizes", X, T, grank, bounds, device,
+             layout_kwargs=dict(group=group, vocab_sizes=[np.int64(v) for v in gsizes], vocab_size=np.int32(V)))
 
 
 def _compare_compiled(chk: Checker, name: str, fn, arrays, rest, explain: bool, backend: str) -> None:

@@ -10,6 +10,7 @@ inside the custom operators' implementations.
 """
 from __future__ import annotations
 
+import operator
 import zlib
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -83,6 +84,10 @@ def group_name(group) -> str:
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
     pg = dist.group.WORLD if group is None else group
+    if pg is getattr(dist.GroupMember, "NON_GROUP_MEMBER", object()):
+        raise ArgumentValueError(f"this rank ({dist.get_rank()}) is not a member of group: torch.distributed.new_group "
+                                 f"returns a placeholder on the ranks it leaves out; call the loss only on the "
+                                 f"group's ranks")
     if not isinstance(pg, dist.ProcessGroup):
         raise ArgumentTypeError(f"group must be a torch.distributed ProcessGroup or None (the default group), got "
                                 f"{type(group).__name__}")
@@ -112,9 +117,9 @@ def require_target(target) -> None:
 def as_int_or_none(name: str, v) -> Optional[int]:
     if v is None:
         return None
-    if isinstance(v, bool) or not isinstance(v, int):
+    if isinstance(v, bool) or not hasattr(v, "__index__") or isinstance(v, Tensor):
         raise ArgumentTypeError(f"{name} must be an int or None, got {v!r}")
-    return int(v)
+    return operator.index(v)  # also a NumPy integer, as ignore_index takes
 
 
 def layout_arguments(vocab_start, vocab_size, vocab_sizes) -> Tuple[Optional[int], Optional[int],
