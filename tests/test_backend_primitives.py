@@ -153,6 +153,45 @@ def test_softmax_extreme_and_one_row(backend, rng, log):
     np.testing.assert_allclose(a, expected, **tol("float32"))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("C", [301, 40000])
+def test_nan_logits_propagate(backend, rng, dtype, C):
+    """A NaN logit makes its row's loss and every output of the row NaN (torch's), wherever it
+    sits: column 0, a first 16-byte vector of NaN (the first thing a GPU thread folds, while its
+    running max is still -inf: fmaxf(-inf, NaN) = -inf dropped it in the CUDA kernels), or
+    among -inf.  Rows 1 and 3 are finite and stay so.  The teacher logits of the KL too."""
+    R = 4
+    x = rng.standard_normal((R, C))
+    x[0, 0] = np.nan
+    x[2, :8] = np.nan
+    x[2, 8:C // 2] = -np.inf
+    nan_rows = np.array([True, False, True, False])
+    xa = backend.asarray(x, dtype)
+    t = backend.asarray(np.array([5, 6, 7, -100]))
+
+    def rows_nan(a, what):
+        a = _np(backend, a).reshape(R, -1)
+        assert np.isnan(a[nan_rows]).all(), f"{what}: a NaN row has non-NaN values"
+        assert np.isfinite(a[~nan_rows]).all(), f"{what}: a finite row has non-finite values"
+
+    for log in (False, True):
+        rows_nan(prim(backend.impl, "softmax_forward", xa, log=log), f"softmax log={log}")
+    for ls in (0.0, 0.1):
+        res = _ce(backend, xa, t, label_smoothing=ls, reduction="none")
+        rows_nan(res.loss, f"CE loss ls={ls}")
+        rows_nan(res.grad, f"CE grad ls={ls}")
+    y = rng.standard_normal((R, C))
+    res = prim(backend.impl, "kl_div_logits", xa, backend.asarray(y, dtype), temperature=1.0,
+               target_is_logits=True, reduction="none", want_grad=True)
+    rows_nan(res.loss, "KL loss")
+    rows_nan(res.grad, "KL grad")
+    xf = np.where(np.isnan(x), 0.0, x)  # finite student, NaN teacher rows
+    res = prim(backend.impl, "kl_div_logits", backend.asarray(xf, dtype), xa, temperature=2.0,
+               target_is_logits=True, reduction="none", want_grad=True)
+    rows_nan(res.loss, "KL loss, NaN teacher")
+    rows_nan(res.grad, "KL grad, NaN teacher")
+
+
 def test_softmax_empty(backend):
     for log in (False, True):
         y = prim(backend.impl, "softmax_forward", backend.asarray(np.empty((0, 7)), "float32"), log=log)
