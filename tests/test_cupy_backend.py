@@ -348,6 +348,61 @@ def test_gpu_torch_dlpack_zero_copy_inplace(rng):
         np.testing.assert_allclose(g.double().cpu().numpy(), gref, **tol(str(dtype).replace("torch.", "")))
 
 
+@pytest.mark.gpu
+def test_gpu_concurrent_torch_calls_from_threads(rng):
+    """Eight Python threads call the public functions on CUDA torch tensors with backend="cupy"
+    at once, half of them on their own torch stream (each call runs CuPy on torch's current
+    stream with torch's allocator: thread-local state): every result equals the one computed
+    alone afterwards, autograd included."""
+    import threading
+    import gpuloss
+    _gpu()
+    torch = pytest.importorskip("torch")
+    n = 8
+    inputs = []
+    for i in range(n):
+        R, C = 64, 1000 + 997 * i
+        dt = torch.bfloat16 if i % 2 else torch.float32
+        inputs.append((torch.from_numpy(rng.standard_normal((R, C)) * 3).to(dt).cuda(),
+                       torch.from_numpy(rng.integers(0, C, R)).cuda()))
+
+    def call(x, t):
+        xg = x.detach().clone().requires_grad_()
+        loss = gpuloss.cross_entropy(xg, t, label_smoothing=0.1, backend="cupy")
+        loss.backward()
+        return loss.detach(), xg.grad, gpuloss.softmax(x, -1, backend="cupy")
+
+    barrier = threading.Barrier(n)
+    results: list = [None] * n
+    errors: list = []
+
+    def work(i):
+        try:
+            stream = torch.cuda.Stream() if i % 2 else torch.cuda.current_stream()
+            barrier.wait(timeout=60)
+            with torch.cuda.stream(stream):
+                out = [call(*inputs[i]) for _ in range(3)]
+            stream.synchronize()
+            results[i] = out
+        except Exception as e:  # reported below, with the thread
+            errors.append(f"thread {i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert not any(th.is_alive() for th in threads), "a thread hung"
+    assert not errors, "\n".join(errors)
+    for i, (x, t) in enumerate(inputs):
+        alone = call(x, t)
+        for got in results[i]:
+            assert all(torch.equal(a, b) for a, b in zip(got, alone)), i
+        gref, _ = ref.cross_entropy_grad(x.double().cpu().numpy(), t.cpu().numpy(), label_smoothing=0.1)
+        np.testing.assert_allclose(alone[1].double().cpu().numpy(), gref,
+                                   **tol("bfloat16" if x.dtype == torch.bfloat16 else "float32"))
+
+
 @pytest.mark.parametrize("cc", [80, 90])
 def test_launcher_expressions_are_instantiated(cc):
     """Every expression a launcher can format from a plan is one the module instantiates
