@@ -40,6 +40,8 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
+import numpy as np
+
 from . import _autocast as AC
 from . import _layout as L
 from . import _traced as TR
@@ -641,15 +643,52 @@ def binary_cross_entropy(input, target, weight=None, size_average=None, reduce=N
                         {"weight": weight})
 
 
-def mse_loss(input, target, size_average=None, reduce=None, reduction: str = "mean", *,
+def mse_loss(input, target, size_average=None, reduce=None, reduction: str = "mean", weight=None, *,
              return_grad: Union[bool, str] = False, backend: Optional[str] = None):
     """Mean squared error, as ``torch.nn.functional.mse_loss``: ``(x - t)**2``;
     input and target broadcast against each other, as in torch.
 
+    ``weight`` (torch's, of input's shape): ``weight * (x - t)**2`` per
+    element, and "mean" divides their sum by ``weight.sum()``.
+
     The lecture's L2 divergence ``1/2 ||Y - d||^2`` is
     ``mse_loss(Y, d, reduction="sum") / 2``, with gradient ``Y - d``."""
-    if TR.active(input, target):
-        return TR.elementwise("mse_loss", input, target, size_average, reduce, reduction, return_grad=return_grad)
+    if TR.active(input, target, weight):
+        kw = {} if weight is None else dict(weight=weight)  # a torch without weighted MSE still runs the rest
+        return TR.elementwise("mse_loss", input, target, size_average, reduce, reduction, return_grad=return_grad,
+                              **kw)
     reduction = legacy_reduction(size_average, reduce, reduction, input)
+    if weight is not None:
+        return _weighted_mse(input, target, weight, reduction, return_grad, backend)
     return _elementwise("mse", input, target, reduction, return_grad, backend, ReductionOptions, {},
                         broadcast=True)
+
+
+def _weighted_mse(input, target, weight, reduction: str, return_grad, backend):
+    """torch's weighted mean squared error: the fused per-element loss (and
+    its gradient) times ``weight``, reduced; "mean" is ``sum(w se) / sum(w)``.
+    torch requires ``weight`` of input's shape (ValueError otherwise).  With
+    autograd, ``weight`` is differentiated too (it is a plain factor here)."""
+    kind, _ = classify([("input", input), ("target", target), ("weight", weight)])
+    if tuple(weight.shape) != tuple(input.shape):
+        raise ArgumentValueError(f"Weights and input must have the same size: weight of shape {tuple(weight.shape)}, "
+                                 f"input of shape {tuple(input.shape)}")
+    V.check_reduction(reduction)
+    if not return_grad:
+        el = mse_loss(input, target, reduction="none", backend=backend)
+        return _weighted_sum(el * weight, weight, reduction, kind)
+    if tuple(target.shape) != tuple(input.shape):
+        raise ArgumentValueError("mse_loss with weight and return_grad needs target of input's shape (the gradient "
+                                 "per element); broadcast the target first")
+    res = mse_loss(input, target, reduction="none", return_grad=return_grad, backend=backend)
+    loss = _weighted_sum(res.loss * weight, weight, reduction, kind)
+    scale = weight / weight.sum() if reduction == "mean" else weight
+    grad_target = None if res.grad_target is None else L.cast_like(res.grad_target * scale, res.grad_target, kind)
+    return res._replace(loss=loss, grad=L.cast_like(res.grad * scale, res.grad, kind), grad_target=grad_target)
+
+
+def _weighted_sum(wse, weight, reduction: str, kind: str):
+    if reduction == "none":
+        return wse
+    loss = wse.sum() if reduction == "sum" else wse.sum() / weight.sum()
+    return np.asarray(loss) if kind == "numpy" else loss  # a 0-d array, as every NumPy loss

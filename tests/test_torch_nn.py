@@ -3,6 +3,8 @@ state_dicts that load both ways, and a 20-step training run that ends at the
 same weights."""
 from __future__ import annotations
 
+import inspect
+import os
 import warnings
 
 import numpy as np
@@ -10,6 +12,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import gpuloss  # noqa: E402
 import gpuloss.nn as gnn  # noqa: E402
 from gpuloss import reference as R  # noqa: E402
 
@@ -256,3 +259,52 @@ def test_module_signature_is_torchs_plus_extras(name):
     assert ours[-1].name == "backend"
     m = getattr(gnn, name)(backend="numpy")
     assert m.backend == "numpy" and type(m).__init__.__qualname__ == f"{name}.__init__"
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax", "cross_entropy", "nll_loss", "kl_div",
+                                  "binary_cross_entropy", "binary_cross_entropy_with_logits", "mse_loss"])
+def test_function_signature_is_torchs_plus_extras(name):
+    """Every parameter of the installed torch's function, in order, with its kind and default,
+    then gpuloss's keyword-only extras: torch 2.13's mse_loss has a sixth, ``weight``, that
+    gpuloss lacked (a TypeError, also positionally)."""
+    import torch.nn.functional as F
+    ours = list(inspect.signature(getattr(gpuloss, name)).parameters.values())
+    theirs = list(inspect.signature(getattr(F, name)).parameters.values())
+    assert [(p.name, p.kind, p.default) for p in ours[:len(theirs)]] == \
+        [(p.name, p.kind, p.default) for p in theirs]
+    assert all(p.kind is inspect.Parameter.KEYWORD_ONLY for p in ours[len(theirs):])
+
+
+@pytest.mark.parametrize("backend", ["numpy", "triton"])
+def test_weighted_mse_is_torchs(backend, monkeypatch):
+    """torch's weighted mse_loss: weight * (x - t)**2, "mean" over weight.sum(); gradients of
+    input, target and weight; weight of input's shape or torch's ValueError; NumPy arrays with
+    return_grad too."""
+    import torch.nn.functional as F
+    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("the Triton backend runs on the CPU under TRITON_INTERPRET=1 only")
+    if "weight" not in inspect.signature(F.mse_loss).parameters:
+        pytest.skip("the installed torch has no weighted mse_loss")
+    rng = np.random.default_rng(0)
+    x0, t0, w0 = rng.standard_normal((4, 5)), rng.standard_normal((4, 5)), rng.uniform(0, 2, (4, 5))
+    for reduction in ("none", "sum", "mean"):
+        ours = [torch.tensor(a, requires_grad=True) for a in (x0, t0, w0)]
+        theirs = [torch.tensor(a, requires_grad=True) for a in (x0, t0, w0)]
+        lo = gpuloss.mse_loss(*ours[:2], None, None, reduction, ours[2], backend=backend)  # positional, as torch
+        lt = F.mse_loss(*theirs[:2], reduction=reduction, weight=theirs[2])
+        torch.testing.assert_close(lo, lt, rtol=1e-12, atol=1e-12)
+        go = torch.tensor(rng.standard_normal(lt.shape))
+        lo.backward(go)
+        lt.backward(go)
+        for a, b in zip(ours, theirs):
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
+        r = gpuloss.mse_loss(x0, t0, reduction=reduction, weight=w0, return_grad="all")  # NumPy arrays
+        if reduction != "none":
+            s = F.mse_loss(*[torch.tensor(a, requires_grad=True) for a in (x0, t0)], reduction=reduction,
+                           weight=torch.tensor(w0))
+            np.testing.assert_allclose(r.loss, s.item(), rtol=1e-12)
+            assert isinstance(r.loss, np.ndarray) and r.loss.shape == ()
+            np.testing.assert_allclose(r.grad, theirs[0].grad.numpy() / go.item(), rtol=1e-12)
+            np.testing.assert_allclose(r.grad_target, theirs[1].grad.numpy() / go.item(), rtol=1e-12)
+    with pytest.raises(ValueError, match="Weights and input must have the same size"):
+        gpuloss.mse_loss(torch.tensor(x0), torch.tensor(t0), weight=torch.ones(5))
