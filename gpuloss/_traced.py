@@ -45,6 +45,8 @@ def active(input, *others) -> bool:
     if not hasattr(input, "__torch_function__"):
         return False
     import torch
+    if not isinstance(input, torch.Tensor):
+        return False  # a tensor-like object of another class: refused by name (classify)
     if torch.jit.is_tracing():
         return True
     if torch.compiler.is_compiling():

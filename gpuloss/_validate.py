@@ -66,13 +66,20 @@ def check_reduction(reduction: str, kl: bool = False) -> None:
         raise ArgumentValueError(f"reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")
 
 
-def check_dim(name: str, dim: Any, ndim: int) -> None:
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)):
+def check_dim(name: str, dim: Any, ndim: int) -> int:
+    """``dim`` as an int in [-ndim, ndim) (one for 0-d), as torch takes it: an
+    int, a NumPy integer or a 0-d integer tensor."""
+    if isinstance(dim, (bool, np.bool_)) or not hasattr(dim, "__index__"):
         raise ArgumentTypeError(f"{name} must be an int, got {type(dim).__name__}")
+    try:
+        dim = operator.index(dim)
+    except TypeError:  # a tensor of more than one element, or a floating one
+        raise ArgumentTypeError(f"{name} must be an int, got {type(dim).__name__}") from None
     n = max(ndim, 1)
     if not -n <= dim < n:
         raise DimensionError(f"{name}={dim} is out of range for an array with {ndim} dimension(s) "
                              f"(expected to be in range of [{-n}, {n - 1}])")
+    return dim
 
 
 def check_same_shape(n1: str, a: Any, n2: str, b: Any) -> None:
@@ -96,8 +103,8 @@ def as_float_dtype(name: str, dtype: Any, kind: str):
         if not isinstance(dtype, torch.dtype):
             raise ArgumentTypeError(f"{name} must be a torch.dtype for torch.Tensor arguments, got "
                                     f"{type(dtype).__name__}")
-        if not dtype.is_floating_point:
-            raise ArgumentTypeError(f"{name} must be a floating-point dtype, got {dtype}")
+        if not dtype.is_floating_point:  # torch: NotImplementedError ("... not implemented for 'Long'")
+            raise ArgumentDtypeError(f"{name} must be a floating-point dtype, got {dtype}")
         return dtype
     if isinstance(dtype, str) and dtype == "bfloat16":
         try:
@@ -109,7 +116,7 @@ def as_float_dtype(name: str, dtype: Any, kind: str):
     except TypeError:
         raise ArgumentTypeError(f"{name} must be a NumPy dtype or its name, got {dtype!r}") from None
     if dt.kind != "f" and dt.name != "bfloat16":
-        raise ArgumentTypeError(f"{name} must be a floating-point dtype, got {dt}")
+        raise ArgumentDtypeError(f"{name} must be a floating-point dtype, got {dt}")
     return dt
 
 

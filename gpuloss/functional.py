@@ -87,7 +87,7 @@ def _softmax_common(input, dim, dtype, backend, log: bool):
         dim = implicit_softmax_dim("log_softmax" if log else "softmax", input)
     input = _cast_dtype(input, AC.softmax_dtype(kind, device, input, dtype), kind)
     V.check_floating("input", input, kind)
-    V.check_dim("dim", dim, input.ndim)
+    dim = V.check_dim("dim", dim, input.ndim)
     be = backend_for(kind, device, backend, "softmax_forward", input, dim if input.ndim else -1)
     if L.numel(input, kind) == 0:  # nothing to normalise: an empty result, as torch
         return input.clone() if kind == "torch" else L.xp(kind).empty_like(input)  # clone: keeps autograd
@@ -130,7 +130,7 @@ def _softmax_bwd_common(grad_output, output, dim, backend, log: bool):
     V.check_floating("grad_output", grad_output, kind)
     V.check_same_shape("grad_output", grad_output, "output", output)
     V.check_same_dtype("grad_output", grad_output, "output", output, kind)
-    V.check_dim("dim", dim, output.ndim)
+    dim = V.check_dim("dim", dim, output.ndim)
     be = backend_for(kind, device, backend, "softmax_backward", output, dim if output.ndim else -1)
     if L.numel(output, kind) == 0:
         return grad_output * output  # empty, and connected to autograd for torch

@@ -557,6 +557,34 @@ def test_sparse_and_mkldnn_tensors_are_refused_by_name():
             call()
 
 
+def test_softmax_dim_and_dtype_arguments_as_torchs():
+    """dim as a 0-d integer tensor (torch takes it) worked only as an int or NumPy integer; a
+    non-floating dtype= raised a TypeError that is not torch's NotImplementedError; an object
+    with __torch_function__ that is no tensor raised AttributeError ('is_meta')."""
+    torch = pytest.importorskip("torch")
+    x = torch.randn(3, 4)
+    for fn, tfn in ((gpuloss.softmax, torch.nn.functional.softmax),
+                    (gpuloss.log_softmax, torch.nn.functional.log_softmax)):
+        torch.testing.assert_close(fn(x, torch.tensor(0)), tfn(x, torch.tensor(0)))
+        assert fn(x.numpy(), np.int64(-1)).shape == (3, 4)
+        with pytest.raises(TypeError, match="dim must be an int"):
+            fn(x, torch.tensor([0, 1]))
+        for dt in (torch.int64, torch.complex64):
+            with pytest.raises(NotImplementedError, match="dtype must be a floating-point dtype"):
+                fn(x, 1, dtype=dt)
+        with pytest.raises(NotImplementedError):
+            fn(x.numpy(), 1, dtype="int32")
+
+    class Wrapped:  # a tensor-like of another class: torch dispatches to it, gpuloss names it
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            return "dispatched"
+
+    with pytest.raises(TypeError, match="input must be a NumPy array, CuPy array or torch.Tensor, got Wrapped"):
+        gpuloss.softmax(Wrapped(), 1)
+    with pytest.raises(TypeError, match="input must be a NumPy array, CuPy array or torch.Tensor, got Wrapped"):
+        gpuloss.mse_loss(Wrapped(), x)
+
+
 def test_floating_target_batch_mismatch_is_torchs_value_error():
     """A floating target whose batch size differs from the input's: torch
     raises ValueError ("Expected input batch_size ... to match target
