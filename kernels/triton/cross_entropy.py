@@ -234,10 +234,11 @@ def cross_entropy_twopass_kernel(
     """One program per row.  Pass 1 (read C): online max / sum exp and the
     row sums A, B.  Pass 2, only WANT_GRAD (read C, write C): the gradient.
     G may alias X (in place): every element is read before it is written by
-    the same program, and x_t is read before pass 1, so that pass 1's
-    reductions (block-wide barriers) separate every thread's read of x_t from
-    the gradient stores of pass 2: one of those may be column t, written by
-    another warp than the one storing the loss.  REVERSE walks pass 2 from
+    the same program, and a barrier after the read of x_t (between the
+    passes, once per row) keeps every warp's gradient stores, one of which
+    may be column t, after every thread's read of it (read before pass 1, it
+    would stay live in registers across the loop: a spill at 16 warps).
+    REVERSE walks pass 2 from
     the end of the row back, so it starts on the blocks pass 1 read last
     (the likeliest still in L1/L2)."""
     # Python floats arrive as fp32 scalars; do the arithmetic in ACC
@@ -254,8 +255,6 @@ def cross_entropy_twopass_kernel(
     A = tl.zeros((), ACC)
     B = tl.zeros((), ACC)
     d = tl.zeros((BLOCK,), ACC)
-    t, z_t, w_t = _load_target(X_row, T_row, W_ptr, n_cols, ignore_index, softcap,
-                               PROB_TARGET, HAS_WEIGHT, HAS_SOFTCAP, ACC)
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         mask = cols < n_cols
@@ -273,11 +272,15 @@ def cross_entropy_twopass_kernel(
             B += b
     lse = finish_lse(m, ssum)
     s = _row_scale(Div_ptr, grad_scale, DIV_ON_DEVICE, ACC)
+    t, z_t, w_t = _load_target(X_row, T_row, W_ptr, n_cols, ignore_index, softcap,
+                               PROB_TARGET, HAS_WEIGHT, HAS_SOFTCAP, ACC)
     loss, cp, ct, cw = _row_coefs(t, z_t, w_t, m, ssum, A, B, s, n_cols, ignore_index, eps, z_loss,
                                   PROB_TARGET, HAS_WEIGHT, HAS_SMOOTHING, HAS_Z_LOSS, ACC)
     tl.store(Loss_ptr + row, loss.to(Loss_ptr.dtype.element_ty))
     tl.store(Lse_ptr + row, lse.to(Lse_ptr.dtype.element_ty))
     if WANT_GRAD or WANT_GRAD_TARGET:  # the target's gradient is written in this pass too
+        # every thread has read x_t before any writes its gradient (in place, column t)
+        tl.debug_barrier()
         # p from (z - max) / sum, not z - lse: fp32 lse swallows log(sum)
         # when |max| >> log(sum)
         shift = tl.where(m == float("-inf"), 0.0, m)
