@@ -252,10 +252,10 @@ def _prepare(kind, device, input, linear_weight, target, linear_bias, weight, re
     VAL.check_bool("allow_retain_graph", allow_retain_graph)
     P = math.prod(out)
     n_tokens = input.shape[0] if input.ndim == 2 else 1
-    if chunked and not autocast:
-        _check_chunked_options(options, acc_dtype, n_tokens, input.shape[-1], C, dtype_name(input, kind))
     chunk, accumulate, retain = _resolve_options(options, chunk_size, acc_dtype, n_tokens, input.shape[-1], C * P,
                                                  linear_weight, kind, device, allow_retain_graph)
+    if chunked and not autocast:  # (options is a LinearCrossEntropyOptions: _resolve_options checked)
+        _check_chunked_options(options, acc_dtype, n_tokens, input.shape[-1], C, dtype_name(input, kind))
     if not prob:
         target = VAL.as_index_target("target", target, kind)
         VAL.check_class_targets("target", target, kind, C, ii)
