@@ -28,7 +28,8 @@ NumPy and CuPy arrays have no autograd, so every loss takes
 loss with respect to ``input``, computed in the same fused pass as the loss
 (for ``reduction="none"``, the gradient of the sum of the per-element losses).
 ``return_grad="all"`` also fills ``grad_target`` for floating targets
-(probability targets, BCE/MSE/KL targets); it is ``None`` otherwise.  Scale by
+(probability targets, BCE/MSE/KL targets; :func:`kl_div_with_logits` refuses
+it); it is ``None`` otherwise.  Scale by
 your own upstream gradient if it is not one.  softmax and log_softmax have
 :func:`softmax_backward` and :func:`log_softmax_backward`.
 

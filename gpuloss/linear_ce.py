@@ -10,7 +10,7 @@ Why
 An LLM's output layer maps ``N`` hidden states of width ``H`` to ``V``
 vocabulary logits.  At N = 8192, V = 128256 the logits alone are 2 GiB in
 bf16, their gradient 2 GiB more, and an eager ``F.cross_entropy`` adds its
-fp32 temporaries (12 GiB in ``PERF.md``).  Here the tokens are processed in
+fp32 temporaries (12 GiB at N = 16384, bench/RESULTS.md).  Here the tokens are processed in
 chunks, one ``(chunk, V)`` logits buffer at a time, our fused cross-entropy
 kernel writing its gradient in place (:mod:`gpuloss._linear_chunks` has the
 loop and its memory traffic).

@@ -243,9 +243,10 @@ def test_forked_child_runs_on_its_own_pool(monkeypatch, rng):
 def test_num_threads_env(monkeypatch):
     monkeypatch.setenv("GPULOSS_NUM_THREADS", "5")
     assert nb.num_threads() == 5
-    monkeypatch.setenv("GPULOSS_NUM_THREADS", "abc")
-    with pytest.raises(ValueError, match="GPULOSS_NUM_THREADS"):
-        nb.num_threads()
+    for bad in ("abc", "0", "-2"):  # 0 and negatives were taken as 1
+        monkeypatch.setenv("GPULOSS_NUM_THREADS", bad)
+        with pytest.raises(ValueError, match="GPULOSS_NUM_THREADS must be a positive integer"):
+            nb.num_threads()
     monkeypatch.delenv("GPULOSS_NUM_THREADS")
     assert nb.num_threads() >= 1
 

@@ -66,7 +66,7 @@ the ``vocab_size``/``vocab_sizes`` it was given, its target min/max over
 non-ignored rows, two target checksums and its local argument problems) and
 reads it on the host.  Every rank then takes the same decision from the same
 gathered data and raises the same ``ValueError`` together.  That is one
-all-gather of ``(10 + world)`` int64 values and one device-to-host copy per
+all-gather of ``(12 + world)`` int64 values and one device-to-host copy per
 call.  ``validate=False`` skips it: the layout then comes from
 ``vocab_sizes`` when given, else from a per-process cache filled by the first
 call with this (group, ``V_local``, ``vocab_start``); an out-of-range target is

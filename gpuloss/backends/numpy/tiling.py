@@ -71,9 +71,12 @@ def num_threads() -> int:
     env = os.environ.get("GPULOSS_NUM_THREADS", "").strip()
     if env:
         try:
-            return max(1, int(env))
+            n = int(env)
         except ValueError:
-            raise ValueError(f"GPULOSS_NUM_THREADS must be a positive integer, got {env!r}") from None
+            n = 0
+        if n < 1:
+            raise ValueError(f"GPULOSS_NUM_THREADS must be a positive integer, got {env!r}")
+        return n
     return max(1, os.cpu_count() or 1)
 
 
