@@ -117,7 +117,8 @@ def run(N: int, H: int, V: int, dtype_name: str, only: Optional[List[str]] = Non
     scales = [float(r.abs().max()) for r in ref]
     rows: List[dict] = []
     torch_err = None
-    for name, make in _impls(dtype).items():
+    # torch eager first: its errors are the bar every other row's are checked against
+    for name, make in sorted(_impls(dtype).items(), key=lambda kv: kv[0] != "torch"):
         if only and name not in only:
             continue
         row: Dict[str, Any] = {"impl": name}
@@ -242,21 +243,36 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = args.out or os.path.join("bench", "out", "linear_ce-" + _dt.datetime.now().strftime("%Y%m%d-%H%M%S"))
     os.makedirs(out, exist_ok=True)
     results, tables = [], []
-    for shape in args.shapes.split(","):
-        N, H, V = (int(x) for x in shape.lower().split("x"))
-        meta, rows = run(N, H, V, args.dtype, args.impls.split(",") if args.impls else None)
-        entry = {"meta": meta, "rows": rows}
-        tables.append(_table(meta, rows))
-        if args.budget:
-            entry["budget"] = budget(N, H, V, args.dtype)
-            tables.append("\n".join(f"- {b['part']}: {b['ms_per_chunk']:.3f} ms x {b['chunks']} chunks = "
-                                     f"{b['ms_total']:.2f} ms" for b in entry["budget"]) + "\n")
-        results.append(entry)
-        print(tables[-1], flush=True)
-    with open(os.path.join(out, "linear_ce.json"), "w") as f:
-        json.dump(results, f, indent=1)
-    with open(os.path.join(out, "linear_ce.md"), "w") as f:
-        f.write("\n".join(tables))
+
+    def write():  # after every shape, and on an interrupt: a time limit keeps what was measured
+        with open(os.path.join(out, "linear_ce.json"), "w") as f:
+            json.dump(results, f, indent=1)
+        with open(os.path.join(out, "linear_ce.md"), "w") as f:
+            f.write("\n".join(tables))
+
+    try:
+        for shape in args.shapes.split(","):
+            N, H, V = (int(x) for x in shape.lower().split("x"))
+            meta, rows = run(N, H, V, args.dtype, args.impls.split(",") if args.impls else None)
+            entry = {"meta": meta, "rows": rows}
+            results.append(entry)
+            tables.append(_table(meta, rows))
+            print(tables[-1], flush=True)
+            write()
+            if args.budget:
+                try:
+                    entry["budget"] = budget(N, H, V, args.dtype)
+                    tables.append("\n".join(f"- {b['part']}: {b['ms_per_chunk']:.3f} ms x {b['chunks']} chunks = "
+                                             f"{b['ms_total']:.2f} ms" for b in entry["budget"]) + "\n")
+                except Exception as e:  # the measured rows stay
+                    why = str(e).splitlines()[0][:160] if str(e) else ""
+                    tables.append(f"- budget fails: {type(e).__name__}: {why}\n")
+                print(tables[-1], flush=True)
+                write()
+    except KeyboardInterrupt:
+        tables.append("- stopped (interrupted: the time limit); the shapes above are complete\n")
+        write()
+        return 130
     return 0
 
 

@@ -381,6 +381,26 @@ def test_ci_script_is_valid_bash_and_needs_an_outdir():
     assert r.returncode == 2 and "usage" in r.stderr
 
 
+def test_ci_script_keeps_earlier_runs_and_verifies_only_what_it_tested(tmp_path):
+    """ci/gpu.sh with CI_TESTS=0 CI_TUNE=1 filed the design table as verified by tests it did
+    not run (TESTS_RC stays 0); a second call with the same OUTDIR overwrote the first's logs.
+    A dry run on the CPU: no installs, no tests, no benchmark (tune.py stops: no CUDA)."""
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(__file__), "..", "ci", "gpu.sh")
+    env = dict(os.environ, PYTHON=sys.executable, CI_SKIP_INSTALL="1", CI_TESTS="0", CI_BENCH="0", CI_TUNE="1",
+               CI_TUNE_TIMEOUT="60", GPULOSS_COMMIT="abc1234")
+    env.pop("TRITON_INTERPRET", None)
+    out = tmp_path / "out"
+    for _ in range(2):
+        r = subprocess.run(["bash", script, str(out)], env=env, capture_output=True, text=True, timeout=300)
+        assert "total:" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]
+    assert (out / "summary.txt").exists() and (out / "run2" / "summary.txt").exists()
+    tune_cmd = (out / "tune.log").read_text().splitlines()[0]
+    assert "--write-table" in tune_cmd and "--verified" not in tune_cmd, tune_cmd
+    assert "commit abc1234" in (out / "env.log").read_text()
+
+
 def test_interrupt_keeps_measured_rows(cpu, gen, monkeypatch):
     """CI stops a long benchmark with SIGINT: rows measured so far survive."""
     calls = []
@@ -453,3 +473,20 @@ def test_compare_scalar_reads_tensors_without_numpy():
     assert ok, detail
     ok, detail = compare_scalar(loss, 2.5, "float32")
     assert not ok and "reference" in detail
+
+
+def test_linear_ce_bench_checks_every_row_against_torch(monkeypatch):
+    """bench/linear_ce.py marks a row WRONG where its errors exceed torch eager's: torch's row
+    ran fourth, after the three gpuloss rows, which were never checked (a loss x 3 read "ok").
+    On the CPU with the timing Device's CPU form."""
+    import gpuloss
+    from gpuloss.bench import linear_ce, timing
+    real_device, real_lce = timing.Device, gpuloss.linear_cross_entropy
+    monkeypatch.setattr(timing, "Device", lambda kind, quick=False: real_device("cpu", quick=True))
+    monkeypatch.setattr(gpuloss, "linear_cross_entropy", lambda *a, **k: real_lce(*a, **k) * 3.0)
+    _, rows = linear_ce.run(64, 32, 500, "float32", ["gpuloss", "torch"])
+    status = {r["impl"]: r["status"] for r in rows}
+    assert status["torch"] == "ok" and status["gpuloss"].startswith("WRONG: loss"), status
+    monkeypatch.setattr(gpuloss, "linear_cross_entropy", real_lce)
+    _, rows = linear_ce.run(64, 32, 500, "float32", ["gpuloss", "torch"])
+    assert all(r["status"] == "ok" for r in rows), rows
