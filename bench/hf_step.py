@@ -192,6 +192,10 @@ def run(device_name: str, tiny: bool, batch: int, seq: int, layers: int, steps: 
                 row["grad_norm_rel_diff"] = abs(row["grad_norm"] - ref["grad_norm"]) / ref["grad_norm"]
         except Exception as e:  # one failing variant must not lose the others
             row["status"] = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+        except KeyboardInterrupt:  # the time limit: the variants measured so far are written
+            row["status"] = "stopped: interrupted (time limit)"
+            rows.append(row)
+            break
         finally:
             del model
             if device.type == "cuda":

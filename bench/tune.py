@@ -298,8 +298,18 @@ def _time_config(row: Dict[str, Any], op: str, backend: str, kv, data, tol: floa
 
 
 def _sweep(args, dev, card: str, copy_bw: float, t_start: float) -> List[Dict[str, Any]]:
-    import torch
+    """The rows measured; an interrupt (the time limit's SIGINT) ends the sweep
+    with the rows so far, so that tune.json and the table are still written."""
     rows: List[Dict[str, Any]] = []
+    try:
+        _sweep_rows(args, dev, card, copy_bw, t_start, rows)
+    except KeyboardInterrupt:
+        print(f"interrupted: {len(rows)} rows measured are kept", flush=True)
+    return rows
+
+
+def _sweep_rows(args, dev, card: str, copy_bw: float, t_start: float, rows: List[Dict[str, Any]]) -> None:
+    import torch
     cfgs = [c for c in configs() if fnmatch.fnmatch(c[0], args.configs)]
     ops = [o for o in args.ops.split(",") if o]
     for (N, V), dtname in (QUICK_SHAPES if args.quick else SHAPES):
@@ -327,7 +337,6 @@ def _sweep(args, dev, card: str, copy_bw: float, t_start: float) -> List[Dict[st
                 torch.cuda.empty_cache()
         del x, t, dy, data
         torch.cuda.empty_cache()
-    return rows
 
 
 def main(argv: Optional[List[str]] = None) -> int:

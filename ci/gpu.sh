@@ -8,9 +8,14 @@
 # fetched beforehand on a machine with network:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
 #       --implementation cp --platform manylinux_2_28_x86_64 --platform any -d .whl liger-kernel==0.8.5
+# .whl/ is git-ignored: a tool that copies the working tree to the GPU machine must be told to
+# carry it (else every Liger row reads "n/a", silently).  The machine has no git metadata either:
+# pass GPULOSS_COMMIT=<sha> so that logs and the design table name the commit.
 #
 # Writes into OUTDIR: env.log (GPU and versions), install.log, tests.log,
 # bench.log, bench/ (results.csv, results.json, table.md, plots), summary.txt.
+# An OUTDIR that already holds a run's summary.txt gets the new run in OUTDIR/run2, run3, ...
+# (the logs of the first run are kept).
 # Exit status: the test suite's if it failed (the benchmark still runs), else
 # the benchmark's.  Time limits (seconds, environment overrides):
 #   CI_TEST_TIMEOUT  whole test suite        (default 150)
@@ -37,6 +42,11 @@ if [ $# -lt 1 ]; then
     exit 2
 fi
 OUT=$1
+if [ -e "$OUT/summary.txt" ]; then  # an earlier run's: keep it, write this one beside it
+    n=2
+    while [ -e "$OUT/run$n" ]; do n=$((n + 1)); done
+    OUT="$OUT/run$n"
+fi
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -50,7 +60,7 @@ T0=$(date +%s)
 unset GPULOSS_TEST_BACKENDS GPULOSS_BACKEND TRITON_INTERPRET GPULOSS_TRITON_VARIANT GPULOSS_CUPY_VARIANT
 
 {
-    echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname), commit $(git rev-parse --short=12 HEAD 2>/dev/null || echo '?')"
+    echo "== $(date -u '+%Y-%m-%d %H:%M:%S UTC') on $(hostname), commit ${GPULOSS_COMMIT:-$(git rev-parse --short=12 HEAD 2>/dev/null || echo '?')}"
     if command -v nvidia-smi >/dev/null; then
         nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used,clocks.max.sm,clocks.max.mem,power.limit \
             --format=csv
@@ -142,12 +152,13 @@ if [ "${CI_TUNE:-0}" = 1 ]; then
     CARD=$("$PY" -c "import torch; print(torch.cuda.get_device_name(0))" 2>/dev/null || echo unknown-gpu)
     PASSED=$(grep -E "[0-9]+ passed" "$OUT/tests.log" | tail -1 | sed -e 's/=//g' -e 's/^ *//' -e 's/ *$//')
     TABLE_ARGS=(--write-table "$OUT/tune/designs.json" --suite "ci/gpu.sh tests on $CARD: ${PASSED:-?}")
-    # verified only if the suite passed and it ran every design the sweep can file
+    # verified only if this invocation ran the suite, it passed, and it ran every design the
+    # sweep can file (CI_TESTS=0 leaves TESTS_RC 0 with nothing run)
     case " $TEST_FILES " in
         *test_triton_designs.py*|" tests "|" tests/ ") DESIGNS_RAN=1 ;;
         *) DESIGNS_RAN=0 ;;
     esac
-    if [ "$TESTS_RC" -eq 0 ] && [ "$DESIGNS_RAN" = 1 ]; then
+    if [ "${CI_TESTS:-1}" = 1 ] && [ "$TESTS_RC" -eq 0 ] && [ "$DESIGNS_RAN" = 1 ]; then
         RUN_ID="$(echo "$CARD" | tr 'A-Z ' 'a-z-' | tr -cd 'a-z0-9-')-$(date -u +%Y-%m-%d)-$COMMIT"
         TABLE_ARGS+=(--verified "$RUN_ID")
     fi
