@@ -35,6 +35,10 @@
 # of the script on a machine that already has them).
 # The transformers check alone (meant to take under two minutes):
 #   CI_TESTS=0 CI_BENCH=0 CI_HF=1 bash ci/gpu.sh OUTDIR
+# Every device check in one 15-minute session (machine start included), estimated ~7 and ~4 min:
+#   GPULOSS_COMMIT=<sha> CI_BENCH_BUDGET=60 CI_TUNE=1 CI_TUNE_ARGS=--quick CI_TUNE_TIMEOUT=150 \
+#       bash ci/gpu.sh OUTDIR                      # tests, quick benchmark, quick sweep (verified table)
+#   GPULOSS_COMMIT=<sha> CI_TESTS=0 CI_BENCH=0 CI_LCE=1 CI_HF=1 bash ci/gpu.sh OUTDIR
 set -u -o pipefail
 
 if [ $# -lt 1 ]; then
