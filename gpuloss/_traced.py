@@ -18,9 +18,8 @@ The same holds inside ``torch.func`` transforms (``grad``, ``vmap``,
 formulas for torch.autograd only, so there each function computes with
 ``torch.nn.functional``, whose operations every transform knows
 (per-sample gradients with ``vmap(grad(...))``, Jacobians, tangents), without
-a warning: the results are torch's.  Meta tensors and a FakeTensorMode
-(shapes and dtypes, no values: ``device="meta"`` models, shape and memory
-estimation) take the same path.
+a warning: the results are torch's.  Meta tensors (shapes and dtypes, no
+values: ``device="meta"`` models, shape inference) take the same path.
 
 Nothing here runs unless one of those is active (:func:`active`).
 """
@@ -37,8 +36,7 @@ _WARNED = set()
 def active(input, *others) -> bool:
     """Whether torch's own operations must compute this call: ``torch.jit.trace``
     is recording, one of the tensors is being transformed by ``torch.func``
-    or carries a forward-mode tangent, ``input`` is a meta tensor, or a
-    FakeTensorMode is active.  Asked
+    or carries a forward-mode tangent, or ``input`` is a meta tensor.  Asked
     only when ``input`` is a tensor (torch is imported then: see
     :func:`gpuloss._layout.torch_tracing`); never while torch.compile traces
     (it runs gpuloss's operators)."""
@@ -53,8 +51,6 @@ def active(input, *others) -> bool:
         return False
     if input.is_meta:  # no values: torch's operations give the shapes and dtypes (no gpuloss backend serves meta)
         return True
-    if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
-        return True  # FakeTensorMode (shape / memory estimation): no values either
     return _transformed((input,) + others)
 
 

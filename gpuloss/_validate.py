@@ -291,13 +291,17 @@ def as_index_target(name: str, target: Any, kind: str) -> Any:
 def _device_values_allowed(target: Any, kind: str) -> bool:
     """Whether reading ``target``'s values on the host is allowed now
     (gpuloss.config).  Not while torch.compile traces: there a CPU tensor's
-    check goes into the graph instead (:func:`_traced_check`)."""
+    check goes into the graph instead (:func:`_traced_check`); nor under a
+    fake mode (FakeTensorMode shape and memory estimation, make_fx and
+    AOTAutograd tracing), whose tensors have no values to read."""
     if kind == "numpy":
         return True
     if kind == "torch":
         import torch
         if torch.compiler.is_compiling():
             return False  # a data-dependent check would break the graph
+        if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+            return False
         if target.device.type == "cpu":
             return True
         return config.value_checks() == "always" and not torch.cuda.is_current_stream_capturing()

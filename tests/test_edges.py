@@ -650,8 +650,8 @@ def test_meta_tensors_give_torchs_shapes():
 
 def test_fake_tensor_mode_gives_torchs_shapes():
     """Under a FakeTensorMode (shape and memory estimation, outside torch.compile) the calls
-    that read target values for their checks raised DataDependentOutputException; they now
-    give torch's shapes and dtypes, forward and backward, as for meta tensors."""
+    that read target values for their checks raised DataDependentOutputException; fake tensors
+    have no values to check, so they now run (torch's shapes and dtypes, forward and backward)."""
     import gpuloss.nn
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():
@@ -668,6 +668,15 @@ def test_fake_tensor_mode_gives_torchs_shapes():
             assert ours.shape == theirs.shape and ours.dtype == theirs.dtype
         gx, gW = torch.autograd.grad(gpuloss.linear_cross_entropy(h, W, t), (h, W))
         assert gx.shape == h.shape and gW.shape == W.shape
+        # gpuloss's operators run on fake tensors (their fake implementations): the extras too
+        assert gpuloss.cross_entropy(x, t, z_loss=1e-4, softcap=30.0).shape == ()
+        res = gpuloss.mse_loss(x.detach(), x.detach() * 2, return_grad=True)
+        assert res.grad.shape == x.shape
+    # make_fx with fake tensors records gpuloss's operators, class-index targets included
+    from torch.fx.experimental.proxy_tensor import make_fx
+    gm = make_fx(lambda a, b: gpuloss.cross_entropy(a, b), tracing_mode="fake")(torch.randn(4, 6),
+                                                                             torch.tensor([0, 1, 2, 3]))
+    assert any("gpuloss" in str(n.target) for n in gm.graph.nodes if n.op == "call_function")
 
 
 def test_bce_with_logits_gradient_keeps_the_logits_precision(backend, rng):
