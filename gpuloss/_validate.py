@@ -68,12 +68,13 @@ def check_reduction(reduction: str, kl: bool = False) -> None:
 
 def check_dim(name: str, dim: Any, ndim: int) -> int:
     """``dim`` as an int in [-ndim, ndim) (one for 0-d), as torch takes it: an
-    int, a NumPy integer or a 0-d integer tensor."""
-    if isinstance(dim, (bool, np.bool_)) or not hasattr(dim, "__index__"):
+    int, a NumPy integer or a 0-d integer tensor (no bool, no array)."""
+    if isinstance(dim, (bool, np.bool_, np.ndarray)) or not hasattr(dim, "__index__") \
+            or getattr(dim, "ndim", 0) != 0 or str(getattr(dim, "dtype", "")) == "torch.bool":
         raise ArgumentTypeError(f"{name} must be an int, got {type(dim).__name__}")
     try:
         dim = operator.index(dim)
-    except TypeError:  # a tensor of more than one element, or a floating one
+    except TypeError:  # a floating tensor
         raise ArgumentTypeError(f"{name} must be an int, got {type(dim).__name__}") from None
     n = max(ndim, 1)
     if not -n <= dim < n:

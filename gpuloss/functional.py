@@ -41,8 +41,6 @@ from __future__ import annotations
 
 from typing import Optional, Union
 
-import numpy as np
-
 from . import _autocast as AC
 from . import _layout as L
 from . import _traced as TR
@@ -655,33 +653,38 @@ def mse_loss(input, target, size_average=None, reduce=None, reduction: str = "me
     The lecture's L2 divergence ``1/2 ||Y - d||^2`` is
     ``mse_loss(Y, d, reduction="sum") / 2``, with gradient ``Y - d``."""
     if TR.active(input, target, weight):
-        kw = {} if weight is None else dict(weight=weight)  # a torch without weighted MSE still runs the rest
         return TR.elementwise("mse_loss", input, target, size_average, reduce, reduction, return_grad=return_grad,
-                              **kw)
+                              weight=weight)
     reduction = legacy_reduction(size_average, reduce, reduction, input)
-    if weight is not None:
-        return _weighted_mse(input, target, weight, reduction, return_grad, backend)
-    return _elementwise("mse", input, target, reduction, return_grad, backend, ReductionOptions, {},
-                        broadcast=True)
+    if weight is None:
+        return _elementwise("mse", input, target, reduction, return_grad, backend, ReductionOptions, {},
+                            broadcast=True)
+    kind = _check_mse_weight(input, target, weight, reduction, return_grad)
+    res = _elementwise("mse", input, target, "none", return_grad, backend, ReductionOptions, {}, broadcast=True)
+    return _weighted_mse(res, weight, reduction, return_grad, kind)
 
 
-def _weighted_mse(input, target, weight, reduction: str, return_grad, backend):
-    """torch's weighted mean squared error: the fused per-element loss (and
-    its gradient) times ``weight``, reduced; "mean" is ``sum(w se) / sum(w)``.
-    torch requires ``weight`` of input's shape (ValueError otherwise).  With
-    autograd, ``weight`` is differentiated too (it is a plain factor here)."""
+def _check_mse_weight(input, target, weight, reduction: str, return_grad) -> str:
+    """torch requires ``weight`` of input's shape (its ValueError and message
+    otherwise); the gradient form needs the target of that shape too."""
     kind, _ = classify([("input", input), ("target", target), ("weight", weight)])
+    V.check_reduction(reduction)
     if tuple(weight.shape) != tuple(input.shape):
         raise ArgumentValueError(f"Weights and input must have the same size: weight of shape {tuple(weight.shape)}, "
                                  f"input of shape {tuple(input.shape)}")
-    V.check_reduction(reduction)
-    if not return_grad:
-        el = mse_loss(input, target, reduction="none", backend=backend)
-        return _weighted_sum(el * weight, weight, reduction, kind)
-    if tuple(target.shape) != tuple(input.shape):
+    if return_grad and tuple(target.shape) != tuple(input.shape):
         raise ArgumentValueError("mse_loss with weight and return_grad needs target of input's shape (the gradient "
                                  "per element); broadcast the target first")
-    res = mse_loss(input, target, reduction="none", return_grad=return_grad, backend=backend)
+    return kind
+
+
+def _weighted_mse(res, weight, reduction: str, return_grad, kind: str):
+    """torch's weighted mean squared error from the fused per-element loss
+    ``res`` (with its gradient under return_grad): times ``weight``, reduced;
+    "mean" is ``sum(w se) / sum(w)``.  With autograd, ``weight`` is
+    differentiated too (a plain factor here)."""
+    if not return_grad:
+        return _weighted_sum(res * weight, weight, reduction, kind)
     loss = _weighted_sum(res.loss * weight, weight, reduction, kind)
     scale = weight / weight.sum() if reduction == "mean" else weight
     grad_target = None if res.grad_target is None else L.cast_like(res.grad_target * scale, res.grad_target, kind)
@@ -691,5 +694,4 @@ def _weighted_mse(input, target, weight, reduction: str, return_grad, backend):
 def _weighted_sum(wse, weight, reduction: str, kind: str):
     if reduction == "none":
         return wse
-    loss = wse.sum() if reduction == "sum" else wse.sum() / weight.sum()
-    return np.asarray(loss) if kind == "numpy" else loss  # a 0-d array, as every NumPy loss
+    return L.as_array(wse.sum() if reduction == "sum" else wse.sum() / weight.sum(), kind)

@@ -567,8 +567,9 @@ def test_softmax_dim_and_dtype_arguments_as_torchs():
                     (gpuloss.log_softmax, torch.nn.functional.log_softmax)):
         torch.testing.assert_close(fn(x, torch.tensor(0)), tfn(x, torch.tensor(0)))
         assert fn(x.numpy(), np.int64(-1)).shape == (3, 4)
-        with pytest.raises(TypeError, match="dim must be an int"):
-            fn(x, torch.tensor([0, 1]))
+        for bad in (torch.tensor([0, 1]), torch.tensor([1]), torch.tensor(True), np.array(1), torch.tensor(1.0)):
+            with pytest.raises(TypeError, match="dim must be an int"):  # torch refuses these too
+                fn(x, bad)
         for dt in (torch.int64, torch.complex64):
             with pytest.raises(NotImplementedError, match="dtype must be a floating-point dtype"):
                 fn(x, 1, dtype=dt)

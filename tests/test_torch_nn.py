@@ -299,7 +299,11 @@ def test_weighted_mse_is_torchs(backend, monkeypatch):
         for a, b in zip(ours, theirs):
             torch.testing.assert_close(a.grad, b.grad, rtol=1e-12, atol=1e-12)
         r = gpuloss.mse_loss(x0, t0, reduction=reduction, weight=w0, return_grad="all")  # NumPy arrays
-        if reduction != "none":
+        if reduction == "none":  # the gradient of the sum of the weighted per-element losses
+            np.testing.assert_allclose(r.loss, w0 * (x0 - t0) ** 2, rtol=1e-12)
+            np.testing.assert_allclose(r.grad, 2 * w0 * (x0 - t0), rtol=1e-12)
+            np.testing.assert_allclose(r.grad_target, -2 * w0 * (x0 - t0), rtol=1e-12)
+        else:
             s = F.mse_loss(*[torch.tensor(a, requires_grad=True) for a in (x0, t0)], reduction=reduction,
                            weight=torch.tensor(w0))
             np.testing.assert_allclose(r.loss, s.item(), rtol=1e-12)
@@ -308,3 +312,7 @@ def test_weighted_mse_is_torchs(backend, monkeypatch):
             np.testing.assert_allclose(r.grad_target, theirs[1].grad.numpy() / go.item(), rtol=1e-12)
     with pytest.raises(ValueError, match="Weights and input must have the same size"):
         gpuloss.mse_loss(torch.tensor(x0), torch.tensor(t0), weight=torch.ones(5))
+    with warnings.catch_warnings(record=True) as seen:  # the broadcast warning names the caller's line
+        warnings.simplefilter("always")
+        gpuloss.mse_loss(torch.tensor(x0), torch.tensor(t0[:1]), weight=torch.tensor(w0), backend=backend)
+    assert [w.filename for w in seen if "target size" in str(w.message)] == [__file__]
