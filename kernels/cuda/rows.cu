@@ -213,7 +213,9 @@ gpuloss_mean_divisor(const TI* __restrict__ T_ptr, const A* __restrict__ W_ptr, 
         st.a0 += W_ptr ? W_ptr[t] : (A)1;
     }
     st = block_reduce<SumOp, A>(st, scratch);
-    if (threadIdx.x == 0) *Div_ptr = st.a0;
+    // a zero divisor as NaN: "mean" = sum / Div is NaN as torch's (also with a nonzero smoothing
+    // sum), valid rows' scale 1 / Div NaN; ignored rows' scale is selected, never multiplied
+    if (threadIdx.x == 0) *Div_ptr = st.a0 == (A)0 ? gl_nan<A>() : st.a0;
 }
 
 // =============================================================================================

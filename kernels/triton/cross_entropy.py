@@ -66,7 +66,10 @@ def ce_mean_divisor_kernel(
     """Div = sum over non-ignored rows of w[t] (their count without weights),
     on the device, so "mean" never synchronises with the host.  One program;
     reads the R targets (and R weights): tiny next to the R x C logits.
-    Out-of-range targets add nothing here (their row loss is NaN anyway)."""
+    Out-of-range targets add nothing here (their row loss is NaN anyway).
+    A zero divisor is stored as NaN: the "mean" (sum / Div) is then NaN as
+    torch's, also where label smoothing left the sum nonzero, and the valid
+    rows' scale 1 / Div is NaN (ignored rows' is selected, never multiplied)."""
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), ACC)
     for start in range(0, n_rows, BLOCK):
@@ -79,7 +82,9 @@ def ce_mean_divisor_kernel(
         else:
             wt = tl.where(ok, 1.0, 0.0)
         acc += wt
-    tl.store(Div_ptr, tl.sum(acc, 0).to(Div_ptr.dtype.element_ty))
+    div = tl.sum(acc, 0)
+    div = tl.where(div == 0.0, float("nan"), div)
+    tl.store(Div_ptr, div.to(Div_ptr.dtype.element_ty))
 
 
 @triton.jit

@@ -72,13 +72,11 @@ def split_workspace(torch, n_rows: int, cfg: LaunchConfig, x: Any):
 
 def reduce_rows(rows_loss, reduction: str, divisor):
     """"none": the rows; "sum": their sum; "mean": the sum over ``divisor``
-    (a float or a device scalar; NaN where it is 0: :mod:`gpuloss.rules`)."""
+    (a float, or a device scalar that the divisor kernel made NaN where it is
+    0: :mod:`gpuloss.rules`)."""
     if reduction == "none":
         return rows_loss
     total = rows_loss.sum()
     if reduction == "sum":
         return total
-    import torch
-    if isinstance(divisor, torch.Tensor):
-        return torch.where(divisor != 0, total / divisor, float("nan"))
-    return total / divisor if divisor != 0 else total * float("nan")
+    return total / divisor if not isinstance(divisor, (int, float)) or divisor != 0 else total * float("nan")
