@@ -635,6 +635,44 @@ def test_bce(backend, rng, dtype, reduction, weighted):
     _check(backend, res.grad_target, gt, dtype, "grad_target")
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_bce_with_logits_gradient_in_both_tails(backend, dtype):
+    """dx = w ((1 - t) - lw sigmoid(-x)) = w (lw sigmoid(x) - pw t): the first form lost all of
+    sigmoid(x) for t = 0 and x << 0 (0 at x = -20 in fp32, where the gradient is 2e-9; torch's
+    is exact), the second loses sigmoid(-x) for t = 1 and x >> 0.  Each tail, relative error,
+    with and without pos_weight."""
+    xs = np.array([-80.0, -40.0, -30.0, -20.0, -15.0, -10.0, -5.0, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0])
+    x = np.stack([xs, xs])
+    y = np.stack([np.zeros_like(xs), np.ones_like(xs)])  # t = 0 and t = 1
+    for pw in (None, np.full(xs.size, 3.0)):
+        res = prim(backend.impl, "bce_with_logits", backend.asarray(x, dtype), backend.asarray(y, dtype),
+                   weight=None, pos_weight=None if pw is None else backend.asarray(pw, dtype), reduction="sum",
+                   want_grad=True, want_grad_target=False)
+        p = 1.0 if pw is None else pw
+        lw = 1.0 + (p - 1.0) * y
+        sig = np.where(x < 0, np.exp(np.minimum(x, 0)) / (1 + np.exp(np.minimum(x, 0))), 1 / (1 + np.exp(-x)))
+        sig_neg = np.where(x >= 0, np.exp(-np.abs(x)) / (1 + np.exp(-np.abs(x))), 1 / (1 + np.exp(x)))
+        want = np.where(x < 0, lw * sig - p * y, (1 - y) - lw * sig_neg)
+        np.testing.assert_allclose(_np(backend, res.grad), want, rtol=tol(dtype)["rtol"], atol=0,
+                                   err_msg=f"pos_weight={pw is not None}")
+
+
+def test_bce_target_gradient_unclamped_and_nan_probabilities(backend):
+    """binary_cross_entropy: the target's gradient log(1 - p) - log p is unclamped, as torch's
+    (+-inf at p = 0, 1; the CUDA kernel used the -100-clamped logs: 100 and -100); a NaN
+    probability gives a NaN loss (a max that drops NaN turned it into a finite 100); the loss
+    -log p at t = 1 keeps its precision next to p = 1 (t (l1p - lp) - l1p cancelled it)."""
+    p = np.array([[0.0, 1.0, 1e-30, 0.5, np.nan, 1 - 2.0 ** -24]])
+    y = np.array([[0.5, 0.5, 0.5, 0.5, 0.5, 1.0]])
+    res = prim(backend.impl, "bce", backend.asarray(p, "float32"), backend.asarray(y, "float32"), weight=None,
+               reduction="none", want_grad=True, want_grad_target=True)
+    gt, loss = _np(backend, res.grad_target)[0], _np(backend, res.loss)[0]
+    assert gt[0] == np.inf and gt[1] == -np.inf, gt
+    np.testing.assert_allclose(gt[2:4], [np.log1p(-1e-30) - np.log(np.float32(1e-30)), 0.0], rtol=1e-6, atol=1e-6)
+    assert np.isnan(loss[4]) and np.isnan(gt[4]) and np.isfinite(loss[[0, 1, 2, 3, 5]]).all(), loss
+    np.testing.assert_allclose(loss[5], -np.log1p(-2.0 ** -24), rtol=1e-6)
+
+
 def test_bce_log_clamp(backend):
     """p = 0 and p = 1: each log is clamped at -100 (PyTorch), the loss stays finite."""
     p = np.array([[0.0, 1.0, 0.0, 1.0, 0.5]])

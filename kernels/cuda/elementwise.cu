@@ -3,9 +3,13 @@
 //   OP 1  KL (prob target)    l = xlogy(t, t) - t x           dx = -t,         dt = log t + 1 - x (NaN at 0)
 //   OP 2  KL (log target)     l = e^t (t - x)                 dx = -e^t,       dt = e^t (t - x + 1)
 //   OP 3  BCE with logits     l = w ((1-t) x + lw sp(-x)),  lw = 1 + (pw - 1) t,  sp = softplus
-//                             dx = w ((1 - t) - lw sigmoid(-x)),  dt = w (pw sp(-x) - sp(x))
+//                             dx = w ((1 - t) - lw sigmoid(-x)) = w (lw sigmoid(x) - pw t): the
+//                             first for x >= 0, the second for x < 0 (no cancellation in either)
+//                             dt = w (pw sp(-x) - sp(x))
 //   OP 4  BCE on probs        l = -w (t max(log p, -100) + (1-t) max(log(1-p), -100))
-//                             dp = w (p - t) / max(p (1 - p), 1e-12),  dt = -w (lp - l1p)
+//                             dp = w (p - t) / max(p (1 - p), 1e-12),
+//                             dt = w (log(1 - p) - log p), unclamped as torch's (+-inf at p = 1, 0);
+//                             a NaN p gives NaN (fmaxf would drop it from the clamp)
 // Every gradient is multiplied by ``scale`` (1, or 1/divisor for mean-like reductions, which
 // the host knows).  Reduction "none" writes the loss element-wise; otherwise each block writes
 // its partial sum (deterministic; the host sums the partials on the device).
@@ -59,17 +63,18 @@ gpuloss_elementwise(const typename D::store* __restrict__ X_ptr, const typename 
             const A e = gl_exp(-gl_abs(x));                    // in (0, 1]: no overflow
             const A l1 = gl_log1p(e);
             const A sp = l1 + gl_max(-x, (A)0);                  // softplus(-x)
-            const A sig_neg = x >= (A)0 ? e / (1 + e) : 1 / (1 + e);  // sigmoid(-x)
+            const A q = e / (1 + e);                           // sigmoid(-|x|)
             l = w * ((1 - t) * x + lw * sp);
-            gx = w * ((1 - t) - lw * sig_neg);
+            gx = w * (x >= (A)0 ? (1 - t) - lw * q : lw * q - pw * t);
             gt = w * (pw * sp - (l1 + gl_max(x, (A)0)));        // -x + (pw - 1) sp, no inf - inf at x = -inf
         } else {
             const A w = ew_aux(W_ptr, w_mode, W_row_stride, r, c);
-            const A lp = gl_max(gl_log(x), (A)-100);
-            const A l1p = gl_max(gl_log1p(-x), (A)-100);
+            const A lpu = gl_log(x), l1pu = gl_log1p(-x);
+            const A lp = lpu != lpu ? lpu : gl_max(lpu, (A)-100);
+            const A l1p = l1pu != l1pu ? l1pu : gl_max(l1pu, (A)-100);
             l = -w * (t * lp + (1 - t) * l1p);
             gx = w * (x - t) / gl_max(x * (1 - x), (A)1e-12f);
-            gt = -w * (lp - l1p);
+            gt = w * (l1pu - lpu);
         }
         if (L_ptr) L_ptr[i] = l;
         part += l;

@@ -102,24 +102,29 @@ def bce_with_logits_kernel(
     WANT_GRAD: tl.constexpr, WANT_GRAD_TARGET: tl.constexpr, ACC: tl.constexpr,
 ):
     """sp = log(1 + e^-x) (stable), lw = 1 + (pw - 1) t:
-    loss = w ((1 - t) x + lw sp), dx = w ((1 - t) - lw sigmoid(-x)),
+    loss = w ((1 - t) x + lw sp), dx = w ((1 - t) - lw sigmoid(-x)) = w (lw sigmoid(x) - pw t),
+    the first form for x >= 0, the second for x < 0 (each without cancellation there: the
+    first loses all of sigmoid(x) for t = 0 and x << 0, where torch's gradient is exact),
     dt = w (-x + (pw - 1) sp), formed as w (pw sp - softplus(x)) (no inf - inf at x = -inf)."""
     pid, rows, cols, mask = _tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
     scale = scalar_acc(scale, ACC)
     x = tl.load(X_ptr + rows * X_row_stride + cols, mask=mask, other=0.0).to(ACC)
     t = tl.load(T_ptr + rows * T_row_stride + cols, mask=mask, other=0.0).to(ACC)
-    l1 = log1p(tl.exp(-tl.abs(x)))
+    e = tl.exp(-tl.abs(x))
+    l1 = log1p(e)
     sp = l1 + tl.maximum(-x, 0.0)
-    sig_neg = 1.0 / (1.0 + tl.exp(x))
+    q = e / (1.0 + e)  # sigmoid(-|x|): sigmoid(-x) for x >= 0, sigmoid(x) for x < 0
     if HAS_POS_WEIGHT:
         pwm1 = tl.load(PW_ptr + rows * PW_row_stride + cols, mask=mask, other=1.0).to(ACC) - 1.0
         lw = 1.0 + pwm1 * t
+        pwt = (pwm1 + 1.0) * t
         gt = (pwm1 + 1.0) * sp - (l1 + tl.maximum(x, 0.0))
     else:
         lw = 1.0
+        pwt = t
         gt = -x
     loss = (1.0 - t) * x + lw * sp
-    gx = (1.0 - t) - lw * sig_neg
+    gx = tl.where(x >= 0.0, (1.0 - t) - lw * q, lw * q - pwt)
     if HAS_WEIGHT:
         w = tl.load(W_ptr + rows * W_row_stride + cols, mask=mask, other=0.0).to(ACC)
         loss = loss * w
@@ -146,8 +151,9 @@ def bce_kernel(
     scale = scalar_acc(scale, ACC)
     p = tl.load(P_ptr + rows * P_row_stride + cols, mask=mask, other=0.5).to(ACC)
     t = tl.load(T_ptr + rows * T_row_stride + cols, mask=mask, other=0.0).to(ACC)
-    lp = tl.maximum(tl.log(p), -100.0)
-    l1p = tl.maximum(log1p(-p), -100.0)
+    # a NaN probability stays NaN (maximum drops NaN on the GPU otherwise: a finite 100 w loss)
+    lp = tl.maximum(tl.log(p), -100.0, propagate_nan=tl.PropagateNan.ALL)
+    l1p = tl.maximum(log1p(-p), -100.0, propagate_nan=tl.PropagateNan.ALL)
     loss = -(t * lp + (1.0 - t) * l1p)
     # PyTorch clamps with the float32 constant 1e-12 (= 9.99999996e-13)
     gp = (p - t) / tl.maximum(p * (1.0 - p), 9.999999960041972e-13)

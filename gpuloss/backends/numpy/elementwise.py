@@ -113,8 +113,11 @@ def bce_with_logits(x: np.ndarray, target: np.ndarray, weight: Optional[np.ndarr
     computed stably as log1p(e^-|x|) + max(-x, 0), lw = 1 + (pw - 1) t::
 
         loss = w ((1 - t) x + lw sp)
-        dx   = w ((1 - t) - lw sigmoid(-x))
+        dx   = w ((1 - t) - lw sigmoid(-x)) = w (lw sigmoid(x) - pw t)
         dt   = w (-x + (pw - 1) sp) = w (pw sp - softplus(x))
+
+    dx takes its first form for x >= 0 and its second for x < 0: each is free
+    of cancellation there (the first loses all of sigmoid(x) for t = 0, x << 0).
     """
     cd = T.compute_dtype(x, target)
 
@@ -161,15 +164,21 @@ def bce_with_logits(x: np.ndarray, target: np.ndarray, weight: Optional[np.ndarr
                 np.multiply(tmp, wb, out=tmp, casting="unsafe")
             np.multiply(tmp, sc, out=gt, casting="unsafe")
         if gx is not None:
-            # sigmoid(-x) = e^-|x| / (1 + e^-|x|) for x >= 0, 1 / (1 + e^-|x|) for x < 0
+            # q = sigmoid(-|x|) = e^-|x| / (1 + e^-|x|); dx / w = (1 - t) - lw q for x >= 0,
+            # lw q - pw t for x < 0
             r = T.scratch("dot", xs.shape, cd)
             np.add(en, 1.0, out=r)
             np.reciprocal(r, out=r)
             np.multiply(en, r, out=en)
-            np.copyto(en, r, where=xs < 0)
             if lw is not None:
                 np.multiply(en, lw, out=en)
+            if pw is not None:
+                np.multiply(pw, t, out=r, dtype=cd, casting="unsafe")
+            else:
+                np.copyto(r, t)
+            neg = xs < 0
             np.subtract(omt, en, out=omt)
+            np.subtract(en, r, out=omt, where=neg)
             if wb is not None:
                 np.multiply(omt, wb, out=omt, casting="unsafe")
             np.multiply(omt, sc, out=gx, casting="unsafe")
@@ -206,11 +215,13 @@ def bce(p: np.ndarray, target: np.ndarray, weight: Optional[np.ndarray], opts: R
             np.multiply(tmp, sc, out=gt, casting="unsafe")
         np.maximum(lp, -100.0, out=lp)
         np.maximum(l1p, -100.0, out=l1p)
-        # -(t lp + (1 - t) l1p) = (t - 1) l1p - t lp = t (l1p - lp) - l1p
+        # -(t lp + (1 - t) l1p), as torch (t (l1p - lp) - l1p cancels for t = 1 and p near 1)
         loss = T.scratch("e", ps.shape, cd)
-        np.subtract(l1p, lp, out=loss)
-        np.multiply(loss, t, out=loss)
-        np.subtract(loss, l1p, out=loss)
+        np.multiply(t, lp, out=loss)
+        np.subtract(1.0, t, out=lp)
+        np.multiply(lp, l1p, out=lp)
+        np.add(loss, lp, out=loss)
+        np.negative(loss, out=loss)
         if wb is not None:
             np.multiply(loss, wb, out=loss, casting="unsafe")
         if gx is not None:
