@@ -334,17 +334,31 @@ def first_order(name: str, grads):
     return tuple(grads)
 
 
-def _ignored_rows(spec: OpSpec, arrays, opts) -> Tuple[Optional[int], Optional[Tensor]]:
+def _row_target_slots(spec: OpSpec) -> Optional[Tuple[int, int, int]]:
+    """Positions of (target, reduction, ignore_index) in the operator's flat
+    arguments (:func:`_pack`), for the ops that have all three; else None."""
+    names = [f.name for f in dataclasses.fields(spec.options)]
+    if "target" not in spec.arrays or "reduction" not in names or "ignore_index" not in names:
+        return None
+    n = len(spec.arrays) + 1  # the arrays, then the backend, then the options' fields
+    return spec.arrays.index("target"), n + names.index("reduction"), n + names.index("ignore_index")
+
+
+_ROW_TARGET_SLOTS = {s.name: _row_target_slots(s) for s in OPS.values()}
+
+
+def _ignored_rows(spec: OpSpec, inputs) -> Tuple[Optional[int], Optional[Tensor]]:
     """(ignore_index, class-index targets) of a per-row ("none") loss with
     class-index targets, whose backward must give an ignored row no gradient
-    whatever its upstream gradient; (None, None) otherwise."""
-    if "target" not in spec.arrays:
+    whatever its upstream gradient; (None, None) otherwise.  ``inputs``: the
+    operator's flat arguments (read in place: this runs on every call)."""
+    slots = _ROW_TARGET_SLOTS[spec.name]
+    if slots is None or inputs[slots[1]] != "none":
         return None, None
-    t = arrays[spec.arrays.index("target")]
-    if getattr(opts, "reduction", None) != "none" or not hasattr(opts, "ignore_index") or t is None \
-            or t.is_floating_point():
+    t = inputs[slots[0]]
+    if t is None or t.is_floating_point():
         return None, None
-    return opts.ignore_index, t
+    return inputs[slots[2]], t
 
 
 def kept_rows(g: Tensor, target: Tensor, ignore_index: int) -> Tensor:
@@ -366,8 +380,7 @@ def _register_loss_autograd(spec: OpSpec, op) -> None:
         # placeholder is the 1-D empty tensor: a shape test, not a value read
         ctx.present = [tuple(s.shape) != (0,) for s in saved]
         ctx.n_inputs = len(inputs)
-        arrays, _, opts, _ = _unpack(spec, inputs)
-        ctx.ignore_index, target = _ignored_rows(spec, arrays, opts)
+        ctx.ignore_index, target = _ignored_rows(spec, inputs)
         ctx.save_for_backward(*saved, *([] if target is None else [target]))
         ctx.mark_non_differentiable(*output[1:])
 
@@ -531,13 +544,14 @@ class _InplaceFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op: str, backend: str, opts: Any, want: Want, *arrays):
         spec = OPS[op]
-        outs = getattr(torch.ops.gpuloss, op + "_inplace")(*_pack(spec, backend, arrays, opts, want))
+        packed = _pack(spec, backend, arrays, opts, want)
+        outs = getattr(torch.ops.gpuloss, op + "_inplace")(*packed)
         x = arrays[0]
         names = [o for o in spec.outputs if o != "grad"]
         gt = outs[names.index("grad_target")] if "grad_target" in names else x.new_empty((0,))
         # x is saved *after* the write: its version now is the one backward
         # expects; any later in-place change to the buffer is caught on unpack
-        ctx.ignore_index, target = _ignored_rows(spec, arrays, opts)
+        ctx.ignore_index, target = _ignored_rows(spec, packed)
         ctx.save_for_backward(x, gt, *([] if target is None else [target]))
         ctx.want_gt = bool(want.grad_target)
         ctx.n, ctx.op = len(arrays), op

@@ -243,9 +243,8 @@ def cross_entropy_twopass_kernel(
     passes, once per row) keeps every warp's gradient stores, one of which
     may be column t, after every thread's read of it (read before pass 1, it
     would stay live in registers across the loop: a spill at 16 warps).
-    REVERSE walks pass 2 from
-    the end of the row back, so it starts on the blocks pass 1 read last
-    (the likeliest still in L1/L2)."""
+    REVERSE walks pass 2 from the end of the row back, so it starts on the
+    blocks pass 1 read last (the likeliest still in L1/L2)."""
     # Python floats arrive as fp32 scalars; do the arithmetic in ACC
     eps = scalar_acc(eps, ACC)
     z_loss = scalar_acc(z_loss, ACC)
