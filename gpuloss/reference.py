@@ -411,9 +411,26 @@ kl_div_logits_grad = kl_div_with_logits_grad
 # binary cross-entropy
 # --------------------------------------------------------------------------
 
-def _softplus_neg(x: Array) -> Array:
-    """log(1 + exp(-x)), stably."""
-    return np.log1p(np.exp(-np.abs(x))) + np.maximum(-x, 0.0)
+def _bce_logits_terms(input, target, pos_weight):
+    """(loss, dL/dx, dL/dt) of BCE with logits before the weight, each in the
+    form that has no cancellation where its value is small (l1 = log1p(e^-|x|),
+    q = sigmoid(-|x|), lw = 1 + (pw - 1) t)::
+
+        x >= 0:  (1 - t) x + lw l1,   (1 - t) - lw q,   (pw - 1) l1 - x
+        x <  0:  lw l1 - pw t x,      lw q - pw t,      (pw - 1) l1 - pw x
+
+    torch's single formulas, (1 - t) x + lw softplus(-x) and (1 - t) -
+    lw sigmoid(-x), lose all of a value of 4e-18 at x = -40 even in float64."""
+    x, t = _f64(input), _f64(target)
+    pw = np.float64(1.0) if pos_weight is None else _f64(pos_weight)
+    e = np.exp(-np.abs(x))
+    l1, q, lw, pos = np.log1p(e), e / (1.0 + e), 1.0 + (pw - 1.0) * t, x >= 0
+    with np.errstate(invalid="ignore"):
+        # x = -inf: NaN, as torch's -inf + inf (the x < 0 form would give the limit, +inf)
+        loss = np.where(pos, (1.0 - t) * x + lw * l1, np.where(x == -np.inf, np.nan, lw * l1 - pw * t * x))
+        gx = np.where(pos, (1.0 - t) - lw * q, lw * q - pw * t)
+        gt = (pw - 1.0) * l1 - np.where(pos, x, pw * x)
+    return loss, gx, gt
 
 
 def binary_cross_entropy_with_logits(input, target, weight=None, pos_weight=None,
@@ -423,12 +440,12 @@ def binary_cross_entropy_with_logits(input, target, weight=None, pos_weight=None
         lw = 1 + (pos_weight - 1) * t        (1 without pos_weight)
         loss = w * ((1 - t) * x + lw * log(1 + exp(-x)))
 
+    evaluated per sign of x (:func:`_bce_logits_terms`), exact where torch's
+    float64 evaluation of this formula cancels (t = 0, x << 0).
     (``pos_weight`` broadcasts along the last dimension, ``weight`` against
     the input, as in PyTorch.)"""
     _check_reduction(reduction)
-    x, t = _f64(input), _f64(target)
-    lw = 1.0 if pos_weight is None else (_f64(pos_weight) - 1.0) * t + 1.0
-    loss = (1.0 - t) * x + lw * _softplus_neg(x)
+    loss = _bce_logits_terms(input, target, pos_weight)[0]
     if weight is not None:
         loss = loss * _f64(weight)
     return _reduce(loss, reduction)
@@ -437,15 +454,12 @@ def binary_cross_entropy_with_logits(input, target, weight=None, pos_weight=None
 def binary_cross_entropy_with_logits_grad(input, target, weight=None, pos_weight=None,
                                           reduction: str = "mean", grad_output=1.0) -> Grads:
     """dL/dx = w * ((1 - t) - lw * sigmoid(-x))  (= w (sigmoid(x) - t) without pos_weight);
-    dL/dt = w * (-x + (pos_weight - 1) * log(1 + exp(-x)))."""
+    dL/dt = w * (-x + (pos_weight - 1) * log(1 + exp(-x))); per sign of x
+    (:func:`_bce_logits_terms`)."""
     x, t = _f64(input), _f64(target)
     shape = np.broadcast_shapes(x.shape, t.shape)
     s = _grad_scale(shape, reduction, grad_output)
-    pw = 1.0 if pos_weight is None else _f64(pos_weight)
-    lw = (pw - 1.0) * t + 1.0
-    sig_neg = np.exp(-np.logaddexp(0.0, x))  # sigmoid(-x)
-    gx = (1.0 - t) - lw * sig_neg
-    gt = -x + (pw - 1.0) * _softplus_neg(x)
+    _, gx, gt = _bce_logits_terms(input, target, pos_weight)
     if weight is not None:
         gx = gx * _f64(weight)
         gt = gt * _f64(weight)

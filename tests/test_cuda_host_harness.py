@@ -245,3 +245,111 @@ def test_nan_logit_propagates(harness, rng, layout, where):
         loss, g = run(harness, "kl_logits", xf, aux=y_nan, K=K, T=T, VEC=VEC, inv_t=1 / temperature)
         assert np.isnan(loss[0]) and np.isnan(g[0]).all(), "NaN teacher"
         assert np.isfinite(loss[1:]).all() and np.isfinite(g[1:]).all(), "NaN teacher"
+
+
+# ---------------------------------------------------------------------------------------------
+# the element-wise losses (kernels/cuda/elementwise.cuh, run by tests/host/elementwise_harness.cpp)
+# ---------------------------------------------------------------------------------------------
+
+EW_HARNESS = ROOT / "tests" / "host" / "elementwise_harness.cpp"
+
+
+@pytest.fixture(scope="module")
+def ew_harness(tmp_path_factory):
+    cxx = shutil.which("g++") or shutil.which("c++")
+    if cxx is None:
+        pytest.skip("no C++ compiler on PATH")
+    exe = tmp_path_factory.mktemp("ew_harness") / "elementwise_harness"
+    proc = subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Wno-unknown-pragmas", "-Werror", f"-I{KERNELS}",
+                           str(EW_HARNESS), "-o", str(exe)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return exe
+
+
+def ew_run(exe, op, x, t, w=None, pw=None):
+    """(loss, dx, dt) per element from the CUDA element code, float32 in and out (float64 copies)."""
+    n = x.size
+    w = np.ones(n) if w is None else w
+    pw = np.ones(n) if pw is None else pw
+    data = struct.pack("<2q", op, n) + b"".join(np.ascontiguousarray(a, np.float32).tobytes() for a in (x, t, w, pw))
+    proc = subprocess.run([str(exe)], input=data, capture_output=True)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    out = np.frombuffer(proc.stdout, dtype=np.float32).astype(np.float64)
+    return out[:n], out[n:2 * n], out[2 * n:]
+
+
+def _f32(*arrays):
+    return [np.asarray(a, np.float64).astype(np.float32).astype(np.float64) for a in arrays]
+
+
+def test_bce_with_logits_element_is_exact_in_both_tails(ew_harness):
+    """The CUDA element code of BCE with logits, loss and both gradients, over both tails and
+    x near 0, with weight and pos_weight: within float32 rounding of the float64 value, relative
+    to each element.  Its single formulas lost the loss and dx of t = 0, x << 0 (0 where the
+    value is 2e-9) and the target gradient next to x = 0 (1e-5 relative at |x| = 1e-3)."""
+    import itertools
+    xs = [-80, -40, -20, -15, -10, -5, -1, -1e-3, 0, 1e-3, 1, 5, 10, 20, 40, 80]
+    g = np.array(list(itertools.product(xs, [0, 0.3, 1], [1, 2.5], [1, 3, 0.5])), dtype=np.float64)
+    x, t, w, pw = _f32(*g.T)
+    got = ew_run(ew_harness, 3, x, t, w, pw)
+    # the float64 reference, per sign of x: exact where torch's float64 formulas cancel
+    want = (ref.binary_cross_entropy_with_logits(x, t, w, pw, "none"),
+            *ref.binary_cross_entropy_with_logits_grad(x, t, w, pw, "none"))
+    for name, a, b in zip(("loss", "dx", "dt"), got, want):
+        np.testing.assert_allclose(a, b, rtol=2e-6, atol=0, err_msg=name)
+    # the reference is torch's function where torch's float64 evaluation is exact (|x| <= 10)
+    torch = pytest.importorskip("torch")
+    keep = np.abs(x) <= 10
+    X, T = (torch.tensor(a[keep], requires_grad=True) for a in (x, t))
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(X, T, torch.tensor(w[keep]),
+                                                                pos_weight=torch.tensor(pw[keep]), reduction="none")
+    gX, gT = torch.autograd.grad(loss.sum(), (X, T))
+    for name, a, b in zip(("loss", "dx", "dt"), (loss.detach(), gX, gT), want):
+        np.testing.assert_allclose(a.numpy(), b[keep], rtol=1e-9, atol=1e-12, err_msg=f"reference {name}")
+    # special values as torch's: NaN stays NaN; the loss at x = -inf is NaN (-inf + inf)
+    got = ew_run(ew_harness, 3, np.array([np.nan, -np.inf, np.inf]), np.array([0.5, 1.0, 0.0]))
+    assert np.isnan([v[0] for v in got]).all()
+    assert np.isnan(got[0][1]) and got[1][1] == -1 and got[2][1] == np.inf
+    assert got[0][2] == np.inf and got[1][2] == 1 and got[2][2] == -np.inf
+
+
+def test_bce_element_follows_torch(ew_harness):
+    """The CUDA element code of BCE on probabilities against torch in float64: logs clamped at
+    -100 in the loss only (the target gradient used the clamped logs: 100 where torch's is inf),
+    the loss -(t lp + (1 - t) l1p), a NaN probability NaN (fmaxf dropped it: a finite 100)."""
+    import itertools
+    torch = pytest.importorskip("torch")
+    ps = [0, 1e-30, 1e-8, 1e-3, 0.3, 0.5, 0.999, 1 - 2.0 ** -24, 1]
+    g = np.array(list(itertools.product(ps, [0, 0.3, 1], [1, 2.5])), dtype=np.float64)
+    p, t, w = _f32(*g.T)
+    got = ew_run(ew_harness, 4, p, t, w)
+    P, T = (torch.tensor(a, requires_grad=True) for a in (p, t))
+    loss = torch.nn.functional.binary_cross_entropy(P, T, torch.tensor(w), reduction="none")
+    gP, gT = torch.autograd.grad(loss.sum(), (P, T))
+    for name, a, b in zip(("loss", "dp", "dt"), got, (loss.detach(), gP, gT)):
+        np.testing.assert_allclose(a, b.numpy(), rtol=2e-5, atol=1e-30, err_msg=name)
+    got = ew_run(ew_harness, 4, np.array([np.nan]), np.array([0.5]))
+    assert all(np.isnan(v[0]) for v in got)
+
+
+@pytest.mark.parametrize("op", [0, 1, 2])
+def test_mse_and_kl_elements_follow_torch(ew_harness, rng, op):
+    """MSE (0) and KL with probability (1) or log (2) targets, against torch in float64."""
+    torch = pytest.importorskip("torch")
+    x, t = _f32(rng.standard_normal(400) * 3, rng.uniform(0, 1, 400) if op == 1 else rng.standard_normal(400))
+    if op == 1:
+        t[:5] = 0.0  # 0 log 0 = 0; the target gradient there is NaN, as torch's
+    got = ew_run(ew_harness, op, x, t)
+    X, T = (torch.tensor(a, requires_grad=True) for a in (x, t))
+    F = torch.nn.functional
+    loss = F.mse_loss(X, T, reduction="none") if op == 0 else F.kl_div(X, T, reduction="none", log_target=op == 2)
+    gX, gT = torch.autograd.grad(loss.sum(), (X, T))
+    scale = 1 + np.abs(x) + np.abs(t)  # the terms' size: the loss is their difference
+    for name, a, b, s in zip(("loss", "dx", "dt"), got, (loss.detach(), gX, gT), (scale ** 2, scale, scale ** 2)):
+        b = b.numpy()
+        assert (np.isnan(a) == np.isnan(b)).all(), name
+        ok = ~np.isnan(b)
+        if op == 0:
+            np.testing.assert_allclose(a[ok], b[ok], rtol=2e-5, atol=0, err_msg=name)
+        else:  # a difference of terms of size s: float32 rounding of those
+            np.testing.assert_array_less(np.abs(a - b)[ok], 4e-6 * s[ok] + 1e-30, err_msg=name)

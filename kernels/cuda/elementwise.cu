@@ -3,9 +3,11 @@
 //   OP 1  KL (prob target)    l = xlogy(t, t) - t x           dx = -t,         dt = log t + 1 - x (NaN at 0)
 //   OP 2  KL (log target)     l = e^t (t - x)                 dx = -e^t,       dt = e^t (t - x + 1)
 //   OP 3  BCE with logits     l = w ((1-t) x + lw sp(-x)),  lw = 1 + (pw - 1) t,  sp = softplus
-//                             dx = w ((1 - t) - lw sigmoid(-x)) = w (lw sigmoid(x) - pw t): the
-//                             first for x >= 0, the second for x < 0 (no cancellation in either)
-//                             dt = w (pw sp(-x) - sp(x))
+//                             dx = w ((1 - t) - lw sigmoid(-x)) = w (lw sigmoid(x) - pw t)
+//                             dt = w (-x + (pw - 1) sp(-x))
+//                             each formed per sign of x with l1 = log1p(e^-|x|), q = sigmoid(-|x|):
+//                             x >= 0: w ((1-t) x + lw l1), w ((1-t) - lw q), w ((pw-1) l1 - x);
+//                             x < 0:  w (lw l1 - pw t x),  w (lw q - pw t),  w ((pw-1) l1 - pw x)
 //   OP 4  BCE on probs        l = -w (t max(log p, -100) + (1-t) max(log(1-p), -100))
 //                             dp = w (p - t) / max(p (1 - p), 1e-12),
 //                             dt = w (log(1 - p) - log p), unclamped as torch's (+-inf at p = 1, 0);
@@ -15,7 +17,7 @@
 // its partial sum (deterministic; the host sums the partials on the device).
 // weight / pos_weight: mode 0 absent, 1 a (C,) vector, 2 a full (R, C) array with a row stride.
 // Traffic: read x, t (and w) once; write loss or nothing, and the gradients once.
-#include "common.cuh"
+#include "elementwise.cuh"
 
 #define GL_EW_THREADS 256
 // (256, 1): without the minimum-blocks argument ptxas aims at full occupancy (32 registers) and
@@ -41,41 +43,11 @@ gpuloss_elementwise(const typename D::store* __restrict__ X_ptr, const typename 
         const i64 r = i / C, c = i - r * C;
         const A x = IO<D>::ld(X_ptr[r * X_row_stride + c]);
         const A t = IO<D>::ld(T_ptr[r * T_row_stride + c]);
+        // weight and pos_weight are read only by the ops that take them (OP is a constant)
+        const A w = OP >= 3 ? ew_aux(W_ptr, w_mode, W_row_stride, r, c) : (A)1;
+        const A pw = OP == 3 ? ew_aux(PW_ptr, pw_mode, PW_row_stride, r, c) : (A)1;
         A l, gx, gt;
-        if (OP == 0) {
-            A d = x - t;
-            l = d * d;
-            gx = 2 * d;
-            gt = -gx;
-        } else if (OP == 1) {
-            l = (t == (A)0 ? (A)0 : t * gl_log(t)) - t * x;
-            gx = -t;
-            gt = t == (A)0 ? gl_nan<A>() : gl_log(t) + 1 - x;  // torch: xlogy's derivative at 0 is NaN
-        } else if (OP == 2) {
-            A et = gl_exp(t);
-            l = et * (t - x);
-            gx = -et;
-            gt = et * (t - x + 1);
-        } else if (OP == 3) {
-            const A w = ew_aux(W_ptr, w_mode, W_row_stride, r, c);
-            const A pw = ew_aux(PW_ptr, pw_mode, PW_row_stride, r, c);
-            const A lw = 1 + (pw - 1) * t;
-            const A e = gl_exp(-gl_abs(x));                    // in (0, 1]: no overflow
-            const A l1 = gl_log1p(e);
-            const A sp = l1 + gl_max(-x, (A)0);                  // softplus(-x)
-            const A q = e / (1 + e);                           // sigmoid(-|x|)
-            l = w * ((1 - t) * x + lw * sp);
-            gx = w * (x >= (A)0 ? (1 - t) - lw * q : lw * q - pw * t);
-            gt = w * (pw * sp - (l1 + gl_max(x, (A)0)));        // -x + (pw - 1) sp, no inf - inf at x = -inf
-        } else {
-            const A w = ew_aux(W_ptr, w_mode, W_row_stride, r, c);
-            const A lpu = gl_log(x), l1pu = gl_log1p(-x);
-            const A lp = lpu != lpu ? lpu : gl_max(lpu, (A)-100);
-            const A l1p = l1pu != l1pu ? l1pu : gl_max(l1pu, (A)-100);
-            l = -w * (t * lp + (1 - t) * l1p);
-            gx = w * (x - t) / gl_max(x * (1 - x), (A)1e-12f);
-            gt = w * (l1pu - lpu);
-        }
+        ew_element<OP>(x, t, w, pw, l, gx, gt);
         if (L_ptr) L_ptr[i] = l;
         part += l;
         if (GX_ptr) GX_ptr[i] = IO<D>::st(gx * scale);

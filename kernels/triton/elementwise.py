@@ -101,30 +101,32 @@ def bce_with_logits_kernel(
     HAS_WEIGHT: tl.constexpr, HAS_POS_WEIGHT: tl.constexpr,
     WANT_GRAD: tl.constexpr, WANT_GRAD_TARGET: tl.constexpr, ACC: tl.constexpr,
 ):
-    """sp = log(1 + e^-x) (stable), lw = 1 + (pw - 1) t:
-    loss = w ((1 - t) x + lw sp), dx = w ((1 - t) - lw sigmoid(-x)) = w (lw sigmoid(x) - pw t),
-    the first form for x >= 0, the second for x < 0 (each without cancellation there: the
-    first loses all of sigmoid(x) for t = 0 and x << 0, where torch's gradient is exact),
-    dt = w (-x + (pw - 1) sp), formed as w (pw sp - softplus(x)) (no inf - inf at x = -inf)."""
+    """lw = 1 + (pw - 1) t, l1 = log1p(e^-|x|), q = sigmoid(-|x|); for x >= 0 / x < 0:
+    loss = w ((1 - t) x + lw l1) / w (lw l1 - pw t x)      (= w ((1 - t) x + lw softplus(-x)))
+    dx = w ((1 - t) - lw q) / w (lw q - pw t)               (= w (lw sigmoid(x) - pw t))
+    dt = w ((pw - 1) l1 - x) / w ((pw - 1) l1 - pw x)       (= w (-x + (pw - 1) softplus(-x)))
+    Each branch free of cancellation where its result is small (the single formulas lost the
+    loss and dx of t = 0, x << 0, and dt next to x = 0), and of inf - inf at x = +-inf."""
     pid, rows, cols, mask = _tile(n_rows, n_cols, BLOCK_R, BLOCK_C)
     scale = scalar_acc(scale, ACC)
     x = tl.load(X_ptr + rows * X_row_stride + cols, mask=mask, other=0.0).to(ACC)
     t = tl.load(T_ptr + rows * T_row_stride + cols, mask=mask, other=0.0).to(ACC)
     e = tl.exp(-tl.abs(x))
     l1 = log1p(e)
-    sp = l1 + tl.maximum(-x, 0.0)
     q = e / (1.0 + e)  # sigmoid(-|x|): sigmoid(-x) for x >= 0, sigmoid(x) for x < 0
+    pos = x >= 0.0
     if HAS_POS_WEIGHT:
-        pwm1 = tl.load(PW_ptr + rows * PW_row_stride + cols, mask=mask, other=1.0).to(ACC) - 1.0
-        lw = 1.0 + pwm1 * t
-        pwt = (pwm1 + 1.0) * t
-        gt = (pwm1 + 1.0) * sp - (l1 + tl.maximum(x, 0.0))
+        pw = tl.load(PW_ptr + rows * PW_row_stride + cols, mask=mask, other=1.0).to(ACC)
+        lw = 1.0 + (pw - 1.0) * t
+        pwt = pw * t
+        gt = (pw - 1.0) * l1 - tl.where(pos, x, pw * x)
     else:
         lw = 1.0
         pwt = t
         gt = -x
-    loss = (1.0 - t) * x + lw * sp
-    gx = tl.where(x >= 0.0, (1.0 - t) - lw * q, lw * q - pwt)
+    loss = tl.where(pos, (1.0 - t) * x + lw * l1, lw * l1 - pwt * x)
+    loss = tl.where(x == float("-inf"), float("nan"), loss)  # torch's -inf + inf (the limit: +inf)
+    gx = tl.where(pos, (1.0 - t) - lw * q, lw * q - pwt)
     if HAS_WEIGHT:
         w = tl.load(W_ptr + rows * W_row_stride + cols, mask=mask, other=0.0).to(ACC)
         loss = loss * w

@@ -109,76 +109,72 @@ def kl_div(input: np.ndarray, target: np.ndarray, opts: KlDivOptions, want: Want
 
 def bce_with_logits(x: np.ndarray, target: np.ndarray, weight: Optional[np.ndarray],
                     pos_weight: Optional[np.ndarray], opts: ReductionOptions, want: Want) -> LossResult:
-    """PyTorch's binary_cross_entropy_with_logits, with sp = log(1 + e^-x)
-    computed stably as log1p(e^-|x|) + max(-x, 0), lw = 1 + (pw - 1) t::
+    """PyTorch's binary_cross_entropy_with_logits, lw = 1 + (pw - 1) t, l1 =
+    log1p(e^-|x|), q = sigmoid(-|x|)::
 
-        loss = w ((1 - t) x + lw sp)
-        dx   = w ((1 - t) - lw sigmoid(-x)) = w (lw sigmoid(x) - pw t)
-        dt   = w (-x + (pw - 1) sp) = w (pw sp - softplus(x))
+        loss = w ((1 - t) x + lw l1)     x >= 0      (= w ((1 - t) x + lw softplus(-x)))
+               w (lw l1 - pw t x)        x < 0
+        dx   = w ((1 - t) - lw q)        x >= 0      (= w (lw sigmoid(x) - pw t))
+               w (lw q - pw t)           x < 0
+        dt   = w ((pw - 1) l1 - x)       x >= 0      (= w (-x + (pw - 1) softplus(-x)))
+               w ((pw - 1) l1 - pw x)    x < 0
 
-    dx takes its first form for x >= 0 and its second for x < 0: each is free
-    of cancellation there (the first loses all of sigmoid(x) for t = 0, x << 0).
-    """
+    Each branch adds terms of one sign, or subtracts only where the result is
+    not small: the single formulas cancel (the loss and dx of t = 0, x << 0
+    came out 0, torch's dx is exact there; dt next to x = 0 lost its digits)."""
     cd = T.compute_dtype(x, target)
 
     def body(r0, r1, c0, c1, xs, t, sc, gx, gt):
         wb = T.wslice(weight, r0, r1, c0, c1)
         pw = T.wslice(pos_weight, r0, r1, c0, c1)
+        neg = xs < 0
         en = T.scratch("q", xs.shape, cd)  # e^-|x|
         np.abs(xs, out=en)
         np.negative(en, out=en)
         np.exp(en, out=en)
-        sp = T.scratch("aux", xs.shape, cd)
-        np.log1p(en, out=sp)
-        loss = T.scratch("e", xs.shape, cd)
-        np.negative(xs, out=loss)
-        np.maximum(loss, 0.0, out=loss)
-        np.add(sp, loss, out=sp)  # sp = softplus(-x)
-        lw = None
+        l1 = T.scratch("aux", xs.shape, cd)
+        np.log1p(en, out=l1)
+        lw, pwt = None, t
         if pw is not None:
             lw = T.scratch("lw", xs.shape, cd)
             np.subtract(pw, 1.0, out=lw, dtype=cd, casting="unsafe")
             np.multiply(lw, t, out=lw)
             np.add(lw, 1.0, out=lw)
-        # loss = (1 - t) x + lw sp
+            pwt = T.scratch("pwt", xs.shape, cd)
+            np.multiply(pw, t, out=pwt, dtype=cd, casting="unsafe")
+        lwl1 = T.scratch("dot", xs.shape, cd)
+        if lw is not None:
+            np.multiply(l1, lw, out=lwl1)
+        else:
+            np.copyto(lwl1, l1)
         omt = T.scratch("omt", xs.shape, cd)
         np.subtract(1.0, t, out=omt)
+        loss = T.scratch("e", xs.shape, cd)
         np.multiply(omt, xs, out=loss)
-        if lw is not None:
-            tmp = T.scratch("dot", xs.shape, cd)
-            np.multiply(lw, sp, out=tmp)
-            np.add(loss, tmp, out=loss)
-        else:
-            np.add(loss, sp, out=loss)
-        if gt is not None:  # w (-x + (pw - 1) sp), with pos_weight as w (pw sp - softplus(x)): finite at x = -inf
-            tmp = T.scratch("dot", xs.shape, cd)
-            if pw is not None:
-                np.multiply(pw, sp, out=tmp, dtype=cd, casting="unsafe")
-                spx = T.scratch("spx", xs.shape, cd)
-                np.log1p(en, out=spx)
-                np.add(spx, np.maximum(xs, 0.0, dtype=cd), out=spx)
-                np.subtract(tmp, spx, out=tmp)
+        np.add(loss, lwl1, out=loss)
+        tmp = T.scratch("t2", xs.shape, cd)
+        np.multiply(pwt, xs, out=tmp)
+        np.subtract(lwl1, tmp, out=loss, where=neg)
+        np.copyto(loss, np.nan, where=np.isneginf(xs))  # torch's -inf + inf (the limit would be +inf)
+        if gt is not None:
+            if pw is not None:  # (pw - 1) l1 - c x, c = pw where x < 0, else 1
+                np.copyto(lwl1, xs)
+                np.multiply(lwl1, pw, out=lwl1, where=neg, casting="unsafe")
+                np.subtract(pw, 1.0, out=tmp, dtype=cd, casting="unsafe")
+                np.multiply(tmp, l1, out=tmp)
+                np.subtract(tmp, lwl1, out=tmp)
             else:
                 np.negative(xs, out=tmp)
             if wb is not None:
                 np.multiply(tmp, wb, out=tmp, casting="unsafe")
             np.multiply(tmp, sc, out=gt, casting="unsafe")
         if gx is not None:
-            # q = sigmoid(-|x|) = e^-|x| / (1 + e^-|x|); dx / w = (1 - t) - lw q for x >= 0,
-            # lw q - pw t for x < 0
-            r = T.scratch("dot", xs.shape, cd)
-            np.add(en, 1.0, out=r)
-            np.reciprocal(r, out=r)
-            np.multiply(en, r, out=en)
+            np.add(en, 1.0, out=tmp)
+            np.divide(en, tmp, out=en)  # q
             if lw is not None:
                 np.multiply(en, lw, out=en)
-            if pw is not None:
-                np.multiply(pw, t, out=r, dtype=cd, casting="unsafe")
-            else:
-                np.copyto(r, t)
-            neg = xs < 0
             np.subtract(omt, en, out=omt)
-            np.subtract(en, r, out=omt, where=neg)
+            np.subtract(en, pwt, out=omt, where=neg)
             if wb is not None:
                 np.multiply(omt, wb, out=omt, casting="unsafe")
             np.multiply(omt, sc, out=gx, casting="unsafe")
