@@ -73,16 +73,18 @@ def deprecated_mean(reduction, stacklevel: int, like):
     return reduction
 
 
-def legacy_reduction(size_average, reduce, reduction: str, like) -> str:
+def legacy_reduction(size_average, reduce, reduction: str, like, depth: int = 0) -> str:
     """PyTorch's deprecated ``size_average``/``reduce`` arguments, and its
-    deprecated ``reduction="elementwise_mean"`` ("mean"), with its warnings."""
+    deprecated ``reduction="elementwise_mean"`` ("mean"), with its warnings,
+    attributed to the caller of the public function (``depth``: frames
+    between that function and this call)."""
     if size_average is None and reduce is None:
-        return deprecated_mean(reduction, 4, like)
+        return deprecated_mean(reduction, 4 + depth, like)
     size_average = True if size_average is None else size_average
     reduce = True if reduce is None else reduce
     reduction = "none" if not reduce else "mean" if size_average else "sum"
     L.user_warning(f"size_average and reduce args will be deprecated, please use reduction='{reduction}' instead.",
-                   3, like)
+                   3 + depth, like)
     return reduction
 
 

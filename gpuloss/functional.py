@@ -205,7 +205,7 @@ def _mean_of_rows(losses, t, w, ignore_index: int, C: int):
 def _class_dim_call(input, target, weight, size_average, reduce, reduction: str, ignore_index):
     """The checks cross_entropy and nll_loss share: (reduction, kind, device,
     C, ignore_index) for logits with the class dimension 1 ((C,) unbatched)."""
-    reduction = legacy_reduction(size_average, reduce, reduction, input)
+    reduction = legacy_reduction(size_average, reduce, reduction, input, depth=1)
     kind, device = classify([("input", input), ("target", target), ("weight", weight)], optional=("weight",))
     V.check_reduction(reduction)
     V.check_floating("input", input, kind)

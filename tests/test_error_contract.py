@@ -586,6 +586,25 @@ def test_softmax_dim_and_dtype_arguments_as_torchs():
         gpuloss.mse_loss(Wrapped(), x)
 
 
+def test_legacy_reduction_warnings_name_the_callers_line():
+    """torch's deprecation warnings for size_average/reduce and reduction="elementwise_mean"
+    name the line that called the loss; cross_entropy's and nll_loss's named
+    gpuloss/functional.py (one frame too shallow), so a warnings filter on the caller's module
+    missed them."""
+    import warnings
+    torch = pytest.importorskip("torch")
+    x, t = torch.randn(3, 4), torch.tensor([0, 1, 2])
+    calls = [lambda: gpuloss.cross_entropy(x, t, size_average=False), lambda: gpuloss.nll_loss(x, t, reduce=False),
+             lambda: gpuloss.cross_entropy(x, t, reduction="elementwise_mean"),
+             lambda: gpuloss.nll_loss(x, t, reduction="elementwise_mean"),
+             lambda: gpuloss.mse_loss(x, x, size_average=True), lambda: gpuloss.kl_div(x, x, reduce=False)]
+    for call in calls:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            call()
+        assert [w.filename for w in seen] == [__file__], [(str(w.message), w.filename) for w in seen]
+
+
 def test_floating_target_batch_mismatch_is_torchs_value_error():
     """A floating target whose batch size differs from the input's: torch
     raises ValueError ("Expected input batch_size ... to match target
