@@ -22,3 +22,35 @@ def prim(impl, op: str, *arrays, **kw):
     want = spec.want(**{w: kw.pop("want_" + w, False) for w in spec.want._fields})
     assert not kw, f"unknown arguments {sorted(kw)} for {op}"
     return getattr(impl, op)(*arrs, opts, want)
+
+
+def on_threads_and_streams(n: int, call, repeats: int = 3, timeout: float = 300.0) -> list:
+    """``call(i)`` ``repeats`` times on each of ``n`` Python threads started together (a
+    barrier), the odd ones on their own CUDA stream: the results, ``[thread][repeat]``.  Fails
+    naming a thread that raised, or if one hangs."""
+    import threading
+
+    import torch
+    barrier = threading.Barrier(n)
+    results: list = [None] * n
+    errors: list = []
+
+    def work(i):
+        try:
+            stream = torch.cuda.Stream() if i % 2 else torch.cuda.current_stream()
+            barrier.wait(timeout=60)
+            with torch.cuda.stream(stream):
+                out = [call(i) for _ in range(repeats)]
+            stream.synchronize()
+            results[i] = out
+        except Exception as e:  # reported below, with the thread
+            errors.append(f"thread {i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=timeout)
+    assert not any(th.is_alive() for th in threads), "a thread hung"
+    assert not errors, "\n".join(errors)
+    return results

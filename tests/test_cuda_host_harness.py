@@ -35,16 +35,21 @@ LAYOUTS = [(1, 32, 1), (1, 64, 4), (1, 32, 8), (2, 32, 4), (8, 32, 8)]
 OFFSETS = [0.0, 1e5, -1e5, 1e30, 1e37, -1e37]
 
 
-@pytest.fixture(scope="module")
-def harness(tmp_path_factory):
+def _build(tmp_path_factory, source: Path):
+    """``source`` compiled by g++ with the kernels' directory on the include path."""
     cxx = shutil.which("g++") or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler on PATH")
-    exe = tmp_path_factory.mktemp("harness") / "rows_harness"
+    exe = tmp_path_factory.mktemp(source.stem) / source.stem
     proc = subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Wno-unknown-pragmas", "-Werror", f"-I{KERNELS}",
-                           str(HARNESS), "-o", str(exe)], capture_output=True, text=True)
+                           str(source), "-o", str(exe)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return exe
+
+
+@pytest.fixture(scope="module")
+def harness(tmp_path_factory):
+    return _build(tmp_path_factory, HARNESS)
 
 
 def run(exe, op, x, *, aux=None, t=None, w=None, K=1, T=32, VEC=1, log=False, eps=0.0, z_loss=0.0,
@@ -256,14 +261,7 @@ EW_HARNESS = ROOT / "tests" / "host" / "elementwise_harness.cpp"
 
 @pytest.fixture(scope="module")
 def ew_harness(tmp_path_factory):
-    cxx = shutil.which("g++") or shutil.which("c++")
-    if cxx is None:
-        pytest.skip("no C++ compiler on PATH")
-    exe = tmp_path_factory.mktemp("ew_harness") / "elementwise_harness"
-    proc = subprocess.run([cxx, "-std=c++17", "-O2", "-Wall", "-Wno-unknown-pragmas", "-Werror", f"-I{KERNELS}",
-                           str(EW_HARNESS), "-o", str(exe)], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    return exe
+    return _build(tmp_path_factory, EW_HARNESS)
 
 
 def ew_run(exe, op, x, t, w=None, pw=None):

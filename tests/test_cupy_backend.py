@@ -15,7 +15,7 @@ from gpuloss.backends import cupy as cb
 from gpuloss.backends.cupy import build as cb_build, common as cb_common, plan as cb_plan, staged as cb_staged
 
 from conftest import tol
-from prims import prim
+from prims import on_threads_and_streams, prim
 
 
 def _gpu():
@@ -354,7 +354,6 @@ def test_gpu_concurrent_torch_calls_from_threads(rng):
     at once, half of them on their own torch stream (each call runs CuPy on torch's current
     stream with torch's allocator: thread-local state): every result equals the one computed
     alone afterwards, autograd included."""
-    import threading
     import gpuloss
     _gpu()
     torch = pytest.importorskip("torch")
@@ -372,28 +371,7 @@ def test_gpu_concurrent_torch_calls_from_threads(rng):
         loss.backward()
         return loss.detach(), xg.grad, gpuloss.softmax(x, -1, backend="cupy")
 
-    barrier = threading.Barrier(n)
-    results: list = [None] * n
-    errors: list = []
-
-    def work(i):
-        try:
-            stream = torch.cuda.Stream() if i % 2 else torch.cuda.current_stream()
-            barrier.wait(timeout=60)
-            with torch.cuda.stream(stream):
-                out = [call(*inputs[i]) for _ in range(3)]
-            stream.synchronize()
-            results[i] = out
-        except Exception as e:  # reported below, with the thread
-            errors.append(f"thread {i}: {type(e).__name__}: {e}")
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=300)
-    assert not any(th.is_alive() for th in threads), "a thread hung"
-    assert not errors, "\n".join(errors)
+    results = on_threads_and_streams(n, lambda i: call(*inputs[i]))
     for i, (x, t) in enumerate(inputs):
         alone = call(x, t)
         for got in results[i]:

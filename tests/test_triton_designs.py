@@ -18,14 +18,13 @@ cover each design's arithmetic there).
 from __future__ import annotations
 
 import os
-import threading
 
 import numpy as np
 import pytest
 
 from gpuloss import reference as ref
 
-from prims import prim
+from prims import on_threads_and_streams, prim
 from test_triton_offsets import _ref_ce, _row_shift, poisoned_outputs
 
 from triton_env import HAS_CUDA, TDT, as_f64, close_fp32, torch
@@ -148,35 +147,16 @@ def test_gpu_concurrent_launches_from_threads(rng, variant):
         x = (torch.from_numpy(rng.standard_normal((R, C)) * 3).to(dt)).cuda()
         t = torch.from_numpy(rng.integers(0, C, R)).cuda()
         inputs.append((x, t))
-    barrier = threading.Barrier(n_threads)
-    results: list = [None] * n_threads
-    errors: list = []
 
-    def work(i):
-        try:
-            b = TritonBackend(variant=variant)
-            x, t = inputs[i]
-            stream = torch.cuda.Stream() if i % 2 else torch.cuda.current_stream()
-            barrier.wait(timeout=60)
-            with torch.cuda.stream(stream):
-                out = []
-                for _ in range(3):
-                    res = prim(b, "cross_entropy", x, t, weight=None, ignore_index=-100, label_smoothing=0.1, z_loss=0.0,
-                                          softcap=None, reduction="mean", want_grad=True)
-                    y = prim(b, "softmax_forward", x, log=False)
-                    out.append((res.loss.clone(), res.grad.clone(), y.clone()))
-            stream.synchronize()
-            results[i] = out
-        except Exception as e:  # reported below, with the thread
-            errors.append(f"thread {i}: {type(e).__name__}: {e}")
+    def call(i):
+        b = TritonBackend(variant=variant)
+        x, t = inputs[i]
+        res = prim(b, "cross_entropy", x, t, weight=None, ignore_index=-100, label_smoothing=0.1, z_loss=0.0,
+                   softcap=None, reduction="mean", want_grad=True)
+        y = prim(b, "softmax_forward", x, log=False)
+        return res.loss.clone(), res.grad.clone(), y.clone()
 
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n_threads)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=300)
-    assert not any(th.is_alive() for th in threads), "a thread hung"
-    assert not errors, "\n".join(errors)
+    results = on_threads_and_streams(n_threads, call)
     b = TritonBackend(variant=variant)
     for i, (x, t) in enumerate(inputs):
         res = prim(b, "cross_entropy", x, t, weight=None, ignore_index=-100, label_smoothing=0.1, z_loss=0.0, softcap=None,
