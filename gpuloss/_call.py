@@ -8,12 +8,14 @@ from __future__ import annotations
 
 from typing import Any, List, NamedTuple, Optional, Union
 
+import numpy as np
+
 from . import _layout as L
 from . import _validate as V
 from . import launch
 from .backends.base import LossResult
 from .dispatch import select, select_name
-from .errors import ArgumentValueError
+from .errors import ArgumentTypeError, ArgumentValueError
 from .ops import OPS, Want
 
 
@@ -59,9 +61,15 @@ def _compiling(kind: str) -> bool:
 
 
 def wants(return_grad: Union[bool, str]):
-    if return_grad not in (False, True, "all"):
-        raise ArgumentValueError(f"return_grad must be False, True or 'all', got {return_grad!r}")
-    return bool(return_grad), return_grad == "all"
+    """(gradient wanted, target gradient wanted) from ``return_grad``: a bool
+    or "all" (1, 1.0 or a tensor are refused: a typo, not a choice)."""
+    if isinstance(return_grad, str):
+        if return_grad != "all":
+            raise ArgumentValueError(f"return_grad must be False, True or 'all', got {return_grad!r}")
+        return True, True
+    if not isinstance(return_grad, (bool, np.bool_)):
+        raise ArgumentTypeError(f"return_grad must be False, True or 'all', got {type(return_grad).__name__}")
+    return bool(return_grad), False
 
 
 def deprecated_mean(reduction, stacklevel: int, like):

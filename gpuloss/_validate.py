@@ -129,7 +129,10 @@ def check_bool(name: str, v: Any) -> None:
 def _number(name: str, v: Any) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
         raise ArgumentTypeError(f"{name} must be a number, got {type(v).__name__}")
-    return float(v)
+    try:
+        return float(v)
+    except OverflowError:  # an int beyond the float range
+        raise ArgumentValueError(f"{name} must be finite, got an integer beyond the float range") from None
 
 
 def _finite(f: float) -> bool:
@@ -166,8 +169,8 @@ def check_chunk_size(name: str, v: Any) -> None:
         return
     if isinstance(v, bool) or not isinstance(v, int):
         raise ArgumentTypeError(f"{name} must be a positive int or None, got {type(v).__name__}")
-    if v < 1:
-        raise ArgumentValueError(f"{name} must be >= 1, got {v}")
+    if not 1 <= v < 2 ** 63:
+        raise ArgumentValueError(f"{name} must be in [1, 2**63), got {v}")
 
 
 def as_number(v: Any) -> Any:

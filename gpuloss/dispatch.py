@@ -33,7 +33,7 @@ import threading
 from typing import Dict, Iterator, List, Optional, Tuple
 
 from .backends.base import Backend
-from .errors import ArgumentValueError
+from .errors import ArgumentTypeError, ArgumentValueError
 
 #: name -> "module:Class" of the implementation (imported on first use)
 _REGISTRY: Dict[str, str] = {
@@ -62,6 +62,10 @@ class BackendUnavailableError(RuntimeError):
 
 def register(name: str, target: str) -> None:
     """Register a backend implementation as ``"module:Class"`` (for plug-ins)."""
+    if not isinstance(name, str) or not name:
+        raise ArgumentTypeError(f"register: the backend name must be a non-empty str, got {name!r}")
+    if not isinstance(target, str) or target.count(":") != 1 or not all(target.split(":")):
+        raise ArgumentValueError(f"register: the target must be 'module:Class', got {target!r}")
     with _lock:
         _REGISTRY[name] = target
         _instances.pop(name, None)

@@ -266,6 +266,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     empty batch or an all-ignored batch gives nan for "mean", as PyTorch.
     """
     if TR.active(input, target, weight):
+        V.check_ce_options(label_smoothing, z_loss, softcap)  # the options are checked on every path
+        V.check_bool("inplace_backward", inplace_backward)
+        wants(return_grad)
         return TR.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
                                 label_smoothing, z_loss, softcap, inplace_backward, return_grad, loss_dtype)
     reduction, kind, device, C, ignore_index = _class_dim_call(input, target, weight, size_average, reduce,
@@ -463,6 +466,7 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
     No ``T**2`` factor is applied.  No elements: each row's divergence is 0
     (an empty sum), "mean" NaN, "batchmean" NaN without rows."""
     if TR.active(input, target):
+        V.check_positive("temperature", temperature)  # the options are checked on every path
         return TR.kl_div_with_logits(input, target, temperature, reduction, target_is_logits, return_grad)
     kind, device = classify([("input", input), ("target", target)])
     V.check_reduction(reduction, kl=True)

@@ -40,6 +40,8 @@ import dataclasses
 import math
 from typing import Any, NamedTuple, Optional
 
+import numpy as np
+
 from . import _autocast as AC
 from . import _layout as Lay
 from . import _traced as TR
@@ -350,9 +352,12 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     The loss in input's dtype or ``loss_dtype`` (0-d, or target's
     per-sample shape for "none"), or a :class:`LinearLossGrad`.
     """
-    if return_grad not in (False, True):
-        raise ArgumentValueError(f"return_grad must be False or True, got {return_grad!r}")
+    if not isinstance(return_grad, (bool, np.bool_)):  # "all", 1, 1.0 or a tensor: refused by name
+        err = ArgumentValueError if isinstance(return_grad, str) else ArgumentTypeError
+        raise err(f"return_grad must be False or True, got {return_grad!r}")
     if TR.active(input, linear_weight, target, linear_bias, weight):
+        VAL.check_ce_options(label_smoothing, z_loss, softcap)  # the options are checked on every path
+        VAL.check_chunk_size("chunk_size", chunk_size)
         return TR.linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                                        label_smoothing, z_loss, softcap, return_grad, loss_dtype)
     kind, device = classify([("input", input), ("linear_weight", linear_weight), ("target", target),

@@ -605,6 +605,58 @@ def test_legacy_reduction_warnings_name_the_callers_line():
         assert [w.filename for w in seen] == [__file__], [(str(w.message), w.filename) for w in seen]
 
 
+def test_option_errors_name_the_option_on_every_path():
+    """Option values that failed inside (a torch schema error for chunk_size=2**70, "Boolean
+    value of Tensor is ambiguous" for return_grad, OverflowError for a huge int temperature or
+    z_loss, a TypeError deep in the dispatcher after register(1, 2)) or that were accepted
+    without a check on meta tensors (z_loss=-1, softcap=0, temperature=0, chunk_size=0), or
+    accepted as a typo (return_grad=1), are refused naming the option."""
+    torch = pytest.importorskip("torch")
+    from gpuloss import dispatch
+    x, t = torch.randn(4, 5), torch.tensor([0, 1, 2, 3])
+    h, W = torch.randn(4, 3), torch.randn(5, 3)
+    xm, tm, hm, Wm = (a.to("meta") for a in (x, t, h, W))
+    cases = [
+        (ValueError, "chunk_size", lambda: gpuloss.linear_cross_entropy(h, W, t, chunk_size=2 ** 70)),
+        (TypeError, "return_grad", lambda: gpuloss.cross_entropy(x, t, return_grad=torch.tensor([True, False]))),
+        (TypeError, "return_grad", lambda: gpuloss.cross_entropy(x, t, return_grad=1)),
+        (TypeError, "return_grad", lambda: gpuloss.linear_cross_entropy(h, W, t, return_grad=1.0)),
+        (ValueError, "temperature", lambda: gpuloss.kl_div_with_logits(x, x, temperature=2 ** 2000)),
+        (ValueError, "z_loss", lambda: gpuloss.cross_entropy(x, t, z_loss=10 ** 400)),
+        (ValueError, "z_loss", lambda: gpuloss.cross_entropy(xm, tm, z_loss=-1)),
+        (ValueError, "softcap", lambda: gpuloss.cross_entropy(xm, tm, softcap=0)),
+        (TypeError, "inplace_backward", lambda: gpuloss.cross_entropy(xm, tm, inplace_backward="x")),
+        (ValueError, "temperature", lambda: gpuloss.kl_div_with_logits(xm, xm, temperature=0)),
+        (ValueError, "chunk_size", lambda: gpuloss.linear_cross_entropy(hm, Wm, tm, chunk_size=0)),
+        (TypeError, "backend name", lambda: dispatch.register(1, "x:Y")),
+        (ValueError, "module:Class", lambda: dispatch.register("zz", 5)),
+    ]
+    for err, what, call in cases:
+        with pytest.raises(err, match=what):
+            call()
+    assert gpuloss.cross_entropy(x, t, return_grad=np.bool_(True)).grad.shape == x.shape
+    assert "zz" not in dispatch.registered()
+
+
+def test_transformers_loss_names_bad_arguments():
+    """transformers-style ForCausalLMLoss: None logits or labels failed with AttributeError or
+    inside torch's pad(); a float ignore_index was truncated (1.5 ignored the labels equal to 1)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from gpuloss.integrations.transformers import ForCausalLMLoss
+    logits, labels = torch.randn(2, 4, 5), torch.randint(0, 5, (2, 4))
+    cases = [(TypeError, "logits must be a torch.Tensor", lambda: ForCausalLMLoss(None, labels, 5)),
+             (TypeError, "labels .or shift_labels. must be given", lambda: ForCausalLMLoss(logits, None, 5)),
+             (TypeError, "labels must be a torch.Tensor", lambda: ForCausalLMLoss(logits, labels.numpy(), 5)),
+             (TypeError, "num_items_in_batch", lambda: ForCausalLMLoss(logits, labels, 5, num_items_in_batch="a")),
+             (TypeError, "ignore_index must be an int", lambda: ForCausalLMLoss(logits, labels, 5, ignore_index=1.5))]
+    for err, what, call in cases:
+        with pytest.raises(err, match=what):
+            call()
+    torch.testing.assert_close(ForCausalLMLoss(logits, labels, 5, num_items_in_batch=torch.tensor(3)),
+                               ForCausalLMLoss(logits, labels, 5, num_items_in_batch=3))
+
+
 def test_floating_target_batch_mismatch_is_torchs_value_error():
     """A floating target whose batch size differs from the input's: torch
     raises ValueError ("Expected input batch_size ... to match target

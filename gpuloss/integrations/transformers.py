@@ -138,6 +138,23 @@ def _per_item(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
     return loss / num_items_in_batch
 
 
+def _check_loss_args(logits, labels, shift_labels, num_items_in_batch, ignore_index) -> int:
+    """The loss arguments a caller can get wrong, named (they failed inside torch's pad() or
+    with an AttributeError); ``ignore_index`` as an int (1.5 was truncated to 1, silently)."""
+    if not torch.is_tensor(logits):
+        raise TypeError(f"logits must be a torch.Tensor, got {type(logits).__name__}")
+    for name, v in (("labels", labels), ("shift_labels", shift_labels)):
+        if v is not None and not torch.is_tensor(v):
+            raise TypeError(f"{name} must be a torch.Tensor or None, got {type(v).__name__}")
+    if labels is None and shift_labels is None:
+        raise TypeError("labels (or shift_labels) must be given: there is nothing to score")
+    if num_items_in_batch is not None and not torch.is_tensor(num_items_in_batch) and (
+            isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float))):
+        raise TypeError(f"num_items_in_batch must be None, a number or a tensor, got "
+                        f"{type(num_items_in_batch).__name__}")
+    return _validate.check_ignore_index("ignore_index", ignore_index)
+
+
 def ForCausalLMLoss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, num_items_in_batch=None,
                     ignore_index: int = -100, shift_labels: Optional[torch.Tensor] = None, *,
                     z_loss: float = 0.0, softcap: Optional[float] = None, backend: Optional[str] = None,
@@ -165,6 +182,7 @@ def ForCausalLMLoss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
     0-d loss, float32 for bf16/fp16/fp32 logits, float64 for float64 logits.
     No ``.item()``: the division by ``num_items_in_batch`` runs on the device.
     """
+    ignore_index = _check_loss_args(logits, labels, shift_labels, num_items_in_batch, ignore_index)
     if logits.shape[-1] != vocab_size:
         raise ValueError(f"logits' last dimension is {logits.shape[-1]}, vocab_size is {vocab_size}")
     rows = logits.reshape(-1, vocab_size)
