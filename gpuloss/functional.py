@@ -198,7 +198,8 @@ def _mean_of_rows(losses, t, w, ignore_index: int, C: int):
     valid = rules.valid_targets(t, ignore_index, C)
     wt = valid.to(losses.dtype) if w is None else torch.where(valid, w[torch.where(valid, t, 0)].to(losses.dtype), 0.0)
     div = wt.sum()
-    scale = torch.where(valid, 1.0 / div, 0.0)  # 1 / 0 = inf: a valid row's gradient becomes NaN, as torch's
+    # a zero divisor: NaN, so a valid row's gradient is NaN as torch's (1 / 0 = inf times a z-loss term: inf)
+    scale = torch.where(valid, torch.where(div == 0, float("nan"), 1.0 / div), 0.0)
     return (losses * scale).sum() + torch.where(div == 0, float("nan"), 0.0)
 
 

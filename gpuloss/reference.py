@@ -351,6 +351,8 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
         else:
             d = t
             row = np.sum(_xlogy(d, d) - _no_mass_no_term(d, d * logq), axis=-1)
+    # a student row of -inf only has no softmax: NaN (torch's log_softmax), whatever d is
+    row = np.where(np.all(np.isneginf(x), axis=-1), np.nan, row)
     if reduction == "none":
         return row
     if reduction == "sum":

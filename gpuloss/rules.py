@@ -77,6 +77,7 @@ def saved_grad_dtype_name(storage: str) -> str:
 
 def mean_scale(divisor: float) -> float:
     """The gradient scale of a valid row under ``"mean"``: ``1 / divisor``,
-    ``inf`` for a zero divisor (so a valid row's gradient becomes NaN, as in
-    torch, while ignored rows, scaled by a selected 0, stay 0)."""
-    return 1.0 / divisor if divisor != 0 else math.inf
+    NaN for a zero divisor (so a valid row's gradient is NaN, as in torch,
+    also where z_loss makes it nonzero, which inf would turn into +-inf;
+    ignored rows, scaled by a selected 0, stay 0)."""
+    return 1.0 / divisor if divisor != 0 else math.nan

@@ -352,6 +352,21 @@ def test_cross_entropy_extreme_logits(backend, rng, dtype):
     _check(backend, res.grad, ref.cross_entropy_grad(x, t, reduction="none", label_smoothing=0.1)[0], dtype, "grad")
 
 
+def test_zero_mean_divisor_with_z_loss_gives_nan_gradients(backend, rng):
+    """Every valid target's class weight 0 ("mean" divides by 0): the loss and the valid rows'
+    gradients are NaN as torch's, also with z_loss, whose nonzero term the NumPy backend scaled
+    by 1/0 = inf into +-inf; the ignored row stays 0."""
+    x = _round(rng.standard_normal((3, 5)), "float32")
+    t = np.array([2, -100, 1])
+    w = np.array([0.7, 0.0, 0.0, 1.0, 1.0])
+    for z_loss in (0.0, 0.1):
+        res = _ce(backend, backend.asarray(x, "float32"), backend.asarray(t), weight=backend.asarray(w, "float32"),
+                  z_loss=z_loss, reduction="mean")
+        g = _np(backend, res.grad)
+        assert np.isnan(_np(backend, res.loss)), z_loss
+        assert np.isnan(g[[0, 2]]).all() and (g[1] == 0).all(), (z_loss, g)
+
+
 def test_cross_entropy_strided_rows(backend, rng):
     """x is a column slice of a wider buffer: rows are strided."""
     R, C, extra = 7, 150, 37

@@ -324,3 +324,13 @@ def test_large_shared_offset_is_exact(rng, offset):
     np.testing.assert_allclose(R.log_softmax(shifted), R.log_softmax(shifted - offset), rtol=1e-12)
     np.testing.assert_allclose(R.cross_entropy(shifted, t, label_smoothing=0.1),
                                R.cross_entropy(shifted - offset, t, label_smoothing=0.1), rtol=1e-12)
+
+
+def test_kl_div_with_logits_of_a_student_row_of_minus_inf_is_nan():
+    """A student row of -inf only has no softmax: its KL is NaN (torch's log_softmax, and both
+    backends), whatever the target; the reference's 0 log(0 / q) = 0 convention gave 0 for a
+    target row of zeros."""
+    x = np.array([[-np.inf, -np.inf, -np.inf], [0.5, 1.0, -1.0]])
+    d = np.array([[0.0, 0.0, 0.0], [0.2, 0.3, 0.5]])
+    row = R.kl_div_with_logits(x, d, reduction="none", target_is_logits=False)
+    assert np.isnan(row[0]) and np.isfinite(row[1])
