@@ -77,6 +77,4 @@ def reduce_rows(rows_loss, reduction: str, divisor):
     if reduction == "none":
         return rows_loss
     total = rows_loss.sum()
-    if reduction == "sum":
-        return total
-    return total / divisor if not isinstance(divisor, (int, float)) or divisor != 0 else total * float("nan")
+    return total if reduction == "sum" else total / divisor
