@@ -47,9 +47,9 @@ def index_dtype(a: Any) -> str:
 
 def class_targets(t: Any) -> Any:
     """Class-index targets as the kernels index them, ``t[row]``: contiguous (a RawKernel gets
-    a bare pointer, so a strided view such as ``labels[:, 0]`` would be read as its base)."""
+    a bare pointer, so a strided view such as ``labels[:, 0]`` would be read as its base).
+    Their dtype is checked where the kernel is chosen (:func:`index_dtype`)."""
     import cupy
-    index_dtype(t)
     return cupy.ascontiguousarray(t)
 
 
