@@ -688,15 +688,11 @@ def _weighted_mse(res, weight, reduction: str, return_grad, kind: str):
     ``res`` (with its gradient under return_grad): times ``weight``, reduced;
     "mean" is ``sum(w se) / sum(w)``.  With autograd, ``weight`` is
     differentiated too (a plain factor here)."""
+    wse = (res.loss if return_grad else res) * weight
+    w_sum = weight.sum() if reduction == "mean" else None  # once, for the loss and the gradient scale
+    loss = wse if reduction == "none" else L.as_array(wse.sum() if w_sum is None else wse.sum() / w_sum, kind)
     if not return_grad:
-        return _weighted_sum(res * weight, weight, reduction, kind)
-    loss = _weighted_sum(res.loss * weight, weight, reduction, kind)
-    scale = weight / weight.sum() if reduction == "mean" else weight
+        return loss
+    scale = weight if w_sum is None else weight / w_sum
     grad_target = None if res.grad_target is None else L.cast_like(res.grad_target * scale, res.grad_target, kind)
     return res._replace(loss=loss, grad=L.cast_like(res.grad * scale, res.grad, kind), grad_target=grad_target)
-
-
-def _weighted_sum(wse, weight, reduction: str, kind: str):
-    if reduction == "none":
-        return wse
-    return L.as_array(wse.sum() if reduction == "sum" else wse.sum() / weight.sum(), kind)
