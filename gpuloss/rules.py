@@ -34,7 +34,8 @@ ignored row exactly 0 (selected, never multiplied).  A zero divisor (every
 row ignored, or every valid row of weight 0) follows torch: the loss is
 NaN (``0 / 0``; also with label smoothing, whose sum may be nonzero: torch
 adds it to the NaN mean of the NLL term); ignored rows keep zero gradients
-and the valid rows' are ``0 * inf = nan``.
+and the valid rows' are NaN (their scale, :func:`mean_scale`, is NaN; the
+GPU divisor kernels store a zero divisor as NaN).
 
 Empty inputs
 ------------
