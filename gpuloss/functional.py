@@ -80,10 +80,10 @@ def implicit_softmax_dim(name: str, input, stacklevel: int = 4) -> int:
     return 0 if input.ndim in (0, 1, 3) else 1
 
 
-def _softmax_common(input, dim, dtype, backend, log: bool):
+def _softmax_common(input, dim, dtype, backend, log: bool, stacklevel: int = 3):
     kind, device = classify([("input", input)])
-    if dim is None:
-        dim = implicit_softmax_dim("log_softmax" if log else "softmax", input)
+    if dim is None:  # torch's _stacklevel counts from its softmax; this frame is one more
+        dim = implicit_softmax_dim("log_softmax" if log else "softmax", input, stacklevel + 1)
     input = _cast_dtype(input, AC.softmax_dtype(kind, device, input, dtype), kind)
     V.check_floating("input", input, kind)
     dim = V.check_dim("dim", dim, input.ndim)
@@ -104,15 +104,15 @@ def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None, 
     dim : the dimension to normalise.  None (the default, as torch's) takes
         torch's deprecated implicit choice with its warning: dimension 0 for
         0-, 1- and 3-D input, else 1; pass ``dim`` (e.g. -1)
-    _stacklevel : torch's positional placeholder, ignored (so that ``dtype``
-        is the fourth positional argument, as in ``F.softmax``)
+    _stacklevel : as torch's: the stack level of the implicit-``dim``
+        warning (3: the caller of this function)
     dtype : as torch's: cast ``input`` to this floating dtype first (and
         return that dtype)
     backend : "numpy" | "triton" | "cupy" | None (automatic)
     """
     if TR.active(input):
         return TR.softmax("softmax", input, dim, dtype)
-    return _softmax_common(input, dim, dtype, backend, log=False)
+    return _softmax_common(input, dim, dtype, backend, log=False, stacklevel=_stacklevel)
 
 
 def log_softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None, *,
@@ -120,7 +120,7 @@ def log_softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=No
     """log_softmax along ``dim``: ``x_i - logsumexp(x)``; ``dtype`` as in :func:`softmax`."""
     if TR.active(input):
         return TR.softmax("log_softmax", input, dim, dtype)
-    return _softmax_common(input, dim, dtype, backend, log=True)
+    return _softmax_common(input, dim, dtype, backend, log=True, stacklevel=_stacklevel)
 
 
 def _softmax_bwd_common(grad_output, output, dim, backend, log: bool):

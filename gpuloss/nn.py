@@ -193,7 +193,8 @@ class _SoftmaxOnGpuloss:
         self.backend = backend
 
     def forward(self, input: Tensor) -> Tensor:
-        dim = self.dim if self.dim is not None else F.implicit_softmax_dim(self._fn, input, 3)
+        # stack level 5 from the warning, as torch.nn.Softmax's (_stacklevel=5)
+        dim = self.dim if self.dim is not None else F.implicit_softmax_dim(self._fn, input, 4)
         return getattr(F, self._fn)(input, dim, dtype=getattr(self, "dtype", None), backend=self.backend)
 
 

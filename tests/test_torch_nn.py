@@ -128,6 +128,34 @@ def test_softmax_implicit_dim_follows_torch(rng):
     torch.testing.assert_close(a, b, **tol("float64"))
 
 
+def _warned_at(fn) -> tuple:
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        fn()
+    assert len(seen) == 1, [str(w.message) for w in seen]
+    return seen[0].filename, seen[0].lineno
+
+
+@pytest.mark.parametrize("name", ["softmax", "log_softmax"])
+def test_implicit_dim_warning_at_torchs_stack_level(name):
+    """The implicit-dim warning names the frame torch's names: the caller for
+    the default ``_stacklevel``, the caller's caller for 4, and the module call
+    for ``nn.Softmax``/``nn.LogSoftmax``."""
+    x = torch.randn(3, 4)
+    ours, theirs = getattr(gpuloss, name), getattr(TF, name)
+
+    def through(fn, level):  # the line of this call is the caller's caller for level 4
+        return fn(x, None, level)
+
+    for level in (3, 4):
+        (f_ours, l_ours), (f_torch, l_torch) = [_warned_at(lambda: through(fn, level)) for fn in (ours, theirs)]
+        assert f_ours == f_torch == __file__, level
+        assert l_ours == l_torch, level
+    cls = "Softmax" if name == "softmax" else "LogSoftmax"
+    ours_at, torch_at = [_warned_at(lambda: getattr(mod, cls)()(x)) for mod in (gnn, tnn)]
+    assert ours_at == torch_at
+
+
 @pytest.mark.parametrize("reduction", ["batchmean", "sum", "mean", "none"])
 @pytest.mark.parametrize("target_is_logits", [True, False])
 def test_kl_div_with_logits_module(rng, reduction, target_is_logits):
