@@ -335,6 +335,11 @@ def gather_and_decide(group, rank: int, world: int, device, v_local: int, vocab_
     return VocabLayout(start=starts[rank], size=v_local, vocab=sum(sizes), sizes=tuple(sizes))
 
 
+def _agreement_of(agree_on: tuple) -> tuple:
+    """:func:`agreement` of the dtype and options, ``(0, 0)`` where none are compared."""
+    return agreement(*agree_on) if agree_on else (0, 0)
+
+
 def resolve_layout(name: str, device, v_local: int, target: Tensor, ignore_index: int,
                    vocab_start: Optional[int], vocab_size: Optional[int], vocab_sizes: Optional[Sequence[int]],
                    local_err: int, validate: bool, agree_on: tuple = ()):
@@ -350,7 +355,7 @@ def resolve_layout(name: str, device, v_local: int, target: Tensor, ignore_index
     if validate:
         layout = gather_and_decide(group, rank, world, device, v_local, vocab_start, vocab_size, vocab_sizes,
                                    target.numel(), None if local_err else target, ignore_index, local_err,
-                                   agreement(*agree_on) if agree_on else (0, 0))
+                                   _agreement_of(agree_on))
         _LAYOUT_CACHE[key] = layout
         return group, layout
     # hot path: no host read; a local problem can only be raised here
@@ -365,5 +370,5 @@ def resolve_layout(name: str, device, v_local: int, target: Tensor, ignore_index
     if key not in _LAYOUT_CACHE:  # first call with this layout: one small collective
         _LAYOUT_CACHE[key] = gather_and_decide(group, rank, world, device, v_local, vocab_start, vocab_size,
                                                None, target.numel(), None, ignore_index, 0,
-                                               agreement(*agree_on) if agree_on else (0, 0))
+                                               _agreement_of(agree_on))
     return group, _LAYOUT_CACHE[key]
