@@ -281,8 +281,8 @@ def as_index_target(name: str, target: Any, kind: str) -> Any:
     if kind == "torch":
         import torch
         if dt in ("uint16", "uint32", "uint64"):
-            raise ArgumentTypeError(f"{name} must hold class indices of an integer dtype torch supports (int64, int32, "
-                                    f"int16, int8 or uint8), got {dt}")
+            raise ArgumentTypeError(f"{name} must hold class indices as int64 (torch's dtype for them) or uint8, "
+                                    f"int8, int16 or int32; got {dt}, which torch has no kernels to compare")
         return target.to(torch.int64)
     if dt == "uint64" and target.size and _device_values_allowed(target, kind):
         top = int(target.max())
