@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import numpy as np
 import pytest
@@ -580,3 +581,24 @@ def test_gpu_more_than_2_31_elements():
                           softcap=None, reduction="none", want_grad=True, grad_inplace=True)
     torch.testing.assert_close(res.loss, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x[-4:].float(), want_g, rtol=1.6e-2, atol=2e-3)
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's NumPy warnings; a GPU has none")
+def test_interpreter_masked_lanes_raise_no_numpy_warnings(rng):
+    """Masked lanes form ``-inf - -inf`` and ``0 * -inf`` that a ``tl.where``
+    then discards: NumPy's warnings about them in the interpreter say nothing
+    about the results, and under ``-W error`` they failed the call."""
+    import gpuloss
+    x = torch.from_numpy(rng.standard_normal((3, 10))).float().requires_grad_()
+    t = torch.from_numpy(rng.integers(0, 10, 3))
+    p = torch.softmax(torch.from_numpy(rng.standard_normal((3, 10))).float(), 1)
+    calls = [lambda: gpuloss.cross_entropy(x, t, label_smoothing=0.1, backend="triton"),
+             lambda: gpuloss.cross_entropy(x, p, backend="triton"),
+             lambda: gpuloss.kl_div_with_logits(x, p.log(), temperature=2.0, backend="triton")]
+    for call in calls:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            loss = call()
+            loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(x.grad).all()
+    assert np.geterr()["invalid"] == "warn"  # the caller's NumPy settings are left as they were

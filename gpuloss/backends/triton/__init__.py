@@ -16,7 +16,8 @@ configuration comes from :func:`.config.launch_config` only.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+import functools
+from typing import Any, Callable, List, Optional, Tuple
 
 from ..base import Backend
 from . import cross_entropy as _ce
@@ -27,6 +28,23 @@ from . import vocab_parallel as _vp
 from .config import VARIANTS, LaunchConfig, interpret, interpreter_numpy_compat, launch_config
 
 __all__ = ["TritonBackend", "LaunchConfig", "launch_config", "VARIANTS"]
+
+
+def _quiet_interpreter(launcher: Callable) -> Callable:
+    """``launcher`` with NumPy's floating-point warnings off under
+    ``TRITON_INTERPRET=1``.  The interpreter runs the kernels as NumPy code,
+    which warns where the GPU computes IEEE results silently: masked lanes
+    form ``-inf - -inf`` or ``0 * -inf`` before a ``tl.where`` discards them.
+    Those warnings say nothing about the results, and under ``python -W
+    error`` they failed the call.  On a GPU: one environment lookup."""
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        if not interpret():
+            return launcher(*args, **kwargs)
+        import numpy as np
+        with np.errstate(all="ignore"):
+            return launcher(*args, **kwargs)
+    return run
 
 
 class TritonBackend(Backend):
@@ -116,33 +134,42 @@ class TritonBackend(Backend):
                              heavy=heavy)
 
     # --- launchers (one per op of gpuloss.ops) -------------------------------
+    @_quiet_interpreter
     def softmax_forward(self, x, opts):
         return _sm.softmax_forward(self, x, opts)
 
+    @_quiet_interpreter
     def softmax_backward(self, y, dy, opts):
         return _sm.softmax_backward(self, y, dy, opts)
 
+    @_quiet_interpreter
     def cross_entropy(self, x, target, weight, opts, want):
         return _ce.cross_entropy(self, x, target, weight, opts, want)
 
+    @_quiet_interpreter
     def nll_loss(self, logp, target, weight, opts, want):
         return _ce.nll_loss(self, logp, target, weight, opts, want)
 
+    @_quiet_interpreter
     def kl_div_logits(self, x, target, opts, want):
         return _kl.kl_div_logits(self, x, target, opts, want)
 
+    @_quiet_interpreter
     def kl_div(self, input, target, opts, want):
         return _ew.kl_div(self, input, target, opts, want)
 
+    @_quiet_interpreter
     def bce_with_logits(self, x, target, weight, pos_weight, opts, want):
         return _ew.bce_with_logits(self, x, target, weight, pos_weight, opts, want)
 
+    @_quiet_interpreter
     def bce(self, p, target, weight, opts, want):
         return _ew.bce(self, p, target, weight, opts, want)
 
+    @_quiet_interpreter
     def mse(self, x, target, opts, want):
         return _ew.mse(self, x, target, opts, want)
 
     # the vocabulary-parallel per-rank passes (gpuloss.distributed)
-    vocab_parallel_stats = staticmethod(_vp.vocab_parallel_stats)
-    vocab_parallel_grad = staticmethod(_vp.vocab_parallel_grad)
+    vocab_parallel_stats = staticmethod(_quiet_interpreter(_vp.vocab_parallel_stats))
+    vocab_parallel_grad = staticmethod(_quiet_interpreter(_vp.vocab_parallel_grad))
