@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import warnings
 
 import numpy as np
 import pytest
@@ -612,6 +613,113 @@ def test_head_replaced_after_apply_is_followed(rng, how):
     for (n, p), q in zip(model.named_parameters(), ref_model.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{n}: {m}")
     assert old(torch.ones(1, 32, dtype=torch.float64)).shape == (1, V)
+
+
+@pytest.mark.parametrize("hook", ["forward", "backward", "global_forward"])
+def test_hooked_head_runs_itself(rng, hook):
+    """A hook on lm_head's output or gradient must see the real logits: the
+    fused path would hand it an empty tensor and ignore what it returns.
+    With a hook the call runs the head as itself (the unpatched model's
+    logits, loss and gradients, in fp64), with one warning; without, fused."""
+    base = _model("llama", dtype=torch.float64)
+    ids, labels = _batch(rng)
+    seen = {}
+
+    def halve(module, args, out):
+        seen[id(module)] = tuple(out.shape)
+        return out / 2
+
+    def double_grad(module, grad_in, grad_out):
+        return (grad_in[0] * 2,)
+
+    results = []
+    for m in (copy.deepcopy(base), _patched(base, "fused")):
+        if hook == "forward":
+            handle = m.lm_head.register_forward_hook(halve)
+        elif hook == "backward":
+            handle = m.lm_head.register_full_backward_hook(double_grad)
+        else:
+            handle = torch.nn.modules.module.register_module_forward_hook(
+                lambda mod, a, o: halve(mod, a, o) if mod is m.lm_head else None)
+        try:
+            if isinstance(m.__dict__.get("_gpuloss"), gt._State):
+                with pytest.warns(UserWarning, match="lm_head has .*hooks; this call computes the full logits"):
+                    out = m(input_ids=ids, labels=labels)
+                assert out.logits is not None
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error")  # told once
+                    m(input_ids=ids, labels=labels)
+            else:
+                out = m(input_ids=ids, labels=labels)
+                out = type(out)(loss=_ref_loss(out.logits, labels), logits=out.logits)
+            out.loss.backward()
+        finally:
+            handle.remove()
+        results.append((out.loss.detach(), out.logits.detach(), {n: p.grad for n, p in m.named_parameters()}))
+        if hook != "backward":
+            assert seen.pop(id(m.lm_head)) == (B, T, V)
+    (want, want_logits, want_g), (got, got_logits, got_g) = results
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got_logits, want_logits, rtol=0, atol=0)
+    for n in want_g:
+        torch.testing.assert_close(got_g[n], want_g[n], rtol=1e-10, atol=1e-12, msg=lambda msg: f"{n}: {msg}")
+    # without the hook the next call is fused again
+    assert m(input_ids=ids, labels=labels).logits is None
+
+
+@pytest.mark.parametrize("order", ["offload_then_patch", "patch_then_offload"])
+def test_offloaded_head(rng, order):
+    """accelerate's offloading (``cpu_offload``; ``device_map`` with "cpu" or
+    "disk" entries) keeps lm_head's weight on the meta device and loads it
+    only inside the head's call.  Offloaded before the patch, the head's
+    call is outside gpuloss's: the weight is meta there, so the head runs
+    itself (full logits, one warning).  Offloaded after, the hook loads the
+    weight around gpuloss's forward, which keeps the loaded tensors for the
+    fused loss.  Loss and input gradients equal the unpatched model's (fp64)."""
+    accelerate = pytest.importorskip("accelerate")
+    base = _model("llama", dtype=torch.float64)
+    ids, labels = _batch(rng)
+    got = []
+    for patch in (False, True):
+        m = copy.deepcopy(base)
+        if patch and order == "patch_then_offload":
+            gt.apply_gpuloss(m)
+        accelerate.cpu_offload(m, execution_device=torch.device("cpu"))
+        if patch and order == "offload_then_patch":
+            gt.apply_gpuloss(m)
+        assert m.lm_head.weight.is_meta
+        emb = base.model.embed_tokens(ids).detach().requires_grad_()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            out = m(inputs_embeds=emb, labels=labels)
+        told = [w for w in seen if "meta device" in str(w.message)]
+        assert len(told) == (patch and order == "offload_then_patch")
+        if patch:
+            assert (out.logits is None) == (order == "patch_then_offload")
+            loss = out.loss
+        else:
+            loss = _ref_loss(out.logits, labels)
+        loss.backward()
+        got.append((loss.detach(), emb.grad))
+    torch.testing.assert_close(got[1][0], got[0][0], rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(got[1][1], got[0][1], rtol=1e-10, atol=1e-13)
+
+
+def test_head_shared_by_two_patched_models(rng):
+    """Two patched models sharing one lm_head module (a draft or reference
+    model reusing the base model's head): each call wires the head to the
+    model that calls, so both train as the unpatched model."""
+    base = _model("llama", dtype=torch.float64)
+    ids, labels = _batch(rng)
+    want = _ref_loss(copy.deepcopy(base)(input_ids=ids).logits, labels)
+    a = _patched(base, "fused")
+    b = copy.deepcopy(base)
+    b.lm_head = a.lm_head
+    gt.apply_gpuloss(b)
+    for m in (b, a, b):
+        out = m(input_ids=ids, labels=labels)
+        assert out.logits is None
+        torch.testing.assert_close(out.loss, want, rtol=1e-12, atol=1e-12)
 
 
 def _replica(module, memo, scale: float):

@@ -61,10 +61,11 @@ from typing import Optional
 
 import torch
 import transformers
+from torch.nn.modules import module as _torch_module
 from transformers.loss import loss_utils as _hf_loss
 
 import gpuloss
-from .. import _validate, dispatch
+from .. import _layout, _validate, dispatch
 
 __all__ = ["apply_gpuloss", "ForCausalLMLoss", "AutoGpulossForCausalLM"]
 
@@ -193,12 +194,11 @@ def ForCausalLMLoss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int,
     return _per_item(loss, num_items_in_batch)
 
 
-def _fused_causal_lm_loss(hidden: torch.Tensor, head: torch.nn.Linear, labels: torch.Tensor, opts: "_Options",
-                          num_items_in_batch=None, ignore_index: int = -100,
+def _fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                          labels: torch.Tensor, opts: "_Options", num_items_in_batch=None, ignore_index: int = -100,
                           shift_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """:func:`ForCausalLMLoss` of ``head(hidden)`` transformed as the model's
-    forward transforms it (``opts.transform``) without the logits."""
-    weight, bias = head.weight, head.bias
+    """:func:`ForCausalLMLoss` of ``F.linear(hidden, weight, bias)`` transformed
+    as the model's forward transforms it (``opts.transform``) without the logits."""
     # lm_head's input as the model passed it: a device-placement hook (accelerate's
     # device_map) would have moved it to the weight's device inside lm_head
     h = hidden.reshape(-1, hidden.shape[-1]).to(weight.device)
@@ -242,8 +242,12 @@ class _State:
         self.head: Optional[torch.nn.Module] = None
         self.capturing = False
         self.hidden: Optional[torch.Tensor] = None
-        self.captured_head: Optional[torch.nn.Module] = None
+        # lm_head's weight and bias as its call had them: a hook around the call may
+        # swap the module's parameters afterwards (accelerate's offloading puts them back to meta)
+        self.captured_params: Optional[tuple] = None
         self.loss_done = False
+        self.head_called = False  # lm_head ran as itself in this fused call (see _head_runs_itself)
+        self.told_unfused = False
 
     def fresh(self) -> "_State":
         """The same options with a hand-over of its own (a replica's: DataParallel
@@ -257,25 +261,54 @@ def _model_loss(state: _State, logits, labels, vocab_size, num_items_in_batch=No
     under way, else :func:`ForCausalLMLoss` of the logits the model made (and
     capped itself, if it caps)."""
     o = state.options
-    if not state.capturing:
+    if not state.capturing or state.head_called:
+        state.loss_done = True
         return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch, ignore_index, shift_labels,
                                z_loss=o.z_loss, backend=o.backend)
     if state.hidden is None:
         raise RuntimeError("gpuloss: the model computed its loss without calling its output embedding "
                            "(get_output_embeddings()) in this forward call; apply_gpuloss(model, "
                            "fused_linear=False) keeps its logits")
-    hidden, head = state.hidden, state.captured_head
-    state.hidden, state.captured_head, state.loss_done = None, None, True
-    return _fused_causal_lm_loss(hidden, head, labels, o, num_items_in_batch, ignore_index, shift_labels)
+    hidden, (weight, bias) = state.hidden, state.captured_params
+    state.hidden, state.captured_params, state.loss_done = None, None, True
+    return _fused_causal_lm_loss(hidden, weight, bias, labels, o, num_items_in_batch, ignore_index, shift_labels)
 
 
 def _head_forward(head: torch.nn.Module, state: _State, orig_forward, input: torch.Tensor) -> torch.Tensor:
     """``lm_head.forward``: the logits, or, during a fused call, the hidden
-    states kept for the loss and an empty ``(..., 0)`` tensor in their place."""
+    states kept for the loss and an empty ``(..., 0)`` tensor in their place
+    (unless the head must run as itself: :func:`_head_runs_itself`)."""
     if not state.capturing:
         return orig_forward(input)
-    state.hidden, state.captured_head = input, head
+    why = _head_runs_itself(head)
+    if why:
+        if not state.told_unfused:
+            state.told_unfused = True
+            _layout.user_warning(
+                f"gpuloss: lm_head {why}; this call computes the full logits and their loss, as the unpatched "
+                f"model does (the fused path would skip them)", 1, input)
+        state.head_called = True
+        return orig_forward(input)
+    state.hidden, state.captured_params = input, (head.weight, head.bias)
     return input.new_empty((*input.shape[:-1], 0))
+
+
+def _head_runs_itself(head: torch.nn.Module) -> str:
+    """Why ``head`` must compute its logits in this call ("" if it need not):
+    hooks on its output or its gradient (a forward hook that changes the
+    logits, DeepSpeed ZeRO-3's parameter release, an activation recorder)
+    would see the fused path's empty tensor; a weight on the meta device
+    exists only during the head's own call (accelerate's offloading hook,
+    ``device_map`` with "cpu"/"disk" entries, loads it around ``forward`` and
+    puts it back afterwards)."""
+    M = _torch_module
+    if head._forward_hooks or M._global_forward_hooks:
+        return "has forward hooks"
+    if head._backward_hooks or head._backward_pre_hooks or M._global_backward_hooks or M._global_backward_pre_hooks:
+        return "has backward hooks"
+    if head.weight.is_meta:
+        return "has its weight on the meta device (offloaded, loaded only inside its own call)"
+    return ""
 
 
 def _forward(model, state: _State, orig_forward, *args, **kwargs):
@@ -294,7 +327,10 @@ def _forward(model, state: _State, orig_forward, *args, **kwargs):
     # the head the model calls now: one set by resize_token_embeddings or
     # set_output_embeddings after apply_gpuloss, or a DataParallel replica's
     head = model.get_output_embeddings()
-    if head is not state.head:
+    wired = _ours(head, _head_forward) if isinstance(head, torch.nn.Module) else None
+    if head is not state.head or (wired is not None and wired.args[1] is not state):
+        # a new head, or one shared with another patched model that wired it to its own state
+        # (a forward wrapped around ours since, e.g. accelerate's hooks, is left as it is)
         _attach_head(model, state, head)
     if _FSDPModule is not None and isinstance(head, _FSDPModule):
         # checked per call: fully_shard usually comes after apply_gpuloss
@@ -306,16 +342,19 @@ def _forward(model, state: _State, orig_forward, *args, **kwargs):
         return_dict = getattr(model.config, "return_dict", True)
     if state.return_dict_ok:
         kwargs["return_dict"] = True
-    state.capturing, state.hidden, state.captured_head, state.loss_done = True, None, None, False
+    state.capturing, state.hidden, state.captured_params, state.loss_done = True, None, None, False
+    state.head_called = False
     try:
         out = orig_forward(*args, **kwargs)
     finally:
-        state.capturing, state.hidden, state.captured_head = False, None, None
+        state.capturing, state.hidden, state.captured_params = False, None, None
     if not state.loss_done:
         raise RuntimeError(f"gpuloss: {type(model).__name__}.forward returned without calling "
                            f"self.loss_function; apply_gpuloss(model, fused_linear=False) keeps its logits")
     if isinstance(out, tuple):
         raise RuntimeError(f"gpuloss: {type(model).__name__}.forward returned a tuple with return_dict=True")
+    if state.head_called:  # the head ran as itself: the model's own output, logits included
+        return out if return_dict else out.to_tuple()
     if return_dict:
         return type(out)(**{k: v for k, v in out.items() if k != "logits"})
     # to_tuple() skips None fields: the logits' slot is kept (as None) so that
