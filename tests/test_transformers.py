@@ -540,8 +540,13 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="loss_type='ForSequenceClassification'"):
         gt.apply_gpuloss(cls)
     base = transformers.LlamaModel(_config("llama"))  # a base model: no lm_head
-    with pytest.raises(ValueError, match="LlamaModel.forward does not compute its loss with self.loss_function"):
+    with pytest.raises(ValueError, match="LlamaModel.forward does not compute its loss with self.loss_function.*"
+                                         "without an output embedding.*AutoModelForCausalLM"):
         gt.apply_gpuloss(base)
+    t5 = transformers.T5ForConditionalGeneration(transformers.T5Config(vocab_size=V, d_model=32, d_kv=8, d_ff=64,
+                                                                       num_layers=1, num_heads=4))
+    with pytest.raises(ValueError, match="T5ForConditionalGeneration is an encoder-decoder model"):
+        gt.apply_gpuloss(t5)
     model = _model("llama")
     model.lm_head = torch.nn.Sequential(torch.nn.Linear(32, V))
     with pytest.raises(ValueError, match="torch.nn.Linear.*Sequential"):
@@ -556,6 +561,11 @@ def test_clear_errors():
     model.lm_head = AdapterLinear(32, V, bias=False)
     with pytest.raises(ValueError, match=r"plain torch.nn.Linear.*test_transformers.*AdapterLinear \(a torch.nn.Linear "
                                          r"subclass with its own forward"):
+        gt.apply_gpuloss(model)
+    model = _model("llama")
+    FullyShardedDataParallel = type("FullyShardedDataParallel", (torch.nn.Module,), {})  # FSDP1's wrapper, by name
+    model.lm_head = FullyShardedDataParallel()
+    with pytest.raises(ValueError, match="FSDP wrapped lm_head as a unit of its own: keep it out of the auto_wrap"):
         gt.apply_gpuloss(model)
     model = _model("llama")
     model.base_model_prefix = "decoder"

@@ -30,7 +30,8 @@ two things are intercepted, both on the instance:
 1. ``lm_head``'s forward records its input (the hidden states the logits
    would be made from) and returns an empty ``(..., 0)`` tensor instead of
    the logits, so whatever the model does to its logits afterwards (Gemma 2's
-   soft-capping) costs nothing;
+   soft-capping) costs nothing (a head with hooks, or with its weight
+   offloaded to the meta device, runs as itself instead: :func:`_head_runs_itself`);
 2. ``model.loss_function``, which the model calls with its labels and loss
    kwargs (``num_items_in_batch``, ``ignore_index``, ``shift_labels``),
    computes the fused loss from the recorded hidden states, ``lm_head.weight``
@@ -495,8 +496,15 @@ def _check_causal_lm(model) -> None:
     except (OSError, TypeError):
         src = None  # no source (a compiled or generated class): not checked
     if src is not None and "loss_function" not in src:
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            why = "an encoder-decoder model (apply_gpuloss takes decoder-only causal LMs)"
+        elif model.get_output_embeddings() is None:
+            why = ("a model without an output embedding (a base model; apply_gpuloss takes the causal LM around "
+                   "it, e.g. from AutoModelForCausalLM)")
+        else:
+            why = "a model whose forward computes its loss itself"
         raise ValueError(f"{name}.forward does not compute its loss with self.loss_function, so apply_gpuloss "
-                         f"cannot replace it")
+                         f"cannot replace it: {name} is {why}")
 
 
 def _forward_layout(model) -> tuple:
@@ -541,6 +549,9 @@ def _check_head(model, head) -> None:
         what = f"{kind.__module__}.{kind.__qualname__}"
         if isinstance(head, torch.nn.Linear):
             what += " (a torch.nn.Linear subclass with its own forward, e.g. an adapter such as LoRA)"
+        elif kind.__name__ == "FullyShardedDataParallel":
+            what += (" (FSDP wrapped lm_head as a unit of its own: keep it out of the auto_wrap_policy so that it "
+                     "stays in the root's unit)")
         raise ValueError(f"apply_gpuloss(fused_linear=True) needs lm_head to be a plain torch.nn.Linear (logits = "
                          f"F.linear(hidden, weight, bias)); {name}'s is a {what}. "
                          f"fused_linear=False works with any head")
