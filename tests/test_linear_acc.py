@@ -26,7 +26,7 @@ def test_sums_are_float32_sums_rounded_once(rng, shape):
     from triton_env import INTERPRET
     from gpuloss.backends.triton import config
     if INTERPRET:
-        config.interpreter_numpy_compat()
+        config.interpreter_patches()
     V, H, chunks = shape
     g = torch.Generator().manual_seed(int(rng.integers(2**31)))
     hi = torch.empty(V, H, dtype=torch.bfloat16, device=DEV)

@@ -25,7 +25,7 @@ from . import elementwise as _ew
 from . import kl_logits as _kl
 from . import softmax as _sm
 from . import vocab_parallel as _vp
-from .config import VARIANTS, LaunchConfig, interpret, interpreter_numpy_compat, launch_config
+from .config import VARIANTS, LaunchConfig, interpret, interpreter_patches, launch_config
 
 __all__ = ["TritonBackend", "LaunchConfig", "launch_config", "VARIANTS"]
 
@@ -70,7 +70,7 @@ class TritonBackend(Backend):
         self.variant = variant
         self.max_block = max_block
         if interpret():
-            interpreter_numpy_compat()
+            interpreter_patches()
 
     @staticmethod
     def variants() -> List[str]:
@@ -87,7 +87,7 @@ class TritonBackend(Backend):
             return False, f"cannot import torch/triton: {e}"
         if interpret():
             try:
-                interpreter_numpy_compat()
+                interpreter_patches()
             except Exception as e:
                 return False, f"Triton interpreter unusable with this NumPy: {e}"
             return True, f"Triton {triton.__version__} interpreter on CPU tensors (TRITON_INTERPRET=1)"

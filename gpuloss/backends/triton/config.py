@@ -83,6 +83,45 @@ def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def interpreter_patches() -> None:
+    """Where Triton's interpreter departs from the GPU in ways that change
+    results, make it behave as the GPU does (interpreter mode only)."""
+    interpreter_numpy_compat()
+    interpreter_bf16_rounding()
+
+
+def _f32_to_bf16_bits(a):
+    """The bfloat16 bits of float32 ``a`` rounded to nearest, ties to even
+    (the GPU's ``cvt.rn.bf16.f32``); NaN stays a quiet NaN of its sign."""
+    import numpy as np
+    bits = np.ascontiguousarray(a, dtype=np.float32).view(np.uint32).astype(np.uint64)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    quiet_nan = (bits >> 16) | 0x40
+    return np.where(np.isnan(a), quiet_nan, rounded).astype(np.uint16)
+
+
+def interpreter_bf16_rounding() -> None:
+    """Triton 3.6's interpreter converts float32 to bfloat16 by truncation
+    (``InterpreterBuilder.cast_impl`` passes no rounding mode), where the GPU
+    rounds to nearest even: every bf16 store was up to one ulp off, and a
+    softmax of 1.0 became 0.99609375.  Make that one conversion round as the
+    GPU does; the others (float16 through NumPy) already do."""
+    from triton.runtime import interpreter
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    original = getattr(builder, "cast_impl", None)
+    if original is None or getattr(original, "_gpuloss_rne", False):
+        return
+    import triton.language as tl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            return interpreter.TensorHandle(_f32_to_bf16_bits(src.data), dst_type.scalar)
+        return original(self, src, dst_type)
+
+    cast_impl._gpuloss_rne = True
+    builder.cast_impl = cast_impl
+
+
 def interpreter_numpy_compat() -> None:
     """Triton 3.6's interpreter turns a loop bound into a Python int with
     ``int(array_of_shape_1)``, which NumPy >= 2.3 rejects, so every kernel
