@@ -38,8 +38,9 @@ def active(input, *others) -> bool:
     is recording, one of the tensors is being transformed by ``torch.func``
     or carries a forward-mode tangent, or ``input`` is a meta tensor.  Asked
     only when ``input`` is a tensor (torch is imported then: see
-    :func:`gpuloss._layout.torch_tracing`); never while torch.compile traces
-    (it runs gpuloss's operators)."""
+    :func:`gpuloss._layout.torch_tracing`).  While torch.compile traces, only
+    a ``torch.func`` transform counts (compiled code otherwise runs
+    gpuloss's operators)."""
     if not hasattr(input, "__torch_function__"):
         return False
     import torch
@@ -48,10 +49,28 @@ def active(input, *others) -> bool:
     if torch.jit.is_tracing():
         return True
     if torch.compiler.is_compiling():
-        return False
+        # gpuloss's operators, unless the compiled code is a torch.func transform (their tangents and
+        # batching would be missing: a compiled jvp gave 0)
+        return _in_compiled_transform()
     if input.is_meta:  # no values: torch's operations give the shapes and dtypes (no gpuloss backend serves meta)
         return True
     return _transformed((input,) + others)
+
+
+def _in_compiled_transform() -> bool:
+    """Whether a ``torch.func`` transform is active while torch.compile traces.
+    dynamo runs the transforms' nesting for real while it traces them, so
+    the functorch level is known then; the answer is a trace-time constant
+    (reading the level is not an operation dynamo can put in a graph), and
+    dynamo guards each compiled graph on the functorch stack it was traced
+    under."""
+    import torch
+    return torch._C._functorch.maybe_current_level() is not None
+
+
+# what torch._dynamo.assume_constant_result sets (dynamo calls the function while
+# tracing and uses its result as a constant); set here: import gpuloss imports no torch
+_in_compiled_transform._dynamo_marked_constant = True
 
 
 def _transformed(arrays) -> bool:
