@@ -151,8 +151,12 @@ def broadcast_pair(input, target, kind: str, warn: bool):
     if tuple(input.shape) == tuple(target.shape):
         return input, target, None
     try:
-        shape = tuple(np.broadcast_shapes(tuple(input.shape), tuple(target.shape)))
-    except ValueError:
+        if kind == "torch":  # symbolic sizes stay symbolic (torch.export, make_fx)
+            import torch
+            shape = tuple(torch.broadcast_shapes(input.shape, target.shape))
+        else:
+            shape = tuple(np.broadcast_shapes(tuple(input.shape), tuple(target.shape)))
+    except (ValueError, RuntimeError):
         raise ArgumentValueError(f"target of shape {tuple(target.shape)} does not broadcast with input of shape "
                                  f"{tuple(input.shape)}") from None
     if warn:

@@ -417,15 +417,20 @@ def as_float_vector(w: Any, kind: str, input: Any) -> Any:
     return xp.ascontiguousarray(w, dtype=dt)
 
 
+def broadcasts_to(shape: tuple, target: tuple) -> bool:
+    """Whether ``shape`` broadcasts to ``target``, dimension by dimension, so
+    that a symbolic size (torch.export, make_fx) is only compared, never
+    turned into a number (``np.broadcast_shapes`` would specialise it)."""
+    if len(shape) > len(target):
+        return False
+    return all(a == 1 or a == b for a, b in zip(reversed(shape), reversed(target)))
+
+
 def check_broadcastable(name: str, w: Any, kind: str, input: Any) -> None:
     if w is None:
         return
     check_floating(name, w, kind)
-    try:
-        out = np.broadcast_shapes(tuple(w.shape), tuple(input.shape))
-    except ValueError:
-        out = None
-    if out != tuple(input.shape):
+    if not broadcasts_to(tuple(w.shape), tuple(input.shape)):
         raise ArgumentValueError(f"{name} of shape {tuple(w.shape)} does not broadcast to input's shape "
                                  f"{tuple(input.shape)}")
 

@@ -16,6 +16,7 @@ minute of C++ compilation there).
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -25,6 +26,7 @@ torch = pytest.importorskip("torch")
 import gpuloss  # noqa: E402
 import gpuloss.nn as gnn  # noqa: E402
 from gpuloss import torch_ops  # noqa: E402
+from torch.fx.experimental.proxy_tensor import make_fx  # noqa: E402
 from gpuloss.ops import OPS as OPS_TABLE, Want  # noqa: E402
 
 from conftest import tol  # noqa: E402
@@ -307,6 +309,39 @@ def test_export_with_a_dynamic_token_count():
                              dynamic_shapes={"input": {0: n}, "target": {0: n}})
     h, t = torch.randn(9, 6), torch.randint(0, 7, (9,))
     torch.testing.assert_close(ep.module()(h, t), head(h, t))
+
+
+@pytest.mark.parametrize("case", ["bce_logits_pos_weight", "bce_logits_weight", "bce_weight", "mse_broadcast"])
+def test_export_and_make_fx_keep_the_batch_symbolic(case):
+    """Broadcast checks compared shapes through NumPy, which turned a symbolic
+    batch size into a number: non-strict torch.export with a dynamic batch
+    raised a constraint violation, and make_fx(tracing_mode="symbolic") baked
+    the example's batch into the graph."""
+    C = 5
+    w, col = torch.rand(C) + 0.5, torch.randn(1, C)
+    call = {
+        "bce_logits_pos_weight": lambda x, t, w, c: gpuloss.binary_cross_entropy_with_logits(x, t, pos_weight=w),
+        "bce_logits_weight": lambda x, t, w, c: gpuloss.binary_cross_entropy_with_logits(x, t, weight=w),
+        "bce_weight": lambda x, t, w, c: gpuloss.binary_cross_entropy(torch.sigmoid(x), t, weight=w),
+        "mse_broadcast": lambda x, t, w, c: gpuloss.mse_loss(x, c, reduction="none").sum(-1) + t.sum(-1),
+    }[case]
+
+    class M(torch.nn.Module):
+        def forward(self, x, t):
+            return call(x, t, w, col)
+
+    def then_softmax(x, t, w, c):  # an op after the loss that reads the batch size
+        return torch.softmax(call(x, t, w, c).reshape(-1, 1), 0)
+
+    n = torch.export.Dim("n", min=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mse's broadcast warning
+        ep = torch.export.export(M(), (torch.randn(6, C), torch.rand(6, C)), strict=False,
+                                 dynamic_shapes={"x": {0: n}, "t": {0: n}})
+        gm = make_fx(then_softmax, tracing_mode="symbolic")(torch.randn(4, C), torch.rand(4, C), w, col)
+        x, t = torch.randn(9, C), torch.rand(9, C)
+        torch.testing.assert_close(ep.module()(x, t), call(x, t, w, col))
+        torch.testing.assert_close(gm(x, t, w, col), then_softmax(x, t, w, col))
 
 
 def test_public_functions_compile_with_dynamic_shapes(rng):
