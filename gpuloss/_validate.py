@@ -306,6 +306,8 @@ def _device_values_allowed(target: Any, kind: str) -> bool:
             return False  # a data-dependent check would break the graph
         if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
             return False
+        if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.PROXY) is not None:
+            return False  # make_fx records operations: a host read of a value is none
         if target.device.type == "cpu":
             return True
         return config.value_checks() == "always" and not torch.cuda.is_current_stream_capturing()
@@ -340,11 +342,23 @@ def check_class_targets(name: str, target: Any, kind: str, C: int, ignore_index:
 
 
 def _traced_check(a: Any, kind: str) -> bool:
-    """A CPU tensor while torch.compile traces: its value check becomes an
-    assertion inside the graph (``torch._assert_async``, a RuntimeError at
+    """A CPU tensor while torch.compile or make_fx (real tensors) traces: its
+    value check becomes an assertion inside the graph (``torch._assert_async``, a RuntimeError at
     run time), as torch's own kernels check CPU targets in compiled code.
     Never on a GPU: a failed device-side assertion kills the CUDA context."""
-    return kind == "torch" and L.torch_tracing(a, "compile") and a.device.type == "cpu"
+    if kind != "torch" or a.device.type != "cpu":
+        return False
+    return L.torch_tracing(a, "compile") or _real_tensor_tracing()
+
+
+def _real_tensor_tracing() -> bool:
+    """make_fx with ``tracing_mode="real"``: a proxy mode records operations on
+    real tensors, and a value read on the host (``.item()``) cannot be recorded;
+    the check goes into the graph as under torch.compile."""
+    import torch
+    mode = torch._C._get_dispatch_mode
+    keys = torch._C._TorchDispatchModeKey
+    return mode(keys.PROXY) is not None and mode(keys.FAKE) is None
 
 
 def check_unit_interval(name: str, a: Any, kind: str) -> None:

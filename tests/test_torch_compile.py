@@ -344,6 +344,32 @@ def test_export_and_make_fx_keep_the_batch_symbolic(case):
         torch.testing.assert_close(gm(x, t, w, col), then_softmax(x, t, w, col))
 
 
+@pytest.mark.parametrize("fn", ["cross_entropy", "nll_loss", "binary_cross_entropy", "linear_cross_entropy"])
+def test_make_fx_of_real_tensors_keeps_the_value_checks_in_the_graph(rng, fn):
+    """make_fx(tracing_mode="real") records operations on real tensors: the
+    class-index check read a value on the host there ("trying to get value
+    out of a tracing tensor").  The check goes into the graph, as under
+    torch.compile, and still fails at run time."""
+    x = torch.from_numpy(rng.standard_normal((4, 5)))
+    W = torch.from_numpy(rng.standard_normal((5, 5)))
+    t = torch.from_numpy(rng.integers(0, 5, 4))
+    if fn == "binary_cross_entropy":
+        def call(a, b):
+            return gpuloss.binary_cross_entropy(torch.sigmoid(a), b)
+        good, bad = torch.rand(4, 5, dtype=torch.float64), torch.full((4, 5), 1.5, dtype=torch.float64)
+    else:
+        def call(a, b):
+            if fn == "linear_cross_entropy":
+                return gpuloss.linear_cross_entropy(a, W, b)
+            return getattr(gpuloss, fn)(torch.log_softmax(a, -1) if fn == "nll_loss" else a, b)
+        good, bad = t, torch.tensor([0, 1, 7, 2])
+    gm = make_fx(call, tracing_mode="real")(x, good)
+    x2 = torch.from_numpy(rng.standard_normal((4, 5)))
+    torch.testing.assert_close(gm(x2, good), call(x2, good))
+    with pytest.raises(RuntimeError, match="class index outside|between 0 and 1"):
+        gm(x2, bad)
+
+
 def test_public_functions_compile_with_dynamic_shapes(rng):
     """torch.compile(dynamic=True, fullgraph=True): symbolic batch sizes and
     option floats reach gpuloss's checks and backend choice without a graph
