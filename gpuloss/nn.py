@@ -14,10 +14,14 @@ Every module also takes a keyword-only ``backend=`` ("numpy", "triton",
 ``z_loss``, ``softcap`` and ``inplace_backward``;
 :class:`KLDivWithLogitsLoss` is the distillation loss from logits.
 
-Importing this module imports torch (``import gpuloss`` does not).
+Importing this module imports torch (``import gpuloss`` does not) and
+registers gpuloss's torch operators, which a saved ``torch.export`` program
+names: import ``gpuloss.nn`` (or ``gpuloss.torch_ops``) before
+``torch.export.load``.
 """
 from __future__ import annotations
 
+import importlib
 import inspect
 import math
 from typing import Optional, Tuple
@@ -32,6 +36,9 @@ __all__ = [
     "CrossEntropyLoss", "NLLLoss", "KLDivLoss", "KLDivWithLogitsLoss", "BCEWithLogitsLoss", "BCELoss",
     "MSELoss", "Softmax", "LogSoftmax", "LinearCrossEntropyLoss", "LinearCrossEntropyOptions",
 ]
+
+# gpuloss's torch operators registered now: a saved torch.export program names them
+importlib.import_module(".torch_ops", __package__)
 
 #: torch's options class where the installed torch has it (2.13+), else ours
 LinearCrossEntropyOptions = _lce.LinearCrossEntropyOptions

@@ -370,6 +370,30 @@ def test_make_fx_of_real_tensors_keeps_the_value_checks_in_the_graph(rng, fn):
         gm(x2, bad)
 
 
+def test_saved_export_loads_after_importing_gpuloss_nn(tmp_path):
+    """A saved torch.export program names gpuloss's operators; they were
+    registered only at the first torch call, so torch.export.load failed in
+    a fresh process even after ``import gpuloss.nn``."""
+    import subprocess
+    import sys
+    import textwrap
+    head = gnn.CrossEntropyLoss(label_smoothing=0.1)
+    x, t = torch.randn(4, 6), torch.randint(0, 6, (4,))
+    path = tmp_path / "ce.pt2"
+    torch.export.save(torch.export.export(head, (x, t)), str(path))
+    torch.save((x, t, head(x, t)), tmp_path / "io.pt")
+    code = textwrap.dedent(f"""
+        import torch
+        import gpuloss.nn
+        ep = torch.export.load({str(path)!r})
+        x, t, want = torch.load({str(tmp_path / "io.pt")!r})
+        torch.testing.assert_close(ep.module()(x, t), want)
+        print("ok")
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_public_functions_compile_with_dynamic_shapes(rng):
     """torch.compile(dynamic=True, fullgraph=True): symbolic batch sizes and
     option floats reach gpuloss's checks and backend choice without a graph
