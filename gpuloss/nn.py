@@ -44,6 +44,24 @@ importlib.import_module(".torch_ops", __package__)
 LinearCrossEntropyOptions = _lce.LinearCrossEntropyOptions
 
 
+def _torch_base(cls) -> Optional[type]:
+    return next((b for b in cls.__mro__ if b.__module__.startswith("torch.nn")), None)
+
+
+def _not_scriptable(module: torch.nn.Module, torch_scripts: bool = True) -> torch.nn.Module:
+    """``__prepare_scriptable__``: TorchScript compiles a module's Python source
+    and cannot call gpuloss's kernels, and failed deep inside its compiler (a
+    keyword-only argument, ``getattr``), leaving a half-compiled class behind.
+    Say so first.  (Handing TorchScript the ``torch.nn`` module instead would
+    replace it in the caller's model too: torch.jit.script writes what this
+    returns into the parent's submodules.)"""
+    name = type(module).__name__
+    instead = f"torch.nn.{name} scripts" if torch_scripts else f"torch.nn has no scriptable {name}"
+    raise RuntimeError(f"torch.jit.script cannot compile gpuloss.nn.{name}: TorchScript compiles Python source and "
+                       f"cannot call gpuloss's kernels ({instead}). torch.compile and torch.export run them; "
+                       f"torch.jit.trace records torch's operations")
+
+
 class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
     """``torch.nn.CrossEntropyLoss`` on gpuloss's fused loss+gradient kernel.
 
@@ -78,6 +96,9 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         self.softcap = softcap
         self.inplace_backward = inplace_backward
         self.backend = backend
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        return _not_scriptable(self)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.cross_entropy(input, target, weight=self.weight, ignore_index=self.ignore_index,
@@ -115,8 +136,7 @@ class _OnGpuloss:
         ``backend`` (``inspect.signature``, help(), config tools that check
         arguments against it), not ``(*args, backend=None, **kwargs)``."""
         super().__init_subclass__(**kwargs)
-        base = next(b for b in cls.__mro__ if b.__module__.startswith("torch.nn"))
-        sig = inspect.signature(base.__init__)
+        sig = inspect.signature(_torch_base(cls).__init__)
         backend = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None,
                                     annotation=Optional[str])
 
@@ -126,6 +146,9 @@ class _OnGpuloss:
         __init__.__signature__ = sig.replace(parameters=list(sig.parameters.values()) + [backend])
         __init__.__qualname__ = f"{cls.__qualname__}.__init__"
         cls.__init__ = __init__
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        return _not_scriptable(self)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return getattr(F, self._fn)(input, target, backend=self.backend, **{k: getattr(self, k) for k in self._keys})
@@ -177,6 +200,9 @@ class KLDivWithLogitsLoss(torch.nn.Module):
         self.target_is_logits = target_is_logits
         self.backend = backend
 
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        return _not_scriptable(self, torch_scripts=False)
+
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.kl_div_with_logits(input, target, temperature=self.temperature, reduction=self.reduction,
                                     target_is_logits=self.target_is_logits, backend=self.backend)
@@ -198,6 +224,9 @@ class _SoftmaxOnGpuloss:
         super().__init__(dim)
         self.dtype = dtype
         self.backend = backend
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        return _not_scriptable(self)
 
     def forward(self, input: Tensor) -> Tensor:
         # stack level 5 from the warning, as torch.nn.Softmax's (_stacklevel=5)
@@ -262,6 +291,9 @@ class LinearCrossEntropyLoss(_LCE_BASE or torch.nn.modules.loss._WeightedLoss):
         self.chunk_size = chunk_size
         self.acc_dtype = acc_dtype
         self.backend = backend
+
+    def __prepare_scriptable__(self) -> torch.nn.Module:
+        return _not_scriptable(self, torch_scripts=False)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         linear_weight = self.linear.weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))

@@ -342,3 +342,21 @@ def test_weighted_mse_is_torchs(backend, monkeypatch):
         warnings.simplefilter("always")
         gpuloss.mse_loss(torch.tensor(x0), torch.tensor(t0[:1]), weight=torch.tensor(w0), backend=backend)
     assert [w.filename for w in seen if "target size" in str(w.message)] == [__file__]
+
+
+@pytest.mark.parametrize("name", [n for n in gnn.__all__ if n != "LinearCrossEntropyOptions"])
+def test_jit_script_says_it_cannot_compile_the_module(name):
+    """TorchScript compiles Python source and cannot call gpuloss's kernels: it
+    failed deep in its compiler (keyword-only arguments, getattr), and a second
+    attempt with "Can't redefine method".  Now a clear error, every time, and a
+    model holding the module keeps it."""
+    kw = {"LinearCrossEntropyLoss": dict(in_features=4, num_classes=5), "Softmax": dict(dim=1),
+          "LogSoftmax": dict(dim=1)}.get(name, {})
+    module = getattr(gnn, name)(**kw)
+    model = torch.nn.Sequential(torch.nn.Identity(), module)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.jit.script's deprecation
+        for target in (module, module, model):
+            with pytest.raises(RuntimeError, match=f"torch.jit.script cannot compile gpuloss.nn.{name}: TorchScript"):
+                torch.jit.script(target)
+    assert model[1] is module
