@@ -99,6 +99,15 @@ class _XpOps:
         if b is not None:
             out += b
 
+    def logits_acc(self, h, W, b, out, slab: int):
+        """Float32 logits ``out`` of 16-bit operands: ``slab`` weight rows at a
+        time upcast (no float32 copy of the whole weight)."""
+        hf = h.astype(out.dtype)
+        for r0 in range(0, W.shape[0], slab):
+            self.xp.matmul(hf, W[r0:r0 + slab].astype(out.dtype).T, out=out[:, r0:r0 + slab])
+        if b is not None:
+            out += b.astype(out.dtype)
+
     def mm(self, a, b, out=None):
         return self.xp.matmul(a, b, out=out)
 
@@ -172,6 +181,17 @@ class _TorchOps:
             self.torch.mm(h, W.t(), out=out)
         else:
             self.torch.addmm(b, h, W.t(), out=out)
+
+    def logits_acc(self, h, W, b, out, slab: int):
+        """Float32 logits ``out`` of 16-bit operands: ``slab`` weight rows at a
+        time upcast (no float32 copy of the whole weight)."""
+        hf = h.to(out.dtype)
+        for r0 in range(0, W.shape[0], slab):
+            Ws = W[r0:r0 + slab].to(out.dtype)
+            if b is None:
+                self.torch.mm(hf, Ws.t(), out=out[:, r0:r0 + slab])
+            else:
+                self.torch.addmm(b[r0:r0 + slab].to(out.dtype), hf, Ws.t(), out=out[:, r0:r0 + slab])
 
     def mm(self, a, b, out=None):
         if out is None:
@@ -275,7 +295,9 @@ class _Loop:
         self.need_b = want.grad_bias and self.b is not None
         self.want_grad = self.need_h or self.need_w or self.need_b
         self.prob = self.t.ndim == 2
-        self.buf = ops.empty((self.n, self.VT), self.W)  # the one reused logits chunk
+        # the one reused logits chunk: float32 for torch's chunked path over 16-bit operands
+        self.logits32 = opts.logits == "float32" and ops.acc_dtype(self.W) != self.W.dtype
+        self.buf = ops.empty((self.n, self.VT), self.W, ops.acc_dtype(self.W) if self.logits32 else None)
         self.loss_rows = ops.empty((self.N * self.P,), self.W, ops.acc_dtype(self.W)) \
             if opts.reduction == "none" else None
         self.loss_sum = None if opts.reduction == "none" else ops.zeros_scalar(self.W)
@@ -301,6 +323,8 @@ class _Loop:
         self.gb = ops.zeros((self.VT,), self.W, ops.acc_dtype(self.W)) if self.need_b else None
         # rows of the slab temporary of NumPy/CuPy's accumulate: at most one logits chunk
         self.slab = max(1, (self.n * self.VT) // max(self.H, 1))
+        # weight rows upcast at a time for float32 logits: at most a logits chunk's elements
+        self.slab_w = self.slab
 
     def ce_options(self) -> CrossEntropyOptions:
         o = self.opts
@@ -311,7 +335,10 @@ class _Loop:
         ops, m, P, C = self.ops, c1 - c0, self.P, self.C
         hc = self.h[c0:c1]
         z = self.buf[:m]
-        ops.logits(hc, self.W, self.b, z)
+        if self.logits32:
+            ops.logits_acc(hc, self.W, self.b, z, self.slab_w)
+        else:
+            ops.logits(hc, self.W, self.b, z)
         res = launch.run(self.be, "cross_entropy", [z.reshape(m * P, C), self.t[c0 * P:c1 * P], self.cw],
                          ce_opts, Want(self.want_grad, False), self.kind)
         if self.loss_rows is not None:

@@ -211,8 +211,30 @@ def _check_chunked_options(options, acc_dtype, n_tokens: int, H: int, C: int, in
                                      f"inputs, but got torch.{acc} acc_dtype and torch.{input_dtype} inputs.")
 
 
+def _chunked_logits(options, chunked: bool, input_dtype: str, acc_dtype, device: str) -> str:
+    """The dtype of each chunk's logits (``LinearCEOptions.logits``).  With
+    ``options`` torch's chunked path forms them in its ``acc_dtype``, float32
+    for 16-bit operands (the default): the softmax of logits never rounded to
+    bf16.  Not for float16 under a memory-saving ``acc_policy`` ("balanced",
+    "compact"; "auto" is "compact" on a GPU, "accurate" on the CPU), which
+    keeps float16 logits there, nor without ``options`` (``F.linear``'s
+    logits, in the operands' dtype)."""
+    if not chunked or input_dtype not in ("float16", "bfloat16"):
+        return "input"
+    acc = acc_dtype if acc_dtype is not None else options.acc_dtype
+    if acc is not None and str(acc).replace("torch.", "") != "float32":
+        return "input"
+    if input_dtype == "float16":
+        policy = options.acc_policy
+        if policy == "auto":
+            policy = "accurate" if device == "cpu" else "compact"
+        if policy in ("balanced", "compact"):
+            return "input"
+    return "float32"
+
+
 def _resolve_options(options, chunk_size, acc_dtype, n_tokens: int, H: int, vocab: int, weight, kind: str,
-                     device: str, allow_retain_graph: bool):
+                     device: str, allow_retain_graph: bool, logits32: bool = False):
     """(chunk tokens, accumulate, allow_retain_graph) from torch's options and our extras."""
     if options is not None:
         for f in ("batch_chunk_size", "chunking_method", "acc_policy", "acc_dtype", "allow_retain_graph"):
@@ -225,7 +247,7 @@ def _resolve_options(options, chunk_size, acc_dtype, n_tokens: int, H: int, voca
     elif chunk_size is None and method not in (None, "auto"):
         chunk_size = max(1, _aspect_ratio_chunk(method, n_tokens, H, vocab))
     if chunk_size is None:  # the op bounds it by the tokens (see chunk_rows)
-        itemsize = {"float16": 2, "bfloat16": 2, "float64": 8}.get(dtype_name(weight, kind), 4)
+        itemsize = 4 if logits32 else {"float16": 2, "bfloat16": 2, "float64": 8}.get(dtype_name(weight, kind), 4)
         chunk_size = chunk_rows(vocab, itemsize, "cpu" if device == "cpu" else "cuda")
     acc = acc_dtype if acc_dtype is not None else getattr(options, "acc_dtype", None)
     wname = dtype_name(weight, kind)
@@ -254,15 +276,17 @@ def _prepare(kind, device, input, linear_weight, target, linear_bias, weight, re
     VAL.check_bool("allow_retain_graph", allow_retain_graph)
     P = math.prod(out)
     n_tokens = input.shape[0] if input.ndim == 2 else 1
+    logits = _chunked_logits(options, chunked and not autocast, dtype_name(input, kind), acc_dtype, device)
     chunk, accumulate, retain = _resolve_options(options, chunk_size, acc_dtype, n_tokens, input.shape[-1], C * P,
-                                                 linear_weight, kind, device, allow_retain_graph)
+                                                 linear_weight, kind, device, allow_retain_graph,
+                                                 logits == "float32")
     if chunked and not autocast:  # (options is a LinearCrossEntropyOptions: _resolve_options checked)
         _check_chunked_options(options, acc_dtype, n_tokens, input.shape[-1], C, dtype_name(input, kind))
     if not prob:
         target = VAL.as_index_target("target", target, kind)
         VAL.check_class_targets("target", target, kind, C, ii)
     opts = LinearCEOptions(ii, reduction, float(label_smoothing), float(z_loss),
-                           None if softcap is None else float(softcap), C, chunk, accumulate, retain)
+                           None if softcap is None else float(softcap), C, chunk, accumulate, retain, logits)
     return _Call(kind, device, prob, C, out, ii), target, opts
 
 

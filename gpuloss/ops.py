@@ -99,7 +99,10 @@ class LinearCEOptions:
     float32 held as the bf16 gradient plus an int16 buffer of the low halves
     (bf16 weights on the Triton backend; else as ``"float32"``);
     ``allow_retain_graph``: backward scales the saved gradients out of place
-    (so it may run twice) instead of in place."""
+    (so it may run twice) instead of in place; ``logits``: ``"input"`` forms
+    each chunk's logits in the operands' dtype (``F.linear``'s), ``"float32"``
+    in float32 from 16-bit operands (torch's chunked path with a float32
+    ``acc_dtype``)."""
     ignore_index: int = -100
     reduction: str = "mean"
     label_smoothing: float = 0.0
@@ -109,6 +112,7 @@ class LinearCEOptions:
     chunk_size: int = 1
     accumulate: str = "float32"
     allow_retain_graph: bool = False
+    logits: str = "input"
 
 
 def option_fields(options: Type) -> Tuple[dataclasses.Field, ...]:

@@ -384,3 +384,38 @@ def test_options_take_a_class_weight_of_any_dtype_as_torchs_chunked_path():
                     F.linear_cross_entropy(x, W, t, weight=w, **kw)
                 with pytest.raises(TypeError, match="weight"):
                     gpuloss.linear_cross_entropy(x, W, t, weight=w, **kw)
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_options_form_float32_logits_from_16bit_operands(rng, dtype):
+    """With ``options`` torch's chunked path forms the logits in its float32
+    acc_dtype; gpuloss rounded them to the operands' 16-bit dtype first (as
+    ``F.linear`` does without options): losses several ulps from torch's.
+    float16 under a memory-saving acc_policy keeps float16 logits, as torch."""
+    dt = getattr(torch, dtype)
+    x = torch.from_numpy(rng.standard_normal((64, 16))).to(dt)
+    W = torch.from_numpy(rng.standard_normal((48, 16))).to(dt)
+    b = torch.from_numpy(rng.standard_normal(48)).to(dt)
+    t = torch.from_numpy(rng.integers(0, 48, 64))
+    Opt = gnn.LinearCrossEntropyOptions
+
+    def ce(logits):
+        return F.cross_entropy(logits.float(), t, reduction="none").double()
+
+    z32 = F.linear(x.float(), W.float(), b.float())
+    ulp = 2.0 ** (-8 if dtype == "bfloat16" else -11)
+    for options, logits in [(Opt(batch_chunk_size=16), z32), (None, F.linear(x, W, b))]:
+        ours = gpuloss.linear_cross_entropy(x, W, t, linear_bias=b, reduction="none", options=options,
+                                            chunk_size=None if options else 16)
+        want = ce(logits)
+        assert ((ours.double() - want).abs() <= ulp * want.abs() + 1e-6).all(), (options, ours.double() - want)
+        if HAS_TORCH_LCE and options is not None:
+            theirs = F.linear_cross_entropy(x, W, t, linear_bias=b, reduction="none", options=options)
+            torch.testing.assert_close(ours.double(), theirs.double(), rtol=ulp, atol=1e-6)
+    from gpuloss.linear_ce import _chunked_logits
+    if dtype == "float16":
+        assert _chunked_logits(Opt(acc_policy="compact"), True, dtype, None, "cuda") == "input"
+        assert _chunked_logits(Opt(), True, dtype, None, "cuda") == "input"  # auto: compact on a GPU
+        assert _chunked_logits(Opt(), True, dtype, None, "cpu") == "float32"  # auto: accurate on the CPU
+    assert _chunked_logits(Opt(acc_dtype=dt), True, dtype, None, "cpu") == "input"
+    assert _chunked_logits(Opt(), True, "float32", None, "cpu") == "input"
