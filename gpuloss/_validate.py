@@ -264,6 +264,10 @@ def check_index_target(name: str, target: Any, kind: str, input: Any) -> None:
         raise ArgumentTypeError(f"{name} must hold integer class indices, got {dtype_name(target, kind)}")
     want = _ce_target_shape(input)
     if tuple(target.shape) != want:
+        if tuple(target.shape) == tuple(input.shape):  # torch reads this shape as class probabilities
+            raise ArgumentTypeError(f"{name} has input's shape {tuple(input.shape)}, which makes it class "
+                                    f"probabilities, but holds {dtype_name(target, kind)}: probabilities must be "
+                                    f"floating point; class indices have shape {want}")
         raise ArgumentValueError(f"{name} has shape {tuple(target.shape)} but input of shape {tuple(input.shape)} "
                                  f"needs class-index targets of shape {want}")
 

@@ -175,6 +175,10 @@ def _check_target(target, input, C: int, out: tuple, ignore_index, kind: str):
         raise ArgumentTypeError(f"target must hold integer class indices of shape {want}, or probabilities of the "
                                 f"logits' shape {logits_shape}; got {dtype_name(target, kind)} of shape "
                                 f"{tuple(target.shape)}")
+    if tuple(target.shape) != want and tuple(target.shape) == logits_shape:  # torch: class probabilities
+        raise ArgumentTypeError(f"target has the logits' shape {logits_shape}, which makes it class probabilities, "
+                                f"but holds {dtype_name(target, kind)}: probabilities must be floating point; "
+                                f"class indices have shape {want}")
     if tuple(target.shape) != want:
         raise ArgumentValueError(f"target has shape {tuple(target.shape)} but class-index targets for input "
                                  f"{tuple(input.shape)} and linear_weight {(C, *out, input.shape[-1])} need shape "

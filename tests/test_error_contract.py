@@ -676,6 +676,23 @@ def test_floating_target_batch_mismatch_is_torchs_value_error():
             gpuloss.linear_cross_entropy(torch.randn(2, 4), W, t)
 
 
+def test_integer_target_of_the_logits_shape_is_said_to_need_floats():
+    """An integer target of the logits' shape is class probabilities to torch
+    ("Expected floating point type for target with class probabilities");
+    gpuloss said only that class indices need another shape."""
+    import gpuloss
+    import torch
+    t = torch.randint(0, 5, (3, 5))
+    with pytest.raises(RuntimeError, match="Expected floating point type for target with class probabilities"):
+        torch.nn.functional.cross_entropy(torch.randn(3, 5), t)
+    with pytest.raises(TypeError, match=r"input's shape \(3, 5\), which makes it class probabilities, but holds "
+                                        r"int64: probabilities must be floating point; class indices have shape"):
+        gpuloss.cross_entropy(torch.randn(3, 5), t)
+    with pytest.raises(TypeError, match=r"the logits' shape \(3, 5\), which makes it class probabilities, but "
+                                        r"holds int64"):
+        gpuloss.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), t)
+
+
 def test_integer_input_is_also_torchs_not_implemented_error():
     """torch's kernels raise NotImplementedError ("... not implemented for
     'Long'") for integer input; gpuloss's dtype error is that too (and a
