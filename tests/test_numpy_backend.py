@@ -421,3 +421,32 @@ def test_bfloat16_numpy_arrays(rng):
     y = gpuloss_pkg.softmax(x, 1, dtype="bfloat16")
     assert y.dtype == bf
     np.testing.assert_allclose(y.astype(np.float64), ref.softmax(xr), rtol=1e-2, atol=1e-3)
+
+
+def test_results_do_not_depend_on_the_thread_count(monkeypatch, rng):
+    """The thread count shrank the tile (its share of the scratch budget), and
+    so cut a row into other column blocks, or sent it down the long-row path:
+    other partial sums, other bits, on a machine with more cores.  Now only
+    the grouping of whole rows depends on it."""
+    monkeypatch.setattr(nb, "BLOCK_BYTES", 256)  # long rows beyond 64 float32 elements
+    monkeypatch.setattr(nb, "SCRATCH_BUDGET", 10 * 256 * 3)  # 2+ threads shrink a tile's share
+    monkeypatch.setattr(nb, "PARALLEL_MIN_ELEMS", 0)
+    x = (rng.standard_normal((5, 100)) * 3).astype(np.float32)
+    u = (rng.standard_normal((5, 100)) * 3).astype(np.float32)
+    t = rng.integers(0, 100, 5)
+    calls = {
+        "cross_entropy": lambda: _ce(x, t, label_smoothing=0.1, reduction="none"),
+        "kl_div_logits": lambda: prim(B, "kl_div_logits", x, u, temperature=2.0, target_is_logits=True,
+                                      reduction="none", want_grad=True),
+        "softmax": lambda: prim(B, "softmax_forward", x, log=True),
+    }
+    for name, call in calls.items():
+        got = {}
+        for threads in ("1", "3", "8"):
+            monkeypatch.setenv("GPULOSS_NUM_THREADS", threads)
+            res = call()
+            got[threads] = [np.asarray(a).tobytes() for a in (res if isinstance(res, tuple) else (res,))
+                            if a is not None]
+        assert got["1"] == got["3"] == got["8"], name
+    monkeypatch.setenv("GPULOSS_NUM_THREADS", "8")
+    assert nb.Tiles(5, 60, 4).whole and not nb.Tiles(5, 100, 4).whole and nb.Tiles(5, 100, 4).workers == 2

@@ -61,7 +61,7 @@ class _CrossEntropy(T.RowResults):
         if want.grad:
             self.grad = x if opts.grad_inplace else np.empty((R, C), x.dtype)
         self.gt_out = np.empty(target.shape, target.dtype) if (self.prob and want.grad_target) else None
-        self.tiles = T.Tiles(R, C, T.block_elems(cd.itemsize))
+        self.tiles = T.Tiles(R, C, cd.itemsize)
         self.psum = np.zeros(self.tiles.n if self.tiles.whole else 1, np.float64)
 
     def _divisor(self) -> float:
@@ -255,11 +255,11 @@ class _CrossEntropy(T.RowResults):
             self.emit(r0, r1, c0, c1, z, e, coef[r0:r1], None if self.prob else tsub[r0:r1],
                       None if srow is None else srow[r0:r1], None if self.prob else rows[0][r0:r1], q)
 
-        T.parallel_for(self.tiles.n, tile2, self.R * self.C)
+        T.parallel_for(self.tiles.n, tile2, self.R * self.C, self.tiles.workers)
 
     def run(self) -> LossResult:
         if self.tiles.whole:
-            T.parallel_for(self.tiles.n, self.short_tile, self.R * self.C)
+            T.parallel_for(self.tiles.n, self.short_tile, self.R * self.C, self.tiles.workers)
         else:
             self.long_rows()
         if self.loss_rows is not None:

@@ -33,7 +33,7 @@ def _drive(x: np.ndarray, target: np.ndarray, reduction: str, want: Want, body,
     if divisor is None:
         divisor = float(n_el)
     sc = (1.0 / divisor if divisor else 0.0) if reduction in ("mean", "batchmean") else 1.0
-    tiles = T.Tiles(R, C, T.block_elems(cd.itemsize))
+    tiles = T.Tiles(R, C, cd.itemsize)
     loss_el = np.empty((R, C), ld) if reduction == "none" else None
     gx_out = np.empty((R, C), x.dtype) if want.grad else None
     gt_out = np.empty(target.shape, target.dtype) if want.grad_target else None
@@ -52,7 +52,7 @@ def _drive(x: np.ndarray, target: np.ndarray, reduction: str, want: Want, body,
             psum[i] = np.add.reduce(loss, axis=None, dtype=np.float64)
 
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        T.parallel_for(tiles.n, tile, n_el)
+        T.parallel_for(tiles.n, tile, n_el, tiles.workers)
     if loss_el is not None:
         loss = loss_el
     elif reduction == "sum":

@@ -33,7 +33,7 @@ class _KlLogits(T.RowResults):
         red = opts.reduction
         n = R * C if red == "mean" else R if red == "batchmean" else 0
         self.sc = (1.0 / n if n else 0.0) if red in ("mean", "batchmean") else 1.0
-        self.tiles = T.Tiles(R, C, T.block_elems(self.cd.itemsize))
+        self.tiles = T.Tiles(R, C, self.cd.itemsize)
         self.lse_out = np.empty(R, np.float32)
         self.loss_rows = np.empty(R, self.ld) if red == "none" else None
         self.grad = np.empty((R, C), x.dtype) if want.grad else None
@@ -153,7 +153,8 @@ class _KlLogits(T.RowResults):
             lse_x, kl, dscale, dsum = self.finish_rows(MX, SX, SU, A)
             self.record(0, 0, R, lse_x, kl)
         if self.grad is not None:
-            T.parallel_for(n, lambda i: self._long_grad_tile(i, MX, SX, MU, dscale, dsum), R * self.C)
+            T.parallel_for(n, lambda i: self._long_grad_tile(i, MX, SX, MU, dscale, dsum), R * self.C,
+                           self.tiles.workers)
 
     def _long_grad_tile(self, i, MX, SX, MU, dscale, dsum) -> None:
         r0, r1, c0, c1 = self.tiles[i]
@@ -171,7 +172,7 @@ class _KlLogits(T.RowResults):
 
     def run(self) -> LossResult:
         if self.tiles.whole:
-            T.parallel_for(self.tiles.n, self.short_tile, self.R * self.C)
+            T.parallel_for(self.tiles.n, self.short_tile, self.R * self.C, self.tiles.workers)
         else:
             self.long_rows()
         red = self.opts.reduction

@@ -30,7 +30,7 @@ def softmax_forward(x: np.ndarray, opts: SoftmaxOptions) -> np.ndarray:
     log = opts.log
     cd = T.compute_dtype(x)
     y = np.empty((R, C), x.dtype)
-    tiles = T.Tiles(R, C, T.block_elems(cd.itemsize))
+    tiles = T.Tiles(R, C, cd.itemsize)
 
     if tiles.whole:
         def tile(i):
@@ -46,7 +46,7 @@ def softmax_forward(x: np.ndarray, opts: SoftmaxOptions) -> np.ndarray:
             np.exp(e, out=e)
             _emit_forward(y, log, r0, r1, c0, c1, zm, T.rowsum(e), e)
 
-        T.parallel_for(tiles.n, tile, R * C)
+        T.parallel_for(tiles.n, tile, R * C, tiles.workers)
         return y
 
     M, S, _ = T.online_max_sum(x, tiles, cd)
@@ -62,7 +62,7 @@ def softmax_forward(x: np.ndarray, opts: SoftmaxOptions) -> np.ndarray:
             np.exp(e, out=e)
             _emit_forward(y, log, r0, r1, c0, c1, None, S[r0:r1], e)
 
-    T.parallel_for(tiles.n, tile2, R * C)
+    T.parallel_for(tiles.n, tile2, R * C, tiles.workers)
     return y
 
 
@@ -73,7 +73,7 @@ def softmax_backward(y: np.ndarray, dy: np.ndarray, opts: SoftmaxOptions) -> np.
     log = opts.log
     cd = T.compute_dtype(y, dy)
     dx = np.empty((R, C), y.dtype)
-    tiles = T.Tiles(R, C, T.block_elems(cd.itemsize))
+    tiles = T.Tiles(R, C, cd.itemsize)
 
     def rowstat(yc, dyc):
         return T.rowsum(dyc) if log else T.rowdot(dyc, yc, cd)
@@ -99,7 +99,7 @@ def softmax_backward(y: np.ndarray, dy: np.ndarray, opts: SoftmaxOptions) -> np.
             emit(r0, r1, c0, c1, yc, dyc, rowstat(yc, dyc))
 
         with np.errstate(invalid="ignore", over="ignore"):
-            T.parallel_for(tiles.n, tile, R * C)
+            T.parallel_for(tiles.n, tile, R * C, tiles.workers)
         return dx
 
     part = np.empty(tiles.n, cd)
@@ -114,7 +114,7 @@ def softmax_backward(y: np.ndarray, dy: np.ndarray, opts: SoftmaxOptions) -> np.
         emit(r0, r1, c0, c1, yc, dyc, K[r0:r1])
 
     with np.errstate(invalid="ignore", over="ignore"):
-        T.parallel_for(tiles.n, tile1, R * C)
+        T.parallel_for(tiles.n, tile1, R * C, tiles.workers)
         K = part.reshape(R, tiles.nb).sum(axis=1)
-        T.parallel_for(tiles.n, tile2, R * C)
+        T.parallel_for(tiles.n, tile2, R * C, tiles.workers)
     return dx

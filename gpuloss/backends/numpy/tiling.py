@@ -18,8 +18,10 @@ cache:
   the output.  Scratch stays one tile per thread whatever ``V`` is.
 * **Scratch.**  Temporaries live in per-thread buffers reused across calls
   (``out=`` arguments everywhere): at most ``SCRATCH_BUFFERS`` tiles per
-  thread, and the tile shrinks when there are many threads, so the scratch is
-  bounded by ``SCRATCH_BUDGET`` (48 MiB) whatever N and V are.
+  thread.  A tile of whole rows shrinks when there are many threads; a long
+  row's blocks do not (its sums would then depend on the machine), and fewer
+  of them run at once instead: the scratch stays within ``SCRATCH_BUDGET``
+  (48 MiB) whatever N and V are.
 * **Threads.**  NumPy releases the GIL inside ufuncs and reductions, so a thread
   pool over tiles uses every core.  The pool is created once, lazily, with
   ``os.cpu_count()`` workers (``GPULOSS_NUM_THREADS`` overrides); the calling
@@ -106,8 +108,9 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_forget_pool_after_fork)
 
 
-def parallel_for(n: int, fn: Callable[[int], None], elems: int) -> None:
-    """Run ``fn(i)`` for i in range(n) over the pool.
+def parallel_for(n: int, fn: Callable[[int], None], elems: int, cap: Optional[int] = None) -> None:
+    """Run ``fn(i)`` for i in range(n) over the pool, at most ``cap`` at a
+    time (:attr:`Tiles.workers`: the scratch budget).
 
     Workers pull tile indices from a shared counter (``next`` on an
     ``itertools.count`` is atomic under the GIL), so no per-tile future is
@@ -121,7 +124,12 @@ def parallel_for(n: int, fn: Callable[[int], None], elems: int) -> None:
             for i in range(n):
                 fn(i)
         return
-    workers = min(threads, n)
+    workers = min(threads, n, cap or threads)
+    if workers <= 1:
+        with np.errstate(all="ignore"):
+            for i in range(n):
+                fn(i)
+        return
     counter = itertools.count()
 
     def work() -> None:
@@ -144,8 +152,8 @@ def parallel_for(n: int, fn: Callable[[int], None], elems: int) -> None:
 
 
 def block_elems(itemsize: int) -> int:
-    """Elements per tile: ``BLOCK_BYTES``, shrunk so that every thread's
-    ``SCRATCH_BUFFERS`` tiles fit in ``SCRATCH_BUDGET``."""
+    """Elements per tile of whole rows: ``BLOCK_BYTES``, shrunk so that every
+    thread's ``SCRATCH_BUFFERS`` tiles fit in ``SCRATCH_BUDGET``."""
     per_buffer = SCRATCH_BUDGET // (SCRATCH_BUFFERS * (num_threads() + 1))
     return max(16, min(BLOCK_BYTES, per_buffer) // itemsize)
 
@@ -182,25 +190,37 @@ class RowResults:
 
 
 class Tiles:
-    """Tiling of an ``(R, C)`` array into ~``block``-element tiles.
+    """Tiling of an ``(R, C)`` array of ``itemsize``-byte compute elements.
 
-    ``whole``: each tile is ``rows`` complete rows.  Otherwise each tile is a
-    column block of one row, ``nb`` blocks per row of (nearly) equal width."""
+    ``whole``: each tile is ``rows`` complete rows (as many as the thread's
+    share of the scratch budget holds, :func:`block_elems`; at least one).
+    Otherwise (``C`` beyond ``BLOCK_BYTES``) each tile is a column block of
+    one row, ``nb`` blocks per row of (nearly) equal width.  Which of the
+    two, and the blocks of a long row, depend on ``C`` and the dtype only:
+    a long row's partial sums add up in the same order on any machine and
+    thread count.  The thread count only groups whole rows into tiles (each
+    row's results are its own; a reduction's float64 partial sums are per
+    tile).  ``workers``: how many tiles may run at once within
+    ``SCRATCH_BUDGET``."""
 
-    def __init__(self, R: int, C: int, block: int):
+    def __init__(self, R: int, C: int, itemsize: int):
         self.R, self.C = R, C
-        if C <= block:
+        base = max(16, BLOCK_BYTES // itemsize)
+        if C <= base:
             self.whole = True
-            self.rows = max(1, block // max(C, 1))
+            self.rows = max(1, block_elems(itemsize) // max(C, 1))
             self.nb = 1
             self.width = C
             self.n = -(-R // self.rows)
+            tile = self.rows * C
         else:
             self.whole = False
             self.rows = 1
-            self.nb = -(-C // block)
+            self.nb = -(-C // base)
             self.width = -(-C // self.nb)
             self.n = R * self.nb
+            tile = self.width
+        self.workers = max(1, SCRATCH_BUDGET // (SCRATCH_BUFFERS * max(1, tile * itemsize)) - 1)
 
     def __getitem__(self, i: int) -> Tuple[int, int, int, int]:
         if self.whole:
@@ -308,7 +328,7 @@ def online_max_sum(x, tiles: Tiles, cd, load=None, extra=None):
         m_part[i] = m[0]
         s_part[i] = s[0]
 
-    parallel_for(tiles.n, tile, tiles.R * tiles.C)
+    parallel_for(tiles.n, tile, tiles.R * tiles.C, tiles.workers)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         m_part = m_part.reshape(R, nb)
         s_part = s_part.reshape(R, nb)
