@@ -201,3 +201,31 @@ def test_arrays_on_a_gpu_other_than_the_current_one(rng, name):
     assert x.grad.device == x.device and torch.cuda.current_device() == 0
     y = gpuloss.softmax(x.detach(), -1, backend=name)
     torch.testing.assert_close(y, torch.softmax(x.detach(), -1), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_cuda_linear_ce_with_options_forms_float32_logits(rng, name, dtype):
+    """With torch's options, 16-bit operands get float32 logits (torch's chunked
+    path; float16 keeps float16 under the GPU's default "compact" policy):
+    the weight upcast a slab at a time on the GPU, losses within an ulp of
+    cross-entropy on float32 logits, gradients close to float64's."""
+    _need(name)
+    Opt = gnn.LinearCrossEntropyOptions
+    dt = getattr(torch, dtype)
+    x = torch.from_numpy(rng.standard_normal((96, 64))).to("cuda", dt).requires_grad_()
+    W = torch.from_numpy(rng.standard_normal((3001, 64)) * 0.2).to("cuda", dt).requires_grad_()
+    t = torch.from_numpy(rng.integers(0, 3001, 96)).cuda()
+    options = Opt(batch_chunk_size=32, acc_policy="accurate")
+    loss = gpuloss.linear_cross_entropy(x, W, t, reduction="none", options=options, backend=name)
+    want = torch.nn.functional.cross_entropy(x.detach().double() @ W.detach().double().T, t, reduction="none")
+    z32 = torch.nn.functional.cross_entropy(x.detach().float() @ W.detach().float().T, t, reduction="none")
+    ulp = 2.0 ** (-8 if dtype == "bfloat16" else -11)  # the unit roundoff
+    assert ((loss.detach().double() - z32.double()).abs() <= 2 * ulp * z32.double().abs() + 1e-5).all()
+    go = torch.rand_like(want)
+    loss.backward(go.to(loss.dtype))
+    x64, W64 = x.detach().double().requires_grad_(), W.detach().double().requires_grad_()
+    torch.nn.functional.cross_entropy(x64 @ W64.T, t, reduction="none").backward(go)
+    for got, ref in ((x.grad, x64.grad), (W.grad, W64.grad)):
+        err = (got.double() - ref).abs().max() / ref.abs().max()
+        assert err < 4 * ulp, err
