@@ -587,9 +587,27 @@ def _train_step_checks(rank: int, sizes, rng, seed: int, chk: Checker, sub, back
             chk.close(f"training step, {gname}: compiled parameter {i}", _np(a), _np(c))
 
 
+def _layout_change_checks(rank: int, world: int, seed: int, chk: Checker) -> None:
+    """validate=False without vocab_sizes, every rank's V_local changing at each
+    step (the documented rule): the layout cache served an older layout of
+    the same V_local (rank 0's 4 at the last step came from (4, 6), rank 1's
+    from (6, 4)): a wrong loss, or ranks out of step in their collectives."""
+    import gpuloss.distributed as D
+    rng = np.random.default_rng(seed + 7)
+    for sizes in [(4, 6), (6, 4), (7, 7), (4, 4)] if world == 2 else []:
+        V = sum(sizes)
+        X = rng.standard_normal((5, V))
+        T = _targets(rng, 5, V)
+        lo = sum(sizes[:rank])
+        loss = D.vocab_parallel_cross_entropy(torch.from_numpy(X[:, lo:lo + sizes[rank]]), torch.from_numpy(T),
+                                              validate=False)
+        chk.close(f"layout change to {sizes}, validate=False", loss.item(), R.cross_entropy(X, T))
+
+
 def _value_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: str) -> None:
     _all_checks(rank, world, sizes, seed, chk, device)
     _empty_slice_checks(rank, world, sizes, seed, chk, device)
+    _layout_change_checks(rank, world, seed, chk)
     if world == 3:
         _subgroup_checks(rank, world, sizes, seed, chk, device)
 

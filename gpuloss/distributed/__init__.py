@@ -68,12 +68,14 @@ reads it on the host.  Every rank then takes the same decision from the same
 gathered data and raises the same ``ValueError`` together.  That is one
 all-gather of ``(12 + world)`` int64 values and one device-to-host copy per
 call.  ``validate=False`` skips it: the layout then comes from
-``vocab_sizes`` when given, else from a per-process cache filled by the first
-call with this (group, ``V_local``, ``vocab_start``); an out-of-range target is
-then owned by no rank and its row's loss is plain ``lse`` (no out-of-bounds
-read, but a wrong value).  With ``validate=False`` and no ``vocab_sizes``, all
-ranks must keep their cache in step (a layout change must change ``V_local``
-on every rank); pass ``vocab_sizes`` to be independent of the cache.
+``vocab_sizes`` when given, else from the previous call on this group while
+this rank's (``V_local``, ``vocab_start``, ``vocab_size``) stay the same (one
+small collective when they change); an out-of-range target is then owned by
+no rank and its row's loss is plain ``lse`` (no out-of-bounds read, but a
+wrong value).  With ``validate=False`` and no ``vocab_sizes``, all ranks must
+see a layout change together (it must change ``V_local`` on every rank: a
+rank whose ``V_local`` stays reuses the old layout); pass ``vocab_sizes`` to be
+independent of that.
 
 Custom operators, and torch.compile
 -----------------------------------

@@ -65,9 +65,13 @@ _ERR_TEXT = {
 _NFIELDS = 12
 _BIG = torch.iinfo(torch.int64).max
 
-#: layouts found by a validating call, reused by ``validate=False`` calls;
-#: keyed by (group name, rank, world, V_local, vocab_start, vocab_size)
-_LAYOUT_CACHE: Dict[tuple, VocabLayout] = {}
+#: the last layout per (group name, rank, world), with the (V_local, vocab_start,
+#: vocab_size) it was found for; reused by ``validate=False`` calls while those stay
+#: the same.  Only the last: a rank cannot see the other ranks' sizes without a
+#: collective, so an older layout of the same V_local (sizes (4, 6) -> (6, 4) ->
+#: (4, 8): rank 0 has V_local 4 again) would be served stale on one rank while the
+#: others gather, and the ranks would wait for each other forever.
+_LAYOUT_CACHE: Dict[tuple, Tuple[tuple, VocabLayout]] = {}
 
 
 # ---------------------------------------------------------------------------
@@ -351,12 +355,12 @@ def resolve_layout(name: str, device, v_local: int, target: Tensor, ignore_index
     cached hot path)."""
     group, rank, world = process_group(name)
     local_err |= layout_errors(world, vocab_start, vocab_size, vocab_sizes)
-    key = (name, rank, world, v_local, vocab_start, vocab_size)
+    key, here = (name, rank, world), (v_local, vocab_start, vocab_size)
     if validate:
         layout = gather_and_decide(group, rank, world, device, v_local, vocab_start, vocab_size, vocab_sizes,
                                    target.numel(), None if local_err else target, ignore_index, local_err,
                                    _agreement_of(agree_on))
-        _LAYOUT_CACHE[key] = layout
+        _LAYOUT_CACHE[key] = (here, layout)
         return group, layout
     # hot path: no host read; a local problem can only be raised here
     for bit, text in _ERR_TEXT.items():
@@ -367,8 +371,9 @@ def resolve_layout(name: str, device, v_local: int, target: Tensor, ignore_index
         return group, VocabLayout(start=start, size=v_local, vocab=sum(vocab_sizes), sizes=tuple(vocab_sizes))
     if world == 1:
         return group, VocabLayout(start=vocab_start or 0, size=v_local, vocab=v_local, sizes=(v_local,))
-    if key not in _LAYOUT_CACHE:  # first call with this layout: one small collective
-        _LAYOUT_CACHE[key] = gather_and_decide(group, rank, world, device, v_local, vocab_start, vocab_size,
-                                               None, target.numel(), None, ignore_index, 0,
-                                               _agreement_of(agree_on))
-    return group, _LAYOUT_CACHE[key]
+    cached = _LAYOUT_CACHE.get(key)
+    if cached is None or cached[0] != here:  # a new layout: one small collective
+        cached = _LAYOUT_CACHE[key] = (here, gather_and_decide(group, rank, world, device, v_local, vocab_start,
+                                                               vocab_size, None, target.numel(), None,
+                                                               ignore_index, 0, _agreement_of(agree_on)))
+    return group, cached[1]
