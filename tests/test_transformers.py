@@ -597,6 +597,30 @@ def test_errors_at_call_time(rng):
         model(input_ids=ids, labels=labels)
 
 
+def test_forward_replaced_by_another_library_is_named(rng):
+    """A library that replaced model.forward with its own loss (TRL's fused lm
+    head: functools.wraps gives the wrapper the model's names) before
+    apply_gpuloss: the error named the model's forward only; it now names the
+    wrapper's code and file."""
+    import functools
+    model = _model("llama")
+    ids, labels = _batch(rng)
+    inner = model.forward
+
+    @functools.wraps(inner)
+    def own_loss_forward(input_ids=None, labels=None, **kwargs):  # the head's weight read directly, as TRL's
+        hidden = model.model(input_ids=input_ids).last_hidden_state
+        logits = F.linear(hidden, model.lm_head.weight)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten())
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss)
+
+    model.forward = own_loss_forward
+    gt.apply_gpuloss(model)
+    with pytest.raises(RuntimeError, match=r"replaced by test_forward_replaced_by_another_library_is_named.<locals>"
+                                           r".own_loss_forward in .*test_transformers.py"):
+        model(input_ids=ids, labels=labels)
+
+
 @pytest.mark.parametrize("how", ["resize_token_embeddings", "set_output_embeddings"])
 def test_head_replaced_after_apply_is_followed(rng, how):
     """The head is looked up at each fused call (get_output_embeddings()): one

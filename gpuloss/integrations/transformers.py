@@ -351,7 +351,8 @@ def _forward(model, state: _State, orig_forward, *args, **kwargs):
         state.capturing, state.hidden, state.captured_params = False, None, None
     if not state.loss_done:
         raise RuntimeError(f"gpuloss: {type(model).__name__}.forward returned without calling "
-                           f"self.loss_function; apply_gpuloss(model, fused_linear=False) keeps its logits")
+                           f"self.loss_function{_replaced_forward(model, orig_forward)}; "
+                           f"apply_gpuloss(model, fused_linear=False) keeps its logits")
     if isinstance(out, tuple):
         raise RuntimeError(f"gpuloss: {type(model).__name__}.forward returned a tuple with return_dict=True")
     if state.head_called:  # the head ran as itself: the model's own output, logits included
@@ -362,6 +363,19 @@ def _forward(model, state: _State, orig_forward, *args, **kwargs):
     # out[1:] is what it is for the unpatched model, e.g. (loss, None, past_key_values)
     return tuple(None if f.name == "logits" else getattr(out, f.name) for f in dataclasses.fields(out)
                  if f.name == "logits" or getattr(out, f.name) is not None)
+
+
+def _replaced_forward(model, orig_forward) -> str:
+    """Where the forward gpuloss wrapped is not the class's own (another
+    library replaced ``model.forward`` before ``apply_gpuloss``, e.g. TRL's
+    fused lm head, which computes the loss itself), a clause naming it."""
+    fn = getattr(orig_forward, "__func__", orig_forward)
+    if fn is type(model).forward:
+        return ""
+    code = getattr(fn, "__code__", None)  # a wrapper's own code (functools.wraps copies the names)
+    name = f"{getattr(code, 'co_qualname', code.co_name)} in {code.co_filename}" if code is not None else repr(fn)
+    return (f" (model.forward had been replaced by {name}, which computes the loss its own way, without "
+            f"self.loss_function: gpuloss has nothing to replace there)")
 
 
 def _fsdp_module_class():
