@@ -102,7 +102,8 @@ def get_backend(name: str) -> Backend:
     """The backend instance called ``name``; raises if it cannot run here."""
     inst, (ok, why) = _load(name)
     if not ok or inst is None:
-        raise BackendUnavailableError(f"backend {name!r} is not available: {why}")
+        raise BackendUnavailableError(f"backend {name!r} is not available: {why} (found at its first use in this "
+                                      f"process, which is when environment variables such as TRITON_INTERPRET count)")
     return inst
 
 

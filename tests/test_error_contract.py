@@ -710,3 +710,14 @@ def test_integer_input_is_also_torchs_not_implemented_error():
             getattr(gpuloss, name)(*args)
         assert isinstance(info.value, gpuloss.ArgumentDtypeError) and isinstance(info.value, TypeError)
         assert isinstance(info.value, RuntimeError)
+
+
+def test_unavailable_backend_says_when_it_was_probed(monkeypatch):
+    """Availability is probed once per process: an environment variable set
+    afterwards (TRITON_INTERPRET=1) does not count, while the reason still
+    said to set it."""
+    from gpuloss import dispatch
+    monkeypatch.setitem(dispatch._status, "numpy", (False, "no CUDA device (set TRITON_INTERPRET=1 ...)"))
+    with pytest.raises(dispatch.BackendUnavailableError, match=r"found at its first use in this process, which is "
+                                                               r"when environment variables .* count"):
+        dispatch.get_backend("numpy")
