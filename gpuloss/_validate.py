@@ -347,8 +347,9 @@ def check_class_targets(name: str, target: Any, kind: str, C: int, ignore_index:
 
 def _traced_check(a: Any, kind: str) -> bool:
     """A CPU tensor while torch.compile or make_fx (real tensors) traces: its
-    value check becomes an assertion inside the graph (``torch._assert_async``, a RuntimeError at
-    run time), as torch's own kernels check CPU targets in compiled code.
+    value check becomes an assertion inside the graph (``torch._assert_async``,
+    a RuntimeError at run time), as torch's own kernels check CPU targets in
+    compiled code.
     Never on a GPU: a failed device-side assertion kills the CUDA context."""
     if kind != "torch" or a.device.type != "cpu":
         return False

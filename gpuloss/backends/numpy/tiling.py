@@ -119,13 +119,8 @@ def parallel_for(n: int, fn: Callable[[int], None], elems: int, cap: Optional[in
     if n <= 0:
         return
     threads = num_threads()
-    if threads <= 1 or n == 1 or elems < PARALLEL_MIN_ELEMS:
-        with np.errstate(all="ignore"):
-            for i in range(n):
-                fn(i)
-        return
     workers = min(threads, n, cap or threads)
-    if workers <= 1:
+    if workers <= 1 or elems < PARALLEL_MIN_ELEMS:
         with np.errstate(all="ignore"):
             for i in range(n):
                 fn(i)
