@@ -361,6 +361,16 @@ def _ignored_rows(spec: OpSpec, inputs) -> Tuple[Optional[int], Optional[Tensor]
     return inputs[slots[2]], t
 
 
+def no_zero_grads(ctx, outputs) -> None:
+    """Mark ``outputs`` (the saved gradients, lse: what the loss's backward uses,
+    never differentiated) non-differentiable, and have autograd pass None for
+    their upstream gradients: by default it materialises a zero tensor of each
+    one's shape in every backward, an ``N x C`` (the linear CE: ``V x H``)
+    allocation and fill that the backward never reads."""
+    ctx.mark_non_differentiable(*outputs)
+    ctx.set_materialize_grads(False)
+
+
 def kept_rows(g: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     """The per-row upstream gradient with ignored rows set to 0: torch's
     nll_loss backward skips them, so a NaN or inf upstream there (``loss / n``
@@ -382,10 +392,12 @@ def _register_loss_autograd(spec: OpSpec, op) -> None:
         ctx.n_inputs = len(inputs)
         ctx.ignore_index, target = _ignored_rows(spec, inputs)
         ctx.save_for_backward(*saved, *([] if target is None else [target]))
-        ctx.mark_non_differentiable(*output[1:])
+        no_zero_grads(ctx, output[1:])
 
     def backward(ctx, g_loss, *unused):
         grads: List[Optional[Tensor]] = [None] * ctx.n_inputs
+        if g_loss is None:
+            return tuple(grads)
         saved = ctx.saved_tensors
         if ctx.ignore_index is not None:
             g_loss = kept_rows(g_loss, saved[-1], ctx.ignore_index)
@@ -452,7 +464,7 @@ def _linear_setup(ctx, inputs, output) -> None:
     ctx.none = opts.reduction == "none"
     ctx.consumed = False
     ctx.save_for_backward(*(arrays if ctx.none else output[1:]))
-    ctx.mark_non_differentiable(*output[1:])
+    no_zero_grads(ctx, output[1:])
 
 
 def _linear_bwd(ctx, g_loss: Tensor, *unused):
@@ -465,6 +477,8 @@ def _linear_bwd(ctx, g_loss: Tensor, *unused):
     first_order("linear_cross_entropy", ())  # before the saved gradients are scaled in place
     need = ctx.needs_input_grad[:3]
     grads: List[Optional[Tensor]] = [None] * ctx.n_inputs
+    if g_loss is None:
+        return tuple(grads)
     if ctx.none:
         saved = list(ctx.saved_tensors)
         want = OPS["linear_cross_entropy_backward"].want(need[0], need[1], need[2] and saved[2] is not None)
@@ -555,11 +569,13 @@ class _InplaceFn(torch.autograd.Function):
         ctx.save_for_backward(x, gt, *([] if target is None else [target]))
         ctx.want_gt = bool(want.grad_target)
         ctx.n, ctx.op = len(arrays), op
-        ctx.mark_non_differentiable(*outs[1:])
+        no_zero_grads(ctx, outs[1:])
         return outs
 
     @staticmethod
-    def backward(ctx, g_loss: Tensor, *unused):
+    def backward(ctx, g_loss: Optional[Tensor], *unused):
+        if g_loss is None:
+            return (None,) * (ctx.n + 4)
         grad, gt = ctx.saved_tensors[:2]
         if ctx.ignore_index is not None:
             g_loss = kept_rows(g_loss, ctx.saved_tensors[2], ctx.ignore_index)

@@ -762,3 +762,29 @@ def test_float16_mean_edges_follow_torch():
     loss.backward()
     assert loss.isnan()
     assert a.grad[[0, 2]].isnan().all() and torch.equal(a.grad[[1, 3]], torch.zeros(2, 5).half())
+
+
+@pytest.mark.parametrize("case", ["cross_entropy", "inplace", "mse_loss", "kl_div_with_logits", "linear_sum",
+                                  "linear_none"])
+def test_backward_fills_no_zero_gradients_for_the_saved_outputs(case):
+    """The operators' extra outputs (the saved gradient, lse) are never
+    differentiated, but autograd materialised a zero upstream gradient for
+    each in every backward: an N x C (linear CE: V x H) allocation and fill."""
+    from torch.profiler import ProfilerActivity, profile
+    x = torch.randn(64, 300, requires_grad=True)
+    t = torch.randint(0, 300, (64,))
+    W = torch.randn(300, 16, requires_grad=True)
+    h = torch.randn(64, 16, requires_grad=True)
+    loss = {
+        "cross_entropy": lambda: gpuloss.cross_entropy(x, t, label_smoothing=0.1),
+        "inplace": lambda: gpuloss.cross_entropy(x * 1.0, t, inplace_backward=True),
+        "mse_loss": lambda: gpuloss.mse_loss(x, torch.randn(64, 300)),
+        "kl_div_with_logits": lambda: gpuloss.kl_div_with_logits(x, torch.randn(64, 300)),
+        "linear_sum": lambda: gpuloss.linear_cross_entropy(h, W, t, reduction="sum", chunk_size=16),
+        "linear_none": lambda: gpuloss.linear_cross_entropy(h, W, t, reduction="none").sum(),  # one chunk
+    }[case]()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        loss.backward()
+    zeroed = [(e.name, e.input_shapes) for e in prof.events() if e.name in ("aten::zero_", "aten::zeros_like")]
+    assert not zeroed, zeroed
+    assert (x.grad if x.grad is not None else W.grad).abs().sum() > 0
