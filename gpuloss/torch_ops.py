@@ -261,23 +261,41 @@ def scaled_grad(saved: Tensor, g: Tensor, inplace: bool = False) -> Tensor:
     backward would give it (a float32 loss of bf16/fp16 logits: autocast,
     ``loss_dtype``): rounding ``g`` to a 16-bit dtype first would bias every
     element by the scale's rounding (up to 2**-9 in bf16) and turn a
-    GradScaler scale of 65536 into inf in fp16.  Neither path allocates an
-    ``N x C`` float32 temporary: a 0-d ``g`` is given one dimension (0-d
-    tensors do not take part in type promotion, which would round it to
-    ``saved``'s dtype), the product is computed in float32 element by
-    element and stored into a tensor of ``saved``'s dtype (in place: into
-    ``saved`` itself)."""
+    GradScaler scale of 65536 into inf in fp16.  Without an ``N x C``
+    float32 temporary: a 0-d CPU ``g`` is a scalar to torch's CPU kernels,
+    which multiply by its unrounded value in float32; any other ``g`` gets
+    one dimension (a 0-d CUDA tensor would be rounded to ``saved``'s dtype:
+    0-d tensors do not take part in type promotion) and the product of mixed
+    dtypes is stored into a tensor of ``saved``'s dtype (in place: into
+    ``saved`` itself), which a GPU kernel converts element by element and
+    the CPU's through temporaries of its operands' size: on the CPU, a block
+    of rows at a time."""
+    compiling = torch.compiler.is_compiling()
+    cpu = saved.device.type == "cpu" and not compiling
     if g.dim() == 1 and saved.dim() == 2:
         g = g.unsqueeze(-1)
     elif g.dim() == 0:
+        if cpu and g.device.type == "cpu":
+            return saved.mul_(g) if inplace else saved * g
         g = g.reshape(1)
-    if inplace:
+    if inplace and not (cpu and g.dtype != saved.dtype):
         return saved.mul_(g)
     if g.dtype == saved.dtype:
         return saved * g
-    if torch.compiler.is_compiling():
+    if compiling:
         return (saved * g).to(saved.dtype)  # one fused kernel once compiled
-    return torch.mul(saved, g, out=torch.empty_like(saved))
+    out = saved if inplace else torch.empty_like(saved)
+    if not cpu or saved.dim() == 0 or saved.numel() <= _CPU_MIXED_BLOCK:
+        return torch.mul(saved, g, out=out)
+    rows = max(1, _CPU_MIXED_BLOCK // max(1, saved[0].numel()))
+    per_row = g.dim() == saved.dim() and g.shape[0] == saved.shape[0] and saved.shape[0] > 1
+    for r0 in range(0, saved.shape[0], rows):
+        torch.mul(saved[r0:r0 + rows], g[r0:r0 + rows] if per_row else g, out=out[r0:r0 + rows])
+    return out
+
+
+#: elements per block of scaled_grad's mixed-dtype product on the CPU (its temporaries' size)
+_CPU_MIXED_BLOCK = 1 << 18
 
 
 class _RowGradTerm(torch.autograd.Function):

@@ -788,3 +788,39 @@ def test_backward_fills_no_zero_gradients_for_the_saved_outputs(case):
     zeroed = [(e.name, e.input_shapes) for e in prof.events() if e.name in ("aten::zero_", "aten::zeros_like")]
     assert not zeroed, zeroed
     assert (x.grad if x.grad is not None else W.grad).abs().sum() > 0
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+@pytest.mark.parametrize("inplace", [False, True])
+def test_scaled_grad_rounds_once_on_the_cpu_a_block_at_a_time(monkeypatch, dtype, inplace):
+    """The saved 16-bit gradient times a float32 upstream gradient, rounded
+    once: torch's CPU kernels formed the mixed-dtype product through float32
+    copies of the whole (N, C) operands (1.25 GB for a 4096 x 32000 bf16
+    gradient); a 0-d CPU scale is now a scalar to them, anything else runs
+    a block of rows at a time."""
+    from gpuloss import torch_ops
+    monkeypatch.setattr(torch_ops, "_CPU_MIXED_BLOCK", 64)
+    dt = getattr(torch, dtype)
+    saved = torch.randn(37, 50).to(dt)
+    for g in (torch.tensor(1 / 4096 * 1.2345), torch.tensor(65536.0 if dtype == "bfloat16" else 3.0),
+              torch.rand(37), torch.rand(37, 50)):
+        want = (saved.float() * (g[:, None] if g.dim() == 1 else g)).to(dt)
+        s = saved.clone()
+        got = torch_ops.scaled_grad(s, g, inplace=inplace)
+        assert got.dtype == dt and torch.equal(got, want), g.shape
+        assert (got.data_ptr() == s.data_ptr()) == inplace
+
+
+def test_scaled_grad_has_no_float32_copy_of_the_gradient_on_the_cpu(monkeypatch):
+    """No allocation beyond the result itself: the CPU's mixed-dtype product
+    made a float32 copy of the bf16 operand and a float32 result (2x and 2x
+    the gradient's bytes)."""
+    from torch.profiler import ProfilerActivity, profile
+    from gpuloss import torch_ops
+    monkeypatch.setattr(torch_ops, "_CPU_MIXED_BLOCK", 4096)
+    saved = torch.randn(256, 1024).to(torch.bfloat16)
+    for g in (torch.tensor(0.25), torch.rand(256), torch.rand(256, 1024)):
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            torch_ops.scaled_grad(saved, g)
+        biggest = max(e.cpu_memory_usage for e in prof.events())
+        assert biggest <= saved.numel() * saved.element_size(), (g.shape, biggest)
