@@ -412,6 +412,13 @@ def test_options_form_float32_logits_from_16bit_operands(rng, dtype):
         if HAS_TORCH_LCE and options is not None:
             theirs = F.linear_cross_entropy(x, W, t, linear_bias=b, reduction="none", options=options)
             torch.testing.assert_close(ours.double(), theirs.double(), rtol=ulp, atol=1e-6)
+    # hidden wider than a chunk's logits: the weight is upcast a few rows at a time
+    xw = torch.from_numpy(rng.standard_normal((32, 128))).to(dt)
+    Ww = torch.from_numpy(rng.standard_normal((48, 128)) * 0.3).to(dt)
+    tw = torch.from_numpy(rng.integers(0, 48, 32))
+    ours = gpuloss.linear_cross_entropy(xw, Ww, tw, linear_bias=b, reduction="none", options=Opt(batch_chunk_size=8))
+    want = F.cross_entropy(F.linear(xw.float(), Ww.float(), b.float()), tw, reduction="none").double()
+    assert ((ours.double() - want).abs() <= ulp * want.abs() + 1e-6).all()
     from gpuloss.linear_ce import _chunked_logits
     if dtype == "float16":
         assert _chunked_logits(Opt(acc_policy="compact"), True, dtype, None, "cuda") == "input"
