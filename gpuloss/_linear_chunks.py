@@ -183,8 +183,15 @@ class _TorchOps:
             self.torch.addmm(b, h, W.t(), out=out)
 
     def logits_acc(self, h, W, b, out, slab: int):
-        """Float32 logits ``out`` of 16-bit operands: ``slab`` weight rows at a
-        time upcast (no float32 copy of the whole weight)."""
+        """Float32 logits ``out`` of 16-bit operands: on a GPU one GEMM on the
+        16-bit operands with a float32 output (``addmm.dtype_out``, beta = 0,
+        as torch's own chunked path), where it works; else ``slab`` weight rows
+        at a time upcast (no float32 copy of the whole weight)."""
+        if self._fused_dtype_out(out, h, W):
+            self.torch.ops.aten.addmm.dtype_out(out, h, W.t(), out.dtype, beta=0, out=out)
+            if b is not None:
+                out.add_(b)
+            return
         hf = h.to(out.dtype)
         for r0 in range(0, W.shape[0], slab):
             Ws = W[r0:r0 + slab].to(out.dtype)
@@ -323,8 +330,9 @@ class _Loop:
         self.gb = ops.zeros((self.VT,), self.W, ops.acc_dtype(self.W)) if self.need_b else None
         # rows of the slab temporary of NumPy/CuPy's accumulate: at most one logits chunk
         self.slab = max(1, (self.n * self.VT) // max(self.H, 1))
-        # weight rows upcast at a time for float32 logits: at most a logits chunk's elements
-        self.slab_w = self.slab
+        # weight rows upcast at a time for float32 logits (where the GPU's float32-output GEMM is missing): about
+        # a logits chunk's elements, and at least 1024 rows (a chunk of one token would make thousands of slabs)
+        self.slab_w = max(self.slab, SLAB_MIN_ROWS)
 
     def ce_options(self) -> CrossEntropyOptions:
         o = self.opts
@@ -510,3 +518,5 @@ def chunk_rows(vocab: int, itemsize: int, device_type: str = "cuda", budget_byte
 CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 256 << 20}
 #: GEMM-friendly chunk: multiples of this many rows once a chunk is at least 2x it
 CHUNK_ALIGN = 128
+#: the fewest weight rows upcast at a time for float32 logits (see _Loop.slab_w)
+SLAB_MIN_ROWS = 1024

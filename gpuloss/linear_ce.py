@@ -217,15 +217,19 @@ def _check_chunked_options(options, acc_dtype, n_tokens: int, H: int, C: int, in
 
 def _chunked_logits(options, chunked: bool, input_dtype: str, acc_dtype, device: str) -> str:
     """The dtype of each chunk's logits (``LinearCEOptions.logits``).  With
-    ``options`` torch's chunked path forms them in its ``acc_dtype``, float32
-    for 16-bit operands (the default): the softmax of logits never rounded to
-    bf16.  Not for float16 under a memory-saving ``acc_policy`` ("balanced",
+    ``options`` torch's chunked path forms them in its ``acc_dtype``: float32
+    for 16-bit operands when ``acc_dtype`` is float32, or None under
+    ``acc_policy="auto"`` (an explicit policy with no ``acc_dtype`` keeps the
+    input's dtype throughout); the softmax of logits never rounded to bf16.
+    Not for float16 under a memory-saving ``acc_policy`` ("balanced",
     "compact"; "auto" is "compact" on a GPU, "accurate" on the CPU), which
     keeps float16 logits there, nor without ``options`` (``F.linear``'s
     logits, in the operands' dtype)."""
     if not chunked or input_dtype not in ("float16", "bfloat16"):
         return "input"
     acc = acc_dtype if acc_dtype is not None else options.acc_dtype
+    if acc is None and options.acc_policy != "auto":
+        return "input"
     if acc is not None and str(acc).replace("torch.", "") != "float32":
         return "input"
     if input_dtype == "float16":

@@ -387,7 +387,7 @@ def test_options_take_a_class_weight_of_any_dtype_as_torchs_chunked_path():
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_options_form_float32_logits_from_16bit_operands(rng, dtype):
+def test_options_form_float32_logits_from_16bit_operands(rng, dtype, monkeypatch):
     """With ``options`` torch's chunked path forms the logits in its float32
     acc_dtype; gpuloss rounded them to the operands' 16-bit dtype first (as
     ``F.linear`` does without options): losses several ulps from torch's.
@@ -413,6 +413,7 @@ def test_options_form_float32_logits_from_16bit_operands(rng, dtype):
             theirs = F.linear_cross_entropy(x, W, t, linear_bias=b, reduction="none", options=options)
             torch.testing.assert_close(ours.double(), theirs.double(), rtol=ulp, atol=1e-6)
     # hidden wider than a chunk's logits: the weight is upcast a few rows at a time
+    monkeypatch.setattr(gpuloss._linear_chunks, "SLAB_MIN_ROWS", 1)
     xw = torch.from_numpy(rng.standard_normal((32, 128))).to(dt)
     Ww = torch.from_numpy(rng.standard_normal((48, 128)) * 0.3).to(dt)
     tw = torch.from_numpy(rng.integers(0, 48, 32))
@@ -425,4 +426,15 @@ def test_options_form_float32_logits_from_16bit_operands(rng, dtype):
         assert _chunked_logits(Opt(), True, dtype, None, "cuda") == "input"  # auto: compact on a GPU
         assert _chunked_logits(Opt(), True, dtype, None, "cpu") == "float32"  # auto: accurate on the CPU
     assert _chunked_logits(Opt(acc_dtype=dt), True, dtype, None, "cpu") == "input"
+    # torch: acc_dtype None is float32 only under acc_policy="auto"; an explicit policy keeps the input's dtype
+    assert _chunked_logits(Opt(acc_policy="accurate"), True, dtype, None, "cpu") == "input"
+    assert _chunked_logits(Opt(acc_policy="accurate", acc_dtype=torch.float32), True, dtype, None, "cpu") == "float32"
+    ours = gpuloss.linear_cross_entropy(x, W, t, linear_bias=b, reduction="none", options=Opt(acc_policy="accurate"))
+    want = ce(F.linear(x, W, b))  # 16-bit logits (torch also rounds its intermediates to them there; we do not)
+    assert ((ours.double() - want).abs() <= ulp * want.abs() + 1e-6).all()
+    if HAS_TORCH_LCE:
+        options = Opt(acc_policy="accurate", acc_dtype=torch.float32)
+        ours = gpuloss.linear_cross_entropy(x, W, t, linear_bias=b, reduction="none", options=options)
+        theirs = F.linear_cross_entropy(x, W, t, linear_bias=b, reduction="none", options=options)
+        torch.testing.assert_close(ours.double(), theirs.double(), rtol=2 * ulp, atol=1e-5)
     assert _chunked_logits(Opt(), True, "float32", None, "cpu") == "input"
