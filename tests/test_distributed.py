@@ -604,10 +604,43 @@ def _layout_change_checks(rank: int, world: int, seed: int, chk: Checker) -> Non
         chk.close(f"layout change to {sizes}, validate=False", loss.item(), R.cross_entropy(X, T))
 
 
+class _NoUpstream(torch.autograd.Function):
+    """Passes its input on and gives it no gradient (None): what an upstream
+    node that does not differentiate into the loss hands back."""
+
+    @staticmethod
+    def forward(ctx, a):
+        return a.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return None
+
+
+def _no_upstream_checks(rank: int, world: int, seed: int, chk: Checker) -> None:
+    """The linear loss with reduction="none" all-reduces grad_hidden in
+    backward; a rank whose loss gets no upstream gradient (None, autograd no
+    longer materialising zeros) must still join, or the others wait forever."""
+    import gpuloss.distributed as D
+    if world != 2:
+        return
+    rng = np.random.default_rng(seed + 11)
+    sizes, H, N = (3, 5), 4, 6
+    lo = sum(sizes[:rank])
+    h = torch.from_numpy(rng.standard_normal((N, H))).requires_grad_()
+    W = torch.from_numpy(rng.standard_normal((sum(sizes), H)))
+    w = W[lo:lo + sizes[rank]].clone().requires_grad_()
+    t = torch.from_numpy(_targets(rng, N, sum(sizes)))
+    loss = D.vocab_parallel_linear_cross_entropy(h, w, t, reduction="none", chunk_size=4)
+    (_NoUpstream.apply(loss) if rank == 1 else loss).sum().backward()
+    chk.true("no upstream gradient on one rank: backward returns on every rank", h.grad is not None)
+
+
 def _value_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: str) -> None:
     _all_checks(rank, world, sizes, seed, chk, device)
     _empty_slice_checks(rank, world, sizes, seed, chk, device)
     _layout_change_checks(rank, world, seed, chk)
+    _no_upstream_checks(rank, world, seed, chk)
     if world == 3:
         _subgroup_checks(rank, world, sizes, seed, chk, device)
 

@@ -75,7 +75,8 @@ no rank and its row's loss is plain ``lse`` (no out-of-bounds read, but a
 wrong value).  With ``validate=False`` and no ``vocab_sizes``, all ranks must
 see a layout change together (it must change ``V_local`` on every rank: a
 rank whose ``V_local`` stays reuses the old layout); pass ``vocab_sizes`` to be
-independent of that.
+independent of that, and where two heads of different layouts alternate on one
+group (a teacher and a student), which would otherwise gather on every call.
 
 Custom operators, and torch.compile
 -----------------------------------

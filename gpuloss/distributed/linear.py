@@ -250,6 +250,10 @@ def _linear_backward(ctx, grad_output: Tensor, *_unused):
     """The gradients the forward asked for (``want_*``: the same on every
     rank, so every rank issues the same all-reduce), as torch expects them:
     in the inputs' dtypes, grad_hidden in hidden's shape."""
+    if grad_output is None and ctx.reduction == "none" and any(ctx.need):
+        # no upstream gradient reached this rank's loss: still join the other ranks' all-reduce (with zeros)
+        grad_output = torch.zeros(ctx.saved_tensors[4].shape, dtype=ctx.saved_tensors[4].dtype,
+                                  device=ctx.saved_tensors[4].device)
     if grad_output is None:
         grads = [None] * 3
     elif ctx.reduction != "none":
