@@ -380,13 +380,29 @@ def _ignored_rows(spec: OpSpec, inputs) -> Tuple[Optional[int], Optional[Tensor]
 
 
 def no_zero_grads(ctx, outputs) -> None:
-    """Mark ``outputs`` (the saved gradients, lse: what the loss's backward uses,
-    never differentiated) non-differentiable, and have autograd pass None for
-    their upstream gradients: by default it materialises a zero tensor of each
-    one's shape in every backward, an ``N x C`` (the linear CE: ``V x H``)
-    allocation and fill that the backward never reads."""
-    ctx.mark_non_differentiable(*outputs)
+    """``outputs[0]`` is the loss; mark the others (the saved gradients, lse:
+    what the loss's backward uses, never differentiated) non-differentiable,
+    and have autograd pass None for their upstream gradients: by default it
+    materialises a zero tensor of each one's shape in every backward, an
+    ``N x C`` (the linear CE: ``V x H``) allocation and fill that the backward
+    never reads.  The loss's own zero, where autograd has none for it, is
+    :func:`loss_upstream`'s."""
+    ctx.mark_non_differentiable(*outputs[1:])
     ctx.set_materialize_grads(False)
+    loss = outputs[0]
+    ctx.loss_like = (tuple(loss.shape), loss.dtype, loss.device)
+
+
+def loss_upstream(ctx, g: Optional[Tensor]) -> Tensor:
+    """The loss's upstream gradient, zeros where autograd passes None (an
+    upstream node gave the loss no gradient): what autograd materialised
+    before, so the inputs still get (zero) gradients, as DistributedDataParallel
+    expects of every used parameter, and every rank of a vocabulary-parallel
+    loss still joins backward's collectives."""
+    if g is not None:
+        return g
+    shape, dtype, device = ctx.loss_like
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 def kept_rows(g: Tensor, target: Tensor, ignore_index: int) -> Tensor:
@@ -410,12 +426,11 @@ def _register_loss_autograd(spec: OpSpec, op) -> None:
         ctx.n_inputs = len(inputs)
         ctx.ignore_index, target = _ignored_rows(spec, inputs)
         ctx.save_for_backward(*saved, *([] if target is None else [target]))
-        no_zero_grads(ctx, output[1:])
+        no_zero_grads(ctx, output)
 
     def backward(ctx, g_loss, *unused):
         grads: List[Optional[Tensor]] = [None] * ctx.n_inputs
-        if g_loss is None:
-            return tuple(grads)
+        g_loss = loss_upstream(ctx, g_loss)
         saved = ctx.saved_tensors
         if ctx.ignore_index is not None:
             g_loss = kept_rows(g_loss, saved[-1], ctx.ignore_index)
@@ -482,7 +497,7 @@ def _linear_setup(ctx, inputs, output) -> None:
     ctx.none = opts.reduction == "none"
     ctx.consumed = False
     ctx.save_for_backward(*(arrays if ctx.none else output[1:]))
-    no_zero_grads(ctx, output[1:])
+    no_zero_grads(ctx, output)
 
 
 def _linear_bwd(ctx, g_loss: Tensor, *unused):
@@ -495,8 +510,7 @@ def _linear_bwd(ctx, g_loss: Tensor, *unused):
     first_order("linear_cross_entropy", ())  # before the saved gradients are scaled in place
     need = ctx.needs_input_grad[:3]
     grads: List[Optional[Tensor]] = [None] * ctx.n_inputs
-    if g_loss is None:
-        return tuple(grads)
+    g_loss = loss_upstream(ctx, g_loss)
     if ctx.none:
         saved = list(ctx.saved_tensors)
         want = OPS["linear_cross_entropy_backward"].want(need[0], need[1], need[2] and saved[2] is not None)
@@ -587,13 +601,12 @@ class _InplaceFn(torch.autograd.Function):
         ctx.save_for_backward(x, gt, *([] if target is None else [target]))
         ctx.want_gt = bool(want.grad_target)
         ctx.n, ctx.op = len(arrays), op
-        no_zero_grads(ctx, outs[1:])
+        no_zero_grads(ctx, outs)
         return outs
 
     @staticmethod
     def backward(ctx, g_loss: Optional[Tensor], *unused):
-        if g_loss is None:
-            return (None,) * (ctx.n + 4)
+        g_loss = loss_upstream(ctx, g_loss)
         grad, gt = ctx.saved_tensors[:2]
         if ctx.ignore_index is not None:
             g_loss = kept_rows(g_loss, ctx.saved_tensors[2], ctx.ignore_index)

@@ -824,3 +824,33 @@ def test_scaled_grad_has_no_float32_copy_of_the_gradient_on_the_cpu(monkeypatch)
             torch_ops.scaled_grad(saved, g)
         biggest = max(e.cpu_memory_usage for e in prof.events())
         assert biggest <= saved.numel() * saved.element_size(), (g.shape, biggest)
+
+
+@pytest.mark.parametrize("case", ["cross_entropy", "inplace", "linear_sum", "linear_none"])
+def test_loss_without_upstream_gradient_gives_zero_gradients(case):
+    """An upstream node that gives the loss no gradient (None): the inputs get
+    zero gradients, as autograd's materialised zeros gave them (DDP expects a
+    gradient for every used parameter), not None."""
+
+    class NoUpstream(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a):
+            return a.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return None
+
+    x = torch.randn(8, 30, requires_grad=True)
+    h = torch.randn(8, 4, requires_grad=True)
+    W = torch.randn(30, 4, requires_grad=True)
+    t = torch.randint(0, 30, (8,))
+    loss = {
+        "cross_entropy": lambda: gpuloss.cross_entropy(x, t),
+        "inplace": lambda: gpuloss.cross_entropy(x * 1.0, t, inplace_backward=True),
+        "linear_sum": lambda: gpuloss.linear_cross_entropy(h, W, t, reduction="sum"),
+        "linear_none": lambda: gpuloss.linear_cross_entropy(h, W, t, reduction="none"),
+    }[case]()
+    NoUpstream.apply(loss).sum().backward()
+    for a in ((h, W) if case.startswith("linear") else (x,)):
+        assert a.grad is not None and not a.grad.any()

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _autocast as AC
-from ..torch_ops import first_order, no_zero_grads
+from ..torch_ops import first_order, loss_upstream, no_zero_grads
 from . import local as L
 from .layout import VocabLayout, linear_errors, local_rows, resolve_layout
 from .ops import LAYOUT_ARGS, OPTION_ARGS
@@ -243,20 +243,15 @@ def _linear_setup(ctx, inputs, output) -> None:
         ctx.save_for_backward(*output[2:])
     else:
         ctx.save_for_backward(hidden, local_weight, local_bias, target, output[1])
-    no_zero_grads(ctx, output[1:])
+    no_zero_grads(ctx, output)
 
 
 def _linear_backward(ctx, grad_output: Tensor, *_unused):
     """The gradients the forward asked for (``want_*``: the same on every
     rank, so every rank issues the same all-reduce), as torch expects them:
     in the inputs' dtypes, grad_hidden in hidden's shape."""
-    if grad_output is None and ctx.reduction == "none" and any(ctx.need):
-        # no upstream gradient reached this rank's loss: still join the other ranks' all-reduce (with zeros)
-        grad_output = torch.zeros(ctx.saved_tensors[4].shape, dtype=ctx.saved_tensors[4].dtype,
-                                  device=ctx.saved_tensors[4].device)
-    if grad_output is None:
-        grads = [None] * 3
-    elif ctx.reduction != "none":
+    grad_output = loss_upstream(ctx, grad_output)  # None on this rank: it still joins the all-reduce
+    if ctx.reduction != "none":
         go = grad_output.to(L.compute_dtype(ctx.dtypes[0]))
         grads = [g * go if n else None for g, n in zip(ctx.saved_tensors, ctx.need)]
     elif any(ctx.need):

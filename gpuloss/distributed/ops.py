@@ -17,7 +17,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..torch_ops import first_order, kept_rows, no_zero_grads, scaled_grad
+from ..torch_ops import first_order, kept_rows, loss_upstream, no_zero_grads, scaled_grad
 from . import local as L
 from .layout import VocabLayout, logits_errors, resolve_layout
 
@@ -132,7 +132,7 @@ def _ce_setup(ctx, inputs, output) -> None:
     ctx.ignore_index = inputs[7]
     # "none": the targets too, whose ignored rows take no upstream gradient
     ctx.save_for_backward(output[1], *([inputs[1]] if reduction == "none" else []))
-    no_zero_grads(ctx, output[1:])
+    no_zero_grads(ctx, output)
 
 
 def _ce_backward(ctx, grad_output: Tensor, _unused):
@@ -142,7 +142,8 @@ def _ce_backward(ctx, grad_output: Tensor, _unused):
     :mod:`gpuloss.torch_ops`)."""
     grad = ctx.saved_tensors[0]
     gx = None
-    if grad_output is not None and ctx.want_grad and ctx.needs_input_grad[0]:
+    grad_output = loss_upstream(ctx, grad_output)
+    if ctx.want_grad and ctx.needs_input_grad[0]:
         go = grad_output.to(L.compute_dtype(grad.dtype))
         if ctx.reduction == "none":
             go = kept_rows(go.reshape(-1), ctx.saved_tensors[1], ctx.ignore_index)
