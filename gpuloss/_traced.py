@@ -168,10 +168,12 @@ def elementwise(name: str, *args, return_grad, **kwargs):
     return getattr(F, name)(*args, **kwargs)
 
 
-def softmax(name: str, input, dim, dtype):
+def softmax(name: str, input, dim, dtype, stacklevel: int = 3):
+    """``F.softmax``/``F.log_softmax``; the caller's ``_stacklevel`` counts from
+    gpuloss's function: torch's, two frames below it, is two more."""
     import torch.nn.functional as F
     _note(name)
-    return getattr(F, name)(input, dim, dtype=dtype)
+    return getattr(F, name)(input, dim, stacklevel + 2, dtype)
 
 
 def softmax_backward(grad_output, output, dim: int, log: bool):

@@ -259,12 +259,14 @@ def check_ce_target(name: str, target: Any, kind: str, input: Any, ignore_index:
     return False
 
 
-def check_index_target(name: str, target: Any, kind: str, input: Any) -> None:
+def check_index_target(name: str, target: Any, kind: str, input: Any, probabilities: bool = True) -> None:
+    """Class indices of the shape ``input`` needs; ``probabilities``: the
+    function also takes class probabilities (cross_entropy, not nll_loss)."""
     if not is_integer(target, kind):
         raise ArgumentTypeError(f"{name} must hold integer class indices, got {dtype_name(target, kind)}")
     want = _ce_target_shape(input)
     if tuple(target.shape) != want:
-        if tuple(target.shape) == tuple(input.shape):  # torch reads this shape as class probabilities
+        if probabilities and tuple(target.shape) == tuple(input.shape):  # torch: class probabilities
             raise ArgumentTypeError(f"{name} has input's shape {tuple(input.shape)}, which makes it class "
                                     f"probabilities, but holds {dtype_name(target, kind)}: probabilities must be "
                                     f"floating point; class indices have shape {want}")

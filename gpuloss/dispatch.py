@@ -103,7 +103,8 @@ def get_backend(name: str) -> Backend:
     inst, (ok, why) = _load(name)
     if not ok or inst is None:
         raise BackendUnavailableError(f"backend {name!r} is not available: {why} (found at its first use in this "
-                                      f"process, which is when environment variables such as TRITON_INTERPRET count)")
+                                      f"process, for the whole process; TRITON_INTERPRET=1 must be set before the "
+                                      f"process imports triton)")
     return inst
 
 

@@ -105,13 +105,13 @@ def softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=None, 
         torch's deprecated implicit choice with its warning: dimension 0 for
         0-, 1- and 3-D input, else 1; pass ``dim`` (e.g. -1)
     _stacklevel : as torch's: the stack level of the implicit-``dim``
-        warning (3: the caller of this function)
+        warning (3: the caller of this function), on every path
     dtype : as torch's: cast ``input`` to this floating dtype first (and
         return that dtype)
     backend : "numpy" | "triton" | "cupy" | None (automatic)
     """
     if TR.active(input):
-        return TR.softmax("softmax", input, dim, dtype)
+        return TR.softmax("softmax", input, dim, dtype, _stacklevel)
     return _softmax_common(input, dim, dtype, backend, log=False, stacklevel=_stacklevel)
 
 
@@ -119,7 +119,7 @@ def log_softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=No
                 backend: Optional[str] = None):
     """log_softmax along ``dim``: ``x_i - logsumexp(x)``; ``dtype`` as in :func:`softmax`."""
     if TR.active(input):
-        return TR.softmax("log_softmax", input, dim, dtype)
+        return TR.softmax("log_softmax", input, dim, dtype, _stacklevel)
     return _softmax_common(input, dim, dtype, backend, log=True, stacklevel=_stacklevel)
 
 
@@ -398,7 +398,7 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = 
     caller_input = input
     (input, target, weight), ac_dtype = _fp32_op("nll_loss", kind, device, input=input, target=target, weight=weight)
     target = V.unbatched_index_target(target, kind, input.ndim)
-    V.check_index_target("target", target, kind, input)
+    V.check_index_target("target", target, kind, input, probabilities=False)
     V.check_weight("weight", weight, kind, C, input)
     wants(return_grad)
     target = V.as_index_target("target", target, kind)

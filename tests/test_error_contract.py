@@ -691,6 +691,9 @@ def test_integer_target_of_the_logits_shape_is_said_to_need_floats():
     with pytest.raises(TypeError, match=r"the logits' shape \(3, 5\), which makes it class probabilities, but "
                                         r"holds int64"):
         gpuloss.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), t)
+    with pytest.raises(ValueError, match=r"target has shape \(3, 5\) but input of shape \(3, 5\) needs class-index "
+                                         r"targets of shape \(3,\)"):  # nll_loss takes no probabilities
+        gpuloss.nll_loss(torch.randn(3, 5), t)
 
 
 def test_integer_input_is_also_torchs_not_implemented_error():
@@ -718,6 +721,6 @@ def test_unavailable_backend_says_when_it_was_probed(monkeypatch):
     said to set it."""
     from gpuloss import dispatch
     monkeypatch.setitem(dispatch._status, "numpy", (False, "no CUDA device (set TRITON_INTERPRET=1 ...)"))
-    with pytest.raises(dispatch.BackendUnavailableError, match=r"found at its first use in this process, which is "
-                                                               r"when environment variables .* count"):
+    with pytest.raises(dispatch.BackendUnavailableError, match=r"found at its first use in this process, for the "
+                                                               r"whole process; TRITON_INTERPRET=1 must be set before"):
         dispatch.get_backend("numpy")

@@ -141,16 +141,17 @@ def test_implicit_dim_warning_at_torchs_stack_level(name):
     """The implicit-dim warning names the frame torch's names: the caller for
     the default ``_stacklevel``, the caller's caller for 4, and the module call
     for ``nn.Softmax``/``nn.LogSoftmax``."""
-    x = torch.randn(3, 4)
     ours, theirs = getattr(gpuloss, name), getattr(TF, name)
 
-    def through(fn, level):  # the line of this call is the caller's caller for level 4
+    def through(fn, level, x):  # the line of this call is the caller's caller for level 4
         return fn(x, None, level)
 
-    for level in (3, 4):
-        (f_ours, l_ours), (f_torch, l_torch) = [_warned_at(lambda: through(fn, level)) for fn in (ours, theirs)]
-        assert f_ours == f_torch == __file__, level
-        assert l_ours == l_torch, level
+    for x in (torch.randn(3, 4), torch.empty(3, 4, device="meta")):  # meta: torch's operations compute it
+        for level in (3, 4):
+            (f_ours, l_ours), (f_torch, l_torch) = [_warned_at(lambda: through(fn, level, x)) for fn in (ours, theirs)]
+            assert f_ours == f_torch == __file__, (level, x.device)
+            assert l_ours == l_torch, (level, x.device)
+    x = torch.randn(3, 4)
     cls = "Softmax" if name == "softmax" else "LogSoftmax"
     ours_at, torch_at = [_warned_at(lambda: getattr(mod, cls)()(x)) for mod in (gnn, tnn)]
     assert ours_at == torch_at

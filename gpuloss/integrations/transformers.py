@@ -350,9 +350,9 @@ def _forward(model, state: _State, orig_forward, *args, **kwargs):
     finally:
         state.capturing, state.hidden, state.captured_params = False, None, None
     if not state.loss_done:
-        raise RuntimeError(f"gpuloss: {type(model).__name__}.forward returned without calling "
-                           f"self.loss_function{_replaced_forward(model, orig_forward)}; "
-                           f"apply_gpuloss(model, fused_linear=False) keeps its logits")
+        replaced = _replaced_forward(model, orig_forward)
+        raise RuntimeError(f"gpuloss: {type(model).__name__}.forward returned without calling self.loss_function"
+                           + (replaced if replaced else "; apply_gpuloss(model, fused_linear=False) keeps its logits"))
     if isinstance(out, tuple):
         raise RuntimeError(f"gpuloss: {type(model).__name__}.forward returned a tuple with return_dict=True")
     if state.head_called:  # the head ran as itself: the model's own output, logits included
@@ -374,8 +374,8 @@ def _replaced_forward(model, orig_forward) -> str:
         return ""
     code = getattr(fn, "__code__", None)  # a wrapper's own code (functools.wraps copies the names)
     name = f"{getattr(code, 'co_qualname', code.co_name)} in {code.co_filename}" if code is not None else repr(fn)
-    return (f" (model.forward had been replaced by {name}, which computes the loss its own way, without "
-            f"self.loss_function: gpuloss has nothing to replace there)")
+    return (f": model.forward had been replaced by {name}, which computes the loss its own way, without "
+            f"self.loss_function; gpuloss has nothing to replace there: leave this model unpatched")
 
 
 def _fsdp_module_class():
