@@ -54,3 +54,20 @@ def on_threads_and_streams(n: int, call, repeats: int = 3, timeout: float = 300.
     assert not any(th.is_alive() for th in threads), "a thread hung"
     assert not errors, "\n".join(errors)
     return results
+
+
+def no_upstream(a):
+    """``a`` passed on, giving it no gradient (None) in backward: what an
+    upstream node that does not differentiate into a loss hands back."""
+    import torch
+
+    class NoUpstream(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            return x.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return None
+
+    return NoUpstream.apply(a)

@@ -31,6 +31,7 @@ torch = pytest.importorskip("torch")
 import torch.distributed as dist  # noqa: E402
 
 from conftest import tol  # noqa: E402
+from prims import no_upstream  # noqa: E402
 from gpuloss import reference as R  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
@@ -604,19 +605,6 @@ def _layout_change_checks(rank: int, world: int, seed: int, chk: Checker) -> Non
         chk.close(f"layout change to {sizes}, validate=False", loss.item(), R.cross_entropy(X, T))
 
 
-class _NoUpstream(torch.autograd.Function):
-    """Passes its input on and gives it no gradient (None): what an upstream
-    node that does not differentiate into the loss hands back."""
-
-    @staticmethod
-    def forward(ctx, a):
-        return a.clone()
-
-    @staticmethod
-    def backward(ctx, g):
-        return None
-
-
 def _no_upstream_checks(rank: int, world: int, seed: int, chk: Checker) -> None:
     """The linear loss with reduction="none" all-reduces grad_hidden in
     backward; a rank whose loss gets no upstream gradient (None, autograd no
@@ -632,7 +620,7 @@ def _no_upstream_checks(rank: int, world: int, seed: int, chk: Checker) -> None:
     w = W[lo:lo + sizes[rank]].clone().requires_grad_()
     t = torch.from_numpy(_targets(rng, N, sum(sizes)))
     loss = D.vocab_parallel_linear_cross_entropy(h, w, t, reduction="none", chunk_size=4)
-    (_NoUpstream.apply(loss) if rank == 1 else loss).sum().backward()
+    (no_upstream(loss) if rank == 1 else loss).sum().backward()
     chk.true("no upstream gradient on one rank: backward returns on every rank", h.grad is not None)
 
 

@@ -19,6 +19,7 @@ from gpuloss import reference as R  # noqa: E402
 from gpuloss import torch_ops  # noqa: E402
 
 from conftest import tol  # noqa: E402
+from prims import no_upstream  # noqa: E402
 
 
 def T(a, requires_grad: bool = False, device: str = "cpu", dtype=None):
@@ -798,7 +799,6 @@ def test_scaled_grad_rounds_once_on_the_cpu_a_block_at_a_time(monkeypatch, dtype
     copies of the whole (N, C) operands (1.25 GB for a 4096 x 32000 bf16
     gradient); a 0-d CPU scale is now a scalar to them, anything else runs
     a block of rows at a time."""
-    from gpuloss import torch_ops
     monkeypatch.setattr(torch_ops, "_CPU_MIXED_BLOCK", 64)
     dt = getattr(torch, dtype)
     saved = torch.randn(37, 50).to(dt)
@@ -816,7 +816,6 @@ def test_scaled_grad_has_no_float32_copy_of_the_gradient_on_the_cpu(monkeypatch)
     made a float32 copy of the bf16 operand and a float32 result (2x and 2x
     the gradient's bytes)."""
     from torch.profiler import ProfilerActivity, profile
-    from gpuloss import torch_ops
     monkeypatch.setattr(torch_ops, "_CPU_MIXED_BLOCK", 4096)
     saved = torch.randn(256, 1024).to(torch.bfloat16)
     for g in (torch.tensor(0.25), torch.rand(256), torch.rand(256, 1024)):
@@ -832,15 +831,6 @@ def test_loss_without_upstream_gradient_gives_zero_gradients(case):
     zero gradients, as autograd's materialised zeros gave them (DDP expects a
     gradient for every used parameter), not None."""
 
-    class NoUpstream(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, a):
-            return a.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return None
-
     x = torch.randn(8, 30, requires_grad=True)
     h = torch.randn(8, 4, requires_grad=True)
     W = torch.randn(30, 4, requires_grad=True)
@@ -851,6 +841,6 @@ def test_loss_without_upstream_gradient_gives_zero_gradients(case):
         "linear_sum": lambda: gpuloss.linear_cross_entropy(h, W, t, reduction="sum"),
         "linear_none": lambda: gpuloss.linear_cross_entropy(h, W, t, reduction="none"),
     }[case]()
-    NoUpstream.apply(loss).sum().backward()
+    no_upstream(loss).sum().backward()
     for a in ((h, W) if case.startswith("linear") else (x,)):
         assert a.grad is not None and not a.grad.any()
