@@ -617,6 +617,13 @@ def test_interpreter_rounds_bf16_stores_to_nearest_even(rng):
     want = torch.log_softmax(z.double(), -1).to(torch.bfloat16)  # correctly rounded, but for 1 in ~10^5 ties
     got = gpuloss.log_softmax(z, -1, backend="triton")
     assert (got != want).sum().item() <= 1
+    # bf16 subnormals loaded as float32: 9.2e-41 was 0, -2.8e-40 was -5.9e-39
+    p = torch.tensor([[1e-40, -3e-40, 5e-39, 0.5]], dtype=torch.bfloat16)
+    mse = gpuloss.mse_loss(p, torch.zeros_like(p), reduction="none", backend="triton").float()
+    assert torch.equal(mse, (p.float() ** 2).to(torch.bfloat16).float())
+    u = torch.zeros(1, 4, dtype=torch.bfloat16)
+    bce = gpuloss.binary_cross_entropy(p.abs(), u, reduction="none", backend="triton")
+    assert bce[0, 0].item() > 0  # -log1p(-p) = p, not 0
 
 
 @pytest.mark.skipif(HAS_CUDA, reason="compares the interpreter with the NumPy backend on CPU tensors")

@@ -104,8 +104,10 @@ def interpreter_bf16_rounding() -> None:
     """Triton 3.6's interpreter converts float32 to bfloat16 by truncation
     (``InterpreterBuilder.cast_impl`` passes no rounding mode), where the GPU
     rounds to nearest even: every bf16 store was up to one ulp off, and a
-    softmax of 1.0 became 0.99609375.  Make that one conversion round as the
-    GPU does; the others (float16 through NumPy) already do."""
+    softmax of 1.0 became 0.99609375; and it converts bfloat16 subnormals to
+    float32 wrongly (9.2e-41 became 0, -2.8e-40 became -5.9e-39).  Make both
+    conversions exact as on the GPU (bfloat16 -> float32 is a 16-bit shift);
+    the others (float16 through NumPy) already are."""
     from triton.runtime import interpreter
     builder = getattr(interpreter, "InterpreterBuilder", None)
     original = getattr(builder, "cast_impl", None)
@@ -116,6 +118,10 @@ def interpreter_bf16_rounding() -> None:
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
             return interpreter.TensorHandle(_f32_to_bf16_bits(src.data), dst_type.scalar)
+        if src.dtype.scalar == tl.bfloat16 and dst_type.scalar == tl.float32:
+            import numpy as np
+            bits = np.ascontiguousarray(src.data).view(np.uint16).astype(np.uint32) << 16
+            return interpreter.TensorHandle(bits.view(np.float32), dst_type.scalar)
         return original(self, src, dst_type)
 
     cast_impl._gpuloss_rne = True
