@@ -62,6 +62,9 @@ PARALLEL_MIN_ELEMS = 1 << 18
 #: rows per chunk for the O(R) work on class-index targets
 ROW_CHUNK = 1 << 16
 
+#: os.cpu_count() once: it does not change while the process runs, and asking costs microseconds per call
+_CPU_COUNT = max(1, os.cpu_count() or 1)
+
 _pool: Optional[ThreadPoolExecutor] = None
 _pool_size = 0
 _pool_lock = threading.Lock()
@@ -79,7 +82,7 @@ def num_threads() -> int:
         if n < 1:
             raise ValueError(f"GPULOSS_NUM_THREADS must be a positive integer, got {env!r}")
         return n
-    return max(1, os.cpu_count() or 1)
+    return _CPU_COUNT
 
 
 def _get_pool(workers: int) -> ThreadPoolExecutor:
