@@ -677,8 +677,9 @@ def test_hooked_head_runs_itself(rng, hook):
                 lambda mod, a, o: halve(mod, a, o) if mod is m.lm_head else None)
         try:
             if isinstance(m.__dict__.get("_gpuloss"), gt._State):
-                with pytest.warns(UserWarning, match="lm_head has .*hooks; this call computes the full logits"):
+                with pytest.warns(UserWarning, match="lm_head has .*hooks; this call computes the full logits") as told:
                     out = m(input_ids=ids, labels=labels)
+                assert [w.filename for w in told if "lm_head" in str(w.message)] == [__file__]  # the caller's line
                 assert out.logits is not None
                 with warnings.catch_warnings():
                     warnings.simplefilter("error")  # told once

@@ -287,11 +287,25 @@ def _head_forward(head: torch.nn.Module, state: _State, orig_forward, input: tor
             state.told_unfused = True
             _layout.user_warning(
                 f"gpuloss: lm_head {why}; this call computes the full logits and their loss, as the unpatched "
-                f"model does (the fused path would skip them)", 1, input)
+                f"model does (the fused path would skip them)", _caller_level(), input)
         state.head_called = True
         return orig_forward(input)
     state.hidden, state.captured_params = input, (head.weight, head.bias)
     return input.new_empty((*input.shape[:-1], 0))
+
+
+def _caller_level() -> int:
+    """The stack level (for :func:`gpuloss._layout.user_warning`, called from
+    the caller of this function) of the first frame outside gpuloss, torch,
+    transformers and accelerate: the user's line that called the model."""
+    import os
+    import sys
+    skip = tuple(os.path.dirname(m.__file__) + os.sep for m in (gpuloss, torch, transformers))
+    frame, level = sys._getframe(2), 2  # level 1: the caller of this function
+    while frame is not None and (frame.f_code.co_filename.startswith(skip)
+                                 or f"{os.sep}accelerate{os.sep}" in frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _head_runs_itself(head: torch.nn.Module) -> str:
