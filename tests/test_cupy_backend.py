@@ -555,3 +555,25 @@ def test_gpu_staged_resident_clusters(monkeypatch):
     print("max active clusters of", plan.cluster, "blocks:", exact, "on", sms, "SMs")
     assert exact is not None and exact >= cb_plan.conservative_clusters(sms, 1, plan.cluster)
     assert exact * plan.cluster <= sms * cb_plan.staged_blocks_per_sm(plan, kern.num_regs, 228 * 1024)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtypes", [("bfloat16", "float32"), ("float32", "bfloat16"), ("float16", "float32"),
+                                    ("float16", "bfloat16"), ("float32", "float64")])
+def test_kl_div_with_logits_of_mixed_dtypes(dtypes):
+    """A bf16 student with a float32 teacher (and the other mixes): the
+    launcher ``astype``d the teacher to the student's storage dtype, reading
+    float32 values as bf16 bits' integers and back: a garbage teacher.  Both
+    are now converted to the promoted dtype, as the other backends compute."""
+    _gpu()
+    torch = pytest.importorskip("torch")
+    import gpuloss
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(64, 1000, generator=g).to(getattr(torch, dtypes[0]))
+    t = (torch.randn(64, 1000, generator=g) * 3).to(getattr(torch, dtypes[1]))
+    want = gpuloss.kl_div_with_logits(x, t, temperature=2.0, reduction="none", backend="numpy", return_grad=True)
+    got = gpuloss.kl_div_with_logits(x.cuda(), t.cuda(), temperature=2.0, reduction="none", backend="cupy",
+                                     return_grad=True)
+    assert got.grad.dtype == x.dtype
+    torch.testing.assert_close(got.loss.cpu().double(), want.loss.double(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.grad.cpu().double(), want.grad.double(), rtol=2e-2, atol=1e-5)

@@ -38,6 +38,38 @@ def storage_dtype(a: Any) -> str:
     raise TypeError(f"cupy backend: unsupported floating dtype {name}")
 
 
+def promoted_storage(a: str, b: str) -> str:
+    """torch's promotion of two floating storage dtypes: the wider one;
+    float16 with bfloat16 is float32."""
+    if a == b:
+        return a
+    order = {"float16": 0, "bfloat16": 0, "float32": 1, "float64": 2}
+    if order[a] == order[b]:
+        return "float32"
+    return a if order[a] > order[b] else b
+
+
+def to_storage(a: Any, dtype: str) -> Any:
+    """``a`` (a floating CuPy array, bf16 as its int16 bits) in storage dtype
+    ``dtype``, converted as the GPU converts: bfloat16 -> float32 is the
+    16-bit shift (exact), float32 -> bfloat16 rounds to nearest even.  A
+    plain ``astype`` would read or write bf16 bits as integers."""
+    import cupy
+    src = storage_dtype(a)
+    if src == dtype:
+        return a
+    if src == "bfloat16":
+        a = (a.view(cupy.uint16).astype(cupy.uint32) << 16).view(cupy.float32)
+        return a if dtype == "float32" else a.astype(dtype)
+    if dtype == "bfloat16":
+        f = a.astype(cupy.float32)
+        bits = f.view(cupy.uint32).astype(cupy.uint64)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        out = cupy.where(cupy.isnan(f), (bits >> 16) | 0x40, rounded)
+        return out.astype(cupy.uint16).view(cupy.int16)
+    return a.astype(dtype)
+
+
 def index_dtype(a: Any) -> str:
     name = str(a.dtype)
     if name not in B.INDEX_CTYPES:

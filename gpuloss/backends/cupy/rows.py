@@ -103,9 +103,13 @@ def nll_loss(logp: Any, target: Any, weight: Optional[Any], opts: NllOptions, wa
 def kl_div_logits(x: Any, target: Any, opts: KlDivLogitsOptions, want: Want) -> LossResult:
     import cupy
     x, target = CM.unit_rows(x), CM.unit_rows(target)
-    dt = CM.storage_dtype(x)
-    if str(target.dtype) != str(x.dtype):
-        target = target.astype(x.dtype)
+    dt, tdt = CM.storage_dtype(x), CM.storage_dtype(target)
+    if tdt != dt:
+        # a bf16 student and a float32 teacher: both in the promoted dtype (as the other backends compute),
+        # the gradient back in the student's (``astype`` read bf16 bits as integers: a garbage teacher)
+        wide = CM.promoted_storage(dt, tdt)
+        res = kl_div_logits(CM.to_storage(x, wide), CM.to_storage(target, wide), opts, want)
+        return res._replace(grad=None if res.grad is None else CM.to_storage(res.grad, dt))
     R, C = x.shape
     acc = CM.acc(dt)
     divisor = {"none": 1.0, "sum": 1.0, "batchmean": float(R), "mean": float(R * C)}[opts.reduction]
