@@ -577,3 +577,28 @@ def test_kl_div_with_logits_of_mixed_dtypes(dtypes):
     assert got.grad.dtype == x.dtype
     torch.testing.assert_close(got.loss.cpu().double(), want.loss.double(), rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(got.grad.cpu().double(), want.grad.double(), rtol=2e-2, atol=1e-5)
+
+
+def test_device_attributes_are_read_once_per_device(monkeypatch):
+    """CuPy's Device().attributes asks the driver for every attribute each
+    time; launches read it two or three times (a cost per launch beyond a
+    small kernel's): now once per device."""
+    import types
+    asked = []
+
+    class Device:
+        def __init__(self):
+            self.id, self.compute_capability = 0, "90"
+
+        @property
+        def attributes(self):
+            asked.append(self.id)
+            return {"MaxSharedMemoryPerBlockOptin": 232448, "MultiProcessorCount": 132,
+                    "MaxSharedMemoryPerMultiprocessor": 233472}
+
+    stub = types.SimpleNamespace(cuda=types.SimpleNamespace(Device=Device))
+    monkeypatch.setattr(cb_build, "_device_attrs", {}, raising=False)
+    for _ in range(5):
+        assert cb_build.device_info(stub) == (0, 90, 232448)
+    assert cb_build.device_attrs(stub)["MultiProcessorCount"] == 132
+    assert asked == [0]

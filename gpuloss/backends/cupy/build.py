@@ -151,12 +151,32 @@ _cache: Dict[Tuple[int, str, str], Any] = {}  # (device, op, name expression) ->
 _cache_lock = threading.Lock()
 
 
+_device_attrs: Dict[int, Dict[str, int]] = {}  # device id -> the attributes the launchers read
+
+
+def device_attrs(cupy) -> Dict[str, int]:
+    """The current device's attributes the launchers read, queried once per
+    device: CuPy's ``Device().attributes`` asks the driver for every attribute
+    (about a hundred calls) each time, and launches read it two or three
+    times."""
+    dev = cupy.cuda.Device()
+    attrs = _device_attrs.get(dev.id)
+    if attrs is None:
+        every = dev.attributes
+        attrs = _device_attrs[dev.id] = {
+            "id": dev.id,
+            "cc": int(dev.compute_capability),
+            "MaxSharedMemoryPerBlockOptin": int(every.get("MaxSharedMemoryPerBlockOptin", 48 * 1024)),
+            "MultiProcessorCount": int(every.get("MultiProcessorCount", 1)),
+            "MaxSharedMemoryPerMultiprocessor": int(every.get("MaxSharedMemoryPerMultiprocessor", 228 * 1024)),
+        }
+    return attrs
+
+
 def device_info(cupy) -> Tuple[int, int, int]:
     """(device id, compute capability as int, opt-in shared memory per block)."""
-    dev = cupy.cuda.Device()
-    cc = int(dev.compute_capability)
-    optin = int(dev.attributes.get("MaxSharedMemoryPerBlockOptin", 48 * 1024))
-    return dev.id, cc, optin
+    a = device_attrs(cupy)
+    return a["id"], a["cc"], a["MaxSharedMemoryPerBlockOptin"]
 
 
 def _cached_module(key, build):
@@ -172,7 +192,9 @@ def _with_smem(kern, smem: int):
     """``kern`` allowed ``smem`` bytes of dynamic shared memory (above 48 KiB
     a kernel must opt in)."""
     if smem > 48 * 1024 and kern.max_dynamic_shared_size_bytes < smem:
-        kern.max_dynamic_shared_size_bytes = smem
+        with _cache_lock:  # two threads raising it to different sizes: the larger stays
+            if kern.max_dynamic_shared_size_bytes < smem:
+                kern.max_dynamic_shared_size_bytes = smem
     return kern
 
 

@@ -44,9 +44,9 @@ def _resident_clusters(kern, plan: StagedPlan) -> int:
     env = os.environ.get("GPULOSS_CUPY_STAGED_CLUSTERS", "").strip()
     if env:
         return max(1, int(env))
-    attrs = cupy.cuda.Device().attributes
-    sms = int(attrs.get("MultiProcessorCount", 1))
-    smem_sm = int(attrs.get("MaxSharedMemoryPerMultiprocessor", 228 * 1024))
+    attrs = B.device_attrs(cupy)
+    sms = attrs["MultiProcessorCount"]
+    smem_sm = attrs["MaxSharedMemoryPerMultiprocessor"]
     bps = staged_blocks_per_sm(plan, int(getattr(kern, "num_regs", 64) or 64), smem_sm)
     if plan.cluster == 1:
         try:
