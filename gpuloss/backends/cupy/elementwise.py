@@ -28,8 +28,7 @@ def _drive(opname, x, t, reduction: str, want: Want, weight=None, pos_weight=Non
     import cupy
     x, t = CM.unit_rows(x), CM.unit_rows(t)
     dt = CM.storage_dtype(x)
-    if str(t.dtype) != str(x.dtype):
-        t = t.astype(x.dtype)
+    t = CM.to_storage(t, dt)  # bf16-aware (a plain astype reads bf16 bits as integers)
     R, C = x.shape
     n = R * C
     acc = CM.acc(dt)

@@ -32,8 +32,7 @@ def softmax_backward(y: Any, dy: Any, opts: SoftmaxOptions) -> Any:
     import cupy
     y, dy = CM.unit_rows(y), CM.unit_rows(dy)
     dt = CM.storage_dtype(y)
-    if CM.storage_dtype(dy) != dt:
-        dy = dy.astype(y.dtype)
+    dy = CM.to_storage(dy, dt)  # bf16-aware (a plain astype reads bf16 bits as integers)
     R, C = y.shape
     dx = cupy.empty((R, C), dtype=y.dtype)
     i64 = CM.np_().int64
@@ -54,8 +53,7 @@ def cross_entropy(x: Any, target: Any, weight: Optional[Any], opts: CrossEntropy
     div = None
     if prob:
         target = CM.unit_rows(target)
-        if str(target.dtype) != str(x.dtype):
-            target = target.astype(x.dtype)
+        target = CM.to_storage(target, dt)  # bf16-aware
         if opts.reduction == "mean":
             div = cupy.full((1,), float(R), dtype=acc)
     else:
