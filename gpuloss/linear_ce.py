@@ -215,6 +215,12 @@ def _check_chunked_options(options, acc_dtype, n_tokens: int, H: int, C: int, in
                                      f"inputs, but got torch.{acc} acc_dtype and torch.{input_dtype} inputs.")
 
 
+def _asked_acc(options, acc_dtype):
+    """The accumulation dtype asked for: gpuloss's ``acc_dtype`` argument,
+    else ``options.acc_dtype`` (None where neither names one)."""
+    return acc_dtype if acc_dtype is not None else getattr(options, "acc_dtype", None)
+
+
 def _chunked_logits(options, chunked: bool, input_dtype: str, acc_dtype, device: str) -> str:
     """The dtype of each chunk's logits (``LinearCEOptions.logits``).  With
     ``options`` torch's chunked path forms them in its ``acc_dtype``: float32
@@ -227,7 +233,7 @@ def _chunked_logits(options, chunked: bool, input_dtype: str, acc_dtype, device:
     logits, in the operands' dtype)."""
     if not chunked or input_dtype not in ("float16", "bfloat16"):
         return "input"
-    acc = acc_dtype if acc_dtype is not None else options.acc_dtype
+    acc = _asked_acc(options, acc_dtype)
     if acc is None and options.acc_policy != "auto":
         return "input"
     if acc is not None and str(acc).replace("torch.", "") != "float32":
@@ -257,7 +263,7 @@ def _resolve_options(options, chunk_size, acc_dtype, n_tokens: int, H: int, voca
     if chunk_size is None:  # the op bounds it by the tokens (see chunk_rows)
         itemsize = 4 if logits32 else {"float16": 2, "bfloat16": 2, "float64": 8}.get(dtype_name(weight, kind), 4)
         chunk_size = chunk_rows(vocab, itemsize, "cpu" if device == "cpu" else "cuda")
-    acc = acc_dtype if acc_dtype is not None else getattr(options, "acc_dtype", None)
+    acc = _asked_acc(options, acc_dtype)
     wname = dtype_name(weight, kind)
     accumulate = "weight" if getattr(options, "acc_policy", "auto") == "compact" and acc is None else "float32"
     if acc is not None:

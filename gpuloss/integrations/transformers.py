@@ -316,10 +316,10 @@ def _head_runs_itself(head: torch.nn.Module) -> str:
     exists only during the head's own call (accelerate's offloading hook,
     ``device_map`` with "cpu"/"disk" entries, loads it around ``forward`` and
     puts it back afterwards)."""
-    M = _torch_module
-    if head._forward_hooks or M._global_forward_hooks:
+    if head._forward_hooks or _torch_module._global_forward_hooks:
         return "has forward hooks"
-    if head._backward_hooks or head._backward_pre_hooks or M._global_backward_hooks or M._global_backward_pre_hooks:
+    if (head._backward_hooks or head._backward_pre_hooks or _torch_module._global_backward_hooks
+            or _torch_module._global_backward_pre_hooks):
         return "has backward hooks"
     if head.weight.is_meta:
         return "has its weight on the meta device (offloaded, loaded only inside its own call)"
