@@ -334,3 +334,49 @@ def test_gpu_split_rows_offsets(rng, variant):
                                   z_loss=1e-4, softcap=None, reduction="mean", want_grad=True)
         _expect(res.loss, want, "float32", rtol=LOSS_RTOL["float32"] * 10, atol=0.0, what=f"loss, {offset:g}")
         _expect(res.grad, gx, "float32", atol=_grad_atol(gx, "float32"), what=f"grad, {offset:g}")
+
+
+def test_scaled_logits_launch_with_rounded_products(rng, monkeypatch):
+    """A kernel that forms z = cap tanh(x / cap) or z = x / T and subtracts the
+    row max of those z launches with ``enable_fp_fusion=False``: on a GPU the
+    compiler otherwise folds the product into the subtraction (one fma), so the
+    target's ``max - z_t`` is the rounding error of the product, not 0: ~1e22
+    in the loss at logits near 1e30 (seen on an H200; the interpreter rounds
+    every product, so only the launch options can be checked here).  Launches
+    without scaling keep their fmas."""
+    from gpuloss.backends.triton import vocab_parallel as VP
+    seen = []
+
+    def recording(cls):
+        orig = cls.run
+
+        def run(self, *args, **kwargs):
+            seen.append((self.fn.__name__ if hasattr(self, "fn") else self.__name__, kwargs.get("enable_fp_fusion")))
+            return orig(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "run", run)
+
+    from gpuloss.kernels.triton import cross_entropy as K
+    recording(type(K.cross_entropy_twopass_kernel))
+    x = _t(rng.standard_normal((R, C)) + 1e30, "float32")
+    t = _t(rng.integers(0, C, R))
+    for variant, cap in DESIGNS:
+        b = TritonBackend(variant=variant, max_block=cap)
+        for softcap in (None, 4e30):
+            seen.clear()
+            prim(b, "cross_entropy", x, t, weight=None, ignore_index=-100, label_smoothing=0.1, z_loss=0.0,
+                 softcap=softcap, reduction="mean", want_grad=True)
+            ce = [f for name, f in seen if name.startswith("cross_entropy_")]
+            assert ce == [None if softcap is None else False], (variant, softcap, seen)
+    for temperature in (1.0, 3.0):
+        seen.clear()
+        prim(TritonBackend(max_block=16), "kl_div_logits", x, x * 0.5, temperature=temperature,
+             target_is_logits=True, reduction="sum", want_grad=True)
+        assert [f for name, f in seen if name.startswith("kl_")] == [None if temperature == 1.0 else False], seen
+    m_r = torch.empty(R, dtype=torch.float32, device=x.device)
+    stats = [torch.empty(R, dtype=torch.float32, device=x.device) for _ in range(3)]
+    for softcap in (None, 4e30):
+        seen.clear()
+        VP.vocab_parallel_stats(x, t, softcap, True, m_r, stats)
+        VP.vocab_parallel_grad(x, t, m_r, stats[0], stats[1], 0.1, C, 0.0, softcap)
+        want = None if softcap is None else False
+        assert [f for name, f in seen if name.startswith("vocab_")] == [want, want], seen
