@@ -153,3 +153,31 @@ def test_sources_include_no_system_headers():
             for line in p.read_text().splitlines():
                 if line.strip().startswith("#include"):
                     assert line.strip().endswith('.cuh"'), f"{p.name}: {line.strip()}"
+
+
+@pytest.mark.parametrize("source", ["rows.cu", "staged.cu"])
+def test_scaled_logits_are_rounded_products(source, tmp_path):
+    """The kernels that scale logits (softcap: z = cap tanh(x / cap); distillation: z = x / T)
+    form z with an explicitly rounded multiply (``mul.rn``, which nvcc and NVRTC never fuse
+    into a following add): with the default contraction, max - z_t is an fma of the unrounded
+    product, the rounding error of z rather than 0 where z_t is the max (~1e22 in the loss at
+    logits near 1e30; seen for Triton's kernels on an H200)."""
+    import re
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc not on PATH")
+    text, _ = cr.instantiation_source(source, 90)
+    cu = tmp_path / source
+    cu.write_text(text)
+    ptx = tmp_path / (source + ".ptx")
+    proc = subprocess.run([nvcc, *cb_build.nvrtc_options(90), "-arch=sm_90", "-ptx", str(cu), "-o", str(ptx)],
+                          capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    checked = 0
+    for entry in re.split(r"\n\.visible \.entry ", ptx.read_text())[1:]:
+        name = entry.split("(", 1)[0]
+        if "cross_entropy" in name or "kl_div_logits" in name:
+            acc = "f64" if "f64" in name else "f32"
+            assert f"mul.rn.{acc}" in entry, f"{name}: z formed by a multiply the compiler may contract"
+            checked += 1
+    assert checked, "no cross-entropy or KL entry in the PTX"

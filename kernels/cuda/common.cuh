@@ -88,6 +88,24 @@ GL_HD float gl_log1p(float x) { return log1pf(x); }
 GL_HD double gl_log1p(double x) { return log1p(x); }
 GL_HD float gl_tanh(float x) { return tanhf(x); }
 GL_HD double gl_tanh(double x) { return tanh(x); }
+// A product rounded on its own, never contracted into a following add (nvcc and NVRTC fuse
+// a * b + c into one fma by default): the logits a kernel scales (z = cap tanh(x / cap), z = x / T)
+// are formed once per use, and max - z_t must be 0 where z_t is the max, not the rounding error
+// of the product (~1e22 at logits near 1e30).
+GL_HD float gl_mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+    return __fmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
+GL_HD double gl_mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+    return __dmul_rn(a, b);
+#else
+    return a * b;
+#endif
+}
 GL_HD float gl_max(float a, float b) { return fmaxf(a, b); }
 GL_HD double gl_max(double a, double b) { return fmax(a, b); }
 GL_HD float gl_abs(float a) { return fabsf(a); }

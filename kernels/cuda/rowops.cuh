@@ -252,7 +252,7 @@ template <class D, class TI, bool PROB, bool FAST = false> struct CrossEntropyOp
     GL_HD void rebase(RowState<A>& st, A mn) const {
         if (PROB || eps != (A)0) st.a0 = rebase_rel(st.a0, st.a1, st.m, mn);
     }
-    GL_HD A z(A x) const { return cap > (A)0 ? cap * gl_tanh(x * inv_cap) : x; }
+    GL_HD A z(A x) const { return cap > (A)0 ? gl_mul_rn(cap, gl_tanh(x * inv_cap)) : x; }
     GL_HD A wc(int c) const { return W ? W[c] : (A)1; }
     GL_HD void acc(RowState<A>& st, int c, A, A zc, A d) const {
         if (PROB) {
@@ -440,10 +440,10 @@ template <class D, bool TLOGITS, bool FAST = false> struct KlLogitsOp {
     GL_HD void rebase(RowState<A>& st, A mn) const {
         if (!TLOGITS) st.a0 = rebase_rel(st.a0, st.a1, st.m, mn);
     }
-    GL_HD A z(A x) const { return x * inv_t; }
+    GL_HD A z(A x) const { return gl_mul_rn(x, inv_t); }
     GL_HD void acc(RowState<A>& st, int, A, A zc, A y) const {
         if (TLOGITS) {
-            A yp = y * inv_t;
+            A yp = gl_mul_rn(y, inv_t);
             merge_y(st, yp, (A)1, yp - zc);
         } else {
             if (y != (A)0) st.a0 += y * rel(zc, st.m);  // no probability, no term (z may be -inf)
@@ -468,7 +468,7 @@ template <class D, bool TLOGITS, bool FAST = false> struct KlLogitsOp {
         if (writer) Loss[row] = kl;
     }
     GL_HD A out(int, A, A zc, A y) const {
-        A d = TLOGITS ? ex(y * inv_t - ym) * inv_ys : y;
+        A d = TLOGITS ? ex(gl_mul_rn(y, inv_t) - ym) * inv_ys : y;
         return scale * (sum_d * ex(zc - m) * inv_s - d) * inv_t;
     }
 };
