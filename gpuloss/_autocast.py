@@ -14,7 +14,10 @@ whose autocast is enabled:
   argument has one 16-bit dtype nothing is cast: only the loss comes out in
   float32, unrounded, and no float32 copy of the logits is made (torch makes
   one).  With mixed dtypes the 16-bit arguments are cast to float32, as torch
-  casts them.  float64 is never cast.  softmax's output is an array of the
+  casts them.  float64 is never cast.  (torch's own ``cross_entropy`` is on
+  no CUDA list: it calls ``log_softmax`` with the input's dtype, so on CUDA
+  its float32 loss comes from 16-bit log-probabilities; ours is the float32
+  loss, as torch's is under CPU autocast.)  softmax's output is an array of the
   input's size, so there the input is cast (``dtype=float32``), as torch does.
 * ``binary_cross_entropy`` under CUDA autocast: refused with torch's error.
 * ``linear_cross_entropy``: ``F.linear``'s operands in ``D`` (float32 and the
