@@ -27,8 +27,12 @@ bf16 inputs; an implementation passes when its max error is at most 2x
 torch eager's bf16 error plus 1e-3 of max|ref| (STYLE.md's rule).
 Time: ``triton.testing.do_bench`` median (L2 flushed).  Memory: peak
 ``torch.cuda.max_memory_allocated`` during one call minus what was
-allocated before it (outputs included).  Targets (PERF.md): time <= torch
-eager's in the same run, extra memory <= 1.5 GiB.
+allocated before it, minus the gradient outputs (grad_hidden and
+grad_weight in the operands' dtype): "extra GiB", what issue 13's target
+counts; "peak GiB" keeps the outputs in.  Targets (PERF.md): time <= torch
+eager's in the same run, extra memory <= 1.5 GiB.  ``--profile`` lists the
+device time of one call by kernel (torch.profiler): GEMMs, the CE kernel,
+the rest.
 
 Writes ``linear_ce.json`` and ``linear_ce.md`` to ``--out``.
 """
@@ -142,7 +146,10 @@ def run(N: int, H: int, V: int, dtype_name: str, only: Optional[List[str]] = Non
                     row["status"] = "WRONG: " + ", ".join(("loss", "grad_hidden", "grad_weight")[k] for k in bad)
             if row["status"] == "ok":
                 call = lambda: _loss_and_grads(fn, h, W, t)  # noqa: E731
-                row["mem_extra_gib"] = dev.peak_extra_bytes(call) / GIB
+                peak = dev.peak_extra_bytes(call)
+                outputs = (N + V) * H * torch.empty((), dtype=dtype).element_size()  # grad_hidden, grad_weight
+                row["mem_peak_gib"] = peak / GIB
+                row["mem_extra_gib"] = max(0, peak - outputs) / GIB
                 row["time_ms"] = dev.time_ms(call)
         except Exception as e:  # one failing implementation must not lose the others
             row["status"] = f"fails: {type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
@@ -206,17 +213,62 @@ def budget(N: int, H: int, V: int, dtype_name: str, chunk: Optional[int] = None)
     return rows
 
 
+#: kernel-name fragments -> the part of a call they belong to (first match wins)
+_KERNEL_PARTS = (("split_acc", "grad_weight split GEMM (Triton)"), ("cross_entropy", "CE kernel"),
+                 ("gemm", "GEMM"), ("nvjet", "GEMM"), ("xmma", "GEMM"), ("cutlass", "GEMM"),
+                 ("triton", "other Triton"), ("", "other (copies, casts, reductions)"))
+
+
+def profile(N: int, H: int, V: int, dtype_name: str, impls=("gpuloss", "gpuloss-acc-split", "torch-compile")) -> str:
+    """Device time of one call of each of ``impls`` by kernel (torch.profiler,
+    after one warm-up call): the parts of the call as they really run, where
+    ``budget`` times each part alone."""
+    import torch
+    from torch.profiler import ProfilerActivity
+    dtype = getattr(torch, dtype_name)
+    h = torch.randn(N, H, device="cuda").to(dtype)
+    W = (torch.randn(V, H, device="cuda") / H ** 0.5 * 2).to(dtype)
+    t = torch.randint(0, V, (N,), device="cuda")
+    out = [f"# one call by kernel: N={N} H={H} V={V} {dtype_name} (torch.profiler, device time)", ""]
+    table = _impls(dtype)
+    for name in impls:
+        fn = table[name]()
+        if fn is None:
+            continue
+        _loss_and_grads(fn, h, W, t)
+        torch.cuda.synchronize()
+        with torch.profiler.profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _loss_and_grads(fn, h, W, t)
+            torch.cuda.synchronize()
+        parts: Dict[str, float] = {}
+        top = []
+        for e in prof.key_averages():
+            if getattr(e, "device_type", None) != torch.autograd.DeviceType.CUDA:
+                continue  # CPU-side ops and runtime calls: their kernels are listed under their own names
+            us = float(getattr(e, "device_time_total", 0.0) or getattr(e, "cuda_time_total", 0.0) or 0.0)
+            part = next(p for frag, p in _KERNEL_PARTS if frag in e.key.lower())
+            parts[part] = parts.get(part, 0.0) + us / 1e3
+            top.append((us / 1e3, e.count, e.key[:90]))
+        out.append(f"## {name}: {sum(parts.values()):.2f} ms of kernels")
+        out += [f"- {p}: {ms:.2f} ms" for p, ms in sorted(parts.items(), key=lambda kv: -kv[1])]
+        out += [f"  - {ms:.2f} ms, {n} launches: {k}" for ms, n, k in sorted(top, reverse=True)[:8]]
+        out.append("")
+        del fn
+        torch.cuda.empty_cache()
+    return "\n".join(out)
+
+
 def _table(meta: dict, rows: List[dict]) -> str:
     lines = [f"# fused linear + CE: {meta['shape']} {meta['dtype']}, {meta.get('card')} ({meta['date']})", "",
              f"bf16 GEMM {meta['gemm_tflops']:.0f} TFLOP/s in this run: three-matmul floor "
              f"{meta['floor_ms']:.2f} ms; fastest peer {meta['best_peer_ms'] or float('nan'):.2f} ms", "",
-             "| impl | median ms | of floor | extra GiB | max err loss / gh / gw | status |",
-             "|---|---|---|---|---|---|"]
+             "| impl | median ms | of floor | extra GiB | peak GiB | max err loss / gh / gw | status |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         t = r.get("time_ms")
         fl = f"{r['floor_fraction']:.2f}" if r.get("floor_fraction") else ""
         err = " / ".join(f"{e:.1e}" for e in r.get("max_err", []))
-        mem = f"{r['mem_extra_gib']:.2f}" if r.get("mem_extra_gib") is not None else ""
+        mem = f"{r['mem_extra_gib']:.2f} | {r['mem_peak_gib']:.2f}" if r.get("mem_extra_gib") is not None else " | "
         status = r["status"]
         if "target_time" in r:
             met = lambda k: "met" if r[k] else "MISSED"  # noqa: E731
@@ -234,6 +286,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--impls", help="comma list (default: all)")
     p.add_argument("--budget", action="store_true", help="also time the parts of one gpuloss call")
+    p.add_argument("--profile", action="store_true",
+                   help="also list one call's device time by kernel (first shape only)")
     p.add_argument("--out", default=None, help="output folder (default bench/out/linear_ce-<date>)")
     args = p.parse_args(argv)
     import torch
@@ -267,6 +321,14 @@ def main(argv: Optional[List[str]] = None) -> int:
                 except Exception as e:  # the measured rows stay
                     why = str(e).splitlines()[0][:160] if str(e) else ""
                     tables.append(f"- budget fails: {type(e).__name__}: {why}\n")
+                print(tables[-1], flush=True)
+                write()
+            if args.profile and len(results) == 1:
+                try:
+                    tables.append(profile(N, H, V, args.dtype))
+                except Exception as e:  # the measured rows stay
+                    why = str(e).splitlines()[0][:160] if str(e) else ""
+                    tables.append(f"- profile fails: {type(e).__name__}: {why}\n")
                 print(tables[-1], flush=True)
                 write()
     except KeyboardInterrupt:

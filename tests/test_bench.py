@@ -490,3 +490,7 @@ def test_linear_ce_bench_checks_every_row_against_torch(monkeypatch):
     monkeypatch.setattr(gpuloss, "linear_cross_entropy", real_lce)
     _, rows = linear_ce.run(64, 32, 500, "float32", ["gpuloss", "torch"])
     assert all(r["status"] == "ok" for r in rows), rows
+    # "extra" is what issue 13's memory target counts: beyond the gradient outputs (grad_hidden, grad_weight)
+    outputs = (64 + 500) * 32 * 4 / 2**30
+    for r in rows:
+        assert r["mem_peak_gib"] - r["mem_extra_gib"] == pytest.approx(min(r["mem_peak_gib"], outputs)), r
