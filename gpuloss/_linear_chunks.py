@@ -111,6 +111,13 @@ class _XpOps:
     def mm(self, a, b, out=None):
         return self.xp.matmul(a, b, out=out)
 
+    def mm32(self, a, b, out, slab: int):
+        """``out`` (float32) = a @ b of 16-bit operands, rounded once: ``slab``
+        rows of ``b`` (columns of ``a``) at a time upcast."""
+        out[...] = 0
+        for k0 in range(0, b.shape[0], slab):
+            out += self.xp.matmul(a[:, k0:k0 + slab].astype(out.dtype), b[k0:k0 + slab].astype(out.dtype))
+
     def mm_acc(self, acc, a, b, slab: int):
         """acc += a @ b.  NumPy and CuPy have no GEMM with beta = 1 through
         ``matmul``, so the product goes through a temporary of ``slab`` rows of
@@ -204,6 +211,17 @@ class _TorchOps:
         if out is None:
             return self.torch.mm(a, b)
         return self.torch.mm(a, b, out=out)
+
+    def mm32(self, a, b, out, slab: int):
+        """``out`` (float32) = a @ b of 16-bit operands, rounded once: one GEMM
+        with a float32 output on a GPU (``addmm.dtype_out``, beta = 0) where it
+        works; else ``slab`` rows of ``b`` (columns of ``a``) at a time upcast."""
+        if self._fused_dtype_out(out, a, b):
+            self.torch.ops.aten.addmm.dtype_out(out, a, b, out.dtype, beta=0, out=out)
+            return
+        out.zero_()
+        for k0 in range(0, b.shape[0], slab):
+            out.addmm_(a[:, k0:k0 + slab].to(out.dtype), b[k0:k0 + slab].to(out.dtype))
 
     def _fused_dtype_out(self, acc, a, b) -> bool:
         """Whether ``aten::addmm.dtype_out(acc, a, b, fp32, out=acc)`` (a bf16/fp16
@@ -312,7 +330,10 @@ class _Loop:
         # operands until then (rules.saved_grad_dtype_name)
         wname = str(self.W.dtype).replace("torch.", "")
         self.keep32 = row_grad is None and rules.saved_grad_dtype_name(wname) != wname
-        self.gh = ops.empty((self.N, self.H), self.h, ops.acc_dtype(self.h) if self.keep32 else None) \
+        # grad_hidden: float32 for 16-bit operands, its product rounded once (rules.saved_grad_hidden_dtype_name)
+        hname = str(self.h.dtype).replace("torch.", "")
+        self.gh32 = row_grad is None and rules.saved_grad_hidden_dtype_name(hname) != hname
+        self.gh = ops.empty((self.N, self.H), self.h, ops.acc_dtype(self.h) if self.gh32 else None) \
             if self.need_h else None
         # grad_weight: a single chunk is one GEMM over every token (fp32 inside
         # the GEMM, rounded once); several chunks accumulate in an fp32 buffer
@@ -372,8 +393,8 @@ class _Loop:
         higher-precision dZ for the bias gradient, when there is one)."""
         ops = self.ops
         if self.need_h:
-            if self.keep32:
-                self.gh[c0:c1] = ops.mm(dz, self.W)  # an fp16 product, unscaled: in range
+            if self.gh32:
+                ops.mm32(dz, self.W, self.gh[c0:c1], self.slab_w)  # float32, unscaled: scaled in fp32 later
             elif g is None:
                 ops.mm(dz, self.W, out=self.gh[c0:c1])
             else:

@@ -149,7 +149,8 @@ def _output_meta(spec: OpSpec, name: str, arrays: Dict[str, Optional[Tensor]], o
     if src is None or not asked or (name == "grad_target" and not src.is_floating_point()):
         return (src if src is not None else first).dtype, None
     if spec.name == "linear_cross_entropy":  # saved for backward's scale (rules.saved_grad_dtype_name)
-        return getattr(torch, rules.saved_grad_dtype_name(str(src.dtype).replace("torch.", ""))), tuple(src.shape)
+        rule = rules.saved_grad_hidden_dtype_name if name == "grad_hidden" else rules.saved_grad_dtype_name
+        return getattr(torch, rule(str(src.dtype).replace("torch.", ""))), tuple(src.shape)
     return src.dtype, tuple(src.shape)
 
 
