@@ -115,6 +115,53 @@ def test_cross_entropy_at_offsets(harness, rng, layout, offset):
     _close(g, ref.cross_entropy_grad(xs, d, weight=w, label_smoothing=0.05, reduction="none")[0], "prob grad")
 
 
+def _bf16(x):
+    """``x`` rounded to bfloat16 (nearest even, through float32), as float64: the values a bf16
+    kernel sees (its arithmetic is fp32 on exactly widened bf16, as the harness's)."""
+    u = np.asarray(x, np.float32).view(np.uint32).astype(np.uint64)
+    u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+    return u.astype(np.uint32).view(np.float32).astype(np.float64)
+
+
+def _bf16_logits(rng, R, C, offset):
+    """The GPU test's bf16 rows (tests/test_cupy_backend.py, _offset_logits): offset + N(0, 4),
+    and offset (1 + 4 ulp N(0, 1)) with bf16's ulp 2^-7, so at 1e37 logits ~1e35-1e36 apart."""
+    x = np.empty((R, C))
+    x[: R // 2] = offset + 4 * rng.standard_normal((R // 2, C))
+    x[R // 2:] = (offset or 1.0) * (1 + 4 * 2.0 ** -7 * rng.standard_normal((R - R // 2, C)))
+    return _bf16(x)
+
+
+@pytest.mark.parametrize("layout", [(1, 32, 1), (1, 64, 8), (2, 32, 8), (8, 32, 8)], ids=lambda l: "K%d-T%d-V%d" % l)
+@pytest.mark.parametrize("offset", [1e30, 1e37, -1e37])
+def test_bf16_spreads_at_offsets(harness, rng, layout, offset):
+    """bf16 logits at a large offset keep only 8 significant bits, so near 1e37 they lie up to
+    ~1e36 apart and the loss is that large (finite).  Label smoothing's sum_c w_c (z_c - m) is
+    then ~C x 1e36, past fp32's 3.4e38 (1e39 at C = 1003): it gave an infinite loss (the bf16
+    cases of test_gpu_precision_at_offsets on the H200) until the sum carried eps/C per term."""
+    K, T, VEC = layout
+    R, C = 6, 1003
+    x = _bf16_logits(rng, R, C, offset)
+    xs = _shifted(x)
+    t = rng.integers(0, C, R)
+    w = rng.uniform(0.5, 2.0, C).astype(np.float32).astype(np.float64)
+    for kw in (dict(eps=0.1), dict(eps=0.1, w=w), dict(), dict(eps=0.1, fast=True), dict(eps=0.1, w=w, fast=True)):
+        loss, g = run(harness, "ce", x, t=t, K=K, T=T, VEC=VEC, **kw)
+        rkw = dict(label_smoothing=kw.get("eps", 0.0), weight=kw.get("w"))
+        _close(loss, ref.cross_entropy(xs, t, reduction="none", **rkw), f"loss {sorted(kw)}")
+        _close(g, ref.cross_entropy_grad(xs, t, reduction="none", **rkw)[0], f"grad {sorted(kw)}")
+    d = _bf16(rng.dirichlet(np.ones(C), R))
+    loss, g = run(harness, "ce_prob", x, aux=d, w=w, K=K, T=T, VEC=VEC, eps=0.05)
+    _close(loss, ref.cross_entropy(xs, d, weight=w, label_smoothing=0.05, reduction="none"), "prob loss")
+    _close(g, ref.cross_entropy_grad(xs, d, weight=w, label_smoothing=0.05, reduction="none")[0], "prob grad")
+    y = _bf16_logits(rng, R, C, offset)
+    for op, aux, tref in (("kl_logits", y, _shifted(y)), ("kl_prob", d, d)):
+        loss, g = run(harness, op, x, aux=aux, K=K, T=T, VEC=VEC, inv_t=0.5)
+        kw = dict(temperature=2.0, reduction="none", target_is_logits=op == "kl_logits")
+        _close(loss, ref.kl_div_with_logits(xs, tref, **kw), op)
+        _close(g, ref.kl_div_with_logits_grad(xs, tref, **kw)[0], op + " grad")
+
+
 @pytest.mark.parametrize("offset", [0.0, 1e5, -1e5])
 def test_z_loss_at_offsets(harness, rng, offset):
     # z_loss lse^2 overflows fp32 (as it should) beyond |lse| ~ 1.8e19: moderate offsets only

@@ -14,6 +14,10 @@
 // (z_c - m) <= 0, so a0 has no cancellation, and the loss reads a1 * log(s) - a0: two terms
 // >= 0.  A sum of raw logits instead would be ~C * offset (32000 * 1e5), losing the loss's
 // digits to cancellation, and overflowing fp32 (-> inf - inf = nan) for offsets near 1e37.
+// The weights u_c carry the factor the loss applies to the sum (label smoothing's eps/C), so
+// that sum_c u_c stays O(max weight), not O(C): |a0| is then at most that times the row's
+// spread max - min.  With u_c = w_c, a0 ~ C x spread overflows fp32 although the loss does not:
+// bf16 logits near 1e37 lie ~1e35-1e36 apart (8-bit significands), and 1000 x 1e36 > 3.4e38.
 #pragma once
 #include "common.cuh"
 
@@ -192,7 +196,8 @@ template <class D, bool FAST = false> struct SoftmaxBwdOp {
 // Class-index target t (PROB = false), w = weight or 1, W = sum_c w_c, eps = label smoothing:
 //   loss = (1-eps) w_t ((m - z_t) + log s) + eps/C (W log s - sum_c w_c (z_c - m)) + z_loss lse^2
 //   dz_j = s [ ((1-eps) w_t + eps/C W + 2 z_loss lse) p_j - (1-eps) w_t [j==t] - eps/C w_j ]
-// (sum_c w_c (z_c - m) and W are the phase-1 sums a0, a1).  Ignored rows: loss 0, gradient 0.
+// (eps/C sum_c w_c (z_c - m) and eps/C W are the phase-1 sums a0, a1: scaled per term, so that
+// they stay finite where C x the spread of the logits overflows).  Ignored rows: loss 0, gradient 0.
 // A target outside [0, C) that is not ignore_index is never dereferenced: loss and gradient NaN.
 // Probability target d (PROB = true, aux), smoothed d~ = (1-eps) d + eps/C, a1 = sum w d~:
 //   loss = a1 log s - sum_c w_c d~_c (z_c - m) + z_loss lse^2
@@ -260,9 +265,9 @@ template <class D, class TI, bool PROB, bool FAST = false> struct CrossEntropyOp
             st.a0 += wd * rel(zc, st.m);
             st.a1 += wd;
         } else if (eps != (A)0) {
-            A w = wc(c);
-            st.a0 += w * rel(zc, st.m);
-            st.a1 += w;
+            A u = eps_c * wc(c);  // eps/C folded in per term: sum_c w_c (z_c - m) alone overflows
+            st.a0 += u * rel(zc, st.m);
+            st.a1 += u;
         }
     }
     GL_HD void finish(i64 row, const RowState<A>& st, bool writer) {
@@ -289,10 +294,10 @@ template <class D, class TI, bool PROB, bool FAST = false> struct CrossEntropyOp
             tc = (int)t;
             A wt = wc(tc);
             loss = (1 - eps) * wt * ((m - zt) + logs) + zterm;
-            if (eps != (A)0) loss += eps_c * (st.a1 * logs - st.a0);
+            if (eps != (A)0) loss += st.a1 * logs - st.a0;
             rs = s;
             coef_t = (1 - eps) * wt;
-            coef_p = coef_t + (eps != (A)0 ? eps_c * st.a1 : (A)0) + zgrad;
+            coef_p = coef_t + (eps != (A)0 ? st.a1 : (A)0) + zgrad;
         }
         scale_p = rs * coef_p * inv_s;
         if (writer) {
