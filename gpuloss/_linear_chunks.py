@@ -118,13 +118,21 @@ class _XpOps:
         for k0 in range(0, b.shape[0], slab):
             out += self.xp.matmul(a[:, k0:k0 + slab].astype(out.dtype), b[k0:k0 + slab].astype(out.dtype))
 
-    def mm_acc(self, acc, a, b, slab: int):
-        """acc += a @ b.  NumPy and CuPy have no GEMM with beta = 1 through
-        ``matmul``, so the product goes through a temporary of ``slab`` rows of
-        ``a`` at a time (at most one logits chunk of memory), converted to
-        ``acc``'s dtype as it is added."""
+    def mm_acc(self, acc, a, b, slab: int, first: bool = False):
+        """acc += a @ b (``first``: acc = a @ b, whatever acc held).  NumPy and
+        CuPy have no GEMM with beta = 1 through ``matmul``, so the product goes
+        through a temporary of ``slab`` rows of ``a`` at a time (at most one
+        logits chunk of memory), converted to ``acc``'s dtype as it is added."""
         for r0 in range(0, a.shape[0], slab):
-            acc[r0:r0 + slab] += self.xp.matmul(a[r0:r0 + slab], b)
+            if first:
+                acc[r0:r0 + slab] = self.xp.matmul(a[r0:r0 + slab], b)
+            else:
+                acc[r0:r0 + slab] += self.xp.matmul(a[r0:r0 + slab], b)
+
+    def scaled_cast(self, acc, scale, like):
+        """acc * scale in ``like``'s dtype (acc scaled in place, then cast)."""
+        self.mul_(acc, scale)
+        return self.cast(acc, like)
 
     def colsum_acc(self, acc, dz):
         acc += dz.sum(axis=0, dtype=acc.dtype)
@@ -250,18 +258,37 @@ class _TorchOps:
             self._dtype_out_ok[key] = ok
             return ok
 
-    def mm_acc(self, acc, a, b, slab: int):
+    def mm_acc(self, acc, a, b, slab: int, first: bool = False):
         """acc += a @ b with acc in fp32 (or a's dtype): in place in the GEMM
         (beta = 1) when the dtypes allow, else ``slab`` rows at a time through
-        a temporary in a's dtype."""
+        a temporary in a's dtype.  ``first``: acc = a @ b (beta = 0: whatever
+        acc held, NaN included, is not read), so the accumulator needs no
+        zero fill (a pass over V x H float32)."""
         if acc.dtype == a.dtype:
-            acc.addmm_(a, b)
+            if first:
+                self.torch.mm(a, b, out=acc)
+            else:
+                acc.addmm_(a, b)
             return
         if self._fused_dtype_out(acc, a, b):
-            self.torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, out=acc)
+            self.torch.ops.aten.addmm.dtype_out(acc, a, b, acc.dtype, beta=0 if first else 1, out=acc)
             return
         for r0 in range(0, a.shape[0], slab):
-            acc[r0:r0 + slab].add_(self.torch.mm(a[r0:r0 + slab], b))
+            if first:
+                acc[r0:r0 + slab].copy_(self.torch.mm(a[r0:r0 + slab], b))
+            else:
+                acc[r0:r0 + slab].add_(self.torch.mm(a[r0:r0 + slab], b))
+
+    def scaled_cast(self, acc, scale, like):
+        """acc * scale in ``like``'s dtype: one pass (read the accumulator, write
+        the result), the product formed in float64 for a tensor scale (the
+        divisor's dtype) or acc's dtype for a float, rounded once into
+        ``like``'s dtype.  In place when the dtypes agree."""
+        if acc.dtype == like.dtype:
+            return self.mul_(acc, scale)
+        torch = self.torch
+        s = scale.reshape(1) if torch.is_tensor(scale) else scale  # a 0-d tensor would not promote
+        return torch.mul(acc, s, out=torch.empty(acc.shape, dtype=like.dtype, device=acc.device))
 
     def colsum_acc(self, acc, dz):
         acc.add_(dz.sum(dim=0, dtype=acc.dtype))
@@ -347,7 +374,9 @@ class _Loop:
             self.first_w = True
         elif self.need_w and not self.direct_w:
             acc = ops.acc_dtype(self.W) if opts.accumulate in ("float32", "split") else None
-            self.gw = ops.zeros((self.VT, self.H), self.W, acc)
+            # written by the first chunk's GEMM (beta = 0), zeros if no chunk runs
+            self.gw = (ops.empty if self.N else ops.zeros)((self.VT, self.H), self.W, acc)
+            self.first_acc = True
         self.gb = ops.zeros((self.VT,), self.W, ops.acc_dtype(self.W)) if self.need_b else None
         # rows of the slab temporary of NumPy/CuPy's accumulate: at most one logits chunk
         self.slab = max(1, (self.n * self.VT) // max(self.H, 1))
@@ -408,7 +437,8 @@ class _Loop:
                 split_acc_matmul(dz, hs, self.gw, self.lo, self.first_w)
                 self.first_w = False
             else:
-                ops.mm_acc(self.gw, dz.T, hs, self.slab)
+                ops.mm_acc(self.gw, dz.T, hs, self.slab, first=self.first_acc)
+                self.first_acc = False
         if self.gb is not None:
             db = dz if dz_b is None else dz_b
             if g is None:
@@ -457,9 +487,10 @@ class _Loop:
                 return None
             if self.keep32:
                 acc = ops.to_acc(acc)
-            if scale is not None:
-                ops.mul_(acc, scale)  # in fp32 for the fp32 accumulators, before the one cast
-            return acc if self.keep32 else ops.cast(acc, like)
+                return acc if scale is None else ops.mul_(acc, scale)
+            if scale is None:
+                return ops.cast(acc, like)
+            return ops.scaled_cast(acc, scale, like)  # one pass over the fp32 accumulator, rounded once
 
         if self.split:
             from .backends.triton.linear_acc import split_acc_finish
