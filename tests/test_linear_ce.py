@@ -611,8 +611,9 @@ def test_fp32_accumulator_written_by_the_first_chunk_and_cast_once(monkeypatch, 
     assert (V, H) not in zeros and torch.isfinite(out.grad_linear_weight).all()
     assert casts and casts[0] == torch.float32
     want = _reference(h.float().numpy(), W.float().numpy(), None, t.numpy())[2]
-    np.testing.assert_allclose(out.grad_linear_weight.double().numpy(), want, rtol=2**-7,
-                               atol=2**-7 * np.abs(want).max())
+    # bf16 logits and dZ: a few percent per entry; a missing mean scale would be ~32x off
+    np.testing.assert_allclose(out.grad_linear_weight.double().numpy(), want, rtol=2**-5,
+                               atol=2**-5 * np.abs(want).max())
     # one rounding: float64 product straight to bf16 (fp32 first would round twice)
     acc = torch.from_numpy(rng.standard_normal(1 << 18).astype(np.float32))
     s = torch.tensor(1.0 / 3.0, dtype=torch.float64)
