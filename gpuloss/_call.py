@@ -119,8 +119,31 @@ def run(op: str, kind: str, be, arrays: List[Any], opts: Any, return_grad=False)
     from . import torch_ops
     inplace = bool(getattr(opts, "grad_inplace", False))
     with torch.no_grad():
-        outs = torch_ops.call(op, be, arrays, opts, want, inplace=inplace)
+        if _eager(arrays):
+            # the operator's body without its dispatch: the same outputs, ~150 us less per call (on a GPU
+            # more than a 32000-class row kernel takes, which the caller then waits for)
+            outs = torch_ops.call_eager(op, be, arrays, opts, want, inplace=inplace)
+        else:
+            outs = torch_ops.call(op, be, arrays, opts, want, inplace=inplace)
     return result(op, outs, inplace, arrays[0])
+
+
+def _eager(arrays) -> bool:
+    """Plain tensors outside any tracing: no torch.compile, no fake or proxy
+    mode (make_fx, export), no torch.func transform, no tensor subclass or
+    torch-function mode that would want to see the operator."""
+    import torch
+    if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
+        return False
+    for key in (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY):
+        if torch._C._get_dispatch_mode(key) is not None:
+            return False
+    if torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    for a in arrays:
+        if a is not None and (type(a) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(a)):
+            return False
+    return True
 
 
 def _no_target_grad(op: str) -> NotImplementedError:

@@ -191,6 +191,10 @@ def _canonical(spec: OpSpec, outputs: Sequence[str], res, arrays, opts, want) ->
 # operator generation
 # ---------------------------------------------------------------------------
 
+#: each operator's eager body (what its dispatch runs), for :func:`call_eager`
+_IMPLS: Dict[str, Any] = {}
+
+
 def _define(spec: OpSpec):
     """``gpuloss::<op>``: functional (never writes its inputs)."""
     outputs = spec.outputs
@@ -206,8 +210,9 @@ def _define(spec: OpSpec):
         arrays, _, opts, want = _unpack(spec, args)
         return _fake_outputs(spec, outputs, dict(zip(spec.arrays, arrays)), opts, want)
 
+    _IMPLS[spec.name] = _single(impl, outputs)
     op = torch.library.custom_op(f"gpuloss::{spec.name}", mutates_args=(), schema=_schema(spec, outputs))(
-        _single(impl, outputs))
+        _IMPLS[spec.name])
     op.register_fake(_single(fake, outputs))
     return op
 
@@ -236,8 +241,9 @@ def _define_inplace(spec: OpSpec):
         arrays, _, opts, want = _unpack(spec, args)
         return _fake_outputs(spec, outputs, dict(zip(spec.arrays, arrays)), opts, want)
 
+    _IMPLS[spec.name + "_inplace"] = _single(impl, outputs)
     op = torch.library.custom_op(f"gpuloss::{spec.name}_inplace", mutates_args=(x_name,),
-                                 schema=_schema(spec, outputs, mutated=x_name))(_single(impl, outputs))
+                                 schema=_schema(spec, outputs, mutated=x_name))(_IMPLS[spec.name + "_inplace"])
     op.register_fake(_single(fake, outputs))
     return op
 
@@ -575,6 +581,14 @@ def call(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, w
     which writes the gradient over ``arrays[0]`` and returns the rest."""
     spec = OPS[op]
     return getattr(torch.ops.gpuloss, op + ("_inplace" if inplace else ""))(*_pack(spec, backend, arrays, opts, want))
+
+
+def call_eager(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, want: Any = None,
+               inplace: bool = False):
+    """What :func:`call` returns, from the operator's own body without going
+    through torch's dispatcher (``return_grad`` on plain tensors in eager
+    code; :func:`gpuloss._call._eager` decides)."""
+    return _IMPLS[op + ("_inplace" if inplace else "")](*_pack(OPS[op], backend, arrays, opts, want))
 
 
 def call_inplace(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, want: Want):
