@@ -81,3 +81,37 @@ def test_in_place_cross_entropy_reads_the_target_logit_before_a_barrier():
     loads = _ptx_after_last_barrier("cross_entropy.cross_entropy_onchip_kernel",
                                     dict(CHUNK=8192, SPLIT=1, SPLIT_P2=1, PACKED=False), 16)
     assert loads == [], loads
+
+
+_SCALED_PTX = """
+import json
+from gpuloss.bench import resources as R
+out = []
+for spec in R.default_specs(90, dtypes=("float32", "float64"), cols=(1000,)):
+    if dict(spec.constexprs).get("HAS_SOFTCAP") or spec.kernel == "kl_div.kl_div_logits_kernel":
+        ptx = R.compile_triton(spec, 90).asm["ptx"]
+        acc = "f64" if spec.dtype == "float64" else "f32"
+        out.append([spec.kernel, spec.dtype, spec.label, ptx.count("mul.rn." + acc)])
+print(json.dumps(out))
+"""
+
+
+def test_scaled_logits_are_rounded_products():
+    """Kernels that scale their logits (softcap: z = cap tanh(x / cap); distillation:
+    z = x / T) and subtract the row max of those z form each z with an explicit
+    ``mul.rn`` (kernels/triton/common.py: rounded_mul): a plain product is contracted
+    into the following subtraction (an fma of the unrounded product), so max - z_t
+    is the product's rounding error where z_t is the max: -5.6e21 for a loss of 4.77
+    at logits near 1e30 on an H200.  The interpreter cannot show it (NumPy rounds
+    every product), so this reads the sm_90 PTX of every such default configuration,
+    fp32 and fp64."""
+    import json
+    pytest.importorskip("triton")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", _SCALED_PTX], env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = json.loads(out.stdout.splitlines()[-1])
+    kernels = {r[0] for r in rows}
+    assert {"cross_entropy.cross_entropy_twopass_kernel", "kl_div.kl_div_logits_kernel",
+            "vocab_parallel.vocab_parallel_stats_kernel", "vocab_parallel.vocab_parallel_grad_kernel"} <= kernels, rows
+    assert all(n > 0 for *_, n in rows), [r for r in rows if r[3] == 0]

@@ -5,6 +5,8 @@ Everything here is a ``@triton.jit`` function called from a kernel; nothing
 runs on import.  Arithmetic happens in the accumulation dtype ``ACC`` chosen
 by the launcher (float32, or float64 for float64 storage).
 """
+import os
+
 import triton
 import triton.language as tl
 
@@ -36,11 +38,37 @@ def tanh(u):
     return tl.where(u < 0.0, -t, t)
 
 
+#: Triton's interpreter runs the kernels (set before triton is imported): no inline PTX there
+INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def rounded_mul(a, b):
+    """a * b rounded on its own, for logits a kernel scales (softcap, 1 / T)
+    and then compares with their row max.  A plain product may be contracted
+    into a following add (NVPTX forms an fma of the unrounded product), so
+    ``max - z_t`` is the product's rounding error rather than 0 where z_t is
+    the max: ~1e22 in the loss at logits near 1e30 (seen on an H200).  An
+    explicit ``mul.rn`` in inline PTX is opaque to LLVM and never fused by
+    ptxas; the rest of the kernel keeps its fmas (turning fusion off for the
+    whole kernel made a softcap configuration spill).  The interpreter rounds
+    every product anyway."""
+    if INTERPRETING:
+        return a * b
+    else:
+        if a.dtype == tl.float64:
+            return tl.inline_asm_elementwise("mul.rn.f64 $0, $1, $2;", "=l,l,l", [a, b], dtype=tl.float64,
+                                             is_pure=True, pack=1)
+        else:
+            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=r,r,r", [a, b], dtype=tl.float32,
+                                             is_pure=True, pack=1)
+
+
 @triton.jit
 def softcap_logits(x, cap, HAS_SOFTCAP: tl.constexpr):
-    """z = cap * tanh(x / cap) when HAS_SOFTCAP, else x."""
+    """z = cap * tanh(x / cap) when HAS_SOFTCAP (a rounded product), else x."""
     if HAS_SOFTCAP:
-        return cap * tanh(x / cap)
+        return rounded_mul(tanh(x / cap), cap)
     else:
         return x
 

@@ -28,7 +28,7 @@ and U, F are rescaled whenever a running maximum moves.
 import triton
 import triton.language as tl
 
-from .common import online_update, scalar_acc
+from .common import online_update, rounded_mul, scalar_acc
 
 
 @triton.jit
@@ -57,13 +57,13 @@ def kl_div_logits_kernel(
     for start in range(0, n_cols, BLOCK):
         cols = start + offs
         mask = cols < n_cols
-        x = tl.load(X_row + cols, mask=mask, other=float("-inf")).to(ACC) * inv_temp
+        x = rounded_mul(tl.load(X_row + cols, mask=mask, other=float("-inf")).to(ACC), inv_temp)
         mx_old = mx
         mx, sx = online_update(mx, sx, x)
         bx_old = tl.where(mx_old == float("-inf"), 0.0, mx_old)
         bx = tl.where(mx == float("-inf"), 0.0, mx)
         if TARGET_IS_LOGITS:
-            t = tl.load(T_row + cols, mask=mask, other=float("-inf")).to(ACC) * inv_temp
+            t = rounded_mul(tl.load(T_row + cols, mask=mask, other=float("-inf")).to(ACC), inv_temp)
             mt_new = tl.maximum(mt, tl.max(t, 0))
             bt_old = tl.where(mt == float("-inf"), 0.0, mt)
             bt = tl.where(mt_new == float("-inf"), 0.0, mt_new)
@@ -97,10 +97,10 @@ def kl_div_logits_kernel(
         for start in range(0, n_cols, BLOCK):
             cols = start + offs
             mask = cols < n_cols
-            x = tl.load(X_row + cols, mask=mask, other=0.0).to(ACC) * inv_temp
+            x = rounded_mul(tl.load(X_row + cols, mask=mask, other=0.0).to(ACC), inv_temp)
             q = tl.exp((x - bx) - log_sx)
             if TARGET_IS_LOGITS:
-                t = tl.load(T_row + cols, mask=mask, other=0.0).to(ACC) * inv_temp
+                t = rounded_mul(tl.load(T_row + cols, mask=mask, other=0.0).to(ACC), inv_temp)
                 d = tl.exp((t - bt) - log_st)
             else:
                 d = tl.load(T_row + cols, mask=mask, other=0.0).to(ACC)

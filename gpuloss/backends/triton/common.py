@@ -30,21 +30,6 @@ def scalar(v: float, like: Any) -> Any:
     return float(v)
 
 
-def rounded_products(scaled: bool) -> dict:
-    """Launch options for a kernel that scales its logits (``z = cap *
-    tanh(x / cap)``, ``z = x / T``) and then subtracts the row max of those z.
-
-    The NVPTX backend contracts a product into a following add or subtract
-    (one fma, unrounded product) wherever it can, so the target's or the
-    max's own ``z - max`` is formed from the unrounded product while the max
-    holds the rounded one: not 0 but up to half an ulp of |z|, which at
-    logits near 1e30 (a softcap of 4e30) is ~1e22, all of it in the loss.
-    Off (``enable_fp_fusion=False``) every product is rounded once, as the
-    interpreter and the NumPy backend round it.  Only such launches pay: the
-    others keep their fmas.  The interpreter ignores the option."""
-    return {"enable_fp_fusion": False} if scaled else {}
-
-
 def rows(a: Any) -> Any:
     """2-D view with unit column stride (copies only if the columns are strided)."""
     if a.dim() != 2:

@@ -87,20 +87,19 @@ def _launch_ce(be, K, x, target, t_stride, weight, grad, grad_t, loss_rows, lse,
                sc(opts.softcap if opts.softcap is not None else 1.0, x), sc(grad_scale, x))
     heavy = prob or weight is not None or opts.softcap is not None
     cfg = be.config("row_fused", x, kernel="cross_entropy", heavy=heavy)
-    exact = CM.rounded_products(opts.softcap is not None)
     if want.grad and cfg.variant in ("onchip", "packed"):
         scratch, counter = CM.split_workspace(torch, R, cfg, x)
         K.cross_entropy_onchip_kernel[(R * cfg.split,)](
             *head, scratch, counter, *scalars,
             CHUNK=cfg.block, SPLIT=cfg.split, SPLIT_P2=cfg.split_p2, **flags,
-            PACKED=packed_upcast("cross_entropy", cfg), **exact,
+            PACKED=packed_upcast("cross_entropy", cfg),
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=cfg.maxnreg)
         return
     # loss only reads each logit once in the looped kernel already
     if cfg.variant != "twopass":
         cfg = be.config("row_fused", x, kernel="cross_entropy", variant="twopass")
     K.cross_entropy_twopass_kernel[(R,)](
-        *head, *scalars, BLOCK=cfg.block, WANT_GRAD=want.grad, REVERSE=cfg.reverse, **flags, **exact,
+        *head, *scalars, BLOCK=cfg.block, WANT_GRAD=want.grad, REVERSE=cfg.reverse, **flags,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 

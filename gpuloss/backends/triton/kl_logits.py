@@ -24,7 +24,6 @@ def kl_div_logits(be, x: Any, target: Any, opts: KlDivLogitsOptions, want: Want)
             grad if grad is not None else loss_rows, C, loss_rows,
             C, CM.scalar(1.0 / float(opts.temperature), x), CM.scalar(1.0 / max(divisor, 1), x),
             BLOCK=cfg.block, TARGET_IS_LOGITS=bool(opts.target_is_logits), WANT_GRAD=want.grad,
-            ACC=acc, **CM.rounded_products(float(opts.temperature) != 1.0),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            ACC=acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     red = "mean" if opts.reduction == "batchmean" else opts.reduction
     return LossResult(CM.reduce_rows(loss_rows, red, float(divisor)), grad)

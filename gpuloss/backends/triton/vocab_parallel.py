@@ -23,7 +23,7 @@ def vocab_parallel_stats(x2d, local_target, softcap: Optional[float], smoothing:
             x2d, x2d.stride(0), local_target, m_r, stats[0], stats[1], stats[2] if smoothing else m_r,
             x2d.shape[1], CM.scalar(softcap if softcap is not None else 1.0, x2d),
             BLOCK=cfg.block, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=smoothing, ACC=acc,
-            **CM.rounded_products(softcap is not None), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def vocab_parallel_grad(x2d, local_target, shift, log_s, scale, eps: float, vocab: int, z_loss: float,
@@ -41,5 +41,5 @@ def vocab_parallel_grad(x2d, local_target, shift, log_s, scale, eps: float, voca
             x2d, x2d.stride(0), grad, grad.stride(0), local_target, shift, log_s, scale,
             x2d.shape[1], sc(1.0 - eps), sc(eps / vocab), sc(z_loss), sc(softcap if softcap is not None else 1.0),
             BLOCK=cfg.block, HAS_SOFTCAP=softcap is not None, HAS_SMOOTHING=eps > 0, HAS_Z_LOSS=bool(z_loss),
-            ACC=acc, **CM.rounded_products(softcap is not None), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+            ACC=acc, num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     return grad
