@@ -334,4 +334,3 @@ def test_gpu_split_rows_offsets(rng, variant):
                                   z_loss=1e-4, softcap=None, reduction="mean", want_grad=True)
         _expect(res.loss, want, "float32", rtol=LOSS_RTOL["float32"] * 10, atol=0.0, what=f"loss, {offset:g}")
         _expect(res.grad, gx, "float32", atol=_grad_atol(gx, "float32"), what=f"grad, {offset:g}")
-
