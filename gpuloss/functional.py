@@ -177,7 +177,8 @@ def _fp16_mean(kind: str, return_grad, *arrays) -> bool:
     that backward would multiply in comes too late.  Saved undivided, the
     division joins the upstream gradient in float32 (one rounding, no
     underflow: what torch's own fp16 backward does).  bfloat16 has float32's
-    range and keeps the one-rounding kernel path."""
+    range and keeps the one-rounding kernel path, as does float16
+    binary_cross_entropy, whose undivided gradient would overflow instead."""
     if kind != "torch" or return_grad:
         return False
     import torch
@@ -548,7 +549,9 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     loss_dt = target.dtype if op == "bce_with_logits" else dt
     xin, tin = L.astype(input, dt, kind), L.astype(target, dt, kind)
     xin, tin, bshape = L.broadcast_pair(xin, tin, kind, warn=op == "mse") if broadcast else (xin, tin, None)
-    summed = reduction == "mean" and L.numel(xin, kind) > 0 and _fp16_mean(kind, return_grad, xin, tin)
+    # not BCE on probabilities: its gradient (p - y) / (p (1 - p)) is unbounded, and undivided it overflows
+    # fp16 wherever p (1 - p) < ~1.5e-5 (-73853 at p = 7.7e-6: -inf, where torch's, divided, is -1368)
+    summed = reduction == "mean" and L.numel(xin, kind) > 0 and op != "bce" and _fp16_mean(kind, return_grad, xin, tin)
     red = "sum" if reduction == "batchmean" or summed else reduction
     if L.numel(xin, kind) == 0:
         res = _empty_elementwise(kind, xin, tin, red)

@@ -765,6 +765,24 @@ def test_float16_mean_edges_follow_torch():
     assert a.grad[[0, 2]].isnan().all() and torch.equal(a.grad[[1, 3]], torch.zeros(2, 5).half())
 
 
+def test_float16_mean_binary_cross_entropy_gradient_stays_finite(rng):
+    """BCE on fp16 probabilities near 0 or 1: the gradient (p - y) / (p (1 - p))
+    is unbounded, ~-7e4 at p = 7.7e-6, past fp16's 65504.  Saved undivided (the
+    fp16 "mean" path of the other losses) it was -inf where torch's, divided by
+    the element count first, is finite (a CI seed of tests/test_autocast.py hit
+    it); BCE keeps the division in the kernel."""
+    F = torch.nn.functional
+    p = torch.from_numpy(rng.uniform(0.05, 0.95, (6, 9))).half()
+    p[2, 3], p[4, 1] = 7.689e-06, 1.0 - 2.0 ** -11  # p (1 - p) ~ 7.7e-6 and ~4.9e-4
+    y = torch.from_numpy(rng.random((6, 9))).half()
+    y[2, 3] = 0.568
+    a, b = p.clone().requires_grad_(), p.clone().requires_grad_()
+    gpuloss.binary_cross_entropy(a, y).backward()
+    F.binary_cross_entropy(b.float(), y.float()).backward()
+    assert torch.isfinite(a.grad).all(), a.grad
+    torch.testing.assert_close(a.grad.float(), b.grad.half().float(), rtol=2e-3, atol=1e-6)
+
+
 @pytest.mark.parametrize("case", ["cross_entropy", "inplace", "mse_loss", "kl_div_with_logits", "linear_sum",
                                   "linear_none"])
 def test_backward_fills_no_zero_gradients_for_the_saved_outputs(case):
