@@ -634,7 +634,11 @@ def test_16bit_results_agree_with_the_numpy_backend_to_the_bit(rng, dtype, C):
     their 16-bit outputs agree bit for bit but for a rare tie-breaking
     neighbour (float32 sums in another order): a much tighter check than the
     tolerance against float64.  With the interpreter truncating, about half
-    the bf16 elements differed by one ulp."""
+    the bf16 elements differed by one ulp.  Near 0 (log p of a row's max when
+    the others are far below it, p_t - 1 when p_t is near 1) the 16-bit
+    spacing is finer than float32's absolute rounding of log S or p at ~1
+    (2^-23): there the two may differ by up to that much (fp16 -8.11e-6 and
+    -8.23e-6 for -8.12e-6, one seed in CI), which is more ulps."""
     import gpuloss
     x = torch.from_numpy(rng.standard_normal((16, C)) * 3).to(TDT[dtype])
     t = torch.from_numpy(rng.integers(0, C, 16))
@@ -646,5 +650,6 @@ def test_16bit_results_agree_with_the_numpy_backend_to_the_bit(rng, dtype, C):
         out[name] = [gpuloss.softmax(x, -1, backend=name), gpuloss.log_softmax(x, -1, backend=name), xg.grad]
     for what, a, b in zip(("softmax", "log_softmax", "ce grad"), out["numpy"], out["triton"]):
         bits = (a.view(torch.int16).int() - b.view(torch.int16).int()).abs()
+        bits = torch.where((a.float() - b.float()).abs() <= 2.0 ** -23, torch.zeros_like(bits), bits)
         assert bits.max().item() <= 1, what
         assert (bits > 0).float().mean().item() <= 0.01, what
