@@ -255,11 +255,11 @@ class _CrossEntropy(T.RowResults):
             self.emit(r0, r1, c0, c1, z, e, coef[r0:r1], None if self.prob else tsub[r0:r1],
                       None if srow is None else srow[r0:r1], None if self.prob else rows[0][r0:r1], q)
 
-        T.parallel_for(self.tiles.n, tile2, self.R * self.C, self.tiles.workers)
+        self.tiles.run(tile2)
 
     def run(self) -> LossResult:
         if self.tiles.whole:
-            T.parallel_for(self.tiles.n, self.short_tile, self.R * self.C, self.tiles.workers)
+            self.tiles.run(self.short_tile)
         else:
             self.long_rows()
         if self.loss_rows is not None:

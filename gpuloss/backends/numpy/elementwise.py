@@ -52,7 +52,7 @@ def _drive(x: np.ndarray, target: np.ndarray, reduction: str, want: Want, body,
             psum[i] = np.add.reduce(loss, axis=None, dtype=np.float64)
 
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
-        T.parallel_for(tiles.n, tile, n_el, tiles.workers)
+        tiles.run(tile)
     if loss_el is not None:
         loss = loss_el
     elif reduction == "sum":

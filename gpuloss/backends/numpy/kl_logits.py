@@ -153,8 +153,7 @@ class _KlLogits(T.RowResults):
             lse_x, kl, dscale, dsum = self.finish_rows(MX, SX, SU, A)
             self.record(0, 0, R, lse_x, kl)
         if self.grad is not None:
-            T.parallel_for(n, lambda i: self._long_grad_tile(i, MX, SX, MU, dscale, dsum), R * self.C,
-                           self.tiles.workers)
+            self.tiles.run(lambda i: self._long_grad_tile(i, MX, SX, MU, dscale, dsum))
 
     def _long_grad_tile(self, i, MX, SX, MU, dscale, dsum) -> None:
         r0, r1, c0, c1 = self.tiles[i]
@@ -172,7 +171,7 @@ class _KlLogits(T.RowResults):
 
     def run(self) -> LossResult:
         if self.tiles.whole:
-            T.parallel_for(self.tiles.n, self.short_tile, self.R * self.C, self.tiles.workers)
+            self.tiles.run(self.short_tile)
         else:
             self.long_rows()
         red = self.opts.reduction

@@ -46,7 +46,7 @@ def softmax_forward(x: np.ndarray, opts: SoftmaxOptions) -> np.ndarray:
             np.exp(e, out=e)
             _emit_forward(y, log, r0, r1, c0, c1, zm, T.rowsum(e), e)
 
-        T.parallel_for(tiles.n, tile, R * C, tiles.workers)
+        tiles.run(tile)
         return y
 
     M, S, _ = T.online_max_sum(x, tiles, cd)
@@ -62,7 +62,7 @@ def softmax_forward(x: np.ndarray, opts: SoftmaxOptions) -> np.ndarray:
             np.exp(e, out=e)
             _emit_forward(y, log, r0, r1, c0, c1, None, S[r0:r1], e)
 
-    T.parallel_for(tiles.n, tile2, R * C, tiles.workers)
+    tiles.run(tile2)
     return y
 
 
@@ -99,7 +99,7 @@ def softmax_backward(y: np.ndarray, dy: np.ndarray, opts: SoftmaxOptions) -> np.
             emit(r0, r1, c0, c1, yc, dyc, rowstat(yc, dyc))
 
         with np.errstate(invalid="ignore", over="ignore"):
-            T.parallel_for(tiles.n, tile, R * C, tiles.workers)
+            tiles.run(tile)
         return dx
 
     part = np.empty(tiles.n, cd)
@@ -114,7 +114,7 @@ def softmax_backward(y: np.ndarray, dy: np.ndarray, opts: SoftmaxOptions) -> np.
         emit(r0, r1, c0, c1, yc, dyc, K[r0:r1])
 
     with np.errstate(invalid="ignore", over="ignore"):
-        T.parallel_for(tiles.n, tile1, R * C, tiles.workers)
+        tiles.run(tile1)
         K = part.reshape(R, tiles.nb).sum(axis=1)
-        T.parallel_for(tiles.n, tile2, R * C, tiles.workers)
+        tiles.run(tile2)
     return dx

@@ -220,6 +220,10 @@ class Tiles:
             tile = self.width
         self.workers = max(1, SCRATCH_BUDGET // (SCRATCH_BUFFERS * max(1, tile * itemsize)) - 1)
 
+    def run(self, fn: Callable[[int], None]) -> None:
+        """``fn(i)`` for every tile, over the pool, at most :attr:`workers` at a time."""
+        parallel_for(self.n, fn, self.R * self.C, self.workers)
+
     def __getitem__(self, i: int) -> Tuple[int, int, int, int]:
         if self.whole:
             r0 = i * self.rows
@@ -326,7 +330,7 @@ def online_max_sum(x, tiles: Tiles, cd, load=None, extra=None):
         m_part[i] = m[0]
         s_part[i] = s[0]
 
-    parallel_for(tiles.n, tile, tiles.R * tiles.C, tiles.workers)
+    tiles.run(tile)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         m_part = m_part.reshape(R, nb)
         s_part = s_part.reshape(R, nb)
