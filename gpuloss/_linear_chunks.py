@@ -367,16 +367,15 @@ class _Loop:
         # ("float32") or in the weight's dtype inside the GEMM ("weight")
         self.direct_w = self.need_w and 0 < self.N <= self.n
         self.gw = self.lo = None
+        self.first_w = True  # the first chunk's grad_weight GEMM writes the accumulator instead of adding to it
         self.split = self.need_w and not self.direct_w and opts.accumulate == "split" and _split_ok(kind, be, self.W)
         if self.split:  # float32 sums as two halves: gw (bf16, the upper ones) and lo
             self.gw = ops.empty((self.VT, self.H), self.W)
             self.lo = self.ops.torch.empty((self.VT, self.H), dtype=self.ops.torch.int16, device=self.W.device)
-            self.first_w = True
         elif self.need_w and not self.direct_w:
             acc = ops.acc_dtype(self.W) if opts.accumulate in ("float32", "split") else None
             # written by the first chunk's GEMM (beta = 0), zeros if no chunk runs
             self.gw = (ops.empty if self.N else ops.zeros)((self.VT, self.H), self.W, acc)
-            self.first_acc = True
         self.gb = ops.zeros((self.VT,), self.W, ops.acc_dtype(self.W)) if self.need_b else None
         # rows of the slab temporary of NumPy/CuPy's accumulate: at most one logits chunk
         self.slab = max(1, (self.n * self.VT) // max(self.H, 1))
@@ -435,10 +434,9 @@ class _Loop:
             elif self.split:
                 from .backends.triton.linear_acc import split_acc_matmul
                 split_acc_matmul(dz, hs, self.gw, self.lo, self.first_w)
-                self.first_w = False
             else:
-                ops.mm_acc(self.gw, dz.T, hs, self.slab, first=self.first_acc)
-                self.first_acc = False
+                ops.mm_acc(self.gw, dz.T, hs, self.slab, first=self.first_w)
+            self.first_w = False
         if self.gb is not None:
             db = dz if dz_b is None else dz_b
             if g is None:
