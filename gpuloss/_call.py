@@ -129,15 +129,13 @@ def run(op: str, kind: str, be, arrays: List[Any], opts: Any, return_grad=False)
 
 
 def _eager(arrays) -> bool:
-    """Plain tensors outside any tracing: no torch.compile, no fake or proxy
-    mode (make_fx, export), no torch.func transform, no tensor subclass or
-    torch-function mode that would want to see the operator."""
+    """Plain tensors outside any tracing: no torch.compile, no dispatch mode
+    (the stack counts torch's own fake and proxy modes too: make_fx, export),
+    no torch.func transform, no tensor subclass or torch-function mode that
+    would want to see the operator."""
     import torch
     if torch.compiler.is_compiling() or torch._C._is_torch_function_mode_enabled():
         return False
-    for key in (torch._C._TorchDispatchModeKey.FAKE, torch._C._TorchDispatchModeKey.PROXY):
-        if torch._C._get_dispatch_mode(key) is not None:
-            return False
     if torch._C._len_torch_dispatch_stack() > 0:
         return False
     for a in arrays:

@@ -191,28 +191,31 @@ def _canonical(spec: OpSpec, outputs: Sequence[str], res, arrays, opts, want) ->
 # operator generation
 # ---------------------------------------------------------------------------
 
-#: each operator's eager body (what its dispatch runs), for :func:`call_eager`
-_IMPLS: Dict[str, Any] = {}
+#: each operator's body on unpacked arguments (arrays, backend name, options,
+#: want): what its dispatch runs after unpacking, and what :func:`call_eager` runs
+_BODIES: Dict[str, Any] = {}
 
 
 def _define(spec: OpSpec):
     """``gpuloss::<op>``: functional (never writes its inputs)."""
     outputs = spec.outputs
 
-    def impl(*args):
-        arrays, backend, opts, want = _unpack(spec, args)
+    def body(arrays, backend, opts, want):
         if spec.inplace:
             opts = dataclasses.replace(opts, grad_inplace=False)
         res = launch.run(get_backend(backend), spec.name, arrays, opts, want, "torch")
         return _canonical(spec, outputs, res, dict(zip(spec.arrays, arrays)), opts, want)
 
+    def impl(*args):
+        return body(*_unpack(spec, args))
+
     def fake(*args):
         arrays, _, opts, want = _unpack(spec, args)
         return _fake_outputs(spec, outputs, dict(zip(spec.arrays, arrays)), opts, want)
 
-    _IMPLS[spec.name] = _single(impl, outputs)
+    _BODIES[spec.name] = _single(body, outputs)
     op = torch.library.custom_op(f"gpuloss::{spec.name}", mutates_args=(), schema=_schema(spec, outputs))(
-        _IMPLS[spec.name])
+        _single(impl, outputs))
     op.register_fake(_single(fake, outputs))
     return op
 
@@ -223,8 +226,7 @@ def _define_inplace(spec: OpSpec):
     x_name = spec.arrays[0]
     outputs = tuple(o for o in spec.outputs if o != "grad")
 
-    def impl(*args):
-        arrays, backend, opts, want = _unpack(spec, args)
+    def body(arrays, backend, opts, want):
         opts = dataclasses.replace(opts, grad_inplace=True)
         want = want._replace(grad=True)
         x = arrays[0]
@@ -237,13 +239,16 @@ def _define_inplace(spec: OpSpec):
             x.copy_(g.reshape(x.shape))
         return _canonical(spec, outputs, res, dict(zip(spec.arrays, arrays)), opts, want)
 
+    def impl(*args):
+        return body(*_unpack(spec, args))
+
     def fake(*args):
         arrays, _, opts, want = _unpack(spec, args)
         return _fake_outputs(spec, outputs, dict(zip(spec.arrays, arrays)), opts, want)
 
-    _IMPLS[spec.name + "_inplace"] = _single(impl, outputs)
+    _BODIES[spec.name + "_inplace"] = _single(body, outputs)
     op = torch.library.custom_op(f"gpuloss::{spec.name}_inplace", mutates_args=(x_name,),
-                                 schema=_schema(spec, outputs, mutated=x_name))(_IMPLS[spec.name + "_inplace"])
+                                 schema=_schema(spec, outputs, mutated=x_name))(_single(impl, outputs))
     op.register_fake(_single(fake, outputs))
     return op
 
@@ -586,9 +591,12 @@ def call(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, w
 def call_eager(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, want: Any = None,
                inplace: bool = False):
     """What :func:`call` returns, from the operator's own body without going
-    through torch's dispatcher (``return_grad`` on plain tensors in eager
-    code; :func:`gpuloss._call._eager` decides)."""
-    return _IMPLS[op + ("_inplace" if inplace else "")](*_pack(OPS[op], backend, arrays, opts, want))
+    through torch's dispatcher or its flat argument list (``return_grad`` on
+    plain tensors in eager code; :func:`gpuloss._call._eager` decides)."""
+    spec = OPS[op]
+    if spec.want is not None:  # the operator's own record, as its unpacking makes it
+        want = spec.want(*(() if want is None else tuple(want)))
+    return _BODIES[op + ("_inplace" if inplace else "")](list(arrays), backend, opts, want)
 
 
 def call_inplace(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, want: Want):
