@@ -53,16 +53,23 @@ print(json.dumps([ln.strip() for ln in ptx[last + 1:] if "ld.global" in ln]))
 """
 
 
-def _ptx_after_last_barrier(kernel: str, constexprs: dict, num_warps: int) -> list:
-    """The global loads after the last barrier of ``kernel``'s sm_90 PTX (compiled in a
-    subprocess: the suite may run under TRITON_INTERPRET=1, where kernels do not compile)."""
+def _compiled(script: str, *args: str, timeout: int = 300):
+    """The JSON that ``script`` prints last, run in a subprocess without
+    TRITON_INTERPRET (the suite may run under the interpreter, where kernels do
+    not compile)."""
     import json
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _LOADS_AFTER_LAST_BARRIER, json.dumps([kernel, constexprs, num_warps])],
-                         env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True,
+                         timeout=timeout)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.splitlines()[-1])
+
+
+def _ptx_after_last_barrier(kernel: str, constexprs: dict, num_warps: int) -> list:
+    """The global loads after the last barrier of ``kernel``'s sm_90 PTX."""
+    import json
+    return _compiled(_LOADS_AFTER_LAST_BARRIER, json.dumps([kernel, constexprs, num_warps]))
 
 
 def test_in_place_cross_entropy_reads_the_target_logit_before_a_barrier():
@@ -105,12 +112,7 @@ def test_scaled_logits_are_rounded_products():
     at logits near 1e30 on an H200.  The interpreter cannot show it (NumPy rounds
     every product), so this reads the sm_90 PTX of every such default configuration,
     fp32 and fp64."""
-    import json
-    pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    out = subprocess.run([sys.executable, "-c", _SCALED_PTX], env=env, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    rows = json.loads(out.stdout.splitlines()[-1])
+    rows = _compiled(_SCALED_PTX, timeout=600)
     kernels = {r[0] for r in rows}
     assert {"cross_entropy.cross_entropy_twopass_kernel", "kl_div.kl_div_logits_kernel",
             "vocab_parallel.vocab_parallel_stats_kernel", "vocab_parallel.vocab_parallel_grad_kernel"} <= kernels, rows
