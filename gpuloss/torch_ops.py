@@ -592,11 +592,18 @@ def call_eager(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: 
                inplace: bool = False):
     """What :func:`call` returns, from the operator's own body without going
     through torch's dispatcher or its flat argument list (``return_grad`` on
-    plain tensors in eager code; :func:`gpuloss._call._eager` decides)."""
+    plain tensors in eager code; :func:`gpuloss._call._eager` decides).  The
+    in-place operator's write bumps ``arrays[0]``'s version counter, as the
+    dispatcher does for an argument the schema marks mutated: a node that
+    saved the logits for its backward then raises instead of reading the
+    gradient as its input."""
     spec = OPS[op]
     if spec.want is not None:  # the operator's own record, as its unpacking makes it
         want = spec.want(*(() if want is None else tuple(want)))
-    return _BODIES[op + ("_inplace" if inplace else "")](list(arrays), backend, opts, want)
+    outs = _BODIES[op + ("_inplace" if inplace else "")](list(arrays), backend, opts, want)
+    if inplace:
+        torch.autograd.graph.increment_version(arrays[0])
+    return outs
 
 
 def call_inplace(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, want: Want):

@@ -182,3 +182,18 @@ def test_spatial_input_uses_a_copy_but_is_correct(rng):
     loss = gpuloss.cross_entropy(logits, torch.from_numpy(t_np), inplace_backward=True)
     loss.backward()
     np.testing.assert_allclose(base.grad.numpy(), R.cross_entropy_grad(x_np, t_np)[0], **tol("float64"))
+
+
+def test_return_grad_in_place_bumps_the_version_counter(rng):
+    """``return_grad`` with ``inplace_backward`` overwrites the logits outside
+    autograd; a node that saved them for its backward must still see the
+    write (the version counter), in eager code as through the operator,
+    whose schema marks the logits mutated."""
+    h, W, t = _setup(rng)
+    logits = torch.nn.functional.linear(h, W)
+    aux = (logits * logits).sum()  # mul saves logits
+    before = logits._version
+    res = gpuloss.cross_entropy(logits.detach(), t, inplace_backward=True, return_grad=True)
+    assert res.grad.data_ptr() == logits.data_ptr() and logits._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        aux.backward()
