@@ -104,6 +104,8 @@ def run(op: str, kind: str, be, arrays: List[Any], opts: Any, return_grad=False)
     if spec.want is None:
         if kind == "torch":
             from . import torch_ops
+            if _eager(arrays):
+                return torch_ops.call_differentiable(op, be, arrays, opts)
             return torch_ops.call(op, be, arrays, opts)
         return launch.run(be, op, arrays, opts, None, kind)
     if kind == "torch" and not return_grad:
@@ -164,9 +166,11 @@ def autograd_run(op: str, be: str, arrays: List[Any], opts: Any) -> LossResult:
                 grad_on and target.requires_grad and target.is_floating_point())
     if want.grad_target and not spec.target_grad:
         raise _no_target_grad(op)
+    eager = _eager(arrays)
     if getattr(opts, "grad_inplace", False) and want.grad:
-        return result(op, torch_ops.call_inplace(op, be, arrays, opts, want), True, autograd=True)
-    return result(op, torch_ops.call(op, be, arrays, opts, want), False, autograd=True)
+        return result(op, torch_ops.call_inplace(op, be, arrays, opts, want, eager=eager), True, autograd=True)
+    call = torch_ops.call_differentiable if eager else torch_ops.call
+    return result(op, call(op, be, arrays, opts, want), False, autograd=True)
 
 
 def result(op: str, outs, inplace: bool, x=None, autograd: bool = False) -> LossResult:

@@ -15,6 +15,13 @@ Each operator has
   already computed: ``backward = saved_grad * grad_output``; the logits are
   never read again.
 
+In eager code, plain tensors skip the dispatcher: :func:`call_eager` runs an
+operator's body and :func:`call_differentiable` its autograd formula around
+the body (:func:`_eager_function`), the same outputs and gradients for a
+fraction of the host time.  torch.compile, dispatch and function modes,
+torch.func transforms and tensor subclasses see the operators
+(:func:`gpuloss._call._eager`).
+
 Schema: the op's arrays (``Tensor``, ``Tensor?`` for optional ones), the
 backend's name, the fields of its options record, then one ``want_*`` flag per
 field of its ``want`` record.  Outputs are tensors; what was not asked for is
@@ -425,8 +432,9 @@ def kept_rows(g: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     return torch.where(target.reshape(g.shape) != ignore_index, g, 0)
 
 
-def _register_loss_autograd(spec: OpSpec, op) -> None:
-    """backward = saved gradient * upstream, for every gradient output."""
+def _loss_autograd(spec: OpSpec):
+    """(backward, setup_context) of a loss: backward = saved gradient * upstream,
+    for every gradient output."""
     grad_outputs = [i for i, o in enumerate(spec.outputs) if o.startswith("grad")]
     positions = [spec.arrays.index(spec.grad_of(spec.outputs[i])) for i in grad_outputs]
 
@@ -451,7 +459,7 @@ def _register_loss_autograd(spec: OpSpec, op) -> None:
                 grads[pos] = scaled_grad(s, g_loss)
         return first_order(spec.name, grads)
 
-    op.register_autograd(backward, setup_context=setup)
+    return backward, setup
 
 
 def _softmax_setup(ctx, inputs, output) -> None:
@@ -561,17 +569,35 @@ _AUTOGRAD = {
     "softmax_backward": (_softmax_backward_bwd, _softmax_backward_setup),
 }
 
+def _eager_function(spec: OpSpec, backward, setup):
+    """What torch.library's autograd kernel runs for ``gpuloss::<op>``, an
+    autograd Function with the operator's ``setup_context`` and ``backward``,
+    whose forward calls the operator's body where that kernel redispatches to
+    it: the same outputs, saved tensors and gradients, for plain tensors in
+    eager code (:func:`call_differentiable`)."""
+    body = _BODIES[spec.name]
+
+    def forward(ctx, *args):
+        out = body(*_unpack(spec, args))
+        setup(ctx, args, out)
+        return out
+
+    return type(f"EagerFor_gpuloss_{spec.name}", (torch.autograd.Function,),
+                {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+
 _OPS: Dict[str, Any] = {}
 _INPLACE: Dict[str, Any] = {}
+_EAGER: Dict[str, Any] = {}
 for _spec in OPS.values():
     _OPS[_spec.name] = _define(_spec)
     if _spec.inplace:
         _INPLACE[_spec.name] = _define_inplace(_spec)
-    if _spec.name in _AUTOGRAD:
-        _bwd, _setup = _AUTOGRAD[_spec.name]
-        _OPS[_spec.name].register_autograd(_bwd, setup_context=_setup)
-    elif _spec.is_loss and not _spec.composite:
-        _register_loss_autograd(_spec, _OPS[_spec.name])
+    _formulas = _AUTOGRAD.get(_spec.name) or (
+        _loss_autograd(_spec) if _spec.is_loss and not _spec.composite else None)
+    if _formulas is not None:
+        _OPS[_spec.name].register_autograd(_formulas[0], setup_context=_formulas[1])
+        _EAGER[_spec.name] = _eager_function(_spec, *_formulas)
 
 
 # ---------------------------------------------------------------------------
@@ -606,11 +632,27 @@ def call_eager(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: 
     return outs
 
 
-def call_inplace(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, want: Want):
+def call_differentiable(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, want: Any = None):
+    """What :func:`call` returns, differentiable as the operator is, for plain
+    tensors in eager code (:func:`gpuloss._call._eager` decides): the
+    operator's autograd formula around its body where an input requires grad
+    (:func:`_eager_function`), else the body alone, as torch.library's
+    autograd kernel chooses, without the dispatcher in between (~100 us per
+    call on the CPU)."""
+    spec = OPS[op]
+    packed = _pack(spec, backend, arrays, opts, want)
+    if op in _EAGER and torch.is_grad_enabled() and torch._C._any_requires_grad(*packed):
+        return _EAGER[op].apply(*packed)
+    return _BODIES[op](*_unpack(spec, packed))
+
+
+def call_inplace(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, want: Want,
+                 eager: bool = False):
     """``gpuloss::<op>_inplace`` through its autograd Function: the gradient is
-    written over ``arrays[0]`` now and scaled in place by backward."""
+    written over ``arrays[0]`` now and scaled in place by backward.  ``eager``:
+    the operator's body runs instead of the operator (:func:`call_eager`)."""
     _check_inplace_target(arrays[0])
-    return _InplaceFn.apply(op, backend, opts, want, *arrays)
+    return _InplaceFn.apply(op, backend, opts, want, eager, *arrays)
 
 
 class _InplaceFn(torch.autograd.Function):
@@ -618,10 +660,13 @@ class _InplaceFn(torch.autograd.Function):
     buffer (now holding dL/dx) in place and returns it."""
 
     @staticmethod
-    def forward(ctx, op: str, backend: str, opts: Any, want: Want, *arrays):
+    def forward(ctx, op: str, backend: str, opts: Any, want: Want, eager: bool, *arrays):
         spec = OPS[op]
         packed = _pack(spec, backend, arrays, opts, want)
-        outs = getattr(torch.ops.gpuloss, op + "_inplace")(*packed)
+        if eager:
+            outs = call_eager(op, backend, arrays, opts, want, inplace=True)
+        else:
+            outs = getattr(torch.ops.gpuloss, op + "_inplace")(*packed)
         x = arrays[0]
         names = [o for o in spec.outputs if o != "grad"]
         gt = outs[names.index("grad_target")] if "grad_target" in names else x.new_empty((0,))
@@ -642,9 +687,9 @@ class _InplaceFn(torch.autograd.Function):
             g_loss = kept_rows(g_loss, ctx.saved_tensors[2], ctx.ignore_index)
         # scale in place: the buffer is ours now and the gradient is handed on
         # without a second N x C allocation
-        gx = scaled_grad(grad, g_loss, inplace=True) if ctx.needs_input_grad[4] else None
-        gtt = scaled_grad(gt, g_loss) if (ctx.want_gt and ctx.needs_input_grad[5]) else None
-        return first_order(ctx.op, (None, None, None, None, gx, gtt) + (None,) * (ctx.n - 2))
+        gx = scaled_grad(grad, g_loss, inplace=True) if ctx.needs_input_grad[5] else None
+        gtt = scaled_grad(gt, g_loss) if (ctx.want_gt and ctx.needs_input_grad[6]) else None
+        return first_order(ctx.op, (None,) * 5 + (gx, gtt) + (None,) * (ctx.n - 2))
 
 
 _LEAF_MSG = ("inplace_backward=True would overwrite the logits with their gradient, but they are (a view of) "

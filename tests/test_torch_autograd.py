@@ -902,3 +902,72 @@ def test_return_grad_in_eager_code_skips_the_dispatcher(rng, monkeypatch):
             torch.testing.assert_close(eager.grad, moded.grad, rtol=0, atol=0)
             if inplace:
                 assert eager.grad is xe and moded.grad is xm
+
+
+@pytest.mark.parametrize("case", ["ce", "ce_inplace", "ce_prob", "nll", "bce_logits", "mse", "kl_logits", "softmax",
+                                  "log_softmax"])
+def test_autograd_in_eager_code_skips_the_dispatcher(rng, case):
+    """Differentiable calls on plain tensors in eager code run the operator's
+    autograd formula around its body (torch_ops.call_differentiable), not the
+    operator: torch's dispatcher and torch.library's autograd wrapper cost
+    ~100 us a call on the CPU.  Under a dispatch mode (make_fx, export,
+    FakeTensor, a user's mode) the operator runs.  Both give the same values
+    and gradients, for an input that requires grad and for one that does not."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    seen = []
+
+    class Recorder(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            seen.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    x0 = torch.from_numpy(rng.standard_normal((5, 7)))
+    t = torch.from_numpy(rng.integers(0, 7, 5))
+    p = torch.softmax(torch.from_numpy(rng.standard_normal((5, 7))), -1)
+    go = torch.from_numpy(_upstream(rng, (5, 7)))
+    fn = {
+        "ce": lambda x: gpuloss.cross_entropy(x, t, label_smoothing=0.1, reduction="none"),
+        "ce_inplace": lambda x: gpuloss.cross_entropy(x * 1.0, t, inplace_backward=True),
+        "ce_prob": lambda x: gpuloss.cross_entropy(x, p, reduction="sum"),
+        "nll": lambda x: gpuloss.nll_loss(x, t),
+        "bce_logits": lambda x: gpuloss.binary_cross_entropy_with_logits(x, p, reduction="none"),
+        "mse": lambda x: gpuloss.mse_loss(x, p),
+        "kl_logits": lambda x: gpuloss.kl_div_with_logits(x, x0 * 0.5),
+        "softmax": lambda x: gpuloss.softmax(x, dim=-1),
+        "log_softmax": lambda x: gpuloss.log_softmax(x, dim=0),
+    }[case]
+
+    def run(mode: bool, requires_grad: bool):
+        seen.clear()
+        x = x0.clone().requires_grad_(requires_grad)
+        if mode:
+            with Recorder():
+                out = fn(x)
+        else:
+            out = fn(x)
+        ops = [s for s in seen if "gpuloss." in s]
+        if not requires_grad:
+            assert out.grad_fn is None
+            return out, None, ops
+        nodes, todo = [], [out.grad_fn]
+        while todo:
+            node = todo.pop()
+            if node is not None:
+                nodes.append(type(node).__name__)
+                todo += [n for n, _ in node.next_functions]
+        name = " ".join(nodes)
+        (g,) = torch.autograd.grad(out, x, go.reshape(-1)[:out.numel()].reshape(out.shape))
+        return out, (g, name), ops
+
+    for requires_grad in (True, False):
+        eager, eg, eager_ops = run(False, requires_grad)
+        moded, mg, moded_ops = run(True, requires_grad)
+        assert not eager_ops and moded_ops, (eager_ops, moded_ops)
+        torch.testing.assert_close(eager, moded, rtol=0, atol=0)
+        if requires_grad:
+            torch.testing.assert_close(eg[0], mg[0], rtol=0, atol=0)
+            if case == "ce_inplace":  # one autograd Function either way; what it runs is the operator or not
+                assert "_InplaceFn" in eg[1] and "_InplaceFn" in mg[1], (eg[1], mg[1])
+            else:
+                assert "EagerFor_gpuloss_" in eg[1] and "GeneratedBackwardFor_" not in eg[1], eg[1]
+                assert "GeneratedBackwardFor_" in mg[1], mg[1]
