@@ -185,7 +185,12 @@ def _canonical(spec: OpSpec, outputs: Sequence[str], res, arrays, opts, want) ->
         if shape is None or t is None:
             out.append(first.new_empty((0,), dtype=dtype))
         else:
-            t = t.to(device=first.device, dtype=dtype).reshape(shape).contiguous()
+            if t.dtype != dtype or t.device != first.device:
+                t = t.to(device=first.device, dtype=dtype)
+            if t.shape != shape:
+                t = t.reshape(shape)
+            if not t.is_contiguous():
+                t = t.contiguous()
             # a view of a launcher's buffer (a reduced loss is often one) would
             # reach the caller as a view made inside the autograd function,
             # which torch forbids modifying in place (``loss += aux``): the
@@ -208,7 +213,7 @@ def _define(spec: OpSpec):
     outputs = spec.outputs
 
     def body(arrays, backend, opts, want):
-        if spec.inplace:
+        if spec.inplace and opts.grad_inplace:
             opts = dataclasses.replace(opts, grad_inplace=False)
         res = launch.run(get_backend(backend), spec.name, arrays, opts, want, "torch")
         return _canonical(spec, outputs, res, dict(zip(spec.arrays, arrays)), opts, want)
@@ -234,8 +239,10 @@ def _define_inplace(spec: OpSpec):
     outputs = tuple(o for o in spec.outputs if o != "grad")
 
     def body(arrays, backend, opts, want):
-        opts = dataclasses.replace(opts, grad_inplace=True)
-        want = want._replace(grad=True)
+        if not opts.grad_inplace:
+            opts = dataclasses.replace(opts, grad_inplace=True)
+        if not want.grad:
+            want = want._replace(grad=True)
         x = arrays[0]
         res = launch.run(get_backend(backend), spec.name, arrays, opts, want, "torch")
         g = res.grad
