@@ -13,7 +13,8 @@
 # pass GPULOSS_COMMIT=<sha> so that logs and the design table name the commit.
 #
 # Writes into OUTDIR: env.log (GPU and versions), install.log, tests.log,
-# bench.log, bench/ (results.csv, results.json, table.md, plots), summary.txt.
+# bench.log, bench/ (results.csv, results.json, table.md, plots, host.md: host time per call),
+# summary.txt.
 # An OUTDIR that already holds a run's summary.txt gets the new run in OUTDIR/run2, run3, ...
 # (the logs of the first run are kept).
 # Exit status: the test suite's if it failed (the benchmark still runs), else
@@ -153,6 +154,10 @@ if [ "${CI_BENCH:-1}" = 1 ]; then
         "$PY" -m gpuloss.bench --quick --budget-s "$BENCH_BUDGET" --out "$OUT/bench" ${CI_BENCH_ARGS:-} 2>&1 \
         | tee -a "$OUT/bench.log"
     BENCH_RC=${PIPESTATUS[0]}
+    # host time per call of the public functions against torch's (tiny tensors, ~10 s)
+    echo "== python -m gpuloss.bench.host --calls 1000 --out $OUT/bench" | tee -a "$OUT/bench.log"
+    GPULOSS_COMMIT=${GPULOSS_COMMIT:-} timeout --signal=INT --kill-after=15 "${CI_HOST_TIMEOUT:-60}" \
+        "$PY" -m gpuloss.bench.host --calls 1000 --out "$OUT/bench" 2>&1 | tee -a "$OUT/bench.log"
 fi
 # optional: the launch-configuration sweep and the fused linear CE benchmark
 if [ "${CI_TUNE:-0}" = 1 ]; then

@@ -494,3 +494,20 @@ def test_linear_ce_bench_checks_every_row_against_torch(monkeypatch):
     outputs = (64 + 500) * 32 * 4 / 2**30
     for r in rows:
         assert r["mem_peak_gib"] - r["mem_extra_gib"] == pytest.approx(min(r["mem_peak_gib"], outputs)), r
+
+
+def test_host_time_bench_runs_without_a_gpu(tmp_path):
+    """bench/host.py on the CPU: gpuloss's Triton path with no-op kernels, every
+    case timed (in a subprocess: it replaces the Triton kernels of its process)."""
+    import json
+    import subprocess
+    import sys
+    env = dict(os.environ, GPULOSS_COMMIT="abc1234")
+    r = subprocess.run([sys.executable, "-m", "gpuloss.bench.host", "--device", "cpu", "--calls", "20", "--out",
+                        str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    data = json.loads((tmp_path / "host.json").read_text())
+    cases = {row["case"]: row["us"] for row in data["rows"]}
+    assert {"ce loss", "ce return_grad", "ce autograd fwd+bwd", "torch ce loss"} <= set(cases)
+    assert all(us > 0 for us in cases.values()) and "commit abc1234" in data["header"]
+    assert "| ce return_grad |" in (tmp_path / "host.md").read_text()
