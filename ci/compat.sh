@@ -19,7 +19,7 @@ py="${PYTHON:-python3}"
 # newest first (installed with its dependencies), then the oldest; keep in step with the
 # torch and triton extras of pyproject.toml
 combos=${GPULOSS_COMPAT_COMBOS:-"torch==2.14.1,triton==3.9.0 torch==2.11.0,triton==3.6.0"}
-tests=${GPULOSS_COMPAT_TESTS:-"tests/test_triton_backend.py tests/test_triton_offsets.py tests/test_triton_packed.py tests/test_triton_resources.py tests/test_torch_compile.py tests/test_torch_autograd.py tests/test_torch_nn.py tests/test_torch_inplace.py tests/test_edges.py tests/test_linear_ce.py tests/test_linear_ce_torch_api.py tests/test_distributed.py tests/test_autocast.py tests/test_linear_acc.py"}
+tests=${GPULOSS_COMPAT_TESTS:-"tests/test_triton_backend.py tests/test_triton_offsets.py tests/test_triton_packed.py tests/test_triton_resources.py tests/test_torch_compile.py tests/test_torch_autograd.py tests/test_torch_nn.py tests/test_torch_inplace.py tests/test_edges.py tests/test_linear_ce.py tests/test_linear_ce_torch_api.py tests/test_distributed.py tests/test_autocast.py tests/test_linear_acc.py tests/test_torch_opinfo.py"}
 pip_q() { "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" ; return "${PIPESTATUS[0]}"; }
 
 stamp="$venv/.gpuloss-compat-v1"
@@ -34,6 +34,8 @@ if [ ! -f "$stamp" ]; then
   pip_q "$first_torch" "numpy>=1.26,<3" scipy "pytest>=7" "hypothesis>=6" || exit 1
   touch "$stamp"
 fi
+
+"$venv/bin/python" -c "import expecttest" 2>/dev/null || pip_q "expecttest>=0.2" || exit 1
 
 rc=0
 for combo in $combos; do

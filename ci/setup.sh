@@ -31,5 +31,7 @@ if [ ! -f "$stamp" ]; then
     || echo "setup: cupy-cuda13x / NVRTC not installed; their host-code and compile tests will skip"
   touch "$stamp"
 fi
+# torch's own test samples (tests/test_torch_opinfo.py): torch.testing._internal imports expecttest
+"$venv/bin/python" -c "import expecttest" 2>/dev/null || pip_q "expecttest>=0.2"
 pip_q --no-build-isolation --no-deps -e "$root"
 echo "setup: ready ($("$venv/bin/python" -c 'import gpuloss, numpy; print("gpuloss", gpuloss.__version__, "numpy", numpy.__version__)'))"

@@ -1,0 +1,247 @@
+"""torch's own test samples through gpuloss: every OpInfo sample of the
+functions gpuloss replaces (``torch.testing._internal``'s ``op_db``: the
+samples torch's own test suite runs, shapes, options and edges included)
+and every ModuleInfo input of the modules (``module_db``), compared with
+torch on the same inputs.
+
+float64 and float32 must agree with torch to its test tolerances, values and
+gradients (a random upstream gradient, so reductions and per-element losses
+are both checked), and with the class of torch's result (dtype, shape).
+bfloat16 and float16 compute in float32 inside and round once where torch's
+CPU kernels round several times, so there the check is against torch in
+float64: gpuloss's error at most twice torch's plus two units in the last
+place of the result's largest value (a sum of rounded terms, as a gradient
+of the fused linear CE is, can land two units off where torch's happens to
+land on the right one; over many seeds the two are equally exact).  Where torch raises, gpuloss must raise
+(a sample torch refuses is not ours to accept); ``error_inputs`` must raise
+the class torch raises.
+
+Backends: what the dispatcher picks for CPU tensors (NumPy), and Triton
+under ``TRITON_INTERPRET=1`` for the row and element-wise ops (the fused
+linear CE samples, a thousand per dtype, only through the default).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("expecttest")  # torch.testing._internal imports it
+common_methods = pytest.importorskip("torch.testing._internal.common_methods_invocations")
+common_modules = pytest.importorskip("torch.testing._internal.common_modules")
+
+import gpuloss  # noqa: E402
+import gpuloss.nn as gnn  # noqa: E402
+from gpuloss import dispatch  # noqa: E402
+
+#: OpInfo name (with its variant) -> gpuloss function
+FUNCTIONS = {
+    "softmax": gpuloss.softmax, "softmax.with_dtype": gpuloss.softmax,
+    "log_softmax": gpuloss.log_softmax, "log_softmax.with_dtype": gpuloss.log_softmax,
+    "nn.functional.cross_entropy": gpuloss.cross_entropy,
+    "nn.functional.nll_loss": gpuloss.nll_loss,
+    "nn.functional.binary_cross_entropy_with_logits": gpuloss.binary_cross_entropy_with_logits,
+    "nn.functional.binary_cross_entropy": gpuloss.binary_cross_entropy,
+    "nn.functional.mse_loss": gpuloss.mse_loss,
+    "nn.functional.kl_div": gpuloss.kl_div,
+    "nn.functional.linear_cross_entropy": gpuloss.linear_cross_entropy,
+    "nn.functional.linear_cross_entropy.chunked": gpuloss.linear_cross_entropy,
+    "nn.functional.linear_cross_entropy.chunked_none": gpuloss.linear_cross_entropy,
+}
+MODULES = ["KLDivLoss", "MSELoss", "NLLLoss", "BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss",
+           "LinearCrossEntropyLoss", "Softmax", "LogSoftmax"]
+DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
+#: the unit in the last place at 1.0, for the low-precision rule
+ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+
+
+def _full_name(op) -> str:
+    return op.name + ("." + op.variant_test_name if op.variant_test_name else "")
+
+
+OPINFOS = {_full_name(op): op for op in common_methods.op_db if _full_name(op) in FUNCTIONS}
+MODULEINFOS = {m.module_cls.__name__: m for m in common_modules.module_db if m.module_cls.__name__ in MODULES}
+
+
+def _triton_here() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1" and dispatch.backend_status()["triton"][0]
+
+
+def _grad_tensors(args):
+    return [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+
+
+def _as64(v):
+    if isinstance(v, torch.Tensor) and v.is_floating_point():
+        return v.detach().double().requires_grad_(v.requires_grad)
+    if dataclasses.is_dataclass(v) and hasattr(v, "acc_dtype"):  # torch's LinearCrossEntropyOptions
+        return dataclasses.replace(v, acc_dtype=None)  # float32 accumulation is refused for float64
+    return v
+
+
+def _max_err(a, ref) -> float:
+    return float((a.double() - ref).abs().max()) if ref.numel() else 0.0
+
+
+def _scale(ref) -> float:
+    return float(ref.abs().max()) if ref.numel() else 0.0
+
+
+def _compare(name: str, ours, theirs, dtype, exact_ref=None) -> None:
+    """``ours``/``theirs``: (output, gradients of ``inputs``) from gpuloss and torch."""
+    (out, grads), (ref, ref_grads) = ours, theirs
+    assert out.dtype == ref.dtype and out.shape == ref.shape, (name, out.dtype, ref.dtype, out.shape, ref.shape)
+    if exact_ref is None:
+        torch.testing.assert_close(out, ref, equal_nan=True, msg=lambda m: f"{name}: value: {m}")
+        for i, (a, b) in enumerate(zip(grads, ref_grads)):
+            if a is None and b is None:
+                continue
+            a = torch.zeros_like(b) if a is None else a
+            b = torch.zeros_like(a) if b is None else b
+            torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m: f"{name}: gradient {i}: {m}")
+        return
+    ref64, grads64 = exact_ref
+    pairs = [("value", out, ref, ref64)] + [(f"gradient {i}", a, b, c)
+                                            for i, (a, b, c) in enumerate(zip(grads, ref_grads, grads64))]
+    for what, a, b, c in pairs:
+        if c is None:
+            continue
+        a = torch.zeros_like(c) if a is None else a
+        b = torch.zeros_like(c) if b is None else b
+        ours_err, torch_err = _max_err(a, c), _max_err(b, c)
+        bound = 2 * torch_err + 2 * ULP[dtype] * _scale(c)
+        assert ours_err <= bound or (ours_err != ours_err and torch_err != torch_err), (
+            f"{name}: {what}: error {ours_err:.3g} against float64, torch's {torch_err:.3g}")
+
+
+def _run(fn, args, kwargs, upstream=None):
+    out = fn(*args, **kwargs)
+    wrt = _grad_tensors(list(args) + list(kwargs.values()))
+    if not wrt or not out.requires_grad:
+        return out, [], upstream
+    if upstream is None:
+        upstream = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    grads = torch.autograd.grad(out, wrt, upstream, allow_unused=True)
+    return out, list(grads), upstream
+
+
+def _fresh(args, kwargs):
+    """Copies of the sample's tensors (a call may not see another's graph)."""
+    def cp(v):
+        return v.detach().clone().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) else v
+    return [cp(a) for a in args], {k: cp(v) for k, v in kwargs.items()}
+
+
+def _check_sample(name: str, torch_fn, ours_fn, args, kwargs, dtype) -> None:
+    a1, k1 = _fresh(args, kwargs)
+    try:
+        theirs = _run(torch_fn, a1, k1)
+    except Exception:  # torch refuses the sample: so must we
+        a2, k2 = _fresh(args, kwargs)
+        with pytest.raises(Exception):
+            _run(ours_fn, a2, k2)
+        return
+    a2, k2 = _fresh(args, kwargs)
+    ours = _run(ours_fn, a2, k2, theirs[2])
+    exact = None
+    if dtype in ULP:
+        a3 = [_as64(a) for a in args]
+        k3 = {k: _as64(v) for k, v in kwargs.items()}
+        up = None if theirs[2] is None else theirs[2].double()
+        ref64 = _run(torch_fn, a3, k3, up)
+        exact = (ref64[0], ref64[1] + [None] * (len(theirs[1]) - len(ref64[1])))
+    _compare(name, ours[:2], theirs[:2], dtype, exact)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("backend", [None, "triton"])
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_opinfo_samples_match_torch(name, backend, dtype):
+    if name not in OPINFOS:
+        pytest.skip(f"this torch ({torch.__version__}) has no OpInfo {name!r}")
+    if backend == "triton" and (not _triton_here() or "linear_cross_entropy" in name):
+        pytest.skip("Triton under TRITON_INTERPRET=1 only, and not the fused linear CE's 1000 samples")
+    op = OPINFOS[name]
+    if dtype not in op.supported_dtypes("cpu"):
+        pytest.skip(f"torch's {name} does not take {dtype} on the CPU")
+    fn = FUNCTIONS[name]
+    ours = fn if backend is None else (lambda *a, **k: fn(*a, **k, backend=backend))
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's own deprecation warnings (size_average, kl_div's "mean")
+        samples = list(op.sample_inputs("cpu", dtype, requires_grad=op.supports_autograd))
+        assert samples
+        for i, s in enumerate(samples):
+            _check_sample(f"{name} sample {i} ({s.summary() if hasattr(s, 'summary') else s})", op.op, ours,
+                          [s.input, *s.args], dict(s.kwargs), dtype)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_opinfo_error_inputs_raise_torchs_class(name):
+    if name not in OPINFOS:
+        pytest.skip(f"this torch ({torch.__version__}) has no OpInfo {name!r}")
+    op = OPINFOS[name]
+    if op.error_inputs_func is None:
+        pytest.skip(f"torch's OpInfo {name!r} has no error inputs")
+    for ei in op.error_inputs("cpu"):
+        s = ei.sample_input
+        with pytest.raises(ei.error_type):
+            FUNCTIONS[name](s.input, *s.args, **s.kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("name", MODULES)
+def test_moduleinfo_inputs_match_torch(name, dtype):
+    """torch's module inputs: the same constructor arguments, torch's
+    state_dict loaded into ours, the same forward arguments."""
+    if name not in MODULEINFOS:
+        pytest.skip(f"this torch ({torch.__version__}) has no ModuleInfo {name!r}")
+    info = MODULEINFOS[name]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        inputs = info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=True)
+        ran = 0
+        for mi in inputs:
+            if mi.forward_input is None:
+                continue
+            ca, ck = mi.constructor_input.args, mi.constructor_input.kwargs
+            theirs = info.module_cls(*ca, **ck).to(dtype)
+            ours = getattr(gnn, name)(*ca, **ck).to(dtype)
+            ours.load_state_dict(theirs.state_dict())
+            _check_module(f"{name}({ca}, {ck})", theirs, ours, list(mi.forward_input.args),
+                          dict(mi.forward_input.kwargs))
+            ran += 1
+        assert ran
+
+
+def _check_module(name: str, theirs, ours, args, kwargs) -> None:
+    """Torch's module and ours (torch's state loaded): value and gradients of
+    the inputs and the parameters, or both raising."""
+    a1, k1 = _fresh(args, kwargs)
+    try:
+        ref = theirs(*a1, **k1)
+    except Exception:
+        a2, k2 = _fresh(args, kwargs)
+        with pytest.raises(Exception):
+            ours(*a2, **k2)
+        return
+    a2, k2 = _fresh(args, kwargs)
+    out = ours(*a2, **k2)
+    assert out.dtype == ref.dtype and out.shape == ref.shape, (name, out.dtype, ref.dtype, out.shape, ref.shape)
+    torch.testing.assert_close(out, ref, equal_nan=True, msg=lambda m: f"{name}: value: {m}")
+    w1 = _grad_tensors(a1 + list(k1.values())) + [p for p in theirs.parameters() if p.requires_grad]
+    w2 = _grad_tensors(a2 + list(k2.values())) + [p for p in ours.parameters() if p.requires_grad]
+    if not w1 or not ref.requires_grad:
+        return
+    up = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(1))
+    g1 = torch.autograd.grad(ref, w1, up, allow_unused=True)
+    g2 = torch.autograd.grad(out, w2, up, allow_unused=True)
+    for i, (a, b) in enumerate(zip(g2, g1)):
+        if a is None and b is None:
+            continue
+        torch.testing.assert_close(torch.zeros_like(b) if a is None else a, torch.zeros_like(a) if b is None else b,
+                                   equal_nan=True, msg=lambda m: f"{name}: gradient {i}: {m}")
