@@ -22,6 +22,7 @@ linear CE samples, a thousand per dtype, only through the default).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import warnings
@@ -54,8 +55,8 @@ FUNCTIONS = {
 MODULES = ["KLDivLoss", "MSELoss", "NLLLoss", "BCELoss", "BCEWithLogitsLoss", "CrossEntropyLoss",
            "LinearCrossEntropyLoss", "Softmax", "LogSoftmax"]
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
-#: the unit in the last place at 1.0, for the low-precision rule
-ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10}
+#: the unit in the last place at 1.0, for the rule against float64
+ULP = {torch.bfloat16: 2.0 ** -7, torch.float16: 2.0 ** -10, torch.float32: 2.0 ** -23}
 
 
 def _full_name(op) -> str:
@@ -90,21 +91,30 @@ def _scale(ref) -> float:
     return float(ref.abs().max()) if ref.numel() else 0.0
 
 
-def _compare(name: str, ours, theirs, dtype, exact_ref=None) -> None:
-    """``ours``/``theirs``: (output, gradients of ``inputs``) from gpuloss and torch."""
+def _agree(name: str, ours, theirs, dtype, ref64) -> None:
+    """``ours``/``theirs``: (output, gradients) from gpuloss and torch; ``ref64()``:
+    torch's in float64.  float64 must agree to torch's tolerances; float32 too,
+    or else be as exact as torch against float64 (a sum in another order, with
+    a class weight of 30, can land a few units off torch's); 16-bit always
+    against float64."""
     (out, grads), (ref, ref_grads) = ours, theirs
     assert out.dtype == ref.dtype and out.shape == ref.shape, (name, out.dtype, ref.dtype, out.shape, ref.shape)
-    if exact_ref is None:
-        torch.testing.assert_close(out, ref, equal_nan=True, msg=lambda m: f"{name}: value: {m}")
-        for i, (a, b) in enumerate(zip(grads, ref_grads)):
-            if a is None and b is None:
-                continue
-            a = torch.zeros_like(b) if a is None else a
-            b = torch.zeros_like(a) if b is None else b
-            torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m: f"{name}: gradient {i}: {m}")
-        return
-    ref64, grads64 = exact_ref
-    pairs = [("value", out, ref, ref64)] + [(f"gradient {i}", a, b, c)
+    if dtype in (torch.float64, torch.float32):
+        try:
+            torch.testing.assert_close(out, ref, equal_nan=True, msg=lambda m: f"{name}: value: {m}")
+            for i, (a, b) in enumerate(zip(grads, ref_grads)):
+                if a is None and b is None:
+                    continue
+                a = torch.zeros_like(b) if a is None else a
+                b = torch.zeros_like(a) if b is None else b
+                torch.testing.assert_close(a, b, equal_nan=True, msg=lambda m: f"{name}: gradient {i}: {m}")
+            return
+        except AssertionError:
+            if dtype == torch.float64:
+                raise
+    out64, grads64 = ref64()
+    grads64 = list(grads64) + [None] * (len(ref_grads) - len(grads64))
+    pairs = [("value", out, ref, out64)] + [(f"gradient {i}", a, b, c)
                                             for i, (a, b, c) in enumerate(zip(grads, ref_grads, grads64))]
     for what, a, b, c in pairs:
         if c is None:
@@ -146,14 +156,12 @@ def _check_sample(name: str, torch_fn, ours_fn, args, kwargs, dtype) -> None:
         return
     a2, k2 = _fresh(args, kwargs)
     ours = _run(ours_fn, a2, k2, theirs[2])
-    exact = None
-    if dtype in ULP:
-        a3 = [_as64(a) for a in args]
-        k3 = {k: _as64(v) for k, v in kwargs.items()}
+
+    def ref64():
         up = None if theirs[2] is None else theirs[2].double()
-        ref64 = _run(torch_fn, a3, k3, up)
-        exact = (ref64[0], ref64[1] + [None] * (len(theirs[1]) - len(ref64[1])))
-    _compare(name, ours[:2], theirs[:2], dtype, exact)
+        return _run(torch_fn, [_as64(a) for a in args], {k: _as64(v) for k, v in kwargs.items()}, up)[:2]
+
+    _agree(name, ours[:2], theirs[:2], dtype, ref64)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
@@ -213,35 +221,38 @@ def test_moduleinfo_inputs_match_torch(name, dtype):
             ours = getattr(gnn, name)(*ca, **ck).to(dtype)
             ours.load_state_dict(theirs.state_dict())
             _check_module(f"{name}({ca}, {ck})", theirs, ours, list(mi.forward_input.args),
-                          dict(mi.forward_input.kwargs))
+                          dict(mi.forward_input.kwargs), dtype)
             ran += 1
         assert ran
 
 
-def _check_module(name: str, theirs, ours, args, kwargs) -> None:
+def _run_module(module, args, kwargs, upstream=None):
+    out = module(*args, **kwargs)
+    wrt = _grad_tensors(list(args) + list(kwargs.values())) + [p for p in module.parameters() if p.requires_grad]
+    if not wrt or not out.requires_grad:
+        return out, [], upstream
+    if upstream is None:
+        upstream = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+    return out, list(torch.autograd.grad(out, wrt, upstream, allow_unused=True)), upstream
+
+
+def _check_module(name: str, theirs, ours, args, kwargs, dtype) -> None:
     """Torch's module and ours (torch's state loaded): value and gradients of
     the inputs and the parameters, or both raising."""
     a1, k1 = _fresh(args, kwargs)
     try:
-        ref = theirs(*a1, **k1)
-    except Exception:
+        ref = _run_module(theirs, a1, k1)
+    except Exception:  # torch refuses the input: so must we
         a2, k2 = _fresh(args, kwargs)
         with pytest.raises(Exception):
-            ours(*a2, **k2)
+            _run_module(ours, a2, k2)
         return
     a2, k2 = _fresh(args, kwargs)
-    out = ours(*a2, **k2)
-    assert out.dtype == ref.dtype and out.shape == ref.shape, (name, out.dtype, ref.dtype, out.shape, ref.shape)
-    torch.testing.assert_close(out, ref, equal_nan=True, msg=lambda m: f"{name}: value: {m}")
-    w1 = _grad_tensors(a1 + list(k1.values())) + [p for p in theirs.parameters() if p.requires_grad]
-    w2 = _grad_tensors(a2 + list(k2.values())) + [p for p in ours.parameters() if p.requires_grad]
-    if not w1 or not ref.requires_grad:
-        return
-    up = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(1))
-    g1 = torch.autograd.grad(ref, w1, up, allow_unused=True)
-    g2 = torch.autograd.grad(out, w2, up, allow_unused=True)
-    for i, (a, b) in enumerate(zip(g2, g1)):
-        if a is None and b is None:
-            continue
-        torch.testing.assert_close(torch.zeros_like(b) if a is None else a, torch.zeros_like(a) if b is None else b,
-                                   equal_nan=True, msg=lambda m: f"{name}: gradient {i}: {m}")
+    out = _run_module(ours, a2, k2, ref[2])
+
+    def ref64():
+        up = None if ref[2] is None else ref[2].double()
+        return _run_module(copy.deepcopy(theirs).double(), [_as64(a) for a in args],
+                           {k: _as64(v) for k, v in kwargs.items()}, up)[:2]
+
+    _agree(name, out[:2], ref[:2], dtype, ref64)
