@@ -256,3 +256,36 @@ def _check_module(name: str, theirs, ours, args, kwargs, dtype) -> None:
                            {k: _as64(v) for k, v in kwargs.items()}, up)[:2]
 
     _agree(name, out[:2], ref[:2], dtype, ref64)
+
+
+@pytest.mark.parametrize("name", sorted(FUNCTIONS))
+def test_opinfo_samples_compile_without_graph_breaks(name):
+    """Every float32 sample (every fourth of the fused linear CE's) through
+    ``torch.compile(fullgraph=True)``: no graph break, and the eager result and
+    gradients.  The "aot_eager" backend traces what inductor would (dynamo,
+    the custom operators' fake implementations, AOTAutograd's joint graph)
+    without generating code, which takes minutes per sample on this CPU."""
+    if name not in OPINFOS:
+        pytest.skip(f"this torch ({torch.__version__}) has no OpInfo {name!r}")
+    import torch._dynamo as dynamo
+    op, fn = OPINFOS[name], FUNCTIONS[name]
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        samples = list(op.sample_inputs("cpu", torch.float32, requires_grad=True))
+        if "linear_cross_entropy" in name:
+            samples = samples[::4]
+        ran = 0
+        for i, s in enumerate(samples):
+            args = [s.input, *s.args]
+            try:
+                eager = _run(fn, *_fresh(args, dict(s.kwargs)))
+            except Exception:
+                continue  # refused in eager code: the other tests check that torch refuses it too
+            dynamo.reset()
+            compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+            got = _run(compiled, *_fresh(args, dict(s.kwargs)), eager[2])
+            # compiled against eager, the same kernels: torch's tolerances, with no float64 fallback
+            _agree(f"{name} sample {i} compiled", got[:2], eager[:2], torch.float64, None)
+            ran += 1
+        assert ran
