@@ -7,7 +7,8 @@
 # lacks (Liger-Kernel, a pure-Python wheel) travel in .whl/ at the repo root,
 # fetched beforehand on a machine with network:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
-#       --implementation cp --platform manylinux_2_28_x86_64 --platform any -d .whl liger-kernel==0.8.5
+#       --implementation cp --platform manylinux_2_28_x86_64 --platform any -d .whl liger-kernel==0.8.5 \
+#       expecttest==0.3.0   # torch.testing._internal imports it (tests/test_torch_opinfo.py)
 # .whl/ is git-ignored: a tool that copies the working tree to the GPU machine must be told to
 # carry it (else every Liger row reads "n/a", silently).  The machine has no git metadata either:
 # pass GPULOSS_COMMIT=<sha> so that logs and the design table name the commit.
@@ -101,7 +102,7 @@ fi
 import importlib, platform
 print("python", platform.python_version())
 for name in ("numpy", "scipy", "torch", "triton", "cupy", "liger_kernel", "transformers", "accelerate", "pytest",
-             "gpuloss"):
+             "expecttest", "gpuloss"):
     try:
         m = importlib.import_module(name)
         print(f"{name:13s}", getattr(m, "__version__", "?"), getattr(m, "__file__", ""))
@@ -122,7 +123,7 @@ EOF
 # The files that exercise a GPU; the CPU-only ones (reference, NumPy backend,
 # packaging, nvcc/NVRTC compiles, the CPU benchmark, torch.compile on CPU)
 # are CPU CI's job.  CI_TEST_FILES="tests" runs everything.
-TEST_FILES=${CI_TEST_FILES:-"tests/test_api.py tests/test_backend_primitives.py tests/test_triton_backend.py tests/test_triton_offsets.py tests/test_triton_packed.py tests/test_triton_designs.py tests/test_cupy_backend.py tests/test_torch_autograd.py tests/test_torch_gpu.py tests/test_linear_ce.py tests/test_linear_acc.py tests/test_distributed.py"}
+TEST_FILES=${CI_TEST_FILES:-"tests/test_api.py tests/test_backend_primitives.py tests/test_triton_backend.py tests/test_triton_offsets.py tests/test_triton_packed.py tests/test_triton_designs.py tests/test_cupy_backend.py tests/test_torch_autograd.py tests/test_torch_gpu.py tests/test_linear_ce.py tests/test_linear_acc.py tests/test_distributed.py tests/test_torch_opinfo.py"}
 read -r -a FILES <<< "$TEST_FILES"
 PYTEST_ARGS=("${FILES[@]}" -q -rs -p no:cacheprovider)
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then

@@ -16,9 +16,10 @@ land on the right one; over many seeds the two are equally exact).  Where torch 
 (a sample torch refuses is not ours to accept); ``error_inputs`` must raise
 the class torch raises.
 
-Backends: what the dispatcher picks for CPU tensors (NumPy), and Triton
-under ``TRITON_INTERPRET=1`` for the row and element-wise ops (the fused
-linear CE samples, a thousand per dtype, only through the default).
+Backends: what the dispatcher picks (NumPy for CPU tensors), Triton under
+``TRITON_INTERPRET=1`` on the CPU (the fused linear CE's thousand samples per
+dtype only through the default there), and on a GPU (ci/gpu.sh) the same
+samples on CUDA tensors through the default, Triton and CuPy.
 """
 from __future__ import annotations
 
@@ -67,8 +68,16 @@ OPINFOS = {_full_name(op): op for op in common_methods.op_db if _full_name(op) i
 MODULEINFOS = {m.module_cls.__name__: m for m in common_modules.module_db if m.module_cls.__name__ in MODULES}
 
 
-def _triton_here() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1" and dispatch.backend_status()["triton"][0]
+def _backend_here(backend, device: str) -> bool:
+    """Whether ``backend`` serves torch tensors on ``device`` here (None: the
+    dispatcher's choice, always): Triton on the CPU only under its interpreter."""
+    if device == "cuda" and not torch.cuda.is_available():
+        return False
+    if backend is None:
+        return True
+    if not dispatch.backend_status()[backend][0]:
+        return False
+    return device == "cuda" if backend == "cupy" else (device == "cpu") == (os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _grad_tensors(args):
@@ -164,23 +173,29 @@ def _check_sample(name: str, torch_fn, ours_fn, args, kwargs, dtype) -> None:
     _agree(name, ours[:2], theirs[:2], dtype, ref64)
 
 
+DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).replace("torch.", ""))
-@pytest.mark.parametrize("backend", [None, "triton"])
+@pytest.mark.parametrize("backend", [None, "triton", "cupy"])
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
-def test_opinfo_samples_match_torch(name, backend, dtype):
+def test_opinfo_samples_match_torch(name, device, backend, dtype):
     if name not in OPINFOS:
         pytest.skip(f"this torch ({torch.__version__}) has no OpInfo {name!r}")
-    if backend == "triton" and (not _triton_here() or "linear_cross_entropy" in name):
-        pytest.skip("Triton under TRITON_INTERPRET=1 only, and not the fused linear CE's 1000 samples")
+    if not _backend_here(backend, device):
+        pytest.skip(f"backend {backend} does not serve {device} tensors here")
+    if backend is not None and device == "cpu" and "linear_cross_entropy" in name:
+        pytest.skip("the fused linear CE's thousand samples in the interpreter: through the default only")
     op = OPINFOS[name]
-    if dtype not in op.supported_dtypes("cpu"):
-        pytest.skip(f"torch's {name} does not take {dtype} on the CPU")
+    if dtype not in op.supported_dtypes(device):
+        pytest.skip(f"torch's {name} does not take {dtype} on {device}")
     fn = FUNCTIONS[name]
     ours = fn if backend is None else (lambda *a, **k: fn(*a, **k, backend=backend))
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's own deprecation warnings (size_average, kl_div's "mean")
-        samples = list(op.sample_inputs("cpu", dtype, requires_grad=op.supports_autograd))
+        samples = list(op.sample_inputs(device, dtype, requires_grad=op.supports_autograd))
         assert samples
         for i, s in enumerate(samples):
             _check_sample(f"{name} sample {i} ({s.summary() if hasattr(s, 'summary') else s})", op.op, ours,
@@ -201,24 +216,27 @@ def test_opinfo_error_inputs_raise_torchs_class(name):
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).replace("torch.", ""))
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", MODULES)
-def test_moduleinfo_inputs_match_torch(name, dtype):
+def test_moduleinfo_inputs_match_torch(name, device, dtype):
     """torch's module inputs: the same constructor arguments, torch's
     state_dict loaded into ours, the same forward arguments."""
     if name not in MODULEINFOS:
         pytest.skip(f"this torch ({torch.__version__}) has no ModuleInfo {name!r}")
+    if not _backend_here(None, device):
+        pytest.skip(f"no {device} device")
     info = MODULEINFOS[name]
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        inputs = info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=True)
+        inputs = info.module_inputs_func(info, device=device, dtype=dtype, requires_grad=True, training=True)
         ran = 0
         for mi in inputs:
             if mi.forward_input is None:
                 continue
             ca, ck = mi.constructor_input.args, mi.constructor_input.kwargs
-            theirs = info.module_cls(*ca, **ck).to(dtype)
-            ours = getattr(gnn, name)(*ca, **ck).to(dtype)
+            theirs = info.module_cls(*ca, **ck).to(device=device, dtype=dtype)
+            ours = getattr(gnn, name)(*ca, **ck).to(device=device, dtype=dtype)
             ours.load_state_dict(theirs.state_dict())
             _check_module(f"{name}({ca}, {ck})", theirs, ours, list(mi.forward_input.args),
                           dict(mi.forward_input.kwargs), dtype)
