@@ -21,7 +21,7 @@
 # Exit status: the test suite's if it failed (the benchmark still runs), else
 # the benchmark's.  Time limits (seconds, environment overrides):
 #   CI_TEST_TIMEOUT  whole test suite        (default 270; it took 97 s and 133+ s on two H200s before
-#                    tests/test_torch_opinfo.py joined it: torch's samples, ~150 more Triton compiles)
+#                    tests/test_torch_opinfo.py joined it: torch's samples, not yet timed on a GPU)
 #   CI_BENCH_BUDGET  benchmark rows started  (default 120; the run is stopped 60 s later)
 # Switches: CI_TESTS=0 skips the test suite, CI_BENCH=0 the quick benchmark;
 # CI_TUNE=1 adds the configuration sweep (bench/tune.py, CI_TUNE_TIMEOUT default
