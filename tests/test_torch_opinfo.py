@@ -307,3 +307,50 @@ def test_opinfo_samples_compile_without_graph_breaks(name):
             _agree(f"{name} sample {i} compiled", got[:2], eager[:2], torch.float64, None)
             ran += 1
         assert ran
+
+
+#: torch.nn.functional's names that gpuloss replaces, for torch's functional test entries
+_F_NAMES = ("softmax", "log_softmax", "cross_entropy", "nll_loss", "kl_div", "mse_loss", "binary_cross_entropy",
+            "binary_cross_entropy_with_logits")
+_ENTRY_KEYS = ("softmax", "nllloss", "kldiv", "mseloss", "bceloss", "bcewithlogits", "crossentropy")
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=lambda d: str(d).replace("torch.", ""))
+def test_common_nn_entries_through_gpuloss(monkeypatch, dtype):
+    """torch's own module and criterion test entries (``common_nn``: the
+    ``no_reduce`` functional forms with their captured targets, weights and
+    ignore indices, the no-batch-dimension criteria) run once as they are and
+    once with ``torch.nn.functional``'s loss and softmax functions replaced by
+    gpuloss's: the same values and input gradients."""
+    common_nn = pytest.importorskip("torch.testing._internal.common_nn")
+    import torch.nn.functional as F
+    calls = []
+    entries = [t for t in common_nn.module_tests + common_nn.get_new_module_tests() + common_nn.criterion_tests
+               if t.get("constructor") is not None
+               and any(k in (t.get("fullname") or t.get("module_name", "")).lower() for k in _ENTRY_KEYS)]
+    assert entries
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for t in entries:
+            name = t.get("fullname") or t.get("module_name")
+            torch.manual_seed(0)
+            x = t["input_fn"]() if "input_fn" in t else t["input"] if "input" in t else torch.randn(t["input_size"])
+            tgt = t["target_fn"]() if "target_fn" in t else (torch.randn(t["target_size"]) if "target_size" in t
+                                                              else None)
+            x = x.to(dtype).requires_grad_() if x.is_floating_point() else x
+            if tgt is not None and tgt.is_floating_point():
+                tgt = tgt.to(dtype)
+            inputs = (x,) if tgt is None else (x, tgt)
+            module = t["constructor"](*t.get("constructor_args", ()))
+            ref = module(*inputs)
+            with monkeypatch.context() as m:
+                for f in _F_NAMES:
+                    ours = getattr(gpuloss, f)
+                    m.setattr(F, f, (lambda fn, f: lambda *a, **k: calls.append(f) or fn(*a, **k))(ours, f))
+                out = module(*inputs)
+            torch.testing.assert_close(out, ref, msg=lambda msg: f"{name}: value: {msg}")
+            if x.requires_grad and ref.requires_grad:
+                up = torch.randn(ref.shape, dtype=ref.dtype, generator=torch.Generator().manual_seed(1))
+                torch.testing.assert_close(torch.autograd.grad(out, x, up)[0], torch.autograd.grad(ref, x, up)[0],
+                                           msg=lambda msg: f"{name}: gradient: {msg}")
+    assert {"nll_loss", "kl_div", "mse_loss", "binary_cross_entropy_with_logits"} <= set(calls), set(calls)
