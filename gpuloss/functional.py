@@ -553,13 +553,19 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     # fp16 wherever p (1 - p) < ~1.5e-5 (-73853 at p = 7.7e-6: -inf, where torch's, divided, is -1368)
     summed = reduction == "mean" and L.numel(xin, kind) > 0 and op != "bce" and _fp16_mean(kind, return_grad, xin, tin)
     red = "sum" if reduction == "batchmean" or summed else reduction
+    # undivided, mse's gradient 2 (x - y) overflows fp16 past |x - y| = 32752 where torch's, divided, is finite:
+    # the op saves x - y (exact for nearby values, finite up to 65504) and the factor 2 joins the upstream
+    half = summed and op == "mse"
     if L.numel(xin, kind) == 0:
         res = _empty_elementwise(kind, xin, tin, red)
     else:
         x, layout = L.rows2d(xin, kind, -1)
         t, _ = L.rows2d(tin, kind, -1)
         arrays = [x, t] + [None if w is None else V.as_row_broadcast(w, kind, xin, x) for w in named_weights.values()]
-        res = run(op, kind, be, arrays, make_opts(red), return_grad)
+        res = run(op, kind, be, arrays, make_opts(red, 0.5) if half else make_opts(red), return_grad)
+        if half:
+            from .torch_ops import grad_factor
+            res = res._replace(loss=grad_factor(res.loss, 2.0))
         unrow = lambda a: L.from_rows(a, kind, layout)  # noqa: E731
         res = LossResult(unrow(res.loss) if red == "none" else res.loss, unrow(res.grad), unrow(res.grad_target))
     if reduction == "batchmean":  # torch: sum / input.size(0)

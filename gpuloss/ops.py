@@ -81,8 +81,12 @@ class KlDivOptions:
 
 @dataclass(frozen=True)
 class ReductionOptions:
-    """The element-wise losses with nothing but a reduction."""
+    """The element-wise losses with nothing but a reduction.  ``grad_scale``:
+    a factor on the gradients only, not on the loss (mse_loss's fp16 "mean"
+    path saves ``x - y``, half its gradient, so that it overflows fp16 only
+    past 65504: :func:`gpuloss.functional._elementwise`)."""
     reduction: str = "mean"
+    grad_scale: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -353,6 +353,25 @@ def row_grad_term(a: Tensor, coef: Tensor) -> Tensor:
     return _RowGradTerm.apply(a, coef)
 
 
+class _GradFactor(torch.autograd.Function):
+    """``a`` in value; in gradient, the upstream gradient times ``factor`` (a
+    power of two: exact), in float32 or wider as the upstream is."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, factor: float) -> Tensor:
+        ctx.factor = factor
+        return a.view_as(a)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        return g * ctx.factor, None
+
+
+def grad_factor(a: Tensor, factor: float) -> Tensor:
+    """See :class:`_GradFactor`."""
+    return _GradFactor.apply(a, factor)
+
+
 class SecondOrderError(RuntimeError):
     """A loss's gradient was asked for with ``create_graph=True``."""
 

@@ -24,7 +24,8 @@ def _operand(a, acc):
     return a, 2, CM.row_stride(a)
 
 
-def _drive(opname, x, t, reduction: str, want: Want, weight=None, pos_weight=None, divisor=None) -> LossResult:
+def _drive(opname, x, t, reduction: str, want: Want, weight=None, pos_weight=None, divisor=None,
+           grad_scale: float = 1.0) -> LossResult:
     import cupy
     x, t = CM.unit_rows(x), CM.unit_rows(t)
     dt = CM.storage_dtype(x)
@@ -46,7 +47,7 @@ def _drive(opname, x, t, reduction: str, want: Want, weight=None, pos_weight=Non
         k = B.kernel("elementwise", dt, f"gpuloss_elementwise<{B.DTYPES[dt][0]}, {B.EW_OPS[opname]}>")
         k((grid,), (threads,), (x, t, CM.ptr(w), CM.ptr(pw), CM.ptr(gx), CM.ptr(gt), CM.ptr(L), CM.ptr(part),
                                 i64(CM.row_stride(x)), i64(CM.row_stride(t)), i64(ws), i64(ps), i64(R), i64(C),
-                                i32(wm), i32(pm), acc(1.0 / divisor) if divisor else acc(float("nan"))))
+                                i32(wm), i32(pm), acc(grad_scale / divisor) if divisor else acc(float("nan"))))
     if reduction == "none":
         return LossResult(L, gx, gt)
     tot = part.sum() if n else cupy.zeros((), dtype=acc)
@@ -63,12 +64,13 @@ def kl_div(input: Any, target: Any, opts: KlDivOptions, want: Want) -> LossResul
 
 def bce_with_logits(x: Any, target: Any, weight: Optional[Any], pos_weight: Optional[Any], opts: ReductionOptions,
                     want: Want) -> LossResult:
-    return _drive("bce_with_logits", x, target, opts.reduction, want, weight=weight, pos_weight=pos_weight)
+    return _drive("bce_with_logits", x, target, opts.reduction, want, weight=weight, pos_weight=pos_weight,
+                  grad_scale=opts.grad_scale)
 
 
 def bce(p: Any, target: Any, weight: Optional[Any], opts: ReductionOptions, want: Want) -> LossResult:
-    return _drive("bce", p, target, opts.reduction, want, weight=weight)
+    return _drive("bce", p, target, opts.reduction, want, weight=weight, grad_scale=opts.grad_scale)
 
 
 def mse(x: Any, target: Any, opts: ReductionOptions, want: Want) -> LossResult:
-    return _drive("mse", x, target, opts.reduction, want)
+    return _drive("mse", x, target, opts.reduction, want, grad_scale=opts.grad_scale)

@@ -18,7 +18,7 @@ from . import tiling as T
 
 
 def _drive(x: np.ndarray, target: np.ndarray, reduction: str, want: Want, body,
-           divisor: Optional[float] = None) -> LossResult:
+           divisor: Optional[float] = None, grad_scale: float = 1.0) -> LossResult:
     """Drive an element-wise loss over tiles.
 
     ``body(r0, r1, c0, c1, xs, ts, sc, gx, gt)`` gets the tile of x and
@@ -32,7 +32,7 @@ def _drive(x: np.ndarray, target: np.ndarray, reduction: str, want: Want, body,
     n_el = R * C
     if divisor is None:
         divisor = float(n_el)
-    sc = (1.0 / divisor if divisor else 0.0) if reduction in ("mean", "batchmean") else 1.0
+    sc = grad_scale * ((1.0 / divisor if divisor else 0.0) if reduction in ("mean", "batchmean") else 1.0)
     tiles = T.Tiles(R, C, cd.itemsize)
     loss_el = np.empty((R, C), ld) if reduction == "none" else None
     gx_out = np.empty((R, C), x.dtype) if want.grad else None
@@ -182,7 +182,7 @@ def bce_with_logits(x: np.ndarray, target: np.ndarray, weight: Optional[np.ndarr
             np.multiply(loss, wb, out=loss, casting="unsafe")
         return loss
 
-    return _drive(x, target, opts.reduction, want, body)
+    return _drive(x, target, opts.reduction, want, body, grad_scale=opts.grad_scale)
 
 
 def bce(p: np.ndarray, target: np.ndarray, weight: Optional[np.ndarray], opts: ReductionOptions,
@@ -233,7 +233,7 @@ def bce(p: np.ndarray, target: np.ndarray, weight: Optional[np.ndarray], opts: R
             np.multiply(num, sc, out=gx, casting="unsafe")
         return loss
 
-    return _drive(p, target, opts.reduction, want, body)
+    return _drive(p, target, opts.reduction, want, body, grad_scale=opts.grad_scale)
 
 
 def mse(x: np.ndarray, target: np.ndarray, opts: ReductionOptions, want: Want) -> LossResult:
@@ -253,4 +253,4 @@ def mse(x: np.ndarray, target: np.ndarray, opts: ReductionOptions, want: Want) -
                 np.negative(d, out=gt, casting="unsafe")
         return loss
 
-    return _drive(x, target, opts.reduction, want, body)
+    return _drive(x, target, opts.reduction, want, body, grad_scale=opts.grad_scale)

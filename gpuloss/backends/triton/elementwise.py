@@ -12,7 +12,8 @@ from . import common as CM
 from .config import elementwise_tile, next_pow2
 
 
-def _drive(be, kernel, x: Any, target: Any, extra: tuple, flags: dict, reduction: str, want: Want) -> LossResult:
+def _drive(be, kernel, x: Any, target: Any, extra: tuple, flags: dict, reduction: str, want: Want,
+           grad_scale: float = 1.0) -> LossResult:
     """Shared launcher: tiles, outputs, and the reduction of tile partials."""
     import torch
     R, C = x.shape
@@ -36,7 +37,7 @@ def _drive(be, kernel, x: Any, target: Any, extra: tuple, flags: dict, reduction
             partials,
             grad if grad is not None else dummy, C,
             grad_t if grad_t is not None else dummy, C,
-            R, C, CM.scalar(1.0 / max(divisor, 1), x),
+            R, C, CM.scalar(grad_scale / max(divisor, 1), x),
             BLOCK_R=block_r, BLOCK_C=block_c, REDUCE=reduce, **flags,
             WANT_GRAD=want.grad, WANT_GRAD_TARGET=want.grad_target, ACC=acc,
             num_warps=cfg.num_warps)
@@ -62,7 +63,8 @@ def bce_with_logits(be, x: Any, target: Any, weight: Optional[Any], pos_weight: 
     w, ws = CM.operand(weight, R, C) if weight is not None else (x, 0)
     pw, pws = CM.operand(pos_weight, R, C) if pos_weight is not None else (x, 0)
     return _drive(be, K.bce_with_logits_kernel, x, t, (w, ws, pw, pws),
-                  dict(HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None), opts.reduction, want)
+                  dict(HAS_WEIGHT=weight is not None, HAS_POS_WEIGHT=pos_weight is not None), opts.reduction, want,
+                  opts.grad_scale)
 
 
 def bce(be, p: Any, target: Any, weight: Optional[Any], opts: ReductionOptions, want: Want) -> LossResult:
@@ -70,10 +72,11 @@ def bce(be, p: Any, target: Any, weight: Optional[Any], opts: ReductionOptions, 
     x, t = CM.rows(p), CM.rows(target)
     R, C = x.shape
     w, ws = CM.operand(weight, R, C) if weight is not None else (x, 0)
-    return _drive(be, K.bce_kernel, x, t, (w, ws), dict(HAS_WEIGHT=weight is not None), opts.reduction, want)
+    return _drive(be, K.bce_kernel, x, t, (w, ws), dict(HAS_WEIGHT=weight is not None), opts.reduction, want,
+                  opts.grad_scale)
 
 
 def mse(be, x: Any, target: Any, opts: ReductionOptions, want: Want) -> LossResult:
     from gpuloss.kernels.triton import elementwise as K
     x, t = CM.rows(x), CM.rows(target)
-    return _drive(be, K.mse_kernel, x, t, (), {}, opts.reduction, want)
+    return _drive(be, K.mse_kernel, x, t, (), {}, opts.reduction, want, opts.grad_scale)
