@@ -15,8 +15,9 @@ is installed) are the yardstick.
 ``--device cpu`` times gpuloss's Triton backend without a GPU: under
 ``TRITON_INTERPRET=1`` with every Triton kernel replaced by a call that does
 nothing, so what is timed is the host path alone (validation, dispatch, the
-launchers, allocation), less the real launch (Triton's argument binding,
-~10-30 us).  Torch's rows then time its CPU kernels at this size.
+launchers, allocation), less the real launch (Triton's argument binding and
+the driver call, which only a GPU run times).  Torch's rows then time its
+CPU kernels at this size.
 
 Writes ``host.json`` and ``host.md`` to ``--out`` (when given).
 """
