@@ -72,6 +72,10 @@ def cases(device: str, backend: Optional[str]) -> Dict[str, Callable[[], object]
         "torch softmax fwd": lambda: torch.softmax(x, -1),
         "torch bce_with_logits fwd+bwd": lambda: F.binary_cross_entropy_with_logits(xr, y).backward(),
     }
+    if device.startswith("cuda") and backend is None and gpuloss.backend_status()["cupy"][0]:
+        # the CUDA C backend's own host path (DLPack views, torch's stream and allocator for CuPy)
+        out["ce return_grad (cupy)"] = lambda: gpuloss.cross_entropy(x, t, return_grad=True, backend="cupy")
+        out["ce autograd fwd+bwd (cupy)"] = lambda: gpuloss.cross_entropy(xr, t, backend="cupy").backward()
     if device.startswith("cuda"):
         try:
             from liger_kernel.transformers.functional import liger_cross_entropy
