@@ -136,15 +136,17 @@ def _agree(name: str, ours, theirs, dtype, ref64) -> None:
             f"{name}: {what}: error {ours_err:.3g} against float64, torch's {torch_err:.3g}")
 
 
-def _run(fn, args, kwargs, upstream=None):
+def _run(fn, args, kwargs, upstream=None, params=()):
+    """``fn``'s output and its gradients with respect to the arguments that
+    require grad and ``params`` (a module's), for ``upstream`` (a seeded
+    random one when None), and that upstream."""
     out = fn(*args, **kwargs)
-    wrt = _grad_tensors(list(args) + list(kwargs.values()))
+    wrt = _grad_tensors(list(args) + list(kwargs.values())) + [p for p in params if p.requires_grad]
     if not wrt or not out.requires_grad:
         return out, [], upstream
     if upstream is None:
         upstream = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
-    grads = torch.autograd.grad(out, wrt, upstream, allow_unused=True)
-    return out, list(grads), upstream
+    return out, list(torch.autograd.grad(out, wrt, upstream, allow_unused=True)), upstream
 
 
 def _fresh(args, kwargs):
@@ -154,23 +156,28 @@ def _fresh(args, kwargs):
     return [cp(a) for a in args], {k: cp(v) for k, v in kwargs.items()}
 
 
-def _check_sample(name: str, torch_fn, ours_fn, args, kwargs, dtype) -> None:
+def _check(name: str, theirs, ours, args, kwargs, dtype, theirs64) -> None:
+    """torch's call and ours on copies of the same arguments: both raise, or
+    they agree (:func:`_agree`).  ``theirs``, ``ours``: (callable, parameters
+    differentiated too); ``theirs64()``: torch's in float64, for the rule
+    against float64."""
     a1, k1 = _fresh(args, kwargs)
     try:
-        theirs = _run(torch_fn, a1, k1)
+        ref = _run(theirs[0], a1, k1, params=theirs[1])
     except Exception:  # torch refuses the sample: so must we
         a2, k2 = _fresh(args, kwargs)
         with pytest.raises(Exception):
-            _run(ours_fn, a2, k2)
+            _run(ours[0], a2, k2, params=ours[1])
         return
     a2, k2 = _fresh(args, kwargs)
-    ours = _run(ours_fn, a2, k2, theirs[2])
+    out = _run(ours[0], a2, k2, ref[2], params=ours[1])
 
     def ref64():
-        up = None if theirs[2] is None else theirs[2].double()
-        return _run(torch_fn, [_as64(a) for a in args], {k: _as64(v) for k, v in kwargs.items()}, up)[:2]
+        fn, params = theirs64()
+        up = None if ref[2] is None else ref[2].double()
+        return _run(fn, [_as64(a) for a in args], {k: _as64(v) for k, v in kwargs.items()}, up, params)[:2]
 
-    _agree(name, ours[:2], theirs[:2], dtype, ref64)
+    _agree(name, out[:2], ref[:2], dtype, ref64)
 
 
 DEVICES = [pytest.param("cpu"), pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -198,8 +205,8 @@ def test_opinfo_samples_match_torch(name, device, backend, dtype):
         samples = list(op.sample_inputs(device, dtype, requires_grad=op.supports_autograd))
         assert samples
         for i, s in enumerate(samples):
-            _check_sample(f"{name} sample {i} ({s.summary() if hasattr(s, 'summary') else s})", op.op, ours,
-                          [s.input, *s.args], dict(s.kwargs), dtype)
+            _check(f"{name} sample {i} ({s.summary() if hasattr(s, 'summary') else s})", (op.op, ()), (ours, ()),
+                   [s.input, *s.args], dict(s.kwargs), dtype, lambda: (op.op, ()))
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
@@ -238,42 +245,17 @@ def test_moduleinfo_inputs_match_torch(name, device, dtype):
             theirs = info.module_cls(*ca, **ck).to(device=device, dtype=dtype)
             ours = getattr(gnn, name)(*ca, **ck).to(device=device, dtype=dtype)
             ours.load_state_dict(theirs.state_dict())
-            _check_module(f"{name}({ca}, {ck})", theirs, ours, list(mi.forward_input.args),
-                          dict(mi.forward_input.kwargs), dtype)
+            _check(f"{name}({ca}, {ck})", (theirs, list(theirs.parameters())), (ours, list(ours.parameters())),
+                   list(mi.forward_input.args), dict(mi.forward_input.kwargs), dtype,
+                   lambda m=theirs: _float64_copy(m))
             ran += 1
         assert ran
 
 
-def _run_module(module, args, kwargs, upstream=None):
-    out = module(*args, **kwargs)
-    wrt = _grad_tensors(list(args) + list(kwargs.values())) + [p for p in module.parameters() if p.requires_grad]
-    if not wrt or not out.requires_grad:
-        return out, [], upstream
-    if upstream is None:
-        upstream = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
-    return out, list(torch.autograd.grad(out, wrt, upstream, allow_unused=True)), upstream
-
-
-def _check_module(name: str, theirs, ours, args, kwargs, dtype) -> None:
-    """Torch's module and ours (torch's state loaded): value and gradients of
-    the inputs and the parameters, or both raising."""
-    a1, k1 = _fresh(args, kwargs)
-    try:
-        ref = _run_module(theirs, a1, k1)
-    except Exception:  # torch refuses the input: so must we
-        a2, k2 = _fresh(args, kwargs)
-        with pytest.raises(Exception):
-            _run_module(ours, a2, k2)
-        return
-    a2, k2 = _fresh(args, kwargs)
-    out = _run_module(ours, a2, k2, ref[2])
-
-    def ref64():
-        up = None if ref[2] is None else ref[2].double()
-        return _run_module(copy.deepcopy(theirs).double(), [_as64(a) for a in args],
-                           {k: _as64(v) for k, v in kwargs.items()}, up)[:2]
-
-    _agree(name, out[:2], ref[:2], dtype, ref64)
+def _float64_copy(module):
+    """(a float64 copy of ``module``, its parameters)."""
+    m = copy.deepcopy(module).double()
+    return m, list(m.parameters())
 
 
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
