@@ -1,20 +1,24 @@
 """torch's own test samples through gpuloss: every OpInfo sample of the
 functions gpuloss replaces (``torch.testing._internal``'s ``op_db``: the
-samples torch's own test suite runs, shapes, options and edges included)
-and every ModuleInfo input of the modules (``module_db``), compared with
-torch on the same inputs.
+samples torch's own test suite runs, shapes, options and edges included) and
+their error inputs, every ModuleInfo input of the modules (``module_db``),
+and torch's ``common_nn`` loss entries, compared with torch on the same
+inputs; then the samples under ``torch.compile(fullgraph=True)``, ``vmap``
+and ``jvp``.
 
-float64 and float32 must agree with torch to its test tolerances, values and
-gradients (a random upstream gradient, so reductions and per-element losses
-are both checked), and with the class of torch's result (dtype, shape).
-bfloat16 and float16 compute in float32 inside and round once where torch's
-CPU kernels round several times, so there the check is against torch in
-float64: gpuloss's error at most twice torch's plus two units in the last
-place of the result's largest value (a sum of rounded terms, as a gradient
-of the fused linear CE is, can land two units off where torch's happens to
-land on the right one; over many seeds the two are equally exact).  Where torch raises, gpuloss must raise
-(a sample torch refuses is not ours to accept); ``error_inputs`` must raise
-the class torch raises.
+float64 must agree with torch to its test tolerances, values and gradients
+(a random upstream gradient, so reductions and per-element losses are both
+checked), with the class of torch's result (dtype, shape).  float32 too, or
+else be as exact as torch against torch in float64 (sums in another order
+can land a few units off).  bfloat16 and float16 compute in float32 inside
+and round once where torch's CPU kernels round several times: always checked
+against torch in float64, gpuloss's error at most twice torch's plus two
+units in the last place of the result's largest value (a sum of rounded
+terms, as a gradient of the fused linear CE is, can land two units off where
+torch's happens to land on the right one; over many seeds the two are
+equally exact).  Where torch raises, gpuloss must raise (a sample torch
+refuses is not ours to accept); ``error_inputs`` must raise the class torch
+raises.
 
 Backends: what the dispatcher picks (NumPy for CPU tensors), Triton under
 ``TRITON_INTERPRET=1`` on the CPU (the fused linear CE's thousand samples per
