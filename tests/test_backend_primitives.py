@@ -797,3 +797,21 @@ def test_long_rows(backend, rng):
                                      temperature=1.5, target_is_logits=True, reduction="none", want_grad=True)
     np.testing.assert_allclose(_np(backend, res.loss), ref.kl_div_logits(xk, tk, 1.5, "none"), rtol=2e-5, atol=1e-4)
     _check(backend, res.grad, ref.kl_div_logits_grad(xk, tk, 1.5, "none")[0], "float32", "grad")
+
+
+@pytest.mark.parametrize("op", ["mse", "bce_with_logits", "bce"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_elementwise_grad_scale_scales_the_gradients_only(backend, rng, op, reduction):
+    """``ReductionOptions.grad_scale`` multiplies the gradients (both of them)
+    and leaves the loss as it is (mse_loss's fp16 "mean" path saves x - y
+    with 0.5): exactly, a power of two, on every backend."""
+    R, C = 5, 37
+    x = _round(rng.uniform(0.05, 0.95, (R, C)), "float32")
+    y = _round(rng.uniform(0, 1, (R, C)), "float32")
+    args = [backend.asarray(x, "float32"), backend.asarray(y, "float32")]
+    kw = dict(reduction=reduction, want_grad=True, want_grad_target=True)
+    full = prim(backend.impl, op, *args, **kw)
+    half = prim(backend.impl, op, *args, grad_scale=0.5, **kw)
+    np.testing.assert_array_equal(_np(backend, half.loss), _np(backend, full.loss))
+    np.testing.assert_array_equal(_np(backend, half.grad), 0.5 * _np(backend, full.grad))
+    np.testing.assert_array_equal(_np(backend, half.grad_target), 0.5 * _np(backend, full.grad_target))
