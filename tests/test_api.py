@@ -373,6 +373,35 @@ def test_kernels_run_on_the_arrays_gpu(monkeypatch):
     assert entered == [("torch", "cuda:1"), ("cupy", 2), ("torch", "cuda:2")]
 
 
+def test_torch_launch_context_switches_device_and_grad_mode_and_restores_them(monkeypatch):
+    """launch.run's context for torch tensors on a backend that launches on
+    torch's stream (launch._TorchNative, the path without an ExitStack): the
+    tensors' GPU current and grad mode off inside; both restored after, also
+    when the launch raises.  A CPU tensor switches no device."""
+    torch = pytest.importorskip("torch")
+    import types
+    from gpuloss import dispatch, launch
+    calls = []
+    monkeypatch.setattr(torch.cuda, "_exchange_device", lambda i: calls.append(("exchange", i)) or 0)
+    monkeypatch.setattr(torch.cuda, "_maybe_exchange_device", lambda i: calls.append(("restore", i)) or 1)
+    be = dispatch.get_backend("numpy")  # native "numpy": not CuPy, so no stream or allocator to set up
+    on_gpu1 = types.SimpleNamespace(device=torch.device("cuda", 1))
+    with launch._native_context(be, "torch", on_gpu1):
+        assert not torch.is_grad_enabled() and calls == [("exchange", 1)]
+    assert torch.is_grad_enabled() and calls == [("exchange", 1), ("restore", 0)]
+    calls.clear()
+    with pytest.raises(KeyError):
+        with launch._native_context(be, "torch", on_gpu1):
+            raise KeyError("launch failed")
+    assert torch.is_grad_enabled() and calls == [("exchange", 1), ("restore", 0)]
+    calls.clear()
+    with torch.no_grad():
+        with launch._native_context(be, "torch", torch.zeros(1)):
+            assert not torch.is_grad_enabled()
+        assert not torch.is_grad_enabled()
+    assert calls == []
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum", "batchmean"])
 @pytest.mark.parametrize("dtype", [np.float16, np.float32])
 def test_numpy_losses_come_back_as_arrays(rng, reduction, dtype):
