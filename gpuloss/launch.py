@@ -50,7 +50,7 @@ def _detached(a: Any, kind: str) -> Any:
 
 def _native_context(be: Backend, kind: str, like: Any):
     if kind == "torch" and (be.native != "cupy" or like.device.type != "cuda"):
-        return _TorchNative(like)  # the common case, without an ExitStack and a generator (~5 us a call)
+        return _TorchNative(like)  # the common case, without an ExitStack and a generator (~12 us a call)
     stack = contextlib.ExitStack()
     stack.enter_context(on_device(kind, like, torch_too=be.native == "torch"))
     if kind != "torch":

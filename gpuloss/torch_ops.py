@@ -665,11 +665,9 @@ def call_differentiable(op: str, backend: str, arrays: Sequence[Optional[Tensor]
     (:func:`_eager_function`), else the body alone, as torch.library's
     autograd kernel chooses, without the dispatcher in between (~100 us per
     call on the CPU)."""
-    spec = OPS[op]
-    packed = _pack(spec, backend, arrays, opts, want)
-    if op in _EAGER and torch.is_grad_enabled() and torch._C._any_requires_grad(*packed):
-        return _EAGER[op].apply(*packed)
-    return _BODIES[op](*_unpack(spec, packed))
+    if op in _EAGER and torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in arrays):
+        return _EAGER[op].apply(*_pack(OPS[op], backend, arrays, opts, want))
+    return call_eager(op, backend, arrays, opts, want)
 
 
 def call_inplace(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, want: Want,
