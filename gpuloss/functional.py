@@ -89,7 +89,10 @@ def _softmax_common(input, dim, dtype, backend, log: bool, stacklevel: int = 3):
     dim = V.check_dim("dim", dim, input.ndim)
     be = backend_for(kind, device, backend, "softmax_forward", input, dim if input.ndim else -1)
     if L.numel(input, kind) == 0:  # nothing to normalise: an empty result, as torch
-        return input.clone() if kind == "torch" else L.xp(kind).empty_like(input)  # clone: keeps autograd
+        if kind == "torch":  # torch's own operation: in autograd's graph as torch's, double backward included
+            import torch
+            return (torch.log_softmax if log else torch.softmax)(input, dim)
+        return L.xp(kind).empty_like(input)
     rows, layout = L.rows2d(input, kind, dim)
     return L.contiguous(L.from_rows(run("softmax_forward", kind, be, [rows], SoftmaxOptions(log)), kind, layout), kind)
 

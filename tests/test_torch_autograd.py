@@ -226,6 +226,24 @@ def test_softmax_values_grad_and_double_backward(rng, log, shape, dim):
 
 
 @pytest.mark.parametrize("log", [False, True])
+@pytest.mark.parametrize("shape,dim", [((0, 10), 1), ((0, 10), 0), ((10, 0), 1), ((10, 0), 0), ((0,), 0)])
+def test_softmax_of_empty_input_has_torchs_double_backward(log, shape, dim):
+    """An empty input's result is in autograd's graph as torch's: its gradient,
+    taken with create_graph=True, is itself differentiable (an identity-like
+    node gave a gradient that required no grad, and the second backward raised)."""
+    fn = gpuloss.log_softmax if log else gpuloss.softmax
+    ref_fn = torch.log_softmax if log else torch.softmax
+    for f in (fn, ref_fn):
+        x = torch.rand(shape, requires_grad=True)
+        y = f(x, dim)
+        assert y.shape == x.shape and y.requires_grad
+        (gi,) = torch.autograd.grad(y, x, torch.rand(shape), create_graph=True)
+        assert gi.shape == x.shape and gi.requires_grad, f
+        gi.sum().backward()
+        assert x.grad is not None and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("log", [False, True])
 def test_softmax_backward_functions_are_differentiable(rng, log):
     x_np = rng.standard_normal((3, 6))
     y_np = (R.log_softmax if log else R.softmax)(x_np)
