@@ -458,6 +458,39 @@ def kept_rows(g: Tensor, target: Tensor, ignore_index: int) -> Tensor:
     return torch.where(target.reshape(g.shape) != ignore_index, g, 0)
 
 
+def _constant_gradient(spec: OpSpec, inputs) -> bool:
+    """Whether the loss is linear in every input it is differentiated in, so
+    that the gradient its forward pass saved is the whole of its derivative
+    and every higher one is zero: ``nll_loss`` (``-w[t] x[t]``, the weight
+    never differentiable), and ``kl_div`` in ``input`` while its target is not
+    differentiated (``t (log t - x)``).  Their backward then serves
+    ``create_graph=True`` (MAML's outer step through ``log_softmax`` and
+    ``nll_loss``, ``gradgradcheck``) where the others raise
+    :class:`SecondOrderError`."""
+    if spec.name == "nll_loss":
+        return True
+    if spec.name == "kl_div":
+        target = inputs[spec.arrays.index("target")]
+        return not (isinstance(target, Tensor) and target.requires_grad)
+    return False
+
+
+def _differentiable_scaled(saved: Tensor, g: Tensor, x: Optional[Tensor]) -> Tensor:
+    """:func:`scaled_grad`'s value (the product in ``g``'s precision, rounded
+    once to ``saved``'s dtype) through operations autograd differentiates in
+    ``g`` (``scaled_grad`` writes into ``out=`` tensors), and in the input
+    ``x`` the gradient belongs to with derivative zero (a ``where`` that never
+    takes ``x``: ``0 * x`` would be NaN at an infinite log-probability)."""
+    if g.dim() == 1 and saved.dim() == 2:
+        g = g.unsqueeze(-1)
+    elif g.dim() == 0 and saved.dim() > 0:
+        g = g.reshape(1)  # a 0-d tensor takes no part in type promotion: it would be rounded to saved's dtype
+    out = (saved * g).to(saved.dtype)
+    if x is not None and x.requires_grad:
+        out = out + torch.where(torch.zeros((), dtype=torch.bool, device=x.device), x.reshape(out.shape), 0)
+    return out
+
+
 def _loss_autograd(spec: OpSpec):
     """(backward, setup_context) of a loss: backward = saved gradient * upstream,
     for every gradient output."""
@@ -471,7 +504,13 @@ def _loss_autograd(spec: OpSpec):
         ctx.present = [tuple(s.shape) != (0,) for s in saved]
         ctx.n_inputs = len(inputs)
         ctx.ignore_index, target = _ignored_rows(spec, inputs)
-        ctx.save_for_backward(*saved, *([] if target is None else [target]))
+        ctx.constant = _constant_gradient(spec, inputs)
+        # nll_loss's input (torch's nll_loss saves it too): under create_graph=True the gradient joins its
+        # graph with a zero derivative, as torch's does (torch's kl_div, a composite, gives a gradient outside
+        # the input's graph: so does gpuloss's)
+        link = spec.name == "nll_loss"
+        linked = [inputs[p] if link and ctx.needs_input_grad[p] else None for p in positions]
+        ctx.save_for_backward(*saved, *linked, *([] if target is None else [target]))
         no_zero_grads(ctx, output)
 
     def backward(ctx, g_loss, *unused):
@@ -480,10 +519,13 @@ def _loss_autograd(spec: OpSpec):
         saved = ctx.saved_tensors
         if ctx.ignore_index is not None:
             g_loss = kept_rows(g_loss, saved[-1], ctx.ignore_index)
-        for pos, present, s in zip(positions, ctx.present, saved):
+        # create_graph=True: the product must be differentiable in the upstream gradient
+        graph = ctx.constant and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        linked = saved[len(positions):2 * len(positions)]
+        for pos, present, s, x in zip(positions, ctx.present, saved, linked):
             if present and ctx.needs_input_grad[pos]:
-                grads[pos] = scaled_grad(s, g_loss)
-        return first_order(spec.name, grads)
+                grads[pos] = _differentiable_scaled(s, g_loss, x) if graph else scaled_grad(s, g_loss)
+        return tuple(grads) if ctx.constant else first_order(spec.name, grads)
 
     return backward, setup
 

@@ -531,8 +531,8 @@ def _second_order_cases(rng):
         "cross_entropy": (lambda a: gpuloss.cross_entropy(a, t, label_smoothing=0.1), x),
         "cross_entropy inplace": (lambda a: gpuloss.cross_entropy(a * 1.0, t, inplace_backward=True), x),
         "cross_entropy prob": (lambda a: gpuloss.cross_entropy(a, p), x),
-        "nll_loss": (lambda a: gpuloss.nll_loss(a, t), x),
-        "kl_div": (lambda a: gpuloss.kl_div(a, p, reduction="batchmean"), x),
+        # kl_div is linear in its input, not in a differentiated target (test_linear_losses_double_backward)
+        "kl_div target grad": (lambda a: gpuloss.kl_div(a, p.clone().requires_grad_(), reduction="batchmean"), x),
         "kl_div_with_logits": (lambda a: gpuloss.kl_div_with_logits(a, x), x),
         "bce_with_logits": (lambda a: gpuloss.binary_cross_entropy_with_logits(a, p), x),
         "bce": (lambda a: gpuloss.binary_cross_entropy(torch.sigmoid(a), p), x),
@@ -565,6 +565,62 @@ def test_second_derivatives_raise_instead_of_dropping_the_curvature(rng, case):
     (g1,) = torch.autograd.grad(fn(x1).sum(), x1)
     ref = x0.clone().requires_grad_()
     torch.testing.assert_close(g1, torch.autograd.grad(fn(ref).sum(), ref)[0])
+
+
+def _linear_cases(rng):
+    """Losses linear in the input they are differentiated in: (gpuloss's, torch's) on the same arguments."""
+    t = torch.from_numpy(rng.integers(0, 7, 5))
+    t[1] = -100
+    w = torch.from_numpy(rng.uniform(0.5, 2.0, 7))
+    lp = torch.log_softmax(torch.from_numpy(rng.standard_normal((5, 7))), -1)
+    F = torch.nn.functional
+    cases = {}
+    for red in ("mean", "sum", "none"):
+        cases[f"nll_loss {red}"] = lambda fn, a, red=red: fn.nll_loss(a, t, w, reduction=red)
+        cases[f"nll_loss {red} 3d"] = lambda fn, a, red=red: fn.nll_loss(a.reshape(5, 7, 1).expand(5, 7, 2),
+                                                                          t[:, None].expand(5, 2), reduction=red)
+    for red in ("batchmean", "sum", "none"):
+        for log_t in (False, True):
+            tgt = lp if log_t else lp.exp()
+            cases[f"kl_div {red} log_target={log_t}"] = \
+                lambda fn, a, red=red, tgt=tgt, log_t=log_t: fn.kl_div(a, tgt, reduction=red, log_target=log_t)
+    return {k: (lambda a, f=f: f(gpuloss, a), lambda a, f=f: f(F, a)) for k, f in cases.items()}
+
+
+@pytest.mark.parametrize("route", ["eager", "operator"])
+@pytest.mark.parametrize("case", list(_linear_cases(np.random.default_rng(0))))
+def test_linear_losses_double_backward(rng, monkeypatch, case, route):
+    """nll_loss, and kl_div in its input while the target is not differentiated,
+    are linear in what they differentiate: the saved gradient is the whole
+    derivative, so create_graph=True works as in torch (gradgradcheck, a
+    gradient penalty differentiated with respect to a parameter, a MAML outer
+    step through log_softmax, the gradient's own derivative: zeros)."""
+    if route == "operator":  # through the custom operator and torch.library's autograd, as under a dispatch mode
+        monkeypatch.setattr(gpuloss._call, "_eager", lambda arrays: False)
+    ours, theirs = _linear_cases(rng)[case]
+    x0 = torch.log_softmax(torch.from_numpy(rng.standard_normal((5, 7))), -1)
+    x = x0.clone().requires_grad_()
+    assert torch.autograd.gradgradcheck(lambda a: ours(a), (x,))
+    results = []
+    for fn in (ours, theirs):
+        # the gradient of the gradient with respect to the input: zeros, and the gradient stays in the graph
+        xa = x0.clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn(xa).sum(), xa, create_graph=True)
+        # torch's nll_loss gradient is in the input's graph (its derivative: zeros); its kl_div's is not
+        gg = torch.autograd.grad(g.sum(), xa)[0] if g.requires_grad else None
+        # a penalty on the gradient with respect to a parameter, and a MAML-style step
+        W = torch.linspace(0.5, 1.5, 7, dtype=x0.dtype).requires_grad_()
+        z = torch.from_numpy(np.random.default_rng(1).standard_normal((5, 7)))
+        loss = fn(torch.log_softmax(z * W, -1)).sum()
+        (gw,) = torch.autograd.grad(loss, W, create_graph=True)
+        (pen,) = torch.autograd.grad(loss + (gw ** 2).sum(), W, retain_graph=True)
+        fast = W - 0.5 * gw
+        (outer,) = torch.autograd.grad(fn(torch.log_softmax(z * fast, -1)).sum(), W)
+        results.append((g, gg, gw, pen, outer))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    assert (results[0][1] is None) == case.startswith("kl_div")
+    assert results[0][1] is None or not results[0][1].any()
 
 
 # ---------------------------------------------------------------- upstream gradients in float32
