@@ -158,7 +158,7 @@ def broadcast_pair(input, target, kind: str, warn: bool):
             shape = tuple(np.broadcast_shapes(tuple(input.shape), tuple(target.shape)))
     except (ValueError, RuntimeError):
         raise ArgumentValueError(f"target of shape {tuple(target.shape)} does not broadcast with input of shape "
-                                 f"{tuple(input.shape)}") from None
+                                 f"{tuple(input.shape)}{_torch_broadcast_words(input.shape, target.shape)}") from None
     if warn:
         shapes = (target.shape, input.shape) if kind == "torch" else (tuple(target.shape), tuple(input.shape))
         user_warning(f"Using a target size ({shapes[0]}) that is different to the input size ({shapes[1]}). "
@@ -265,3 +265,16 @@ def empty_class_loss(kind: str, logits, target, prob: bool, ignore_index: int, e
     smooth_nan = not prob and eps > 0 and C == 0
     loss = rows if reduction == "none" else rows.sum() * (nan if reduction == "mean" or smooth_nan else 1.0)
     return cast_like(loss, logits, kind) if kind == "torch" else xp(kind).asarray(loss, dtype=logits.dtype)
+
+
+def _torch_broadcast_words(a, b) -> str:
+    """torch's sentence for shapes that do not broadcast (``a - b``): the
+    first clash from the right, as a dimension of the broadcast result."""
+    n = max(len(a), len(b))
+    for i in range(1, n + 1):
+        sa = a[-i] if i <= len(a) else 1
+        sb = b[-i] if i <= len(b) else 1
+        if sa != sb and sa != 1 and sb != 1:
+            return (f" (The size of tensor a ({sa}) must match the size of tensor b ({sb}) at non-singleton "
+                    f"dimension {n - i})")
+    return ""

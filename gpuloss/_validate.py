@@ -63,7 +63,8 @@ def check_floating(name: str, a: Any, kind: str) -> None:
 def check_reduction(reduction: str, kl: bool = False) -> None:
     allowed = _KL_REDUCTIONS if kl else _REDUCTIONS
     if reduction not in allowed:
-        raise ArgumentValueError(f"reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r}")
+        raise ArgumentValueError(f"reduction must be one of {', '.join(map(repr, allowed))}, got {reduction!r} "
+                                 f"({reduction} is not a valid value for reduction)")
 
 
 def check_dim(name: str, dim: Any, ndim: int) -> int:
@@ -83,9 +84,14 @@ def check_dim(name: str, dim: Any, ndim: int) -> int:
     return dim
 
 
-def check_same_shape(n1: str, a: Any, n2: str, b: Any) -> None:
+def check_same_shape(n1: str, a: Any, n2: str, b: Any, torch_says: str = "") -> None:
+    """Equal shapes; ``torch_says``: torch's own sentence for the mismatch,
+    appended (``{a}``/``{b}``: the two shapes as torch prints them), so that
+    code matching torch's message matches gpuloss's too."""
     if tuple(a.shape) != tuple(b.shape):
-        raise ArgumentValueError(f"{n1} and {n2} must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+        also = f" ({torch_says.format(a=a.shape, b=b.shape)})" if torch_says else ""
+        raise ArgumentValueError(f"{n1} and {n2} must have the same shape, got {tuple(a.shape)} and "
+                                 f"{tuple(b.shape)}{also}")
 
 
 def check_same_dtype(n1: str, a: Any, n2: str, b: Any, kind: str) -> None:
@@ -252,8 +258,8 @@ def check_ce_target(name: str, target: Any, kind: str, input: Any, ignore_index:
                 f"class-index targets must be integers of shape {_ce_target_shape(input)}, probability "
                 f"targets must have input's shape {tuple(input.shape)}")
         if ignore_index >= 0:
-            raise ArgumentValueError(f"ignore_index={ignore_index} is not supported for probability (floating-point) "
-                                     f"targets, as in torch")
+            raise ArgumentValueError(f"ignore_index is not supported for floating point target: ignore_index="
+                                     f"{ignore_index} with probability (floating-point) targets, as in torch")
         return True
     check_index_target(name, target, kind, input)
     return False
@@ -271,7 +277,18 @@ def check_index_target(name: str, target: Any, kind: str, input: Any, probabilit
                                     f"probabilities, but holds {dtype_name(target, kind)}: probabilities must be "
                                     f"floating point; class indices have shape {want}")
         raise ArgumentValueError(f"{name} has shape {tuple(target.shape)} but input of shape {tuple(input.shape)} "
-                                 f"needs class-index targets of shape {want}")
+                                 f"needs class-index targets of shape {want}{_torch_target_shape_words(target, want)}")
+
+
+def _torch_target_shape_words(target: Any, want: tuple) -> str:
+    """torch's sentence for a class-index target of the wrong shape, where it has one."""
+    if len(want) == 1 and target.ndim > 1:
+        return " (0D or 1D target tensor expected, multi-target not supported)"
+    if len(want) >= 1 and target.ndim == len(want) and target.shape[0] != want[0]:
+        return f" (Expected input batch_size ({want[0]}) to match target batch_size ({target.shape[0]}).)"
+    if len(want) >= 2 and target.ndim == len(want):
+        return f" (Expected target size {list(want)}, got {list(target.shape)})"
+    return ""
 
 
 def as_index_target(name: str, target: Any, kind: str) -> Any:
@@ -344,7 +361,7 @@ def check_class_targets(name: str, target: Any, kind: str, C: int, ignore_index:
         first = target[bad].reshape(-1)[0]
         first = int(first.item()) if hasattr(first, "item") else int(first)
         raise ClassIndexError(f"{name} contains class index {first}, outside [0, {C}) and not "
-                              f"ignore_index={ignore_index}")
+                              f"ignore_index={ignore_index} (Target {first} is out of bounds.)")
 
 
 def _traced_check(a: Any, kind: str) -> bool:
@@ -413,7 +430,8 @@ def check_weight(name: str, weight: Any, kind: str, C: int, input: Any = None, p
         check_floating(name, weight, kind)
     if weight.ndim != 1 or weight.shape[0] != C:
         raise ArgumentValueError(f"{name} must be a 1-D array of length C={C} (one weight per class), "
-                                 f"got shape {tuple(weight.shape)}")
+                                 f"got shape {tuple(weight.shape)} ({name} tensor should be defined either for all "
+                                 f"{C} classes or no classes but got {name} tensor of shape: {list(weight.shape)})")
     if prob:
         return
     if any_dtype:  # torch's chunked operator converts it, and takes one that requires grad (its grad left None)

@@ -215,7 +215,8 @@ def _class_dim_call(input, target, weight, size_average, reduce, reduction: str,
     V.check_reduction(reduction)
     V.check_floating("input", input, kind)
     if input.ndim == 0:
-        raise ArgumentValueError("input must have at least 1 dimension (C,), got a 0-d array")
+        raise ArgumentValueError("input must have at least 1 dimension (C,), got a 0-d array (Expected 1 or more "
+                                 "dimensions (got 0))")
     ignore_index = V.check_ignore_index("ignore_index", ignore_index)
     C = input.shape[1] if input.ndim >= 2 else input.shape[0]
     return reduction, kind, device, C, ignore_index
@@ -532,8 +533,11 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     V.check_reduction(reduction, kl=kl)
     V.check_floating("input", input, kind)
     V.check_floating("target", target, kind)
-    if not broadcast:
-        V.check_same_shape("input", input, "target", target)
+    if not broadcast:  # torch's words: binary_cross_entropy's, binary_cross_entropy_with_logits's
+        V.check_same_shape("input", input, "target", target,
+                           "Using a target size ({b}) that is different to the input size ({a}) is deprecated. "
+                           "Please ensure they have the same size." if op == "bce" else
+                           "Target size ({b}) must be the same as input size ({a})")
     for name, w in named_weights.items():
         V.check_broadcastable(name, w, kind, input)
         V.check_no_grad(name, w, kind, op)

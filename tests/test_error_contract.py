@@ -724,3 +724,40 @@ def test_unavailable_backend_says_when_it_was_probed(monkeypatch):
     with pytest.raises(dispatch.BackendUnavailableError, match=r"found at its first use in this process, for the "
                                                                r"whole process; TRITON_INTERPRET=1 must be set before"):
         dispatch.get_backend("numpy")
+
+
+def _torch_worded_cases():
+    T = torch.tensor
+    return {
+        "bce size": lambda f: f.binary_cross_entropy(torch.rand(3), torch.rand(4)),
+        "bce size 2-d": lambda f: f.binary_cross_entropy(torch.rand(3, 1), torch.rand(3)),
+        "bce_with_logits size": lambda f: f.binary_cross_entropy_with_logits(torch.rand(3), torch.rand(4)),
+        "nll batch": lambda f: f.nll_loss(torch.randn(3, 5), T([1, 2])),
+        "cross_entropy batch": lambda f: f.cross_entropy(torch.randn(3, 5), T([1, 2])),
+        "nll target dims": lambda f: f.nll_loss(torch.randn(3, 5), torch.zeros(3, 2, dtype=torch.long)),
+        "cross_entropy k-dim target": lambda f: f.cross_entropy(torch.randn(3, 5, 2),
+                                                                torch.zeros(3, 3, dtype=torch.long)),
+        "nll weight": lambda f: f.nll_loss(torch.randn(3, 3), T([0, 1, 2]), weight=torch.rand(4)),
+        "cross_entropy weight": lambda f: f.cross_entropy(torch.randn(3, 3), T([0, 1, 2]), weight=torch.rand(4)),
+        "cross_entropy class index": lambda f: f.cross_entropy(torch.randn(3, 3), T([0, 1, 5])),
+        "nll class index": lambda f: f.nll_loss(torch.randn(3, 3), T([0, 7, 1])),
+        "reduction": lambda f: f.cross_entropy(torch.randn(3, 3), T([0, 1, 2]), reduction="foo"),
+        "probabilities with ignore_index": lambda f: f.cross_entropy(torch.randn(3, 3), torch.rand(3, 3),
+                                                                     ignore_index=1),
+        "mse broadcast": lambda f: f.mse_loss(torch.randn(2, 3), torch.randn(4, 1, 4)),
+        "nll 0-d input": lambda f: f.nll_loss(torch.tensor(1.0), T(0)),
+    }
+
+
+@pytest.mark.parametrize("case", list(_torch_worded_cases()))
+def test_errors_carry_torchs_own_sentence(case):
+    """Code written against torch matches its error messages (pytest.raises(match=...),
+    assertRaisesRegex, as in torch's own test_nn): gpuloss's message names the
+    argument in its own words and carries torch's sentence, verbatim, and the
+    exception is an instance of torch's class."""
+    call = _torch_worded_cases()[case]
+    with pytest.raises(Exception) as theirs:
+        call(torch.nn.functional)
+    with pytest.raises(type(theirs.value)) as ours:
+        call(gpuloss)
+    assert str(theirs.value) in str(ours.value), (str(theirs.value), str(ours.value))
