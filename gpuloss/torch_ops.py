@@ -71,6 +71,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from . import _second_order as SO
 from . import launch, rules
 from .dispatch import get_backend
 from .errors import ArgumentValueError
@@ -376,9 +377,20 @@ class SecondOrderError(RuntimeError):
     """A loss's gradient was asked for with ``create_graph=True``."""
 
 
+def _second_order_refused(name: str, why: str):
+    raise SecondOrderError(
+        f"gpuloss {name}: second derivatives are not available here: its gradient was asked for with "
+        f"create_graph=True (autograd.grad(..., create_graph=True), backward(create_graph=True), hvp, hessian, "
+        f"gradgradcheck), and {why}; compute this loss with torch.nn.functional where higher-order gradients "
+        f"are needed")
+
+
 def first_order(name: str, grads):
-    """``grads`` as backward returns them.  Under ``create_graph=True`` (grad
-    mode on inside backward) this raises: the losses' backward multiplies a
+    """``grads`` as backward returns them, for the backward formulas that have
+    no second derivatives (the fused linear CE, a loss whose logits were
+    consumed in place, the vocabulary-parallel losses; the others:
+    :mod:`gpuloss._second_order`).  Under ``create_graph=True`` (grad
+    mode on inside backward) this raises: their backward multiplies a
     gradient saved by the forward pass, which does not depend on the logits
     in autograd's eyes, so any derivative taken through it would silently
     miss the loss's curvature.  Marking the result and raising only when it
@@ -465,8 +477,8 @@ def _constant_gradient(spec: OpSpec, inputs) -> bool:
     never differentiable), and ``kl_div`` in ``input`` while its target is not
     differentiated (``t (log t - x)``).  Their backward then serves
     ``create_graph=True`` (MAML's outer step through ``log_softmax`` and
-    ``nll_loss``, ``gradgradcheck``) where the others raise
-    :class:`SecondOrderError`."""
+    ``nll_loss``, ``gradgradcheck``) with that gradient; the others form it
+    again from their inputs (:mod:`gpuloss._second_order`)."""
     if spec.name == "nll_loss":
         return True
     if spec.name == "kl_div":
@@ -496,8 +508,10 @@ def _loss_autograd(spec: OpSpec):
     for every gradient output."""
     grad_outputs = [i for i, o in enumerate(spec.outputs) if o.startswith("grad")]
     positions = [spec.arrays.index(spec.grad_of(spec.outputs[i])) for i in grad_outputs]
+    n_arrays, n_options = len(spec.arrays), len(dataclasses.fields(spec.options))
 
     def setup(ctx, inputs, output):
+        ctx.option_values = tuple(inputs[n_arrays + 1:n_arrays + 1 + n_options])
         saved = [output[i] for i in grad_outputs]
         # an asked-for gradient has its (2-D, non-empty) array's shape; the
         # placeholder is the 1-D empty tensor: a shape test, not a value read
@@ -505,12 +519,11 @@ def _loss_autograd(spec: OpSpec):
         ctx.n_inputs = len(inputs)
         ctx.ignore_index, target = _ignored_rows(spec, inputs)
         ctx.constant = _constant_gradient(spec, inputs)
-        # nll_loss's input (torch's nll_loss saves it too): under create_graph=True the gradient joins its
-        # graph with a zero derivative, as torch's does (torch's kl_div, a composite, gives a gradient outside
-        # the input's graph: so does gpuloss's)
-        link = spec.name == "nll_loss"
-        linked = [inputs[p] if link and ctx.needs_input_grad[p] else None for p in positions]
-        ctx.save_for_backward(*saved, *linked, *([] if target is None else [target]))
+        # for create_graph=True: plain references to the inputs (not saved tensors: a first-order backward
+        # stays indifferent to a later in-place change of them), see gpuloss._second_order
+        ctx.kept = None if torch.compiler.is_compiling() else (
+            inputs[0] if ctx.constant else SO.keep(spec.name, inputs[:n_arrays]))
+        ctx.save_for_backward(*saved, *([] if target is None else [target]))
         no_zero_grads(ctx, output)
 
     def backward(ctx, g_loss, *unused):
@@ -519,13 +532,29 @@ def _loss_autograd(spec: OpSpec):
         saved = ctx.saved_tensors
         if ctx.ignore_index is not None:
             g_loss = kept_rows(g_loss, saved[-1], ctx.ignore_index)
-        # create_graph=True: the product must be differentiable in the upstream gradient
-        graph = ctx.constant and torch.is_grad_enabled() and not torch.compiler.is_compiling()
-        linked = saved[len(positions):2 * len(positions)]
-        for pos, present, s, x in zip(positions, ctx.present, saved, linked):
-            if present and ctx.needs_input_grad[pos]:
-                grads[pos] = _differentiable_scaled(s, g_loss, x) if graph else scaled_grad(s, g_loss)
-        return tuple(grads) if ctx.constant else first_order(spec.name, grads)
+        wanted = [(pos, s) for pos, present, s in zip(positions, ctx.present, saved)
+                  if present and ctx.needs_input_grad[pos]]
+        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+            for pos, s in wanted:
+                grads[pos] = scaled_grad(s, g_loss)
+            if not _keeps_graph():  # as autograd frees saved tensors: a loss kept for logging keeps no inputs
+                ctx.kept = None
+            return tuple(grads)
+        # create_graph=True
+        if ctx.constant:  # the saved gradient is the whole derivative: a product differentiable in g_loss
+            for pos, s in wanted:
+                grads[pos] = _differentiable_scaled(s, g_loss, ctx.kept if spec.name == "nll_loss" else None)
+            return tuple(grads)
+        if not isinstance(ctx.kept, tuple):
+            _second_order_refused(spec.name, ctx.kept or "not implemented for this loss")
+        opts = spec.options(*ctx.option_values)
+        try:
+            out = SO.grads(spec.name, ctx.kept, opts, [pos for pos, _ in wanted], g_loss)
+        except RuntimeError as e:
+            _second_order_refused(spec.name, str(e))
+        for (pos, s), g in zip(wanted, out):
+            grads[pos] = torch.zeros_like(s) if g is None else g
+        return tuple(grads)
 
     return backward, setup
 

@@ -524,19 +524,10 @@ def test_loss_may_be_modified_in_place(rng, op, reduction):
 
 def _second_order_cases(rng):
     x = torch.from_numpy(rng.standard_normal((5, 7)))
-    p = torch.softmax(torch.from_numpy(rng.standard_normal((5, 7))), -1)
     t = torch.from_numpy(rng.integers(0, 7, 5))
     h, W = torch.from_numpy(rng.standard_normal((5, 3))), torch.from_numpy(rng.standard_normal((7, 3)))
     return {
-        "cross_entropy": (lambda a: gpuloss.cross_entropy(a, t, label_smoothing=0.1), x),
         "cross_entropy inplace": (lambda a: gpuloss.cross_entropy(a * 1.0, t, inplace_backward=True), x),
-        "cross_entropy prob": (lambda a: gpuloss.cross_entropy(a, p), x),
-        # kl_div is linear in its input, not in a differentiated target (test_linear_losses_double_backward)
-        "kl_div target grad": (lambda a: gpuloss.kl_div(a, p.clone().requires_grad_(), reduction="batchmean"), x),
-        "kl_div_with_logits": (lambda a: gpuloss.kl_div_with_logits(a, x), x),
-        "bce_with_logits": (lambda a: gpuloss.binary_cross_entropy_with_logits(a, p), x),
-        "bce": (lambda a: gpuloss.binary_cross_entropy(torch.sigmoid(a), p), x),
-        "mse": (lambda a: gpuloss.mse_loss(a, p, reduction="none"), x),
         "linear_cross_entropy": (lambda a: gpuloss.linear_cross_entropy(a, W, t), h),
         "linear_cross_entropy none": (lambda a: gpuloss.linear_cross_entropy(a, W, t, reduction="none"), h),
     }
@@ -544,13 +535,14 @@ def _second_order_cases(rng):
 
 @pytest.mark.parametrize("case", list(_second_order_cases(np.random.default_rng(0))))
 def test_second_derivatives_raise_instead_of_dropping_the_curvature(rng, case):
-    """A loss's gradient asked for with create_graph=True raises, naming the
-    loss: any derivative of it would miss the loss's own curvature (backward
-    scales a gradient saved by the forward pass).  Raising only when that
-    gradient was differentiated again let autograd.grad(outer, W), which
-    runs only the nodes on a path to W, come out silently first-order (a
-    gradient penalty, a MAML outer step).  First-order gradients are
-    unaffected."""
+    """Where second derivatives are not available (the logits consumed in
+    place, the fused linear CE, as torch's own chunked one), a gradient asked
+    for with create_graph=True raises, naming the loss: any derivative of it
+    would miss the loss's own curvature (backward scales a gradient saved by
+    the forward pass).  Raising only when that gradient was differentiated
+    again let autograd.grad(outer, W), which runs only the nodes on a path to
+    W, come out silently first-order (a gradient penalty, a MAML outer step).
+    First-order gradients are unaffected."""
     fn, x0 = _second_order_cases(rng)[case]
     x = x0.clone().requires_grad_()
     with pytest.raises(RuntimeError, match="second derivatives are not implemented"):
@@ -565,6 +557,123 @@ def test_second_derivatives_raise_instead_of_dropping_the_curvature(rng, case):
     (g1,) = torch.autograd.grad(fn(x1).sum(), x1)
     ref = x0.clone().requires_grad_()
     torch.testing.assert_close(g1, torch.autograd.grad(fn(ref).sum(), ref)[0])
+
+
+def _curved_cases(rng):
+    """Losses with curvature: (gpuloss's call, torch's call or None, differentiate the target too)."""
+    t = torch.from_numpy(rng.integers(0, 7, 5))
+    t[2] = -100
+    w = torch.from_numpy(rng.uniform(0.5, 2.0, 7))
+    q = torch.softmax(torch.from_numpy(rng.standard_normal((5, 7))), -1)
+    teacher = torch.from_numpy(rng.standard_normal((5, 7)))
+    F = torch.nn.functional
+    both = {  # (function of the input, or of input and target), torch's counterpart
+        "cross_entropy": (lambda f, a: f.cross_entropy(a, t), False),
+        "cross_entropy weight smoothing": (lambda f, a: f.cross_entropy(a, t, w, label_smoothing=0.2), False),
+        "cross_entropy none": (lambda f, a: f.cross_entropy(a, t, reduction="none", label_smoothing=0.1), False),
+        "cross_entropy sum k-dim": (lambda f, a: f.cross_entropy(a.reshape(5, 7, 1), t.clamp(min=0)[:, None],
+                                                                 reduction="sum"), False),
+        "cross_entropy probabilities": (lambda f, a, b: f.cross_entropy(a, b, w, label_smoothing=0.1), True),
+        "mse_loss": (lambda f, a, b: f.mse_loss(a, b), True),
+        "mse_loss none": (lambda f, a, b: f.mse_loss(a, b, reduction="none"), True),
+        "bce_with_logits": (lambda f, a, b: f.binary_cross_entropy_with_logits(a, b, w, pos_weight=w + 0.5), True),
+        "bce": (lambda f, a, b: f.binary_cross_entropy(torch.sigmoid(a), b, w), True),
+        "kl_div target grad": (lambda f, a, b: f.kl_div(torch.log_softmax(a, -1), b, reduction="batchmean"), True),
+        "kl_div log_target": (lambda f, a, b: f.kl_div(a, torch.log(b), reduction="sum", log_target=True), True),
+    }
+    cases = {}
+    for k, (call, two) in both.items():
+        cases[k] = (lambda a, b, call=call, two=two: call(gpuloss, a, b) if two else call(gpuloss, a),
+                    lambda a, b, call=call, two=two: call(F, a, b) if two else call(F, a), two)
+    # gpuloss's extras: against finite differences only
+    cases["cross_entropy z_loss softcap"] = (
+        lambda a, b: gpuloss.cross_entropy(a, t, z_loss=0.01, softcap=3.0), None, False)
+    cases["kl_div_with_logits"] = (lambda a, b: gpuloss.kl_div_with_logits(a, teacher, temperature=2.0), None, False)
+    return cases, q
+
+
+@pytest.mark.parametrize("route", ["eager", "operator"])
+@pytest.mark.parametrize("case", list(_curved_cases(np.random.default_rng(0))[0]))
+def test_second_derivatives_as_torchs(rng, monkeypatch, case, route):
+    """A gradient asked for with create_graph=True is formed again from the
+    op's inputs with torch's operations (gpuloss._second_order), so every
+    higher derivative is torch's: gradgradcheck (input and a differentiated
+    target), the gradient itself, a penalty on the gradient differentiated
+    with respect to a parameter, a MAML outer step, the Hessian."""
+    if route == "operator":
+        monkeypatch.setattr(gpuloss._call, "_eager", lambda arrays: False)
+    cases, q = _curved_cases(rng)
+    ours, theirs, two = cases[case]
+    x0 = torch.from_numpy(rng.standard_normal((5, 7)))
+    x = x0.clone().requires_grad_()
+    b = q.clone().requires_grad_(two)
+    assert torch.autograd.gradgradcheck(lambda a, c: ours(a, c), (x, b))
+    if theirs is None:
+        return
+    results = []
+    for fn in (ours, theirs):
+        xa = x0.clone().requires_grad_()
+        (g,) = torch.autograd.grad(fn(xa, q).sum(), xa, create_graph=True)
+        gg = torch.autograd.grad((g ** 2).sum(), xa)[0] if g.requires_grad else None  # None: linear in xa
+        W = torch.linspace(0.5, 1.5, 7, dtype=x0.dtype).requires_grad_()
+        loss = fn(x0 * W, q).sum()
+        (gw,) = torch.autograd.grad(loss, W, create_graph=True)
+        (pen,) = torch.autograd.grad(loss + (gw ** 2).sum(), W, retain_graph=True)
+        (outer,) = torch.autograd.grad(fn(x0 * (W - 0.5 * gw), q).sum(), W)
+        hess = torch.autograd.functional.hessian(lambda a: fn(a, q).sum(), x0)
+        results.append((g, gg, gw, pen, outer, hess))
+    for a, c in zip(*results):
+        torch.testing.assert_close(a, c)
+
+
+def test_second_derivatives_in_16_bit():
+    """bf16 logits: the gradient under create_graph=True has the logits' dtype
+    and the curvature of the float32 computation."""
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(6, 9, generator=g).bfloat16()
+    t = torch.randint(0, 9, (6,), generator=g)
+    out = []
+    for fn, x in ((gpuloss.cross_entropy, x0.clone()), (torch.nn.functional.cross_entropy, x0.float())):
+        x.requires_grad_()
+        (gx,) = torch.autograd.grad(fn(x, t), x, create_graph=True)
+        (gg,) = torch.autograd.grad((gx.float() ** 2).sum(), x)
+        out.append((gx, gg))
+    assert out[0][0].dtype == torch.bfloat16 and out[0][1].dtype == torch.bfloat16
+    torch.testing.assert_close(out[0][0].float(), out[1][0], atol=4e-3, rtol=1e-2)
+    torch.testing.assert_close(out[0][1].float(), out[1][1], atol=4e-3, rtol=2e-2)
+
+
+def test_second_derivatives_of_large_logits_are_refused(monkeypatch):
+    """Beyond gpuloss._second_order.MAX_ROW_ELEMENTS the forward pass keeps no
+    reference to the logits (it would keep them alive until backward), and a
+    second-order backward raises, saying so; first order is unaffected."""
+    from gpuloss import _second_order
+    monkeypatch.setattr(_second_order, "MAX_ROW_ELEMENTS", 20)
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3, 4])
+    with pytest.raises(torch_ops.SecondOrderError, match="more than the 20"):
+        torch.autograd.grad(gpuloss.cross_entropy(x, t), x, create_graph=True)
+    (g,) = torch.autograd.grad(gpuloss.cross_entropy(x, t), x)
+    torch.testing.assert_close(g, torch.autograd.grad(torch.nn.functional.cross_entropy(x, t), x)[0])
+
+
+def test_second_order_refuses_an_input_changed_in_place():
+    """The forward pass keeps plain references, not saved tensors: a first-order
+    backward ignores a later in-place change of the logits (it uses the saved
+    gradient), a second-order one refuses it rather than use changed values."""
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.tensor([0, 1, 2, 3, 4])
+    for create_graph in (False, True):
+        z = x * 1.0
+        loss = gpuloss.cross_entropy(z, t)
+        ref = torch.autograd.grad(torch.nn.functional.cross_entropy(z, t), x, retain_graph=True)[0]
+        with torch.no_grad():
+            z.add_(1.0)
+        if create_graph:
+            with pytest.raises(torch_ops.SecondOrderError, match="modified in place"):
+                torch.autograd.grad(loss, x, create_graph=True)
+        else:
+            torch.testing.assert_close(torch.autograd.grad(loss, x)[0], ref)
 
 
 def _linear_cases(rng):
@@ -1071,3 +1180,22 @@ def test_autograd_in_eager_code_skips_the_dispatcher(rng, case):
             else:
                 assert "EagerFor_gpuloss_" in eg[1] and "GeneratedBackwardFor_" not in eg[1], eg[1]
                 assert "GeneratedBackwardFor_" in mg[1], mg[1]
+
+
+def test_kept_inputs_are_released_by_backward_as_saved_tensors_are():
+    """The references kept for second derivatives go when a backward that does
+    not retain the graph has run, as autograd's saved tensors do: a loss kept
+    for logging (losses.append(loss)) must not keep every step's logits alive."""
+    import gc
+    import weakref
+    t = torch.tensor([0, 1, 2])
+    for fn in (lambda z: gpuloss.cross_entropy(z, t), lambda z: gpuloss.mse_loss(z, torch.zeros(3, 5))):
+        for retain in (False, True):
+            x = torch.randn(3, 5, requires_grad=True)
+            z = x * 2.0
+            alive = weakref.ref(z)
+            loss = fn(z)
+            del z
+            loss.backward(retain_graph=retain)
+            gc.collect()
+            assert (alive() is None) == (not retain)
