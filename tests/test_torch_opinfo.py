@@ -376,3 +376,49 @@ def test_opinfo_samples_under_vmap_and_jvp(name):
                 torch.testing.assert_close(ours, theirs, equal_nan=True, msg=lambda m: f"{name} sample {i} jvp: {m}")
             ran += 1
     assert ran
+
+
+@pytest.mark.parametrize("name", sorted(n for n in FUNCTIONS if "linear_cross_entropy" not in n))
+def test_opinfo_samples_second_derivatives(name):
+    """torch's float64 samples (every argument form: class weights, ignore_index,
+    label smoothing, probability targets, K-dimensional inputs, reductions),
+    differentiated twice: the gradients taken with create_graph=True, then the
+    gradient of their product with a fixed random tensor, with respect to every
+    argument that requires grad; torch's values, to float64 tolerances.  (The
+    fused linear CE raises, as torch's chunked one.)"""
+    if name not in OPINFOS:
+        pytest.skip(f"this torch ({torch.__version__}) has no OpInfo {name!r}")
+    op, fn = OPINFOS[name], FUNCTIONS[name]
+    torch.manual_seed(0)
+
+    def twice(f, args, kwargs):
+        out = f(*args, **kwargs)
+        wrt = _grad_tensors(list(args) + list(kwargs.values()))
+        up = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+        g = torch.autograd.grad(out, wrt, up, create_graph=True, allow_unused=True)
+        gen = torch.Generator().manual_seed(2)
+        inner = sum((gi * torch.randn(gi.shape, dtype=gi.dtype, generator=gen)).sum()
+                    for gi in g if gi is not None and gi.requires_grad)
+        gg = torch.autograd.grad(inner, wrt, allow_unused=True) if torch.is_tensor(inner) else ()
+        return [out, *g, *gg]
+
+    ran = 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for i, s in enumerate(op.sample_inputs("cpu", torch.float64, requires_grad=True)):
+            args, kwargs = [s.input, *s.args], dict(s.kwargs)
+            a1, k1 = _fresh(args, kwargs)
+            try:
+                ref = twice(op.op, a1, k1)
+            except Exception:
+                continue  # torch refuses the sample (test_opinfo_samples_match_torch: so do we)
+            a2, k2 = _fresh(args, kwargs)
+            got = twice(fn, a2, k2)
+            assert len(got) == len(ref), f"{name} sample {i}"
+            for j, (x, y) in enumerate(zip(got, ref)):
+                if y is None:
+                    assert x is None or not x.any(), f"{name} sample {i} result {j}"
+                    continue
+                torch.testing.assert_close(x, y, equal_nan=True, msg=lambda m: f"{name} sample {i} result {j}: {m}")
+            ran += 1
+    assert ran
