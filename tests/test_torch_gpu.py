@@ -244,3 +244,33 @@ def test_cuda_linear_ce_with_options_forms_float32_logits(rng, name, dtype):
     for got, ref in ((x.grad, x64.grad), (W.grad, W64.grad)):
         err = (got.double() - ref).abs().max() / ref.abs().max()
         assert err < 4 * ulp, err
+
+
+@pytest.mark.parametrize("name", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_second_derivatives_follow_torch(rng, name, dtype):
+    """create_graph=True on CUDA tensors: the gradient formed again with torch's
+    operations (gpuloss._second_order) on the device, a gradient penalty's
+    derivative as torch's (float32 logits for torch: the composite computes in
+    float32), for cross_entropy with its options and mse_loss."""
+    _need(name)
+    tdt = getattr(torch, dtype)
+    N, C = 16, 257
+    x0 = torch.from_numpy(rng.standard_normal((N, C)) * 2).to("cuda", tdt)
+    t = torch.from_numpy(rng.integers(0, C, N)).cuda()
+    t[::5] = -100
+    y = torch.from_numpy(rng.standard_normal((N, C))).to("cuda", tdt)
+    F = torch.nn.functional
+    calls = [(lambda a: gpuloss.cross_entropy(a, t, label_smoothing=0.1, backend=name),
+              lambda a: F.cross_entropy(a.float(), t, label_smoothing=0.1)),
+             (lambda a: gpuloss.mse_loss(a, y, backend=name), lambda a: F.mse_loss(a.float(), y.float()))]
+    for ours, theirs in calls:
+        res = []
+        for fn in (ours, theirs):
+            x = x0.clone().requires_grad_()
+            (g,) = torch.autograd.grad(fn(x), x, create_graph=True)
+            (gg,) = torch.autograd.grad((g.float() ** 2).sum(), x)
+            res.append((g.float(), gg.float()))
+        assert res[0][0].dtype == torch.float32 and res[0][0].device.type == "cuda"
+        for a, b in zip(*res):
+            torch.testing.assert_close(a, b, **({} if dtype == "float32" else dict(atol=2e-3, rtol=2e-2)))
