@@ -134,8 +134,11 @@ class _OnGpuloss:
     def __init_subclass__(cls, **kwargs) -> None:
         """Each subclass shows its torch base's constructor signature plus
         ``backend`` (``inspect.signature``, help(), config tools that check
-        arguments against it), not ``(*args, backend=None, **kwargs)``."""
+        arguments against it), not ``(*args, backend=None, **kwargs)``.  A
+        subclass with a constructor of its own (a user's) keeps it."""
         super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            return
         sig = inspect.signature(_torch_base(cls).__init__)
         backend = inspect.Parameter("backend", inspect.Parameter.KEYWORD_ONLY, default=None,
                                     annotation=Optional[str])

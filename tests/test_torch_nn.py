@@ -361,3 +361,33 @@ def test_jit_script_says_it_cannot_compile_the_module(name):
             with pytest.raises(RuntimeError, match=f"torch.jit.script cannot compile gpuloss.nn.{name}: TorchScript"):
                 torch.jit.script(target)
     assert model[1] is module
+
+
+@pytest.mark.parametrize("name", ["CrossEntropyLoss", "NLLLoss", "KLDivLoss", "BCELoss", "BCEWithLogitsLoss",
+                                  "MSELoss"])
+def test_a_subclass_keeps_its_own_constructor(rng, name):
+    """A user's subclass with its own __init__ (fixed arguments, extra attributes)
+    runs it, as a subclass of torch's module does: the generated constructor that
+    shows torch's signature must not replace it (a silently different reduction)."""
+    ours_base, torch_base = getattr(gnn, name), getattr(torch.nn, name)
+
+    def subclass(base):
+        class Custom(base):
+            def __init__(self, scale):
+                super().__init__(reduction="sum")
+                self.scale = scale
+
+            def forward(self, input, target):
+                return super().forward(input, target) * self.scale
+        return Custom
+
+    x = torch.from_numpy(rng.standard_normal((4, 5)))
+    if name in ("CrossEntropyLoss", "NLLLoss"):
+        t = torch.from_numpy(rng.integers(0, 5, 4))
+    else:
+        t = torch.from_numpy(rng.uniform(0.05, 0.95, (4, 5)))
+    if name == "BCELoss":
+        x = torch.sigmoid(x)
+    ours, theirs = subclass(ours_base)(2.0), subclass(torch_base)(2.0)
+    assert ours.reduction == theirs.reduction == "sum" and ours.scale == 2.0
+    torch.testing.assert_close(ours(x, t), theirs(x, t))
