@@ -367,7 +367,8 @@ def test_unknown_logit_transform_is_refused(monkeypatch, kind):
     fused path (naming the line) instead of training on another loss; so does
     a forward whose source cannot be read.  fused_linear=False works."""
     model, src = _unknown_transform_model(kind)
-    with pytest.raises(ValueError, match="cannot tell what .*forward does.*source of .*forward cannot be read.*fused_linear=False"):
+    with pytest.raises(ValueError, match="cannot tell what .*forward does to the output of its output embedding "
+                                         "self.lm_head .*source of .*forward cannot be read.*fused_linear=False"):
         gt.apply_gpuloss(model)
     real = inspect.getsource
     monkeypatch.setattr(inspect, "getsource", lambda obj: src if getattr(obj, "__name__", "") == "forward"

@@ -858,7 +858,8 @@ def _logit_transform(model, head) -> _Transform:
         ops = _module_ops(model, path.split("."), _loss_logits, f"self.{path}")
     except _Unknown as e:
         raise ValueError(f"apply_gpuloss(fused_linear=True) cannot tell what {name}.forward does to the output of "
-                         f"{path or 'lm_head'} before its loss (at: {e}); the fused loss would not apply it. "
+                         f"its output embedding self.{path or 'lm_head'} before its loss (at: {e}); the fused loss "
+                         f"would not apply it. "
                          f"Use fused_linear=False") from None
     return _canonical(ops, name)
 
