@@ -548,6 +548,13 @@ def test_clear_errors():
                                                                        num_layers=1, num_heads=4))
     with pytest.raises(ValueError, match="T5ForConditionalGeneration is an encoder-decoder model"):
         gt.apply_gpuloss(t5)
+    class NoLabels(type(_model("llama"))):  # a head that computes no loss (transformers' draft-model assistants)
+        def forward(self, input_ids=None, attention_mask=None):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask)
+    torch.manual_seed(0)
+    with pytest.raises(ValueError, match="NoLabels.forward does not compute its loss with self.loss_function.*"
+                                         "takes no labels and computes no loss"):
+        gt.apply_gpuloss(NoLabels(_config("llama")))
     model = _model("llama")
     model.lm_head = torch.nn.Sequential(torch.nn.Linear(32, V))
     with pytest.raises(ValueError, match="torch.nn.Linear.*Sequential"):

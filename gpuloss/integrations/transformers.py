@@ -529,6 +529,8 @@ def _check_causal_lm(model) -> None:
         elif model.get_output_embeddings() is None:
             why = ("a model without an output embedding (a base model; apply_gpuloss takes the causal LM around "
                    "it, e.g. from AutoModelForCausalLM)")
+        elif "labels" not in inspect.signature(type(model).forward).parameters:
+            why = "a model whose forward takes no labels and computes no loss"
         else:
             why = "a model whose forward computes its loss itself"
         raise ValueError(f"{name}.forward does not compute its loss with self.loss_function, so apply_gpuloss "
