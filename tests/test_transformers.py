@@ -337,6 +337,26 @@ def test_logit_transforms_are_read_from_the_forward(rng, kind, scale, softcap):
             torch.testing.assert_close(p.grad, q.grad, rtol=1e-10, atol=1e-12, msg=lambda m: f"{n}: {m}")
 
 
+@pytest.mark.parametrize("kind, attr, values", [("gemma2", "final_logit_softcapping", (2.0, None, 0.7)),
+                                                ("granite", "logits_scaling", (1.5, 0.25))])
+def test_a_config_changed_after_apply_is_followed(rng, kind, attr, values):
+    """The values the transform came from are read again at each fused call: a
+    soft-cap changed, removed (None: the forward's `if` no longer taken) or
+    added back, or a scale changed, after apply_gpuloss gives the loss the
+    unpatched model gives with the same config."""
+    base = _model(kind).double() if kind == "gemma2" else _transformed(kind)
+    with torch.no_grad():
+        base.lm_head.weight.mul_(20.0)  # logits large enough for a cap to bend them
+    ids, labels = _batch(rng)
+    model = gt.apply_gpuloss(copy.deepcopy(base))
+    for v in values:
+        for m in (base, model):
+            setattr(m.config, attr, v)
+        ref = _ref_loss(base(input_ids=ids).logits, labels)
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, ref, rtol=1e-10, atol=1e-10,
+                                   msg=lambda m: f"{attr}={v}: {m}")
+
+
 _UNKNOWN_TRANSFORMS = {  # kind: (the line after lm_head, what the error names)
     "slice": ("logits = logits[..., :-3]", r"`logits = logits\[\.\.\., :-3\]`: logits\[\.\.\., :-3\]"),
     "bias": ("logits = logits + 1.0", r"`logits = logits \+ 1\.0`"),

@@ -57,6 +57,7 @@ import dataclasses
 import functools
 import inspect
 import textwrap
+import threading
 import types
 from typing import Optional
 
@@ -350,6 +351,7 @@ def _forward(model, state: _State, orig_forward, *args, **kwargs):
     if _FSDPModule is not None and isinstance(head, _FSDPModule):
         # checked per call: fully_shard usually comes after apply_gpuloss
         raise RuntimeError(_FSDP_HEAD_ERROR.format(name=type(model).__name__))
+    _current_transform(model, state, head)
     # transformers' can_return_tuple rule, applied here so the output can be
     # rebuilt without its placeholder logits first
     return_dict = kwargs.pop("return_dict", None)
@@ -614,6 +616,9 @@ class _Transform:
     scale and gpuloss's ``softcap``."""
     scale: float = 1.0
     softcap: Optional[float] = None
+    #: what the numbers came from: (module path from the model, expression, local bindings,
+    #: value read), read again at each fused call (:func:`_current_transform`)
+    reads: tuple = dataclasses.field(default=(), compare=False, repr=False)
 
 
 #: calls on the logits that do not change the loss: the fused loss is computed
@@ -700,8 +705,22 @@ def _static(node, owner, env: dict):
     raise _Unknown(ast.unparse(node))
 
 
-def _number(node, owner, env) -> float:
+#: the values :func:`_read` took while :func:`_logit_transform` reads a forward (None otherwise)
+_READS = threading.local()
+
+
+def _read(node, owner, env):
+    """:func:`_static`, noted for :func:`_logit_transform` (the config values a
+    transform depends on, read again at each fused call)."""
     v = _static(node, owner, env)
+    reads = getattr(_READS, "reads", None)
+    if reads is not None:
+        reads.append((owner, node, env, v))
+    return v
+
+
+def _number(node, owner, env) -> float:
+    v = _read(node, owner, env)
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         raise _Unknown(f"{ast.unparse(node)} (= {v!r}, not a number)")
     return float(v)
@@ -773,7 +792,7 @@ def _follow(fdef, owner, call_attr: str, sink) -> list:
                 continue
             if loop or not (isinstance(s, (ast.Assign, ast.AugAssign)) and _is_z_target(s, z)):
                 raise _Unknown("")
-            if not all(bool(_static(t, owner, env)) == taken for t, taken in conds):
+            if not all(bool(_read(t, owner, env)) == taken for t, taken in conds):
                 continue  # under an if that is not taken (e.g. a softcap of None)
             if isinstance(s, ast.AugAssign):
                 s = ast.Assign([ast.Name(z, ast.Store())], ast.BinOp(ast.Name(z, ast.Load()), s.op, s.value))
@@ -850,10 +869,13 @@ def _logit_transform(model, head) -> _Transform:
     ``logit_scale``, Granite's ``logits_scaling``, FalconH1's
     ``lm_head_multiplier``, ``.float()``); the fused path is refused for
     anything else (a slice of the vocabulary, a bias added, masked tokens) and
-    for a forward whose source cannot be read.  The numbers are read now: a
-    config changed afterwards needs ``apply_gpuloss`` again."""
+    for a forward whose source cannot be read.  The values it depends on (a
+    config's soft-cap, whether it is None) are noted and read again at each
+    fused call: a config changed afterwards is followed (:func:`_current_transform`)."""
     name = type(model).__name__
-    path = next((p for p, m in model.named_modules() if m is head), None)
+    modules = dict(model.named_modules())
+    path = next((p for p, m in modules.items() if m is head), None)
+    _READS.reads = reads = []
     try:
         if not path:
             raise _Unknown("the output embedding is not a submodule of the model")
@@ -863,7 +885,27 @@ def _logit_transform(model, head) -> _Transform:
                          f"its output embedding self.{path or 'lm_head'} before its loss (at: {e}); the fused loss "
                          f"would not apply it. "
                          f"Use fused_linear=False") from None
-    return _canonical(ops, name)
+    finally:
+        _READS.reads = None
+    where = {id(m): tuple(p.split(".")) if p else () for p, m in modules.items()}
+    return dataclasses.replace(_canonical(ops, name),
+                               reads=tuple((where[id(o)], n, e, v) for o, n, e, v in reads if id(o) in where))
+
+
+def _current_transform(model, state: "_State", head) -> None:
+    """The transform of ``state``'s options, read again where a value it came
+    from has changed since (``model.config.final_logit_softcapping = 2.0``
+    after apply_gpuloss): the fused loss applies what the forward would."""
+    t = state.options.transform
+    for path, node, env, value in t.reads:
+        try:
+            owner = functools.reduce(getattr, path, model)
+            same = _static(node, owner, env) == value
+        except Exception:
+            same = False
+        if not same:
+            state.options = dataclasses.replace(state.options, transform=_logit_transform(model, head))
+            return
 
 
 def _canonical(ops: list, name: str) -> _Transform:
