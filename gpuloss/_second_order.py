@@ -40,6 +40,10 @@ _ROW_OPS = frozenset({"cross_entropy", "kl_div_logits"})
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 
 
+class ChangedInPlace(RuntimeError):
+    """An input kept for the second-order backward was modified in place since the forward pass."""
+
+
 def _acc(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
@@ -150,7 +154,7 @@ def grads(name: str, kept: Any, opts: Any, wrt: Sequence[int], g_loss: Tensor) -
     arrays, versions = kept
     for i, (a, v) in enumerate(zip(arrays, versions)):
         if a is not None and a._version != v:
-            raise RuntimeError(f"array {i} of the loss was modified in place after the forward pass")
+            raise ChangedInPlace(f"array {i} of the loss was modified in place after the forward pass")
     with torch.enable_grad():
         loss = LOSSES[name](list(arrays), opts)
         scale = getattr(opts, "grad_scale", 1.0)

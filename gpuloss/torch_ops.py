@@ -550,7 +550,7 @@ def _loss_autograd(spec: OpSpec):
         opts = spec.options(*ctx.option_values)
         try:
             out = SO.grads(spec.name, ctx.kept, opts, [pos for pos, _ in wanted], g_loss)
-        except RuntimeError as e:
+        except SO.ChangedInPlace as e:
             _second_order_refused(spec.name, str(e))
         for (pos, s), g in zip(wanted, out):
             grads[pos] = torch.zeros_like(s) if g is None else g
