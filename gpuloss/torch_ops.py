@@ -342,6 +342,9 @@ class _RowGradTerm(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor):
+        # coef is a constant to autograd: under create_graph=True a derivative of this gradient would
+        # silently miss its dependence on the logits
+        first_order("cross_entropy (the gradient of its class weight or probability targets)", ())
         (coef,) = ctx.saved_tensors
         ga = g.unsqueeze(-1) * coef
         if tuple(ga.shape) != ctx.shape:

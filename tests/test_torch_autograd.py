@@ -1199,3 +1199,22 @@ def test_kept_inputs_are_released_by_backward_as_saved_tensors_are():
             loss.backward(retain_graph=retain)
             gc.collect()
             assert (alive() is None) == (not retain)
+
+
+def test_second_derivatives_through_a_differentiated_class_weight_raise():
+    """Probability targets with a class weight that requires grad: the weight's
+    gradient is formed from -log p as a constant (a term added to the loss), so
+    under create_graph=True it raises rather than miss its dependence on the
+    logits; the logits' own second derivatives, and first order, are torch's."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    p = torch.softmax(torch.randn(4, 5, dtype=torch.float64, generator=g), 1)
+    w = torch.rand(5, dtype=torch.float64, generator=g, requires_grad=True)
+    with pytest.raises(torch_ops.SecondOrderError, match="class weight"):
+        torch.autograd.grad(gpuloss.cross_entropy(x, p, w), [x, w], create_graph=True)
+    (gx,) = torch.autograd.grad(gpuloss.cross_entropy(x, p, w), x, create_graph=True)
+    (ref,) = torch.autograd.grad(torch.nn.functional.cross_entropy(x, p, w), x, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(gx.pow(2).sum(), x)[0],
+                               torch.autograd.grad(ref.pow(2).sum(), x)[0])
+    ours = torch.autograd.grad(gpuloss.cross_entropy(x, p, w), [x, w])
+    torch.testing.assert_close(ours, torch.autograd.grad(torch.nn.functional.cross_entropy(x, p, w), [x, w]))
