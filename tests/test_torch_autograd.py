@@ -1218,3 +1218,80 @@ def test_second_derivatives_through_a_differentiated_class_weight_raise():
                                torch.autograd.grad(ref.pow(2).sum(), x)[0])
     ours = torch.autograd.grad(gpuloss.cross_entropy(x, p, w), [x, w])
     torch.testing.assert_close(ours, torch.autograd.grad(torch.nn.functional.cross_entropy(x, p, w), [x, w]))
+
+
+def _more_second_order_forms():
+    """(gpuloss's call, torch's call, inputs) of forms beyond torch's OpInfo samples."""
+    g = torch.Generator().manual_seed(3)
+    D = torch.float64
+    F = torch.nn.functional
+    x3 = torch.randn(3, 5, 4, dtype=D, generator=g)
+    p3 = torch.softmax(torch.randn(3, 5, 4, dtype=D, generator=g), 1)
+    t3 = torch.randint(0, 5, (3, 4), generator=g)
+    t3[0, 1] = -100
+    w = torch.rand(5, dtype=D, generator=g)
+    x = torch.randn(4, 6, dtype=D, generator=g)
+    tb = torch.randn(6, dtype=D, generator=g)
+    pt = torch.softmax(torch.randn(6, dtype=D, generator=g), 0)
+    tt = torch.rand(4, 6, dtype=D, generator=g)
+    w1, pw = torch.rand(4, 1, dtype=D, generator=g), torch.rand(6, dtype=D, generator=g) * 3
+    mw = torch.rand(4, 6, dtype=D, generator=g)
+    forms = {}
+    for red in ("mean", "sum", "none"):
+        forms[f"cross_entropy k-dim probabilities weight {red}"] = (
+            lambda f, a, b, red=red: f.cross_entropy(a, b, w, reduction=red, label_smoothing=0.1), (x3, p3))
+        forms[f"cross_entropy k-dim indices weight {red}"] = (
+            lambda f, a, red=red: f.cross_entropy(a, t3, w, reduction=red, label_smoothing=0.2), (x3,))
+        forms[f"mse_loss broadcast target {red}"] = (lambda f, a, b, red=red: f.mse_loss(a, b, reduction=red), (x, tb))
+        forms[f"kl_div broadcast target {red}"] = (lambda f, a, b, red=red: f.kl_div(a, b, reduction=red), (x, pt))
+        forms[f"bce_with_logits broadcast weights {red}"] = (
+            lambda f, a, b, red=red: f.binary_cross_entropy_with_logits(a, b, w1, reduction=red, pos_weight=pw),
+            (x, tt))
+        forms[f"mse_loss weight {red}"] = (lambda f, a, b, red=red: f.mse_loss(a, b, reduction=red, weight=mw), (x, tt))
+    return {k: (lambda *a, fn=fn: fn(gpuloss, *a), lambda *a, fn=fn: fn(F, *a), ins) for k, (fn, ins) in forms.items()}
+
+
+@pytest.mark.parametrize("case", list(_more_second_order_forms()))
+def test_second_derivatives_in_more_forms(case):
+    """K-dimensional inputs with class weights and either target kind,
+    targets that broadcast and are differentiated, broadcast BCE weights,
+    mse_loss's weight: the gradients with create_graph=True and the gradient of
+    their product with a fixed tensor, with respect to every input, as torch's."""
+    ours, theirs, inputs = _more_second_order_forms()[case]
+    res = []
+    for fn in (ours, theirs):
+        xs = [i.clone().requires_grad_() for i in inputs]
+        out = fn(*xs)
+        up = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(1))
+        gs = torch.autograd.grad(out, xs, up, create_graph=True)
+        gen = torch.Generator().manual_seed(2)
+        inner = sum((gi * torch.randn(gi.shape, dtype=gi.dtype, generator=gen)).sum()
+                    for gi in gs if gi.requires_grad)
+        res.append([out, *gs, *torch.autograd.grad(inner, xs, allow_unused=True)])
+    for a, b in zip(*res):
+        if a is None or b is None:
+            assert (a if b is None else b) is None or not (a if b is None else b).any()
+            continue
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("how", ["loss_dtype", "autocast"])
+def test_second_derivatives_of_16_bit_logits_with_a_float32_loss(dtype, how):
+    """A float32 loss of 16-bit logits (loss_dtype=float32, or CPU autocast):
+    the second-order gradients equal torch's cross-entropy of the float32 logits."""
+    g = torch.Generator().manual_seed(4)
+    x0 = torch.randn(8, 33, generator=g).to(dtype)
+    t = torch.randint(0, 33, (8,), generator=g)
+    res = []
+    for fn in (gpuloss.cross_entropy, torch.nn.functional.cross_entropy):
+        x = x0.clone().requires_grad_()
+        if how == "autocast":
+            with torch.autocast("cpu", dtype=dtype):
+                loss = fn(x, t)
+        else:
+            loss = fn(x, t, loss_dtype=torch.float32) if fn is gpuloss.cross_entropy else fn(x.float(), t)
+        (gx,) = torch.autograd.grad(loss, x, create_graph=True)
+        res.append((loss, gx, torch.autograd.grad(gx.float().pow(2).sum(), x)[0]))
+    for a, b in zip(*res):
+        torch.testing.assert_close(a.float(), b.float())
