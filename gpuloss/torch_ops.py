@@ -279,7 +279,7 @@ def _single(fn, outputs):
 # autograd
 # ---------------------------------------------------------------------------
 
-def scaled_grad(saved: Tensor, g: Tensor, inplace: bool = False) -> Tensor:
+def scaled_grad(saved: Tensor, g: Tensor, inplace: bool = False, differentiable: bool = False) -> Tensor:
     """``saved * g``: a gradient the forward pass saved (``(R, C)``) times the
     loss's upstream gradient (0-d for reduced losses, ``(R,)`` per row,
     ``(R, C)`` per element), in ``saved``'s dtype.
@@ -296,8 +296,12 @@ def scaled_grad(saved: Tensor, g: Tensor, inplace: bool = False) -> Tensor:
     dtypes is stored into a tensor of ``saved``'s dtype (in place: into
     ``saved`` itself), which a GPU kernel converts element by element and
     the CPU's through temporaries of its operands' size: on the CPU, a block
-    of rows at a time."""
-    compiling = torch.compiler.is_compiling()
+    of rows at a time.
+
+    ``differentiable``: through operations autograd differentiates in ``g``
+    (``create_graph=True``), as while torch.compile traces: no ``out=``
+    tensor, no CPU blocks."""
+    compiling = torch.compiler.is_compiling() or differentiable
     cpu = saved.device.type == "cpu" and not compiling
     if g.dim() == 1 and saved.dim() == 2:
         g = g.unsqueeze(-1)
@@ -380,9 +384,9 @@ class SecondOrderError(RuntimeError):
     """A loss's gradient was asked for with ``create_graph=True``."""
 
 
-def _second_order_refused(name: str, why: str):
+def _second_order_refused(name: str, why: str, status: str = "are not available here"):
     raise SecondOrderError(
-        f"gpuloss {name}: second derivatives are not available here: its gradient was asked for with "
+        f"gpuloss {name}: second derivatives {status}: its gradient was asked for with "
         f"create_graph=True (autograd.grad(..., create_graph=True), backward(create_graph=True), hvp, hessian, "
         f"gradgradcheck), and {why}; compute this loss with torch.nn.functional where higher-order gradients "
         f"are needed")
@@ -404,11 +408,8 @@ def first_order(name: str, grads):
     cross-entropy supports no higher-order gradients either.  Nothing happens
     while torch.compile traces (it refuses double backward itself)."""
     if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-        raise SecondOrderError(
-            f"gpuloss {name}: second derivatives are not implemented: its gradient was asked for with "
-            f"create_graph=True (autograd.grad(..., create_graph=True), backward(create_graph=True), hvp, "
-            f"hessian, gradgradcheck), and any derivative of that gradient would miss the loss's curvature; "
-            f"compute this loss with torch.nn.functional where higher-order gradients are needed")
+        _second_order_refused(name, "any derivative of that gradient would miss the loss's curvature",
+                              "are not implemented")
     return tuple(grads)
 
 
@@ -490,20 +491,13 @@ def _constant_gradient(spec: OpSpec, inputs) -> bool:
     return False
 
 
-def _differentiable_scaled(saved: Tensor, g: Tensor, x: Optional[Tensor]) -> Tensor:
-    """:func:`scaled_grad`'s value (the product in ``g``'s precision, rounded
-    once to ``saved``'s dtype) through operations autograd differentiates in
-    ``g`` (``scaled_grad`` writes into ``out=`` tensors), and in the input
-    ``x`` the gradient belongs to with derivative zero (a ``where`` that never
-    takes ``x``: ``0 * x`` would be NaN at an infinite log-probability)."""
-    if g.dim() == 1 and saved.dim() == 2:
-        g = g.unsqueeze(-1)
-    elif g.dim() == 0 and saved.dim() > 0:
-        g = g.reshape(1)  # a 0-d tensor takes no part in type promotion: it would be rounded to saved's dtype
-    out = (saved * g).to(saved.dtype)
-    if x is not None and x.requires_grad:
-        out = out + torch.where(torch.zeros((), dtype=torch.bool, device=x.device), x.reshape(out.shape), 0)
-    return out
+def _linked(grad: Tensor, x: Optional[Tensor]) -> Tensor:
+    """``grad`` in value, and in autograd's graph of the input ``x`` it belongs
+    to with derivative zero (a ``where`` that never takes ``x``: ``0 * x``
+    would be NaN at an infinite log-probability)."""
+    if x is None or not x.requires_grad:
+        return grad
+    return grad + torch.where(torch.zeros((), dtype=torch.bool, device=x.device), x.reshape(grad.shape), 0)
 
 
 def _loss_autograd(spec: OpSpec):
@@ -523,9 +517,12 @@ def _loss_autograd(spec: OpSpec):
         ctx.ignore_index, target = _ignored_rows(spec, inputs)
         ctx.constant = _constant_gradient(spec, inputs)
         # for create_graph=True: plain references to the inputs (not saved tensors: a first-order backward
-        # stays indifferent to a later in-place change of them), see gpuloss._second_order
-        ctx.kept = None if torch.compiler.is_compiling() else (
-            inputs[0] if ctx.constant else SO.keep(spec.name, inputs[:n_arrays]))
+        # stays indifferent to a later in-place change of them), see gpuloss._second_order; of the constant
+        # gradients, nll_loss's input, which its gradient joins with derivative zero, as torch's does
+        if torch.compiler.is_compiling() or (ctx.constant and spec.name != "nll_loss"):
+            ctx.kept = None
+        else:
+            ctx.kept = inputs[0] if ctx.constant else SO.keep(spec.name, inputs[:n_arrays])
         ctx.save_for_backward(*saved, *([] if target is None else [target]))
         no_zero_grads(ctx, output)
 
@@ -546,7 +543,7 @@ def _loss_autograd(spec: OpSpec):
         # create_graph=True
         if ctx.constant:  # the saved gradient is the whole derivative: a product differentiable in g_loss
             for pos, s in wanted:
-                grads[pos] = _differentiable_scaled(s, g_loss, ctx.kept if spec.name == "nll_loss" else None)
+                grads[pos] = _linked(scaled_grad(s, g_loss, differentiable=True), ctx.kept)
             return tuple(grads)
         if not isinstance(ctx.kept, tuple):
             _second_order_refused(spec.name, ctx.kept or "not implemented for this loss")
