@@ -115,7 +115,10 @@ def dtype_name(a: Any, kind: str) -> str:
     """Short dtype name: float16, bfloat16, float32, float64, int32, int64, bool, ..."""
     if kind == "torch":
         return str(a.dtype).replace("torch.", "")
-    return str(a.dtype)
+    dt = a.dtype
+    # a NumPy array of non-native byte order ('>f4' on this machine) holds the same values:
+    # NumPy computes on it as on its native dtype, and so do gpuloss's NumPy kernels
+    return str(dt) if dt.isnative else dt.name
 
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")

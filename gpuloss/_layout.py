@@ -83,6 +83,23 @@ def contiguous(out, kind: str):
     return out if out.flags.c_contiguous else xp(kind).ascontiguousarray(out)
 
 
+def native(dtype):
+    """A NumPy dtype in this machine's byte order: results come out native,
+    as NumPy's own functions give them, whatever the byte order of the
+    arrays passed (``'>f4'`` in, ``float32`` out)."""
+    if dtype is None:
+        return None
+    dtype = np.dtype(dtype)
+    return dtype if dtype.isnative else dtype.newbyteorder("=")
+
+
+def native_array(a, kind: str):
+    """``a``, or a copy of it in this machine's byte order (NumPy only)."""
+    if kind != "numpy" or a is None or a.dtype.isnative:
+        return a
+    return a.astype(native(a.dtype))
+
+
 def cast_like(a, like, kind: str):
     """``a`` in ``like``'s dtype (losses come back from a backend in the
     accumulation dtype; PyTorch returns the input's dtype)."""
@@ -90,7 +107,8 @@ def cast_like(a, like, kind: str):
         return None
     if kind == "torch":
         return a if a.dtype == like.dtype else a.to(like.dtype)
-    return a if a.dtype == like.dtype else a.astype(like.dtype)
+    dt = native(like.dtype)
+    return a if a.dtype == dt else a.astype(dt)
 
 
 def same_layout(a, b, kind: str) -> bool:
@@ -184,7 +202,7 @@ def sum_to(a, shape: Tuple[int, ...], kind: str):
 def zeros(like, shape, kind: str, dtype: Optional[Any] = None):
     if kind == "torch":
         return like.new_zeros(shape, dtype=dtype or like.dtype)
-    return xp(kind).zeros(shape, dtype=dtype or like.dtype)
+    return xp(kind).zeros(shape, dtype=native(dtype or like.dtype))
 
 
 def result_dtype(kind: str, *arrays, zero_dim_rule: bool = False):
@@ -203,7 +221,7 @@ def result_dtype(kind: str, *arrays, zero_dim_rule: bool = False):
         for a in arrays[1:]:
             dt = torch.promote_types(dt, a.dtype)
         return dt
-    return np.result_type(*arrays)
+    return native(np.result_type(*arrays))
 
 
 def as_array(a, kind: str):
@@ -215,6 +233,8 @@ def as_array(a, kind: str):
 def astype(a, dtype, kind: str):
     """``a`` in ``dtype`` (differentiable for torch: its gradient comes back
     in ``a``'s own dtype); ``a`` itself when it already is."""
+    if kind != "torch":
+        dtype = native(dtype)
     if a is None or a.dtype == dtype:
         return a
     return a.to(dtype) if kind == "torch" else a.astype(dtype)

@@ -401,6 +401,9 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
     kind, device = classify([("input", input), ("linear_weight", linear_weight), ("target", target),
                              ("linear_bias", linear_bias), ("weight", weight)],
                             optional=("linear_bias", "weight"))
+    # the chunks compute in the caller's array library: NumPy arrays in its byte order
+    input, linear_weight, target, linear_bias, weight = (Lay.native_array(a, kind) for a in (
+        input, linear_weight, target, linear_bias, weight))
     # torch.autocast: F.linear's operands in autocast's dtype, the loss in float32
     (input, linear_weight, linear_bias), autocast = AC.linear_operands(kind, device, input, linear_weight,
                                                                        linear_bias)

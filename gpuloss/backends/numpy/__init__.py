@@ -44,9 +44,11 @@ class NumpyBackend(Backend):
         """NumPy view of ``a``.  A CPU torch tensor is shared without a copy,
         except bfloat16, which NumPy cannot represent: that becomes a float32
         copy (so a ``grad_inplace`` on it writes the copy, and the caller
-        copies the gradient back)."""
+        copies the gradient back).  A NumPy array of non-native byte order
+        becomes a native copy the same way, so that results come out native,
+        as NumPy's own functions give them."""
         if kind == "numpy":
-            return a
+            return a if a.dtype.isnative else a.astype(a.dtype.newbyteorder("="))
         if kind == "torch":
             import torch
 
