@@ -73,6 +73,85 @@ def from_rows(rows, kind: str, layout):
     return out if cd == nd - 1 else movedim(out, kind, -1, cd)
 
 
+def _strides(a, kind: str) -> tuple:
+    """Strides in elements (NumPy's bytes divided by the item size: only
+    their order within one array matters here)."""
+    return tuple(a.stride()) if kind == "torch" else tuple(st // a.itemsize for st in a.strides)
+
+
+def iteration_order(kind: str, shape: tuple, *arrays) -> Optional[Tuple[int, ...]]:
+    """The order of dimensions, outermost first, in which torch's
+    TensorIterator lays out the result of an element-wise operation on
+    ``arrays`` (broadcastable to ``shape``; the first array's strides decide,
+    the next ones break its ties, a broadcast dimension takes no part), as in
+    ``reorder_dimensions`` of ATen's TensorIterator; None for the row-major
+    order.  An element-wise loss with ``reduction="none"`` has its result in
+    this layout: a transposed or channels_last input gives a transposed or
+    channels_last loss, and the op runs over the inputs' memory as it lies,
+    with no copy."""
+    nd = len(shape)
+    if nd < 2:
+        return None
+    strides = []
+    for a in arrays:
+        if a is None:
+            continue
+        pad = nd - a.ndim
+        st, sh = (0,) * pad + _strides(a, kind), (1,) * pad + tuple(a.shape)
+        strides.append(tuple(0 if (sh[i] == 1 and shape[i] != 1) else st[i] for i in range(nd)))
+
+    def should_swap(d0: int, d1: int) -> int:
+        for st in strides:
+            s0, s1 = st[d0], st[d1]
+            if s0 == 0 or s1 == 0:
+                continue
+            if s0 != s1:
+                return -1 if s0 < s1 else 1
+            if shape[d0] > shape[d1]:
+                return 1
+        return 0
+
+    perm = list(range(nd - 1, -1, -1))  # innermost first, as ATen's
+    for i in range(1, nd):
+        d1 = i
+        for d0 in range(i - 1, -1, -1):
+            c = should_swap(perm[d0], perm[d1])
+            if c > 0:
+                perm[d0], perm[d1] = perm[d1], perm[d0]
+                d1 = d0
+            elif c < 0:
+                break
+    order = tuple(reversed(perm))
+    return None if order == tuple(range(nd)) else order
+
+
+def dense(a, kind: str) -> bool:
+    """Whether ``a``'s elements fill its memory without gaps or overlaps, in
+    some order of its dimensions (torch's ``is_non_overlapping_and_dense``)."""
+    if kind == "numpy" and any(st % a.itemsize for st in a.strides):
+        return False
+    expect = 1
+    for st, n in sorted((st, n) for n, st in zip(a.shape, _strides(a, kind)) if n != 1):
+        if st != expect:
+            return False
+        expect *= n
+    return True
+
+
+def permute(a, order: Tuple[int, ...], kind: str, ndim: Optional[int] = None):
+    """``a`` with its dimensions in ``order``; with ``ndim``, an array
+    broadcastable to that many dimensions first takes leading ones."""
+    if a is None:
+        return None
+    if ndim is not None and a.ndim < ndim:
+        a = a.reshape((1,) * (ndim - a.ndim) + tuple(a.shape))
+    return a.permute(order) if kind == "torch" else a.transpose(order)
+
+
+def inverse_order(order: Tuple[int, ...]) -> Tuple[int, ...]:
+    return tuple(sorted(range(len(order)), key=order.__getitem__))
+
+
 def contiguous(out, kind: str):
     """``out`` contiguous, as torch's softmax / log_softmax (and backward)
     always return their result whatever the input's layout: one formed along a

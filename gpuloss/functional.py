@@ -566,14 +566,24 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     if L.numel(xin, kind) == 0:
         res = _empty_elementwise(kind, xin, tin, red)
     else:
-        x, layout = L.rows2d(xin, kind, -1)
-        t, _ = L.rows2d(tin, kind, -1)
-        arrays = [x, t] + [None if w is None else V.as_row_broadcast(w, kind, xin, x) for w in named_weights.values()]
+        # the op runs over the memory in torch's result order (a "none" loss comes back in that layout)
+        order = _result_order(op, kind, xin, tin, named_weights.get("pos_weight"))
+        weights = list(named_weights.values())
+        if order is not None:
+            xin_, tin_ = L.permute(xin, order, kind), L.permute(tin, order, kind)
+            weights = [L.permute(w, order, kind, xin.ndim) for w in weights]
+        else:
+            xin_, tin_ = xin, tin
+        x, layout = L.rows2d(xin_, kind, -1)
+        t, _ = L.rows2d(tin_, kind, -1)
+        arrays = [x, t] + [None if w is None else V.as_row_broadcast(w, kind, xin_, x) for w in weights]
         res = run(op, kind, be, arrays, make_opts(red, 0.5) if half else make_opts(red), return_grad)
         if half:
             from .torch_ops import grad_factor
             res = res._replace(loss=grad_factor(res.loss, 2.0))
-        unrow = lambda a: L.from_rows(a, kind, layout)  # noqa: E731
+        back = None if order is None else L.inverse_order(order)
+        unrow = lambda a: L.permute(L.from_rows(a, kind, layout), back, kind) if back else L.from_rows(  # noqa: E731
+            a, kind, layout)
         res = LossResult(unrow(res.loss) if red == "none" else res.loss, unrow(res.grad), unrow(res.grad_target))
     if reduction == "batchmean":  # torch: sum / input.size(0)
         res = _batchmean(res, input.shape[0] if input.ndim else 1)
@@ -593,6 +603,22 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     if not V.is_floating(caller_input, kind):  # an integer or bool input has no gradient (as the target)
         return out._replace(grad=None)
     return out._replace(grad=L.cast_like(out.grad, caller_input, kind))
+
+
+def _result_order(op: str, kind: str, xin, tin, pos_weight):
+    """The dimension order of torch's result of an element-wise loss
+    (:func:`gpuloss._layout.iteration_order`; None: row-major).  Which
+    operand decides follows torch's formulas: ``mse_loss`` input then target;
+    ``kl_div`` and the BCE with logits target first (their first operation
+    is on the target: ``xlogy(target, target)``, ``(1 - target)``,
+    ``(pos_weight - 1) * target``); ``binary_cross_entropy``
+    ``empty_like(input)``: input's layout when it is dense, else row-major."""
+    shape = tuple(xin.shape)
+    if op == "bce":
+        return L.iteration_order(kind, shape, xin) if L.dense(xin, kind) else None
+    if op == "mse":
+        return L.iteration_order(kind, shape, xin, tin)
+    return L.iteration_order(kind, shape, pos_weight, tin, xin)
 
 
 def _integral_promoted(kind: str, input, target):

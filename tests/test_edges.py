@@ -825,3 +825,66 @@ def test_empty_probability_targets_keep_the_class_weight_in_the_graph(backend):
         _same(loss, theirs)
         loss.sum().backward()
         _same(w.grad, torch.zeros_like(w))
+
+
+def _random_layout(gen, shape, device):
+    """A float64 tensor of ``shape`` in a random layout: dimensions permuted
+    in memory, and sometimes a slice with gaps."""
+    nd = len(shape)
+    order = [int(i) for i in torch.randperm(nd, generator=gen)]
+    if nd and torch.rand((), generator=gen) < 0.3:  # a gap along one dimension
+        d = int(torch.randint(nd, (), generator=gen))
+        big = [n * (2 if order[i] == d else 1) for i, n in enumerate([shape[k] for k in order])]
+        base = torch.randn(big, generator=gen, dtype=torch.float64)
+        base = base[tuple(slice(None, None, 2) if order[i] == d else slice(None) for i in range(nd))]
+    else:
+        base = torch.randn([shape[k] for k in order], generator=gen, dtype=torch.float64)
+    return base.permute([order.index(i) for i in range(nd)]).to(device)
+
+
+@pytest.mark.parametrize("op", ["mse_loss", "kl_div", "bce_with_logits", "bce"])
+def test_elementwise_none_loss_has_torchs_layout(backend, op):
+    """reduction="none" of an element-wise loss comes back in the layout
+    torch's own has: a transposed or channels_last input gave a row-major
+    loss (and its inputs were copied to run the op), where torch's
+    TensorIterator keeps the operands' memory order (``loss.view(-1)`` then
+    fails on both, ``.stride()`` is the same).  Values and gradients as
+    torch's, on random layouts, gaps and broadcast operands."""
+    gen = torch.Generator().manual_seed(7)
+    F_op = {"mse_loss": F.mse_loss, "kl_div": F.kl_div, "bce": F.binary_cross_entropy,
+            "bce_with_logits": F.binary_cross_entropy_with_logits}[op]
+    g_op = {"mse_loss": gpuloss.mse_loss, "kl_div": gpuloss.kl_div, "bce": gpuloss.binary_cross_entropy,
+            "bce_with_logits": gpuloss.binary_cross_entropy_with_logits}[op]
+    warnings.filterwarnings("ignore", "(Using a target size|reduction: 'mean')", UserWarning)
+    for trial in range(40):
+        nd = int(torch.randint(2, 5, (), generator=gen))
+        shape = [int(n) for n in torch.randint(1, 5, (nd,), generator=gen)]
+        x = _random_layout(gen, shape, backend.device)
+        t = _random_layout(gen, shape, backend.device)
+        if op in ("mse_loss", "kl_div") and trial % 3 == 0:  # a broadcast target
+            t = t.narrow(0, 0, 1) if shape[0] > 1 else t
+        kw = {}
+        if op in ("bce", "bce_with_logits"):
+            t = t.sigmoid()
+            if op == "bce":
+                x = x.sigmoid()
+            elif trial % 2:
+                kw["pos_weight"] = torch.rand(shape[-1], generator=gen, dtype=torch.float64).to(backend.device)
+        x.requires_grad_()
+        theirs = F_op(x, t, reduction="none", **kw)
+        ours = g_op(x, t, reduction="none", backend=backend.name, **kw)
+        big = [i for i, n in enumerate(theirs.shape) if n > 1]
+        assert [ours.stride(i) for i in big] == [theirs.stride(i) for i in big], (shape, x.stride(), t.stride())
+        _same(ours, theirs)
+        up = torch.randn(theirs.shape, generator=gen, dtype=torch.float64).to(backend.device)
+        g_theirs, = torch.autograd.grad(theirs, x, up)
+        g_ours, = torch.autograd.grad(ours, x, up)
+        _same(g_ours, g_theirs)
+        for red in ("sum", "mean"):
+            _same(g_op(x, t, reduction=red, backend=backend.name, **kw), F_op(x, t, reduction=red, **kw))
+    # the NumPy form: the loss and gradient in the input's memory order, as NumPy's ufuncs
+    xa = np.asfortranarray(np.random.default_rng(0).standard_normal((5, 6)))
+    if backend.name == "numpy":
+        res = gpuloss.mse_loss(xa, np.zeros((5, 6)).T.copy().T, reduction="none", return_grad=True)
+        assert res.loss.flags.f_contiguous and res.grad.flags.f_contiguous
+        np.testing.assert_allclose(res.loss, xa ** 2)
