@@ -354,8 +354,8 @@ def check_class_targets(name: str, target: Any, kind: str, C: int, ignore_index:
     if traced:
         import torch  # a tensor: imported already (no sys.modules lookup while dynamo traces)
         # C is not formatted into the message: that would specialise the graph on the class count
-        torch._assert_async(~bad.any(), f"{name} contains a class index outside [0, C) (C: the number of "
-                                        f"classes) and not ignore_index={ignore_index}")
+        torch._assert_async(_plain(~bad.any()), f"{name} contains a class index outside [0, C) (C: the number "
+                                                f"of classes) and not ignore_index={ignore_index}")
         return
     if bool(bad.any()):
         first = target[bad].reshape(-1)[0]
@@ -373,6 +373,13 @@ def _traced_check(a: Any, kind: str) -> bool:
     if kind != "torch" or a.device.type != "cpu":
         return False
     return L.torch_tracing(a, "compile") or _real_tensor_tracing()
+
+
+def _plain(cond: Any) -> Any:
+    """An in-graph assertion's condition as a plain tensor: a DTensor's
+    (DTensor has no rule for ``_assert_async``) reduced over every rank, so
+    that all ranks assert alike."""
+    return cond.full_tensor() if type(cond).__name__ == "DTensor" else cond
 
 
 def _real_tensor_tracing() -> bool:
@@ -396,7 +403,7 @@ def check_unit_interval(name: str, a: Any, kind: str) -> None:
     ok = (a >= 0) & (a <= 1)
     if traced:
         import torch  # a tensor: imported already
-        torch._assert_async(ok.all(), f"all elements of {name} should be between 0 and 1")
+        torch._assert_async(_plain(ok.all()), f"all elements of {name} should be between 0 and 1")
         return
     if not bool(ok.all()):
         raise ArgumentValueError(f"all elements of {name} should be between 0 and 1")

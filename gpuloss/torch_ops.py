@@ -697,6 +697,40 @@ for _spec in OPS.values():
         _EAGER[_spec.name] = _eager_function(_spec, *_formulas)
 
 
+_DTENSOR_SHARDING = False
+
+
+def dtensor_sharding() -> None:
+    """Give every operator its DTensor sharding rule, once DTensor is loaded
+    (``torch.distributed.tensor``, whose import alone takes ~0.5 s, is never
+    imported for this): DTensor inputs (tensor parallelism with
+    ``use_local_output=False``, a replicated or batch-sharded DTensor)
+    are redistributed to ``Replicate()`` and every output is ``Replicate()``,
+    the same values as on the full tensors.  Without a rule DTensor raises
+    "does not have a sharding strategy registered".  Runs at this module's
+    import when DTensor is loaded already, else from :func:`call` (outside
+    torch.compile); idempotent."""
+    global _DTENSOR_SHARDING
+    import sys
+    if _DTENSOR_SHARDING or "torch.distributed.tensor" not in sys.modules:
+        return
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.experimental import register_sharding
+    for op in list(_OPS.values()) + list(_INPLACE.values()):
+        overload = op._opoverload
+        n_out = len(overload._schema.returns)
+
+        def replicated(*args, _n_out=n_out, **kwargs):
+            # tensors come as DTensor specs (placements and a mesh), other arguments as themselves
+            return [([Replicate()] * _n_out, [Replicate() if hasattr(a, "placements") else None for a in args])]
+
+        register_sharding(overload)(replicated)
+    _DTENSOR_SHARDING = True
+
+
+dtensor_sharding()
+
+
 # ---------------------------------------------------------------------------
 # calls from gpuloss.functional
 # ---------------------------------------------------------------------------
@@ -707,6 +741,8 @@ def call(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts: Any, w
     Returns the op's outputs (one tensor for the softmax ops).  ``inplace``:
     the raw ``<op>_inplace`` operator (no autograd: for ``return_grad``),
     which writes the gradient over ``arrays[0]`` and returns the rest."""
+    if not _DTENSOR_SHARDING and not torch.compiler.is_compiling():
+        dtensor_sharding()
     spec = OPS[op]
     return getattr(torch.ops.gpuloss, op + ("_inplace" if inplace else ""))(*_pack(spec, backend, arrays, opts, want))
 
@@ -747,6 +783,8 @@ def call_inplace(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts
     written over ``arrays[0]`` now and scaled in place by backward.  ``eager``:
     the operator's body runs instead of the operator (:func:`call_eager`)."""
     _check_inplace_target(arrays[0])
+    if not eager and not _DTENSOR_SHARDING and not torch.compiler.is_compiling():
+        dtensor_sharding()
     return _InplaceFn.apply(op, backend, opts, want, eager, *arrays)
 
 

@@ -674,8 +674,88 @@ def _opcheck_checks(rank: int, world: int, sizes, seed: int, chk: Checker, group
               True, True, False))
 
 
+def _dtensor_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: str) -> None:
+    """Every public function on DTensor inputs, replicated and sharded along
+    the batch, against torch's functions on the full tensors: the loss and
+    each gradient, a DTensor."""
+    import torch.nn.functional as F
+    import gpuloss
+    import gpuloss.torch_ops as T
+    chk.true("not registered before DTensor is loaded", not T._DTENSOR_SHARDING)
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
+    mesh = init_device_mesh(device, (world,))
+    g = torch.Generator().manual_seed(seed)
+    N, C, H = 4 * world, 7, 5
+    x = torch.randn(N, C, generator=g, dtype=torch.float64)
+    t = torch.randint(0, C, (N,), generator=g)
+    t[1] = -100
+    p = torch.rand(N, C, generator=g, dtype=torch.float64).softmax(-1)
+    y = (torch.rand(N, C, generator=g) > 0.5).double()
+    w = torch.rand(C, generator=g, dtype=torch.float64) + 0.5
+    h = torch.randn(N, H, generator=g, dtype=torch.float64)
+    W = torch.randn(C, H, generator=g, dtype=torch.float64)
+    calls = {  # name: (function of (gpuloss or F, x, target, class weight), target)
+        "cross_entropy": (lambda M, a, b, w: M.cross_entropy(a, b, w, label_smoothing=0.1), t),
+        "cross_entropy none": (lambda M, a, b, w: M.cross_entropy(a, b, reduction="none"), t),
+        "cross_entropy probs": (lambda M, a, b, w: M.cross_entropy(a, b), p),
+        "nll_loss": (lambda M, a, b, w: M.nll_loss(a.log_softmax(-1), b, w), t),
+        "softmax": (lambda M, a, b, w: M.softmax(a, -1) * b, p),
+        "log_softmax dim 0": (lambda M, a, b, w: M.log_softmax(a, 0) * b, p),
+        "kl_div": (lambda M, a, b, w: M.kl_div(a.log_softmax(-1), b, reduction="batchmean"), p),
+        "bce_with_logits": (lambda M, a, b, w: M.binary_cross_entropy_with_logits(a, b, pos_weight=w), y),
+        "bce": (lambda M, a, b, w: M.binary_cross_entropy(a.sigmoid(), b), y),
+        "mse_loss none": (lambda M, a, b, w: M.mse_loss(a, b, reduction="none"), p),
+    }
+    wd = distribute_tensor(w, mesh, [Replicate()])
+    for placement in (Replicate(), Shard(0)):
+        for name, (fn, target) in calls.items():
+            what = f"{name} {placement}"
+            xd = distribute_tensor(x, mesh, [placement]).requires_grad_()
+            td = distribute_tensor(target, mesh, [placement])
+            ours = fn(gpuloss, xd, td, wd)  # every tensor argument a DTensor, as DTensor requires
+            xw = x.clone().requires_grad_()
+            want = fn(F, xw, target, w)
+            chk.true(f"{what}: a DTensor", isinstance(ours, DTensor), type(ours).__name__)
+            chk.close(f"{what}: loss", ours.full_tensor().detach(), want.detach())
+            up = torch.randn(want.shape, generator=g, dtype=torch.float64)
+            ours.backward(distribute_tensor(up, mesh, [Replicate()]) if ours.dim() else None)
+            want.backward(up if want.dim() else None)
+            chk.close(f"{what}: grad", xd.grad.full_tensor(), xw.grad)
+        # the fused linear cross-entropy: hidden states by placement, the weight replicated
+        hd = distribute_tensor(h, mesh, [placement]).requires_grad_()
+        Wd = distribute_tensor(W, mesh, [Replicate()]).requires_grad_()
+        ours = gpuloss.linear_cross_entropy(hd, Wd, distribute_tensor(t, mesh, [placement]), chunk_size=3)
+        hw, Ww = h.clone().requires_grad_(), W.clone().requires_grad_()
+        want = F.cross_entropy(hw @ Ww.T, t)
+        chk.close(f"linear_cross_entropy {placement}: loss", ours.full_tensor().detach(), want.detach())
+        ours.backward()
+        want.backward()
+        chk.close(f"linear_cross_entropy {placement}: grad_input", hd.grad.full_tensor(), hw.grad)
+        chk.close(f"linear_cross_entropy {placement}: grad_weight", Wd.grad.full_tensor(), Ww.grad)
+    chk.true("registered", T._DTENSOR_SHARDING)
+    # compiled (fullgraph): the CPU targets' value checks, assertions inside the graph, take DTensors too
+    step = torch.compile(lambda a, b, q: gpuloss.cross_entropy(a, b, label_smoothing=0.1)
+                         + gpuloss.binary_cross_entropy(a.sigmoid(), q), backend="aot_eager", fullgraph=True)
+    xd = distribute_tensor(x, mesh, [Shard(0)]).requires_grad_()
+    ours = step(xd, distribute_tensor(t, mesh, [Shard(0)]), distribute_tensor(y, mesh, [Shard(0)]))
+    xw = x.clone().requires_grad_()
+    want = F.cross_entropy(xw, t, label_smoothing=0.1) + F.binary_cross_entropy(xw.sigmoid(), y)
+    chk.close("compiled: loss", ours.full_tensor().detach(), want.detach())
+    ours.backward()
+    want.backward()
+    chk.close("compiled: grad", xd.grad.full_tensor(), xw.grad)
+    bad = t.clone()
+    bad[-1] = C  # on the last rank's shard only: every rank's assertion fails
+    try:
+        step(xd, distribute_tensor(bad, mesh, [Shard(0)]), distribute_tensor(y, mesh, [Shard(0)]))
+        chk.true("compiled: a class index out of range raises", False)
+    except RuntimeError as e:
+        chk.true("compiled: a class index out of range raises", "class index outside" in str(e), str(e)[:200])
+
+
 #: what a spawned group runs, by name (the name travels to the ranks)
-_SUITES = {"checks": _value_checks, "compile": _compile_checks,
+_SUITES = {"checks": _value_checks, "compile": _compile_checks, "dtensor": _dtensor_checks,
            "compile-inductor": functools.partial(_compile_checks, backend="inductor")}
 
 
@@ -777,6 +857,17 @@ def test_vocab_parallel_compile_gloo(rng, tmp_path, backend):
     seed = int(rng.integers(2**31))
     suite = "compile" if backend == "aot_eager" else "compile-inductor"
     _assert_results(_run_group((5, 4), seed, tmp_path, suite=suite), min_checks=40)
+
+
+def test_dtensor_inputs_gloo(rng, tmp_path):
+    """DTensor inputs (tensor parallelism's outputs with
+    ``use_local_output=False``, replicated or batch-sharded tensors) raised
+    DTensor's "does not have a sharding strategy registered" for every
+    gpuloss operator.  Each operator now has DTensor's sharding rule
+    (``gpuloss.torch_ops.dtensor_sharding``, registered once DTensor is
+    loaded): the inputs are replicated, the results are those on the full
+    tensors (2-process gloo group)."""
+    _assert_results(_run_group((4, 4), int(rng.integers(2**31)), tmp_path, suite="dtensor"), min_checks=40)
 
 
 def _in_process(backend: str, device: str, rng) -> None:
