@@ -557,9 +557,11 @@ def test_clear_errors():
     torch.manual_seed(0)
     cfg = _config("llama")
     cfg.pad_token_id = 0
-    cls = transformers.LlamaForSequenceClassification(cfg)
-    with pytest.raises(ValueError, match="loss_type='ForSequenceClassification'"):
-        gt.apply_gpuloss(cls)
+    other = _model("llama")
+    other.loss_type = "ForSegmentation"  # a loss gpuloss does not replace
+    with pytest.raises(ValueError, match="masked-LM, sequence, token and question-answering heads; LlamaForCausalLM "
+                                         "has loss_type='ForSegmentation'"):
+        gt.apply_gpuloss(other)
     base = transformers.LlamaModel(_config("llama"))  # a base model: no lm_head
     with pytest.raises(ValueError, match="LlamaModel.forward does not compute its loss with self.loss_function.*"
                                          "without an output embedding.*AutoModelForCausalLM"):
@@ -1079,3 +1081,107 @@ def test_hf_step_bench_dry_run():
     assert rows["gpuloss"]["logits"] == "none" and rows["unpatched"]["logits"] == "kept"
     assert rows["gpuloss"]["loss_rel_diff"] < 1e-5 and rows["gpuloss"]["grad_norm_rel_diff"] < 1e-5
     assert "| gpuloss |" in hf_step.table(result)
+
+
+# ---------------------------------------------------------------- the other heads
+
+def _head_model(kind: str, seed: int = 0, **cfg):
+    torch.manual_seed(seed)
+    if kind == "mlm":
+        c = transformers.ModernBertConfig(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                          num_attention_heads=4, max_position_embeddings=64, pad_token_id=0,
+                                          bos_token_id=1, eos_token_id=2, cls_token_id=1, sep_token_id=2,
+                                          global_attn_every_n_layers=1, local_attention=8, **cfg)
+        return transformers.ModernBertForMaskedLM(c).train()
+    if kind == "vit":
+        c = transformers.ViTConfig(image_size=8, patch_size=4, hidden_size=32, intermediate_size=64,
+                                   num_hidden_layers=1, num_attention_heads=4, **cfg)
+        return transformers.ViTForImageClassification(c).train()
+    c = _config("llama")
+    c.pad_token_id = 0
+    for k, v in cfg.items():
+        setattr(c, k, v)
+    cls = {"seq": transformers.LlamaForSequenceClassification, "token": transformers.LlamaForTokenClassification,
+           "qa": transformers.LlamaForQuestionAnswering}[kind]
+    return cls(c).train()
+
+
+def _head_cases():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, V, (B, T), generator=g)
+    mlm = torch.full((B, T), -100)
+    mlm[:, ::3] = ids[:, ::3]
+    tok = torch.randint(0, 5, (B, T), generator=g)
+    tok[0, :4] = -100
+    return [
+        ("mlm", "mlm", {}, dict(input_ids=ids, labels=mlm)),
+        ("mlm num_items", "mlm", {}, dict(input_ids=ids, labels=mlm, num_items_in_batch=torch.tensor(11))),
+        ("image", "vit", dict(num_labels=3), dict(pixel_values=torch.randn(B, 3, 8, 8, generator=g),
+                                                  labels=torch.tensor([1, 2]))),
+        ("single label", "seq", dict(num_labels=3), dict(input_ids=ids, labels=torch.tensor([2, 0]))),
+        ("regression", "seq", dict(num_labels=1), dict(input_ids=ids, labels=torch.tensor([0.5, -1.25]))),
+        ("regression 2", "seq", dict(num_labels=2), dict(input_ids=ids, labels=torch.randn(B, 2, generator=g))),
+        ("multi label", "seq", dict(num_labels=3), dict(input_ids=ids, labels=torch.tensor([[1., 0, 1], [0, 0, 1]]))),
+        ("token", "token", dict(num_labels=5), dict(input_ids=ids, labels=tok)),
+        ("qa", "qa", {}, dict(input_ids=ids, start_positions=torch.tensor([3, T + 4]),
+                              end_positions=torch.tensor([[5], [1]]))),
+    ]
+
+
+@pytest.mark.parametrize("case", _head_cases(), ids=lambda c: c[0])
+def test_other_heads_replace_their_loss_function(case):
+    """Masked-LM, sequence-classification (all three problem types), token-
+    classification and question-answering models whose forward calls
+    ``self.loss_function`` were refused ("apply_gpuloss replaces a causal
+    LM's loss").  apply_gpuloss now replaces their loss function with
+    gpuloss's form of transformers' (the fused path is for causal LMs): the
+    same loss and gradients as the unpatched model, the same
+    ``config.problem_type`` set on the first call."""
+    name, kind, cfg, inputs = case
+    ref = _head_model(kind, **cfg)
+    got = gt.apply_gpuloss(copy.deepcopy(ref))
+    assert isinstance(got.loss_function, __import__("functools").partial)
+    assert got.loss_function.func.__module__ == gt.__name__
+    torch.manual_seed(5)  # the same dropout masks (the token classifier's)
+    want_loss = ref(**inputs).loss
+    torch.manual_seed(5)
+    got_loss = got(**inputs).loss
+    assert got_loss.dtype == want_loss.dtype
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    assert got.config.problem_type == ref.config.problem_type
+    want_loss.backward()
+    got_loss.backward()
+    for (n, p), q in zip(ref.named_parameters(), got.parameters()):
+        if p.grad is None:
+            assert q.grad is None, n
+        else:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-5, atol=1e-6, msg=n)
+    gt.apply_gpuloss(got, z_loss=0.0)  # again, the same options: still gpuloss's
+    assert got.loss_function.func.__module__ == gt.__name__
+
+
+def test_other_heads_options_and_refusals():
+    """z_loss reaches the cross-entropy heads; the options that only a causal
+    LM has are refused by name, as is a z-loss on a loss that is not a
+    cross-entropy, and a head whose forward builds its own loss module."""
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(1, V, (B, T), generator=g)
+    labels = torch.randint(0, V, (B, T), generator=g)
+    model = gt.apply_gpuloss(_head_model("mlm"), z_loss=1e-2)
+    out = model(input_ids=ids, labels=labels)
+    logits = out.logits.detach()
+    z = torch.logsumexp(logits.double(), -1).reshape(-1)
+    want = F.cross_entropy(logits.double().reshape(-1, V), labels.reshape(-1)) + 1e-2 * (z ** 2).mean()
+    torch.testing.assert_close(out.loss.double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="fused_linear=True.*ModernBertForMaskedLM is not a causal LM"):
+        gt.apply_gpuloss(_head_model("mlm"), fused_linear=True)
+    with pytest.raises(ValueError, match="chunk_size.*ModernBertForMaskedLM has none"):
+        gt.apply_gpuloss(_head_model("mlm"), chunk_size=64)
+    reg = gt.apply_gpuloss(_head_model("seq", num_labels=1), z_loss=1e-3)
+    with pytest.raises(ValueError, match="z_loss=0.001.*regression's mean squared error"):
+        reg(input_ids=ids, labels=torch.tensor([0.5, 1.0]))
+    bert_mlm = transformers.BertForMaskedLM(transformers.BertConfig(
+        vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4))
+    with pytest.raises(ValueError, match="BertForMaskedLM.forward does not compute its loss with "
+                                         "self.loss_function.*ForMaskedLM model whose forward builds its own loss"):
+        gt.apply_gpuloss(bert_mlm)

@@ -1,4 +1,5 @@
-"""Hugging Face transformers: gpuloss's cross-entropy as a causal LM's loss.
+"""Hugging Face transformers: gpuloss's cross-entropy as a causal LM's loss
+(and the other heads' losses, :data:`_HEAD_LOSSES`).
 
 One line::
 
@@ -69,7 +70,8 @@ from transformers.loss import loss_utils as _hf_loss
 import gpuloss
 from .. import _layout, _validate, dispatch
 
-__all__ = ["apply_gpuloss", "ForCausalLMLoss", "AutoGpulossForCausalLM"]
+__all__ = ["apply_gpuloss", "ForCausalLMLoss", "ForMaskedLMLoss", "ForSequenceClassificationLoss",
+           "ForTokenClassification", "ForQuestionAnsweringLoss", "AutoGpulossForCausalLM"]
 
 
 # ---------------------------------------------------------------------------
@@ -217,6 +219,123 @@ def _fused_causal_lm_loss(hidden: torch.Tensor, weight: torch.Tensor, bias: Opti
     # autocast's dtype, as lm_head would (gpuloss._autocast)
     loss = _linear_cross_entropy(h, weight, target, bias, **kw)
     return _per_item(loss, num_items_in_batch)
+
+
+# ---------------------------------------------------------------------------
+# transformers' other heads' losses (loss_function only: no fused path)
+# ---------------------------------------------------------------------------
+
+def _fixed_cross_entropy(source: torch.Tensor, target: torch.Tensor, num_items_in_batch=None,
+                         ignore_index: int = -100, *, as_float: bool, z_loss: float, backend: Optional[str],
+                         **kwargs) -> torch.Tensor:
+    """transformers' ``fixed_cross_entropy``: the mean over the non-ignored
+    targets, or their sum divided by ``num_items_in_batch``.  ``as_float``:
+    the loss of ``source.float()`` (fp32; fp64 stays fp64), read from
+    ``source`` as it is, as the heads that upcast their logits first have it;
+    else in ``source``'s dtype."""
+    if num_items_in_batch is not None and not torch.is_tensor(num_items_in_batch) and (
+            isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float))):
+        raise TypeError(f"num_items_in_batch must be None, a number or a tensor, got "
+                        f"{type(num_items_in_batch).__name__}")
+    ignore_index = _validate.check_ignore_index("ignore_index", ignore_index)
+    loss_dtype = None
+    if as_float:
+        loss_dtype = torch.float64 if source.dtype == torch.float64 else torch.float32
+    loss = gpuloss.cross_entropy(source, target.to(source.device), ignore_index=ignore_index,
+                                 reduction=_reduction(num_items_in_batch), z_loss=float(z_loss),
+                                 loss_dtype=loss_dtype, backend=backend)
+    return _per_item(loss, num_items_in_batch)
+
+
+def ForMaskedLMLoss(logits: torch.Tensor, labels: torch.Tensor, vocab_size: int, num_items_in_batch=None,
+                    ignore_index: int = -100, *, z_loss: float = 0.0, backend: Optional[str] = None,
+                    **kwargs) -> torch.Tensor:
+    """transformers' ``ForMaskedLMLoss`` on gpuloss's cross-entropy: every
+    position scored against its own label (no shift), the loss in fp32 from
+    16-bit logits without an fp32 copy of them."""
+    if not torch.is_tensor(logits) or not torch.is_tensor(labels):
+        raise TypeError(f"logits and labels must be torch.Tensors, got {type(logits).__name__} and "
+                        f"{type(labels).__name__}")
+    if logits.shape[-1] != vocab_size:
+        raise ValueError(f"logits' last dimension is {logits.shape[-1]}, vocab_size is {vocab_size}")
+    rows = logits.reshape(-1, vocab_size)
+    target = _flat_targets(labels, rows.shape[0], f"logits of shape {tuple(logits.shape)}", rows.device)
+    return _fixed_cross_entropy(rows, target, num_items_in_batch, ignore_index, as_float=True, z_loss=z_loss,
+                                backend=backend)
+
+
+def ForTokenClassification(logits: torch.Tensor, labels: torch.Tensor, config, *, z_loss: float = 0.0,
+                           backend: Optional[str] = None, **kwargs) -> torch.Tensor:
+    """transformers' ``ForTokenClassification`` loss on gpuloss's cross-entropy
+    (``config.num_labels`` classes per token, the loss in fp32)."""
+    rows = logits.reshape(-1, config.num_labels)
+    target = _flat_targets(labels, rows.shape[0], f"logits of shape {tuple(logits.shape)}", rows.device)
+    return _fixed_cross_entropy(rows, target, as_float=True, z_loss=z_loss, backend=backend, **kwargs)
+
+
+def _no_z_loss(z_loss: float, what: str) -> None:
+    if z_loss:
+        raise ValueError(f"apply_gpuloss(z_loss={z_loss}) adds to a cross-entropy; this model's loss is {what}. "
+                         f"Apply it with z_loss=0")
+
+
+def ForSequenceClassificationLoss(labels: torch.Tensor, pooled_logits: torch.Tensor, config, *,
+                                  z_loss: float = 0.0, backend: Optional[str] = None, **kwargs) -> torch.Tensor:
+    """transformers' ``ForSequenceClassificationLoss`` (also its image, video
+    and audio classification) on gpuloss: ``config.problem_type`` chosen and
+    set as transformers sets it on the first call, then mean squared error
+    ("regression"), cross-entropy ("single_label_classification", in the
+    logits' dtype as transformers has it) or BCE with logits
+    ("multi_label_classification")."""
+    num_labels = config.num_labels
+    if config.problem_type is None:  # transformers' rule, and its side effect on the config
+        if num_labels == 1:
+            config.problem_type = "regression"
+        elif num_labels > 1 and (labels.dtype in (torch.long, torch.int)):
+            config.problem_type = "single_label_classification"
+        else:
+            config.problem_type = "multi_label_classification"
+    labels = labels.to(pooled_logits.device)
+    if config.problem_type == "regression":
+        _no_z_loss(z_loss, "a regression's mean squared error")
+        if num_labels == 1:
+            return gpuloss.mse_loss(pooled_logits.squeeze(), labels.squeeze(), backend=backend)
+        return gpuloss.mse_loss(pooled_logits, labels, backend=backend)
+    if config.problem_type == "single_label_classification":
+        return _fixed_cross_entropy(pooled_logits.view(-1, num_labels), labels.view(-1), as_float=False,
+                                    z_loss=z_loss, backend=backend, **kwargs)
+    if config.problem_type == "multi_label_classification":
+        _no_z_loss(z_loss, "a multi-label BCE")
+        return gpuloss.binary_cross_entropy_with_logits(pooled_logits, labels, backend=backend)
+    raise RuntimeError(f"Invalid problem type: {config.problem_type}")
+
+
+def ForQuestionAnsweringLoss(start_logits: torch.Tensor, end_logits: torch.Tensor, start_positions,
+                             end_positions, *, z_loss: float = 0.0, backend: Optional[str] = None,
+                             **kwargs) -> Optional[torch.Tensor]:
+    """transformers' ``ForQuestionAnsweringLoss`` on gpuloss's cross-entropy:
+    the mean of the start and end positions' losses, positions outside the
+    sequence clamped to its length and ignored."""
+    if start_positions is None or end_positions is None:
+        return None
+    if start_positions.dim() > 1:
+        start_positions = start_positions.squeeze(-1).to(start_logits.device)
+    if end_positions.dim() > 1:
+        end_positions = end_positions.squeeze(-1).to(end_logits.device)
+    ignored_index = start_logits.size(1)
+    start_positions = start_positions.clamp(0, ignored_index)
+    end_positions = end_positions.clamp(0, ignored_index)
+    kw = dict(as_float=False, z_loss=z_loss, backend=backend, **kwargs)
+    start_loss = _fixed_cross_entropy(start_logits, start_positions, ignore_index=ignored_index, **kw)
+    end_loss = _fixed_cross_entropy(end_logits, end_positions, ignore_index=ignored_index, **kw)
+    return (start_loss + end_loss) / 2
+
+
+#: transformers' loss functions that apply_gpuloss replaces with loss_function alone, and by what
+_HEAD_LOSSES = {_hf_loss.ForMaskedLMLoss: ForMaskedLMLoss,
+                _hf_loss.ForSequenceClassificationLoss: ForSequenceClassificationLoss,
+                _hf_loss.ForTokenClassification: ForTokenClassification,
+                _hf_loss.ForQuestionAnsweringLoss: ForQuestionAnsweringLoss}
 
 
 # ---------------------------------------------------------------------------
@@ -507,26 +626,37 @@ def _attach_head(model, state: _State, head) -> None:
 # what a model must have
 # ---------------------------------------------------------------------------
 
-def _check_causal_lm(model) -> None:
+def _check_model(model):
+    """The gpuloss loss for a model that is not a causal LM (None for a causal
+    LM), after checking that its forward computes its loss with
+    ``self.loss_function``; raises naming what is wrong."""
     name = type(model).__name__
     if not isinstance(model, transformers.PreTrainedModel):
         raise TypeError(f"apply_gpuloss takes a transformers PreTrainedModel (e.g. from "
                         f"AutoModelForCausalLM), got {name}; apply it to the model before torch.compile or "
                         f"get_peft_model")
     loss_type = getattr(model, "loss_type", None)
-    resolved = loss_type if loss_type in _hf_loss.LOSS_MAPPING else "ForCausalLM"
-    if _hf_loss.LOSS_MAPPING.get(resolved) is not _hf_loss.ForCausalLMLoss:
-        raise ValueError(f"apply_gpuloss replaces a causal LM's loss; {name} has loss_type={loss_type!r} "
-                         f"({_hf_loss.LOSS_MAPPING[resolved].__name__})")
+    resolved = loss_type if loss_type in _hf_loss.LOSS_MAPPING else "ForCausalLM"  # transformers' own rule
+    hf_loss = _hf_loss.LOSS_MAPPING.get(resolved)
+    head_loss = None
+    if hf_loss is not _hf_loss.ForCausalLMLoss:
+        head_loss = _HEAD_LOSSES.get(hf_loss)
+        if head_loss is None:
+            raise ValueError(f"apply_gpuloss replaces the loss of causal LMs and of masked-LM, sequence, token "
+                             f"and question-answering heads; {name} has loss_type={loss_type!r} "
+                             f"({hf_loss.__name__})")
     own = model.__dict__.get("_loss_function")
-    if own is not None and not _is_ours(own, _model_loss):
+    if own is not None and not (_is_ours(own, _model_loss) or any(_is_ours(own, f) for f in _HEAD_LOSSES.values())):
         raise ValueError(f"{name} already has its own loss_function ({own!r}); apply_gpuloss would replace it")
     try:
         src = inspect.getsource(type(model).forward)
     except (OSError, TypeError):
         src = None  # no source (a compiled or generated class): not checked
     if src is not None and "loss_function" not in src:
-        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        if head_loss is not None:
+            why = (f"a {resolved} model whose forward builds its own loss module (e.g. nn.CrossEntropyLoss()) "
+                   f"instead of calling self.loss_function")
+        elif getattr(getattr(model, "config", None), "is_encoder_decoder", False):
             why = "an encoder-decoder model (apply_gpuloss takes decoder-only causal LMs)"
         elif model.get_output_embeddings() is None:
             why = ("a model without an output embedding (a base model; apply_gpuloss takes the causal LM around "
@@ -537,6 +667,7 @@ def _check_causal_lm(model) -> None:
             why = "a model whose forward computes its loss itself"
         raise ValueError(f"{name}.forward does not compute its loss with self.loss_function, so apply_gpuloss "
                          f"cannot replace it: {name} is {why}")
+    return head_loss
 
 
 def _forward_layout(model) -> tuple:
@@ -592,7 +723,8 @@ def _check_head(model, head) -> None:
 
 
 def _check_options(fused_linear, z_loss, chunk_size, backend) -> None:
-    _validate.check_bool("fused_linear", fused_linear)
+    if fused_linear is not None:
+        _validate.check_bool("fused_linear", fused_linear)
     _validate.check_finite_number("z_loss", z_loss)
     if z_loss < 0:
         raise ValueError(f"z_loss must be >= 0, got {z_loss}")
@@ -935,20 +1067,26 @@ def _canonical(ops: list, name: str) -> _Transform:
 # public API
 # ---------------------------------------------------------------------------
 
-def apply_gpuloss(model, *, fused_linear: bool = True, z_loss: float = 0.0, chunk_size: Optional[int] = None,
-                  backend: Optional[str] = None):
-    """Give this causal LM instance gpuloss's loss; returns the same model.
+def apply_gpuloss(model, *, fused_linear: Optional[bool] = None, z_loss: float = 0.0,
+                  chunk_size: Optional[int] = None, backend: Optional[str] = None):
+    """Give this model instance gpuloss's loss; returns the same model.
 
     Parameters
     ----------
     model : a transformers causal LM (``PreTrainedModel`` whose forward computes
-        its loss with ``self.loss_function``)
+        its loss with ``self.loss_function``), or a masked-LM, sequence- (text,
+        image, video, audio), token-classification or question-answering model
+        whose forward does (``loss_function`` alone is replaced there:
+        :func:`ForMaskedLMLoss`, :func:`ForSequenceClassificationLoss`,
+        :func:`ForTokenClassification`, :func:`ForQuestionAnsweringLoss`)
     fused_linear : in training forward calls with labels (``model.training``,
         gradients enabled), compute the loss from the last hidden states and
         ``lm_head`` in chunks, never materialising the logits;
         ``outputs.logits`` is then ``None``.  Needs the usual base-model /
         ``nn.Linear`` ``lm_head`` layout.  False: the model's forward is
-        unchanged and only its loss function is replaced.
+        unchanged and only its loss function is replaced.  None (the
+        default): True for a causal LM, False for the other heads (True is
+        refused there)
     z_loss : adds ``z_loss * logsumexp(logits)**2`` per scored token (PaLM);
         0 keeps transformers' loss exactly
     chunk_size : tokens per chunk of the fused path (default: automatic)
@@ -965,7 +1103,19 @@ def apply_gpuloss(model, *, fused_linear: bool = True, z_loss: float = 0.0, chun
     (:func:`_logit_transform`).
     """
     _check_options(fused_linear, z_loss, chunk_size, backend)
-    _check_causal_lm(model)
+    head_loss = _check_model(model)
+    if head_loss is not None:
+        name = type(model).__name__
+        if fused_linear:
+            raise ValueError(f"apply_gpuloss(fused_linear=True) fuses a causal LM's lm_head with its loss; {name} is "
+                             f"not a causal LM. Leave fused_linear unset: its loss function is replaced")
+        if chunk_size is not None:
+            raise ValueError(f"apply_gpuloss(chunk_size=...) sizes the fused causal-LM path; {name} has none")
+        _unwrap(model, _forward)  # a model patched as a causal LM before (its loss_type changed since)
+        model.__dict__.pop("_gpuloss", None)
+        model.loss_function = functools.partial(head_loss, z_loss=float(z_loss), backend=backend)
+        return model
+    fused_linear = True if fused_linear is None else fused_linear
     head = _check_fused_layout(model) if fused_linear else None
     options = _Options(bool(fused_linear), float(z_loss), chunk_size, backend,
                        _logit_transform(model, head) if fused_linear else _Transform())
