@@ -277,6 +277,14 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
         wants(return_grad)
         return TR.cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction,
                                 label_smoothing, z_loss, softcap, inplace_backward, return_grad, loss_dtype)
+    if type(input).__name__ == "DTensor" and not return_grad and not inplace_backward:
+        from .distributed import dtensor
+        if dtensor.class_sharded(input, target, weight):  # vocabulary-sharded logits: never gathered
+            reduction = legacy_reduction(size_average, reduce, reduction, input)
+            V.check_reduction(reduction)
+            ignore_index = V.check_ignore_index("ignore_index", ignore_index)
+            return dtensor.cross_entropy(input, target, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                                         V.as_float_dtype("loss_dtype", loss_dtype, "torch"))
     reduction, kind, device, C, ignore_index = _class_dim_call(input, target, weight, size_average, reduce,
                                                               reduction, ignore_index)
     caller_input = input

@@ -734,6 +734,48 @@ def _dtensor_checks(rank: int, world: int, sizes, seed: int, chk: Checker, devic
         chk.close(f"linear_cross_entropy {placement}: grad_input", hd.grad.full_tensor(), hw.grad)
         chk.close(f"linear_cross_entropy {placement}: grad_weight", Wd.grad.full_tensor(), Ww.grad)
     chk.true("registered", T._DTENSOR_SHARDING)
+    # logits sharded along the classes (tensor parallelism, torch's loss_parallel): the vocabulary-parallel
+    # loss on each rank's shard, never gathered; the gradient keeps the logits' sharding
+    for C_ in (C, 2 * world - 1, world + 1):  # DTensor's shards of C_ classes: even, uneven, one short or empty
+        xs = torch.randn(N, C_, generator=g, dtype=torch.float64)
+        ts = torch.randint(0, C_, (N,), generator=g)
+        ts[0] = -100
+        for kw in (dict(), dict(label_smoothing=0.2, reduction="sum"), dict(reduction="none", ignore_index=1),
+                   dict(z_loss=1e-2, softcap=2.0)):
+            ii = kw.get("ignore_index", -100)
+            tt = torch.where(ts == -100, ii, ts)  # row 0 ignored whatever the ignore_index
+            for target_kind in ("replicated", "plain"):
+                what = f"class-sharded C={C_} {kw} {target_kind}"
+                xd = distribute_tensor(xs, mesh, [Shard(1)]).requires_grad_()
+                td = distribute_tensor(tt, mesh, [Replicate()]) if target_kind == "replicated" else tt
+                ours = gpuloss.cross_entropy(xd, td, **kw)
+                xw = xs.clone().requires_grad_()
+                want = gpuloss.cross_entropy(xw, tt, **kw)  # plain tensors (checked against torch elsewhere)
+                chk.true(f"{what}: replicated", isinstance(ours, DTensor) and ours.placements == (Replicate(),))
+                chk.close(f"{what}: loss", ours.full_tensor().detach(), want.detach())
+                up = torch.randn(want.shape, generator=g, dtype=torch.float64)
+                ours.backward(distribute_tensor(up, mesh, [Replicate()]) if ours.dim() else None)
+                want.backward(up if want.dim() else None)
+                chk.true(f"{what}: grad sharded as the logits", xd.grad.placements == (Shard(1),))
+                chk.close(f"{what}: grad", xd.grad.full_tensor(), xw.grad)
+    sharded_step = torch.compile(lambda a, b: gpuloss.cross_entropy(a, b, label_smoothing=0.1), backend="aot_eager",
+                                 fullgraph=True)
+    xd = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_()
+    ours = sharded_step(xd, distribute_tensor(t, mesh, [Replicate()]))
+    xw = x.clone().requires_grad_()
+    want = F.cross_entropy(xw, t, label_smoothing=0.1)
+    chk.close("class-sharded compiled: loss", ours.full_tensor().detach(), want.detach())
+    ours.backward()
+    want.backward()
+    chk.true("class-sharded compiled: grad sharded as the logits", xd.grad.placements == (Shard(1),))
+    chk.close("class-sharded compiled: grad", xd.grad.full_tensor(), xw.grad)
+    bad = t.clone()
+    bad[2] = C + 3
+    try:
+        gpuloss.cross_entropy(distribute_tensor(x, mesh, [Shard(1)]), bad)
+        chk.true("class-sharded: an out-of-range target raises", False)
+    except ValueError as e:
+        chk.true("class-sharded: an out-of-range target raises", "raised on every rank" in str(e), str(e)[:200])
     # compiled (fullgraph): the CPU targets' value checks, assertions inside the graph, take DTensors too
     step = torch.compile(lambda a, b, q: gpuloss.cross_entropy(a, b, label_smoothing=0.1)
                          + gpuloss.binary_cross_entropy(a.sigmoid(), q), backend="aot_eager", fullgraph=True)
@@ -866,7 +908,10 @@ def test_dtensor_inputs_gloo(rng, tmp_path):
     gpuloss operator.  Each operator now has DTensor's sharding rule
     (``gpuloss.torch_ops.dtensor_sharding``, registered once DTensor is
     loaded): the inputs are replicated, the results are those on the full
-    tensors (2-process gloo group)."""
+    tensors (2-process gloo group).  Logits sharded along the classes
+    (torch's ``loss_parallel`` layout) take the vocabulary-parallel loss on
+    each shard instead, eager and compiled: never gathered, the gradient
+    sharded as the logits."""
     _assert_results(_run_group((4, 4), int(rng.integers(2**31)), tmp_path, suite="dtensor"), min_checks=40)
 
 
