@@ -398,6 +398,15 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
         VAL.check_chunk_size("chunk_size", chunk_size)
         return TR.linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                                        label_smoothing, z_loss, softcap, return_grad, loss_dtype)
+    if type(linear_weight).__name__ == "DTensor" and not return_grad and options is None and acc_dtype is None \
+            and not allow_retain_graph:
+        from .distributed import dtensor
+        if dtensor.weight_class_sharded(input, linear_weight, target, linear_bias, weight):
+            # the weight sharded along the classes (tensor parallelism): never gathered
+            VAL.check_chunk_size("chunk_size", chunk_size)
+            return dtensor.linear_cross_entropy(
+                input, linear_weight, target, linear_bias, -100 if ignore_index is None else ignore_index, reduction,
+                label_smoothing, z_loss, softcap, chunk_size, VAL.as_float_dtype("loss_dtype", loss_dtype, "torch"))
     kind, device = classify([("input", input), ("linear_weight", linear_weight), ("target", target),
                              ("linear_bias", linear_bias), ("weight", weight)],
                             optional=("linear_bias", "weight"))

@@ -758,6 +758,34 @@ def _dtensor_checks(rank: int, world: int, sizes, seed: int, chk: Checker, devic
                 want.backward(up if want.dim() else None)
                 chk.true(f"{what}: grad sharded as the logits", xd.grad.placements == (Shard(1),))
                 chk.close(f"{what}: grad", xd.grad.full_tensor(), xw.grad)
+    # the projection weight (and bias) sharded along the classes: the vocabulary-parallel linear loss
+    for C_ in (C, 2 * world - 1):
+        Ws = torch.randn(C_, H, generator=g, dtype=torch.float64)
+        bs = torch.randn(C_, generator=g, dtype=torch.float64)
+        ts = torch.randint(0, C_, (N,), generator=g)
+        ts[1] = -100
+        for kw, with_bias, h_kind in ((dict(), False, "plain"), (dict(label_smoothing=0.1, reduction="sum"), True,
+                                                                "replicated"),
+                                      (dict(reduction="none", chunk_size=3, z_loss=1e-2), True, "plain")):
+            what = f"weight-sharded C={C_} {kw} bias={with_bias} hidden {h_kind}"
+            Wd = distribute_tensor(Ws, mesh, [Shard(0)]).requires_grad_()
+            bd = distribute_tensor(bs, mesh, [Shard(0)]).requires_grad_() if with_bias else None
+            hp = h.clone().requires_grad_()
+            hd = distribute_tensor(hp.detach(), mesh, [Replicate()]).requires_grad_() if h_kind == "replicated" else hp
+            ours = gpuloss.linear_cross_entropy(hd, Wd, ts, linear_bias=bd, **kw)
+            hw, Ww, bw = h.clone().requires_grad_(), Ws.clone().requires_grad_(), bs.clone().requires_grad_()
+            want = gpuloss.linear_cross_entropy(hw, Ww, ts, linear_bias=bw if with_bias else None, **kw)
+            chk.true(f"{what}: replicated", isinstance(ours, DTensor) and ours.placements == (Replicate(),))
+            chk.close(f"{what}: loss", ours.full_tensor().detach(), want.detach())
+            up = torch.randn(want.shape, generator=g, dtype=torch.float64)
+            ours.backward(distribute_tensor(up, mesh, [Replicate()]) if ours.dim() else None)
+            want.backward(up if want.dim() else None)
+            chk.true(f"{what}: grad_weight sharded", Wd.grad.placements == (Shard(0),))
+            chk.close(f"{what}: grad_weight", Wd.grad.full_tensor(), Ww.grad)
+            gh = hd.grad.full_tensor() if h_kind == "replicated" else hd.grad
+            chk.close(f"{what}: grad_input", gh, hw.grad)
+            if with_bias:
+                chk.close(f"{what}: grad_bias", bd.grad.full_tensor(), bw.grad)
     sharded_step = torch.compile(lambda a, b: gpuloss.cross_entropy(a, b, label_smoothing=0.1), backend="aot_eager",
                                  fullgraph=True)
     xd = distribute_tensor(x, mesh, [Shard(1)]).requires_grad_()
