@@ -26,6 +26,7 @@ Nothing here runs unless one of those is active (:func:`active`).
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 from .errors import ArgumentValueError
@@ -131,6 +132,145 @@ def _refuse(name: str, like, **extras) -> None:
                                  f"torch.autograd (loss.backward(), torch.autograd.grad)")
 
 
+# ---------------------------------------------------------------------------
+# torch's own functions, even where a caller has bound gpuloss's in their place
+# ---------------------------------------------------------------------------
+# ``torch.nn.functional.cross_entropy = gpuloss.cross_entropy`` (or a wrapper
+# of it) is a way to drop gpuloss into code that calls torch's functions.  The
+# paths here must then not call ``torch.nn.functional``'s attribute, which
+# would be gpuloss's function again (endless recursion under every transform,
+# for meta tensors and under torch.jit.trace).  torch's own functions are kept
+# when first seen (at import, if torch is loaded already); where the attribute
+# was replaced before that, the same computation is written here with the
+# operations torch's functions call.
+
+def _reduction_enum(size_average, reduce, reduction: str) -> int:
+    from torch.nn import _reduction as R
+    if size_average is not None or reduce is not None:
+        return R.legacy_get_enum(size_average, reduce)
+    return R.get_enum(reduction)
+
+
+def _cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
+                   label_smoothing=0.0):
+    import torch
+    return torch._C._nn.cross_entropy_loss(input, target, weight, _reduction_enum(size_average, reduce, reduction),
+                                           ignore_index, label_smoothing)
+
+
+def _nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean"):
+    import torch
+    return torch._C._nn.nll_loss_nd(input, target, weight, _reduction_enum(size_average, reduce, reduction),
+                                    ignore_index)
+
+
+def _kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_target=False):
+    import torch
+    if size_average is not None or reduce is not None:
+        enum = _reduction_enum(size_average, reduce, reduction)
+    else:
+        if reduction == "mean":
+            warnings.warn("reduction: 'mean' divides the total loss by both the batch size and the support size."
+                          "'batchmean' divides only by the batch size, and aligns with the KL div math definition."
+                          "'mean' will be changed to behave the same as 'batchmean' in the next major release.",
+                          stacklevel=4)
+        enum = _reduction_enum(None, None, "sum" if reduction == "batchmean" else reduction)
+    reduced = torch.kl_div(input, target, enum, log_target=log_target)
+    if reduction == "batchmean" and input.dim() != 0:
+        reduced = reduced / input.size()[0]
+    return reduced
+
+
+def _mse_loss(input, target, size_average=None, reduce=None, reduction="mean", weight=None):
+    import torch
+    if target.size() != input.size():
+        warnings.warn(f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
+                      f"This will likely lead to incorrect results due to broadcasting. Please ensure they have the "
+                      f"same size.", stacklevel=4)
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction as R
+        reduction = R.legacy_get_string(size_average, reduce)
+    x, t = torch.broadcast_tensors(input, target)
+    if weight is None:
+        return torch._C._nn.mse_loss(x, t, _reduction_enum(None, None, reduction))
+    if weight.size() != input.size():
+        raise ValueError("Weights and input must have the same size.")
+    wse = torch.pow(x - t, 2) * weight
+    if reduction == "none":
+        return wse
+    if reduction == "sum":
+        return torch.sum(wse)
+    if reduction == "mean":
+        return torch.sum(wse) / torch.sum(weight)
+    raise ValueError(f"Invalid reduction mode: {reduction}. Expected one of 'none', 'mean', 'sum'.")
+
+
+def _binary_cross_entropy(input, target, weight=None, size_average=None, reduce=None, reduction="mean"):
+    import torch
+    enum = _reduction_enum(size_average, reduce, reduction)
+    if target.size() != input.size():
+        raise ValueError(f"Using a target size ({target.size()}) that is different to the input size "
+                         f"({input.size()}) is deprecated. Please ensure they have the same size.")
+    if weight is not None:
+        weight = weight.expand(torch.broadcast_shapes(target.size(), weight.size()))
+    return torch._C._nn.binary_cross_entropy(input, target, weight, enum)
+
+
+def _binary_cross_entropy_with_logits(input, target, weight=None, size_average=None, reduce=None, reduction="mean",
+                                      pos_weight=None):
+    import torch
+    enum = _reduction_enum(size_average, reduce, reduction)
+    if target.size() != input.size():
+        raise ValueError(f"Target size ({target.size()}) must be the same as input size ({input.size()})")
+    return torch.binary_cross_entropy_with_logits(input, target, weight, pos_weight, enum)
+
+
+def _softmax_fn(name: str):
+    def fn(input, dim=None, _stacklevel=3, dtype=None):
+        if dim is None:
+            warnings.warn(f"Implicit dimension choice for {name} has been deprecated. Change the call to include "
+                          f"dim=X as an argument.", stacklevel=_stacklevel)
+            dim = 0 if input.dim() in (0, 1, 3) else 1
+        op = input.softmax if name == "softmax" else input.log_softmax
+        return op(dim) if dtype is None else op(dim, dtype=dtype)
+    return fn
+
+
+_FALLBACKS = {"cross_entropy": _cross_entropy, "nll_loss": _nll_loss, "kl_div": _kl_div, "mse_loss": _mse_loss,
+              "binary_cross_entropy": _binary_cross_entropy,
+              "binary_cross_entropy_with_logits": _binary_cross_entropy_with_logits,
+              "softmax": _softmax_fn("softmax"), "log_softmax": _softmax_fn("log_softmax")}
+_ORIGINALS = {}
+
+
+def _keep_originals() -> None:
+    """torch's functions, while ``torch.nn.functional`` still holds them."""
+    F = sys.modules.get("torch.nn.functional")
+    if F is None:
+        return
+    for name in _FALLBACKS:
+        fn = getattr(F, name, None)
+        if name not in _ORIGINALS and getattr(fn, "__module__", None) == "torch.nn.functional":
+            _ORIGINALS[name] = fn
+
+
+_keep_originals()
+
+
+def torch_function(name: str):
+    """``torch.nn.functional.<name>`` as torch defines it: the one kept, the
+    attribute while it is torch's, else the same computation written here."""
+    fn = _ORIGINALS.get(name)
+    if fn is not None:
+        return fn
+    import torch.nn.functional as F
+    fn = getattr(F, name)
+    if getattr(fn, "__module__", None) == "torch.nn.functional":
+        _ORIGINALS[name] = fn
+        return fn
+    return _FALLBACKS[name]
+
+
 def _index(target):
     """Class indices as torch's losses take them (gpuloss also takes int8/16/32)."""
     import torch
@@ -145,35 +285,32 @@ def _dtype(loss, loss_dtype):
 
 def cross_entropy(input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing, z_loss,
                   softcap, inplace_backward, return_grad, loss_dtype):
-    import torch.nn.functional as F
     _refuse("cross_entropy", input, z_loss=z_loss, softcap=softcap is not None, inplace_backward=inplace_backward,
             return_grad=return_grad)
     _note("cross_entropy")
-    return _dtype(F.cross_entropy(input, _index(target), weight, size_average, ignore_index, reduce, reduction,
-                                  label_smoothing), loss_dtype)
+    ce = torch_function("cross_entropy")
+    return _dtype(ce(input, _index(target), weight, size_average, ignore_index, reduce, reduction, label_smoothing),
+                  loss_dtype)
 
 
 def nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction, return_grad):
-    import torch.nn.functional as F
     _refuse("nll_loss", input, return_grad=return_grad)
     _note("nll_loss")
-    return F.nll_loss(input, _index(target), weight, size_average, ignore_index, reduce, reduction)
+    return torch_function("nll_loss")(input, _index(target), weight, size_average, ignore_index, reduce, reduction)
 
 
 def elementwise(name: str, *args, return_grad, **kwargs):
     """kl_div, binary_cross_entropy(_with_logits), mse_loss: torch's function of the same name."""
-    import torch.nn.functional as F
     _refuse(name, args[0], return_grad=return_grad)
     _note(name)
-    return getattr(F, name)(*args, **kwargs)
+    return torch_function(name)(*args, **kwargs)
 
 
 def softmax(name: str, input, dim, dtype, stacklevel: int = 3):
     """``F.softmax``/``F.log_softmax``; the caller's ``_stacklevel`` counts from
     gpuloss's function: torch's, two frames below it, is two more."""
-    import torch.nn.functional as F
     _note(name)
-    return getattr(F, name)(input, dim, stacklevel + 2, dtype)
+    return torch_function(name)(input, dim, stacklevel + 2, dtype)
 
 
 def softmax_backward(grad_output, output, dim: int, log: bool):
@@ -219,5 +356,5 @@ def linear_cross_entropy(input, linear_weight, target, linear_bias, weight, redu
     if prob and ignore_index is not None:
         raise ArgumentValueError("ignore_index cannot be specified when target contains probabilities")
     ii = -100 if ignore_index is None else ignore_index
-    return _dtype(F.cross_entropy(logits, target if prob else _index(target), weight, ignore_index=ii,
-                                  reduction=reduction, label_smoothing=label_smoothing), loss_dtype)
+    return _dtype(torch_function("cross_entropy")(logits, target if prob else _index(target), weight, ignore_index=ii,
+                                                  reduction=reduction, label_smoothing=label_smoothing), loss_dtype)

@@ -9,6 +9,8 @@ and no host-side reads of tensor values in forward or backward.
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -813,6 +815,59 @@ def test_torch_func_transforms_give_torchs_results(rng, name):
     theirs = torch.func.hessian(lambda z: call(torch.nn.functional, z, t, p))(x)
     torch.testing.assert_close(ours, theirs, rtol=1e-12, atol=1e-12)
     assert ours.abs().sum() > 0
+
+
+@pytest.mark.parametrize("kept", [True, False], ids=["originals-kept", "replaced-before-import"])
+@pytest.mark.parametrize("how", ["bound", "wrapped"])
+def test_torch_functions_replaced_by_gpuloss(rng, monkeypatch, how, kept):
+    """``torch.nn.functional.cross_entropy = gpuloss.cross_entropy`` (or a
+    wrapper of it): a way to drop gpuloss into code that calls torch's
+    functions.  Every path that computes with torch's own functions
+    (torch.func transforms, meta tensors, torch.jit.trace) then called
+    gpuloss's again: endless recursion.  They now use torch's functions as
+    kept at import, or (the attribute replaced before gpuloss saw torch's)
+    the same computation written with the operations torch's call."""
+    from gpuloss import _traced
+    F = torch.nn.functional
+    X = torch.from_numpy(rng.standard_normal((6, 5)))
+    T = torch.from_numpy(rng.integers(0, 5, 6))
+    P = torch.softmax(torch.from_numpy(rng.standard_normal((6, 5))), -1)
+
+    def results(m):
+        out = {}
+        for name, call in _FUNC_CALLS.items():
+            out[name] = (torch.func.vmap(torch.func.grad(lambda x, t, p: call(m, x[None], t[None], p[None])))(X, T, P),
+                         torch.func.jacrev(lambda x: call(m, x, T, P))(X))
+        for name in _traced._FALLBACKS:  # meta tensors: shapes and dtypes
+            args = (X, T) if name in ("cross_entropy", "nll_loss") else (X, P) if "softmax" not in name else (X, 1)
+            args = tuple(a.to("meta") if isinstance(a, torch.Tensor) else a for a in args)
+            if name == "binary_cross_entropy":
+                args = (args[1], args[1])
+            r = getattr(m, name)(*args)
+            out[name + " meta"] = (r.shape, r.dtype)
+        out["jit"] = torch.jit.trace(lambda x: m.cross_entropy(x, T), (X,), check_trace=False)(X)
+        out["implicit dim"] = torch.func.vmap(lambda x: m.softmax(x[None]))(X)
+        return out
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the implicit-dim warning
+        want = results(F)
+    if not kept:
+        monkeypatch.setattr(_traced, "_ORIGINALS", {})
+    for name in _traced._FALLBACKS:
+        fn = getattr(gpuloss, name)
+        monkeypatch.setattr(F, name, fn if how == "bound" else (lambda f: lambda *a, **k: f(*a, **k))(fn))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # gpuloss's jit.trace note, the implicit-dim warning
+        got = results(F)
+    for key in want:
+        for a, b in zip(got[key] if isinstance(got[key], tuple) else (got[key],),
+                        want[key] if isinstance(want[key], tuple) else (want[key],)):
+            if not isinstance(b, torch.Tensor):
+                assert a == b, key
+            else:
+                torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12, msg=key)
+    assert kept or not _traced._ORIGINALS  # the computations written in gpuloss._traced ran
 
 
 def test_torch_func_linear_and_distillation(rng):
