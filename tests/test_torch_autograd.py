@@ -1350,3 +1350,44 @@ def test_second_derivatives_of_16_bit_logits_with_a_float32_loss(dtype, how):
         res.append((loss, gx, torch.autograd.grad(gx.float().pow(2).sum(), x)[0]))
     for a, b in zip(*res):
         torch.testing.assert_close(a.float(), b.float())
+
+
+@pytest.mark.parametrize("name", ["cross_entropy", "bce_with_logits", "mse_loss", "kl_div_with_logits"])
+def test_backward_scales_the_saved_gradient_in_place(rng, name):
+    """A backward that frees the graph scales the gradient the forward pass
+    saved in place and hands that buffer on: no second gradient-sized tensor
+    at the peak of backward (4 GiB at 16384 x 128256 bf16; on this CPU, CE
+    autograd 4096 x 32000 fp32 0.46 -> 0.27 s a step).  It allocated the
+    product anew.  A backward that keeps the graph leaves the saved gradient
+    as it was: a second backward gives the same gradients."""
+    x0 = torch.from_numpy(rng.standard_normal((16, 9)))
+    t = torch.from_numpy(rng.integers(0, 9, 16))
+    p = torch.softmax(torch.from_numpy(rng.standard_normal((16, 9))), -1)
+    call = {"cross_entropy": lambda x: gpuloss.cross_entropy(x, t, label_smoothing=0.1),
+            "bce_with_logits": lambda x: gpuloss.binary_cross_entropy_with_logits(x, p),
+            "mse_loss": lambda x: gpuloss.mse_loss(x, p),
+            "kl_div_with_logits": lambda x: gpuloss.kl_div_with_logits(x, p, target_is_logits=False)}[name]
+    ref = {"cross_entropy": lambda x: torch.nn.functional.cross_entropy(x, t, label_smoothing=0.1),
+           "bce_with_logits": lambda x: torch.nn.functional.binary_cross_entropy_with_logits(x, p),
+           "mse_loss": lambda x: torch.nn.functional.mse_loss(x, p),
+           "kl_div_with_logits": lambda x: (p * (p.log() - torch.log_softmax(x, -1))).sum(-1).mean()}[name]
+    xr = x0.clone().requires_grad_()
+    (ref(xr) * 3.0).backward()
+    saved = []
+
+    def pack(s):
+        saved.append(s.data_ptr())
+        return s
+
+    x = x0.clone().requires_grad_()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda s: s):
+        loss = call(x) * 3.0
+    loss.backward()
+    torch.testing.assert_close(x.grad, xr.grad, rtol=1e-12, atol=1e-12)
+    assert x.grad.data_ptr() in saved  # the saved buffer itself, scaled
+    x2 = x0.clone().requires_grad_()
+    loss = call(x2) * 3.0
+    g1, = torch.autograd.grad(loss, x2, retain_graph=True)
+    g2, = torch.autograd.grad(loss, x2)
+    torch.testing.assert_close(g1, xr.grad, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g2, xr.grad, rtol=1e-12, atol=1e-12)
