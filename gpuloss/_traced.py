@@ -229,7 +229,7 @@ def _softmax_fn(name: str):
     def fn(input, dim=None, _stacklevel=3, dtype=None):
         if dim is None:
             warnings.warn(f"Implicit dimension choice for {name} has been deprecated. Change the call to include "
-                          f"dim=X as an argument.", stacklevel=_stacklevel)
+                          f"dim=X as an argument.", stacklevel=max(1, _stacklevel - 1))
             dim = 0 if input.dim() in (0, 1, 3) else 1
         op = input.softmax if name == "softmax" else input.log_softmax
         return op(dim) if dtype is None else op(dim, dtype=dtype)
