@@ -141,7 +141,9 @@ def _eager(arrays) -> bool:
     if torch._C._len_torch_dispatch_stack() > 0:
         return False
     for a in arrays:
-        if a is not None and (type(a) is not torch.Tensor or torch._C._functorch.is_functorch_wrapped_tensor(a)):
+        # an nn.Parameter is a plain tensor to every operator (it disables __torch_function__)
+        if a is not None and ((type(a) is not torch.Tensor and type(a) is not torch.nn.Parameter)
+                              or torch._C._functorch.is_functorch_wrapped_tensor(a)):
             return False
     return True
 
