@@ -73,9 +73,8 @@ def from_rows(rows, kind: str, layout):
     return out if cd == nd - 1 else movedim(out, kind, -1, cd)
 
 
-def _strides(a, kind: str) -> tuple:
-    """Strides in elements (NumPy's bytes divided by the item size: only
-    their order within one array matters here)."""
+def elem_strides(a, kind: str) -> tuple:
+    """Strides in elements (NumPy's bytes divided by the item size)."""
     return tuple(a.stride()) if kind == "torch" else tuple(st // a.itemsize for st in a.strides)
 
 
@@ -97,7 +96,7 @@ def iteration_order(kind: str, shape: tuple, *arrays) -> Optional[Tuple[int, ...
         if a is None:
             continue
         pad = nd - a.ndim
-        st, sh = (0,) * pad + _strides(a, kind), (1,) * pad + tuple(a.shape)
+        st, sh = (0,) * pad + elem_strides(a, kind), (1,) * pad + tuple(a.shape)
         strides.append(tuple(0 if (sh[i] == 1 and shape[i] != 1) else st[i] for i in range(nd)))
 
     def should_swap(d0: int, d1: int) -> int:
@@ -131,7 +130,7 @@ def dense(a, kind: str) -> bool:
     if kind == "numpy" and any(st % a.itemsize for st in a.strides):
         return False
     expect = 1
-    for st, n in sorted((st, n) for n, st in zip(a.shape, _strides(a, kind)) if n != 1):
+    for st, n in sorted((st, n) for n, st in zip(a.shape, elem_strides(a, kind)) if n != 1):
         if st != expect:
             return False
         expect *= n

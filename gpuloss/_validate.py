@@ -505,12 +505,6 @@ def as_row_broadcast(w: Any, kind: str, input: Any, rows: Any) -> Any:
 
 # ---------------------------------------------------------------- in-place
 
-def _elem_strides(a: Any, kind: str) -> tuple:
-    if kind == "torch":
-        return tuple(a.stride())
-    return tuple(st // a.itemsize for st in a.strides)
-
-
 def strides_overlap(shape: tuple, strides: tuple) -> bool:
     """Whether two different indices of an array with these ``shape`` and
     element ``strides`` address the same element.
@@ -561,9 +555,9 @@ def check_inplace_ok(name: str, input: Any, kind: str, return_grad: Any) -> None
                                      f"inplace_backward=False")
         verdict = torch._debug_has_internal_overlap(input) if hasattr(torch, "_debug_has_internal_overlap") \
             else 2
-        overlap = verdict == 1 or (verdict == 2 and strides_overlap(tuple(input.shape), _elem_strides(input, kind)))
+        overlap = verdict == 1 or (verdict == 2 and strides_overlap(tuple(input.shape), L.elem_strides(input, kind)))
     else:
-        overlap = strides_overlap(tuple(input.shape), _elem_strides(input, kind))
+        overlap = strides_overlap(tuple(input.shape), L.elem_strides(input, kind))
     if overlap:
         raise ArgumentValueError(f"inplace_backward=True writes the gradient over {name}, but elements of {name} share "
                                  f"memory (an expanded, stride-0 or overlapping view); pass a contiguous copy "

@@ -537,10 +537,11 @@ def _loss_autograd(spec: OpSpec):
         if not torch.is_grad_enabled() or torch.compiler.is_compiling():
             # a backward that frees the graph scales the saved gradient in place: no second gradient-sized
             # buffer at the peak of backward (the saved one is never read again; autograd frees it now)
-            inplace = not torch.compiler.is_compiling() and not _keeps_graph()
+            keep = _keeps_graph()
+            inplace = not torch.compiler.is_compiling() and not keep
             for pos, s in wanted:
                 grads[pos] = scaled_grad(s, g_loss, inplace=inplace)
-            if not _keeps_graph():  # as autograd frees saved tensors: a loss kept for logging keeps no inputs
+            if not keep:  # as autograd frees saved tensors: a loss kept for logging keeps no inputs
                 ctx.kept = None
             return tuple(grads)
         # create_graph=True

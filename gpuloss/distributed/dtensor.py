@@ -37,6 +37,10 @@ def _is_dtensor(a: Any) -> bool:
     return type(a).__name__ == "DTensor" and hasattr(a, "device_mesh")
 
 
+def _replicated_or_plain(a: Any) -> bool:
+    return not _is_dtensor(a) or all(q.is_replicate() for q in a.placements)
+
+
 def class_sharded(input: Any, target: Any, weight: Any) -> bool:
     """Whether :func:`cross_entropy` takes this call: DTensor logits on a 1-D
     mesh, sharded along their last dimension, which is the class dimension;
@@ -50,7 +54,7 @@ def class_sharded(input: Any, target: Any, weight: Any) -> bool:
         return False
     if target is None or target.is_floating_point():
         return False
-    return not _is_dtensor(target) or all(q.is_replicate() for q in target.placements)
+    return _replicated_or_plain(target)
 
 
 def _shard_sizes(n: int, world: int) -> List[int]:
@@ -80,10 +84,6 @@ def cross_entropy(input, target, ignore_index: int, reduction: str, label_smooth
     if loss_dtype is not None:
         loss = loss.to(loss_dtype)
     return DTensor.from_local(loss, mesh, [Replicate()], run_check=False)
-
-
-def _replicated_or_plain(a: Any) -> bool:
-    return not _is_dtensor(a) or all(q.is_replicate() for q in a.placements)
 
 
 def weight_class_sharded(input: Any, linear_weight: Any, target: Any, linear_bias: Any, weight: Any) -> bool:
