@@ -24,3 +24,18 @@ __all__ = [
     "set_value_checks", "value_checks",
     "ArgumentValueError", "ArgumentTypeError", "ArgumentDtypeError", "ClassIndexError", "DimensionError",
 ]
+
+#: submodules that import torch: loaded on first attribute access (``gpuloss.nn.CrossEntropyLoss``
+#: after a plain ``import gpuloss``, as ``torch.nn`` after ``import torch``), never by ``import gpuloss``
+_LAZY_SUBMODULES = ("nn", "distributed", "integrations", "torch_ops", "reference")
+
+
+def __getattr__(name: str):
+    if name in _LAZY_SUBMODULES:
+        import importlib
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_LAZY_SUBMODULES))

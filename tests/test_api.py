@@ -31,6 +31,24 @@ def test_import_is_light():
     assert r.returncode == 0, r.stdout + r.stderr
 
 
+def test_submodules_load_on_attribute_access():
+    """After a plain ``import gpuloss`` (torch not imported), ``gpuloss.nn.X`` and
+    ``gpuloss.distributed.Y`` work as ``torch.nn.X`` after ``import torch``: the
+    submodule is imported on first access; unknown names still raise AttributeError."""
+    pytest.importorskip("torch")
+    code = ("import sys, gpuloss\n"
+            "assert 'torch' not in sys.modules and 'gpuloss.nn' not in sys.modules\n"
+            "assert 'nn' in dir(gpuloss)\n"
+            "import torch\n"
+            "loss = gpuloss.nn.CrossEntropyLoss()(torch.zeros(2, 3), torch.tensor([0, 2]))\n"
+            "assert abs(loss.item() - float(torch.log(torch.tensor(3.0)))) < 1e-6\n"
+            "assert callable(gpuloss.distributed.vocab_parallel_cross_entropy)\n"
+            "try:\n    gpuloss.no_such_thing\nexcept AttributeError as e:\n    assert 'no_such_thing' in str(e)\n"
+            "else:\n    raise SystemExit('no AttributeError')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 # ------------------------------------------------------------------ layouts
 
 @pytest.mark.parametrize("shape", [(7,), (6, 7), (3, 7, 2, 4)])
