@@ -49,18 +49,22 @@ def nvcc_jobs(tmp_path_factory):
             text, names = cr.instantiation_source(source, cc)
             cu = tmp / f"{cc}_{source}"
             cu.write_text(text)
-            proc = subprocess.Popen(cr.nvcc_command(nvcc, cu, tmp / f"{cc}_{source}.cubin", cc),
+            # the intermediate files kept (-keep): test_scaled_logits_are_rounded_products reads the PTX
+            keep = tmp / f"keep_{cc}_{source}"
+            keep.mkdir()
+            proc = subprocess.Popen(cr.nvcc_command(nvcc, cu, tmp / f"{cc}_{source}.cubin", cc)
+                                    + ["-keep", "-keep-dir", str(keep)],
                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-            jobs[source, cc] = [proc, names, None]
+            jobs[source, cc] = [proc, names, None, keep / (cu.stem + ".ptx")]
     yield jobs
-    for proc, _, _ in jobs.values():
+    for proc, *_ in jobs.values():
         if proc.poll() is None:
             proc.kill()
 
 
 def _finished(job):
     """(names, ptxas resources per entry) of a finished nvcc job; fails on a compile error."""
-    proc, names, res = job
+    proc, names, res, _ = job
     if res is None:
         out, err = proc.communicate(timeout=900)
         assert proc.returncode == 0, err[-6000:]
@@ -156,23 +160,17 @@ def test_sources_include_no_system_headers():
 
 
 @pytest.mark.parametrize("source", ["rows.cu", "staged.cu"])
-def test_scaled_logits_are_rounded_products(source, tmp_path):
+def test_scaled_logits_are_rounded_products(source, nvcc_jobs):
     """The kernels that scale logits (softcap: z = cap tanh(x / cap); distillation: z = x / T)
     form z with an explicitly rounded multiply (``mul.rn``, which nvcc and NVRTC never fuse
     into a following add): with the default contraction, max - z_t is an fma of the unrounded
     product, the rounding error of z rather than 0 where z_t is the max (~1e22 in the loss at
-    logits near 1e30; seen for Triton's kernels on an H200)."""
+    logits near 1e30; seen for Triton's kernels on an H200).  Read from the PTX of the sm_90
+    compile above (the same source, options and instantiations)."""
     import re
-    nvcc = shutil.which("nvcc")
-    if nvcc is None:
-        pytest.skip("nvcc not on PATH")
-    text, _ = cr.instantiation_source(source, 90)
-    cu = tmp_path / source
-    cu.write_text(text)
-    ptx = tmp_path / (source + ".ptx")
-    proc = subprocess.run([nvcc, *cb_build.nvrtc_options(90), "-arch=sm_90", "-ptx", str(cu), "-o", str(ptx)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    job = nvcc_jobs[source, 90]
+    _finished(job)
+    ptx = job[3]
     checked = 0
     for entry in re.split(r"\n\.visible \.entry ", ptx.read_text())[1:]:
         name = entry.split("(", 1)[0]
