@@ -124,13 +124,27 @@ def iteration_order(kind: str, shape: tuple, *arrays) -> Optional[Tuple[int, ...
     return None if order == tuple(range(nd)) else order
 
 
+def sorted_pairs(pairs) -> list:
+    """``sorted(pairs)`` for (stride, size) pairs, by comparisons only: under
+    torch.compile with dynamic shapes the strides are symbolic, which dynamo
+    cannot sort but can compare (each comparison a guard, as torch's own
+    layout code guards); a handful of dimensions, so insertion order."""
+    out: list = []
+    for p in pairs:
+        i = len(out)
+        while i > 0 and (p[0] < out[i - 1][0] or (p[0] == out[i - 1][0] and p[1] < out[i - 1][1])):
+            i -= 1
+        out.insert(i, p)
+    return out
+
+
 def dense(a, kind: str) -> bool:
     """Whether ``a``'s elements fill its memory without gaps or overlaps, in
     some order of its dimensions (torch's ``is_non_overlapping_and_dense``)."""
     if kind == "numpy" and any(st % a.itemsize for st in a.strides):
         return False
     expect = 1
-    for st, n in sorted((st, n) for n, st in zip(a.shape, elem_strides(a, kind)) if n != 1):
+    for st, n in sorted_pairs((st, n) for n, st in zip(a.shape, elem_strides(a, kind)) if n != 1):
         if st != expect:
             return False
         expect *= n

@@ -67,16 +67,27 @@ def check_reduction(reduction: str, kl: bool = False) -> None:
                                  f"({reduction} is not a valid value for reduction)")
 
 
+def _int_like(name: str, v: Any) -> int:
+    """An int argument that is not a Python int: a NumPy integer or a 0-d
+    integer tensor, as torch takes them (no bool, no array, no float).
+
+    Python ints skip this: torch.compile traces an int argument that changed
+    between calls as a symbolic int, whose attributes dynamo cannot look up
+    (``hasattr``, ``getattr`` with a default) but whose comparisons it guards."""
+    if isinstance(v, (bool, np.bool_, np.ndarray)) or not hasattr(v, "__index__") \
+            or getattr(v, "ndim", 0) != 0 or str(getattr(v, "dtype", "")) == "torch.bool":
+        raise ArgumentTypeError(f"{name} must be an int, got {type(v).__name__}")
+    try:
+        return operator.index(v)
+    except TypeError:  # a floating tensor
+        raise ArgumentTypeError(f"{name} must be an int, got {type(v).__name__}") from None
+
+
 def check_dim(name: str, dim: Any, ndim: int) -> int:
     """``dim`` as an int in [-ndim, ndim) (one for 0-d), as torch takes it: an
     int, a NumPy integer or a 0-d integer tensor (no bool, no array)."""
-    if isinstance(dim, (bool, np.bool_, np.ndarray)) or not hasattr(dim, "__index__") \
-            or getattr(dim, "ndim", 0) != 0 or str(getattr(dim, "dtype", "")) == "torch.bool":
-        raise ArgumentTypeError(f"{name} must be an int, got {type(dim).__name__}")
-    try:
-        dim = operator.index(dim)
-    except TypeError:  # a floating tensor
-        raise ArgumentTypeError(f"{name} must be an int, got {type(dim).__name__}") from None
+    if isinstance(dim, bool) or not isinstance(dim, int):  # (an int: also a symbolic one, see _int_like)
+        dim = _int_like(name, dim)
     n = max(ndim, 1)
     if not -n <= dim < n:
         raise DimensionError(f"{name}={dim} is out of range for an array with {ndim} dimension(s) "
@@ -211,12 +222,15 @@ def check_ignore_index(name: str, v: Any) -> int:
     """An integer class index that fits in int64 (Python int, NumPy integer,
     or anything with ``__index__``, as torch accepts); bools, floats, strings
     and None are refused as torch refuses them."""
-    if isinstance(v, (bool, np.bool_)) or getattr(v, "dtype", None) is not None and "bool" in str(v.dtype):
+    if isinstance(v, int) and not isinstance(v, bool):  # (also a symbolic int: see _int_like)
+        i = v
+    elif isinstance(v, (bool, np.bool_)) or getattr(v, "dtype", None) is not None and "bool" in str(v.dtype):
         raise ArgumentTypeError(f"{name} must be an int, got bool")
-    try:
-        i = operator.index(v)
-    except TypeError:
-        raise ArgumentTypeError(f"{name} must be an int, got {type(v).__name__}") from None
+    else:
+        try:
+            i = operator.index(v)
+        except TypeError:
+            raise ArgumentTypeError(f"{name} must be an int, got {type(v).__name__}") from None
     if not -(2 ** 63) <= i < 2 ** 63:
         raise ArgumentValueError(f"{name}={i} is outside the int64 range")
     return i
@@ -353,9 +367,10 @@ def check_class_targets(name: str, target: Any, kind: str, C: int, ignore_index:
     bad = ((target < 0) | (target >= C)) & (target != ignore_index)
     if traced:
         import torch  # a tensor: imported already (no sys.modules lookup while dynamo traces)
-        # C is not formatted into the message: that would specialise the graph on the class count
+        # neither C nor ignore_index is formatted into the message: that would specialise the graph on the
+        # class count, and a symbolic ignore_index (an int that varied between calls) cannot be formatted
         torch._assert_async(_plain(~bad.any()), f"{name} contains a class index outside [0, C) (C: the number "
-                                                f"of classes) and not ignore_index={ignore_index}")
+                                                "of classes) and not ignore_index")
         return
     if bool(bad.any()):
         first = target[bad].reshape(-1)[0]
@@ -515,7 +530,7 @@ def strides_overlap(shape: tuple, strides: tuple) -> bool:
     a larger layout that the first test cannot decide counts as overlapping."""
     if any(n == 0 for n in shape):
         return False
-    dims = sorted((abs(st), n) for n, st in zip(shape, strides) if n > 1)
+    dims = L.sorted_pairs((abs(st), n) for n, st in zip(shape, strides) if n > 1)
     span = 0
     for st, n in dims:
         if st <= span:

@@ -146,7 +146,7 @@ def _check_shapes(input, linear_weight, linear_bias, kind: str):
         raise ArgumentTypeError(f"input and linear_weight must have the same dtype, got {dtype_name(input, kind)} and "
                                 f"{dtype_name(linear_weight, kind)}")
     C, out = int(linear_weight.shape[0]), tuple(int(d) for d in linear_weight.shape[1:-1])
-    if out and input.ndim == 1:
+    if len(out) > 0 and input.ndim == 1:
         raise ArgumentValueError(f"a K-dimensional loss (linear_weight of shape {tuple(linear_weight.shape)}) needs "
                                  f"batched input (N, in_features), got shape {tuple(input.shape)}")
     if linear_bias is not None:
@@ -285,7 +285,7 @@ def _prepare(kind, device, input, linear_weight, target, linear_bias, weight, re
     # under autocast the cross-entropy runs in float32: any floating class-weight dtype; with
     # ``options`` where torch's chunked op takes the call, any dtype (it converts the weight)
     chunked = (options is not None and reduction in ("mean", "sum", "none") and not label_smoothing and not prob
-               and not out and dtype_name(target, kind) == "int64")
+               and len(out) == 0 and dtype_name(target, kind) == "int64")
     VAL.check_weight("weight", weight, kind, C, None if autocast else input, prob, any_dtype=chunked)
     VAL.check_bool("allow_retain_graph", allow_retain_graph)
     P = math.prod(out)

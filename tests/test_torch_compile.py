@@ -421,6 +421,48 @@ def test_public_functions_compile_with_dynamic_shapes(rng):
         torch.testing.assert_close(xs[0].grad, xs[1].grad, **tol("float32"))
 
 
+def test_ints_that_vary_between_calls_and_strided_dynamic_shapes(rng):
+    """A training loop under torch.compile(fullgraph=True) whose int arguments
+    change between calls: dynamo recompiles with them symbolic (automatic
+    dynamic), and gpuloss's checks must not look them up by attribute
+    (``hasattr`` broke the graph for dim and ignore_index), branch on a tuple
+    of symbolic sizes (the fused linear CE's ``out_features``) or format them;
+    element-wise losses on transposed operands whose sizes vary sort symbolic
+    strides (``sorted`` broke the graph).  Each call: no graph break, torch's
+    result and gradient."""
+    import torch.nn.functional as F
+    W = torch.from_numpy(rng.standard_normal((7, C))).float()
+
+    def _col(x):  # column-major: strides (1, n), symbolic once n is
+        return x.t().contiguous().t()
+
+    def step(x, t, d, i, k):
+        return (gpuloss.softmax(x, d).sum() * 0.5 + gpuloss.log_softmax(x, d)[0].sum()
+                + gpuloss.cross_entropy(x, t, ignore_index=i) + gpuloss.nll_loss(x.log_softmax(1), t, ignore_index=i)
+                + gpuloss.linear_cross_entropy(x, W, t % 7, chunk_size=k)
+                + gpuloss.mse_loss(_col(x), x.detach() * 0.5, reduction="none").sum()
+                + gpuloss.binary_cross_entropy_with_logits(_col(x), x.detach().sigmoid(), reduction="none").sum()
+                + gpuloss.binary_cross_entropy(_col(x).sigmoid(), x.detach().sigmoid(), reduction="none").sum())
+
+    def reference(x, t, d, i, k):
+        return (torch.softmax(x, d).sum() * 0.5 + torch.log_softmax(x, d)[0].sum()
+                + F.cross_entropy(x, t, ignore_index=i) + F.nll_loss(x.log_softmax(1), t, ignore_index=i)
+                + F.cross_entropy(F.linear(x, W), t % 7)
+                + F.mse_loss(_col(x), x.detach() * 0.5, reduction="none").sum()
+                + F.binary_cross_entropy_with_logits(_col(x), x.detach().sigmoid(), reduction="none").sum()
+                + F.binary_cross_entropy(_col(x).sigmoid(), x.detach().sigmoid(), reduction="none").sum())
+
+    torch._dynamo.reset()
+    f = torch.compile(step, fullgraph=True, backend="aot_eager")
+    for n, d, i, k in ((6, 1, 2, 4), (5, 0, 3, 3), (4, -1, 1, 2), (7, 1, 0, 5)):
+        x_np, t = rng.standard_normal((n, C)), torch.from_numpy(rng.integers(0, C, n))
+        xs = [torch.from_numpy(x_np).float().requires_grad_() for _ in range(2)]
+        got, want = f(xs[0], t, d, i, k), reference(xs[1], t, d, i, k)
+        got.backward(), want.backward()
+        torch.testing.assert_close(got, want, **tol("float32"))
+        torch.testing.assert_close(xs[0].grad, xs[1].grad, **tol("float32"))
+
+
 @pytest.mark.skipif(os.environ.get("GPULOSS_SLOW_TESTS") != "1", reason="inductor compile: set GPULOSS_SLOW_TESTS=1")
 @pytest.mark.slow
 def test_inductor_compiles_the_ops(rng):

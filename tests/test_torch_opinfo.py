@@ -262,23 +262,36 @@ def _float64_copy(module):
     return m, list(m.parameters())
 
 
+def _recompile_limit():
+    """dynamo's per-code-object recompile limit (its name changed over the torch versions we admit)."""
+    import torch._dynamo as dynamo
+    name = "recompile_limit" if hasattr(dynamo.config, "recompile_limit") else "cache_size_limit"
+    return dynamo.config.patch(**{name: 10_000})
+
+
 @pytest.mark.parametrize("name", sorted(FUNCTIONS))
 def test_opinfo_samples_compile_without_graph_breaks(name):
     """Every float32 sample (every fourth of the fused linear CE's) through
     ``torch.compile(fullgraph=True)``: no graph break, and the eager result and
     gradients.  The "aot_eager" backend traces what inductor would (dynamo,
     the custom operators' fake implementations, AOTAutograd's joint graph)
-    without generating code, which takes minutes per sample on this CPU."""
+    without generating code, which takes minutes per sample on this CPU.
+    One compiled function serves all the samples, as in a training loop:
+    a sample whose shapes or arguments the graphs so far do not cover
+    recompiles (after the first change of a size, with that size dynamic),
+    the others reuse a graph; each sample's result is checked either way."""
     if name not in OPINFOS:
         pytest.skip(f"this torch ({torch.__version__}) has no OpInfo {name!r}")
     import torch._dynamo as dynamo
     op, fn = OPINFOS[name], FUNCTIONS[name]
     torch.manual_seed(0)
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), _recompile_limit():
         warnings.simplefilter("ignore")
         samples = list(op.sample_inputs("cpu", torch.float32, requires_grad=True))
         if "linear_cross_entropy" in name:
             samples = samples[::4]
+        dynamo.reset()
+        compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
         ran = 0
         for i, s in enumerate(samples):
             args = [s.input, *s.args]
@@ -286,8 +299,6 @@ def test_opinfo_samples_compile_without_graph_breaks(name):
                 eager = _run(fn, *_fresh(args, dict(s.kwargs)))
             except Exception:
                 continue  # refused in eager code: the other tests check that torch refuses it too
-            dynamo.reset()
-            compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
             got = _run(compiled, *_fresh(args, dict(s.kwargs)), eager[2])
             # compiled against eager, the same kernels: torch's tolerances, with no float64 fallback
             _agree(f"{name} sample {i} compiled", got[:2], eager[:2], torch.float64, None)
