@@ -142,6 +142,8 @@ def keep(name: str, arrays: Sequence[Optional[Tensor]]) -> Any:
     if name in _ROW_OPS and arrays[0].numel() > MAX_ROW_ELEMENTS:
         return (f"its input has {arrays[0].numel()} elements, more than the {MAX_ROW_ELEMENTS} "
                 f"(gpuloss._second_order.MAX_ROW_ELEMENTS) whose second derivatives gpuloss keeps the logits for")
+    if any(a is not None and a.is_inference() for a in arrays):  # no version counter to keep
+        return "an argument is an inference tensor (created under torch.inference_mode)"
     return tuple(arrays), tuple(None if a is None else a._version for a in arrays)
 
 

@@ -659,6 +659,30 @@ def test_second_derivatives_of_large_logits_are_refused(monkeypatch):
     torch.testing.assert_close(g, torch.autograd.grad(torch.nn.functional.cross_entropy(x, t), x)[0])
 
 
+def test_inference_mode_targets_and_weights_in_a_differentiable_call():
+    """A target or class weight made under torch.inference_mode (a data pipeline's)
+    next to logits that require grad: the forward pass could not read the version
+    counter it keeps for second derivatives (inference tensors have none) and raised
+    "Inference tensors do not track version counter"; the first-order gradient needs
+    none of it (torch's, which saves the target, refuses the call), and a second-order
+    backward now refuses, naming the inference tensor."""
+    with torch.inference_mode():
+        t = torch.tensor([0, 1, 2, 3, -100])
+        w = torch.rand(7, dtype=torch.float64)
+        p = torch.softmax(torch.randn(5, 7, dtype=torch.float64), 1)
+    x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    calls = [(lambda z: gpuloss.cross_entropy(z, t, weight=w, label_smoothing=0.1),
+              lambda z: torch.nn.functional.cross_entropy(z, t.clone(), weight=w.clone(), label_smoothing=0.1)),
+             (lambda z: gpuloss.cross_entropy(z, p), lambda z: torch.nn.functional.cross_entropy(z, p.clone())),
+             (lambda z: gpuloss.binary_cross_entropy_with_logits(z, p, pos_weight=w),
+              lambda z: torch.nn.functional.binary_cross_entropy_with_logits(z, p.clone(), pos_weight=w.clone()))]
+    for ours, theirs in calls:
+        (g,) = torch.autograd.grad(ours(x), x)
+        torch.testing.assert_close(g, torch.autograd.grad(theirs(x), x)[0])
+        with pytest.raises(torch_ops.SecondOrderError, match="inference tensor"):
+            torch.autograd.grad(ours(x), x, create_graph=True)
+
+
 def test_second_order_refuses_an_input_changed_in_place():
     """The forward pass keeps plain references, not saved tensors: a first-order
     backward ignores a later in-place change of the logits (it uses the saved
