@@ -396,7 +396,12 @@ class _Loop:
             ops.logits_acc(hc, self.W, self.b, z, self.slab_w)
         else:
             ops.logits(hc, self.W, self.b, z)
-        res = launch.run(self.be, "cross_entropy", [z.reshape(m * P, C), self.t[c0 * P:c1 * P], self.cw],
+        zin = z.reshape(m * P, C)
+        if self.gb is not None and self.be.name == "numpy":
+            # on the CPU the bias gradient's column sum takes dZ before its rounding to 16 bits (below):
+            # the CE writes dZ into a float32 copy of 16-bit logits (a GPU backend writes them in place)
+            zin = ops.to_acc(zin)
+        res = launch.run(self.be, "cross_entropy", [zin, self.t[c0 * P:c1 * P], self.cw],
                          ce_opts, Want(self.want_grad, False), self.kind)
         if self.loss_rows is not None:
             self.loss_rows[c0 * P:c1 * P] = res.loss
@@ -405,7 +410,7 @@ class _Loop:
         if not self.want_grad:
             return
         # dZ over z (a float32 copy only where the backend could not write in
-        # place, e.g. bf16 CPU tensors served by NumPy): back to W's dtype
+        # place, or for the bias gradient on the CPU, above): back to W's dtype
         dz = ops.cast(res.grad, self.W).reshape(m, self.VT)
         # the bias gradient is a column sum: from the float32 dZ where there is one, not from dZ rounded to
         # a 16-bit W's dtype (the matmuls' operand), whose per-element roundings it would add up

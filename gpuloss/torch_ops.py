@@ -248,7 +248,7 @@ def _define_inplace(spec: OpSpec):
         res = launch.run(get_backend(backend), spec.name, arrays, opts, want, "torch")
         g = res.grad
         # A backend that cannot write x's storage directly (NumPy with bfloat16
-        # logits computes on a float32 copy) hands back that copy: one rounding
+        # logits and no ml_dtypes computes on a float32 copy) hands back that copy: one rounding
         # copy into x.  Comparing data pointers is host metadata, not a sync.
         if g is not None and (g.device != x.device or g.data_ptr() != x.data_ptr() or g.dtype != x.dtype):
             x.copy_(g.reshape(x.shape))

@@ -6,8 +6,9 @@ tensors, shared without a copy), chunked into cache-sized tiles and threaded
 :mod:`.softmax`, :mod:`.cross_entropy` (and NLL), :mod:`.kl_logits`,
 :mod:`.elementwise`.
 
-NumPy has no bfloat16: a bfloat16 torch tensor is served through a float32
-copy (see :meth:`NumpyBackend.to_native`).  Inputs are never written, except
+NumPy has no bfloat16 of its own: a bfloat16 torch tensor is shared as
+ml_dtypes' bfloat16 where that package is installed, else served through a
+float32 copy (see :meth:`NumpyBackend.to_native`).  Inputs are never written, except
 ``x`` under ``grad_inplace``.
 """
 from __future__ import annotations
@@ -26,6 +27,15 @@ from .tiling import num_threads
 __all__ = ["NumpyBackend", "num_threads"]
 
 
+def _numpy_bfloat16():
+    """ml_dtypes' bfloat16 NumPy dtype, or None where the package is not installed."""
+    try:
+        import ml_dtypes
+    except ImportError:
+        return None
+    return np.dtype(ml_dtypes.bfloat16)
+
+
 class NumpyBackend(Backend):
     """Launchers on NumPy arrays (CPU)."""
 
@@ -41,10 +51,10 @@ class NumpyBackend(Backend):
 
     # --- conversion -------------------------------------------------------
     def to_native(self, a: Any, kind: str) -> np.ndarray:
-        """NumPy view of ``a``.  A CPU torch tensor is shared without a copy,
-        except bfloat16, which NumPy cannot represent: that becomes a float32
-        copy (so a ``grad_inplace`` on it writes the copy, and the caller
-        copies the gradient back).  A NumPy array of non-native byte order
+        """NumPy view of ``a``.  A CPU torch tensor is shared without a copy;
+        bfloat16 as ml_dtypes' bfloat16, and where that package is missing as
+        a float32 copy (then a ``grad_inplace`` on it writes the copy, and the
+        caller copies the gradient back).  A NumPy array of non-native byte order
         becomes a native copy the same way, so that results come out native,
         as NumPy's own functions give them."""
         if kind == "numpy":
@@ -54,7 +64,10 @@ class NumpyBackend(Backend):
 
             t = a.detach()
             if t.dtype == torch.bfloat16:
-                t = t.float()
+                bf16 = _numpy_bfloat16()
+                # shared as NumPy's bfloat16 (ml_dtypes) where it is installed: tiles are upcast one at a
+                # time, as for float16, and a gradient is written straight into bfloat16 memory
+                return t.view(torch.int16).numpy().view(bf16) if bf16 is not None else t.float().numpy()
             return t.numpy()
         raise TypeError(f"numpy backend cannot take {kind} arrays")
 
@@ -64,7 +77,10 @@ class NumpyBackend(Backend):
         if kind == "torch":
             import torch
 
-            return torch.from_numpy(np.asarray(a))
+            a = np.asarray(a)
+            if a.dtype.name == "bfloat16":  # ml_dtypes' (to_native): torch has no NumPy bfloat16
+                return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+            return torch.from_numpy(a)
         raise TypeError(f"numpy backend cannot produce {kind} arrays")
 
     # --- launchers (one per op of gpuloss.ops) -------------------------------
