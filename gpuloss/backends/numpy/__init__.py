@@ -13,6 +13,7 @@ float32 copy (see :meth:`NumpyBackend.to_native`).  Inputs are never written, ex
 """
 from __future__ import annotations
 
+import functools
 from typing import Any, Tuple
 
 import numpy as np
@@ -27,8 +28,10 @@ from .tiling import num_threads
 __all__ = ["NumpyBackend", "num_threads"]
 
 
+@functools.lru_cache(maxsize=None)
 def _numpy_bfloat16():
-    """ml_dtypes' bfloat16 NumPy dtype, or None where the package is not installed."""
+    """ml_dtypes' bfloat16 NumPy dtype, or None where the package is not installed
+    (looked up once: a missing package is not searched for again on every call)."""
     try:
         import ml_dtypes
     except ImportError:
