@@ -11,7 +11,9 @@
 # runtime libraries that torch's Linux wheels import (they are never used on a
 # CPU); each combination then swaps in its torch and triton wheels and runs the
 # test files.  GPULOSS_COMPAT_COMBOS overrides the combinations
-# ("torch==A,triton==B ..."), GPULOSS_COMPAT_TESTS the test files.
+# ("torch==A,triton==B ..."), GPULOSS_COMPAT_TESTS the test files.  Under ci/test.sh
+# (GPULOSS_COMPAT_MAIN_TRITON: the main venv's triton) a combination with the main
+# suite's triton skips the Triton-only files, which the main suite runs.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${GPULOSS_COMPAT_VENV:-$root/.venv-compat}"
@@ -19,7 +21,8 @@ py="${PYTHON:-python3}"
 # newest first (installed with its dependencies), then the oldest; keep in step with the
 # torch and triton extras of pyproject.toml
 combos=${GPULOSS_COMPAT_COMBOS:-"torch==2.14.1,triton==3.9.0 torch==2.11.0,triton==3.6.0"}
-tests=${GPULOSS_COMPAT_TESTS:-"tests/test_triton_backend.py tests/test_triton_offsets.py tests/test_triton_packed.py tests/test_triton_resources.py tests/test_torch_compile.py tests/test_torch_autograd.py tests/test_torch_nn.py tests/test_torch_inplace.py tests/test_edges.py tests/test_linear_ce.py tests/test_linear_ce_torch_api.py tests/test_distributed.py tests/test_autocast.py tests/test_linear_acc.py tests/test_torch_opinfo.py"}
+triton_only="tests/test_triton_backend.py tests/test_triton_offsets.py tests/test_triton_packed.py tests/test_triton_resources.py"
+tests=${GPULOSS_COMPAT_TESTS:-"$triton_only tests/test_torch_compile.py tests/test_torch_autograd.py tests/test_torch_nn.py tests/test_torch_inplace.py tests/test_edges.py tests/test_linear_ce.py tests/test_linear_ce_torch_api.py tests/test_distributed.py tests/test_autocast.py tests/test_linear_acc.py tests/test_torch_opinfo.py"}
 pip_q() { "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" ; return "${PIPESTATUS[0]}"; }
 
 stamp="$venv/.gpuloss-compat-v1"
@@ -49,8 +52,14 @@ for combo in $combos; do
   fi
   got=$("$venv/bin/python" -c 'import torch, triton; print(torch.__version__.split("+")[0], triton.__version__)')
   echo "compat: running with torch ${got% *}, triton ${got#* }"
+  run_tests=$tests
+  if [ "${GPULOSS_COMPAT_MAIN_TRITON:-}" = "${got#* }" ] && [ -z "${GPULOSS_COMPAT_TESTS:-}" ]; then
+    # ci/test.sh's main suite runs the Triton-only files with this triton already
+    run_tests=$(for f in $tests; do case " $triton_only " in *" $f "*) ;; *) printf '%s ' "$f" ;; esac; done)
+    echo "compat: the Triton-only files run in the main suite with triton ${got#* }: not again here"
+  fi
   # shellcheck disable=SC2086
-  (cd "$root" && TRITON_INTERPRET=1 "$venv/bin/python" -m pytest $tests -q -p no:cacheprovider "$@")
+  (cd "$root" && TRITON_INTERPRET=1 "$venv/bin/python" -m pytest $run_tests -q -p no:cacheprovider "$@")
   r=$?
   if [ "$r" -eq 5 ]; then
     echo "compat: pytest collected no tests (exit 5) with $combo" >&2
