@@ -11,9 +11,10 @@
 # runtime libraries that torch's Linux wheels import (they are never used on a
 # CPU); each combination then swaps in its torch and triton wheels and runs the
 # test files.  GPULOSS_COMPAT_COMBOS overrides the combinations
-# ("torch==A,triton==B ..."), GPULOSS_COMPAT_TESTS the test files.  Under ci/test.sh
-# (GPULOSS_COMPAT_MAIN_TRITON: the main venv's triton) a combination with the main
-# suite's triton skips the Triton-only files, which the main suite runs.
+# ("torch==A,triton==B ..."), GPULOSS_COMPAT_TESTS the test files.  Under ci/test.sh,
+# a combination with the main suite's triton skips the Triton-only files, which the
+# main suite runs (GPULOSS_COMPAT_MAIN_TRITON_FILE: where ci/test.sh writes the main
+# venv's triton version once its setup is done; waited for before the first run).
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${GPULOSS_COMPAT_VENV:-$root/.venv-compat}"
@@ -40,6 +41,20 @@ fi
 
 "$venv/bin/python" -c "import expecttest" 2>/dev/null || pip_q "expecttest>=0.2" || exit 1
 
+main_triton=""
+if [ -n "${GPULOSS_COMPAT_MAIN_TRITON_FILE:-}" ]; then
+  waited=0
+  while [ ! -s "$GPULOSS_COMPAT_MAIN_TRITON_FILE" ] && [ "$waited" -lt 1800 ]; do
+    sleep 2
+    waited=$((waited + 2))
+  done
+  main_triton=$(cat "$GPULOSS_COMPAT_MAIN_TRITON_FILE" 2>/dev/null)
+  if [ "$main_triton" = "setup failed" ]; then
+    echo "compat: the main setup failed; not running" >&2
+    exit 1
+  fi
+fi
+
 rc=0
 for combo in $combos; do
   IFS=, read -r want_torch want_triton <<< "$combo"
@@ -53,7 +68,7 @@ for combo in $combos; do
   got=$("$venv/bin/python" -c 'import torch, triton; print(torch.__version__.split("+")[0], triton.__version__)')
   echo "compat: running with torch ${got% *}, triton ${got#* }"
   run_tests=$tests
-  if [ "${GPULOSS_COMPAT_MAIN_TRITON:-}" = "${got#* }" ] && [ -z "${GPULOSS_COMPAT_TESTS:-}" ]; then
+  if [ "$main_triton" = "${got#* }" ] && [ -z "${GPULOSS_COMPAT_TESTS:-}" ]; then
     # ci/test.sh's main suite runs the Triton-only files with this triton already
     run_tests=$(for f in $tests; do case " $triton_only " in *" $f "*) ;; *) printf '%s ' "$f" ;; esac; done)
     echo "compat: the Triton-only files run in the main suite with triton ${got#* }: not again here"

@@ -6,7 +6,6 @@
 # only those run (ci/test.sh tests/test_transformers.py -q), else all of tests/.
 set -uo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-bash "$root/ci/setup.sh" || exit 1
 venv="${GPULOSS_VENV:-$root/.venv}"
 cd "$root"
 export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"
@@ -21,13 +20,27 @@ if [ "$compat" = 1 ]; then
   # suite measured here (tests/test_edges.py + test_torch_autograd.py twice at once:
   # 67 s, 39 s with one thread; 37 s alone either way).
   export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
-  # the compat suite skips the Triton-only test files for the combination whose
-  # triton the main suite runs already (the same interpreter and compiler)
-  GPULOSS_COMPAT_MAIN_TRITON=$("$venv/bin/python" -c 'import triton; print(triton.__version__)' 2>/dev/null)
-  export GPULOSS_COMPAT_MAIN_TRITON
+  # compat builds its venv while setup.sh builds the main one (both mostly unpack
+  # wheels); it skips the Triton-only test files for the combination whose triton
+  # the main suite runs (the same interpreter and compiler), which it reads from
+  # this file once setup.sh is done
+  main_triton_file=$(mktemp)
+  export GPULOSS_COMPAT_MAIN_TRITON_FILE="$main_triton_file"
   compat_log=$(mktemp)
   bash "$root/ci/compat.sh" > "$compat_log" 2>&1 &
   compat_pid=$!
+fi
+if ! bash "$root/ci/setup.sh"; then
+  if [ "$compat" = 1 ]; then
+    echo "setup failed" > "$main_triton_file"  # compat stops at its wait, if it gets there
+    kill "$compat_pid" 2>/dev/null
+  fi
+  exit 1
+fi
+if [ "$compat" = 1 ]; then
+  "$venv/bin/python" -c 'import triton; print(triton.__version__)' > "$main_triton_file.new" 2>/dev/null \
+    || echo "none" > "$main_triton_file.new"
+  mv "$main_triton_file.new" "$main_triton_file"
 fi
 # test paths given as arguments run alone; other arguments (-k, -x, ...) apply to tests/
 targets=(tests)
@@ -45,7 +58,7 @@ if [ "$compat" = 1 ]; then
   crc=$?
   echo "== ci/compat.sh: the oldest and newest torch and triton (exit $crc)"
   grep -v -e "^WARNING: Location" "$compat_log"
-  rm -f "$compat_log"
+  rm -f "$compat_log" "$main_triton_file"
   [ "$crc" -ne 0 ] && rc=1
 fi
 exit "$rc"
