@@ -501,7 +501,8 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
         rows = L.zeros(input, tuple(input.shape[:-1]), kind)
         div = {"none": 1, "sum": 1, "batchmean": R, "mean": 0}[reduction]
         loss = rows if reduction == "none" else rows.sum() * (1.0 / div if div else float("nan"))
-        loss = L.as_array(L.loss_as(L.connected(loss, kind, input), ac_dtype, kind), kind)
+        # input's dtype: NumPy 1.x promotes a float16 scalar times a Python float to float64
+        loss = L.as_array(L.loss_as(L.connected(L.cast_like(loss, input, kind), kind, input), ac_dtype, kind), kind)
         return LossGrad(loss, L.zeros(caller[0], tuple(input.shape), kind)) if return_grad else loss
     t, _ = L.rows2d(target, kind, -1)
     summed = reduction in ("mean", "batchmean") and _fp16_mean(kind, return_grad, input)

@@ -135,9 +135,13 @@ def interpreter_numpy_compat() -> None:
     when) that is the case, make the interpreter's ``tensor.__index__`` take
     the single element explicitly.  Interpreter mode only; the compiled path
     is untouched."""
+    import warnings
+
     import numpy as np
     try:
-        int(np.zeros(1, dtype=np.int32))
+        with warnings.catch_warnings():  # NumPy 1.25-2.2: a DeprecationWarning, not yet the TypeError
+            warnings.simplefilter("ignore", DeprecationWarning)
+            int(np.zeros(1, dtype=np.int32))
         return
     except TypeError:
         pass
