@@ -3,7 +3,8 @@
 # tests whose outcome depends on their versions: the torch integration (custom
 # ops, autograd, torch.compile, nn, the vocabulary-parallel operators over gloo),
 # the Triton kernels in the interpreter and compiled ahead of time for
-# sm_80/sm_90, the edge cases against torch.
+# sm_80/sm_90, the edge cases against torch; and the oldest and newest numpy
+# (gpuloss's one dependency) on the NumPy-facing API tests.
 #
 #   ci/compat.sh [pytest args]
 #
@@ -11,7 +12,7 @@
 # runtime libraries that torch's Linux wheels import (they are never used on a
 # CPU); each combination then swaps in its torch and triton wheels and runs the
 # test files.  GPULOSS_COMPAT_COMBOS overrides the combinations
-# ("torch==A,triton==B ..."), GPULOSS_COMPAT_TESTS the test files.  Under ci/test.sh,
+# ("torch==A,triton==B[,numpy==C] ..."), GPULOSS_COMPAT_TESTS the test files.  Under ci/test.sh,
 # a combination with the main suite's triton skips the Triton-only files, which the
 # main suite runs (GPULOSS_COMPAT_MAIN_TRITON_FILE: where ci/test.sh writes the main
 # venv's triton version once its setup is done; waited for before the first run).
@@ -20,10 +21,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${GPULOSS_COMPAT_VENV:-$root/.venv-compat}"
 py="${PYTHON:-python3}"
 # newest first (installed with its dependencies), then the oldest; keep in step with the
-# torch and triton extras of pyproject.toml
-combos=${GPULOSS_COMPAT_COMBOS:-"torch==2.14.1,triton==3.9.0 torch==2.11.0,triton==3.6.0"}
+# torch and triton extras and the numpy dependency of pyproject.toml (numpy: optional
+# third field; NumPy 1.x promotes scalars by value, 2.x does not)
+combos=${GPULOSS_COMPAT_COMBOS:-"torch==2.14.1,triton==3.9.0,numpy==2.4.6 torch==2.11.0,triton==3.6.0,numpy==1.26.4"}
 triton_only="tests/test_triton_backend.py tests/test_triton_offsets.py tests/test_triton_packed.py tests/test_triton_resources.py"
-tests=${GPULOSS_COMPAT_TESTS:-"$triton_only tests/test_torch_compile.py tests/test_torch_autograd.py tests/test_torch_nn.py tests/test_torch_inplace.py tests/test_edges.py tests/test_linear_ce.py tests/test_linear_ce_torch_api.py tests/test_distributed.py tests/test_autocast.py tests/test_linear_acc.py tests/test_torch_opinfo.py"}
+tests=${GPULOSS_COMPAT_TESTS:-"$triton_only tests/test_torch_compile.py tests/test_torch_autograd.py tests/test_torch_nn.py tests/test_torch_inplace.py tests/test_edges.py tests/test_linear_ce.py tests/test_linear_ce_torch_api.py tests/test_distributed.py tests/test_autocast.py tests/test_linear_acc.py tests/test_torch_opinfo.py tests/test_api.py tests/test_numpy_backend.py tests/test_error_contract.py tests/test_reference.py"}
 pip_q() { "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@" 2>&1 | grep -v "^WARNING: Location" ; return "${PIPESTATUS[0]}"; }
 
 stamp="$venv/.gpuloss-compat-v1"
@@ -57,16 +59,17 @@ fi
 
 rc=0
 for combo in $combos; do
-  IFS=, read -r want_torch want_triton <<< "$combo"
-  echo "compat: $want_torch $want_triton"
-  pip_q --no-deps "$want_torch" "$want_triton" || { echo "compat: cannot install $combo" >&2; rc=1; continue; }
+  IFS=, read -r want_torch want_triton want_numpy <<< "$combo"
+  echo "compat: $want_torch $want_triton $want_numpy"
+  # shellcheck disable=SC2086
+  pip_q --no-deps "$want_torch" "$want_triton" $want_numpy || { echo "compat: cannot install $combo" >&2; rc=1; continue; }
   if ! pip_q --no-build-isolation --no-deps -e "$root" > "$venv/install.log" 2>&1; then
     cat "$venv/install.log" >&2
     rc=1
     continue
   fi
   got=$("$venv/bin/python" -c 'import torch, triton; print(torch.__version__.split("+")[0], triton.__version__)')
-  echo "compat: running with torch ${got% *}, triton ${got#* }"
+  echo "compat: running with torch ${got% *}, triton ${got#* }, numpy $("$venv/bin/python" -c 'import numpy; print(numpy.__version__)')"
   run_tests=$tests
   if [ "$main_triton" = "${got#* }" ] && [ -z "${GPULOSS_COMPAT_TESTS:-}" ]; then
     # ci/test.sh's main suite runs the Triton-only files with this triton already

@@ -75,8 +75,9 @@ def test_wheel_imports_in_clean_venv(wheel, tmp_path):
 
 def test_compat_ci_covers_the_oldest_and_newest_admitted_versions():
     """ci/compat.sh tests the lower bounds of pyproject.toml's torch and
-    triton extras and a newest pair inside the upper bounds: a range that
-    admits a version CI never runs is a promise nobody checked."""
+    triton extras and a newest pair inside the upper bounds, and numpy's lower
+    bound beside a 2.x release: a range that admits a version CI never runs is
+    a promise nobody checked."""
     import re
     from pathlib import Path
     root = Path(__file__).resolve().parent.parent
@@ -91,3 +92,8 @@ def test_compat_ci_covers_the_oldest_and_newest_admitted_versions():
         assert tested[0] == ver(lo), f"{pkg}: oldest tested {tested[0]} is not the lower bound {lo}"
         assert tested[-1] < ver(hi) and tested[-1][1] + 1 == ver(hi)[1], \
             f"{pkg}: newest tested {tested[-1]} is not the newest minor release below {hi}"
+    # numpy (gpuloss's one dependency): its lower bound, a 1.x release (value-based scalar promotion), and a 2.x
+    lo, hi = re.search(r'"numpy>=([\d.]+),<(\d+)"', py).groups()
+    tested = sorted(ver(p["numpy"]) for p in pins if "numpy" in p)
+    assert tested and tested[0] == ver(lo), f"numpy: oldest tested {tested[:1]} is not the lower bound {lo}"
+    assert tested[-1][0] == int(hi) - 1, f"numpy: no {int(hi) - 1}.x release tested ({tested})"
