@@ -67,6 +67,23 @@ def test_plan_staged_refuses_and_overrides():
     assert cb_plan.plan_staged(32000, 2, 1, 90, H100_SMEM, threads=200).threads == 256  # whole warps, a power of 2
 
 
+def test_no_clusters_where_nvrtc_lacks_st_async():
+    """The staged kernels' cluster exchange is ``st.async`` (PTX ISA 8.1): NVRTC 12.0
+    (cupy-cuda12x with nvidia-cuda-nvrtc-cu12 12.0) fails every staged module of k > 1 for
+    sm_90 ("Not a name of any known instruction: 'st.async'"); 12.1 builds them (both run
+    by hand with tests/test_cuda_sources.py).  So with 12.0 the plan takes one block per
+    row, or none (the row kernels) where one block cannot double-buffer the row."""
+    assert cb_build.staged_cluster_sizes(90, (12, 0)) == (1,)
+    assert cb_build.staged_cluster_sizes(90, (12, 1)) == (1, 2, 4, 8)
+    assert cb_build.staged_cluster_sizes(90, (13, 0)) == cb_build.staged_cluster_sizes(90) == (1, 2, 4, 8)
+    assert cb_build.staged_cluster_sizes(80, (13, 0)) == (1,)
+    assert cb_plan.plan_staged(32000, 2, 1, 90, H100_SMEM, nvrtc=(12, 0)).cluster == 1    # 62.5 KB, 1 block
+    assert cb_plan.plan_staged(32000, 4, 1, 90, H100_SMEM, nvrtc=(12, 0)) is None        # 125 KB, 2 buffers
+    assert cb_plan.plan_staged(32000, 4, 1, 90, H100_SMEM, nvrtc=(12, 1)).cluster == 2
+    assert cb_plan.plan_staged(128256, 2, 1, 90, H100_SMEM, nvrtc=(12, 0)) is None       # 250 KB
+    assert cb_plan.plan_staged(128256, 2, 1, 90, H100_SMEM, nvrtc=(12, 1)).cluster == 4
+
+
 def test_staged_grid_and_clusters():
     assert cb_plan.staged_grid(8192, 1, 132) == 132
     assert cb_plan.staged_grid(8192, 4, 32) == 128

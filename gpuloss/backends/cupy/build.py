@@ -9,6 +9,7 @@ and cached per (device, op, instantiation).
 """
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
@@ -65,8 +66,26 @@ STAGED_CLUSTER_SIZES = (1, 2, 4, 8)   #: portable cluster sizes; > 1 only on sm_
 STAGED_DTYPE_CODES = {"float32": 1, "float64": 2, "float16": 3, "bfloat16": 4}
 
 
-def staged_cluster_sizes(cc: int) -> Tuple[int, ...]:
-    return tuple(k for k in STAGED_CLUSTER_SIZES if k == 1 or cc >= 90)
+#: the oldest NVRTC whose PTX has ``st.async`` (PTX ISA 8.1), which the staged kernels'
+#: cluster exchange uses: NVRTC 12.0 fails to compile every staged module of k > 1 for sm_90
+STAGED_CLUSTER_MIN_NVRTC = (12, 1)
+
+
+def staged_cluster_sizes(cc: int, nvrtc: Optional[Tuple[int, int]] = None) -> Tuple[int, ...]:
+    """Cluster sizes of the staged kernels on ``cc``: > 1 only on sm_90 and with an NVRTC
+    (``nvrtc``: its (major, minor); None: taken as new enough) that has ``st.async``."""
+    clusters = cc >= 90 and (nvrtc is None or tuple(nvrtc) >= STAGED_CLUSTER_MIN_NVRTC)
+    return tuple(k for k in STAGED_CLUSTER_SIZES if k == 1 or clusters)
+
+
+@functools.lru_cache(maxsize=None)
+def nvrtc_version() -> Optional[Tuple[int, int]]:
+    """(major, minor) of the NVRTC that CuPy compiles with; None where it cannot be read."""
+    try:
+        from cupy.cuda import nvrtc
+        return tuple(int(v) for v in nvrtc.getVersion())[:2]
+    except Exception:  # noqa: BLE001 (no CuPy, no libnvrtc: the compile itself will say so)
+        return None
 
 
 def staged_name(op: str, dtype: str, k: int) -> str:

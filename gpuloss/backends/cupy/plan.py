@@ -113,7 +113,7 @@ class StagedPlan:
 
 def plan_staged(C: int, itemsize: int, n_inputs: int, cc: int, smem_optin: int, *, max_threads: int = 1024,
                 slice_bytes: int = STAGED_SLICE_BYTES, nbuf: Optional[int] = None,
-                threads: Optional[int] = None) -> Optional[StagedPlan]:
+                threads: Optional[int] = None, nvrtc: Optional[Tuple[int, int]] = None) -> Optional[StagedPlan]:
     """Staged launch shape for rows of ``C`` elements of ``itemsize`` bytes with ``n_inputs``
     staged inputs (2 for softmax backward), or None where the variant cannot run (before sm_80,
     or a row too long to double-buffer even over 8 blocks).
@@ -121,13 +121,15 @@ def plan_staged(C: int, itemsize: int, n_inputs: int, cc: int, smem_optin: int, 
     The smallest cluster whose per-block buffer is at most ``slice_bytes`` (else the smallest
     that double-buffers at all), as many buffers as fit up to STAGED_MAX_BUF (``nbuf``
     overrides), ~STAGED_VECS_PER_THREAD 16-byte vectors per thread (``threads`` overrides).
+    Clusters only where ``nvrtc`` (the compiler's version) can build them
+    (:func:`~gpuloss.backends.cupy.build.staged_cluster_sizes`).
     """
     if C <= 0 or C > MAX_COLS or cc < 80:
         return None
     vec = 16 // itemsize
     budget = smem_optin - STAGED_STATIC_RESERVE
     chosen = None
-    for k in staged_cluster_sizes(cc):
+    for k in staged_cluster_sizes(cc, nvrtc):
         chunk = -(-(-(-C // k)) // vec) * vec
         per_buf = chunk * itemsize * n_inputs
         if 2 * per_buf > budget:

@@ -104,7 +104,8 @@ def launch(op: str, dtype: str, R: int, C: int, args: Sequence[Any], row_arrays:
         return None
     _, cc, optin = B.device_info(cupy)
     itemsize = B.DTYPES[dtype][1]
-    plan = plan_staged(C, itemsize, 2 if op == "softmax_bwd" else 1, cc, optin, **knobs(dtype))
+    plan = plan_staged(C, itemsize, 2 if op == "softmax_bwd" else 1, cc, optin, nvrtc=B.nvrtc_version(),
+                       **knobs(dtype))
     if plan is None:
         return None
     kern = B.staged_kernel(op, dtype, plan.cluster, plan.smem_bytes)
