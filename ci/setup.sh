@@ -14,7 +14,10 @@ if [ ! -x "$venv/bin/python" ]; then
   echo "setup: creating $venv"
   "$py" -m venv "$venv"
 fi
-pip_q() { "$venv/bin/python" -m pip install -q --disable-pip-version-check "$@"; }
+# --no-compile: pip byte-compiles every module of every package it installs (torch,
+# transformers, scipy, ...: a minute of CPU here, of which the tests import a small
+# part); Python compiles what is imported, on first import (ci/test.sh lets it keep those)
+pip_q() { "$venv/bin/python" -m pip install -q --no-compile --disable-pip-version-check "$@"; }
 stamp="$venv/.gpuloss-setup-v4"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing dependencies (first run only)"

@@ -9,6 +9,11 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${GPULOSS_VENV:-$root/.venv}"
 cd "$root"
 export TRITON_INTERPRET="${TRITON_INTERPRET:-1}"
+# the venvs are installed without byte-compiling (ci/setup.sh): the first import of a
+# module writes its .pyc, which the suite's many Python processes (test subprocesses,
+# the distributed tests' workers, the compat suite) then share; with
+# PYTHONDONTWRITEBYTECODE set, each would compile torch's modules again
+unset PYTHONDONTWRITEBYTECODE
 # The oldest and newest torch/triton that pyproject.toml admits (ci/compat.sh), on
 # the second core while the suite runs here; on by default for a plain run (CI),
 # off when pytest arguments are given, GPULOSS_COMPAT=0/1 decides otherwise.
