@@ -35,7 +35,7 @@ if [ ! -f "$stamp" ]; then
   echo "compat: creating $venv"
   rm -rf "$venv"
   "$py" -m venv "$venv" || exit 1
-  pip_q --upgrade "pip>=23" "setuptools>=64,<82" wheel || exit 1
+  pip_q --upgrade "pip>=23" "setuptools>=77,<82" wheel || exit 1
   # the newest torch with its dependencies (its CUDA runtime libraries, which the
   # older torch wheels load as well); the others are swapped in without theirs
   first_torch=${combos%%,*}

@@ -21,7 +21,7 @@ pip_q() { "$venv/bin/python" -m pip install -q --no-compile --disable-pip-versio
 stamp="$venv/.gpuloss-setup-v4"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing dependencies (first run only)"
-  pip_q --upgrade "pip>=23" "setuptools>=64" wheel
+  pip_q --upgrade "pip>=23" "setuptools>=77" wheel
   pip_q "torch==2.13.0"
   # ml_dtypes: NumPy bfloat16 arrays, which gpuloss takes as NumPy arrays (tests/test_numpy_backend.py)
   pip_q "triton==3.6.0" "numpy>=1.26,<3" scipy "pytest>=7" "hypothesis>=6" "scikit-learn>=1.3" \
