@@ -604,6 +604,56 @@ def test_interpreter_masked_lanes_raise_no_numpy_warnings(rng):
     assert np.geterr()["invalid"] == "warn"  # the caller's NumPy settings are left as they were
 
 
+@pytest.mark.skipif(HAS_CUDA, reason="the interpreter's launches; the GPU suite runs threads on streams")
+def test_interpreter_launches_from_several_threads(rng):
+    """Python threads calling the Triton backend at once, under the interpreter:
+    it swaps triton.language's functions around each launch (module state), so a
+    second thread's launch failed inside the kernel; launches take turns now.
+    Every thread's loss, gradient and the fused linear CE's weight gradient
+    (chunked: the split float32 accumulation kernels) equal the same call's alone."""
+    import threading
+
+    import gpuloss
+    n, repeats = 4, 2
+    xs = [torch.from_numpy(rng.standard_normal((6, 40))).float() for _ in range(n)]
+    ts = [torch.from_numpy(rng.integers(0, 40, 6)) for _ in range(n)]
+    hs = [torch.from_numpy(rng.standard_normal((5, 8))).bfloat16() for _ in range(n)]
+    w = torch.from_numpy(rng.standard_normal((40, 8))).bfloat16()
+
+    def call(i):
+        x = xs[i].clone().requires_grad_()
+        loss = gpuloss.cross_entropy(x, ts[i], label_smoothing=0.1, backend="triton")
+        loss.backward()
+        wi = w.clone().requires_grad_()
+        lce = gpuloss.linear_cross_entropy(hs[i], wi, ts[i][:5], backend="triton", acc_dtype="float32_split",
+                                         chunk_size=2)
+        lce.backward()
+        return loss.detach(), x.grad, lce.detach(), wi.grad
+
+    alone = [call(i) for i in range(n)]
+    barrier = threading.Barrier(n)
+    got, errors = [None] * n, []
+
+    def work(i):
+        try:
+            barrier.wait(timeout=60)
+            got[i] = [call(i) for _ in range(repeats)]
+        except Exception as e:  # reported below, with the thread
+            errors.append(f"thread {i}: {type(e).__name__}: {e}")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=300)
+    assert not any(th.is_alive() for th in threads), "a thread hung"
+    assert not errors, "\n".join(errors)
+    for i in range(n):
+        for out in got[i]:
+            for a, b in zip(out, alone[i]):
+                assert torch.equal(a, b), f"thread {i}"
+
+
 @pytest.mark.skipif(HAS_CUDA, reason="the interpreter's conversion; a GPU rounds to nearest even itself")
 def test_interpreter_rounds_bf16_stores_to_nearest_even(rng):
     """Triton's interpreter converted float32 to bfloat16 by truncation (the

@@ -16,8 +16,7 @@ configuration comes from :func:`.config.launch_config` only.
 """
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from ..base import Backend
 from . import cross_entropy as _ce
@@ -25,26 +24,10 @@ from . import elementwise as _ew
 from . import kl_logits as _kl
 from . import softmax as _sm
 from . import vocab_parallel as _vp
+from .common import quiet_interpreter as _quiet_interpreter
 from .config import VARIANTS, LaunchConfig, interpret, interpreter_patches, launch_config
 
 __all__ = ["TritonBackend", "LaunchConfig", "launch_config", "VARIANTS"]
-
-
-def _quiet_interpreter(launcher: Callable) -> Callable:
-    """``launcher`` with NumPy's floating-point warnings off under
-    ``TRITON_INTERPRET=1``.  The interpreter runs the kernels as NumPy code,
-    which warns where the GPU computes IEEE results silently: masked lanes
-    form ``-inf - -inf`` or ``0 * -inf`` before a ``tl.where`` discards them.
-    Those warnings say nothing about the results, and under ``python -W
-    error`` they failed the call.  On a GPU: one environment lookup."""
-    @functools.wraps(launcher)
-    def run(*args, **kwargs):
-        if not interpret():
-            return launcher(*args, **kwargs)
-        import numpy as np
-        with np.errstate(all="ignore"):
-            return launcher(*args, **kwargs)
-    return run
 
 
 class TritonBackend(Backend):

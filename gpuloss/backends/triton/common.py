@@ -5,10 +5,36 @@ No host synchronisation anywhere: reductions stay on the device (0-d tensors).
 """
 from __future__ import annotations
 
-from typing import Any, Tuple
+import functools
+import threading
+from typing import Any, Callable, Tuple
 
 from ... import rules
-from .config import LaunchConfig
+from .config import LaunchConfig, interpret
+
+#: one launch at a time under ``TRITON_INTERPRET=1``: the interpreter swaps
+#: triton.language's functions for its NumPy versions around each launch (module
+#: state), so a launch from a second Python thread meanwhile failed inside the
+#: kernel ("Did you forget to add @triton.jit ?"); compiled kernels need no lock
+_INTERPRETER_LOCK = threading.RLock()
+
+
+def quiet_interpreter(launcher: Callable) -> Callable:
+    """``launcher`` under ``TRITON_INTERPRET=1``: one at a time across threads
+    (:data:`_INTERPRETER_LOCK`), with NumPy's floating-point warnings off.  The
+    interpreter runs the kernels as NumPy code, which warns where the GPU
+    computes IEEE results silently: masked lanes form ``-inf - -inf`` or
+    ``0 * -inf`` before a ``tl.where`` discards them.  Those warnings say
+    nothing about the results, and under ``python -W error`` they failed the
+    call.  On a GPU: one environment lookup."""
+    @functools.wraps(launcher)
+    def run(*args, **kwargs):
+        if not interpret():
+            return launcher(*args, **kwargs)
+        import numpy as np
+        with _INTERPRETER_LOCK, np.errstate(all="ignore"):
+            return launcher(*args, **kwargs)
+    return run
 
 
 def acc(torch, dtype):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+from .common import quiet_interpreter
 from .config import interpret
 
 
@@ -30,6 +31,7 @@ def _tiles(x: Any) -> dict:
     return dict(TILES[90 if cap[0] >= 9 else 80], UPCAST=False)
 
 
+@quiet_interpreter
 def split_acc_matmul(dz: Any, h: Any, hi: Any, lo: Any, first: bool) -> None:
     """(hi, lo) += dz^T @ h in float32: ``dz`` (n, V) and ``h`` (n, H) in
     bf16, ``hi`` the (V, H) bf16 gradient buffer, ``lo`` (V, H) int16.
@@ -46,6 +48,7 @@ def split_acc_matmul(dz: Any, h: Any, hi: Any, lo: Any, first: bool) -> None:
         n, V, H, FIRST=bool(first), **t)
 
 
+@quiet_interpreter
 def split_acc_finish(hi: Any, lo: Any, scale: Optional[Any]) -> Any:
     """The float32 sums times ``scale`` (None, a float or a 0-d device
     tensor), rounded once to bf16 over ``hi``; returns ``hi``."""
