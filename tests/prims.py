@@ -24,10 +24,12 @@ def prim(impl, op: str, *arrays, **kw):
     return getattr(impl, op)(*arrs, opts, want)
 
 
-def on_threads_and_streams(n: int, call, repeats: int = 3, timeout: float = 300.0) -> list:
+def on_threads_and_streams(n: int, call, repeats: int = 3, timeout: float = 300.0, streams: bool = True) -> list:
     """``call(i)`` ``repeats`` times on each of ``n`` Python threads started together (a
-    barrier), the odd ones on their own CUDA stream: the results, ``[thread][repeat]``.  Fails
-    naming a thread that raised, or if one hangs."""
+    barrier), the odd ones on their own CUDA stream (``streams``; False: no CUDA, threads
+    only): the results, ``[thread][repeat]``.  Fails naming a thread that raised, or if one
+    hangs."""
+    import contextlib
     import threading
 
     import torch
@@ -37,11 +39,12 @@ def on_threads_and_streams(n: int, call, repeats: int = 3, timeout: float = 300.
 
     def work(i):
         try:
-            stream = torch.cuda.Stream() if i % 2 else torch.cuda.current_stream()
+            stream = (torch.cuda.Stream() if i % 2 else torch.cuda.current_stream()) if streams else None
             barrier.wait(timeout=60)
-            with torch.cuda.stream(stream):
+            with torch.cuda.stream(stream) if streams else contextlib.nullcontext():
                 out = [call(i) for _ in range(repeats)]
-            stream.synchronize()
+            if streams:
+                stream.synchronize()
             results[i] = out
         except Exception as e:  # reported below, with the thread
             errors.append(f"thread {i}: {type(e).__name__}: {e}")

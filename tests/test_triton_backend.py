@@ -20,7 +20,7 @@ import pytest
 from gpuloss import reference as ref
 
 from conftest import tol
-from prims import prim
+from prims import on_threads_and_streams, prim
 
 from triton_env import DEV, HAS_CUDA, RUNS_HERE, TDT, torch
 
@@ -611,10 +611,8 @@ def test_interpreter_launches_from_several_threads(rng):
     second thread's launch failed inside the kernel; launches take turns now.
     Every thread's loss, gradient and the fused linear CE's weight gradient
     (chunked: the split float32 accumulation kernels) equal the same call's alone."""
-    import threading
-
     import gpuloss
-    n, repeats = 4, 2
+    n = 4
     xs = [torch.from_numpy(rng.standard_normal((6, 40))).float() for _ in range(n)]
     ts = [torch.from_numpy(rng.integers(0, 40, 6)) for _ in range(n)]
     hs = [torch.from_numpy(rng.standard_normal((5, 8))).bfloat16() for _ in range(n)]
@@ -631,23 +629,7 @@ def test_interpreter_launches_from_several_threads(rng):
         return loss.detach(), x.grad, lce.detach(), wi.grad
 
     alone = [call(i) for i in range(n)]
-    barrier = threading.Barrier(n)
-    got, errors = [None] * n, []
-
-    def work(i):
-        try:
-            barrier.wait(timeout=60)
-            got[i] = [call(i) for _ in range(repeats)]
-        except Exception as e:  # reported below, with the thread
-            errors.append(f"thread {i}: {type(e).__name__}: {e}")
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(n)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=300)
-    assert not any(th.is_alive() for th in threads), "a thread hung"
-    assert not errors, "\n".join(errors)
+    got = on_threads_and_streams(n, call, repeats=2, streams=False)
     for i in range(n):
         for out in got[i]:
             for a, b in zip(out, alone[i]):
