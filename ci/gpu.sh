@@ -91,8 +91,12 @@ else {
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
             && echo "ok: $(ls .whl)"
     fi
-    echo "== pip install -e ."
-    "$PY" -m pip install -q --no-build-isolation --no-deps -e . && echo ok || echo "INSTALL FAILED: gpuloss.kernels and gpuloss.bench will not import"
+    # pyproject.toml needs setuptools >= 77 (the license as an SPDX expression); the
+    # machine's own builds it, or a newer one carried in .whl (on the path first here)
+    site=""; [ -d /tmp/site ] && site="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "== pip install -e . (setuptools $(PYTHONPATH="${site:-${PYTHONPATH:-}}" "$PY" -c 'import setuptools; print(setuptools.__version__)' 2>&1))"
+    PYTHONPATH="${site:-${PYTHONPATH:-}}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . && echo ok \
+        || echo "INSTALL FAILED: gpuloss.kernels and gpuloss.bench will not import (setuptools < 77? carry a wheel in .whl)"
 } 2>&1 | tee "$OUT/install.log"
 fi
 if [ -d /tmp/site ]; then
