@@ -210,7 +210,7 @@ def check_ce_options(label_smoothing: Any, z_loss: Any, softcap: Any) -> float:
     one that is not above 0 (negative, NaN) smooths nothing."""
     label_smoothing = _number("label_smoothing", as_number(label_smoothing))
     if label_smoothing > 1.0:
-        raise ArgumentValueError(f"label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+        raise ArgumentValueError(f"label_smoothing must be between 0.0 and 1.0. Got: {label_smoothing}")  # torch's
     check_finite_number("z_loss", z_loss)
     if z_loss < 0:
         raise ArgumentValueError(f"z_loss must be >= 0, got {z_loss}")

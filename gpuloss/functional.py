@@ -287,13 +287,15 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
                                          V.as_float_dtype("loss_dtype", loss_dtype, "torch"))
     reduction, kind, device, C, ignore_index = _class_dim_call(input, target, weight, size_average, reduce,
                                                               reduction, ignore_index)
+    # the options before the target and weight, in torch's order (its label_smoothing check precedes
+    # the shapes'); a bool or 0-d tensor label_smoothing is taken, as torch takes it
+    label_smoothing = V.check_ce_options(label_smoothing, z_loss, softcap)
     caller_input = input
     (input, target, weight), ac_dtype = _fp32_op("cross_entropy", kind, device, input=input, target=target,
                                                          weight=weight)
     target = V.unbatched_index_target(target, kind, input.ndim)
     prob = V.check_ce_target("target", target, kind, input, ignore_index)
     V.check_weight("weight", weight, kind, C, input, prob)
-    label_smoothing = V.check_ce_options(label_smoothing, z_loss, softcap)  # also a bool or 0-d tensor, as torch
     V.check_bool("inplace_backward", inplace_backward)
     wants(return_grad)
     loss_dtype = V.as_float_dtype("loss_dtype", loss_dtype, kind)

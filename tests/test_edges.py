@@ -579,6 +579,11 @@ def test_label_smoothing_values_as_torch(backend, rng):
             gpuloss.linear_cross_entropy(x, W, t, label_smoothing=ls, backend=backend.name)
         with pytest.raises(ValueError, match="label_smoothing"):
             check_options(-100, "mean", ls, 0.0, None)
+    # torch checks label_smoothing before the target's shape (its message, word for word): so does gpuloss
+    for bad_target in (torch.arange(x.shape[0] + 1), torch.ones(2, 5)):
+        for f in (F.cross_entropy, lambda *a, **k: gpuloss.cross_entropy(*a, **k, backend=backend.name)):
+            with pytest.raises(RuntimeError, match=r"^label_smoothing must be between 0\.0 and 1\.0\. Got: 1\.5$"):
+                f(x, bad_target.to(x.device), label_smoothing=1.5)
 
 
 def test_integer_class_weight_with_probability_targets(backend, rng):
