@@ -92,10 +92,11 @@ else {
             && echo "ok: $(ls .whl)"
     fi
     # pyproject.toml needs setuptools >= 77 (the license as an SPDX expression); the
-    # machine's own builds it, or a newer one carried in .whl (on the path first here)
-    site=""; [ -d /tmp/site ] && site="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
-    echo "== pip install -e . (setuptools $(PYTHONPATH="${site:-${PYTHONPATH:-}}" "$PY" -c 'import setuptools; print(setuptools.__version__)' 2>&1))"
-    PYTHONPATH="${site:-${PYTHONPATH:-}}" "$PY" -m pip install -q --no-build-isolation --no-deps -e . && echo ok \
+    # machine's own builds it, or a newer one carried in .whl (on the path first here:
+    # this block runs in the pipe's subshell, the export below serves the rest)
+    [ -d /tmp/site ] && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+    echo "== pip install -e . (setuptools $("$PY" -c 'import setuptools; print(setuptools.__version__)' 2>&1))"
+    "$PY" -m pip install -q --no-build-isolation --no-deps -e . && echo ok \
         || echo "INSTALL FAILED: gpuloss.kernels and gpuloss.bench will not import (setuptools < 77? carry a wheel in .whl)"
 } 2>&1 | tee "$OUT/install.log"
 fi

@@ -29,7 +29,6 @@ def on_threads_and_streams(n: int, call, repeats: int = 3, timeout: float = 300.
     barrier), the odd ones on their own CUDA stream (``streams``; False: no CUDA, threads
     only): the results, ``[thread][repeat]``.  Fails naming a thread that raised, or if one
     hangs."""
-    import contextlib
     import threading
 
     import torch
@@ -39,11 +38,12 @@ def on_threads_and_streams(n: int, call, repeats: int = 3, timeout: float = 300.
 
     def work(i):
         try:
+            # torch.cuda.stream(None) is a no-op (no CUDA needed)
             stream = (torch.cuda.Stream() if i % 2 else torch.cuda.current_stream()) if streams else None
             barrier.wait(timeout=60)
-            with torch.cuda.stream(stream) if streams else contextlib.nullcontext():
+            with torch.cuda.stream(stream):
                 out = [call(i) for _ in range(repeats)]
-            if streams:
+            if stream is not None:
                 stream.synchronize()
             results[i] = out
         except Exception as e:  # reported below, with the thread
