@@ -25,7 +25,7 @@ py="${PYTHON:-python3}"
 # third field; NumPy 1.x promotes scalars by value, 2.x does not)
 combos=${GPULOSS_COMPAT_COMBOS:-"torch==2.14.1,triton==3.9.0,numpy==2.4.6 torch==2.11.0,triton==3.6.0,numpy==1.26.4"}
 triton_only="tests/test_triton_backend.py tests/test_triton_offsets.py tests/test_triton_packed.py tests/test_triton_resources.py"
-tests=${GPULOSS_COMPAT_TESTS:-"$triton_only tests/test_torch_compile.py tests/test_torch_autograd.py tests/test_torch_nn.py tests/test_torch_inplace.py tests/test_edges.py tests/test_linear_ce.py tests/test_linear_ce_torch_api.py tests/test_distributed.py tests/test_autocast.py tests/test_linear_acc.py tests/test_torch_opinfo.py tests/test_api.py tests/test_numpy_backend.py tests/test_error_contract.py tests/test_reference.py"}
+tests=${GPULOSS_COMPAT_TESTS:-"$triton_only tests/test_torch_compile.py tests/test_torch_opcheck.py tests/test_torch_autograd.py tests/test_torch_nn.py tests/test_torch_inplace.py tests/test_edges.py tests/test_linear_ce.py tests/test_linear_ce_torch_api.py tests/test_distributed.py tests/test_autocast.py tests/test_linear_acc.py tests/test_torch_opinfo.py tests/test_api.py tests/test_numpy_backend.py tests/test_error_contract.py tests/test_reference.py"}
 # as in ci/test.sh: imports write the .pyc that pip, installing with --no-compile as in
 # ci/setup.sh (each combination's torch and triton would be byte-compiled whole), did not
 unset PYTHONDONTWRITEBYTECODE

@@ -129,7 +129,7 @@ EOF
 # The files that exercise a GPU; the CPU-only ones (reference, NumPy backend,
 # packaging, nvcc/NVRTC compiles, the CPU benchmark, torch.compile on CPU)
 # are CPU CI's job.  CI_TEST_FILES="tests" runs everything.
-TEST_FILES=${CI_TEST_FILES:-"tests/test_api.py tests/test_backend_primitives.py tests/test_triton_backend.py tests/test_triton_offsets.py tests/test_triton_packed.py tests/test_triton_designs.py tests/test_cupy_backend.py tests/test_torch_autograd.py tests/test_torch_gpu.py tests/test_linear_ce.py tests/test_linear_acc.py tests/test_distributed.py tests/test_torch_opinfo.py"}
+TEST_FILES=${CI_TEST_FILES:-"tests/test_api.py tests/test_backend_primitives.py tests/test_triton_backend.py tests/test_triton_offsets.py tests/test_triton_packed.py tests/test_triton_designs.py tests/test_cupy_backend.py tests/test_torch_autograd.py tests/test_torch_opcheck.py tests/test_torch_gpu.py tests/test_linear_ce.py tests/test_linear_acc.py tests/test_distributed.py tests/test_torch_opinfo.py"}
 read -r -a FILES <<< "$TEST_FILES"
 PYTEST_ARGS=("${FILES[@]}" -q -rs -p no:cacheprovider)
 if "$PY" -c "import pytest_timeout" 2>/dev/null; then

@@ -70,6 +70,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake as _is_fake
 
 from . import _second_order as SO
 from . import launch, rules
@@ -279,6 +280,16 @@ def _single(fn, outputs):
 # autograd
 # ---------------------------------------------------------------------------
 
+def traced(t: Tensor) -> bool:
+    """Whether ``t``'s values are being traced rather than computed: under
+    torch.compile, or by AOTAutograd without it (``torch.library.opcheck``,
+    ``aot_function``), whose tensors are fake.  A backward must then not
+    scale a saved forward output in place: functionalization would move the
+    write into the forward graph's output, which depends on the upstream
+    gradient ("Node mul was invalid, but is output")."""
+    return torch.compiler.is_compiling() or _is_fake(t)
+
+
 def scaled_grad(saved: Tensor, g: Tensor, inplace: bool = False, differentiable: bool = False) -> Tensor:
     """``saved * g``: a gradient the forward pass saved (``(R, C)``) times the
     loss's upstream gradient (0-d for reduced losses, ``(R,)`` per row,
@@ -301,7 +312,7 @@ def scaled_grad(saved: Tensor, g: Tensor, inplace: bool = False, differentiable:
     ``differentiable``: through operations autograd differentiates in ``g``
     (``create_graph=True``), as while torch.compile traces: no ``out=``
     tensor, no CPU blocks."""
-    compiling = torch.compiler.is_compiling() or differentiable
+    compiling = traced(saved) or differentiable
     cpu = saved.device.type == "cpu" and not compiling
     if g.dim() == 1 and saved.dim() == 2:
         g = g.unsqueeze(-1)
@@ -538,7 +549,7 @@ def _loss_autograd(spec: OpSpec):
             # a backward that frees the graph scales the saved gradient in place: no second gradient-sized
             # buffer at the peak of backward (the saved one is never read again; autograd frees it now)
             keep = _keeps_graph()
-            inplace = not torch.compiler.is_compiling() and not keep
+            inplace = not keep and not any(traced(s) for _, s in wanted)
             for pos, s in wanted:
                 grads[pos] = scaled_grad(s, g_loss, inplace=inplace)
             if not keep:  # as autograd frees saved tensors: a loss kept for logging keeps no inputs
@@ -647,7 +658,8 @@ def _linear_bwd(ctx, g_loss: Tensor, *unused):
                            "retain_graph=True the first time (or allow_retain_graph=True): without it the saved "
                            "gradients are scaled in place by the upstream gradient, which saves one "
                            "gradient-sized allocation")
-    inplace = not ctx.opts.allow_retain_graph and not torch.compiler.is_compiling() and not _keeps_graph()
+    inplace = (not ctx.opts.allow_retain_graph and not _keeps_graph()
+               and not any(traced(g) for g in ctx.saved_tensors))
     ctx.consumed = inplace
     for i, (g, n) in enumerate(zip(ctx.saved_tensors, need)):
         if n and tuple(g.shape) != (0,):
