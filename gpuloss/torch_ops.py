@@ -849,10 +849,10 @@ _LEAF_MSG = ("inplace_backward=True would overwrite the logits with their gradie
 def _check_inplace_target(x: Tensor) -> None:
     """Refuse to overwrite logits that autograd still needs (see the module
     docstring).  Host-side metadata only."""
-    if torch.compiler.is_compiling():
-        # Under torch.compile the mutation is functionalized (no other node
-        # can observe it) and dynamo cannot inspect grad_fn: only the leaf
-        # rule applies.
+    if traced(x):
+        # Under torch.compile (and AOTAutograd without it: fake tensors, no
+        # storage) the mutation is functionalized (no other node can observe
+        # it) and dynamo cannot inspect grad_fn: only the leaf rule applies.
         if x.is_leaf and x.requires_grad:
             raise ArgumentValueError(_LEAF_MSG)
         return

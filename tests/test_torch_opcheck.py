@@ -143,3 +143,24 @@ def test_operators_pass_opcheck(device, backend, dtype):
                                                           for k, v in bad.items()))
     assert not failed, "\n".join(failed)
 
+
+
+def test_public_functions_under_aot_autograd_without_compile():
+    """AOTAutograd around the public functions, without torch.compile (fake
+    tensors, dynamic shapes, the min-cut partition inductor uses): gradients
+    equal eager's, the in-place gradient included (its checks read no storage
+    of a fake tensor)."""
+    from functorch.compile import aot_function, min_cut_rematerialization_partition, nop
+    torch.manual_seed(0)
+    x = torch.randn(4, 7, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(9, 7, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 7, (4,))
+    for name, fn, args in (("cross_entropy", lambda a, b: gpuloss.cross_entropy(a, b), (x, t)),
+                           ("in place", lambda a, b: gpuloss.cross_entropy(a * 2, b, inplace_backward=True), (x, t)),
+                           ("mse_loss", lambda a, b: gpuloss.mse_loss(a, b), (x, torch.ones_like(x))),
+                           ("linear", lambda a, b, c: gpuloss.linear_cross_entropy(a, b, c), (x, w, t))):
+        traced = aot_function(fn, fw_compiler=nop, bw_compiler=nop, dynamic=True,
+                              partition_fn=min_cut_rematerialization_partition)
+        diff = [a for a in args if a.requires_grad]
+        torch.testing.assert_close(torch.autograd.grad(traced(*args), diff), torch.autograd.grad(fn(*args), diff),
+                                   msg=lambda m: f"{name}: {m}")
