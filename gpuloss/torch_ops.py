@@ -438,12 +438,12 @@ _ROW_TARGET_SLOTS = {s.name: _row_target_slots(s) for s in OPS.values()}
 
 
 def _ignored_rows(spec: OpSpec, inputs) -> Tuple[Optional[int], Optional[Tensor]]:
-    """(ignore_index, class-index targets) of a per-row ("none") loss with
-    class-index targets, whose backward must give an ignored row no gradient
-    whatever its upstream gradient; (None, None) otherwise.  ``inputs``: the
-    operator's flat arguments (read in place: this runs on every call)."""
+    """(ignore_index, class-index targets) of a loss with class-index
+    targets, whose backward must give an ignored row no gradient whatever its
+    upstream gradient (:func:`kept_rows`); (None, None) otherwise.  ``inputs``:
+    the operator's flat arguments (read in place: this runs on every call)."""
     slots = _ROW_TARGET_SLOTS[spec.name]
-    if slots is None or inputs[slots[1]] != "none":
+    if slots is None:
         return None, None
     t = inputs[slots[0]]
     if t is None or t.is_floating_point():
@@ -478,11 +478,47 @@ def loss_upstream(ctx, g: Optional[Tensor]) -> Tensor:
 
 
 def kept_rows(g: Tensor, target: Tensor, ignore_index: int) -> Tensor:
-    """The per-row upstream gradient with ignored rows set to 0: torch's
-    nll_loss backward skips them, so a NaN or inf upstream there (``loss / n``
-    with ``n = 0`` on padding rows) leaves their gradient 0; saved gradient
-    (0) times it would be NaN."""
+    """The upstream gradient of each row, ignored rows 0: torch's nll_loss
+    backward skips them, so a NaN or inf upstream (``loss / n`` with ``n =
+    0``: transformers' ``num_items_in_batch`` of a step whose labels are all
+    -100, or padding rows of a per-row loss) leaves their gradient 0, where
+    the saved gradient (0) times it would be NaN.  ``g``: per row (a "none"
+    loss; returned in its shape), or 0-d (a reduced loss, whose rows all take
+    it; returned with one value per row of ``target``)."""
+    if g.dim() == 0:
+        return torch.where(target.reshape(-1) != ignore_index, g, 0)
     return torch.where(target.reshape(g.shape) != ignore_index, g, 0)
+
+
+def ignored_rows_scale(g: Tensor, target: Tensor, ignore_index: int, grad: Tensor, by_row: bool) -> Tensor:
+    """The scale of a fused linear CE's saved gradient ``grad`` for a reduced
+    loss's 0-d upstream ``g`` (:func:`kept_rows`): grad_hidden (``by_row``)
+    by row, ignored rows 0, where each row has one target; the sums over rows
+    (weight, bias; grad_hidden of the K-dimensional form, whose rows have
+    several) 0 where every target is ignored: they are then exactly 0, as
+    torch's, where a NaN or inf upstream would make them NaN."""
+    if by_row and target.numel() == grad[..., 0].numel():
+        return kept_rows(g, target, ignore_index).reshape(*grad.shape[:-1], 1)
+    return torch.where((target != ignore_index).any(), g, 0)
+
+
+def stash_target(ctx, target: Optional[Tensor]) -> list:
+    """``[target]`` for ``ctx.save_for_backward`` (none for None), read back by
+    :func:`stashed_target`.  An inference tensor (targets from a data
+    pipeline under torch.inference_mode) cannot be saved for backward; it is
+    kept as a plain reference instead, which is safe: outside inference mode
+    nothing can change it in place.  (dynamo cannot trace ``is_inference``;
+    a compiled graph gets no inference tensors.)"""
+    ctx.inference_target = None
+    if target is not None and not torch.compiler.is_compiling() and target.is_inference():
+        ctx.inference_target = target
+        return []
+    return [] if target is None else [target]
+
+
+def stashed_target(ctx, saved: Sequence[Tensor]) -> Tensor:
+    """The target :func:`stash_target` kept: its own, else ``saved[-1]``."""
+    return ctx.inference_target if ctx.inference_target is not None else saved[-1]
 
 
 def _constant_gradient(spec: OpSpec, inputs) -> bool:
@@ -534,18 +570,19 @@ def _loss_autograd(spec: OpSpec):
             ctx.kept = None
         else:
             ctx.kept = inputs[0] if ctx.constant else SO.keep(spec.name, inputs[:n_arrays])
-        ctx.save_for_backward(*saved, *([] if target is None else [target]))
+        ctx.save_for_backward(*saved, *stash_target(ctx, target))
         no_zero_grads(ctx, output)
 
     def backward(ctx, g_loss, *unused):
         grads: List[Optional[Tensor]] = [None] * ctx.n_inputs
         g_loss = loss_upstream(ctx, g_loss)
         saved = ctx.saved_tensors
-        if ctx.ignore_index is not None:
-            g_loss = kept_rows(g_loss, saved[-1], ctx.ignore_index)
+        first = not torch.is_grad_enabled() or torch.compiler.is_compiling()
+        if ctx.ignore_index is not None and (first or g_loss.dim() > 0):
+            g_loss = kept_rows(g_loss, stashed_target(ctx, saved), ctx.ignore_index)
         wanted = [(pos, s) for pos, present, s in zip(positions, ctx.present, saved)
                   if present and ctx.needs_input_grad[pos]]
-        if not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if first:
             # a backward that frees the graph scales the saved gradient in place: no second gradient-sized
             # buffer at the peak of backward (the saved one is never read again; autograd frees it now)
             keep = _keeps_graph()
@@ -628,7 +665,11 @@ def _linear_setup(ctx, inputs, output) -> None:
     ctx.dtypes = [None if a is None else a.dtype for a in arrays[:3]]
     ctx.none = opts.reduction == "none"
     ctx.consumed = False
-    ctx.save_for_backward(*(arrays if ctx.none else output[1:]))
+    target = arrays[spec.arrays.index("target")]
+    # "mean"/"sum" with class-index targets: those too, for the ignored rows (ignored_rows_scale)
+    ctx.rows = not ctx.none and not target.is_floating_point()
+    kept = stash_target(ctx, target if ctx.rows else None)
+    ctx.save_for_backward(*(arrays if ctx.none else list(output[1:4]) + kept))
     no_zero_grads(ctx, output)
 
 
@@ -658,13 +699,15 @@ def _linear_bwd(ctx, g_loss: Tensor, *unused):
                            "retain_graph=True the first time (or allow_retain_graph=True): without it the saved "
                            "gradients are scaled in place by the upstream gradient, which saves one "
                            "gradient-sized allocation")
-    inplace = (not ctx.opts.allow_retain_graph and not _keeps_graph()
-               and not any(traced(g) for g in ctx.saved_tensors))
+    saved = ctx.saved_tensors  # unpacked once: the loop scales them in place
+    inplace = not ctx.opts.allow_retain_graph and not _keeps_graph() and not any(traced(g) for g in saved[:3])
     ctx.consumed = inplace
-    for i, (g, n) in enumerate(zip(ctx.saved_tensors, need)):
+    for i, (g, n) in enumerate(zip(saved[:3], need)):
         if n and tuple(g.shape) != (0,):
+            scale = ignored_rows_scale(g_loss, stashed_target(ctx, saved), ctx.opts.ignore_index, g, i == 0) \
+                if ctx.rows else g_loss
             # float32 for float16 operands (see _output_meta): scaled, then rounded once
-            grads[i] = scaled_grad(g, g_loss, inplace=inplace).to(ctx.dtypes[i])
+            grads[i] = scaled_grad(g, scale, inplace=inplace).to(ctx.dtypes[i])
     return first_order("linear_cross_entropy", grads)
 
 
@@ -822,7 +865,7 @@ class _InplaceFn(torch.autograd.Function):
         # x is saved *after* the write: its version now is the one backward
         # expects; any later in-place change to the buffer is caught on unpack
         ctx.ignore_index, target = _ignored_rows(spec, packed)
-        ctx.save_for_backward(x, gt, *([] if target is None else [target]))
+        ctx.save_for_backward(x, gt, *stash_target(ctx, target))
         ctx.want_gt = bool(want.grad_target)
         ctx.n, ctx.op = len(arrays), op
         no_zero_grads(ctx, outs)
@@ -833,7 +876,7 @@ class _InplaceFn(torch.autograd.Function):
         g_loss = loss_upstream(ctx, g_loss)
         grad, gt = ctx.saved_tensors[:2]
         if ctx.ignore_index is not None:
-            g_loss = kept_rows(g_loss, ctx.saved_tensors[2], ctx.ignore_index)
+            g_loss = kept_rows(g_loss, stashed_target(ctx, ctx.saved_tensors), ctx.ignore_index)
         # scale in place: the buffer is ours now and the gradient is handed on
         # without a second N x C allocation
         gx = scaled_grad(grad, g_loss, inplace=True) if ctx.needs_input_grad[5] else None

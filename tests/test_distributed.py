@@ -284,6 +284,20 @@ def _all_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: s
     loss = _ce_case(chk, "all ignored mean", X, T, rank, bounds, device, label_smoothing=0.1)
     chk.true("all ignored mean is nan", bool(torch.isnan(loss)))
     _ce_case(chk, "all ignored sum", X, T, rank, bounds, device, reduction="sum", z_loss=1e-2)
+    # ... divided by a count of 0 (transformers' num_items_in_batch of a step with no scored token): the
+    # upstream gradient is inf, every gradient 0 (torch's nll_loss backward skips ignored rows), not NaN
+    s, e = bounds[rank]
+    x = torch.tensor(X[:, s:e], device=device, requires_grad=True)
+    t = torch.from_numpy(T).to(device)
+    zero = torch.zeros((), dtype=torch.float64, device=device)
+    (D.vocab_parallel_cross_entropy(x, t, reduction="sum", label_smoothing=0.1) / zero).backward()
+    chk.true("all ignored, sum / 0: grad 0", not x.grad.any().item(), str(x.grad))
+    g = torch.Generator().manual_seed(11)  # the same on every rank
+    h = torch.randn(N, 4, generator=g, dtype=torch.float64).to(device).requires_grad_()
+    w = (torch.randn(sum(sizes), 4, generator=g, dtype=torch.float64)[s:e]).to(device).requires_grad_()
+    b = torch.randn(sum(sizes), generator=g, dtype=torch.float64)[s:e].to(device).requires_grad_()
+    (D.vocab_parallel_linear_cross_entropy(h, w, t, local_bias=b, reduction="sum") / zero).backward()
+    chk.true("linear, all ignored, sum / 0: grads 0", not (h.grad.any() or w.grad.any() or b.grad.any()).item())
 
     # --- float32 and bfloat16 storage ----------------------------------------
     T = _targets(rng, N, V)

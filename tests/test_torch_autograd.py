@@ -373,6 +373,49 @@ def test_nan_upstream_at_ignored_rows_leaves_their_gradient_zero(backend, rng):
                                    err_msg=name)
 
 
+def test_inf_upstream_of_a_reduced_loss_leaves_ignored_rows_zero(backend, rng):
+    """A "sum" loss divided by a count of 0 (transformers' ``num_items_in_batch``
+    when every label of an optimizer step is -100): the upstream gradient is
+    inf, and torch's backward leaves every ignored row 0, and so every
+    gradient 0 when all rows are ignored (with saved gradient (0) times inf,
+    every weight of the model became NaN).  Partly ignored: the ignored rows
+    are 0.  Every class-index loss, in place and fused linear (hidden, weight
+    and bias) too."""
+    import torch.nn.functional as F
+    dev = backend.device
+    N, C, H = 6, 11, 5
+    x_np = rng.standard_normal((N, C))
+    h_np, lw_np, lb_np = rng.standard_normal((N, H)), rng.standard_normal((C, H)), rng.standard_normal(C)
+    w = T(rng.uniform(0.5, 1.5, C), device=dev)
+    kw = dict(reduction="sum", backend=backend.name)
+    for ignored in ([1, 4], list(range(N))):
+        t_np = rng.integers(0, C, N)
+        t_np[ignored] = -100
+        t = T(t_np, device=dev)
+        cases = [
+            ("cross_entropy", lambda x: gpuloss.cross_entropy(x, t, w, label_smoothing=0.1, **kw),
+             lambda x: F.cross_entropy(x, t, w, label_smoothing=0.1, reduction="sum")),
+            ("in place", lambda x: gpuloss.cross_entropy(x * 1, t, inplace_backward=True, **kw),
+             lambda x: F.cross_entropy(x * 1, t, reduction="sum")),
+            ("nll_loss", lambda x: gpuloss.nll_loss(x, t, w, **kw), lambda x: F.nll_loss(x, t, w, reduction="sum")),
+            ("linear", lambda x, lw, lb: gpuloss.linear_cross_entropy(x, lw, t, linear_bias=lb, **kw),
+             lambda x, lw, lb: F.cross_entropy(F.linear(x, lw, lb), t, reduction="sum")),
+        ]
+        for name, ours, theirs in cases:
+            srcs = (h_np, lw_np, lb_np) if name == "linear" else (x_np,)
+            a = [T(v, device=dev, requires_grad=True) for v in srcs]
+            b = [T(v, device=dev, requires_grad=True) for v in srcs]
+            zero = torch.zeros((), dtype=torch.float64, device=dev)
+            (ours(*a) / zero).backward()
+            (theirs(*b) / zero).backward()
+            what = f"{name}, rows {ignored} ignored"
+            np.testing.assert_array_equal(a[0].grad[ignored].cpu().numpy(), 0.0, err_msg=what)
+            np.testing.assert_array_equal(b[0].grad[ignored].cpu().numpy(), 0.0, err_msg=what)
+            if len(ignored) == N:  # every gradient 0, as torch's
+                for ga, gb in zip(a, b):
+                    np.testing.assert_array_equal(ga.grad.cpu().numpy(), gb.grad.cpu().numpy(), err_msg=what)
+
+
 def test_repeated_runs_are_identical(rng):
     x_np = rng.standard_normal((8, 50)) * 3
     t_np = rng.integers(0, 50, 8)
@@ -673,6 +716,8 @@ def test_inference_mode_targets_and_weights_in_a_differentiable_call():
     x = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
     calls = [(lambda z: gpuloss.cross_entropy(z, t, weight=w, label_smoothing=0.1),
               lambda z: torch.nn.functional.cross_entropy(z, t.clone(), weight=w.clone(), label_smoothing=0.1)),
+             (lambda z: gpuloss.cross_entropy(z, t, reduction="none").sum(),
+              lambda z: torch.nn.functional.cross_entropy(z, t.clone(), reduction="none").sum()),
              (lambda z: gpuloss.cross_entropy(z, p), lambda z: torch.nn.functional.cross_entropy(z, p.clone())),
              (lambda z: gpuloss.binary_cross_entropy_with_logits(z, p, pos_weight=w),
               lambda z: torch.nn.functional.binary_cross_entropy_with_logits(z, p.clone(), pos_weight=w.clone()))]

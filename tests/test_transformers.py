@@ -223,6 +223,24 @@ def test_loss_kwargs(rng, mode, case):
 
 
 @pytest.mark.parametrize("mode", MODES)
+def test_a_step_without_scored_tokens_gives_zero_gradients(rng, mode):
+    """Every label -100 and ``num_items_in_batch`` 0 (a gradient-accumulation
+    step of prompt-only rows): transformers' loss is 0 / 0 and every gradient
+    exactly 0, as here; before, the upstream inf times the saved zeros made
+    every gradient NaN, and Trainer's step left every weight NaN."""
+    base = _model("llama", dtype=torch.float64)
+    ids, _ = _batch(rng)
+    labels = torch.full_like(ids, -100)
+    ref_model = copy.deepcopy(base)
+    ref_model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(0)).loss.backward()
+    model = _patched(base, mode)
+    model(input_ids=ids, labels=labels, num_items_in_batch=torch.tensor(0)).loss.backward()
+    for (name, p), q in zip(model.named_parameters(), ref_model.parameters()):
+        assert q.grad is None or not q.grad.any(), name
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or not p.grad.any()), name
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_moe_auxiliary_loss_is_kept(rng, mode):
     """Mixtral with output_router_logits: the model's own forward still adds
     its router loss to gpuloss's (fp32: its grouped expert matmul has no fp64)."""

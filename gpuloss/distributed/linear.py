@@ -10,7 +10,8 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .. import _autocast as AC
-from ..torch_ops import first_order, loss_upstream, no_zero_grads
+from ..torch_ops import first_order, ignored_rows_scale, loss_upstream, no_zero_grads, stash_target, \
+    stashed_target
 from . import local as L
 from .layout import VocabLayout, linear_errors, local_rows, resolve_layout
 from .ops import LAYOUT_ARGS, OPTION_ARGS
@@ -240,7 +241,8 @@ def _linear_setup(ctx, inputs, output) -> None:
     # the backward operator's arguments: the forward's, without validate
     ctx.args = inputs[4:8] + inputs[9:]
     if ctx.reduction != "none":
-        ctx.save_for_backward(*output[2:])
+        ctx.ignore_index = inputs[9]
+        ctx.save_for_backward(*output[2:], *stash_target(ctx, target))  # ignored rows (ignored_rows_scale)
     else:
         ctx.save_for_backward(hidden, local_weight, local_bias, target, output[1])
     no_zero_grads(ctx, output)
@@ -253,7 +255,11 @@ def _linear_backward(ctx, grad_output: Tensor, *_unused):
     grad_output = loss_upstream(ctx, grad_output)  # None on this rank: it still joins the all-reduce
     if ctx.reduction != "none":
         go = grad_output.to(L.compute_dtype(ctx.dtypes[0]))
-        grads = [g * go if n else None for g, n in zip(ctx.saved_tensors, ctx.need)]
+        saved = ctx.saved_tensors[:3]
+        target = stashed_target(ctx, ctx.saved_tensors)
+        # ignored rows take no gradient whatever the upstream
+        grads = [g * ignored_rows_scale(go, target, ctx.ignore_index, g, i == 0) if n else None
+                 for i, (g, n) in enumerate(zip(saved, ctx.need))]
     elif any(ctx.need):
         hidden, w, b, target, lse = ctx.saved_tensors
         grads = torch.ops.gpuloss.vocab_parallel_linear_cross_entropy_backward(

@@ -17,7 +17,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from ..torch_ops import first_order, kept_rows, loss_upstream, no_zero_grads, scaled_grad
+from ..torch_ops import first_order, kept_rows, loss_upstream, no_zero_grads, scaled_grad, stash_target, \
+    stashed_target
 from . import local as L
 from .layout import VocabLayout, logits_errors, resolve_layout
 
@@ -130,8 +131,8 @@ def _ce_setup(ctx, inputs, output) -> None:
     ctx.dtype = local_logits.dtype
     ctx.want_grad = want_grad  # False: output[1] is the empty placeholder
     ctx.ignore_index = inputs[7]
-    # "none": the targets too, whose ignored rows take no upstream gradient
-    ctx.save_for_backward(output[1], *([inputs[1]] if reduction == "none" else []))
+    # the targets too, whose ignored rows take no upstream gradient (kept_rows)
+    ctx.save_for_backward(output[1], *stash_target(ctx, inputs[1]))
     no_zero_grads(ctx, output)
 
 
@@ -145,8 +146,8 @@ def _ce_backward(ctx, grad_output: Tensor, _unused):
     grad_output = loss_upstream(ctx, grad_output)
     if ctx.want_grad and ctx.needs_input_grad[0]:
         go = grad_output.to(L.compute_dtype(grad.dtype))
-        if ctx.reduction == "none":
-            go = kept_rows(go.reshape(-1), ctx.saved_tensors[1], ctx.ignore_index)
+        go = kept_rows(go.reshape(-1) if ctx.reduction == "none" else go, stashed_target(ctx, ctx.saved_tensors),
+                       ctx.ignore_index)
         # the product in the compute dtype, rounded once, without a float32 copy of grad
         gx = scaled_grad(grad, go).to(ctx.dtype).reshape(ctx.shape)
     return first_order("vocab_parallel_cross_entropy", (gx,) + (None,) * (ctx.n_inputs - 1))
