@@ -337,11 +337,27 @@ def test_autograd_on_every_backend(backend, rng):
 
 # ------------------------------------------------------------------ behaviour
 
+def _ignored_rows_cases(t, w, reduction: str, backend: str):
+    """(name, gpuloss's loss, torch's) for every class-index loss, in place and
+    fused linear too (that one of (hidden, weight, bias), the others of the
+    logits), for the ignored-rows tests below."""
+    import torch.nn.functional as F
+    kw = dict(reduction=reduction, backend=backend)
+    return [
+        ("cross_entropy", lambda x: gpuloss.cross_entropy(x, t, w, label_smoothing=0.1, **kw),
+         lambda x: F.cross_entropy(x, t, w, label_smoothing=0.1, reduction=reduction)),
+        ("in place", lambda x: gpuloss.cross_entropy(x * 1, t, inplace_backward=True, **kw),
+         lambda x: F.cross_entropy(x * 1, t, reduction=reduction)),
+        ("nll_loss", lambda x: gpuloss.nll_loss(x, t, w, **kw), lambda x: F.nll_loss(x, t, w, reduction=reduction)),
+        ("linear", lambda x, lw, lb: gpuloss.linear_cross_entropy(x, lw, t, linear_bias=lb, **kw),
+         lambda x, lw, lb: F.cross_entropy(F.linear(x, lw, lb), t, reduction=reduction)),
+    ]
+
+
 def test_nan_upstream_at_ignored_rows_leaves_their_gradient_zero(backend, rng):
     """reduction="none" with an upstream gradient that is NaN or inf at ignored rows (``loss / n``
     with ``n = 0`` on padding): torch's nll_loss backward skips those rows, so their gradient is
     0, not saved gradient (0) times NaN.  Every class-index loss, in place and fused linear too."""
-    import torch.nn.functional as F
     dev = backend.device
     N, C, H = 6, 11, 5
     x_np = rng.standard_normal((N, C))
@@ -351,25 +367,15 @@ def test_nan_upstream_at_ignored_rows_leaves_their_gradient_zero(backend, rng):
     go[1], go[4] = np.nan, np.inf
     t, g = T(t_np, device=dev), T(go, device=dev)
     w = T(rng.uniform(0.5, 1.5, C), device=dev)
-    h_np, lw_np = rng.standard_normal((N, H)), rng.standard_normal((C, H))
-    kw = dict(reduction="none", backend=backend.name)
-    cases = [
-        ("cross_entropy", lambda x: gpuloss.cross_entropy(x, t, w, label_smoothing=0.1, **kw),
-         lambda x: F.cross_entropy(x, t, w, label_smoothing=0.1, reduction="none")),
-        ("in place", lambda x: gpuloss.cross_entropy(x * 1, t, inplace_backward=True, **kw),
-         lambda x: F.cross_entropy(x * 1, t, reduction="none")),
-        ("nll_loss", lambda x: gpuloss.nll_loss(x, t, w, **kw), lambda x: F.nll_loss(x, t, w, reduction="none")),
-        ("linear", lambda x: gpuloss.linear_cross_entropy(x, T(lw_np, device=dev), t, **kw),
-         lambda x: F.cross_entropy(F.linear(x, T(lw_np, device=dev)), t, reduction="none")),
-    ]
-    for name, ours, theirs in cases:
-        src = h_np if name == "linear" else x_np
-        a = T(src, device=dev, requires_grad=True)
-        b = T(src, device=dev, requires_grad=True)
-        ours(a).backward(g)
-        theirs(b).backward(g)
-        assert torch.isfinite(a.grad).all(), name
-        np.testing.assert_allclose(a.grad.cpu().numpy(), b.grad.cpu().numpy(), rtol=1e-12, atol=1e-12,
+    h_np, lw_np, lb_np = rng.standard_normal((N, H)), rng.standard_normal((C, H)), rng.standard_normal(C)
+    for name, ours, theirs in _ignored_rows_cases(t, w, "none", backend.name):
+        srcs = (h_np, lw_np, lb_np) if name == "linear" else (x_np,)
+        a = [T(v, device=dev, requires_grad=True) for v in srcs]
+        b = [T(v, device=dev, requires_grad=True) for v in srcs]
+        ours(*a).backward(g)
+        theirs(*b).backward(g)
+        assert torch.isfinite(a[0].grad).all(), name
+        np.testing.assert_allclose(a[0].grad.cpu().numpy(), b[0].grad.cpu().numpy(), rtol=1e-12, atol=1e-12,
                                    err_msg=name)
 
 
@@ -381,27 +387,16 @@ def test_inf_upstream_of_a_reduced_loss_leaves_ignored_rows_zero(backend, rng):
     every weight of the model became NaN).  Partly ignored: the ignored rows
     are 0.  Every class-index loss, in place and fused linear (hidden, weight
     and bias) too."""
-    import torch.nn.functional as F
     dev = backend.device
     N, C, H = 6, 11, 5
     x_np = rng.standard_normal((N, C))
     h_np, lw_np, lb_np = rng.standard_normal((N, H)), rng.standard_normal((C, H)), rng.standard_normal(C)
     w = T(rng.uniform(0.5, 1.5, C), device=dev)
-    kw = dict(reduction="sum", backend=backend.name)
     for ignored in ([1, 4], list(range(N))):
         t_np = rng.integers(0, C, N)
         t_np[ignored] = -100
         t = T(t_np, device=dev)
-        cases = [
-            ("cross_entropy", lambda x: gpuloss.cross_entropy(x, t, w, label_smoothing=0.1, **kw),
-             lambda x: F.cross_entropy(x, t, w, label_smoothing=0.1, reduction="sum")),
-            ("in place", lambda x: gpuloss.cross_entropy(x * 1, t, inplace_backward=True, **kw),
-             lambda x: F.cross_entropy(x * 1, t, reduction="sum")),
-            ("nll_loss", lambda x: gpuloss.nll_loss(x, t, w, **kw), lambda x: F.nll_loss(x, t, w, reduction="sum")),
-            ("linear", lambda x, lw, lb: gpuloss.linear_cross_entropy(x, lw, t, linear_bias=lb, **kw),
-             lambda x, lw, lb: F.cross_entropy(F.linear(x, lw, lb), t, reduction="sum")),
-        ]
-        for name, ours, theirs in cases:
+        for name, ours, theirs in _ignored_rows_cases(t, w, "sum", backend.name):
             srcs = (h_np, lw_np, lb_np) if name == "linear" else (x_np,)
             a = [T(v, device=dev, requires_grad=True) for v in srcs]
             b = [T(v, device=dev, requires_grad=True) for v in srcs]

@@ -144,7 +144,6 @@ def test_operators_pass_opcheck(device, backend, dtype):
     assert not failed, "\n".join(failed)
 
 
-
 def test_public_functions_under_aot_autograd_without_compile():
     """AOTAutograd around the public functions, without torch.compile (fake
     tensors, dynamic shapes, the min-cut partition inductor uses): gradients
