@@ -197,3 +197,79 @@ def test_return_grad_in_place_bumps_the_version_counter(rng):
     assert res.grad.data_ptr() == logits.data_ptr() and logits._version > before
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         aux.backward()
+
+
+def _transposed(x):
+    return x.t().contiguous().t()  # (N, C) with strides (1, N)
+
+
+def _strided_columns(x):
+    return x.repeat_interleave(2, 1)[:, ::2]  # (N, C) with strides (2C, 2)
+
+
+def _class_dim_1(x):
+    return x.reshape(2, N // 2, C).transpose(1, 2).contiguous()  # (2, C, N/2), contiguous: the class dimension not last
+
+
+@pytest.mark.parametrize("layout", [_transposed, _strided_columns, _class_dim_1], ids=lambda f: f.__name__[1:])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_logits_the_op_copies_get_the_gradient_too(backend, rng, layout, reduction):
+    """Where the op works on a copy of the logits (not row-major rows), the
+    gradient still ends up in the logits, as where it works on them in place:
+    the call's gradient after the call, backward's (scaled) after backward."""
+    h, W, t = _setup(rng, torch.float32)
+    h, W, t = h.to(backend.device), W.detach().to(backend.device).requires_grad_(), t.to(backend.device)
+    logits = layout(torch.nn.functional.linear(h, W))
+
+    def as_rows(x):
+        return (x if x.ndim == 2 else x.transpose(1, 2).reshape(N, C)).detach().cpu().double().numpy()
+
+    z, t_np = as_rows(logits), t.cpu().numpy()
+    opts = dict(label_smoothing=0.1, z_loss=1e-2, ignore_index=int(t_np[0]))
+    loss = gpuloss.cross_entropy(logits, t if logits.ndim == 2 else t.reshape(2, N // 2), reduction=reduction,
+                                 inplace_backward=True, backend=backend.name, **opts)
+    g1, _ = R.cross_entropy_grad(z, t_np, reduction=reduction, **opts)
+    np.testing.assert_allclose(as_rows(logits), g1, **tol("float32"))
+    go = rng.uniform(0.5, 2.0, np.shape(loss))
+    loss.backward(torch.from_numpy(np.asarray(go)).to(backend.device, torch.float32))
+    g, _ = R.cross_entropy_grad(z, t_np, reduction=reduction, **opts, grad_output=go.reshape(-1))
+    np.testing.assert_allclose(W.grad.cpu().double().numpy(), g.T @ h.cpu().double().numpy(), **tol("float32"))
+    np.testing.assert_allclose(as_rows(logits), g, **tol("float32"))
+
+
+def test_copied_logits_saved_by_their_producer_or_a_leaf_are_refused(rng):
+    """The write into logits the op copies is refused where it is for logits
+    it works on in place."""
+    h, W, t = _setup(rng)
+    logits = torch.exp(_transposed(torch.nn.functional.linear(h, W)))  # exp saves its (transposed) output
+    before = logits.detach().clone()
+    with pytest.raises(ValueError, match="saved them for its own backward"):
+        gpuloss.cross_entropy(logits, t, inplace_backward=True)
+    assert torch.equal(logits.detach(), before)
+    leaf = torch.from_numpy(rng.standard_normal((C, N))).requires_grad_()
+    with pytest.raises(ValueError, match="leaf tensor that requires grad"):
+        gpuloss.cross_entropy(leaf.t(), t, inplace_backward=True)
+
+
+def test_logits_the_op_copies_get_the_gradient_when_compiled(rng):
+    """The same under torch.compile(fullgraph=True): eager's loss and
+    gradients, and the call's gradient in the (transposed) logits."""
+    import torch._dynamo as dynamo
+    h, W, t = _setup(rng, torch.float32)
+
+    def step(h, W):
+        logits = _transposed(torch.nn.functional.linear(h, W))
+        return gpuloss.cross_entropy(logits, t, z_loss=1e-2, inplace_backward=True), logits
+
+    dynamo.reset()
+    got = []
+    for fn in (step, torch.compile(step, fullgraph=True, backend="aot_eager")):
+        W.grad = None
+        loss, logits = fn(h, W)
+        after_call = logits.detach().clone()
+        loss.backward()
+        got.append((loss.detach(), W.grad.clone(), after_call))
+    g1, _ = R.cross_entropy_grad((h @ W.detach().t()).double().numpy(), t.numpy(), z_loss=1e-2)
+    np.testing.assert_allclose(got[0][2].double().numpy(), g1, **tol("float32"))
+    for a, b in zip(got[1], got[0]):
+        torch.testing.assert_close(a, b, **tol("float32"))
