@@ -186,6 +186,14 @@ def _autocast_case(chk, X, T, rank, bounds, device) -> None:
     gl = R.cross_entropy_grad(logits, T)[0]
     chk.close("autocast linear: grad_hidden", _np(h.grad), gl @ Wb, "bfloat16")
     chk.close("autocast linear: grad_weight", _np(w.grad), (gl.T @ hb)[s:e], "bfloat16")
+    # loss_dtype, as gpuloss.cross_entropy's: bf16 operands, the loss as accumulated (not rounded to bf16)
+    loss = vocab_parallel_cross_entropy(x.detach(), t, label_smoothing=0.1, loss_dtype=torch.float32)
+    chk.true("loss_dtype: float32", loss.dtype == torch.float32, str(loss.dtype))
+    chk.close("loss_dtype: loss", _np(loss), R.cross_entropy(Xd, T, label_smoothing=0.1), "float32")
+    hb16, wb16 = Hd.bfloat16().to(device), W[s:e].bfloat16().to(device)
+    loss = vocab_parallel_linear_cross_entropy(hb16, wb16, t, chunk_size=4, loss_dtype=torch.float32)
+    chk.true("loss_dtype linear: float32", loss.dtype == torch.float32, str(loss.dtype))
+    chk.close("loss_dtype linear: loss", _np(loss), R.cross_entropy(logits, T), "float32")
 
 
 def _float16_scaled_case(chk, T, rank, bounds, device, V) -> None:
@@ -1031,6 +1039,10 @@ def test_bad_options_raise_before_any_collective():
         vocab_parallel_cross_entropy(x, t, label_smoothing=1.5)
     with pytest.raises(ValueError, match="z_loss"):
         vocab_parallel_cross_entropy(x, t, z_loss=-1.0)
+    with pytest.raises(TypeError, match="loss_dtype must be"):
+        vocab_parallel_cross_entropy(x, t, loss_dtype=torch.int64)
+    with pytest.raises(TypeError, match="loss_dtype must be"):
+        vocab_parallel_linear_cross_entropy(x, x, t, loss_dtype="float32")
     with pytest.raises(ValueError, match="softcap"):
         vocab_parallel_cross_entropy(x, t, softcap=0.0)
     with pytest.raises(ValueError, match="chunk_size"):

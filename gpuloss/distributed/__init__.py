@@ -125,7 +125,8 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=Non
                                  vocab_start: Optional[int] = None, vocab_sizes: Optional[Sequence[int]] = None,
                                  vocab_size: Optional[int] = None, ignore_index: int = -100,
                                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                                 softcap: Optional[float] = None, validate: bool = True) -> Tensor:
+                                 softcap: Optional[float] = None, validate: bool = True,
+                                 loss_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Cross-entropy over a vocabulary sharded across the ranks of ``group``.
 
     Parameters
@@ -150,11 +151,13 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=Non
     validate : check the layout and the targets on every rank with one small
         all-gather and one host read (see the module docstring); False for
         the hot path.
+    loss_dtype : the loss's dtype, as :func:`gpuloss.cross_entropy`'s: e.g.
+        float32 for bf16 logits gives the loss as accumulated, unrounded.
 
     Returns
     -------
-    The loss, the same on every rank, in the logits' dtype (float32 for
-    16-bit logits under ``torch.autocast``, as torch's): 0-d for "mean"
+    The loss, the same on every rank, in ``loss_dtype`` or else the logits'
+    dtype (float32 for 16-bit logits under ``torch.autocast``, as torch's): 0-d for "mean"
     and "sum" ("mean" divides by the number of non-ignored rows: nan when
     there are none), ``target``'s shape for "none".  Backpropagates into
     ``local_logits`` (this rank's slice of the exact gradient).
@@ -167,6 +170,7 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=Non
     if not isinstance(local_logits, Tensor) or not local_logits.is_floating_point() or local_logits.ndim < 1:
         raise ArgumentTypeError("local_logits must be a floating torch tensor with at least one dimension")
     require_target(target)
+    loss_dtype = V.as_float_dtype("loss_dtype", loss_dtype, "torch")
     TR.refuse_transformed("vocab_parallel_cross_entropy", local_logits, target)
     name = group_name(group)
     vocab_start, vocab_size, vocab_sizes = layout_arguments(vocab_start, vocab_size, vocab_sizes)
@@ -175,13 +179,16 @@ def vocab_parallel_cross_entropy(local_logits: Tensor, target: Tensor, group=Non
         local_logits, target, name, vocab_start, vocab_sizes, vocab_size, bool(validate), ignore_index, reduction,
         float(label_smoothing), float(z_loss), None if softcap is None else float(softcap), _CHUNK_ELEMENTS,
         want_grad)
-    return _loss_dtype(loss, local_logits)
+    return _loss_dtype(loss, local_logits, loss_dtype)
 
 
-def _loss_dtype(loss: Tensor, logits_like: Tensor) -> Tensor:
-    """The operator's loss (compute dtype) in the logits' dtype, as torch's
-    cross_entropy gives it; in float32 under torch.autocast for 16-bit
-    logits, as autocast gives torch's (gpuloss._autocast)."""
+def _loss_dtype(loss: Tensor, logits_like: Tensor, loss_dtype: Optional[torch.dtype]) -> Tensor:
+    """The operator's loss (compute dtype) in ``loss_dtype`` or else the
+    logits' dtype, as torch's cross_entropy gives it; in float32 under
+    torch.autocast for 16-bit logits, as autocast gives torch's
+    (gpuloss._autocast)."""
+    if loss_dtype is not None:
+        return loss.to(loss_dtype)
     _, fp32 = AC.fp32_op("cross_entropy", "torch", str(logits_like.device), {"input": logits_like})
     return loss.to(fp32 or logits_like.dtype)
 
@@ -192,7 +199,8 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
                                         vocab_size: Optional[int] = None, ignore_index: int = -100,
                                         reduction: str = "mean", label_smoothing: float = 0.0,
                                         z_loss: float = 0.0, softcap: Optional[float] = None,
-                                        chunk_size: Optional[int] = None, validate: bool = True) -> Tensor:
+                                        chunk_size: Optional[int] = None, validate: bool = True,
+                                        loss_dtype: Optional[torch.dtype] = None) -> Tensor:
     """Cross-entropy of ``hidden @ W.T + b`` with ``W`` sharded by vocabulary.
 
     Parameters
@@ -231,6 +239,7 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
     if local_bias is not None and (not isinstance(local_bias, Tensor) or not local_bias.is_floating_point()):
         raise ArgumentTypeError("local_bias must be None or a floating torch tensor")
     V.check_chunk_size("chunk_size", chunk_size)
+    loss_dtype = V.as_float_dtype("loss_dtype", loss_dtype, "torch")
     if hidden.ndim < 1:
         raise ArgumentValueError("hidden must be (..., H)")
     require_target(target)
@@ -247,4 +256,4 @@ def vocab_parallel_linear_cross_entropy(hidden: Tensor, local_weight: Tensor, ta
         hidden, local_weight, local_bias, target, name, vocab_start, vocab_sizes, vocab_size, bool(validate),
         ignore_index, reduction, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap),
         chunk_size, _CHUNK_ELEMENTS, *need)
-    return _loss_dtype(loss, hidden)
+    return _loss_dtype(loss, hidden, loss_dtype)
