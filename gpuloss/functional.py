@@ -327,10 +327,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     w_term = None  # formed before the call: with inplace_backward the call overwrites the logits
     if w_grad:
         w_term = _class_weight_term(rows, t_rows, weight, opts, _row_loss_shape(x))
-    consumed = inplace_backward and _consumes_a_copy(kind, return_grad, caller_input, rows, layout)
     res = run("cross_entropy", kind, be, [rows, t_rows, w], opts, return_grad)
-    if consumed:
-        _write_back_consumed(caller_input, rows, layout)
     if rows_mean:
         res = res._replace(loss=_mean_of_rows(res.loss, None if prob else t_rows, w, ignore_index, C))
     elif reduction == "none":
@@ -354,44 +351,6 @@ def _writes_gradient(input, kind: str, return_grad) -> bool:
         return False
     import torch
     return input.requires_grad and torch.is_grad_enabled()
-
-
-def _consumes_a_copy(kind: str, return_grad, input, rows, layout) -> bool:
-    """``inplace_backward`` under autograd where the op works on a copy of
-    ``input`` (class dimension not last, strided columns, a cast under
-    autocast or for probability targets): the op overwrites the copy, and
-    :func:`_write_back_consumed` then gives ``input`` the gradient, as the op
-    gives it to logits it works on in place.  ``return_grad`` writes back
-    in :func:`gpuloss._call.finish`."""
-    if kind != "torch" or return_grad or not _writes_gradient(input, kind, return_grad):
-        return False
-    from . import torch_ops
-    moved, traced = L.from_rows(rows, kind, layout), torch_ops.traced(rows)
-    if traced:  # no data pointers then: rows are a copy exactly where their layout differs from input's
-        if moved.dtype == input.dtype and all(a == b for a, b, n in zip(moved.stride(), input.stride(), input.shape)
-                                              if n > 1):
-            return False
-    elif L.same_layout(moved, input, kind):
-        return False
-    V.check_inplace_ok("input", input, kind, return_grad)
-    torch_ops.check_inplace_target(input)
-    if not traced:
-        # backward scales the copy's gradient in place; the hook hands the
-        # result (with any other gradient of the copy) on to input's memory
-        rows.register_hook(lambda g: _copy_into(input, L.from_rows(g, kind, layout)))
-    return True
-
-
-def _write_back_consumed(input, rows, layout) -> None:
-    """The op's gradient, now in the copy ``rows``, into ``input``: the
-    write happens in the call, as for logits the op overwrites itself."""
-    _copy_into(input, L.from_rows(rows, "torch", layout))
-
-
-def _copy_into(input, values) -> None:
-    import torch
-    with torch.no_grad():
-        input.copy_(values)
 
 
 def _class_weight_term(rows, t_rows, weight, opts: CrossEntropyOptions, loss_shape):

@@ -841,7 +841,7 @@ def call_inplace(op: str, backend: str, arrays: Sequence[Optional[Tensor]], opts
     """``gpuloss::<op>_inplace`` through its autograd Function: the gradient is
     written over ``arrays[0]`` now and scaled in place by backward.  ``eager``:
     the operator's body runs instead of the operator (:func:`call_eager`)."""
-    check_inplace_target(arrays[0])
+    _check_inplace_target(arrays[0])
     if not eager and not _DTENSOR_SHARDING and not torch.compiler.is_compiling():
         dtensor_sharding()
     return _InplaceFn.apply(op, backend, opts, want, eager, *arrays)
@@ -889,7 +889,7 @@ _LEAF_MSG = ("inplace_backward=True would overwrite the logits with their gradie
              "of a model) or use inplace_backward=False")
 
 
-def check_inplace_target(x: Tensor) -> None:
+def _check_inplace_target(x: Tensor) -> None:
     """Refuse to overwrite logits that autograd still needs (see the module
     docstring).  Host-side metadata only."""
     if traced(x):
