@@ -260,7 +260,9 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
     softcap : if set, logits become ``softcap * tanh(z / softcap)`` first (Gemma 2)
     inplace_backward : write the gradient over ``input`` (saves N x C memory;
         the logits are consumed).  ``input`` must be writable with no two
-        elements sharing memory.
+        elements sharing memory.  Under autograd, where the op works on a
+        copy (class dimension not last, strided columns, a dtype cast), the
+        copy takes the gradient and ``input`` keeps its values.
     return_grad : see the module docstring
     loss_dtype : the loss's dtype (default: input's, torch's rule); e.g.
         float32 for bf16 logits gives the loss as accumulated, without the

@@ -172,16 +172,50 @@ def test_nothing_written_when_no_gradient_is_needed(rng):
     np.testing.assert_allclose(loss2.numpy(), loss.numpy(), rtol=0, atol=0)
 
 
-def test_spatial_input_uses_a_copy_but_is_correct(rng):
-    """(N, C, d) logits are moved to (N*d, C) rows, a copy: the gradient
-    still reaches the input correctly."""
-    x_np = rng.standard_normal((3, C, 4))
-    base = torch.from_numpy(x_np).requires_grad_()
-    logits = base * 1.0
-    t_np = rng.integers(0, C, (3, 4))
-    loss = gpuloss.cross_entropy(logits, torch.from_numpy(t_np), inplace_backward=True)
-    loss.backward()
-    np.testing.assert_allclose(base.grad.numpy(), R.cross_entropy_grad(x_np, t_np)[0], **tol("float64"))
+def _transposed(x):
+    return x.t().contiguous().t()  # (N, C) with strides (1, N)
+
+
+def _strided_columns(x):
+    return x.repeat_interleave(2, 1)[:, ::2]  # (N, C) with strides (2C, 2)
+
+
+def _class_dim_1(x):
+    return x.reshape(2, N // 2, C).transpose(1, 2).contiguous()  # (2, C, N/2): the class dimension not last
+
+
+def _autocast_bf16(x):
+    return x.bfloat16()  # with float32 class weights: cast to float32 under torch.autocast, as torch casts it
+
+
+@pytest.mark.parametrize("layout", [_transposed, _strided_columns, _class_dim_1, _autocast_bf16],
+                         ids=lambda f: f.__name__[1:])
+def test_logits_the_op_copies_keep_their_values_and_get_the_exact_gradient(backend, rng, layout):
+    """Where the op works on a copy of the logits (not row-major rows in their
+    dtype), the copy takes the gradient and the logits keep their values (no
+    second logits-sized buffer kept until backward); the gradient reaching
+    the logits' producer is exact."""
+    h, W, t = _setup(rng, torch.float32)
+    h, W, t = h.to(backend.device), W.detach().to(backend.device).requires_grad_(), t.to(backend.device)
+    logits = layout(torch.nn.functional.linear(h, W))
+    before = logits.detach().clone()
+
+    def as_rows(x):
+        return (x if x.ndim == 2 else x.transpose(1, 2).reshape(N, C)).detach().cpu().double().numpy()
+
+    z, t_np = as_rows(logits), t.cpu().numpy()
+    opts = dict(label_smoothing=0.1, z_loss=1e-2, ignore_index=int(t_np[0]))
+    autocast = layout is _autocast_bf16
+    weight = torch.ones(C, device=backend.device) if autocast else None
+    with torch.autocast(backend.device, dtype=torch.bfloat16, enabled=autocast):
+        loss = gpuloss.cross_entropy(logits, t if logits.ndim == 2 else t.reshape(2, N // 2), weight,
+                                     inplace_backward=True, backend=backend.name, **opts)
+    assert torch.equal(logits.detach(), before)
+    loss.backward(torch.tensor(1.7, device=backend.device))
+    g, _ = R.cross_entropy_grad(z, t_np, **opts, grad_output=1.7)
+    dt = "bfloat16" if autocast else "float32"
+    np.testing.assert_allclose(W.grad.cpu().double().numpy(), g.T @ h.cpu().double().numpy(), **tol(dt))
+    assert torch.equal(logits.detach(), before)
 
 
 def test_return_grad_in_place_bumps_the_version_counter(rng):
