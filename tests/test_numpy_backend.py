@@ -90,6 +90,43 @@ def test_cross_entropy_tiled(small_tiles, threaded, rng, case, dtype, prob, C):
             np.testing.assert_allclose(res.grad_target.astype(np.float64), gt, **tol(dtype))
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_long_rows_with_whole_blocks_of_minus_inf(small_tiles, rng, dtype):
+    """Masked classes (-inf logits) filling whole column blocks of a long row:
+    each block's partials are taken relative to its max, -inf there, where
+    z - max is nan.  Label smoothing and probability targets give torch's inf
+    (no mass can be put on a masked class), the distillation KL its finite
+    value where the teacher masks the classes too, and inf where only the
+    student does."""
+    R, C = 4, 300  # 5 blocks of 64 float32 (10 of 32 float64) elements per row
+    x = (rng.standard_normal((R, C)) * 3).astype(dtype)
+    x[:, :150] = -np.inf
+    t = rng.integers(150, C, R)
+    p = rng.dirichlet(np.ones(C), R).astype(dtype)
+    xr = x.astype(np.float64)
+    for kw, target in ((dict(label_smoothing=0.1), t), (dict(), p)):
+        res = _ce(x, target, reduction="none", **kw)
+        want = ref.cross_entropy(xr, target.astype(np.float64) if target is p else target, reduction="none", **kw)
+        assert np.isinf(want).all()
+        np.testing.assert_array_equal(res.loss, want)
+    teacher = (rng.standard_normal((R, C)) * 2).astype(dtype)
+    masked = teacher.copy()
+    masked[:, :150] = -np.inf
+    q = np.exp(masked - masked.max(1, keepdims=True))
+    q = (q / q.sum(1, keepdims=True)).astype(dtype)
+    for student, tg, til in ((rng.standard_normal((R, C)).astype(dtype), masked, True),  # the teacher masks
+                             (x, masked, True), (x, q, False),  # both mask the same classes
+                             (x, teacher, True)):  # only the student masks: inf
+        res = prim(B, "kl_div_logits", student, tg, temperature=1.0, target_is_logits=til, reduction="none",
+                   want_grad=True)
+        sr, tr = student.astype(np.float64), tg.astype(np.float64)
+        want = ref.kl_div_logits(sr, tr, 1.0, "none", til)
+        assert not np.isnan(res.loss).any()
+        np.testing.assert_allclose(res.loss, want, **tol(dtype))
+        if np.isfinite(want).all():
+            np.testing.assert_allclose(res.grad, ref.kl_div_logits_grad(sr, tr, 1.0, "none", til)[0], **tol(dtype))
+
+
 @pytest.mark.parametrize("C", [300, 40])
 def test_cross_entropy_tiled_inplace_and_bad_targets(small_tiles, threaded, rng, C):
     R = 6

@@ -146,10 +146,13 @@ class _KlLogits(T.RowResults):
                 dmu = mu_p2 - MU[:, None]
                 k = np.exp(dmu)
                 SU = (Su_p2 * k).sum(axis=1)
-                A = (k * (A_p2 + Su_p2 * (dmu - dmx))).sum(axis=1)
+                moved = k * (A_p2 + Su_p2 * (dmu - dmx))
             else:
                 SU = Su_p2.sum(axis=1)
-                A = (A_p2 - Su_p2 * dmx).sum(axis=1)
+                moved = A_p2 - Su_p2 * dmx
+            # a block the teacher gives no mass adds nothing, whatever the shifts
+            # (-inf - -inf where a block of either is all -inf: 0 * nan)
+            A = np.where(Su_p2 == 0, 0, moved).sum(axis=1)
             lse_x, kl, dscale, dsum = self.finish_rows(MX, SX, SU, A)
             self.record(0, 0, R, lse_x, kl)
         if self.grad is not None:

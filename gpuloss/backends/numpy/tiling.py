@@ -308,8 +308,9 @@ def online_max_sum(x, tiles: Tiles, cd, load=None, extra=None):
 
     ``load(r0, r1, c0, c1)`` gives the block in the compute dtype (default:
     ``x`` converted); ``extra(i, z, zm)`` may record more per-block partials
-    from the block and ``zm = z - m_b`` (before the exp).  Returns
-    ``(M, S, m_part)`` with ``m_part`` the ``(R, nb)`` block maxima."""
+    from the block and ``zm = z - m_b`` (before the exp; ``z`` itself, all
+    -inf, for a block that is all -inf, whose ``z - m_b`` would be nan).
+    Returns ``(M, S, m_part)`` with ``m_part`` the ``(R, nb)`` block maxima."""
     R = tiles.R
     nb = tiles.nb
     m_part = np.empty(tiles.n, cd)
@@ -320,13 +321,12 @@ def online_max_sum(x, tiles: Tiles, cd, load=None, extra=None):
         z = load(r0, r1, c0, c1) if load is not None else as_cd(x[r0:r1, c0:c1], "z", cd)
         m = z.max(axis=1)
         e = scratch("e", z.shape, cd)
-        np.subtract(z, m[:, None], out=e)
+        # a block that is all -inf: z - 0 = -inf (not -inf - -inf = nan), which contributes exp(-inf) = 0
+        np.subtract(z, np.where(m == -np.inf, 0, m)[:, None], out=e)
         if extra is not None:
             extra(i, z, e)
         np.exp(e, out=e)
         s = rowsum(e)
-        # a block that is all -inf contributes exp(-inf) = 0, not nan
-        s[m == -np.inf] = 0
         m_part[i] = m[0]
         s_part[i] = s[0]
 
