@@ -67,14 +67,18 @@ class Checker:
         if not cond:
             self.failures.append(f"rank {self.rank}: {name} {detail}")
 
-    def raises(self, name: str, fn, match: str) -> None:
-        """``fn`` must raise ValueError whose message contains ``match``."""
+    def raises(self, name: str, fn, match: str, index_error: bool = False) -> None:
+        """``fn`` must raise ValueError whose message contains ``match`` (and
+        is an IndexError too, for a class index out of range, as torch's)."""
         self.checks += 1
         try:
             fn()
         except ValueError as e:
             if match not in str(e) or "raised on every rank" not in str(e):
                 self.failures.append(f"rank {self.rank}: {name}: unexpected message {e}")
+            if isinstance(e, IndexError) != index_error:
+                self.failures.append(f"rank {self.rank}: {name}: {type(e).__name__} is "
+                                     f"{'not ' if index_error else ''}an IndexError")
             return
         self.failures.append(f"rank {self.rank}: {name}: no ValueError")
 
@@ -359,13 +363,13 @@ def _all_checks(rank: int, world: int, sizes, seed: int, chk: Checker, device: s
     chk.raises("vocab_size wrong", lambda: f(x, t, vocab_size=V + 1), f"vocab_size={V + 1}")
     tb = t.clone()
     tb[2] = V
-    chk.raises("target == V", lambda: f(x, tb, reduction="sum"), f"class index {V}")
+    chk.raises("target == V", lambda: f(x, tb, reduction="sum"), f"class index {V}", index_error=True)
     tb = t.clone()
     tb[0] = -5
-    chk.raises("target < 0", lambda: f(x, tb), "class index -5")
+    chk.raises("target < 0", lambda: f(x, tb), "class index -5", index_error=True)
     tb = torch.full_like(t, -1)  # every valid target negative (padding as -1, ignore_index -100)
     tb[0] = -100
-    chk.raises("all targets < 0", lambda: f(x, tb), "class index -1")
+    chk.raises("all targets < 0", lambda: f(x, tb), "class index -1", index_error=True)
     chk.raises("float target", lambda: f(x, t.double()), "integer class indices")
     try:  # a local argument error: before any collective, so raised alone
         f(x, t, group="x")
@@ -481,7 +485,8 @@ def _subgroup_checks(rank: int, world: int, sizes, seed: int, chk: Checker, devi
     tb = T.copy()
     tb[1] = V
     chk.raises("subgroup: target == V", lambda: D.vocab_parallel_cross_entropy(
-        torch.tensor(X[:, s:e], device=device), torch.from_numpy(tb).to(device), group), f"class index {V}")
+        torch.tensor(X[:, s:e], device=device), torch.from_numpy(tb).to(device), group), f"class index {V}",
+        index_error=True)
     other = groups[1 - mine]  # new_group's placeholder on the ranks it leaves out: named, before any collective
     try:
         D.vocab_parallel_cross_entropy(torch.tensor(X[:, s:e], device=device), torch.from_numpy(T).to(device), other)
@@ -829,6 +834,7 @@ def _dtensor_checks(rank: int, world: int, sizes, seed: int, chk: Checker, devic
         chk.true("class-sharded: an out-of-range target raises", False)
     except ValueError as e:
         chk.true("class-sharded: an out-of-range target raises", "raised on every rank" in str(e), str(e)[:200])
+        chk.true("class-sharded: an out-of-range target raises an IndexError, as torch's", isinstance(e, IndexError))
     # compiled (fullgraph): the CPU targets' value checks, assertions inside the graph, take DTensors too
     step = torch.compile(lambda a, b, q: gpuloss.cross_entropy(a, b, label_smoothing=0.1)
                          + gpuloss.binary_cross_entropy(a.sigmoid(), q), backend="aot_eager", fullgraph=True)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from .. import _validate as V
 from .._arrays import FLOAT_DTYPES
-from ..errors import ArgumentTypeError, ArgumentValueError
+from ..errors import ArgumentTypeError, ArgumentValueError, ClassIndexError
 
 
 @dataclass(frozen=True)
@@ -331,11 +331,13 @@ def gather_and_decide(group, rank: int, world: int, device, v_local: int, vocab_
     sizes = [row[_F_VLOCAL] for row in G]
     problems = _agreement_problems(G, sizes)
     starts = _slice_starts(G, sizes, problems)
+    error = ArgumentValueError
     if not problems:
         problems = _target_range_problems(G, sum(sizes), ignore_index)
+        error = ClassIndexError  # also an IndexError, as gpuloss.cross_entropy's and torch's
     if problems:
-        raise ArgumentValueError("vocab-parallel cross-entropy: inconsistent layout or targets "
-                                 "(raised on every rank):\n  " + "\n  ".join(problems))
+        raise error("vocab-parallel cross-entropy: inconsistent layout or targets "
+                    "(raised on every rank):\n  " + "\n  ".join(problems))
     return VocabLayout(start=starts[rank], size=v_local, vocab=sum(sizes), sizes=tuple(sizes))
 
 
