@@ -46,6 +46,21 @@ def unit_last_stride(a, kind: str):
     return xp(kind).ascontiguousarray(a)
 
 
+def gathered(*arrays) -> tuple:
+    """``arrays`` with every DTensor that is not replicated redistributed to
+    ``Replicate()`` (differentiably: its gradient goes back to its own
+    placements).  gpuloss's operators replicate their DTensor inputs anyway
+    (:func:`gpuloss.torch_ops.dtensor_sharding`), but the layout steps before
+    them (moving the class dimension, flattening rows) would ask DTensor to
+    flatten a sharded tensor, which it refuses where the shards are uneven."""
+    if not any(type(a).__name__ == "DTensor" for a in arrays):
+        return arrays
+    from torch.distributed.tensor import Replicate
+    return tuple(a.redistribute(a.device_mesh, [Replicate()] * a.device_mesh.ndim)
+                 if type(a).__name__ == "DTensor" and not all(q.is_replicate() for q in a.placements) else a
+                 for a in arrays)
+
+
 def rows2d(a, kind: str, class_dim: int):
     """(R, C) rows with ``class_dim`` last, and the layout that undoes it
     for an array of the same shape as ``a`` (:func:`from_rows`)."""

@@ -81,6 +81,7 @@ def implicit_softmax_dim(name: str, input, stacklevel: int = 4) -> int:
 
 
 def _softmax_common(input, dim, dtype, backend, log: bool, stacklevel: int = 3):
+    input, = L.gathered(input)
     kind, device = classify([("input", input)])
     if dim is None:  # torch's _stacklevel counts from its softmax; this frame is one more
         dim = implicit_softmax_dim("log_softmax" if log else "softmax", input, stacklevel + 1)
@@ -127,6 +128,7 @@ def log_softmax(input, dim: Optional[int] = None, _stacklevel: int = 3, dtype=No
 
 
 def _softmax_bwd_common(grad_output, output, dim, backend, log: bool):
+    grad_output, output = L.gathered(grad_output, output)
     kind, device = classify([("grad_output", grad_output), ("output", output)])
     V.check_floating("output", output, kind)
     V.check_floating("grad_output", grad_output, kind)
@@ -287,6 +289,7 @@ def cross_entropy(input, target, weight=None, size_average=None, ignore_index: i
             ignore_index = V.check_ignore_index("ignore_index", ignore_index)
             return dtensor.cross_entropy(input, target, ignore_index, reduction, label_smoothing, z_loss, softcap,
                                          V.as_float_dtype("loss_dtype", loss_dtype, "torch"))
+    input, target, weight = L.gathered(input, target, weight)
     reduction, kind, device, C, ignore_index = _class_dim_call(input, target, weight, size_average, reduce,
                                                               reduction, ignore_index)
     # the options before the target and weight, in torch's order (its label_smoothing check precedes
@@ -410,6 +413,7 @@ def nll_loss(input, target, weight=None, size_average=None, ignore_index: int = 
     "mean" divides by the sum of the weights of the non-ignored targets."""
     if TR.active(input, target, weight):
         return TR.nll_loss(input, target, weight, size_average, ignore_index, reduce, reduction, return_grad)
+    input, target, weight = L.gathered(input, target, weight)
     reduction, kind, device, C, ignore_index = _class_dim_call(input, target, weight, size_average, reduce,
                                                               reduction, ignore_index)
     caller_input = input
@@ -486,6 +490,7 @@ def kl_div_with_logits(input, target, temperature: float = 1.0, reduction: str =
     if TR.active(input, target):
         V.check_positive("temperature", temperature)  # the options are checked on every path
         return TR.kl_div_with_logits(input, target, temperature, reduction, target_is_logits, return_grad)
+    input, target = L.gathered(input, target)
     kind, device = classify([("input", input), ("target", target)])
     V.check_reduction(reduction, kl=True)
     V.check_floating("input", input, kind)
@@ -534,6 +539,8 @@ def _elementwise(op: str, input, target, reduction, return_grad, backend, make_o
     loss element.  ``broadcast``: input and target broadcast to a common
     shape (mse_loss, kl_div), else they must agree (BCE, as in torch).
     ``make_opts(reduction)`` builds the options record."""
+    input, target, *ws = L.gathered(input, target, *named_weights.values())
+    named_weights = dict(zip(named_weights, ws))
     kind, device = classify([("input", input), ("target", target)] + list(named_weights.items()),
                             optional=named_weights)
     caller_input, caller_target = input, target

@@ -407,6 +407,7 @@ def linear_cross_entropy(input, linear_weight, target, *, linear_bias=None, weig
             return dtensor.linear_cross_entropy(
                 input, linear_weight, target, linear_bias, -100 if ignore_index is None else ignore_index, reduction,
                 label_smoothing, z_loss, softcap, chunk_size, VAL.as_float_dtype("loss_dtype", loss_dtype, "torch"))
+    input, linear_weight, target, linear_bias, weight = Lay.gathered(input, linear_weight, target, linear_bias, weight)
     kind, device = classify([("input", input), ("linear_weight", linear_weight), ("target", target),
                              ("linear_bias", linear_bias), ("weight", weight)],
                             optional=("linear_bias", "weight"))

@@ -760,6 +760,35 @@ def _dtensor_checks(rank: int, world: int, sizes, seed: int, chk: Checker, devic
         want.backward()
         chk.close(f"linear_cross_entropy {placement}: grad_input", hd.grad.full_tensor(), hw.grad)
         chk.close(f"linear_cross_entropy {placement}: grad_weight", Wd.grad.full_tensor(), Ww.grad)
+    # (N, C, d) logits sharded unevenly along the batch: gathered before the layout steps (moving the class
+    # dimension, flattening rows), which DTensor refuses on uneven shards
+    N3 = 2 * world + 1
+    x3 = torch.randn(N3, C, 3, generator=g, dtype=torch.float64)
+    t3 = torch.randint(0, C, (N3, 3), generator=g)
+    p3 = torch.rand(N3, C, 3, generator=g, dtype=torch.float64)
+    calls3 = {
+        "cross_entropy": (lambda M, a, b: M.cross_entropy(a, b, label_smoothing=0.1, reduction="sum"), t3),
+        "nll_loss": (lambda M, a, b: M.nll_loss(a, b), t3),
+        "log_softmax dim 1": (lambda M, a, b: (M.log_softmax(a, 1) * b).sum(), p3),
+        "kl_div": (lambda M, a, b: M.kl_div(a, b, reduction="batchmean"), p3),
+        "bce_with_logits": (lambda M, a, b: M.binary_cross_entropy_with_logits(a, b), p3),
+        "mse_loss": (lambda M, a, b: M.mse_loss(a, b, reduction="sum"), p3),
+    }
+    for name, (fn, target) in calls3.items():
+        what = f"{name} (N, C, d) uneven Shard(0)"
+        xd = distribute_tensor(x3, mesh, [Shard(0)]).requires_grad_()
+        try:
+            ours = fn(gpuloss, xd, distribute_tensor(target, mesh, [Shard(0)]) if name != "log_softmax dim 1"
+                      else distribute_tensor(target, mesh, [Replicate()]))
+            ours.backward()
+        except RuntimeError as e:
+            chk.true(f"{what}: computes", False, str(e)[:300])
+            continue
+        xw = x3.clone().requires_grad_()
+        want = fn(F if name != "log_softmax dim 1" else torch, xw, target)
+        want.backward()
+        chk.close(f"{what}: loss", ours.full_tensor().detach(), want.detach())
+        chk.close(f"{what}: grad", xd.grad.full_tensor(), xw.grad)
     chk.true("registered", T._DTENSOR_SHARDING)
     # logits sharded along the classes (tensor parallelism, torch's loss_parallel): the vocabulary-parallel
     # loss on each rank's shard, never gathered; the gradient keeps the logits' sharding
